@@ -1,0 +1,33 @@
+# Every target installs what it needs first (scripts/bootstrap.sh is idempotent).
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent image clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+lint: bootstrap
+	$(VENV)/bin/ruff check norm tests sandbox bench
+	$(VENV)/bin/mypy norm
+	$(VENV)/bin/lint-imports
+	$(PY) -m norm config reference --check docs/configuration.md
+
+test: lint
+	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: bootstrap
+	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(PY) -m sandbox demo
+
+sandbox-down: bootstrap
+	$(PY) -m sandbox down
+
+bench-agent: bootstrap
+	$(PY) -m bench.agent
+
+clean: sandbox-down
+	rm -rf .run build

@@ -1,0 +1,3 @@
+from norm.app.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Starting, waiting for and stopping the processes the sandbox owns, by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SandboxError(RuntimeError):
+    """A sandbox component did not start or stop as it should."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Wait until `condition()` is true, or raise SandboxError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:  # a condition probing a daemon that is still coming up may raise
+            pass
+        if time.monotonic() > deadline:
+            raise SandboxError(f"{what}: not ready after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Proc:
+    """One daemon the sandbox started: its argv, log file and pid."""
+
+    name: str
+    argv: Sequence[str]
+    log: Path
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    pid: int | None = None
+    _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, preexec: Callable[[], None] | None = None) -> int:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ if self.env is None else self.env)
+        with open(self.log, "ab") as out:
+            self._popen = subprocess.Popen(
+                list(self.argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        self.pid = self._popen.pid
+        return self.pid
+
+    @property
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        if self._popen is not None:
+            return self._popen.poll() is None and pid_alive(self.pid)
+        return pid_alive(self.pid)
+
+    def signal(self, sig: int) -> None:
+        if self.pid is not None and self.alive:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (after SIGCONT, in case it was frozen), then SIGKILL after `timeout`."""
+        if self.pid is None:
+            return
+        pid = self.pid
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
+            try:
+                wait_for(lambda: not self.alive, timeout=timeout, what=f"{self.name} exit")
+            except SandboxError:
+                self.kill()
+        self._reap()
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL, and wait until it is gone."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        wait_for(lambda: not self.alive, timeout=10, what=f"{self.name} killed")
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=1)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
