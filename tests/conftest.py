@@ -1,0 +1,5 @@
+"""Fixtures that stand up real components live in tests/plugins, one module per component."""
+
+pytest_plugins = [
+    "tests.plugins.etcd",
+]
