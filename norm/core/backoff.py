@@ -1,0 +1,26 @@
+"""Backoff sequences: pure, with the randomness passed in so that tests control it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter and a cap: delay(n) for the n-th retry (n >= 0)."""
+
+    first: float = 0.1
+    factor: float = 2.0
+    cap: float = 5.0
+    jitter: float = 0.5  # fraction of the delay that is random
+
+    def __post_init__(self) -> None:
+        if self.first < 0 or self.factor < 1 or self.cap < self.first or not 0 <= self.jitter <= 1:
+            raise ValueError("backoff needs first >= 0, factor >= 1, cap >= first, 0 <= jitter <= 1")
+
+    def delay(self, attempt: int, rand: float = 0.5) -> float:
+        """The delay before retry `attempt`; `rand` in [0, 1) picks the jitter."""
+        if attempt < 0:
+            raise ValueError("attempt must be >= 0")
+        base = min(self.cap, self.first * self.factor ** min(attempt, 64))
+        return base * (1 - self.jitter) + base * self.jitter * rand

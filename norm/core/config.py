@@ -1,0 +1,429 @@
+"""The configuration: one frozen tree, built once from layered sources and validated as a whole.
+
+Sources, later ones winning: the TOML file, then `NORM_<SECTION>__<KEY>` environment variables, then
+`--set section.key=value` flags. Reading the sources is the shell's job; this module only turns the
+merged raw values into a `Config`, or raises `ConfigError` naming the key and the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+
+from norm.core.errors import ConfigError
+from norm.core.secret import Secret
+
+DEFAULT_PATH = "/etc/norm/norm.toml"
+ENV_PREFIX = "NORM_"
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = _doc(
+        "etcd client URLs (http:// or https://); the agent fails over between them.",
+        default=("http://127.0.0.1:2379",),
+    )
+    ca_file: str | None = _doc("CA bundle that signs the etcd servers' certificates (https endpoints).",
+                               default=None)
+    cert_file: str | None = _doc("Client certificate presented to etcd (needs key_file).", default=None)
+    key_file: str | None = _doc("Private key of the client certificate.", default=None)
+    server_name: str | None = _doc(
+        "Name checked against the servers' certificates when it differs from the endpoints' host.",
+        default=None)
+    username: str | None = _doc("etcd user for password authentication.", default=None)
+    password: Secret | None = _doc(
+        "Password of that user. Prefer password_file or the NORM_ETCD__PASSWORD environment variable.",
+        default=None)
+    password_file: str | None = _doc("File whose first line is the etcd password.", default=None)
+    dial_timeout: float = _doc("Seconds to wait for a connection to etcd.", default=5.0)
+    request_timeout: float = _doc("Seconds any single etcd request may take.", default=5.0)
+    keepalive_time: float = _doc(
+        "Seconds between gRPC keepalive pings (etcd refuses pings more often than every 5 s).",
+        default=10.0)
+    keepalive_timeout: float = _doc("Seconds without a ping answer before the connection is dead.",
+                                    default=5.0)
+    lease_ttl: int = _doc("TTL in seconds of the agent's lease (host registration, leadership).",
+                          default=10)
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    version: str = _doc("Key holding the desired image tag.", default="/djed-version")
+    environment: str = _doc("Key naming the environment file.", default="/djed-environment")
+    prefix: str = _doc("Prefix under which Norm keeps everything of its own.", default="/norm")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    machine_id_path: str = _doc("File holding this host's machine id.", default="/etc/machine-id")
+    machine_id: str | None = _doc("Machine id to use instead of reading machine_id_path.", default=None)
+    name: str | None = _doc("Display name of the host; the system's hostname when unset.", default=None)
+    environment: str = _doc("Environment this host serves (prod, stage, test, ...).", default="prod")
+    role: str = _doc("Role of this host (django, celery, ...).", default="app")
+
+
+@dataclass(frozen=True)
+class UnitsConfig:
+    patterns: tuple[str, ...] = _doc(
+        "systemd unit name patterns (fnmatch) that Norm manages.", default=("djed*.service",))
+
+
+@dataclass(frozen=True)
+class SystemdConfig:
+    bus_address: str | None = _doc("D-Bus address of the systemd manager; the system bus when unset.",
+                                   default=None)
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    host: str = _doc("Docker engine address.", default="unix:///var/run/docker.sock")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = _doc("host:port of the /metrics, /healthz and /readyz endpoint.",
+                       default="127.0.0.1:9847")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    shutdown_timeout: float = _doc(
+        "Seconds a graceful stop may take before running work is cancelled; keep it below the "
+        "unit's TimeoutStopSec.", default=20.0)
+    resync_interval: float = _doc("Seconds between safety-net re-reads of the watched keys.",
+                                  default=300.0)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = _doc("Lowest level logged.", default="info")
+    format: Literal["auto", "json", "console"] = _doc(
+        "json, console, or auto: console on a terminal, json otherwise.", default="auto")
+
+
+@dataclass(frozen=True)
+class Config:
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
+    systemd: SystemdConfig = field(default_factory=SystemdConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _section_types() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Raw values with their origin
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A value as a source gave it: typed (TOML) or text (environment, flags)."""
+
+    value: object
+    source: str
+
+
+RawTree = dict[str, dict[str, Raw]]
+
+
+def raw_from_toml(data: Mapping[str, object], source: str) -> RawTree:
+    tree: RawTree = {}
+    for section, body in data.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(section, source, "expected a table like [section] with keys under it")
+        tree[section] = {str(k): Raw(v, source) for k, v in body.items()}
+    return tree
+
+
+def raw_from_env(environ: Mapping[str, str]) -> RawTree:
+    tree: RawTree = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        tree.setdefault(section.lower(), {})[key.lower()] = Raw(value, f"environment variable {name}")
+    return tree
+
+
+def raw_from_flags(assignments: list[str]) -> RawTree:
+    tree: RawTree = {}
+    for item in assignments:
+        dotted, eq, value = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not eq or not dot or not section or not key:
+            raise ConfigError(item.split("=")[0] or item, "--set", "expected section.key=value")
+        tree.setdefault(section, {})[key] = Raw(value, f"--set {dotted}")
+    return tree
+
+
+def merge(*trees: RawTree) -> RawTree:
+    out: RawTree = {}
+    for tree in trees:
+        for section, body in tree.items():
+            out.setdefault(section, {}).update(body)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Coercion: raw value -> typed value, per the dataclass annotations
+
+
+def _coerce(tp: Any, raw: Raw, key: str) -> object:
+    value = raw.value
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(args[0], raw, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, raw.source, f"must be one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        (item,) = get_args(tp)[:1]
+        if isinstance(value, str):
+            items: list[object] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ConfigError(key, raw.source, "expected a list")
+        return tuple(_coerce(item, Raw(v, raw.source), key) for v in items)
+    if tp is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(key, raw.source, "expected a string")
+        return Secret(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(key, raw.source, "expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, raw.source, "expected a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(key, raw.source, "expected a whole number")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, raw.source, "expected a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, raw.source, "expected a number")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, raw.source, "expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in the schema, not in the input
+
+
+def build(tree: RawTree) -> Config:
+    """Turn merged raw values into a validated Config. Unknown sections and keys are errors."""
+    sections = _section_types()
+    built: dict[str, object] = {}
+    for section, body in tree.items():
+        if section not in sections:
+            source = next(iter(body.values())).source if body else "config"
+            raise ConfigError(section, source, f"unknown section (known: {', '.join(sections)})")
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        body = tree.get(section, {})
+        kwargs: dict[str, object] = {}
+        for key, raw in body.items():
+            dotted = f"{section}.{key}"
+            if key not in names:
+                raise ConfigError(dotted, raw.source, f"unknown key (known: {', '.join(sorted(names))})")
+            kwargs[key] = _coerce(hints[key], raw, dotted)
+        built[section] = cls(**kwargs)
+    config = Config(**built)  # type: ignore[arg-type]
+    _validate(config, tree)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-tree validation
+
+
+_UNIT_PATTERN = re.compile(r"^[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)$")
+_MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+_KEY = re.compile(r"^/[\x21-\x7e]*$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _source(tree: RawTree, dotted: str) -> str:
+    section, _, key = dotted.partition(".")
+    raw = tree.get(section, {}).get(key)
+    return raw.source if raw else "default"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); raises ValueError with the reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port with a port from 1 to 65535")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError("expected host:port with a host")
+    return host, int(port)
+
+
+def _validate(config: Config, tree: RawTree) -> None:
+    def fail(dotted: str, reason: str) -> typing.NoReturn:
+        raise ConfigError(dotted, _source(tree, dotted), reason)
+
+    etcd = config.etcd
+    if not etcd.endpoints:
+        fail("etcd.endpoints", "at least one endpoint is needed")
+    schemes = set()
+    for ep in etcd.endpoints:
+        parts = urlsplit(ep)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+            fail("etcd.endpoints", "each endpoint must look like http://host:port or https://host:port")
+        if parts.path not in ("", "/"):
+            fail("etcd.endpoints", "an endpoint has no path")
+        schemes.add(parts.scheme)
+    if len(schemes) > 1:
+        fail("etcd.endpoints", "endpoints must all be http or all https")
+    if (etcd.cert_file is None) != (etcd.key_file is None):
+        fail("etcd.cert_file" if etcd.cert_file is None else "etcd.key_file",
+             "cert_file and key_file go together")
+    if etcd.cert_file and "https" not in schemes:
+        fail("etcd.cert_file", "client certificates need https endpoints")
+    if etcd.password is not None and etcd.password_file is not None:
+        fail("etcd.password_file", "set password or password_file, not both")
+    if (etcd.password is not None or etcd.password_file is not None) and not etcd.username:
+        fail("etcd.username", "a password needs a username")
+    if etcd.username and etcd.password is None and etcd.password_file is None:
+        fail("etcd.password", "a username needs password or password_file")
+    for name in ("dial_timeout", "request_timeout", "keepalive_timeout"):
+        if not 0 < getattr(etcd, name) <= 300:
+            fail(f"etcd.{name}", "must be more than 0 and at most 300 seconds")
+    if not 5 <= etcd.keepalive_time <= 3600:
+        fail("etcd.keepalive_time", "must be from 5 to 3600 seconds (etcd refuses faster pings)")
+    if not 3 <= etcd.lease_ttl <= 3600:
+        fail("etcd.lease_ttl", "must be from 3 to 3600 seconds")
+    if etcd.request_timeout >= etcd.lease_ttl:
+        fail("etcd.request_timeout", "must be shorter than etcd.lease_ttl")
+
+    keys = config.keys
+    for name in ("version", "environment", "prefix"):
+        value = getattr(keys, name)
+        if not _KEY.match(value) or value.endswith("/"):
+            fail(f"keys.{name}", "must start with /, hold printable ASCII without spaces, not end with /")
+    prefix = keys.prefix + "/"
+    for name in ("version", "environment"):
+        if getattr(keys, name).startswith(prefix):
+            fail(f"keys.{name}", "must not live under keys.prefix, which Norm owns")
+
+    host = config.host
+    if host.machine_id is not None and not _MACHINE_ID.match(host.machine_id):
+        fail("host.machine_id", "must be 32 lowercase hex digits, as in /etc/machine-id")
+    for name in ("environment", "role"):
+        if not _LABEL.match(getattr(host, name)):
+            fail(f"host.{name}", "must be 1 to 63 letters, digits, '_', '.' or '-'")
+    if host.name is not None and not _LABEL.match(host.name):
+        fail("host.name", "must be 1 to 63 letters, digits, '_', '.' or '-'")
+
+    if not config.units.patterns:
+        fail("units.patterns", "at least one pattern is needed")
+    for pattern in config.units.patterns:
+        if not _UNIT_PATTERN.match(pattern) or len(pattern) > 255:
+            fail("units.patterns", "each pattern must be a systemd unit name such as 'djed-*.service'")
+
+    try:
+        host_part, _ = parse_listen(config.http.listen)
+        if host_part not in ("localhost",):
+            ipaddress.ip_address(host_part)
+    except ValueError as e:
+        fail("http.listen", f"{e} (an IP address or localhost)")
+
+    docker = urlsplit(config.docker.host)
+    if docker.scheme not in ("unix", "tcp", "http", "https"):
+        fail("docker.host", "must be unix:///path or tcp://host:port")
+
+    if not 0 < config.agent.shutdown_timeout <= 600:
+        fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")
+    if not 1 <= config.agent.resync_interval <= 86400:
+        fail("agent.resync_interval", "must be from 1 to 86400 seconds")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference documentation, generated from the schema so that the docs cannot drift from the code
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) if a is not type(None) else "unset" for a in get_args(tp))
+    if origin is Literal:
+        return " | ".join(f'"{a}"' for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is Secret:
+        return "secret string"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def reference_markdown() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `norm config reference`; `make test` checks that it matches the code. -->",
+        "",
+        f"Norm reads one TOML file (default `{DEFAULT_PATH}`, or `--config FILE`), then environment",
+        "variables `NORM_<SECTION>__<KEY>` (for example `NORM_ETCD__ENDPOINTS`), then",
+        "`--set section.key=value` flags; a later source wins. Lists given as text are comma-separated.",
+        "Unknown sections or keys are errors. `norm config check FILE` validates a file and exits 2,",
+        "naming the key and the source, when something is wrong.",
+        "",
+    ]
+    for section, cls in _section_types().items():
+        hints = typing.get_type_hints(cls)
+        lines += [f"## [{section}]", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        default = cls()
+        for f in dataclasses.fields(cls):
+            lines.append(
+                f"| `{f.name}` | {_type_name(hints[f.name])} | `{_default_text(getattr(default, f.name))}` "
+                f"| {f.metadata.get('doc', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
