@@ -488,9 +488,9 @@ class Etcd:
         reply = await self._call("granting a lease", lambda c: c.lease(ttl), retry=True)
         return int(reply.id), int(reply.ttl)
 
-    async def _keepalive(self, lease_id: int, timeout: float) -> int:
+    async def _keepalive(self, lease_id: int, budget: float) -> int:
         async def run(c: _Client) -> int:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(budget):
                 reply = await c.refresh_lease(lease_id)
             return 0 if reply is None else int(reply.TTL)
 
@@ -583,7 +583,7 @@ class Lease:
             sent = loop.time()
             budget = self.deadline - self.margin - sent
             try:
-                ttl = await self._etcd._keepalive(self.id, timeout=max(0.05, budget))
+                ttl = await self._etcd._keepalive(self.id, budget=max(0.05, budget))
             except EtcdError as e:
                 log.info("etcd.lease.renew_failed", lease=f"{self.id:x}", error=str(e))
                 next_at = loop.time() + min(1.0, interval)

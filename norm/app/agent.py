@@ -1,0 +1,183 @@
+"""`norm agent`: the services under one TaskGroup, signals, sd_notify, and a bounded graceful stop.
+
+A signal handler only sets the `stopping` flag. Services see it and finish; if they have not within
+`agent.shutdown_timeout`, what remains is cancelled. A service that fails or returns while the agent
+is not stopping takes the whole agent down with exit status 1, and systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+
+import structlog
+
+from norm import __version__
+from norm.adapters.etcd import Etcd, EtcdRejected, EtcdUnavailable
+from norm.app.sdnotify import Notifier
+from norm.app.settings import Identity, etcd_password
+from norm.core.backoff import Backoff
+from norm.core.config import Config
+from norm.core.host import HostRecord
+from norm.services.base import Service, ServiceDied, wait_or_stop
+from norm.services.http import HttpEndpoint
+from norm.services.leadership import LeaderElection
+from norm.services.metrics import Metrics
+from norm.services.registration import Registration
+from norm.services.watcher import DesiredStateWatcher
+
+log = structlog.get_logger("norm.agent")
+
+EXIT_OK = 0
+EXIT_SERVICE_FAILED = 1
+EXIT_CONFIG = 2
+
+
+class Agent:
+    def __init__(self, config: Config, identity: Identity, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.identity = identity
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+
+    def _on_signal(self, signum: int) -> None:
+        if not self.stopping.is_set():
+            log.info("agent.stopping", signal=signal.Signals(signum).name)
+        self.stopping.set()
+
+    async def run(self) -> int:
+        structlog.contextvars.bind_contextvars(host=self.identity.name)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
+        log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
+        try:
+            etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
+                        on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
+        except EtcdRejected as e:
+            log.error("agent.etcd_refused", error=str(e))
+            return EXIT_CONFIG
+        try:
+            if not await self._connect(etcd):
+                return EXIT_OK
+        except EtcdRejected as e:
+            log.error("agent.etcd_refused", error=str(e))
+            return EXIT_CONFIG
+        try:
+            return await self._serve(etcd)
+        finally:
+            await etcd.__aexit__(None, None, None)
+
+    async def _connect(self, etcd: Etcd) -> bool:
+        """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                await etcd.check()
+                self.metrics.etcd_connected.set(1)
+                log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
+                return True
+            except EtcdUnavailable as e:
+                delay = Backoff(first=0.2, cap=5.0).delay(attempt, random.random())
+                attempt += 1
+                log.warning("agent.etcd_unreachable", error=str(e), retry_in=round(delay, 2))
+                await wait_or_stop(self.stopping, delay)
+        return False
+
+    def services(self, etcd: Etcd) -> list[Service]:
+        c = self.config
+        record = HostRecord(
+            machine_id=self.identity.machine_id, name=self.identity.name,
+            environment=c.host.environment, role=c.host.role, agent_version=__version__,
+            http=c.http.listen, started_at=round(time.time(), 3))
+        self.registration = Registration(etcd, c.keys.prefix, record, self.metrics)
+        self.leadership = LeaderElection(etcd, c.keys.prefix, self.identity.machine_id,
+                                         self.registration, self.metrics)
+        self.watcher = DesiredStateWatcher(etcd, c.keys.version, c.keys.environment, self.metrics,
+                                           c.agent.resync_interval)
+        self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
+        self._etcd = etcd
+        return [self.registration, self.leadership, self.watcher, self.http]
+
+    def _readiness(self) -> dict[str, bool]:
+        return {"etcd": self._etcd.connected, "registered": self.registration.registered.is_set()}
+
+    async def _serve(self, etcd: Etcd) -> int:
+        services = self.services(etcd)
+        main = asyncio.create_task(self._supervise(services), name="services")
+        stop = asyncio.create_task(self.stopping.wait(), name="stop-signal")
+        try:
+            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not main.done():
+            self.notifier.notify("STOPPING=1")
+            try:
+                async with asyncio.timeout(self.config.agent.shutdown_timeout):
+                    await asyncio.shield(main)
+            except TimeoutError:
+                log.warning("agent.shutdown_forced", bound=self.config.agent.shutdown_timeout)
+                main.cancel()
+                await asyncio.gather(main, return_exceptions=True)
+                return EXIT_OK
+        error = main.exception()
+        if error is not None:
+            causes = error.exceptions if isinstance(error, BaseExceptionGroup) else (error,)
+            for e in causes:
+                log.error("agent.service_died", error=str(e))
+            self.notifier.notify("STOPPING=1")
+            if not all(isinstance(e, ServiceDied) for e in causes):
+                raise error
+            return EXIT_SERVICE_FAILED
+        log.info("agent.stopped")
+        return EXIT_OK
+
+    async def _supervise(self, services: list[Service]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for svc in services:
+                tg.create_task(self._guard(svc), name=svc.name)
+            tg.create_task(self._guard_aux("ready", self._ready()), name="ready")
+            if self.notifier.watchdog_interval:
+                tg.create_task(self._guard_aux("watchdog", self._watchdog(self.notifier.watchdog_interval)),
+                               name="watchdog")
+
+    async def _guard(self, svc: Service) -> None:
+        structlog.contextvars.bind_contextvars(service=svc.name)
+        try:
+            await svc.run(self.stopping)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("service.failed")
+            raise ServiceDied(f"service {svc.name} failed: {type(e).__name__}: {e}") from e
+        if not self.stopping.is_set():
+            raise ServiceDied(f"service {svc.name} returned while the agent was running")
+
+    async def _guard_aux(self, name: str, coro: object) -> None:
+        try:
+            await coro  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise ServiceDied(f"{name} failed: {type(e).__name__}: {e}") from e
+
+    async def _ready(self) -> None:
+        await self.registration.registered.wait()
+        await self.http.bound.wait()
+        self.notifier.notify("READY=1")
+        log.info("agent.ready")
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the loop itself: a blocked loop or a dead TaskGroup stops the pings.
+        while not await wait_or_stop(self.stopping, interval):
+            self.notifier.notify("WATCHDOG=1")

@@ -1,0 +1,81 @@
+"""Fleet leadership: every agent campaigns; the one holding the leader key on its live lease leads.
+
+Side effects of the leader go through `fenced()`, a transaction that applies only while the leader
+key keeps the create revision it had when this agent won, and that is not even sent once the lease
+can no longer be proven alive. An agent frozen past its lease therefore cannot act on waking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import structlog
+
+from norm.adapters.etcd import Compare, Etcd, EtcdError, Leadership, NotLeader, Op, TxnResult
+from norm.core.backoff import Backoff
+from norm.core.host import leader_key
+from norm.services.base import first_of, wait_or_stop
+from norm.services.metrics import Metrics
+from norm.services.registration import Registration
+
+log = structlog.get_logger("norm.leadership")
+
+
+class LeaderElection:
+    name = "leadership"
+
+    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, registration: Registration,
+                 metrics: Metrics) -> None:
+        self._etcd = etcd
+        self._election = etcd.election(leader_key(prefix), machine_id.encode())
+        self._registration = registration
+        self._metrics = metrics
+        self.leadership: Leadership | None = None
+        self.changed = asyncio.Event()
+
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.valid()
+
+    async def fenced(self, success: Sequence[Op], compare: Sequence[Compare] = (),
+                     failure: Sequence[Op] = ()) -> TxnResult:
+        leadership = self.leadership
+        if leadership is None:
+            raise NotLeader("this agent is not the leader")
+        return await self._election.fenced(leadership, success, compare, failure)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        while not stopping.is_set():
+            try:
+                lease = await self._registration.current_lease()
+                won: list[Leadership] = []
+
+                async def campaign() -> None:
+                    won.append(await self._election.campaign(lease))  # noqa: B023
+
+                if await first_of(stopping=stopping.wait(), campaign=campaign()) == "stopping":
+                    return
+                self._set(won[0])
+                log.info("leader.elected", token=won[0].token)
+                failures = 0
+                await first_of(stopping=stopping.wait(), lease_lost=lease.lost.wait())
+                if stopping.is_set():
+                    await self._election.resign(won[0])
+                    log.info("leader.resigned", token=won[0].token)
+                else:
+                    log.warning("leader.lost", token=won[0].token, reason=lease.lost_reason)
+                self._set(None)
+            except EtcdError as e:
+                self._set(None)
+                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
+                failures += 1
+                log.warning("leader.campaign_failed", error=str(e), retry_in=round(delay, 2))
+                await wait_or_stop(stopping, delay)
+
+    def _set(self, leadership: Leadership | None) -> None:
+        self.leadership = leadership
+        self._metrics.leader.set(1 if leadership else 0)
+        self.changed.set()
+        self.changed.clear()
