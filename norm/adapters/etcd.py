@@ -73,7 +73,8 @@ def _translate(e: BaseException, what: str) -> EtcdError:
     cause = e.__cause__ if isinstance(e, aex.ClientError) else e
     detail = cause.details() if isinstance(cause, grpc.aio.AioRpcError) else str(e)
     detail = (detail or type(e).__name__).strip()
-    if "SSL" in detail or "handshake" in detail or "CERTIFICATE" in detail.upper():
+    tls_words = ("SSL", "handshake", "CERTIFICATE", "TSI_", "Unwrap failed", "Verification")
+    if any(w.upper() in detail.upper() for w in tls_words):
         return EtcdRejected(f"{what}: TLS with etcd failed (check etcd.ca_file, cert_file, key_file and "
                             f"server_name): {detail}")
     if isinstance(e, aex.UnauthenticatedError | aex.InvalidArgumentError | aex.PreconditionFailedError):
@@ -321,8 +322,9 @@ class Etcd:
     """An etcd connection: `async with Etcd(config) as etcd: ...`."""
 
     def __init__(self, config: EtcdConfig, *, password: Secret | None = None,
-                 on_state: Callable[[bool], None] | None = None) -> None:
+                 on_state: Callable[[bool], None] | None = None, probe_key: str = "/") -> None:
         self.config = config
+        self._probe_key = probe_key
         self._password = password if password is not None else config.password
         self._on_state = on_state
         self._client: _Client | None = None
@@ -333,7 +335,7 @@ class Etcd:
     # -- lifecycle
 
     async def __aenter__(self) -> Self:
-        await self.check()
+        await self.check(self._probe_key)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -431,9 +433,12 @@ class Etcd:
                 attempt += 1
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
 
-    async def check(self) -> int:
-        """Prove etcd answers (and that TLS and auth are right); returns the current revision."""
-        return (await self.get_prefix("\0norm-check")).revision
+    async def check(self, key: str = "/") -> int:
+        """Prove etcd answers, and that TLS, auth and the permission to read `key` are right;
+        returns the current revision."""
+        reply = await self._call("reaching etcd", lambda c: c.get_prefix(key.encode(), keys_only=True),
+                                 retry=True)
+        return int(reply.header.revision)
 
     # -- key-value
 
@@ -527,6 +532,7 @@ class Lease:
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self.renewals = 0
+        self._renewed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -540,6 +546,11 @@ class Lease:
 
     def remaining(self) -> float:
         return self.deadline - self.margin - asyncio.get_running_loop().time()
+
+    async def wait_renewals(self, count: int) -> None:
+        """Wait until the lease has been renewed `count` times in all."""
+        async with self._renewed:
+            await self._renewed.wait_for(lambda: self.renewals >= count)
 
     async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
@@ -591,8 +602,10 @@ class Lease:
             if ttl <= 0:
                 self._lose("expired on the server")
                 return
-            self.renewals += 1
             self.deadline = sent + ttl
+            async with self._renewed:
+                self.renewals += 1
+                self._renewed.notify_all()
             next_at = sent + interval
 
 

@@ -83,7 +83,7 @@ class Agent:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                await etcd.check()
+                await etcd.check(self.config.keys.prefix + "/")
                 self.metrics.etcd_connected.set(1)
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True

@@ -133,7 +133,8 @@ def _hosts(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def fetch() -> list[HostRecord]:
-        async with Etcd(config.etcd, password=settings.etcd_password(config)) as etcd:
+        async with Etcd(config.etcd, password=settings.etcd_password(config),
+                        probe_key=config.keys.prefix + "/") as etcd:
             snap = await etcd.get_prefix(hosts_key(config.keys.prefix))
         records = []
         for kv in snap.kvs:

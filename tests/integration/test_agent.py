@@ -1,0 +1,136 @@
+"""`norm agent` as a process against real etcd: lifecycle, registration, endpoints, election."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from norm.adapters.etcd import Etcd, Event, Leadership, NotLeader, Put, Resync
+from norm.core.config import EtcdConfig
+from norm.core.host import HostRecord
+from sandbox.etcd import EtcdCluster, EtcdMember
+from sandbox.procs import wait_for
+from tests.plugins.agent import AgentProc
+from tests.plugins.etcd import Pki
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_agent_starts_registers_serves_and_stops_cleanly(
+        etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
+    agent = agents([etcd.endpoint])
+    agent.wait_notify("READY=1")
+
+    record = HostRecord.decode(etcd.ctl("get", f"/norm/hosts/{agent.machine_id}", "--print-value-only")
+                               .strip().encode(), "test")
+    assert (record.machine_id, record.name, record.environment, record.role) == (
+        agent.machine_id, "host1", "test", "web")
+
+    status, body = http_get(f"{agent.url}/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    assert http_get(f"{agent.url}/healthz")[0] == 200
+    status, metrics = http_get(f"{agent.url}/metrics")
+    assert status == 200
+    for name in ("norm_build_info", "norm_etcd_connected 1.0", "norm_host_registered 1.0",
+                 "norm_watch_events_total", "norm_watch_resyncs_total"):
+        assert name in metrics, name
+
+    etcd.ctl("put", "/djed-version", "v2")
+    etcd.ctl("put", "/djed-version", "x;reboot")
+    # The watcher counts the event and the refusal; wait for the log line that says so.
+    wait_for(lambda: "desired.rejected" in agent.logs(), timeout=10, what="the refusal logged")
+    _, metrics = http_get(f"{agent.url}/metrics")
+    assert 'norm_watch_events_total{key="/djed-version"} 2.0' in metrics
+    assert 'norm_rejected_values_total{key="/djed-version"} 1.0' in metrics
+    assert "x;reboot" not in agent.logs()
+
+    started = time.monotonic()
+    assert agent.proc is not None
+    agent.proc.signal(signal.SIGTERM)
+    agent.wait_notify("STOPPING=1", timeout=5)
+    assert agent.wait_exit(timeout=5 + 1) == 0
+    assert time.monotonic() - started < 5
+    assert etcd.ctl("get", "--prefix", "/norm/hosts/").strip() == ""
+    lines = [json.loads(line) for line in agent.logs().splitlines() if line.startswith("{")]
+    assert {"host.deregistered", "agent.stopped"} <= {line["event"] for line in lines}
+    assert all(line.get("host") == "host1" for line in lines)
+
+
+def test_a_service_that_dies_stops_the_agent_with_a_failure(
+        etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = agents([etcd.endpoint], http_port=taken.getsockname()[1])
+        assert agent.wait_exit(timeout=15) == 1
+    assert "agent.service_died" in agent.logs()
+    assert "READY=1" not in agent.drain_notify()
+
+
+def test_sd_watchdog_is_pinged_while_the_loop_runs(
+        etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
+    agent = agents([etcd.endpoint], env={"WATCHDOG_USEC": "400000"})
+    agent.wait_notify("READY=1")
+    seen = agent.wait_notify("WATCHDOG=1", timeout=5)
+    assert "WATCHDOG=1" in seen
+
+
+def test_a_refused_tls_setup_exits_2_with_the_reason(
+        etcd_tls: EtcdMember, agents: Callable[..., AgentProc], pki: Pki) -> None:
+    agent = agents([etcd_tls.endpoint], env={
+        "NORM_ETCD__CA_FILE": str(pki.other_ca), "NORM_ETCD__CERT_FILE": str(pki.client_cert),
+        "NORM_ETCD__KEY_FILE": str(pki.client_key)})
+    assert agent.wait_exit(timeout=15) == 2
+    assert "TLS with etcd failed" in agent.logs()
+    assert "READY=1" not in agent.drain_notify()
+
+
+async def test_killing_the_leader_agent_moves_leadership_within_ttl_plus_one_second(
+        etcd_cluster: EtcdCluster, agents: Callable[..., AgentProc],
+        etcd_config: Callable[..., EtcdConfig]) -> None:
+    fleet = [agents(etcd_cluster.endpoints) for _ in range(3)]
+    for a in fleet:
+        await asyncio.to_thread(a.wait_notify, "READY=1")
+    by_id = {a.machine_id: a for a in fleet}
+    async with Etcd(etcd_config(*etcd_cluster.endpoints)) as client:
+        async with client.watch("/norm/leader") as w:
+            first = await anext(w)
+            while not (isinstance(first, Resync) and first.snapshot.kvs):
+                first = await anext(w)  # the leader key appears once some agent has won
+            assert isinstance(first, Resync)
+            old = first.snapshot.kvs[0]
+            leader = by_id[old.value.decode()]
+            ttl = 3
+            loop = asyncio.get_running_loop()
+            assert leader.proc is not None
+            await asyncio.to_thread(leader.proc.kill)
+            killed_at = loop.time()
+            async with asyncio.timeout(ttl + 5):
+                async for item in w:
+                    if isinstance(item, Event) and item.kind == "put":
+                        new = item.kv
+                        break
+            moved_after = loop.time() - killed_at
+        assert new.value.decode() in by_id and new.value != old.value
+        assert moved_after <= ttl + 1, moved_after
+        # The dead leader's token no longer opens the fence.
+        election = client.election("/norm/leader", b"impostor")
+        async with client.lease() as lease:
+            with pytest.raises(NotLeader):
+                await election.fenced(Leadership("/norm/leader", old.create_revision, lease),
+                                      [Put("/norm/side-effect", b"stale")])
+        assert await client.get("/norm/side-effect") is None

@@ -1,0 +1,111 @@
+"""Leases, election and fencing against real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from norm.adapters.etcd import Etcd, Event, Leadership, NotLeader, Put, Resync
+from norm.core.config import EtcdConfig
+from sandbox.etcd import EtcdMember
+
+
+async def test_a_lease_is_kept_alive_beyond_its_ttl(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as client:
+        async with client.lease() as lease:
+            await client.put("/alive", b"1", lease=lease.id)
+            # Wait for renewals, not for time: three renewals take the lease well past its TTL.
+            async with asyncio.timeout(10):
+                await lease.wait_renewals(3)
+            assert lease.valid()
+            assert (await client.get("/alive")) is not None
+        # Leaving the block revokes the lease, and the key goes with it at once.
+        assert (await client.get("/alive")) is None
+
+
+@pytest.mark.parametrize("fault", ["freeze", "kill"])
+async def test_a_holder_knows_its_lease_is_lost_before_the_server_can_expire_it(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig], fault: str) -> None:
+    loop = asyncio.get_running_loop()
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=4)) as client:
+        lease = client.lease()
+        async with lease:
+            await client.put("/held", b"1", lease=lease.id)
+            async with asyncio.timeout(10):
+                await lease.wait_renewals(1)
+            # The server can expire the lease no earlier than the last renewal it confirmed was
+            # *received* plus the TTL; `deadline` is that renewal's *send* time plus the TTL.
+            await asyncio.to_thread(etcd.freeze if fault == "freeze" else etcd.kill)
+            faulted_at = loop.time()
+            server_expiry_floor = lease.deadline
+            async with asyncio.timeout(lease.ttl + 2):
+                await lease.lost.wait()
+            lost_at = loop.time()
+            assert lease.lost_reason == "not renewed in time"
+            assert lost_at <= server_expiry_floor, (lost_at - faulted_at, server_expiry_floor - faulted_at)
+            assert not lease.valid()
+            if fault == "freeze":
+                etcd.thaw()
+            else:
+                await asyncio.to_thread(etcd.start)
+    # When etcd can act again the key does not outlive the lease.
+    async with Etcd(etcd_config(etcd.endpoint)) as client, client.watch("/held") as w:
+        async with asyncio.timeout(15):
+            async for item in w:
+                if isinstance(item, Resync) and not item.snapshot.kvs:
+                    break
+                if isinstance(item, Event) and item.kind == "delete":
+                    break
+
+
+async def test_a_lease_the_server_forgot_is_reported_lost_at_once(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as client:
+        async with client.lease() as lease:
+            await client._revoke(lease.id)  # as an operator's `etcdctl lease revoke` would
+            async with asyncio.timeout(5):
+                await lease.lost.wait()
+            assert lease.lost_reason == "expired on the server"
+
+
+async def test_one_leader_at_a_time_and_fenced_writes(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as a, \
+            Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as b:
+        ea, eb = a.election("/norm/leader", b"a"), b.election("/norm/leader", b"b")
+        async with a.lease() as la, b.lease() as lb:
+            leader_a = await ea.campaign(la)
+            contender = asyncio.create_task(eb.campaign(lb), name="campaign-b")
+            await ea.fenced(leader_a, [Put("/norm/fenced", b"a")])
+            assert not contender.done()
+            await ea.resign(leader_a)
+            async with asyncio.timeout(5):
+                leader_b = await contender
+            assert leader_b.token > leader_a.token
+            # The old leader's token no longer opens the fence, even with a live lease.
+            with pytest.raises(NotLeader):
+                await ea.fenced(Leadership("/norm/leader", leader_a.token, la), [Put("/norm/fenced", b"a")])
+            await eb.fenced(leader_b, [Put("/norm/fenced", b"b")])
+        assert (await a.get("/norm/fenced")).value == b"b"  # type: ignore[union-attr]
+
+
+async def test_a_leader_whose_lease_ran_out_does_not_even_send(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as client:
+        election = client.election("/norm/leader", b"me")
+        async with client.lease() as lease:
+            leadership = await election.campaign(lease)
+            await asyncio.to_thread(etcd.freeze)
+            try:
+                async with asyncio.timeout(6):
+                    await lease.lost.wait()
+                sent_before = client.requests
+                with pytest.raises(NotLeader):
+                    await election.fenced(leadership, [Put("/norm/fenced", b"late")])
+                assert client.requests == sent_before
+            finally:
+                etcd.thaw()
+        assert (await client.get("/norm/fenced")) is None
