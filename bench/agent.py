@@ -1,0 +1,174 @@
+"""make bench-agent: what an idle agent costs, and what the adapter adds to watch latency.
+
+- idle_rss_mb, idle_cpu_pct: a real `norm agent` process, every section of its config set, after
+  READY=1, over IDLE_SECONDS of idleness (CPU as a percentage of one core).
+- idle_etcd_rpm: requests the etcd server handled for that agent per minute while it was idle, read
+  from etcd's own /metrics (gRPC calls and streams started), not from the client's bookkeeping.
+- watch_p50_ms, watch_p99_ms: put (by another client) to the event through Norm's watch adapter.
+- raw_watch_p50_ms: the same through bare aetcd, interleaved in the same run.
+- watch_overhead_ratio: watch_p50_ms / raw_watch_p50_ms.
+The last line printed is one JSON object with these fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aetcd
+
+from norm.adapters.etcd import Etcd, Event
+from norm.core.config import EtcdConfig
+from sandbox.etcd import EtcdMember
+from sandbox.procs import Proc, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def etcd_requests(member: EtcdMember) -> int:
+    with urllib.request.urlopen(f"{member.endpoint}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("grpc_server_started_total{"):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> float:
+    m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert m
+    return int(m.group(1)) / 1024
+
+
+def start_agent(workdir: Path, member: EtcdMember) -> tuple[Proc, socket.socket]:
+    config = workdir / "norm.toml"
+    config.write_text(f"""
+[etcd]
+endpoints = ["{member.endpoint}"]
+[keys]
+prefix = "/norm"
+[host]
+machine_id = "{secrets.token_hex(16)}"
+name = "bench"
+environment = "prod"
+role = "web"
+[units]
+patterns = ["djed-*.service"]
+[systemd]
+bus_address = "unix:path=/nonexistent/bus"
+[docker]
+host = "unix:///nonexistent/docker.sock"
+[http]
+listen = "127.0.0.1:{free_port()}"
+[agent]
+shutdown_timeout = 10
+[log]
+format = "json"
+""")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(workdir / "notify.sock"))
+    env = dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify.sock"))
+    env.pop("PYTHONASYNCIODEBUG", None)
+    proc = Proc("agent", [sys.executable, "-m", "norm", "agent", "--config", str(config)],
+                workdir / "agent.log", env=env, cwd=REPO)
+    proc.start()
+    notify.settimeout(30)
+    while b"READY=1" not in notify.recv(4096):
+        pass
+    return proc, notify
+
+
+async def watch_latencies(member: EtcdMember, rounds: int) -> tuple[list[float], list[float]]:
+    config = EtcdConfig(endpoints=(member.endpoint,))
+    ours: list[float] = []
+    raw: list[float] = []
+    loop = asyncio.get_running_loop()
+    async with Etcd(config) as writer, Etcd(config) as reader, \
+            aetcd.Client(host="127.0.0.1", port=member.client_port) as bare:
+        async with reader.watch("/bench/ours") as w:
+            await anext(w)  # the initial listing
+            raw_watch = await bare.watch(b"/bench/raw")
+            raw_iter = raw_watch.__aiter__()
+            try:
+                for i in range(rounds):
+                    # Interleave so that both see the same machine at the same moment.
+                    t0 = loop.time()
+                    await writer.put("/bench/ours", str(i).encode())
+                    while True:
+                        item = await anext(w)
+                        if isinstance(item, Event) and item.kv.value == str(i).encode():
+                            break
+                    ours.append((loop.time() - t0) * 1000)
+                    t0 = loop.time()
+                    await writer.put("/bench/raw", str(i).encode())
+                    while (await anext(raw_iter)).kv.value != str(i).encode():
+                        pass
+                    raw.append((loop.time() - t0) * 1000)
+            finally:
+                await raw_watch.cancel()
+    return ours, raw
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--rounds", type=int, default=1000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="norm-bench-") as tmp:
+        workdir = Path(tmp)
+        member = EtcdMember("etcd", workdir / "etcd")
+        member.start()
+        try:
+            proc, notify = start_agent(workdir, member)
+            try:
+                assert proc.pid is not None
+                time.sleep(2)  # let start-up work (imports, first renewals) settle before measuring
+                cpu0, req0, t0 = proc_cpu_seconds(proc.pid), etcd_requests(member), time.monotonic()
+                time.sleep(args.idle_seconds)  # the measurement window itself: idleness is the point
+                cpu1, req1, t1 = proc_cpu_seconds(proc.pid), etcd_requests(member), time.monotonic()
+                rss = proc_rss_mb(proc.pid)
+            finally:
+                proc.stop()
+                notify.close()
+            # etcd's own scrape of /metrics is HTTP, not gRPC, so it does not count.
+            idle_rpm = (req1 - req0) / ((t1 - t0) / 60)
+            ours, raw = asyncio.run(watch_latencies(member, args.rounds))
+        finally:
+            member.stop()
+    figures = {
+        "idle_rss_mb": round(rss, 1),
+        "idle_cpu_pct": round((cpu1 - cpu0) / (t1 - t0) * 100, 3),
+        "idle_etcd_rpm": round(idle_rpm, 1),
+        "watch_p50_ms": round(statistics.median(ours), 3),
+        "watch_p99_ms": round(percentile(ours, 99), 3),
+        "raw_watch_p50_ms": round(statistics.median(raw), 3),
+        "watch_overhead_ratio": round(statistics.median(ours) / statistics.median(raw), 3),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
