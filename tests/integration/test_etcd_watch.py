@@ -21,6 +21,11 @@ async def collect(watch: Watch, until: Callable[[list[WatchItem]], bool], timeou
     raise AssertionError("watch ended")
 
 
+# Killing a member that happens to be the raft leader stalls writes until the others elect a new
+# one; on a loaded machine that can take longer than the usual short test timeout.
+SLOW = {"request_timeout": 10.0, "lease_ttl": 15}
+
+
 def puts(items: list[WatchItem]) -> list[tuple[str, bytes]]:
     return [(i.kv.key, i.kv.value) for i in items if isinstance(i, Event) and i.kind == "put"]
 
@@ -68,7 +73,7 @@ async def test_watch_delivers_what_was_written_while_its_member_was_down(
         etcd_cluster: EtcdCluster, etcd_config: Callable[..., EtcdConfig]) -> None:
     m0, m1, _ = etcd_cluster.members
     # The watcher talks only to m0; the writes go through m1 while m0 is dead.
-    async with Etcd(etcd_config(m0.endpoint)) as client, Etcd(etcd_config(m1.endpoint)) as writer:
+    async with Etcd(etcd_config(m0.endpoint)) as client, Etcd(etcd_config(m1.endpoint, **SLOW)) as writer:
         async with client.watch("/d/", prefix=True) as w:
             assert isinstance(await anext(w), Resync)
             await writer.put("/d/00", b"x")
@@ -84,7 +89,7 @@ async def test_watch_delivers_what_was_written_while_its_member_was_down(
 async def test_a_compacted_watch_relists_and_continues(
         etcd_cluster: EtcdCluster, etcd_config: Callable[..., EtcdConfig]) -> None:
     m0, m1, _ = etcd_cluster.members
-    async with Etcd(etcd_config(m0.endpoint)) as client, Etcd(etcd_config(m1.endpoint)) as writer:
+    async with Etcd(etcd_config(m0.endpoint)) as client, Etcd(etcd_config(m1.endpoint, **SLOW)) as writer:
         async with client.watch("/c/", prefix=True) as w:
             assert isinstance(await anext(w), Resync)
             await writer.put("/c/a", b"1")
@@ -124,7 +129,7 @@ async def test_a_watch_from_a_compacted_revision_relists(
 
 async def test_the_client_carries_on_when_its_cluster_member_is_killed(
         etcd_cluster: EtcdCluster, etcd_config: Callable[..., EtcdConfig]) -> None:
-    async with Etcd(etcd_config(*etcd_cluster.endpoints)) as client:
+    async with Etcd(etcd_config(*etcd_cluster.endpoints, **SLOW)) as client:
         async with client.watch("/m/", prefix=True) as w:
             assert isinstance(await anext(w), Resync)
             await client.put("/m/0", b"x")
