@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.plugins.etcd",
+    "tests.plugins.systemd",
+    "tests.plugins.moto",
 ]

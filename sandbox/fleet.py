@@ -1,0 +1,670 @@
+"""A whole sandbox fleet on one machine: a 3-member etcd cluster and N simulated hosts, each with its
+own machine id, systemd manager, Docker engine and `norm agent` process.
+
+Everything the fleet starts is recorded in `<run dir>/state.json` as soon as it is started (pid, argv,
+start time, log), so that `down` in another process stops it by pid. Before signalling a recorded
+pid, `down` checks that /proc/<pid> still shows the same command line and start time: a pid that
+has been reused by someone else's process is left alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import typing
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from sandbox.etcd import ETCDCTL, EtcdMember
+from sandbox.procs import Proc, SandboxError, free_port, wait_for
+from sandbox.systemd import CGROUP_PREFIX, SystemdManager
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_DIR = REPO / ".run" / "sandbox"
+STATE_VERSION = 1
+HOSTS_PREFIX = "/norm/hosts/"
+
+
+def venv_python() -> str:
+    """The project's interpreter (.venv, made by scripts/bootstrap.sh), else the one running us."""
+    py = REPO / ".venv" / "bin" / "python"
+    return str(py) if py.exists() else sys.executable
+
+
+# -- what state.json holds ----------------------------------------------------------------------
+
+
+class ProcState(TypedDict):
+    name: str
+    pid: int
+    argv: list[str]
+    starttime: int  # field 22 of /proc/<pid>/stat: with the argv, tells our process from a reused pid
+    log: str
+
+
+class EtcdState(TypedDict):
+    name: str
+    endpoint: str
+    client_port: int
+    peer_port: int
+    proc: ProcState
+
+
+class HostState(TypedDict):
+    name: str
+    machine_id: str
+    dir: str
+    config: str
+    http_listen: str
+    bus_address: str
+    systemd_dir: str
+    cgroup: str
+    systemd: ProcState | None
+    docker_host: str
+    docker_dir: str
+    docker: ProcState | None
+    agent: ProcState | None
+
+
+class State(TypedDict):
+    version: int
+    run_dir: str
+    owner_pid: int
+    started_at: float
+    complete: bool
+    size: int
+    docker: bool
+    agents: bool
+    endpoints: list[str]
+    etcd: list[EtcdState]
+    hosts: list[HostState]
+
+
+# -- processes by pid ---------------------------------------------------------------------------
+
+
+def fingerprint(pid: int) -> tuple[list[str], int] | None:
+    """(argv, start time) of a live process, or None if there is none (or only a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if not raw:  # zombies and kernel threads have no command line
+        return None
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+    fields = stat.rpartition(")")[2].split()
+    return argv, int(fields[19])
+
+
+def record(proc: Proc) -> ProcState:
+    if proc.pid is None:
+        raise SandboxError(f"{proc.name} has no pid to record")
+    pid = proc.pid
+    # Popen returns while the kernel is still inside exec(): /proc/<pid>/cmdline is briefly empty.
+    wait_for(lambda: fingerprint(pid) is not None or not proc.alive, timeout=10,
+             what=f"{proc.name} command line", interval=0.005)
+    fp = fingerprint(pid)
+    if fp is None:
+        raise SandboxError(f"{proc.name} (pid {proc.pid}) exited at once:\n{proc.tail()}")
+    if fp[0] != list(proc.argv):
+        raise SandboxError(f"{proc.name} (pid {pid}) runs {fp[0]}, not {list(proc.argv)}")
+    return ProcState(name=proc.name, pid=pid, argv=list(proc.argv), starttime=fp[1], log=str(proc.log))
+
+
+def _record(proc: Proc, stop: Callable[[], None]) -> ProcState:
+    """record(proc), or stop what was just started if it cannot be recorded (nothing unrecorded runs)."""
+    try:
+        return record(proc)
+    except BaseException:
+        stop()
+        raise
+
+
+def owned(rec: ProcState) -> bool:
+    """Whether the recorded pid is still the very process we started."""
+    fp = fingerprint(rec["pid"])
+    return fp is not None and fp[0] == rec["argv"] and fp[1] == rec["starttime"]
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _dead_members(members: list[EtcdMember]) -> list[EtcdMember]:
+    return [m for m in members if m.proc is None or not m.proc.alive]
+
+
+def _etcd_settled(members: list[EtcdMember]) -> bool:
+    return bool(_dead_members(members)) or all(_etcd_healthy(m) for m in members)
+
+
+def _etcd_healthy(member: EtcdMember) -> bool:
+    try:
+        return member.healthy()
+    except (OSError, ValueError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=1) as r:
+        return int(r.status) == 200
+
+
+def _docker_ping(host: str) -> bool:
+    """GET /_ping on a Docker engine's unix socket."""
+    path = host.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(path)
+        s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        return s.recv(64).split(b" ", 2)[1:2] == [b"200"]
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string for what we write
+
+
+def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_listen: str, bus_address: str,
+                 docker_host: str, environment: str = "sandbox", role: str = "web") -> str:
+    """The `norm agent` config file of one simulated host."""
+    eps = ", ".join(_toml_str(e) for e in endpoints)
+    return (
+        f"[etcd]\nendpoints = [{eps}]\n\n"
+        f"[host]\nmachine_id = {_toml_str(machine_id)}\nenvironment = {_toml_str(environment)}\n"
+        f"role = {_toml_str(role)}\nname = {_toml_str(name)}\n\n"
+        f"[http]\nlisten = {_toml_str(http_listen)}\n\n"
+        f"[systemd]\nbus_address = {_toml_str(bus_address)}\n\n"
+        f"[docker]\nhost = {_toml_str(docker_host)}\n"
+    )
+
+
+# -- the fleet ----------------------------------------------------------------------------------
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Fleet:
+    """A sandbox fleet under `run_dir`. `up()` starts (or reuses) it; `down()` stops it by pid."""
+
+    run_dir: Path = DEFAULT_RUN_DIR
+    size: int = 3
+    docker: bool = True
+    agents: bool = True
+    etcd_size: int = 3
+    say: Callable[[str], None] = _quiet
+    # Objects for what this process started itself: used to stop (and reap) its own children.
+    _procs: dict[int, Proc] = field(default_factory=dict, init=False, repr=False)
+    _engines: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
+    _lock_depth: int = field(default=0, init=False, repr=False)
+    _lock_fd: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()
+
+    # -- files ----------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.run_dir / "etcd"
+
+    @property
+    def hosts_dir(self) -> Path:
+        return self.run_dir / "hosts"
+
+    def load_state(self) -> State | None:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"{self.state_path} is unreadable ({e}); remove it after checking "
+                               f"that nothing it lists still runs") from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if version != STATE_VERSION:
+            raise SandboxError(f"{self.state_path}: unknown state version {version!r}")
+        return typing.cast(State, data)
+
+    def _save(self, state: State) -> None:
+        tmp = self.state_path.with_name(".state.json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_path)
+
+    @contextlib.contextmanager
+    def _locked(self, timeout: float = 300.0) -> Iterator[None]:
+        """One `up`/`down` at a time per run dir, across processes (re-entrant within this one)."""
+        if self._lock_depth == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+            def take() -> bool:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                return True
+
+            try:
+                wait_for(take, timeout=timeout, what=f"lock on {self.run_dir}", interval=0.1)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    # -- health ---------------------------------------------------------------------------------
+    def problems(self, state: State | None = None) -> list[str]:
+        """What is wrong with the recorded fleet; empty when it is complete and healthy."""
+        state = state if state is not None else self.load_state()
+        if state is None:
+            return ["no fleet recorded"]
+        out: list[str] = []
+        if not state["complete"]:
+            out.append("start-up did not complete")
+        for m in state["etcd"]:
+            if not owned(m["proc"]):
+                out.append(f"etcd {m['name']} (pid {m['proc']['pid']}) is not running")
+            else:
+                try:
+                    if not _http_ok(f"{m['endpoint']}/health"):
+                        out.append(f"etcd {m['name']} is unhealthy")
+                except OSError as e:
+                    out.append(f"etcd {m['name']} does not answer: {e}")
+        for h in state["hosts"]:
+            parts = [("systemd", h["systemd"], True), ("docker", h["docker"], state["docker"]),
+                     ("agent", h["agent"], state["agents"])]
+            for kind, rec, wanted in parts:
+                if rec is None:
+                    if wanted and state["complete"]:
+                        out.append(f"{h['name']}: no {kind} recorded")
+                elif not owned(rec):
+                    out.append(f"{h['name']}: {kind} (pid {rec['pid']}) is not running; see {rec['log']}")
+            if h["systemd"] is not None and owned(h["systemd"]):
+                mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
+                try:
+                    if not mgr.bus_has_owner():
+                        out.append(f"{h['name']}: systemd does not own org.freedesktop.systemd1")
+                except (OSError, subprocess.SubprocessError) as e:
+                    out.append(f"{h['name']}: systemd bus does not answer: {e}")
+            if h["docker"] is not None and owned(h["docker"]):
+                try:
+                    if not _docker_ping(h["docker_host"]):
+                        out.append(f"{h['name']}: Docker engine does not answer /_ping")
+                except OSError as e:
+                    out.append(f"{h['name']}: Docker engine does not answer: {e}")
+        return out
+
+    def healthy(self) -> bool:
+        return not self.problems()
+
+    # -- up -------------------------------------------------------------------------------------
+    def up(self, ready_timeout: float = 60.0) -> Literal["started", "reused"]:
+        """Start the fleet, or reuse the one already running under `run_dir` if it is healthy."""
+        with self._locked():
+            state = self.load_state()
+            if state is not None:
+                problems = self.problems(state)
+                if not problems:
+                    self.say(f"sandbox fleet already running in {self.run_dir} "
+                             f"({len(state['hosts'])} hosts): reusing it")
+                    if len(state["hosts"]) != self.size:
+                        self.say(f"  (not the {self.size} hosts asked for: run `make sandbox-down` first "
+                                 f"to change the size)")
+                    return "reused"
+                self.say("a previous sandbox fleet is incomplete or unhealthy: stopping what is left of it")
+                for p in problems:
+                    self.say(f"  - {p}")
+                self._down(state)
+            try:
+                self._start(ready_timeout)
+            except BaseException:
+                state = self.load_state()
+                if state is not None:
+                    self.say("start-up failed: stopping what was started")
+                    self._down(state)
+                raise
+            return "started"
+
+    def _start(self, ready_timeout: float) -> None:
+        if self.size < 1:
+            raise SandboxError("a fleet needs at least one host")
+        # A fresh fleet: old etcd data would clash with the new members' ports and cluster token.
+        for d in (self.etcd_dir, self.hosts_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        state = State(version=STATE_VERSION, run_dir=str(self.run_dir), owner_pid=os.getpid(),
+                      started_at=time.time(), complete=False, size=self.size, docker=self.docker,
+                      agents=self.agents, endpoints=[], etcd=[], hosts=[])
+        self._save(state)
+
+        members = self._start_etcd(state, ready_timeout)
+        state["endpoints"] = [m.endpoint for m in members]
+        self._save(state)
+        self.say(f"etcd: ready at {', '.join(state['endpoints'])}")
+
+        engine_cls = self._engine_class()
+        state["docker"] = engine_cls is not None
+        engines: list[tuple[HostState, Any]] = []
+        for i in range(1, self.size + 1):
+            name = f"host{i}"
+            hdir = self.hosts_dir / name
+            hdir.mkdir(parents=True)
+            machine_id = uuid.uuid4().hex
+            (hdir / "machine-id").write_text(machine_id + "\n")
+            mgr = SystemdManager(name, hdir / "systemd")
+            docker_dir = hdir / "docker"
+            engine = engine_cls(name, docker_dir) if engine_cls is not None else None
+            host = HostState(name=name, machine_id=machine_id, dir=str(hdir), config=str(hdir / "norm.toml"),
+                             http_listen=f"127.0.0.1:{free_port()}", bus_address=mgr.bus_address,
+                             systemd_dir=str(mgr.workdir), cgroup="", systemd=None,
+                             docker_host=engine.host if engine is not None else f"unix://{docker_dir}/docker.sock",
+                             docker_dir=str(docker_dir), docker=None, agent=None)
+            state["hosts"].append(host)
+            mgr.start(ready_timeout)
+            assert mgr.proc is not None
+            self._own(mgr.proc)
+            host["cgroup"] = mgr.cgroup
+            host["systemd"] = _record(mgr.proc, mgr.stop)
+            self._save(state)
+            self.say(f"{name}: systemd --user on {mgr.bus_address}")
+            if engine is not None:
+                engines.append((host, engine))
+            Path(host["config"]).write_text(agent_config(
+                endpoints=state["endpoints"], machine_id=machine_id, name=name,
+                http_listen=host["http_listen"], bus_address=host["bus_address"],
+                docker_host=host["docker_host"]))
+
+        # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
+        # start forks with a pre-exec hook, which must not happen while other threads run.)
+        if engines:
+            self.say(f"docker: starting {len(engines)} engines")
+            failures: list[BaseException] = []
+            with concurrent.futures.ThreadPoolExecutor(len(engines), thread_name_prefix="dockerd") as pool:
+                started = {pool.submit(engine.start): (host, engine) for host, engine in engines}
+                for fut in concurrent.futures.as_completed(started):
+                    host, engine = started[fut]
+                    error = fut.exception()
+                    if error is None:
+                        try:
+                            host["docker"] = _record(engine.proc, engine.stop)
+                        except SandboxError as e:
+                            error = e
+                    if error is not None:
+                        failures.append(error)
+                        continue
+                    self._own(engine.proc, engine)
+                    self._save(state)
+                    self.say(f"{host['name']}: Docker engine on {engine.host}")
+            if failures:
+                raise failures[0]
+
+        if self.agents:
+            for host in state["hosts"]:
+                env = dict(os.environ, PYTHONUNBUFFERED="1",
+                           # what the host's own environment would point at
+                           DBUS_SYSTEM_BUS_ADDRESS=host["bus_address"], DOCKER_HOST=host["docker_host"])
+                agent = Proc(f"agent-{host['name']}",
+                             [venv_python(), "-m", "norm", "agent", "--config", host["config"]],
+                             Path(host["dir"]) / "agent.log", env=env, cwd=REPO)
+                agent.start()
+                host["agent"] = _record(agent, agent.stop)
+                self._own(agent)
+                self._save(state)
+                self.say(f"{host['name']}: norm agent pid {agent.pid}, log {agent.log}")
+
+        state["complete"] = True
+        self._save(state)
+
+    def _start_etcd(self, state: State, ready_timeout: float, attempts: int = 3) -> list[EtcdMember]:
+        """Start the etcd members, record each, and wait until all are healthy. Ports are picked free
+        but could be taken by someone else before etcd binds them: then start again on other ones."""
+        for attempt in range(1, attempts + 1):
+            ports = _distinct_free_ports(2 * self.etcd_size)
+            members = [EtcdMember(f"etcd{i}", self.etcd_dir, client_port=ports[2 * i],
+                                  peer_port=ports[2 * i + 1]) for i in range(self.etcd_size)]
+            initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+            token = f"norm-sandbox-{uuid.uuid4().hex[:12]}"
+            for m in members:
+                m.initial_cluster = initial
+                m.cluster_token = token
+            self.say(f"etcd: starting {len(members)} members")
+            for m in members:
+                m.start(wait=False)
+                assert m.proc is not None
+                self._own(m.proc)
+                state["etcd"].append(EtcdState(name=m.name, endpoint=m.endpoint, client_port=m.client_port,
+                                               peer_port=m.peer_port, proc=_record(m.proc, m.stop)))
+                self._save(state)
+
+            try:  # until all are healthy, or one died (no use waiting for it then)
+                wait_for(functools.partial(_etcd_settled, members), timeout=ready_timeout,
+                         what="etcd cluster", interval=0.1)
+            except SandboxError as e:
+                tails = "\n".join(f"{m.name}: {m.proc.tail(5) if m.proc else ''}" for m in members)
+                raise SandboxError(f"{e}\n{tails}") from None
+            failed = _dead_members(members)
+            if not failed:
+                return members
+            tails = "\n".join(f"{m.name}: {m.proc.tail(5) if m.proc else ''}" for m in failed)
+            self._down(state)  # what this attempt started, and only that, is in the state
+            state["etcd"] = []
+            self._save(state)
+            shutil.rmtree(self.etcd_dir, ignore_errors=True)
+            if attempt == attempts or "address already in use" not in tails:
+                raise SandboxError(f"etcd did not start:\n{tails}")
+            self.say("etcd: a port was taken before etcd could bind it; trying other ports")
+        raise AssertionError("unreachable")
+
+    def _engine_class(self, quiet: bool = False) -> Any:
+        """sandbox.docker.DockerEngine if the fleet wants engines and the module is there."""
+        if not self.docker and not quiet:
+            return None
+        try:
+            from sandbox import docker as docker_mod  # type: ignore[attr-defined, unused-ignore]
+        except ModuleNotFoundError as e:
+            if e.name != "sandbox.docker":
+                raise
+            if not quiet:
+                self.say("sandbox.docker is not available: the hosts run without Docker engines")
+            return None
+        return docker_mod.DockerEngine
+
+    def _own(self, proc: Proc, engine: Any = None) -> None:
+        if proc.pid is not None:
+            self._procs[proc.pid] = proc
+            if engine is not None:
+                self._engines[proc.pid] = engine
+
+    # -- down -----------------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Stop everything state.json records, by pid, and forget it. Harmless when nothing runs."""
+        with self._locked():
+            state = self.load_state()
+            try:
+                if state is None:
+                    return [f"no sandbox fleet recorded in {self.run_dir}"]
+                return self._down(state)
+            finally:
+                self._forget_exited()
+
+    def _forget_exited(self) -> None:
+        """Drop (and reap) this process's children that are gone, e.g. stopped by a `down` elsewhere."""
+        for pid, proc in list(self._procs.items()):
+            if not proc.alive:  # polls the child: collects its exit status
+                del self._procs[pid]
+                self._engines.pop(pid, None)
+
+    def _down(self, state: State) -> list[str]:
+        said: list[str] = []
+
+        def note(msg: str) -> None:
+            said.append(msg)
+            self.say(msg)
+
+        errors: list[str] = []
+        for h in reversed(state["hosts"]):
+            if h["agent"] is not None:
+                self._stop(h["agent"], note, timeout=20)
+        for h in reversed(state["hosts"]):
+            if h["docker"] is not None or state["docker"]:
+                try:
+                    self._stop_engine(h, note)
+                except SandboxError as e:
+                    errors.append(str(e))
+        for h in reversed(state["hosts"]):
+            rec = h["systemd"]
+            mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
+            if h["cgroup"].startswith(CGROUP_PREFIX):
+                mgr.cgroup = h["cgroup"]  # removed whether or not the manager still runs
+            if rec is not None:
+                if owned(rec):
+                    mgr.proc = self._procs.pop(rec["pid"], None) or Proc(
+                        rec["name"], rec["argv"], Path(rec["log"]), pid=rec["pid"])
+                else:
+                    self._explain(rec, note)
+            try:
+                mgr.stop()
+            except SandboxError as e:
+                errors.append(str(e))
+                continue
+            if rec is not None and mgr.proc is not None:
+                note(f"stopped {rec['name']} (pid {rec['pid']}) and its cgroup {h['cgroup']}")
+        for m in reversed(state["etcd"]):
+            self._stop(m["proc"], note, timeout=15)
+        if errors:
+            self._save(state)
+            raise SandboxError("could not stop everything:\n" + "\n".join(errors))
+        self.state_path.unlink(missing_ok=True)
+        return said
+
+    def _stop_engine(self, host: HostState, note: Callable[[str], None]) -> None:
+        """Stop a host's Docker engine with DockerEngine.stop(), which also sweeps what its daemons
+        leave (containerd, shims, mounts); from the pid alone if sandbox.docker is not importable."""
+        rec = host["docker"]
+        engine = self._engines.pop(rec["pid"], None) if rec is not None else None
+        if engine is None:
+            engine_cls = self._engine_class(quiet=True)
+            if engine_cls is None:
+                if rec is not None:
+                    self._stop(rec, note, timeout=30)
+                return
+            engine = engine_cls(host["name"], Path(host["docker_dir"]))
+            if rec is not None and owned(rec):
+                engine.proc = Proc(rec["name"], rec["argv"], Path(rec["log"]), pid=rec["pid"])
+            elif rec is not None:
+                self._explain(rec, note)
+        was_running = engine.proc is not None
+        engine.stop()
+        if rec is not None:
+            self._procs.pop(rec["pid"], None)
+            if was_running:
+                note(f"stopped {rec['name']} (pid {rec['pid']}) and its containers")
+
+    def _stop(self, rec: ProcState, note: Callable[[str], None], timeout: float) -> None:
+        """Stop a recorded process if it is still the one we started; otherwise say why not."""
+        pid = rec["pid"]
+        if not owned(rec):
+            self._explain(rec, note)
+            return
+        proc = self._procs.pop(pid, None) or Proc(rec["name"], rec["argv"], Path(rec["log"]), pid=pid)
+        proc.stop(timeout=timeout)
+        note(f"stopped {rec['name']} (pid {pid})")
+
+    @staticmethod
+    def _explain(rec: ProcState, note: Callable[[str], None]) -> None:
+        """Say why a recorded process that is not ours any more is left alone."""
+        if fingerprint(rec["pid"]) is not None:
+            note(f"pid {rec['pid']} is no longer {rec['name']}: left alone")
+        else:
+            note(f"{rec['name']} (pid {rec['pid']}) already gone")
+
+    # -- looking at it --------------------------------------------------------------------------
+    def etcdctl(self, *args: str, state: State | None = None) -> str:
+        state = state if state is not None else self.load_state()
+        if state is None or not state["endpoints"]:
+            raise SandboxError("no sandbox etcd is recorded")
+        argv = [ETCDCTL, "--endpoints", ",".join(state["endpoints"]), "--dial-timeout", "3s",
+                "--command-timeout", "5s", *args]
+        r = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"),
+                           timeout=30, check=False)
+        if r.returncode != 0:
+            raise SandboxError(f"etcdctl {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def registered_hosts(self, state: State | None = None) -> dict[str, dict[str, Any]]:
+        """The values under /norm/hosts/, by machine id (values that are not JSON objects skipped)."""
+        import base64
+
+        out = json.loads(self.etcdctl("get", "--prefix", HOSTS_PREFIX, "-w", "json", state=state))
+        hosts: dict[str, dict[str, Any]] = {}
+        for kv in out.get("kvs", []):
+            key = base64.b64decode(kv["key"]).decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                value = json.loads(base64.b64decode(kv.get("value", "")))
+                if isinstance(value, dict):
+                    hosts[key.removeprefix(HOSTS_PREFIX)] = value
+        return hosts
+
+    def wait_registered(self, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Wait until every host's agent has registered itself in etcd; fail early if one dies."""
+        state = self.load_state()
+        if state is None:
+            raise SandboxError("no sandbox fleet is running")
+        wanted = {h["machine_id"] for h in state["hosts"]}
+        seen: dict[str, dict[str, Any]] = {}
+
+        def dead_agents() -> list[HostState]:
+            return [h for h in state["hosts"] if h["agent"] is None or not owned(h["agent"])]
+
+        def all_registered() -> bool:
+            if dead_agents():
+                return True  # no use waiting: reported below
+            seen.clear()
+            seen.update(self.registered_hosts(state))
+            return wanted <= seen.keys()
+
+        try:
+            wait_for(all_registered, timeout=timeout, what="every host registered in etcd", interval=0.25)
+        except SandboxError:
+            missing = sorted(h["name"] for h in state["hosts"] if h["machine_id"] not in seen)
+            raise SandboxError(f"not registered in etcd after {timeout:.0f}s: {', '.join(missing)}; "
+                               f"see the agent logs under {self.hosts_dir}") from None
+        dead = dead_agents()
+        if dead:
+            h = dead[0]
+            log = Path(h["dir"]) / "agent.log"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+            raise SandboxError(f"the norm agent of {', '.join(d['name'] for d in dead)} is not running; "
+                               f"{log} ends with:\n{tail}")
+        return {mid: seen[mid] for mid in sorted(wanted)}

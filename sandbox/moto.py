@@ -1,0 +1,123 @@
+"""A moto server (S3, ELBv2, EC2, STS over real HTTP) on a free loopback port.
+
+`moto_server` as installed cannot be used as is with this project's clients: werkzeug's request
+handler sends a `Server: Werkzeug/...` header and moto adds its own `server: amazon.com`, and aiohttp
+(3.13.4 and later; 3.14 here) rejects a response with two Server headers ("Duplicate 'Server' header
+found"), so aiobotocore fails on every call. This module is therefore also the server's entry point:
+`python -m sandbox.moto -H HOST -p PORT` serves moto's own WSGI application exactly as `moto_server`
+does, with a request handler that leaves the Server header to the application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from sandbox.procs import Proc, SandboxError, free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _python() -> str:
+    py = REPO / ".venv" / "bin" / "python"
+    return str(py) if py.exists() else sys.executable
+
+
+@dataclass
+class MotoServer:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "moto.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    def argv(self) -> list[str]:
+        return [_python(), "-m", "sandbox.moto", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.alive:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1")
+        self.proc = Proc("moto", self.argv(), self.log, env=env, cwd=REPO)
+        self.proc.start()
+
+        try:  # the condition is also true when the server died, so that a crash fails fast
+            wait_for(lambda: not self.alive or self.answers(), timeout=timeout,
+                     what=f"moto on {self.endpoint}")
+            if not self.alive:
+                raise SandboxError("moto exited")
+        except SandboxError as e:
+            tail = self.proc.tail()
+            self.stop()
+            raise SandboxError(f"{e}:\n{tail}") from None
+
+    def answers(self) -> bool:
+        """Whether the server answers HTTP (its own management API, which every service shares)."""
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=1) as r:
+                return int(r.status) < 500
+        except urllib.error.HTTPError as e:
+            return e.code < 500
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def reset(self) -> None:
+        """Forget every resource (moto's own reset endpoint): a clean account for the next test."""
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+def serve(argv: list[str]) -> None:
+    """`moto_server -H HOST -p PORT`, with responses that carry a single Server header."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    parser = argparse.ArgumentParser(prog="python -m sandbox.moto")
+    parser.add_argument("-H", "--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    class OneServerHeader(MotoRequestHandler):
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # BaseHTTPRequestHandler.send_response without its Server header: moto sends one.
+            self.log_request(code)
+            self.send_response_only(code, message)
+            self.send_header("Date", self.date_time_string())
+
+    def exit_on(signum: int, frame: FrameType | None) -> None:
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, exit_on)
+    os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds some URLs to itself from it
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(args.host, args.port, app, threaded=True, request_handler=OneServerHeader)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])
