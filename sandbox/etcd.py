@@ -139,7 +139,8 @@ class EtcdMember:
         if user:
             argv += ["--user", user]
         env = dict(os.environ, ETCDCTL_API="3")
-        r = subprocess.run(argv + list(args), capture_output=True, text=True, env=env, timeout=30)
+        r = subprocess.run(argv + list(args), capture_output=True, text=True, env=env, timeout=30,
+                           check=False)
         if check and r.returncode != 0:
             raise SandboxError(f"etcdctl {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout

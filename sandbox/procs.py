@@ -31,6 +31,8 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, interv
         try:
             if condition():
                 return
+        except SandboxError:
+            raise  # the condition knows it will never hold (the daemon died, say)
         except Exception:  # a condition probing a daemon that is still coming up may raise
             pass
         if time.monotonic() > deadline:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from norm.adapters.etcd import Etcd, EtcdRejected
+from norm.adapters.etcd import Etcd, EtcdRejected, Event
 from norm.core.config import EtcdConfig
 from norm.core.secret import Secret
 from sandbox.etcd import EtcdMember
@@ -63,7 +63,7 @@ async def test_a_missing_certificate_file_is_named(
     missing = tmp_path / "nope.pem"
     config = etcd_config(etcd_tls.endpoint, ca_file=str(missing), cert_file=str(pki.client_cert),
                          key_file=str(pki.client_key))
-    with pytest.raises(EtcdRejected, match="etcd.ca_file"):
+    with pytest.raises(EtcdRejected, match=r"etcd\.ca_file"):
         async with Etcd(config):
             pass
 
@@ -92,7 +92,7 @@ async def test_password_auth_works_and_survives_a_lost_token(
             async with asyncio.timeout(20):
                 item = await anext(w)
         assert (await client.get("/auth")).value == b"2"  # type: ignore[union-attr]
-    assert getattr(item, "kv").value == b"2"
+    assert isinstance(item, Event) and item.kv.value == b"2"
 
 
 async def test_a_wrong_password_is_refused_without_showing_it(

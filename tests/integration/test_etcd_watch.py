@@ -11,7 +11,8 @@ from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdCluster, EtcdMember
 
 
-async def collect(watch: Watch, until: Callable[[list[WatchItem]], bool], timeout: float = 30) -> list[WatchItem]:
+async def collect(watch: Watch, until: Callable[[list[WatchItem]], bool],
+                  timeout: float = 30) -> list[WatchItem]:
     items: list[WatchItem] = []
     async with asyncio.timeout(timeout):
         async for item in watch:
