@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.plugins.etcd",
     "tests.plugins.systemd",
     "tests.plugins.moto",
+    "tests.plugins.docker",
 ]
