@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from sandbox import images
 from sandbox.docker import DockerEngine
 
@@ -203,12 +201,10 @@ print(json.dumps(result))
 
 def test_unit_hardening_lets_norm_reach_systemd_docker_and_the_network() -> None:
     """The unit as shipped (only ExecStart swapped for a probe) under a real systemd manager."""
-    pytest.importorskip("sandbox.systemd", reason="the sandbox's systemd managers are needed")
     python3 = "/usr/bin/python3"  # not the venv's: ProtectHome= hides /root, where pyenv lives
     version = subprocess.run([python3, "-c", "import sys; print(sys.version_info[:2])"],
                              capture_output=True, text=True, check=False).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(f"{python3} is {version}, the venv's wheels are for {sys.version_info[:2]}")
+    assert version == str(sys.version_info[:2]), f"{python3} is {version}; the probe needs the venv's"
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", HELPER,
          str(REPO), str(UNIT), PROBE, python3],
@@ -256,7 +252,5 @@ def test_norm_image_runs_norm_from_the_local_base(
 
     module = image_engine.docker("run", "--rm", "--entrypoint", "/opt/norm/bin/python", norm_image,
                                  "-m", "norm", "--version", check=False)
-    if not (REPO / "norm" / "app" / "cli.py").exists():
-        pytest.xfail("the norm CLI (norm/app/cli.py) is not written yet")
     assert module.strip() == f"norm {version}"
     assert image_engine.docker("run", "--rm", norm_image, "--version").strip() == f"norm {version}"
