@@ -31,14 +31,18 @@ def load(path: str | None, environ: Mapping[str, str] | None = None,
     except FileNotFoundError:
         if explicit:
             raise ConfigError("-", file, "no such file") from None
-    except PermissionError:
-        raise ConfigError("-", file, "permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError("-", file, "is a directory") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("-", file, f"not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError("-", file, "not UTF-8 text") from None
+    except IsADirectoryError:
+        raise ConfigError("-", file, "is a directory") from None
+    except PermissionError:
+        raise ConfigError("-", file, "permission denied") from None
+    except OSError as e:
+        raise ConfigError("-", file, f"cannot read it: {e.strerror or type(e).__name__}") from None
+    except ValueError:  # tomllib refuses some values (an integer too long) with a bare ValueError
+        raise ConfigError("-", file, "not valid TOML: a value cannot be read") from None
     return cfg.build(cfg.merge(tree, cfg.raw_from_env(env), cfg.raw_from_flags(flags or [])))
 
 
@@ -57,6 +61,9 @@ def identity(config: Config) -> Identity:
         except OSError as e:
             raise ConfigError("host.machine_id_path", host.machine_id_path,
                               f"cannot read the machine id: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("host.machine_id_path", host.machine_id_path,
+                              "a machine id is 32 lowercase hex digits") from None
         try:
             machine_id = parse_machine_id(text, host.machine_id_path)
         except InvalidValue as e:
@@ -73,6 +80,8 @@ def etcd_password(config: Config) -> Secret | None:
     except OSError as e:
         raise ConfigError("etcd.password_file", etcd.password_file,
                           f"cannot read the password: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("etcd.password_file", etcd.password_file, "not UTF-8 text") from None
     lines = text.splitlines()
     if not lines or not lines[0]:
         raise ConfigError("etcd.password_file", etcd.password_file, "the first line is empty")

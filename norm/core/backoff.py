@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -15,12 +16,17 @@ class Backoff:
     jitter: float = 0.5  # fraction of the delay that is random
 
     def __post_init__(self) -> None:
-        if self.first < 0 or self.factor < 1 or self.cap < self.first or not 0 <= self.jitter <= 1:
+        # Written so that NaN, which fails every comparison, fails these too.
+        if not (0 <= self.first <= self.cap < math.inf and 1 <= self.factor < math.inf
+                and 0 <= self.jitter <= 1):
             raise ValueError("backoff needs first >= 0, factor >= 1, cap >= first, 0 <= jitter <= 1")
 
     def delay(self, attempt: int, rand: float = 0.5) -> float:
         """The delay before retry `attempt`; `rand` in [0, 1) picks the jitter."""
         if attempt < 0:
             raise ValueError("attempt must be >= 0")
-        base = min(self.cap, self.first * self.factor ** min(attempt, 64))
+        try:
+            base = min(self.cap, self.first * self.factor ** min(attempt, 64))
+        except OverflowError:
+            base = self.cap
         return base * (1 - self.jitter) + base * self.jitter * rand

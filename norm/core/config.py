@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 import typing
@@ -147,9 +148,12 @@ RawTree = dict[str, dict[str, Raw]]
 
 def raw_from_toml(data: Mapping[str, object], source: str) -> RawTree:
     tree: RawTree = {}
+    known = _section_types()
     for section, body in data.items():
         if not isinstance(body, Mapping):
             raise ConfigError(section, source, "expected a table like [section] with keys under it")
+        if section not in known:
+            raise ConfigError(section, source, f"unknown section (known: {', '.join(known)})")
         tree[section] = {str(k): Raw(v, source) for k, v in body.items()}
     return tree
 
@@ -169,8 +173,9 @@ def raw_from_flags(assignments: list[str]) -> RawTree:
     for item in assignments:
         dotted, eq, value = item.partition("=")
         section, dot, key = dotted.strip().partition(".")
-        if not eq or not dot or not section or not key:
-            raise ConfigError(item.split("=")[0] or item, "--set", "expected section.key=value")
+        if not eq or not re.fullmatch(r"[a-z_]+\.[a-z_]+", dotted.strip()):
+            # Not echoed: a malformed flag may well carry a password.
+            raise ConfigError("-", "--set", "expected section.key=value, with a known section and key")
         tree.setdefault(section, {})[key] = Raw(value, f"--set {dotted}")
     return tree
 
@@ -224,20 +229,19 @@ def _coerce(tp: Any, raw: Raw, key: str) -> object:
             raise ConfigError(key, raw.source, "expected a whole number")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
             return int(value)
         raise ConfigError(key, raw.source, "expected a whole number")
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(key, raw.source, "expected a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, raw.source, "expected a number")
+        try:
+            number = float(value) if isinstance(value, int | float | str) else math.nan
+        except (ValueError, OverflowError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(key, raw.source, "expected a number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, raw.source, "expected a string")
@@ -273,10 +277,10 @@ def build(tree: RawTree) -> Config:
 # Whole-tree validation
 
 
-_UNIT_PATTERN = re.compile(r"^[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)$")
-_MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
-_KEY = re.compile(r"^/[\x21-\x7e]*$")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)")
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
+_KEY = re.compile(r"/[\x21-\x7e]*")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def _source(tree: RawTree, dotted: str) -> str:
@@ -305,8 +309,12 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("etcd.endpoints", "at least one endpoint is needed")
     schemes = set()
     for ep in etcd.endpoints:
-        parts = urlsplit(ep)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        try:
+            parts = urlsplit(ep)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port is not None
+        except ValueError:
+            usable = False
+        if not usable:
             fail("etcd.endpoints", "each endpoint must look like http://host:port or https://host:port")
         if parts.path not in ("", "/"):
             fail("etcd.endpoints", "an endpoint has no path")
@@ -337,7 +345,7 @@ def _validate(config: Config, tree: RawTree) -> None:
     keys = config.keys
     for name in ("version", "environment", "prefix"):
         value = getattr(keys, name)
-        if not _KEY.match(value) or value.endswith("/"):
+        if not _KEY.fullmatch(value) or value.endswith("/"):
             fail(f"keys.{name}", "must start with /, hold printable ASCII without spaces, not end with /")
     prefix = keys.prefix + "/"
     for name in ("version", "environment"):
@@ -345,29 +353,35 @@ def _validate(config: Config, tree: RawTree) -> None:
             fail(f"keys.{name}", "must not live under keys.prefix, which Norm owns")
 
     host = config.host
-    if host.machine_id is not None and not _MACHINE_ID.match(host.machine_id):
+    if host.machine_id is not None and not _MACHINE_ID.fullmatch(host.machine_id):
         fail("host.machine_id", "must be 32 lowercase hex digits, as in /etc/machine-id")
     for name in ("environment", "role"):
-        if not _LABEL.match(getattr(host, name)):
+        if not _LABEL.fullmatch(getattr(host, name)):
             fail(f"host.{name}", "must be 1 to 63 letters, digits, '_', '.' or '-'")
-    if host.name is not None and not _LABEL.match(host.name):
+    if host.name is not None and not _LABEL.fullmatch(host.name):
         fail("host.name", "must be 1 to 63 letters, digits, '_', '.' or '-'")
 
     if not config.units.patterns:
         fail("units.patterns", "at least one pattern is needed")
     for pattern in config.units.patterns:
-        if not _UNIT_PATTERN.match(pattern) or len(pattern) > 255:
+        if not _UNIT_PATTERN.fullmatch(pattern) or len(pattern) > 255:
             fail("units.patterns", "each pattern must be a systemd unit name such as 'djed-*.service'")
 
     try:
         host_part, _ = parse_listen(config.http.listen)
-        if host_part not in ("localhost",):
-            ipaddress.ip_address(host_part)
     except ValueError as e:
-        fail("http.listen", f"{e} (an IP address or localhost)")
+        fail("http.listen", str(e))
+    if host_part != "localhost":
+        try:
+            ipaddress.ip_address(host_part)
+        except ValueError:
+            fail("http.listen", "the host must be an IP address or localhost")
 
-    docker = urlsplit(config.docker.host)
-    if docker.scheme not in ("unix", "tcp", "http", "https"):
+    try:
+        docker_scheme = urlsplit(config.docker.host).scheme
+    except ValueError:
+        docker_scheme = ""
+    if docker_scheme not in ("unix", "tcp", "http", "https"):
         fail("docker.host", "must be unix:///path or tcp://host:port")
 
     if not 0 < config.agent.shutdown_timeout <= 600:

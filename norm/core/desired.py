@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from norm.core.errors import InvalidValue
 
 # Docker's tag grammar: [\w][\w.-]{0,127}
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_ENV_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,254}$")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,254}")
 
 
 def parse_version(raw: bytes, key: str) -> str:
@@ -24,7 +24,7 @@ def parse_version(raw: bytes, key: str) -> str:
         raise InvalidValue(key, "empty; an image tag is 1 to 128 of A-Z a-z 0-9 _ . -")
     if len(text) > 128:
         raise InvalidValue(key, f"{len(text)} bytes long; an image tag is at most 128")
-    if not _TAG.match(text):
+    if not _TAG.fullmatch(text):
         raise InvalidValue(key, "not an image tag: 1 to 128 of A-Z a-z 0-9 _ . -, not starting with . or -"
                            + (" (it ends with a newline)" if text.endswith("\n") else ""))
     return text
@@ -35,7 +35,7 @@ def parse_environment_name(raw: bytes, key: str) -> str:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise InvalidValue(key, "an environment file name is ASCII") from None
-    if not _ENV_NAME.match(text) or ".." in text.split("/"):
+    if not _ENV_NAME.fullmatch(text) or ".." in text.split("/"):
         raise InvalidValue(key, "not an environment file name: up to 255 of A-Z a-z 0-9 _ . / -")
     return text
 

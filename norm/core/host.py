@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass
 
 from norm.core.errors import InvalidValue
 
-_MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def parse_machine_id(text: str, where: str) -> str:
     """The content of /etc/machine-id: 32 lowercase hex digits and an optional newline."""
     value = text.strip()
-    if not _MACHINE_ID.match(value):
+    if not _MACHINE_ID.fullmatch(value):
         raise InvalidValue(where, "a machine id is 32 lowercase hex digits")
     return value
 
@@ -46,8 +46,13 @@ class HostRecord:
             for name in ("machine_id", "name", "environment", "role", "agent_version"):
                 if not isinstance(getattr(record, name), str):
                     raise TypeError(name)
+            for name in ("release", "http"):
+                if not isinstance(getattr(record, name), str | None):
+                    raise TypeError(name)
+            if isinstance(record.started_at, bool) or not isinstance(record.started_at, int | float):
+                raise TypeError("started_at")
             return record
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
             raise InvalidValue(where, f"not a host record ({type(e).__name__})") from None
 
 

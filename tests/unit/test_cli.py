@@ -116,9 +116,6 @@ def test_check_reads_the_password_file(tmp_path: Path) -> None:
     assert PASSWORD not in proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="settings.load lets NotADirectoryError through: `config check FILE/x` "
-                          "ends in a traceback with exit 1 instead of a configuration error")
 def test_check_path_through_a_file(good: Path) -> None:
     path = f"{good}/norm.toml"
     assert_usage_error(norm_cmd("config", "check", path), path)

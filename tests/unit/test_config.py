@@ -6,7 +6,6 @@ import dataclasses
 import math
 import tomllib
 import typing
-from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import assume, given, settings
@@ -158,16 +157,13 @@ def test_raw_from_flags() -> None:
 
 @pytest.mark.parametrize(
     "item, key",
-    [("etcd", "etcd"), ("etcd.lease_ttl", "etcd.lease_ttl"), ("lease_ttl=3", "lease_ttl"),
-     (".lease_ttl=3", ".lease_ttl"), ("etcd.=3", "etcd."), ("=3", "=3"), ("", "")],
+    [("etcd", "-"), ("etcd.lease_ttl", "-"), ("lease_ttl=3", "-"),
+     (".lease_ttl=3", "-"), ("etcd.=3", "-"), ("=3", "-"), ("", "-")],
 )
 def test_raw_from_flags_refuses_malformed_items(item: str, key: str) -> None:
     fails(lambda: cfg.raw_from_flags([item]), key, "--set", "expected section.key=value")
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="a malformed --set item is echoed whole as the key, so a value typed "
-                          "without '=' or without a key shows up in the error")
 @pytest.mark.parametrize("item", [f"={PASSWORD}", f"etcd.password:{PASSWORD}", f"etcd.password {PASSWORD}"])
 def test_malformed_flag_does_not_echo_a_password(item: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -438,9 +434,6 @@ def test_unknown_section_from_each_source() -> None:
     fails(lambda: from_flags("etc.x=1"), "etc", "--set etc.x", "unknown section")
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="an unknown section with no keys (`[bogus]` alone in the file) is reported "
-                          "with source 'config' instead of the file that holds it")
 def test_empty_unknown_section_names_the_file() -> None:
     fails(lambda: from_toml("[bogus]\n"), "bogus", FILE, "unknown section")
 
@@ -588,9 +581,6 @@ def test_validation_error_does_not_quote_most_values() -> None:
         assert value not in str(info.value), (key, str(info.value))
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="http.listen passes ipaddress's ValueError text through, which quotes the "
-                          "value, though InvalidValue promises never to quote it")
 def test_http_listen_error_does_not_quote_the_value() -> None:
     with pytest.raises(ConfigError) as info:
         from_env(HTTP__LISTEN="example.com:9847")
@@ -644,24 +634,16 @@ ESCAPES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="urlsplit / .port / int() raise ValueError, which build lets "
-                          "through instead of turning it into a ConfigError")
 @pytest.mark.parametrize("key, value", ESCAPES)
 def test_text_that_escapes_as_value_error(key: str, value: str) -> None:
     fails(lambda: cfg.build(cfg.raw_from_env({env_name(key): value})), key, env_source(key))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="a TOML integer too big for a float raises OverflowError from float()")
 def test_huge_toml_integer_for_a_number() -> None:
     tree = cfg.raw_from_toml(tomllib.loads("[etcd]\ndial_timeout = 1" + "0" * 400 + "\n"), FILE)
     fails(lambda: cfg.build(tree), "etcd.dial_timeout", FILE)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="regexes end in `$`, which also matches before a final newline: a trailing "
-                          "newline passes validation and stays in the value")
 @pytest.mark.parametrize(
     "key, value",
     [("host.machine_id", MID + "\n"), ("host.environment", "prod\n"), ("host.role", "web\n"),
@@ -671,7 +653,6 @@ def test_trailing_newline_refused(key: str, value: str) -> None:
     fails(lambda: cfg.build(cfg.raw_from_env({env_name(key): value})), key, env_source(key))
 
 
-@pytest.mark.xfail(strict=True, reason="_UNIT_PATTERN ends in `$`: 'djed.service\\n' passes")
 def test_unit_pattern_with_trailing_newline_refused() -> None:
     fails(lambda: from_toml('[units]\npatterns = ["djed.service\\n"]\n'), "units.patterns", FILE)
 
@@ -746,23 +727,6 @@ def test_type_names() -> None:
 # Properties: any text anywhere is a Config or a ConfigError; a password never shows
 
 
-def _url_parses(text: str) -> bool:
-    try:
-        for part in [text, *text.split(",")]:
-            urlsplit(part.strip()).port  # noqa: B018
-    except ValueError:
-        return False
-    return True
-
-
-def _not_a_known_escape(key: str, text: str) -> bool:
-    """Exclude the inputs pinned by test_text_that_escapes_as_value_error, so this property guards
-    everything else."""
-    if key in ("etcd.endpoints", "docker.host"):
-        return _url_parses(text)
-    return len(text) < 4000
-
-
 SOURCES = st.sampled_from(["toml", "env", "flag"])
 
 
@@ -778,8 +742,6 @@ def tree_of(values: dict[str, object], source: str) -> cfg.RawTree:
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(ALL_KEYS), st.text(), min_size=1, max_size=4), SOURCES)
 def test_any_text_in_any_field_is_a_config_or_a_config_error(values: dict[str, str], source: str) -> None:
-    for key, text in values.items():
-        assume(_not_a_known_escape(key, text))
     try:
         config = cfg.build(tree_of(values, source))
     except ConfigError as e:
@@ -796,10 +758,6 @@ toml_scalars = (st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() |
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(ALL_KEYS), toml_scalars, min_size=1, max_size=4))
 def test_any_toml_value_in_any_field_is_a_config_or_a_config_error(values: dict[str, object]) -> None:
-    for key, value in values.items():
-        assume(not isinstance(value, str) or _not_a_known_escape(key, value))
-        assume(not isinstance(value, list) or all(
-            not isinstance(v, str) or _not_a_known_escape(key, v) for v in value))
     try:
         cfg.build(tree_of(values, "toml"))
     except ConfigError as e:
@@ -822,8 +780,6 @@ password_texts = st.text(min_size=1).map(_sealed)
     st.booleans(),
 )
 def test_password_never_shows(password: str, others: dict[str, str], source: str, with_user: bool) -> None:
-    for key, text in others.items():
-        assume(_not_a_known_escape(key, text))
     values: dict[str, object] = {**others, "etcd.password": password}
     if with_user:
         values.setdefault("etcd.username", "root")
@@ -844,7 +800,6 @@ def test_password_never_shows(password: str, others: dict[str, str], source: str
 def test_password_text_in_the_wrong_field_never_shows_in_the_error(password: str, key: str) -> None:
     # An operator who puts the password under the wrong key gets an error that does not repeat it.
     assume(key not in ("etcd.password", "etcd.username"))
-    assume(_not_a_known_escape(key, password))
     try:
         cfg.build(tree_of({key: password}, "env"))
     except ConfigError as e:
