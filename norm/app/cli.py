@@ -128,30 +128,32 @@ def _plain(obj: object) -> object:
 def _hosts(args: argparse.Namespace) -> int:
     from norm.adapters.etcd import Etcd
     from norm.app import settings
-    from norm.core.host import HostRecord, hosts_key
+    from norm.core.host import HostRecord, hosts_key, leader_key
 
     config = _load(args)
 
-    async def fetch() -> list[HostRecord]:
+    async def fetch() -> tuple[list[HostRecord], str | None]:
         async with Etcd(config.etcd, password=settings.etcd_password(config),
                         probe_key=config.keys.prefix + "/") as etcd:
             snap = await etcd.get_prefix(hosts_key(config.keys.prefix))
+            leader = await etcd.get(leader_key(config.keys.prefix))
         records = []
         for kv in snap.kvs:
             try:
                 records.append(HostRecord.decode(kv.value, kv.key))
             except InvalidValue as e:
                 print(f"norm: skipping {kv.key}: {e.reason}", file=sys.stderr)
-        return sorted(records, key=lambda r: (r.environment, r.role, r.name))
+        ordered = sorted(records, key=lambda r: (r.environment, r.role, r.name))
+        return ordered, leader.value.decode("ascii", "replace") if leader else None
 
-    records = asyncio.run(fetch())
+    records, leader = asyncio.run(fetch())
     if args.json:
         for r in records:
             print(r.encode().decode())
         return EXIT_OK
-    rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE")]
-    rows += [(r.name, r.machine_id[:12], r.environment, r.role, r.agent_version, r.release or "-")
-             for r in records]
+    rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", "LEADER")]
+    rows += [(r.name, r.machine_id[:12], r.environment, r.role, r.agent_version, r.release or "-",
+              "*" if r.machine_id == leader else "") for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -172,7 +172,7 @@ def raw_from_flags(assignments: list[str]) -> RawTree:
     tree: RawTree = {}
     for item in assignments:
         dotted, eq, value = item.partition("=")
-        section, dot, key = dotted.strip().partition(".")
+        section, _, key = dotted.strip().partition(".")
         if not eq or not re.fullmatch(r"[a-z_]+\.[a-z_]+", dotted.strip()):
             # Not echoed: a malformed flag may well carry a password.
             raise ConfigError("-", "--set", "expected section.key=value, with a known section and key")

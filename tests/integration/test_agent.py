@@ -6,6 +6,8 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -134,3 +136,22 @@ async def test_killing_the_leader_agent_moves_leadership_within_ttl_plus_one_sec
                 await election.fenced(Leadership("/norm/leader", old.create_revision, lease),
                                       [Put("/norm/side-effect", b"stale")])
         assert await client.get("/norm/side-effect") is None
+
+
+def test_norm_hosts_lists_the_registered_fleet_and_marks_the_leader(
+        etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
+    fleet = [agents([etcd.endpoint]) for _ in range(2)]
+    for a in fleet:
+        a.wait_notify("READY=1")
+    leader = etcd.ctl("get", "/norm/leader", "--print-value-only").strip()
+    cmd = [sys.executable, "-m", "norm", "hosts", "--config", str(fleet[0].config_path)]
+    table = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    lines = table.splitlines()
+    assert lines[0].split() == ["HOST", "MACHINE", "ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", "LEADER"]
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert set(rows) == {"host1", "host2"}
+    assert [name for name, row in rows.items() if row[-1] == "*"] == [
+        a.name for a in fleet if a.machine_id == leader]
+    assert lines[-1] == "2 hosts registered"
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert {json.loads(line)["machine_id"] for line in out.splitlines()} == {a.machine_id for a in fleet}
