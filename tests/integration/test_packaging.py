@@ -165,6 +165,12 @@ s = socket.socket(socket.AF_UNIX); s.bind(str(inacc / "sock")); os.chmod(inacc /
 work = Path("/run/systemd/norm-test")
 work.mkdir()
 (work / "probe.py").write_text(probe)
+# The checkout and its venv may live under /tmp, which PrivateTmp= hides from the unit: show them to
+# it through bind mounts under /run (this namespace only).
+views = {"repo": Path(sys.argv[1]), "site": Path(sysconfig.get_paths()["purelib"])}
+for name, source in views.items():
+    (work / name).mkdir()
+    sh("mount", "--bind", str(source), str(work / name))
 from sandbox.docker import DockerEngine
 from sandbox.procs import free_port, wait_for
 from sandbox.systemd import SystemdManager
@@ -174,7 +180,7 @@ result = {}
 try:
     manager.start()
     engine.start()
-    pythonpath = f"{sysconfig.get_paths()['purelib']}:{sys.argv[1]}"
+    pythonpath = f"{work / 'site'}:{work / 'repo'}"
     env = (f"Environment=PROBE_BUS={manager.bus_address} PROBE_DOCKER={engine.host} "
            f"PROBE_TCP={listener.getsockname()[1]} PYTHONPATH={pythonpath}\n")
     exec_start = f"ExecStart={python3} {work / 'probe.py'}"
