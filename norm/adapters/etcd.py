@@ -340,6 +340,9 @@ class Etcd:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
         await self._drop_client()
 
     def _new_client(self) -> _Client:
@@ -377,9 +380,9 @@ class Etcd:
         try:
             async with asyncio.timeout(self.config.dial_timeout):
                 await client.connect()
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
             await self._drop_client(client)
             raise _translate(e, "connecting to etcd") from None
         return client

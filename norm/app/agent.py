@@ -61,22 +61,17 @@ class Agent:
 
     async def _run(self) -> int:
         log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
-        try:
-            etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
-                        on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
-        except EtcdRejected as e:
-            log.error("agent.etcd_refused", error=str(e))
-            return EXIT_CONFIG
+        etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
+                    on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
         try:
             if not await self._connect(etcd):
                 return EXIT_OK
+            return await self._serve(etcd)
         except EtcdRejected as e:
             log.error("agent.etcd_refused", error=str(e))
             return EXIT_CONFIG
-        try:
-            return await self._serve(etcd)
         finally:
-            await etcd.__aexit__(None, None, None)
+            await etcd.close()
 
     async def _connect(self, etcd: Etcd) -> bool:
         """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
