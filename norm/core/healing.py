@@ -1,0 +1,190 @@
+"""The healing policy: from what systemd says of each unit, what Norm has already tried, and what is
+held on purpose, decide what to do now. Pure: time comes in as `now` (seconds on a monotonic clock),
+randomness as `rand`.
+
+The regimen for a failed unit is: stop it, reset its failed state (and reload systemd's view of unit
+files when the file changed on disk), start it. Attempts back off exponentially with jitter and a
+cap; at most `budget` attempts fit in any `window`; a unit that spends its budget is quarantined
+(left alone) until `cooldown` passes or an operator releases it. After a unit has stayed healthy for
+`forget_after`, its history is forgotten. Units systemd is about to restart itself (Restart= set,
+limit not reached) are left to systemd; units held on purpose (an update, an operator) are never
+healed; units that cannot be loaded are reported once, not retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from norm.core.backoff import Backoff
+from norm.core.units import UnitState
+
+
+@dataclass(frozen=True)
+class HealPolicy:
+    backoff: Backoff = field(default_factory=lambda: Backoff(first=1.0, factor=2.0, cap=60.0, jitter=0.2))
+    budget: int = 5  # attempts in any window
+    window: float = 600.0
+    cooldown: float = 1800.0  # how long a quarantine lasts unless released
+    forget_after: float = 300.0  # healthy this long: history forgotten
+
+    def delay_before(self, attempt: int, rand: float) -> float:
+        """Seconds to wait before attempt number `attempt` (0-based) of one episode: 0 for the first."""
+        return 0.0 if attempt == 0 else self.backoff.delay(attempt - 1, rand)
+
+
+@dataclass(frozen=True)
+class UnitHealth:
+    """What Norm remembers of one unit's healing."""
+
+    attempts: tuple[float, ...] = ()  # times of attempts still inside the window
+    streak: int = 0  # attempts since the unit was last healthy long enough
+    next_at: float = 0.0  # no attempt before this time
+    in_flight: bool = False
+    quarantined_until: float | None = None
+    failed_since: float | None = None  # when the current failure episode was first seen
+    healthy_since: float | None = None
+    reported_unloadable: bool = False
+
+    @property
+    def quarantined(self) -> bool:
+        return self.quarantined_until is not None
+
+
+# Commands the shell carries out
+
+
+@dataclass(frozen=True)
+class Heal:
+    unit: str
+    attempt: int  # 0-based within the episode
+    reload: bool  # daemon-reload before starting: the unit file changed on disk
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    unit: str
+    until: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class QuarantineLifted:
+    unit: str
+    reason: str  # "cooldown", "released" or "healthy"
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A unit Norm was healing is active again; `seconds` from the failure first seen."""
+
+    unit: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Unloadable:
+    unit: str
+    load_state: str
+
+
+Command = Heal | Quarantine | QuarantineLifted | Recovered | Unloadable
+
+
+@dataclass(frozen=True)
+class Decision:
+    history: Mapping[str, UnitHealth]
+    commands: tuple[Command, ...]
+    wake_at: float | None  # the earliest time a decision may change without any new observation
+
+
+def decide(units: Mapping[str, UnitState], history: Mapping[str, UnitHealth], held: frozenset[str],
+           now: float, policy: HealPolicy, rand: float = 0.5) -> Decision:
+    """One pass over every unit. Units absent from `units` keep no history."""
+    new: dict[str, UnitHealth] = {}
+    commands: list[Command] = []
+    wakes: list[float] = []
+    for name in sorted(units):
+        health, cmds, wake = _decide_one(units[name], history.get(name, UnitHealth()), name in held,
+                                         now, policy, rand)
+        new[name] = health
+        commands.extend(cmds)
+        if wake is not None:
+            wakes.append(wake)
+    return Decision(new, tuple(commands), min(wakes) if wakes else None)
+
+
+def _decide_one(state: UnitState, h: UnitHealth, held: bool, now: float, policy: HealPolicy,
+                rand: float) -> tuple[UnitHealth, list[Command], float | None]:
+    commands: list[Command] = []
+    attempts = tuple(t for t in h.attempts if t > now - policy.window)
+    h = dataclasses.replace(h, attempts=attempts)
+    wake: float | None = attempts[0] + policy.window if attempts else None
+
+    if h.quarantined_until is not None and now >= h.quarantined_until:
+        h = dataclasses.replace(h, quarantined_until=None, attempts=(), streak=0, next_at=0.0)
+        commands.append(QuarantineLifted(state.name, "cooldown"))
+        wake = None
+
+    if state.load_state != "loaded":
+        if not h.reported_unloadable:
+            commands.append(Unloadable(state.name, state.load_state))
+        return dataclasses.replace(h, reported_unloadable=True), commands, None
+    h = dataclasses.replace(h, reported_unloadable=False)
+
+    if state.healthy:
+        since = now if h.healthy_since is None else h.healthy_since
+        h = dataclasses.replace(h, healthy_since=since)
+        if h.failed_since is not None:
+            commands.append(Recovered(state.name, since - h.failed_since))
+            h = dataclasses.replace(h, failed_since=None)
+        if not (h.streak or h.quarantined):
+            return h, commands, wake
+        if now - since >= policy.forget_after:
+            if h.quarantined:
+                commands.append(QuarantineLifted(state.name, "healthy"))
+            return dataclasses.replace(h, streak=0, attempts=(), next_at=0.0, quarantined_until=None), \
+                commands, None
+        forget = since + policy.forget_after
+        return h, commands, forget if wake is None else min(wake, forget)
+
+    h = dataclasses.replace(h, healthy_since=None)
+    if held or h.in_flight or state.systemd_will_restart or state.in_transition or not state.failed:
+        # Held on purpose, being healed, systemd's own business, or stopped cleanly: not ours.
+        if h.quarantined_until is not None:
+            wake = h.quarantined_until if wake is None else min(wake, h.quarantined_until)
+        return h, commands, wake
+
+    if h.failed_since is None:
+        h = dataclasses.replace(h, failed_since=now)
+    if h.quarantined_until is not None:
+        return h, commands, h.quarantined_until
+    if len(h.attempts) >= policy.budget:
+        until = now + policy.cooldown
+        commands.append(Quarantine(state.name, until, len(h.attempts)))
+        return dataclasses.replace(h, quarantined_until=until), commands, until
+    if now < h.next_at:
+        return h, commands, h.next_at if wake is None else min(wake, h.next_at)
+    commands.append(Heal(state.name, h.streak, reload=state.need_daemon_reload))
+    h = dataclasses.replace(
+        h, attempts=(*h.attempts, now), streak=h.streak + 1, in_flight=True,
+        next_at=now + policy.delay_before(h.streak + 1, rand))
+    return h, commands, None
+
+
+def heal_finished(history: Mapping[str, UnitHealth], unit: str) -> dict[str, UnitHealth]:
+    """The regimen for `unit` has run (whatever its outcome): the next observation decides."""
+    out = dict(history)
+    if unit in out:
+        out[unit] = dataclasses.replace(out[unit], in_flight=False)
+    return out
+
+
+def release(history: Mapping[str, UnitHealth], unit: str) -> tuple[dict[str, UnitHealth], bool]:
+    """An operator releases `unit`: quarantine lifted, budget and backoff forgotten. Returns whether
+    it was quarantined."""
+    out = dict(history)
+    h = out.get(unit, UnitHealth())
+    out[unit] = dataclasses.replace(h, quarantined_until=None, attempts=(), streak=0, next_at=0.0)
+    return out, h.quarantined
