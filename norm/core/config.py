@@ -84,6 +84,25 @@ class UnitsConfig:
 class SystemdConfig:
     bus_address: str | None = _doc("D-Bus address of the systemd manager; the system bus when unset.",
                                    default=None)
+    call_timeout: float = _doc("Seconds a systemd call or job (start, stop) may take.", default=30.0)
+
+
+@dataclass(frozen=True)
+class HealingConfig:
+    enabled: bool = _doc("Heal the managed units when they fail.", default=True)
+    backoff_initial: float = _doc(
+        "Seconds before the second attempt of a failure episode (the first is immediate); doubles "
+        "with each attempt.", default=1.0)
+    backoff_max: float = _doc("Longest wait between two attempts, in seconds.", default=60.0)
+    budget: int = _doc("Attempts allowed per unit in any window; then the unit is quarantined.",
+                       default=5)
+    window: float = _doc("Seconds of the window the budget counts attempts in.", default=600.0)
+    cooldown: float = _doc("Seconds a quarantine lasts unless an operator releases the unit first.",
+                           default=1800.0)
+    forget_after: float = _doc("Seconds a unit must stay healthy before its failures are forgotten.",
+                               default=300.0)
+    resync_interval: float = _doc("Seconds between safety-net re-reads of every unit's state.",
+                                  default=60.0)
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,7 @@ class Config:
     host: HostConfig = field(default_factory=HostConfig)
     units: UnitsConfig = field(default_factory=UnitsConfig)
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
+    healing: HealingConfig = field(default_factory=HealingConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -383,6 +403,21 @@ def _validate(config: Config, tree: RawTree) -> None:
         docker_scheme = ""
     if docker_scheme not in ("unix", "tcp", "http", "https"):
         fail("docker.host", "must be unix:///path or tcp://host:port")
+
+    if not 0 < config.systemd.call_timeout <= 600:
+        fail("systemd.call_timeout", "must be more than 0 and at most 600 seconds")
+    if config.systemd.bus_address is not None and ":" not in config.systemd.bus_address:
+        fail("systemd.bus_address", "must be a D-Bus address such as unix:path=/run/dbus/system_bus_socket")
+    heal = config.healing
+    if not 0 < heal.backoff_initial <= heal.backoff_max <= 86400:
+        fail("healing.backoff_initial", "must be more than 0 and at most healing.backoff_max (<= 86400)")
+    if not 1 <= heal.budget <= 1000:
+        fail("healing.budget", "must be from 1 to 1000 attempts")
+    for name in ("window", "cooldown", "forget_after"):
+        if not 0 < getattr(heal, name) <= 7 * 86400:
+            fail(f"healing.{name}", "must be more than 0 and at most a week, in seconds")
+    if not 1 <= heal.resync_interval <= 86400:
+        fail("healing.resync_interval", "must be from 1 to 86400 seconds")
 
     if not 0 < config.agent.shutdown_timeout <= 600:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")
