@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from norm import __version__
 from norm.core import config as cfg
@@ -46,6 +48,24 @@ def parser() -> argparse.ArgumentParser:
     hosts = sub.add_parser("hosts", help="list the hosts registered in etcd")
     _config_args(hosts)
     hosts.add_argument("--json", action="store_true", help="one JSON object per host")
+
+    units = sub.add_parser("units", help="this host's managed units and their healing state")
+    _config_args(units)
+    units.add_argument("--json", action="store_true", help="the summary as the agent published it")
+    usub = units.add_subparsers(dest="units_command", metavar="ACTION")
+    for action, text in (("stop", "hold a unit: stop it and keep Norm from healing it"),
+                         ("start", "release an operator's hold and start the unit again")):
+        a = usub.add_parser(action, help=text)
+        _config_args(a)
+        a.add_argument("unit")
+        a.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
+
+    heal = sub.add_parser("heal", help="healing controls")
+    hsub = heal.add_subparsers(dest="heal_command", required=True, metavar="ACTION")
+    rel = hsub.add_parser("release", help="release a quarantined unit: Norm heals it again")
+    _config_args(rel)
+    rel.add_argument("unit")
+    rel.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
     return p
 
 
@@ -59,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _config(args)
             case "hosts":
                 return _hosts(args)
+            case "units":
+                return _units(args)
+            case "heal":
+                return _heal(args)
     except ConfigError as e:
         print(f"norm: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -154,8 +178,152 @@ def _hosts(args: argparse.Namespace) -> int:
     rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", "LEADER")]
     rows += [(r.name, r.machine_id[:12], r.environment, r.role, r.agent_version, r.release or "-",
               "*" if r.machine_id == leader else "") for r in records]
+    _table(rows)
+    print(f"{len(records)} host{'s' if len(records) != 1 else ''} registered")
+    return EXIT_OK
+
+
+def _host_etcd(args: argparse.Namespace) -> tuple[cfg.Config, str]:
+    from norm.app import settings
+
+    config = _load(args)
+    return config, settings.identity(config).machine_id
+
+
+def _connect(config: cfg.Config) -> Any:
+    from norm.adapters.etcd import Etcd
+    from norm.app import settings
+
+    return Etcd(config.etcd, password=settings.etcd_password(config), probe_key=config.keys.prefix + "/")
+
+
+def _units(args: argparse.Namespace) -> int:
+    if args.units_command in ("stop", "start"):
+        return _hold(args)
+    from norm.core.host import units_key
+
+    config, machine_id = _host_etcd(args)
+
+    async def fetch() -> bytes | None:
+        async with _connect(config) as etcd:
+            kv = await etcd.get(units_key(config.keys.prefix, machine_id))
+        return None if kv is None else bytes(kv.value)
+
+    raw = asyncio.run(fetch())
+    if raw is None:
+        print("norm: no unit summary for this host in etcd: is the agent running with healing enabled?",
+              file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        summary = json.loads(raw)
+        if not isinstance(summary, list):
+            raise ValueError("not a list")
+    except ValueError:
+        print("norm: the unit summary in etcd is not what the agent writes", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    now = time.time()
+
+    def until(t: object) -> str:
+        return f"in {max(0, round(float(t) - now))}s" if isinstance(t, int | float) else "-"
+
+    rows = [("UNIT", "STATE", "RESTARTS", "HEAL", "ATTEMPTS", "NEXT ATTEMPT", "QUARANTINE ENDS")]
+    rows += [(str(u.get("unit")), f"{u.get('active_state')}/{u.get('sub_state')}", str(u.get("n_restarts")),
+              str(u.get("heal")), str(u.get("attempts")), until(u.get("next_attempt_at")),
+              until(u.get("quarantined_until"))) for u in summary if isinstance(u, dict)]
+    _table(rows)
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    print(f"{len(records)} host{'s' if len(records) != 1 else ''} registered")
+
+
+async def _await_key(etcd: Any, key: str, present: bool, seconds: float) -> bool:
+    """Wait until `key` exists (present=True) or not, through a watch; False on timeout."""
+    from norm.adapters.etcd import Event, Resync
+
+    try:
+        async with asyncio.timeout(seconds), etcd.watch(key) as w:
+            async for item in w:
+                exists = (bool(item.snapshot.kvs) if isinstance(item, Resync)
+                          else isinstance(item, Event) and item.kind == "put")
+                if exists == present:
+                    return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def _heal(args: argparse.Namespace) -> int:
+    from norm.core.units import parse_unit_name
+
+    unit = parse_unit_name(args.unit, "unit")
+    config, machine_id = _host_etcd(args)
+    key = f"{config.keys.prefix}/control/{machine_id}/release/{unit}"
+
+    async def go() -> bool:
+        async with _connect(config) as etcd:
+            await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
+            return await _await_key(etcd, key, present=False, seconds=args.timeout)
+
+    if not asyncio.run(go()):
+        print(f"norm: the agent did not take the release of {unit} within {args.timeout:g}s; the request "
+              f"stays in etcd and is carried out when the agent runs", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{unit}: released; Norm heals it again")
     return EXIT_OK
+
+
+def _hold(args: argparse.Namespace) -> int:
+    from norm.adapters.etcd import Resync
+    from norm.core.host import units_key
+    from norm.core.units import parse_unit_name
+
+    unit = parse_unit_name(args.unit, "unit")
+    config, machine_id = _host_etcd(args)
+    key = f"{config.keys.prefix}/control/{machine_id}/hold/{unit}"
+    stop = args.units_command == "stop"
+
+    async def go() -> bool:
+        async with _connect(config) as etcd:
+            if stop:
+                await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
+            else:
+                await etcd.delete(key)
+            # The agent's published summary says when it has acted.
+            summary_key = units_key(config.keys.prefix, machine_id)
+            try:
+                async with asyncio.timeout(args.timeout), etcd.watch(summary_key) as w:
+                    async for item in w:
+                        kvs = item.snapshot.kvs if isinstance(item, Resync) else (item.kv,)
+                        for kv in kvs:
+                            if _unit_settled(kv.value, unit, stop):
+                                return True
+            except TimeoutError:
+                return False
+        return False
+
+    if not asyncio.run(go()):
+        print(f"norm: the agent did not confirm within {args.timeout:g}s; the request stays in etcd",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{unit}: {'held and stopped' if stop else 'released and started'}")
+    return EXIT_OK
+
+
+def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:
+    try:
+        summary = json.loads(raw)
+    except ValueError:
+        return False
+    for u in summary if isinstance(summary, list) else []:
+        if isinstance(u, dict) and u.get("unit") == unit:
+            if stop:
+                return bool(u.get("heal") == "held" and u.get("active_state") in ("inactive", "failed"))
+            return bool(u.get("heal") != "held" and u.get("active_state") == "active")
+    return False

@@ -62,3 +62,8 @@ def hosts_key(prefix: str, machine_id: str = "") -> str:
 
 def leader_key(prefix: str) -> str:
     return f"{prefix}/leader"
+
+
+def units_key(prefix: str, machine_id: str) -> str:
+    """The host's unit summary, published by its healer on the agent's lease."""
+    return f"{prefix}/units/{machine_id}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from norm import __version__
 
@@ -25,5 +25,15 @@ class Metrics:
         self.rejected_values = Counter("norm_rejected_values_total",
                                        "Values read from outside that were refused.", ["key"],
                                        registry=r)
+        self.unit_active = Gauge("norm_unit_active", "1 while a managed unit is active.", ["unit"],
+                                 registry=r)
+        self.heal_attempts = Counter("norm_heal_attempts_total",
+                                     "Healing regimens run (stop, reset, start), by outcome.",
+                                     ["unit", "result"], registry=r)
+        self.heal_seconds = Histogram(
+            "norm_heal_seconds", "From a unit's failure seen to the unit active again.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=r)
+        self.units_quarantined = Gauge("norm_units_quarantined",
+                                       "Managed units Norm has stopped trying to heal.", registry=r)
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)
