@@ -1,7 +1,8 @@
 """make bench-agent: what an idle agent costs, and what the adapter adds to watch latency.
 
-- idle_rss_mb, idle_cpu_pct: a real `norm agent` process, every section of its config set, after
-  READY=1, over IDLE_SECONDS of idleness (CPU as a percentage of one core).
+- idle_rss_mb, idle_cpu_pct: a real `norm agent` process, every section of its config set and
+  healing a unit of a real systemd manager over D-Bus, after READY=1, over --idle-seconds of
+  idleness (CPU as a percentage of one core).
 - idle_etcd_rpm: requests the etcd server handled for that agent per minute while it was idle, read
   from etcd's own /metrics (gRPC calls and streams started), not from the client's bookkeeping.
 - watch_p50_ms, watch_p99_ms: put (by another client) to the event through Norm's watch adapter.
@@ -32,6 +33,7 @@ from norm.adapters.etcd import Etcd, Event
 from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdMember
 from sandbox.procs import Proc, free_port
+from sandbox.systemd import SystemdManager
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -58,7 +60,7 @@ def proc_rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024
 
 
-def start_agent(workdir: Path, member: EtcdMember) -> tuple[Proc, socket.socket]:
+def start_agent(workdir: Path, member: EtcdMember, bus: str) -> tuple[Proc, socket.socket]:
     config = workdir / "norm.toml"
     config.write_text(f"""
 [etcd]
@@ -73,7 +75,9 @@ role = "web"
 [units]
 patterns = ["djed-*.service"]
 [systemd]
-bus_address = "unix:path=/nonexistent/bus"
+bus_address = "{bus}"
+[healing]
+enabled = true
 [docker]
 host = "unix:///nonexistent/docker.sock"
 [http]
@@ -141,8 +145,12 @@ def main() -> None:
         workdir = Path(tmp)
         member = EtcdMember("etcd", workdir / "etcd")
         member.start()
+        manager = SystemdManager("bench", workdir / "systemd")
+        manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+        manager.start()
+        manager.systemctl("start", "djed-web.service")
         try:
-            proc, notify = start_agent(workdir, member)
+            proc, notify = start_agent(workdir, member, manager.bus_address)
             try:
                 assert proc.pid is not None
                 time.sleep(2)  # let start-up work (imports, first renewals) settle before measuring
@@ -157,6 +165,7 @@ def main() -> None:
             idle_rpm = (req1 - req0) / ((t1 - t0) / 60)
             ours, raw = asyncio.run(watch_latencies(member, args.rounds))
         finally:
+            manager.stop()
             member.stop()
     figures = {
         "idle_rss_mb": round(rss, 1),

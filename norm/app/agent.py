@@ -11,6 +11,7 @@ import asyncio
 import random
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,11 +23,16 @@ from norm.core.backoff import Backoff
 from norm.core.config import Config
 from norm.core.host import HostRecord
 from norm.services.base import Service, ServiceDied, wait_or_stop
+from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
 from norm.services.leadership import LeaderElection
 from norm.services.metrics import Metrics
 from norm.services.registration import Registration
 from norm.services.watcher import DesiredStateWatcher
+
+if TYPE_CHECKING:
+    from norm.adapters.systemd import Systemd
+    from norm.services.healer import Healer
 
 log = structlog.get_logger("norm.agent")
 
@@ -42,6 +48,9 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
+        self.holds = Holds()
+        self._systemd: Systemd | None = None
+        self.healer: Healer | None = None
 
     def _on_signal(self, signum: int) -> None:
         if not self.stopping.is_set():
@@ -66,11 +75,15 @@ class Agent:
         try:
             if not await self._connect(etcd):
                 return EXIT_OK
+            if self.config.healing.enabled and not await self._open_systemd():
+                return EXIT_OK
             return await self._serve(etcd)
         except EtcdRejected as e:
             log.error("agent.etcd_refused", error=str(e))
             return EXIT_CONFIG
         finally:
+            if self._systemd is not None:
+                await self._systemd.close()
             await etcd.close()
 
     async def _connect(self, etcd: Etcd) -> bool:
@@ -89,6 +102,27 @@ class Agent:
                 await wait_or_stop(self.stopping, delay)
         return False
 
+    async def _open_systemd(self) -> bool:
+        """Connect to systemd's manager (forever, unless stopping). Imported only when healing is on:
+        a host that does not use D-Bus does not pay for its library."""
+        from norm.adapters.systemd import Systemd, SystemdError
+
+        attempt = 0
+        while not self.stopping.is_set():
+            systemd = Systemd(self.config.systemd.bus_address, call_timeout=self.config.systemd.call_timeout)
+            try:
+                await systemd.__aenter__()
+            except SystemdError as e:
+                delay = Backoff(first=0.2, cap=5.0).delay(attempt, random.random())
+                attempt += 1
+                log.warning("agent.systemd_unreachable", error=str(e), retry_in=round(delay, 2))
+                await wait_or_stop(self.stopping, delay)
+                continue
+            self._systemd = systemd
+            log.info("agent.systemd_connected", bus=self.config.systemd.bus_address or "system")
+            return True
+        return False
+
     def services(self, etcd: Etcd) -> list[Service]:
         c = self.config
         record = HostRecord(
@@ -102,7 +136,33 @@ class Agent:
                                            c.agent.resync_interval)
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
         self._etcd = etcd
-        return [self.registration, self.leadership, self.watcher, self.http]
+        services: list[Service] = [self.registration, self.leadership, self.watcher, self.http]
+        if self._systemd is not None:
+            services += self._healing_services(etcd, self._systemd)
+        return services
+
+    def _healing_services(self, etcd: Etcd, systemd: Systemd) -> list[Service]:
+        from norm.core.backoff import Backoff as BackoffPolicy
+        from norm.core.healing import HealPolicy
+        from norm.core.host import units_key
+        from norm.services.control import Control
+        from norm.services.healer import Healer
+
+        h = self.config.healing
+        policy = HealPolicy(
+            backoff=BackoffPolicy(first=h.backoff_initial, factor=2.0, cap=h.backoff_max, jitter=0.2),
+            budget=h.budget, window=h.window, cooldown=h.cooldown, forget_after=h.forget_after)
+        key = units_key(self.config.keys.prefix, self.identity.machine_id)
+
+        async def publish(body: bytes) -> None:
+            lease = await self.registration.current_lease()
+            await etcd.put(key, body, lease=lease.id)
+
+        self.healer = Healer(systemd, self.config.units.patterns, policy, self.metrics, self.holds,
+                             resync_interval=h.resync_interval, publish=publish)
+        control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
+                          self.holds, self.metrics)
+        return [self.healer, control]
 
     def _readiness(self) -> dict[str, bool]:
         return {"etcd": self._etcd.connected, "registered": self.registration.registered.is_set()}
@@ -169,6 +229,8 @@ class Agent:
     async def _ready(self) -> None:
         await self.registration.registered.wait()
         await self.http.bound.wait()
+        if self.healer is not None:
+            await self.healer.synced.wait()
         self.notifier.notify("READY=1")
         log.info("agent.ready")
 

@@ -416,6 +416,8 @@ def _validate(config: Config, tree: RawTree) -> None:
     for name in ("window", "cooldown", "forget_after"):
         if not 0 < getattr(heal, name) <= 7 * 86400:
             fail(f"healing.{name}", "must be more than 0 and at most a week, in seconds")
+    if heal.cooldown < heal.window:
+        fail("healing.cooldown", "must be at least healing.window (a quarantine starts a fresh budget)")
     if not 1 <= heal.resync_interval <= 86400:
         fail("healing.resync_interval", "must be from 1 to 86400 seconds")
 

@@ -29,6 +29,14 @@ class HealPolicy:
     cooldown: float = 1800.0  # how long a quarantine lasts unless released
     forget_after: float = 300.0  # healthy this long: history forgotten
 
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.window <= 0 or self.forget_after <= 0:
+            raise ValueError("a healing policy needs budget >= 1, window > 0 and forget_after > 0")
+        # A quarantine lifted by its cooldown starts a fresh budget: were the cooldown shorter than
+        # the window, more than `budget` attempts could fit in one window.
+        if self.cooldown < self.window:
+            raise ValueError("a healing policy needs cooldown >= window")
+
     def delay_before(self, attempt: int, rand: float) -> float:
         """Seconds to wait before attempt number `attempt` (0-based) of one episode: 0 for the first."""
         return 0.0 if attempt == 0 else self.backoff.delay(attempt - 1, rand)
@@ -118,7 +126,9 @@ def decide(units: Mapping[str, UnitState], history: Mapping[str, UnitHealth], he
 def _decide_one(state: UnitState, h: UnitHealth, held: bool, now: float, policy: HealPolicy,
                 rand: float) -> tuple[UnitHealth, list[Command], float | None]:
     commands: list[Command] = []
-    attempts = tuple(t for t in h.attempts if t > now - policy.window)
+    # The same expression (t + window) decides expiry and the wake-up time, so that waking at
+    # wake_at always finds the attempt expired, whatever the floating-point rounding.
+    attempts = tuple(t for t in h.attempts if t + policy.window > now)
     h = dataclasses.replace(h, attempts=attempts)
     wake: float | None = attempts[0] + policy.window if attempts else None
 
@@ -130,7 +140,8 @@ def _decide_one(state: UnitState, h: UnitHealth, held: bool, now: float, policy:
     if state.load_state != "loaded":
         if not h.reported_unloadable:
             commands.append(Unloadable(state.name, state.load_state))
-        return dataclasses.replace(h, reported_unloadable=True), commands, None
+        return (dataclasses.replace(h, reported_unloadable=True, healthy_since=None), commands,
+                h.quarantined_until)
     h = dataclasses.replace(h, reported_unloadable=False)
 
     if state.healthy:
@@ -141,13 +152,14 @@ def _decide_one(state: UnitState, h: UnitHealth, held: bool, now: float, policy:
             h = dataclasses.replace(h, failed_since=None)
         if not (h.streak or h.quarantined):
             return h, commands, wake
-        if now - since >= policy.forget_after:
+        forget = since + policy.forget_after
+        if now >= forget:
             if h.quarantined:
                 commands.append(QuarantineLifted(state.name, "healthy"))
             return dataclasses.replace(h, streak=0, attempts=(), next_at=0.0, quarantined_until=None), \
                 commands, None
-        forget = since + policy.forget_after
-        return h, commands, forget if wake is None else min(wake, forget)
+        wakes = [t for t in (wake, forget, h.quarantined_until) if t is not None]
+        return h, commands, min(wakes)
 
     h = dataclasses.replace(h, healthy_since=None)
     if held or h.in_flight or state.systemd_will_restart or state.in_transition or not state.failed:

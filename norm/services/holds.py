@@ -4,19 +4,27 @@ operator's."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 
 
 class Holds:
     def __init__(self) -> None:
         self._holds: dict[str, set[str]] = {}  # unit -> owners
-        self.changed = asyncio.Event()  # set on every change; the consumer clears it
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """`listener()` is called after every change (from the loop, synchronously: keep it short)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def hold(self, unit: str, owner: str) -> None:
         owners = self._holds.setdefault(unit, set())
         if owner not in owners:
             owners.add(owner)
-            self.changed.set()
+            self._changed()
 
     def release(self, unit: str, owner: str) -> None:
         owners = self._holds.get(unit)
@@ -24,7 +32,7 @@ class Holds:
             owners.discard(owner)
             if not owners:
                 del self._holds[unit]
-            self.changed.set()
+            self._changed()
 
     def release_all(self, owner: str) -> None:
         for unit in [u for u, owners in self._holds.items() if owner in owners]:

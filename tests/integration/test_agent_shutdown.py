@@ -50,7 +50,7 @@ class AgentWithStubbornService(Agent):
 async def test_work_that_overruns_the_bound_is_cancelled_and_the_host_still_leaves(etcd: EtcdMember) -> None:
     config = cfg.build(cfg.raw_from_flags([
         f"etcd.endpoints={etcd.endpoint}", "etcd.lease_ttl=3", "etcd.request_timeout=1",
-        f"http.listen=127.0.0.1:{free_port()}", "agent.shutdown_timeout=1",
+        f"http.listen=127.0.0.1:{free_port()}", "agent.shutdown_timeout=1", "healing.enabled=false",
     ]))
     notifier = RecordingNotifier()
     agent = AgentWithStubbornService(config, Identity(secrets.token_hex(16), "h1"), notifier)

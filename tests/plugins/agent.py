@@ -27,6 +27,7 @@ class AgentProc:
     extra_toml: str = ""
     env: dict[str, str] = field(default_factory=dict)
     machine_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
     http_port: int = field(default_factory=free_port)
     proc: Proc | None = None
     notify: socket.socket | None = None
@@ -47,7 +48,10 @@ class AgentProc:
             f"keepalive_time = 5\nkeepalive_timeout = 2\n"
             f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\nenvironment = "test"\n'
             f'role = "web"\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
-            f'[agent]\nshutdown_timeout = 5\n[log]\nformat = "json"\nlevel = "debug"\n' + self.extra_toml)
+            f'[agent]\nshutdown_timeout = 5\n[log]\nformat = "json"\nlevel = "debug"\n'
+            + (f'[systemd]\nbus_address = "{self.systemd_bus}"\n' if self.systemd_bus
+               else "[healing]\nenabled = false\n")
+            + self.extra_toml)
 
     def start(self) -> None:
         self.write_config()

@@ -769,17 +769,17 @@ class HealingMachine(RuleBasedStateMachine):
         s, p = self.obs[name], self.policy
         m = self.models.setdefault(name, Model())
         out: list[Command] = []
-        m.heals = tuple(t for t in m.heals if t > now - p.window)
+        m.heals = tuple(t for t in m.heals if t + p.window > now)
         if m.quarantined_until is not None and now >= m.quarantined_until:
             out.append(QuarantineLifted(name, "cooldown"))
             m.quarantined_until = None
             m.forget()
         if s.load_state != "loaded":
-            # Reported once. healthy_since is kept, as the policy does; that is wrong when the unit
-            # is seen failed meanwhile: test_a_failure_while_unloadable_ends_the_healthy_spell.
+            # Reported once; a unit that cannot be loaded is not healthy, so its healthy spell ends.
             if not m.reported_unloadable:
                 out.append(Unloadable(name, s.load_state))
             m.reported_unloadable = True
+            m.healthy_since = None
             return out
         m.reported_unloadable = False
         if s.healthy:
@@ -788,7 +788,7 @@ class HealingMachine(RuleBasedStateMachine):
             if m.failed_since is not None:
                 out.append(Recovered(name, m.healthy_since - m.failed_since))
                 m.failed_since = None
-            if now - m.healthy_since >= p.forget_after:
+            if now >= m.healthy_since + p.forget_after:
                 if m.quarantined_until is not None:
                     out.append(QuarantineLifted(name, "healthy"))
                 m.quarantined_until = None
@@ -843,11 +843,9 @@ TestHealingMachine.settings = settings(deadline=None, max_examples=250, stateful
 
 
 # ---------------------------------------------------------------------------------------------------
-# Known bugs in norm/core/healing.py, pinned as strict xfails
+# Cases that were once wrong in norm/core/healing.py
 
 
-@pytest.mark.xfail(strict=True, reason="the healthy branch of _decide_one leaves quarantined_until out of "
-                                       "wake_at")
 def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_healthy() -> None:
     shell = Shell(HealPolicy(budget=1, window=50.0, cooldown=100.0, forget_after=300.0))
     shell.decide(0.0, FAILED)
@@ -860,8 +858,6 @@ def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_healthy() -> N
     assert d.wake_at is not None and d.wake_at <= 101.0
 
 
-@pytest.mark.xfail(strict=True, reason="the unloadable branch of _decide_one returns wake_at None even when "
-                                       "the unit is quarantined")
 def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_unloadable() -> None:
     shell = Shell(HealPolicy(budget=1, window=50.0, cooldown=100.0))
     shell.decide(0.0, FAILED)
@@ -874,8 +870,6 @@ def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_unloadable() -
     assert d.wake_at == 101.0
 
 
-@pytest.mark.xfail(strict=True, reason="the unloadable branch keeps healthy_since, so a failure seen while "
-                                       "the unit could not be loaded does not end the healthy spell")
 def test_a_failure_while_unloadable_ends_the_healthy_spell() -> None:
     shell = Shell(HealPolicy(budget=1, window=50.0, cooldown=10_000.0, forget_after=300.0))
     shell.decide(0.0, FAILED)
@@ -888,18 +882,13 @@ def test_a_failure_while_unloadable_ends_the_healthy_spell() -> None:
     assert d.wake_at == 700.0
 
 
-@pytest.mark.xfail(strict=True, reason="a cooldown lift clears the attempts, so with cooldown < window more "
-                                       "than `budget` Heals fit in one window")
-def test_a_cooldown_shorter_than_the_window_exceeds_the_budget() -> None:
-    policy = dataclasses.replace(POLICY, budget=2, window=100.0, cooldown=10.0)
-    heals = [t for t, _ in run_failing(policy, 12).heals()]
-    assert heals[:2] == [0.0, 1.0]
-    assert max(sum(1 for t in heals if s <= t < s + policy.window) for s in heals) <= policy.budget
+def test_a_cooldown_shorter_than_the_window_is_refused() -> None:
+    # A quarantine lifted by its cooldown starts a fresh budget; a cooldown shorter than the window
+    # would let more than `budget` Heals into one window.
+    with pytest.raises(ValueError, match="cooldown >= window"):
+        dataclasses.replace(POLICY, budget=2, window=100.0, cooldown=10.0)
 
 
-@pytest.mark.xfail(strict=True, reason="attempt expiry tests t > now - window; at now == t + window, "
-                                       "rounding can leave (t + window) - window < t, so the attempt "
-                                       "stays and wake_at == now")
 def test_waking_at_wake_at_moves_on_when_an_attempt_leaves_the_window_in_float_time() -> None:
     policy = HealPolicy()  # window 600
     d = decide({U: FAILED}, {}, NOBODY, 0.3, policy)
@@ -910,9 +899,6 @@ def test_waking_at_wake_at_moves_on_when_an_attempt_leaves_the_window_in_float_t
     assert again.wake_at is None or again.wake_at > d.wake_at
 
 
-@pytest.mark.xfail(strict=True, reason="forgetting tests now - healthy_since >= forget_after; at now == "
-                                       "healthy_since + forget_after rounding can make it false, so wake_at "
-                                       "== now")
 def test_waking_at_wake_at_forgets_the_history_in_float_time() -> None:
     policy = HealPolicy()  # forget_after 300
     d = decide({U: FAILED}, {}, NOBODY, 900.0, policy)

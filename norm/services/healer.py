@@ -1,0 +1,267 @@
+"""The healer: follows the managed units' state through systemd's D-Bus signals and carries out the
+healing policy's commands. No polling: a decision is taken when a signal arrives, a regimen
+finishes, a hold changes, or a time the policy asked to be woken at comes; a rare full re-read of
+every unit is the safety net. At most one regimen runs per unit at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from norm.adapters.systemd import (
+    JobFailed,
+    Systemd,
+    SystemdError,
+    UnitChanged,
+    UnitNotLoadable,
+    UnitsResync,
+)
+from norm.core.errors import NormError
+from norm.core.healing import (
+    Command,
+    Heal,
+    HealPolicy,
+    Quarantine,
+    QuarantineLifted,
+    Recovered,
+    UnitHealth,
+    Unloadable,
+    decide,
+    heal_finished,
+    release,
+)
+from norm.core.units import UnitState, matches
+from norm.services.base import first_of, wait_or_stop
+from norm.services.holds import Holds
+from norm.services.metrics import Metrics
+
+log = structlog.get_logger("norm.healer")
+
+
+@dataclass(frozen=True)
+class HealTrace:
+    """Timings of one regimen, on the loop's clock: the signal that showed the failure handled,
+    the decision taken, the start job sent, the regimen done."""
+
+    unit: str
+    seen: float
+    decided: float
+    start_sent: float
+    done: float
+    result: str
+
+
+class Healer:
+    name = "healer"
+
+    def __init__(self, systemd: Systemd, patterns: Sequence[str], policy: HealPolicy, metrics: Metrics,
+                 holds: Holds, *, resync_interval: float = 60.0,
+                 publish: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+        self._systemd = systemd
+        self.patterns = tuple(patterns)
+        self.policy = policy
+        self._metrics = metrics
+        self.holds = holds
+        self._resync_interval = resync_interval
+        self._publish = publish
+        self.states: dict[str, UnitState] = {}
+        self.history: dict[str, UnitHealth] = {}
+        self._seen: dict[str, float] = {}  # unit -> when the latest change of it was handled
+        self._wake = asyncio.Event()
+        holds.subscribe(self._wake.set)
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._wake_at: float | None = None
+        self.synced = asyncio.Event()
+        self.traces: deque[HealTrace] = deque(maxlen=1000)
+        self.changed = asyncio.Condition()  # notified after every decision pass, for observers
+        self._summary_dirty = asyncio.Event()
+
+    # -- operator actions
+
+    def release(self, unit: str) -> bool:
+        self.history, was = release(self.history, unit)
+        if was:
+            self._on_command(QuarantineLifted(unit, "released"))
+        self._wake.set()
+        return was
+
+    # -- the service
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        try:
+            await first_of(
+                stopping=stopping.wait(),
+                watch=self._follow(),
+                decide=self._decide_loop(),
+                resync=self._resync_loop(stopping),
+                publish=self._publish_loop(),
+            )
+        finally:
+            # A regimen in flight finishes (bounded by the systemd call timeout): a unit is never left
+            # stopped half-way through by a graceful shutdown.
+            if self._jobs:
+                await asyncio.gather(*self._jobs.values(), return_exceptions=True)
+
+    async def _follow(self) -> None:
+        async with self._systemd.watch(self.patterns) as w:
+            async for item in w:
+                loop_now = asyncio.get_running_loop().time()
+                if isinstance(item, UnitsResync):
+                    self.states = {s.name: s for s in item.states if matches(s.name, self.patterns)}
+                    for name in self.states:
+                        self._seen[name] = loop_now
+                    self.synced.set()
+                    log.info("units.resynced", reason=item.reason, units=len(self.states))
+                elif isinstance(item, UnitChanged):
+                    if not matches(item.state.name, self.patterns):
+                        continue
+                    self.states[item.state.name] = item.state
+                    self._seen[item.state.name] = item.received
+                self._wake.set()
+
+    async def _resync_loop(self, stopping: asyncio.Event) -> None:
+        while not await wait_or_stop(stopping, self._resync_interval):
+            try:
+                fresh = await self._systemd.units(self.patterns)
+            except SystemdError as e:
+                log.warning("units.resync_failed", error=str(e))
+                continue
+            drift = {s.name for s in fresh} ^ set(self.states)
+            drift |= {s.name for s in fresh if self.states.get(s.name) not in (None, s)}
+            if drift:
+                log.warning("units.drift", units=sorted(drift))
+            self.states = {s.name: s for s in fresh}
+            self._wake.set()
+
+    async def _decide_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = None if self._wake_at is None else max(0.0, self._wake_at - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self._decide_now(loop.time())
+
+    def _decide_now(self, now: float) -> None:
+        decision = decide(self.states, self.history, self.holds.held(), now, self.policy, random.random())
+        self.history = dict(decision.history)
+        self._wake_at = decision.wake_at
+        for command in decision.commands:
+            self._on_command(command, now)
+        self._update_gauges()
+        self._summary_dirty.set()
+
+    def _on_command(self, command: Command, now: float = 0.0) -> None:
+        match command:
+            case Heal(unit, attempt, reload):
+                if unit in self._jobs:
+                    # A unit that dropped out of a listing mid-regimen lost its history, in_flight
+                    # included; its regimen is still running: one at a time, always.
+                    return
+                log.warning("heal.start", unit=unit, attempt=attempt, reload=reload,
+                            state=self.states[unit].active_state, result=self.states[unit].result)
+                self._jobs[unit] = asyncio.create_task(
+                    self._regimen(unit, reload, self._seen.get(unit, now), now), name=f"heal:{unit}")
+            case Quarantine(unit, until, attempts):
+                log.error("heal.quarantined", unit=unit, attempts=attempts,
+                          cooldown_s=round(until - now, 1))
+            case QuarantineLifted(unit, reason):
+                log.info("heal.quarantine_lifted", unit=unit, reason=reason)
+            case Recovered(unit, seconds):
+                self._metrics.heal_seconds.observe(seconds)
+                log.info("heal.recovered", unit=unit, seconds=round(seconds, 3))
+            case Unloadable(unit, load_state):
+                log.error("unit.unloadable", unit=unit, load_state=load_state)
+
+    async def _regimen(self, unit: str, reload: bool, seen: float, decided: float) -> None:
+        loop = asyncio.get_running_loop()
+        start_sent = 0.0
+        result = "started"
+        try:
+            await self._systemd.stop(unit)
+            await self._systemd.reset_failed(unit)
+            if reload:
+                await self._systemd.daemon_reload()
+            start_sent = loop.time()
+            await self._systemd.start(unit)
+        except JobFailed as e:
+            result = "failed"
+            log.warning("heal.job_failed", unit=unit, error=str(e))
+        except UnitNotLoadable as e:
+            result = "unloadable"
+            log.error("heal.unloadable", unit=unit, error=str(e))
+        except SystemdError as e:
+            result = "error"
+            log.warning("heal.error", unit=unit, error=str(e))
+        finally:
+            self._metrics.heal_attempts.labels(unit, result).inc()
+            self.traces.append(HealTrace(unit, seen, decided, start_sent, loop.time(), result))
+            self.history = heal_finished(self.history, unit)
+            self._jobs.pop(unit, None)
+            self._wake.set()
+
+    def _update_gauges(self) -> None:
+        for name, state in self.states.items():
+            self._metrics.unit_active.labels(name).set(1 if state.healthy else 0)
+        self._metrics.units_quarantined.set(sum(1 for h in self.history.values() if h.quarantined))
+
+    # -- the summary published for the fleet and `norm units`
+
+    def summary(self, now: float, wall: float) -> list[dict[str, object]]:
+        held = self.holds.held()
+        out: list[dict[str, object]] = []
+        for name in sorted(self.states):
+            s = self.states[name]
+            h = self.history.get(name, UnitHealth())
+            if name in held:
+                heal = "held"
+            elif s.load_state != "loaded":
+                heal = "unloadable"
+            elif h.quarantined:
+                heal = "quarantined"
+            elif h.in_flight:
+                heal = "healing"
+            elif s.failed:
+                heal = "backoff"
+            else:
+                heal = "ok"
+
+            def at(t: float | None) -> float | None:
+                return None if t is None or t <= now else round(wall + (t - now))
+
+            out.append({
+                "unit": name, "active_state": s.active_state, "sub_state": s.sub_state,
+                "result": s.result, "n_restarts": s.n_restarts, "heal": heal,
+                "attempts": len(h.attempts), "next_attempt_at": at(h.next_at) if s.failed else None,
+                "quarantined_until": at(h.quarantined_until),
+            })
+        return out
+
+    async def _publish_loop(self) -> None:
+        if self._publish is None:
+            await asyncio.Event().wait()  # nothing to publish to; keep the service's shape
+        assert self._publish is not None
+        loop = asyncio.get_running_loop()
+        last = b""
+        while True:
+            await self._summary_dirty.wait()
+            self._summary_dirty.clear()
+            body = json.dumps(self.summary(loop.time(), time.time()), sort_keys=True).encode()
+            if body != last:
+                try:
+                    await self._publish(body)
+                    last = body
+                except NormError as e:  # publishing is best effort; the next change retries
+                    log.info("units.publish_failed", error=str(e))
+            # At most one write a second, however busy the units are.
+            await asyncio.sleep(1.0)
