@@ -205,7 +205,11 @@ class Healer:
             log.warning("heal.error", unit=unit, error=str(e))
         finally:
             self._metrics.heal_attempts.labels(unit, result).inc()
-            self.traces.append(HealTrace(unit, seen, decided, start_sent, loop.time(), result))
+            trace = HealTrace(unit, seen, decided, start_sent, loop.time(), result)
+            self.traces.append(trace)
+            # The timings on the monotonic clock, which every process on the host shares.
+            log.info("heal.done", unit=unit, result=result, seen=trace.seen, decided=trace.decided,
+                     start_sent=trace.start_sent, done=trace.done)
             self.history = heal_finished(self.history, unit)
             self._jobs.pop(unit, None)
             self._wake.set()
