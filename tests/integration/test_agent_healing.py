@@ -1,0 +1,109 @@
+"""A real `norm agent` healing the units of a real systemd manager, seen the way an operator sees
+it: /metrics, `norm units`, `norm units stop/start`, `norm heal release`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from sandbox.etcd import EtcdMember
+from sandbox.procs import wait_for
+from sandbox.systemd import SystemdManager
+from tests.plugins.agent import AgentProc
+
+SLEEPER = "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n"
+CRASHER = "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/false\n"
+FAST_HEALING = ("[healing]\nbudget = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1\nwindow = 60\n"
+                "cooldown = 3600\n")
+
+
+def metric(agent: AgentProc, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name + (f"{{{wanted}}}" if wanted else "")) + r" ([0-9.e+-]+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def norm(agent: AgentProc, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "norm", *args, "--config", str(agent.config_path)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def units_table(agent: AgentProc) -> dict[str, list[str]]:
+    r = norm(agent, "units")
+    assert r.returncode == 0, r.stderr
+    return {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+
+
+@pytest.fixture
+def healing_agent(etcd: EtcdMember, systemd_manager: SystemdManager,
+                  agents: Callable[..., AgentProc]) -> AgentProc:
+    for name, text in (("djed-web.service", SLEEPER), ("djed-api.service", SLEEPER),
+                       ("djed-crash.service", CRASHER)):
+        systemd_manager.write_unit(name, text)
+    systemd_manager.systemctl("start", "djed-web.service", "djed-api.service")
+    agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address, extra_toml=FAST_HEALING)
+    agent.wait_notify("READY=1")
+    return agent
+
+
+def test_a_killed_unit_is_healed_and_the_metrics_and_cli_say_so(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent = healing_agent
+    assert metric(agent, "norm_unit_active", unit="djed-web.service") == 1
+    pid = int(systemd_manager.unit_property("djed-web.service", "MainPID"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: metric(agent, "norm_heal_attempts_total", unit="djed-web.service", result="started") == 1
+             and metric(agent, "norm_unit_active", unit="djed-web.service") == 1,
+             timeout=15, what="djed-web healed")
+    assert int(systemd_manager.unit_property("djed-web.service", "MainPID")) not in (0, pid)
+    assert metric(agent, "norm_heal_seconds_count") == 1
+    wait_for(lambda: units_table(agent).get("djed-web.service", [""])[1:2] == ["active/running"],
+             timeout=10, what="the summary in etcd updated")
+    row = units_table(agent)["djed-web.service"]
+    assert row[3] == "ok"
+
+
+def test_an_operator_hold_stops_the_unit_and_keeps_it_from_healing(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent = healing_agent
+    r = norm(agent, "units", "stop", "djed-api.service")
+    assert r.returncode == 0, r.stderr
+    assert "held and stopped" in r.stdout
+    assert systemd_manager.unit_property("djed-api.service", "ActiveState") == "inactive"
+    assert units_table(agent)["djed-api.service"][3] == "held"
+    r = norm(agent, "units", "start", "djed-api.service")
+    assert r.returncode == 0, r.stderr
+    assert systemd_manager.unit_property("djed-api.service", "ActiveState") == "active"
+    assert metric(agent, "norm_heal_attempts_total", unit="djed-api.service", result="started") == 0
+
+
+def test_a_crash_loop_is_quarantined_and_released_by_the_operator(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent = healing_agent
+    systemd_manager.systemctl("start", "djed-crash.service", check=False)
+    wait_for(lambda: metric(agent, "norm_units_quarantined") == 1, timeout=20, what="quarantine")
+    assert metric(agent, "norm_heal_attempts_total", unit="djed-crash.service", result="started") == 2
+    wait_for(lambda: units_table(agent).get("djed-crash.service", ["", "", "", ""])[3] == "quarantined",
+             timeout=10, what="the quarantine published")
+    r = norm(agent, "heal", "release", "djed-crash.service")
+    assert r.returncode == 0, r.stderr
+    assert "released" in r.stdout
+    wait_for(lambda: metric(agent, "norm_heal_attempts_total", unit="djed-crash.service",
+                            result="started") > 2, timeout=20, what="healing resumed")
+    assert agent.logs().count('"event": "heal.quarantined"') >= 1
+
+
+def test_a_request_for_a_unit_norm_does_not_manage_is_refused(healing_agent: AgentProc) -> None:
+    r = norm(healing_agent, "units", "stop", "not a unit")
+    assert r.returncode == 2
+    assert "unit" in r.stderr and "Traceback" not in r.stderr
