@@ -107,3 +107,12 @@ def test_a_request_for_a_unit_norm_does_not_manage_is_refused(healing_agent: Age
     r = norm(healing_agent, "units", "stop", "not a unit")
     assert r.returncode == 2
     assert "unit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unit_patterns_outside_systemds_grammar_stop_the_agent_at_start(
+        etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc]) -> None:
+    agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
+                   extra_toml='[units]\npatterns = ["djed web.service"]\n')
+    assert agent.wait_exit(timeout=15) == 2
+    assert "units.patterns" in agent.logs() and str(agent.config_path) in agent.logs()
+    assert "Traceback" not in agent.logs()
