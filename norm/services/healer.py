@@ -80,6 +80,7 @@ class Healer:
         self._wake_at: float | None = None
         self.synced = asyncio.Event()
         self.traces: deque[HealTrace] = deque(maxlen=1000)
+        self.resyncs = 0  # safety-net re-reads done
         self.changed = asyncio.Condition()  # notified after every decision pass, for observers
         self._summary_dirty = asyncio.Event()
 
@@ -127,17 +128,27 @@ class Healer:
                 self._wake.set()
 
     async def _resync_loop(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not await wait_or_stop(stopping, self._resync_interval):
+            asked = loop.time()
             try:
-                fresh = await self._systemd.units(self.patterns)
+                fresh = {s.name: s for s in await self._systemd.units(self.patterns)}
             except SystemdError as e:
                 log.warning("units.resync_failed", error=str(e))
                 continue
-            drift = {s.name for s in fresh} ^ set(self.states)
-            drift |= {s.name for s in fresh if self.states.get(s.name) not in (None, s)}
+            # A unit whose signal arrived while the listing was on its way is newer than the listing.
+            stale = {name for name, seen in self._seen.items() if seen >= asked}
+            drift = sorted(name for name in set(fresh) | set(self.states)
+                           if name not in stale and fresh.get(name) != self.states.get(name))
             if drift:
-                log.warning("units.drift", units=sorted(drift))
-            self.states = {s.name: s for s in fresh}
+                log.warning("units.drift", units=drift)
+                for name in drift:
+                    if name in fresh:
+                        self.states[name] = fresh[name]
+                        self._seen[name] = asked
+                    else:
+                        self.states.pop(name, None)
+            self.resyncs += 1
             self._wake.set()
 
     async def _decide_loop(self) -> None:

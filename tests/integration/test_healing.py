@@ -73,14 +73,15 @@ class Rig:
 
 
 async def rig_for(manager: SystemdManager, units: dict[str, str], policy: HealPolicy,
-                  start: tuple[str, ...]) -> AsyncIterator[Rig]:
+                  start: tuple[str, ...], resync_interval: float = 3600) -> AsyncIterator[Rig]:
     for name, text in units.items():
         manager.write_unit(name, text)
     for name in start:
         manager.systemctl("start", name, check=name != "app-crash.service")
     metrics, holds, progress = Metrics(), Holds(), asyncio.Event()
     async with Systemd(manager.bus_address, call_timeout=10) as systemd:
-        healer = Healer(systemd, ["app-*.service"], policy, metrics, holds, resync_interval=3600)
+        healer = Healer(systemd, ["app-*.service"], policy, metrics, holds,
+                        resync_interval=resync_interval)
         original = healer._decide_now
 
         def decide_and_tell(now: float) -> None:
@@ -217,6 +218,24 @@ async def test_a_restarted_manager_is_recovered_from_and_only_what_needs_it_is_h
                         and rig.active("app-web.service"))
         api_after = await rig.systemd.unit("app-api.service")
         assert api_after.invocation_id == api_before.invocation_id
+        assert rig.traces("app-api.service") == []
+    finally:
+        await rigs.aclose()
+
+
+async def test_the_safety_net_resync_changes_nothing_that_the_signals_got_right(
+        systemd_manager: SystemdManager) -> None:
+    units = {"app-web.service": SLEEPER, "app-api.service": SLEEPER}
+    rigs = rig_for(systemd_manager, units, fast_policy(), ("app-web.service", "app-api.service"),
+                   resync_interval=0.05)
+    rig = await anext(rigs)
+    try:
+        await rig.kill("app-web.service")
+        await rig.until("web healed", lambda: rig.traces("app-web.service") == ["started"]
+                        and rig.active("app-web.service"))
+        done = rig.healer.resyncs
+        await rig.until("ten more re-reads", lambda: rig.healer.resyncs >= done + 10)
+        assert rig.traces("app-web.service") == ["started"]
         assert rig.traces("app-api.service") == []
     finally:
         await rigs.aclose()
