@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent image clean
+.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -28,6 +28,9 @@ sandbox-down: bootstrap
 
 bench-agent: bootstrap
 	$(PY) -m bench.agent
+
+bench-heal: bootstrap
+	$(PY) -m bench.heal
 
 clean: sandbox-down
 	rm -rf .run build
