@@ -188,6 +188,16 @@ async def test_a_unit_that_crashes_while_the_bus_is_down_is_healed_when_it_is_ba
     assert rig.traces("app-api.service") == []
 
 
+async def test_the_bus_daemon_killed_is_survived_and_healing_goes_on(rig: Rig) -> None:
+    generation = rig.systemd.generation
+    os.kill(int(rig.manager.unit_property("dbus.service", "MainPID")), signal.SIGKILL)
+    await rig.until("reconnected to the new bus", lambda: rig.systemd.generation > generation)
+    await rig.kill("app-web.service")
+    await rig.until("healed on the new bus", lambda: rig.traces("app-web.service") == ["started"]
+                    and rig.active("app-web.service"))
+    assert rig.traces("app-api.service") == []
+
+
 async def test_a_unit_that_cannot_be_loaded_is_reported_once_not_retried(rig: Rig) -> None:
     state = rig.healer.states.get("app-bad.service")
     if state is None or state.load_state == "loaded":
