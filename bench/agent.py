@@ -18,10 +18,7 @@ import asyncio
 import json
 import os
 import re
-import secrets
-import socket
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,13 +26,12 @@ from pathlib import Path
 
 import aetcd
 
+from bench.common import start_agent
 from norm.adapters.etcd import Etcd, Event
 from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdMember
-from sandbox.procs import Proc, free_port
 from sandbox.systemd import SystemdManager
 
-REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -58,46 +54,6 @@ def proc_rss_mb(pid: int) -> float:
     m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     assert m
     return int(m.group(1)) / 1024
-
-
-def start_agent(workdir: Path, member: EtcdMember, bus: str) -> tuple[Proc, socket.socket]:
-    config = workdir / "norm.toml"
-    config.write_text(f"""
-[etcd]
-endpoints = ["{member.endpoint}"]
-[keys]
-prefix = "/norm"
-[host]
-machine_id = "{secrets.token_hex(16)}"
-name = "bench"
-environment = "prod"
-role = "web"
-[units]
-patterns = ["djed-*.service"]
-[systemd]
-bus_address = "{bus}"
-[healing]
-enabled = true
-[docker]
-host = "unix:///nonexistent/docker.sock"
-[http]
-listen = "127.0.0.1:{free_port()}"
-[agent]
-shutdown_timeout = 10
-[log]
-format = "json"
-""")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(workdir / "notify.sock"))
-    env = dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify.sock"))
-    env.pop("PYTHONASYNCIODEBUG", None)
-    proc = Proc("agent", [sys.executable, "-m", "norm", "agent", "--config", str(config)],
-                workdir / "agent.log", env=env, cwd=REPO)
-    proc.start()
-    notify.settimeout(30)
-    while b"READY=1" not in notify.recv(4096):
-        pass
-    return proc, notify
 
 
 async def watch_latencies(member: EtcdMember, rounds: int) -> tuple[list[float], list[float]]:

@@ -29,9 +29,7 @@ import contextlib
 import ctypes
 import json
 import os
-import secrets
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,11 +42,9 @@ from typing import Any, Self
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from bench.common import start_agent
 from sandbox.etcd import EtcdMember
-from sandbox.procs import Proc, free_port
 from sandbox.systemd import SystemdManager
-
-REPO = Path(__file__).resolve().parents[1]
 
 NORM_UNIT = "djed-web.service"
 BASE_UNIT = "other-web.service"
@@ -354,59 +350,6 @@ async def measure(bus_address: str, log_path: Path, crashes: int, warmup: int,
 # The parts
 
 
-def start_agent(workdir: Path, member: EtcdMember, bus: str,
-                forget_after: float) -> tuple[Proc, socket.socket]:
-    config = workdir / "norm.toml"
-    config.write_text(f"""
-[etcd]
-endpoints = ["{member.endpoint}"]
-[keys]
-prefix = "/norm"
-[host]
-machine_id = "{secrets.token_hex(16)}"
-name = "bench"
-environment = "prod"
-role = "web"
-[units]
-patterns = ["djed-*.service"]
-[systemd]
-bus_address = "{bus}"
-[healing]
-enabled = true
-backoff_initial = 1.0
-backoff_max = 60
-budget = 1000
-window = 60
-cooldown = 60
-forget_after = {forget_after}
-resync_interval = 600
-[docker]
-host = "unix:///nonexistent/docker.sock"
-[http]
-listen = "127.0.0.1:{free_port()}"
-[agent]
-shutdown_timeout = 10
-[log]
-format = "json"
-""")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(workdir / "notify.sock"))
-    env = dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify.sock"))
-    env.pop("PYTHONASYNCIODEBUG", None)
-    proc = Proc("agent", [sys.executable, "-m", "norm", "agent", "--config", str(config)],
-                workdir / "agent.log", env=env, cwd=REPO)
-    try:
-        proc.start()
-        notify.settimeout(30)
-        while b"READY=1" not in notify.recv(4096):
-            pass
-    except BaseException:
-        proc.stop()
-        notify.close()
-        raise
-    return proc, notify
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--crashes", type=int, default=60, help="Norm-unit crashes measured (at least 50); "
@@ -428,7 +371,9 @@ def main() -> None:
             manager.start()
             try:
                 manager.systemctl("start", NORM_UNIT, BASE_UNIT)
-                proc, notify = start_agent(workdir, member, manager.bus_address, args.forget_after)
+                proc, notify = start_agent(workdir, member, manager.bus_address, healing=(
+                    "backoff_initial = 1.0\nbackoff_max = 60\nbudget = 1000\nwindow = 60\ncooldown = 60\n"
+                    f"forget_after = {args.forget_after}\nresync_interval = 600\n"))
                 print(f"agent ready; {args.warmup} warm-up and {args.crashes} measured crashes of each "
                       "unit", file=sys.stderr)
                 try:
