@@ -3,19 +3,23 @@
     up [--hosts N]   start a 3-member etcd cluster and N simulated hosts (or reuse a healthy one)
     down             stop everything the fleet started, by pid (harmless when nothing runs)
     status           what runs, where its logs are; exit 0 healthy, 1 degraded, 3 not running
-    demo             up, wait until every agent has registered in etcd, print the hosts
+    demo             up, wait until every agent has registered in etcd, print the hosts, then kill a
+                     unit on one host and show Norm healing it
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from sandbox.fleet import DEFAULT_RUN_DIR, REPO, Fleet, State, owned, venv_python
-from sandbox.procs import SandboxError
+from sandbox.procs import SandboxError, wait_for
+from sandbox.systemd import SystemdManager
 
 
 def _say(msg: str) -> None:
@@ -81,8 +85,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     print()
     _print_hosts(state, registered)
+    _demo_healing(state)
     _print_footer(fleet)
     return 0
+
+
+DEMO_UNIT = "djed-web.service"
+DEMO_UNIT_TEXT = ("[Unit]\nDescription=Demo web unit\nStartLimitIntervalSec=0\n"
+                  "[Service]\nExecStart=/bin/sleep infinity\n")
+
+
+def _norm_units(config: str) -> str:
+    r = subprocess.run([venv_python(), "-m", "norm", "units", "--config", config], capture_output=True,
+                       text=True, cwd=REPO, timeout=60, check=False)
+    return r.stdout.rstrip() or r.stderr.rstrip()
+
+
+def _demo_healing(state: State) -> None:
+    """Give every host a unit, kill it on the first host with SIGKILL, and show Norm healing it."""
+    managers = [SystemdManager(h["name"], Path(h["systemd_dir"])) for h in state["hosts"]]
+    for mgr in managers:
+        mgr.write_unit(DEMO_UNIT, DEMO_UNIT_TEXT)
+        mgr.systemctl("start", DEMO_UNIT)
+    host, mgr = state["hosts"][0], managers[0]
+    pid = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
+    print(f"\n{host['name']}: {DEMO_UNIT} runs as pid {pid}; killing it with SIGKILL ...", flush=True)
+    os.kill(pid, signal.SIGKILL)
+
+    def healed() -> bool:
+        new = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
+        return new not in (0, pid) and mgr.unit_property(DEMO_UNIT, "ActiveState") == "active"
+
+    try:
+        wait_for(healed, timeout=30, what=f"{DEMO_UNIT} healed")
+    except SandboxError as e:
+        print(f"{e}; see {host['dir']}/agent.log", file=sys.stderr)
+        return
+    new_pid = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
+    print(f"{host['name']}: Norm healed it (stop, reset-failed, start): now pid {new_pid}\n")
+    # The unit summary in etcd follows within a second of the change.
+    def summarised() -> bool:
+        rows = [line.split() for line in _norm_units(host["config"]).splitlines()]
+        return any(row[:2] == [DEMO_UNIT, "active/running"] and row[3] == "ok" for row in rows[1:])
+
+    wait_for(summarised, timeout=10, what="the unit summary")
+    print(f"$ norm units   (on {host['name']})")
+    print(_norm_units(host["config"]))
 
 
 def _print_hosts(state: State, registered: dict[str, dict[str, Any]]) -> None:
