@@ -1,0 +1,506 @@
+"""Docker: Norm's own small typed interface over aiodocker, for one engine.
+
+What this adds to the client library:
+- a timeout on every call (aiodocker has none by default), and errors that say what to do:
+  DockerUnavailable (engine or registry unreachable, restarting, too slow: retry later) or
+  DockerRejected (unknown tag or digest, bad reference, unauthorized: permanent for that reference);
+- `resolve`: a tag to its digest at the registry, through the engine, without pulling;
+- `pull` that notices a stream cut short (aiodocker ends a pull stream quietly when the connection
+  breaks) and checks that an image pulled by digest carries that digest;
+- `run_once`: a one-off container that is always removed, on success, failure, timeout and
+  cancellation alike (the removal runs in a task of its own, shielded from the caller's cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiodocker
+import aiohttp
+import structlog
+
+from norm.core.errors import NormError
+
+log = structlog.get_logger("norm.docker")
+
+LOG_TAIL_BYTES = 64 * 1024  # what a RunResult keeps of a container's output: the last 64 KiB
+_LOG_TAIL_LINES = 4096  # asked of the engine, so that a chatty container is not read whole
+RUN_LABEL = "norm.run-once"  # set on every container run_once makes
+
+# The reference grammar of distribution/reference, without the normalisation of short names.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?"
+_REFERENCE = re.compile(
+    rf"(?P<name>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?",
+    re.ASCII,
+)
+_IMAGE_ID = re.compile(r"(?:sha256:)?[0-9a-f]{12,64}")
+
+# What the engine says when the reference itself is the problem (permanent for that reference).
+_REJECTED_WORDS = (
+    "manifest unknown", "name unknown", "not found", "no such image", "invalid reference",
+    "repository name must", "unauthorized", "denied", "forbidden", "authentication required",
+    "invalid tag", "invalid digest", "does not match",
+)
+# ... and when nobody (engine or registry) could be reached or answered in time (transient).
+_UNAVAILABLE_WORDS = (
+    "connection refused", "connection reset", "i/o timeout", "timeout", "timed out", "eof",
+    "no route to host", "network is unreachable", "no such host", "temporary", "try again",
+    "service unavailable", "bad gateway", "too many requests", "toomanyrequests",
+    "cannot connect", "server misbehaving", "broken pipe", "context canceled",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: what the caller should do
+
+
+class DockerError(NormError):
+    """Something went wrong with Docker. `ref` is the image (or container) concerned, `action` what
+    was being done ("pulling", "resolving", ...). Raised as such for what fits neither subclass."""
+
+    def __init__(self, message: str, *, ref: str = "", action: str = "", status: int | None = None) -> None:
+        where = " ".join(x for x in (action, ref) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.ref = ref
+        self.action = action
+        self.status = status
+
+
+class DockerUnavailable(DockerError):
+    """The engine or the registry could not be reached, was restarting, or did not answer in time.
+    Transient: retry later."""
+
+
+class DockerRejected(DockerError):
+    """The engine or the registry refused: unknown tag or digest, a bad reference, unauthorized.
+    Permanent for that reference: retrying will not help."""
+
+
+class RunTimeout(DockerError):
+    """A one-off container ran past its timeout and was killed (and removed). `logs` holds what it
+    wrote until then (the last 64 KiB)."""
+
+    def __init__(self, ref: str, command: Sequence[str], timeout: float, logs: str) -> None:
+        super().__init__(f"{list(command)!r} still ran after {timeout:g}s: killed", ref=ref,
+                         action="running")
+        self.command = tuple(command)
+        self.timeout = timeout
+        self.logs = logs
+
+
+def _classify(e: BaseException, ref: str, action: str) -> DockerError:
+    """Turn what aiodocker and aiohttp raise into a DockerError that tells what to do."""
+    if isinstance(e, DockerError):
+        return e
+    if isinstance(e, TimeoutError):
+        return DockerUnavailable("no answer in time", ref=ref, action=action)
+    if isinstance(e, aiohttp.ClientError | OSError):  # connection refused, reset, the engine went away
+        return DockerUnavailable(f"engine unreachable: {e!r}", ref=ref, action=action)
+    if isinstance(e, aiodocker.DockerError):
+        status, message = e.status, str(e.message).strip()
+        lowered = message.lower()
+        if status == 900:  # aiodocker's "cannot connect"
+            return DockerUnavailable(message, ref=ref, action=action, status=status)
+        # The registry's own answer comes first: the engine wraps "connection refused" in a 500, and
+        # a 404 for a manifest in a stream error of status 0.
+        if any(w in lowered for w in _UNAVAILABLE_WORDS) and "manifest unknown" not in lowered:
+            return DockerUnavailable(message, ref=ref, action=action, status=status)
+        if any(w in lowered for w in _REJECTED_WORDS) or 400 <= status < 500:
+            return DockerRejected(message, ref=ref, action=action, status=status)
+        if status >= 500 or status == 0:
+            return DockerUnavailable(message, ref=ref, action=action, status=status)
+        return DockerError(message, ref=ref, action=action, status=status)
+    return DockerError(repr(e), ref=ref, action=action)
+
+
+# ---------------------------------------------------------------------------------------------------
+# References
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """A parsed image reference: `name[:tag][@digest]`."""
+
+    name: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def pinned(self) -> str:
+        """`name@digest` (only when there is a digest)."""
+        assert self.digest is not None
+        return f"{self.name}@{self.digest}"
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+def parse_ref(ref: str, action: str = "parsing") -> ImageRef:
+    """Parse an image reference; DockerRejected when it is not one."""
+    m = _REFERENCE.fullmatch(ref) if len(ref) <= 512 else None
+    if m is None or len(m.group("name")) > 255:
+        raise DockerRejected("not a valid image reference", ref=ref[:300], action=action)
+    return ImageRef(m.group("name"), m.group("tag"), m.group("digest"))
+
+
+def _image_key(ref: str, action: str) -> str:
+    """A reference or an image id, checked (a local image can be named by its id)."""
+    if _IMAGE_ID.fullmatch(ref):
+        return ref
+    return str(parse_ref(ref, action))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    """Where a pull is: layers seen and complete, bytes downloaded of the layers whose size is known."""
+
+    ref: str
+    layers: int
+    layers_done: int
+    bytes_done: int
+    bytes_total: int
+    status: str  # the engine's last status line ("Downloading", "Pull complete", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    id: str
+    repo_digests: tuple[str, ...]
+    repo_tags: tuple[str, ...]
+    size: int
+    created: str  # RFC 3339, as the engine gives it
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    exit_code: int
+    logs: str  # stdout and stderr interleaved, the last 64 KiB
+    seconds: float
+
+
+class _Layers:
+    """Per-layer progress of a pull, summed into PullProgress."""
+
+    _DONE = frozenset({"Pull complete", "Already exists"})
+    _DOWNLOADED = frozenset({"Download complete", "Verifying Checksum", "Extracting", *_DONE})
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.done: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        self.complete: set[str] = set()
+        self.status = ""
+
+    def update(self, msg: Mapping[str, Any]) -> PullProgress | None:
+        layer, status = msg.get("id"), str(msg.get("status", ""))
+        if not isinstance(layer, str) or status.startswith(("Pulling from", "Digest:", "Status:")):
+            return None
+        self.status = status
+        self.done.setdefault(layer, 0)
+        detail = msg.get("progressDetail") or {}
+        if status == "Downloading":
+            if isinstance(detail.get("total"), int):
+                self.total[layer] = detail["total"]
+            if isinstance(detail.get("current"), int):
+                self.done[layer] = detail["current"]
+        elif status in self._DOWNLOADED and layer in self.total:
+            self.done[layer] = self.total[layer]
+        if status in self._DONE:
+            self.complete.add(layer)
+        return PullProgress(self.ref, len(self.done), len(self.complete), sum(self.done.values()),
+                            sum(self.total.values()), status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The adapter
+
+
+class Docker:
+    """One Docker engine: `async with Docker("unix:///var/run/docker.sock") as docker: ...`.
+
+    Every call gives up after `call_timeout` seconds (DockerUnavailable). A pull may take longer
+    (up to `pull_timeout`) as long as the engine reports progress at least every `call_timeout`."""
+
+    def __init__(self, host: str, *, call_timeout: float = 30.0, pull_timeout: float = 600.0) -> None:
+        self.host = host
+        self.call_timeout = call_timeout
+        self.pull_timeout = pull_timeout
+        self._client: aiodocker.Docker | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._orphans: set[str] = set()  # containers run_once could not remove yet (engine down)
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> Self:
+        self._client = aiodocker.Docker(url=self.host)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Wait (bounded) for container removals still running, then close the client."""
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=self.call_timeout)
+        for task in list(self._cleanups):
+            task.cancel()
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups))
+        if self._orphans:
+            log.warning("docker.containers_left", containers=sorted(self._orphans))
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    @property
+    def orphans(self) -> frozenset[str]:
+        """Containers made by run_once that could not be removed yet (removal is retried on the next
+        run_once)."""
+        return frozenset(self._orphans)
+
+    @property
+    def _docker(self) -> aiodocker.Docker:
+        if self._client is None:
+            raise DockerError("the Docker adapter is not open (use `async with`)")
+        return self._client
+
+    @contextlib.contextmanager
+    def _errors(self, ref: str, action: str) -> Iterator[None]:
+        """Every failure of aiodocker or aiohttp in the block as a DockerError for `ref`."""
+        try:
+            yield
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise _classify(e, ref, action) from e
+
+    async def _call(self, ref: str, action: str, fn: Callable[[], Any]) -> Any:
+        with self._errors(ref, action):
+            async with asyncio.timeout(self.call_timeout):
+                return await fn()
+
+    # -- images
+
+    async def resolve(self, ref: str) -> str:
+        """The digest the registry serves for `ref` now, as `name@sha256:...`, without pulling.
+        DockerRejected for an unknown tag or a bad reference; DockerUnavailable when the engine or the
+        registry cannot be reached."""
+        parsed = parse_ref(ref, "resolving")
+        data = await self._call(ref, "resolving",
+                                lambda: self._docker._query_json(f"distribution/{parsed}/json"))
+        digest = (data or {}).get("Descriptor", {}).get("digest")
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise DockerError(f"the engine gave no digest ({str(data)[:200]})", ref=ref, action="resolving")
+        return f"{parsed.name}@{digest}"
+
+    async def inspect_image(self, ref: str) -> ImageInfo:
+        """The local image `ref` names (a reference or an image id). DockerRejected when there is none."""
+        key = _image_key(ref, "inspecting")
+        data = await self._call(ref, "inspecting", lambda: self._docker.images.inspect(key))
+        return ImageInfo(
+            id=str(data["Id"]),
+            repo_digests=tuple(data.get("RepoDigests") or ()),
+            repo_tags=tuple(data.get("RepoTags") or ()),
+            size=int(data.get("Size") or 0),
+            created=str(data.get("Created", "")),
+        )
+
+    async def has_image(self, ref: str) -> bool:
+        """Whether the engine has the image `ref` names locally."""
+        try:
+            await self.inspect_image(ref)
+        except DockerRejected as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def pull(self, ref: str, progress: Callable[[PullProgress], None] | None = None) -> str:
+        """Pull `ref` (by tag or by digest) and return the local image id. `progress` is called (in
+        the loop) with a summary after every progress message of the engine. An image pulled by
+        digest is checked to carry that digest in its RepoDigests."""
+        parsed = parse_ref(ref, "pulling")
+        layers = _Layers(ref)
+        finished = False
+        loop = asyncio.get_running_loop()
+        with self._errors(ref, "pulling"):
+            async with asyncio.timeout(self.pull_timeout):
+                stream = self._docker.images.pull(str(parsed), stream=True)
+                try:
+                    while True:
+                        # Each message must come within call_timeout: a stalled pull is an error.
+                        async with asyncio.timeout_at(loop.time() + self.call_timeout):
+                            try:
+                                msg = await anext(stream)
+                            except StopAsyncIteration:
+                                break
+                        if str(msg.get("status", "")).startswith("Status:"):
+                            finished = True
+                        summary = layers.update(msg)
+                        if summary is not None and progress is not None:
+                            progress(summary)
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
+        if not finished:
+            # aiodocker ends the stream quietly when the connection breaks (the engine went away).
+            raise DockerUnavailable("the pull was cut short (the engine went away?)", ref=ref,
+                                    action="pulling")
+        info = await self.inspect_image(ref)
+        if parsed.digest is not None and parsed.pinned not in info.repo_digests:
+            raise DockerError(f"the pulled image {info.id} does not carry that digest "
+                              f"(it has {list(info.repo_digests)})", ref=ref, action="pulling")
+        log.info("docker.pulled", ref=ref, image=info.id, layers=len(layers.done))
+        return info.id
+
+    async def remove_image(self, ref: str, *, force: bool = False) -> bool:
+        """Remove the local image (one tag of it, when it has several). False when there was none."""
+        key = _image_key(ref, "removing")
+        try:
+            await self._call(ref, "removing", lambda: self._docker.images.delete(key, force=force))
+        except DockerRejected as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    # -- one-off containers
+
+    async def run_once(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        env_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        network: str = "host",
+        mounts: Sequence[tuple[str, str]] = (),
+        timeout: float,  # noqa: ASYNC109 (the container's run time, not a call's)
+        name: str | None = None,
+    ) -> RunResult:
+        """Run `command` in a new container of `image` (which must be local), wait up to `timeout`
+        seconds for it to exit, and return its exit code and logs. A non-zero exit is a result, not an
+        error. Past the timeout the container is killed and RunTimeout raised. The container is
+        removed in every case, cancellation included.
+
+        `env_file` lines (KEY=VALUE; blank lines and # comments skipped) become the container's
+        environment, then `env` on top. Values never appear in logs or errors. `mounts` are
+        (host path, container path) bind mounts."""
+        key = _image_key(image, "running")
+        await self._sweep_orphans()
+        lines = await self._env_lines(env_file) if env_file is not None else []
+        lines += [f"{k}={v}" for k, v in (env or {}).items()]
+        name = name or f"norm-run-{uuid.uuid4().hex[:12]}"
+        config: dict[str, Any] = {
+            "Image": key,
+            "Cmd": list(command),
+            "Env": lines,
+            "Labels": {RUN_LABEL: "1"},
+            "AttachStdout": False,
+            "AttachStderr": False,
+            "Tty": False,
+            "HostConfig": {
+                "NetworkMode": network,
+                "Binds": [f"{src}:{dst}" for src, dst in mounts],
+                "AutoRemove": False,
+            },
+        }
+        loop = asyncio.get_running_loop()
+        try:
+            # From here on the container may exist (even when the answer to create is lost, or the
+            # call is cancelled): the finally removes it by name.
+            container = await self._call(image, "creating a container",
+                                         lambda: self._docker.containers.create(config, name=name))
+            started = loop.time()
+            await self._call(image, "starting a container", container.start)
+            try:
+                with self._errors(image, "waiting for a container"):
+                    async with asyncio.timeout(timeout):
+                        status = await container.wait()
+            except DockerUnavailable as e:
+                if not isinstance(e.__cause__, TimeoutError):
+                    raise
+                with contextlib.suppress(DockerError):
+                    await self._call(image, "killing a container", container.kill)
+                logs = ""
+                with contextlib.suppress(DockerError):
+                    logs = await self._logs(container, image)
+                raise RunTimeout(image, command, timeout, logs) from None
+            seconds = loop.time() - started
+            logs = await self._logs(container, image)
+            code = status.get("StatusCode")
+            if not isinstance(code, int):
+                raise DockerError(f"the engine gave no exit code ({status.get('Error')})", ref=image,
+                                  action="running")
+            return RunResult(exit_code=code, logs=logs, seconds=seconds)
+        finally:
+            await self._remove_container(name)
+
+    async def _env_lines(self, path: str) -> list[str]:
+        def read() -> list[str]:
+            out: list[str] = []
+            for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if "=" not in line or not line.split("=", 1)[0].strip():
+                    # The line number only: the line may hold a secret.
+                    raise DockerRejected(f"line {n} is not KEY=VALUE", ref=path, action="reading env file")
+                out.append(line)
+            return out
+
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as e:
+            raise DockerError(f"cannot read it: {e.strerror}", ref=path, action="reading env file") from None
+        except UnicodeDecodeError:
+            raise DockerRejected("not UTF-8 text", ref=path, action="reading env file") from None
+
+    async def _logs(self, container: Any, image: str) -> str:
+        chunks = await self._call(image, "reading container logs", lambda: container.log(
+            stdout=True, stderr=True, tail=_LOG_TAIL_LINES))
+        text = "".join(chunks)
+        if len(text.encode()) > LOG_TAIL_BYTES:
+            text = text.encode()[-LOG_TAIL_BYTES:].decode(errors="replace")
+        return str(text)
+
+    async def _remove_container(self, name: str) -> None:
+        """Force-remove a container in a task of its own: a cancellation of the caller does not stop
+        it (the caller still sees its CancelledError; close() waits for the task)."""
+        task = asyncio.create_task(self._force_remove(name), name=f"docker-remove-{name}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _force_remove(self, name: str) -> None:
+        try:
+            await self._call(name, "removing a container",
+                             lambda: self._docker.containers.container(name).delete(force=True, v=True))
+        except DockerRejected as e:
+            if e.status != 404:  # 404: never created, or gone already
+                self._orphans.add(name)
+                log.warning("docker.remove_failed", container=name, error=str(e))
+                return
+        except DockerError as e:
+            self._orphans.add(name)
+            log.warning("docker.remove_failed", container=name, error=str(e))
+            return
+        self._orphans.discard(name)
+
+    async def _sweep_orphans(self) -> None:
+        for name in list(self._orphans):
+            await self._remove_container(name)
