@@ -399,7 +399,13 @@ class Docker:
 
         `env_file` lines (KEY=VALUE; blank lines and # comments skipped) become the container's
         environment, then `env` on top. Values never appear in logs or errors. `mounts` are
-        (host path, container path) bind mounts."""
+        (host path, container path) bind mounts.
+
+        An engine that goes away during the run (crash, SIGKILL) gives DockerUnavailable, and the
+        container is removed by the next run_once once the engine is back (see `orphans`). An engine
+        that is stopped in order (`systemctl restart docker`) stops the container itself first: the
+        wait then ends with the container's exit code (137 after the engine's 10 s stop timeout for a
+        command that ignores SIGTERM), which cannot be told from the command failing."""
         key = _image_key(image, "running")
         await self._sweep_orphans()
         lines = await self._env_lines(env_file) if env_file is not None else []
