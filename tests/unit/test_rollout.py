@@ -1,0 +1,705 @@
+"""The rollout state machine: every rule of the table, the pairs it leaves out (illegal), scenarios,
+the record's round trip, and a hypothesis state machine that throws random, duplicate, reordered and
+illegal events at it and checks the design's invariants after every step."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from norm.core.errors import InvalidValue, NormError
+from norm.core.host import HostRecord
+from norm.core.rollout import (
+    EVENT_TYPES,
+    TERMINAL,
+    TRANSITIONS,
+    Abort,
+    ArmDeadline,
+    BarrierDeadline,
+    BeginRollout,
+    Command,
+    Event,
+    HostActive,
+    HostFailed,
+    HostLost,
+    HostPulled,
+    HostPullFailed,
+    HostsExcluded,
+    HostStatus,
+    HostStopped,
+    IllegalTransition,
+    LedgerEntry,
+    MigrationFailed,
+    MigrationSucceeded,
+    NewerVersion,
+    Phase,
+    PullOnHosts,
+    RecordOutcome,
+    Release,
+    Resolved,
+    ResolveFailed,
+    ResolveTag,
+    RestartOldRelease,
+    Resumed,
+    Rollout,
+    RolloutPolicy,
+    RunMigration,
+    StartOnHosts,
+    StopOnHosts,
+    barrier_state,
+    duty,
+    is_setback,
+    participants,
+    start_rollout,
+    step,
+)
+
+A, B, C = "a" * 32, "b" * 32, "c" * 32
+STRANGER = "f" * 32
+HOSTS = (A, B, C)
+D1, D2, D3 = ("sha256:" + x * 64 for x in "123")
+OLD = Release("v1", D1)
+POLICY = RolloutPolicy(pull_timeout=100.0, stop_timeout=50.0, start_timeout=80.0)
+ABORT = dataclasses.replace(POLICY, on_trouble="abort")
+NO_STEPS = dataclasses.replace(POLICY, steps=())
+REV = 10
+
+
+def run(record: Rollout, *events: Event, now: float = 1.0, policy: RolloutPolicy = POLICY
+        ) -> tuple[Rollout, list[Command]]:
+    commands: list[Command] = []
+    for e in events:
+        record, cmds = step(record, e, now, policy)
+        commands.extend(cmds)
+    return record, commands
+
+
+def new(tag: str = "v2", hosts: tuple[str, ...] = HOSTS, previous: Release | None = OLD,
+        ledger: tuple[LedgerEntry, ...] = ()) -> Rollout:
+    record, _ = start_rollout(REV, tag, hosts, 0.0, previous=previous, ledger=ledger)
+    return record
+
+
+def pulled(record: Rollout, digest: str = D2) -> tuple[HostPulled, ...]:
+    return tuple(HostPulled(h, digest) for h in record.hosts)
+
+
+def at(phase: str) -> Rollout:
+    """A record in the named phase, reached the way the leader reaches it."""
+    r = new()
+    if phase == "resolve":
+        return r
+    r, _ = run(r, Resolved(D2))
+    if phase == "pull":
+        return r
+    r, _ = run(r, *pulled(r))
+    if phase == "stop":
+        return r
+    if phase == "rollback":
+        return run(r, BarrierDeadline(), now=1000.0)[0]
+    r, _ = run(r, *(HostStopped(h) for h in r.hosts))
+    if phase == "migrate":
+        return r
+    r, _ = run(r, MigrationSucceeded("migrate"), MigrationSucceeded("collectstatic"))
+    if phase == "start":
+        return r
+    if phase == "done":
+        return run(r, *(HostActive(h) for h in r.hosts))[0]
+    raise AssertionError(phase)
+
+
+def terminal(phase: Phase) -> Rollout:
+    if phase is Phase.DONE:
+        return at("done")
+    if phase is Phase.FAILED:
+        return run(at("pull"), Abort("ops"))[0]
+    if phase is Phase.SUPERSEDED:
+        return run(at("pull"), NewerVersion("v3", REV + 1))[0]
+    return run(at("start"), Abort("ops"))[0]  # HALTED
+
+
+RECORDS: dict[str, Rollout] = {
+    **{name: at(name) for name in ("resolve", "pull", "stop", "migrate", "start", "rollback")},
+    **{p.value: terminal(p) for p in sorted(TERMINAL)},
+}
+
+
+def sample(record: Rollout, etype: type[Event]) -> Event | None:
+    """A plausible event of the type for the record (right host, digest, step), or None when no
+    event of that type can be plausible there."""
+    host = record.hosts[0] if record.hosts else A
+    ran = {e.ok: e.step for e in record.ledger if e.revision == record.revision}
+    if etype in (MigrationSucceeded, MigrationFailed):
+        name = record.migrating or ran.get(etype is MigrationSucceeded)
+        if name is None:
+            return None
+        return MigrationSucceeded(name) if etype is MigrationSucceeded else MigrationFailed(name, "boom")
+    events: dict[type[Any], Event] = {
+        Resolved: Resolved(record.digest or D2),
+        ResolveFailed: ResolveFailed("manifest unknown"),
+        HostPulled: HostPulled(host, record.digest or D2),
+        HostPullFailed: HostPullFailed(host, "registry down", permanent=False),
+        HostLost: HostLost(host),
+        BarrierDeadline: BarrierDeadline(),
+        HostStopped: HostStopped(host),
+        HostActive: HostActive(host),
+        HostFailed: HostFailed(host, "exit 1"),
+        NewerVersion: NewerVersion("v3", REV + 1),
+        Abort: Abort("ops"),
+        Resumed: Resumed(),
+    }
+    return events[etype]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table, rule by rule
+
+
+def test_the_records_are_in_their_phases() -> None:
+    assert {name: r.phase.value for name, r in RECORDS.items()} == {
+        "resolve": "resolve", "pull": "pull", "stop": "stop", "migrate": "migrate", "start": "start",
+        "rollback": "start", "done": "done", "failed": "failed", "superseded": "superseded",
+        "halted": "halted"}
+    assert RECORDS["rollback"].rollback and RECORDS["rollback"].outcome is Phase.FAILED
+
+
+CASES = [(name, etype) for name in RECORDS for etype in EVENT_TYPES
+         if (RECORDS[name].phase, etype) in TRANSITIONS]
+
+
+@pytest.mark.parametrize(("name", "etype"), CASES, ids=[f"{n}-{t.__name__}" for n, t in CASES])
+def test_every_rule_leads_where_the_table_says(name: str, etype: type[Event]) -> None:
+    record = RECORDS[name]
+    event = sample(record, etype)
+    rule = TRANSITIONS[record.phase, etype]
+    if event is None:
+        event = MigrationFailed("migrate", "x") if etype is MigrationFailed else MigrationSucceeded("migrate")
+        if record.phase not in TERMINAL:  # a guarded rule: no event of the type fits this record
+            with pytest.raises(IllegalTransition):
+                step(record, event, 1000.0, POLICY)
+            return
+    new_record, commands = step(record, event, 1000.0, POLICY)
+    assert new_record.phase in rule.to
+    assert Rollout.decode(new_record.encode(), "test") == new_record
+    if rule.late:
+        assert new_record == record and commands == ()
+    if record.phase in TERMINAL:
+        assert new_record == record
+
+
+ILLEGAL = {
+    Phase.RESOLVE: {HostPulled, HostPullFailed, BarrierDeadline, HostStopped, MigrationSucceeded,
+                    MigrationFailed, HostActive, HostFailed},
+    Phase.PULL: {ResolveFailed, HostStopped, MigrationSucceeded, MigrationFailed, HostActive, HostFailed},
+    Phase.STOP: {Resolved, ResolveFailed, MigrationSucceeded, MigrationFailed, HostActive, HostFailed},
+    Phase.MIGRATE: {Resolved, ResolveFailed, HostActive, HostFailed},
+    Phase.START: {Resolved, ResolveFailed},
+    **{p: set() for p in TERMINAL},
+}
+
+
+def test_the_table_is_exactly_the_legal_pairs() -> None:
+    for phase in Phase:
+        legal = {etype for (p, etype) in TRANSITIONS if p is phase}
+        assert legal == set(EVENT_TYPES) - ILLEGAL[phase], phase
+        assert legal | ILLEGAL[phase] == set(EVENT_TYPES)
+    for (phase, _), r in TRANSITIONS.items():
+        if phase in TERMINAL:
+            assert r.to == {phase}
+
+
+ILLEGAL_CASES = [(name, etype) for name in RECORDS for etype in ILLEGAL[RECORDS[name].phase]]
+
+
+@pytest.mark.parametrize(("name", "etype"), ILLEGAL_CASES,
+                         ids=[f"{n}-{t.__name__}" for n, t in ILLEGAL_CASES])
+def test_illegal_pairs_raise_naming_phase_and_event(name: str, etype: type[Event]) -> None:
+    record = RECORDS[name]
+    before = record.encode()
+    event = sample(record, etype) or (MigrationFailed("migrate", "x") if etype is MigrationFailed
+                                      else MigrationSucceeded("migrate"))
+    with pytest.raises(IllegalTransition) as info:
+        step(record, event, 1000.0, POLICY)
+    assert record.phase.value in str(info.value) and etype.__name__ in str(info.value)
+    assert isinstance(info.value, NormError)
+    assert info.value.phase is record.phase and info.value.event == event
+    assert record.encode() == before
+
+
+@pytest.mark.parametrize(("name", "event"), [
+    ("pull", HostPulled(STRANGER, D2)),  # not a participant
+    ("stop", HostPulled(A, D3)),  # counted with another digest
+    ("stop", HostStopped(STRANGER)),
+    ("pull", Resolved(D3)),  # a second, different resolution
+    ("migrate", MigrationSucceeded("collectstatic")),  # not the running step
+    ("migrate", MigrationFailed("other", "x")),
+    ("start", MigrationFailed("migrate", "x")),  # the ledger says it succeeded
+    ("start", HostActive(STRANGER)),
+])
+def test_guarded_rules_refuse_inconsistent_events(name: str, event: Event) -> None:
+    with pytest.raises(IllegalTransition):
+        step(RECORDS[name], event, 1000.0, POLICY)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios
+
+
+def test_a_whole_rollout() -> None:
+    r, cmds = start_rollout(REV, "v2", [B, A, C, A], 0.0, previous=OLD)
+    assert r.hosts == HOSTS and r.phase is Phase.RESOLVE and cmds == (ResolveTag("v2"),)
+    r, cmds = step(r, Resolved(D2), 1.0, POLICY)
+    assert cmds == (PullOnHosts(HOSTS, D2), ArmDeadline(101.0))
+    r, cmds = run(r, *pulled(r)[:2])
+    assert r.phase is Phase.PULL and cmds == [] and barrier_state(r) == ((A, B), (C,), ())
+    r, cmds = step(r, HostPulled(C, D2), 2.0, POLICY)
+    assert r.phase is Phase.STOP and cmds == (StopOnHosts(HOSTS), ArmDeadline(52.0))
+    r, cmds = run(r, *(HostStopped(h) for h in HOSTS))
+    assert r.phase is Phase.MIGRATE and cmds == [RunMigration("migrate", D2)] and r.deadline is None
+    r, cmds = run(r, MigrationSucceeded("migrate"))
+    assert cmds == [RunMigration("collectstatic", D2)]
+    r, cmds = step(r, MigrationSucceeded("collectstatic"), 3.0, POLICY)
+    assert cmds == (StartOnHosts(HOSTS, Release("v2", D2)), ArmDeadline(83.0))
+    assert [(e.step, e.ok) for e in r.ledger] == [("migrate", True), ("collectstatic", True)]
+    r, cmds = run(r, HostActive(A), HostActive(B), HostActive(C), now=4.0)
+    assert r.phase is Phase.DONE and r.outcome is Phase.DONE and r.ended_at == 4.0
+    assert cmds == [RecordOutcome(REV, Phase.DONE, None)]
+
+
+@pytest.mark.parametrize("tag", ["", "-v2", "v2\n", "x" * 129, "v2 beta"])
+def test_an_invalid_tag_fails_and_touches_nothing(tag: str) -> None:
+    r, cmds = start_rollout(REV, tag, HOSTS, 0.0)
+    assert r.phase is Phase.FAILED and r.reason
+    assert cmds == (RecordOutcome(REV, Phase.FAILED, r.reason),)
+
+
+def test_no_participating_host_fails() -> None:
+    r, _ = start_rollout(REV, "v2", [], 0.0)
+    assert r.phase is Phase.FAILED and r.reason == "no participating host"
+
+
+def test_an_unknown_tag_or_a_malformed_digest_fails_in_resolve() -> None:
+    r, cmds = run(new(), ResolveFailed("manifest unknown"))
+    assert r.phase is Phase.FAILED and "manifest unknown" in (r.reason or "")
+    assert [type(c) for c in cmds] == [RecordOutcome]
+    r, _ = run(new(), Resolved("sha256:xyz"))
+    assert r.phase is Phase.FAILED and "malformed digest" in (r.reason or "")
+
+
+@pytest.mark.parametrize("event", [HostLost(B), HostPullFailed(B, "no space", permanent=True),
+                                   HostPulled(B, D3)])
+def test_trouble_before_the_cutover_excludes_the_host(event: Event) -> None:
+    r, cmds = run(at("pull"), HostPulled(A, D2), HostPulled(C, D2), event)
+    assert r.phase is Phase.STOP and r.hosts == (A, C)
+    assert barrier_state(r) == ((A, C), (), (B,))
+    assert isinstance(cmds[0], HostsExcluded) and cmds[0].hosts == (B,)
+    assert StopOnHosts((A, C)) in cmds
+
+
+@pytest.mark.parametrize("event", [HostLost(B), HostPullFailed(B, "no space", permanent=True),
+                                   HostPulled(B, D3), BarrierDeadline()])
+def test_trouble_before_the_cutover_aborts_under_that_policy(event: Event) -> None:
+    r, cmds = run(at("pull"), HostPulled(A, D2), event, policy=ABORT, now=500.0)
+    assert r.phase is Phase.FAILED and B in (r.reason or "")
+    assert not any(isinstance(c, StopOnHosts) for c in cmds)
+
+
+def test_a_host_lost_while_resolving_is_excluded_and_the_last_one_fails() -> None:
+    r, _ = run(new(), HostLost(A), HostLost(STRANGER))
+    assert r.phase is Phase.RESOLVE and r.hosts == (B, C)
+    r, _ = run(r, HostLost(B), HostLost(C))
+    assert r.phase is Phase.FAILED and r.reason == "no participating host left"
+
+
+def test_transient_pull_failures_wait_for_the_deadline() -> None:
+    r, cmds = run(at("pull"), HostPullFailed(A, "timeout", permanent=False))
+    assert r.phase is Phase.PULL and cmds == [] and r.host(A) is not None and r.host(A).reason == "timeout"  # type: ignore[union-attr]
+    assert step(r, BarrierDeadline(), 50.0, POLICY) == (r, ())  # early: no-op
+    r, _ = run(r, HostPulled(B, D2), HostPulled(C, D2))
+    r, cmds = step(r, BarrierDeadline(), 101.0, POLICY)
+    assert r.phase is Phase.STOP and r.hosts == (B, C) and r.excluded[0].reason == "did not pull in time"
+
+
+def test_every_host_slow_fails_without_stopping_anything() -> None:
+    r, cmds = step(at("pull"), BarrierDeadline(), 101.0, POLICY)
+    assert r.phase is Phase.FAILED and r.reason == "no participating host left"
+    assert not any(isinstance(c, StopOnHosts) for c in cmds)
+
+
+def test_late_and_duplicate_reports_change_nothing() -> None:
+    r = at("stop")
+    for e in (HostPulled(A, D2), HostPullFailed(A, "x", permanent=True)):
+        assert step(r, e, 9.0, POLICY) == (r, ())
+    r, _ = run(r, HostStopped(A))
+    assert step(r, HostStopped(A), 9.0, POLICY) == (r, ())
+    r = run(at("pull"), HostLost(A))[0]
+    assert step(r, HostPulled(A, D2), 9.0, POLICY) == (r, ())  # excluded: late
+
+
+def test_a_stop_that_does_not_complete_rolls_back() -> None:
+    r, _ = run(at("stop"), HostStopped(A))
+    r, cmds = step(r, BarrierDeadline(), 1000.0, POLICY)
+    assert r.phase is Phase.START and r.rollback and r.outcome is Phase.FAILED
+    assert cmds == (RestartOldRelease(HOSTS, OLD), ArmDeadline(1080.0))
+    assert duty(r, B) == RestartOldRelease((B,), OLD)
+    r, cmds = run(r, *(HostActive(h) for h in HOSTS))
+    assert r.phase is Phase.FAILED and "did not stop in time: b" in (r.reason or "")
+
+
+def test_a_failed_migration_restarts_the_old_release() -> None:
+    r, cmds = run(at("migrate"), MigrationFailed("migrate", "column exists"))
+    assert r.phase is Phase.START and r.rollback
+    assert cmds == [RestartOldRelease(HOSTS, OLD), ArmDeadline(81.0)]
+    assert not any(isinstance(c, StartOnHosts) for c in cmds)
+    assert [(e.step, e.ok) for e in r.ledger] == [("migrate", False)]
+    r, _ = run(r, HostActive(A), HostFailed(B, "exit 1"), HostActive(C))
+    assert r.phase is Phase.FAILED and "column exists" in (r.reason or "") and "b" * 32 in (r.reason or "")
+
+
+def test_a_failed_migration_without_an_old_release_fails() -> None:
+    r = new(previous=None)
+    r, _ = run(r, Resolved(D2), *pulled(r), *(HostStopped(h) for h in HOSTS), MigrationFailed("migrate", "x"))
+    assert r.phase is Phase.FAILED and "no earlier release" in (r.reason or "")
+
+
+def test_hosts_that_do_not_start_fail_the_rollout() -> None:
+    r, _ = run(at("start"), HostActive(A), HostFailed(B, "exit 1"))
+    r, _ = step(r, BarrierDeadline(), 1000.0, POLICY)
+    assert r.phase is Phase.FAILED and r.host(C).reason == "no report in time"  # type: ignore[union-attr]
+    assert "b" * 32 in (r.reason or "") and "c" * 32 in (r.reason or "")
+
+
+def test_hosts_lost_after_the_cutover_are_dropped() -> None:
+    r, _ = run(at("stop"), HostStopped(A), HostStopped(B), HostLost(C))
+    assert r.phase is Phase.MIGRATE and r.hosts == (A, B)
+    r, _ = run(r, HostLost(B), MigrationSucceeded("migrate"), MigrationSucceeded("collectstatic"))
+    r, _ = run(r, HostActive(A))
+    assert r.phase is Phase.DONE and [e.host for e in r.excluded] == [C, B]
+
+
+def test_no_steps_go_straight_to_start() -> None:
+    r = new()
+    r, cmds = run(r, Resolved(D2), *pulled(r), *(HostStopped(h) for h in HOSTS), policy=NO_STEPS)
+    assert r.phase is Phase.START and not any(isinstance(c, RunMigration) for c in cmds)
+
+
+def ledger_of(*runs: tuple[str, str, bool]) -> tuple[LedgerEntry, ...]:
+    return tuple(LedgerEntry(d, t, s, ok, i + 1, float(i)) for i, (d, t, s, ok) in
+                 enumerate((d, t, s, ok) for d, t, ok in runs for s in ("migrate", "collectstatic")))
+
+
+def test_setting_back_a_migrated_version_halts_and_touches_nothing() -> None:
+    ledger = ledger_of((D1, "v1", True), (D2, "v2", True))
+    assert is_setback(ledger, D1) and not is_setback(ledger, D2) and not is_setback(ledger, D3)
+    r, cmds = run(new("v1", previous=Release("v2", D2), ledger=ledger), Resolved(D1))
+    assert r.phase is Phase.HALTED and "operator" in (r.reason or "")
+    assert [type(c) for c in cmds] == [RecordOutcome]
+
+
+@pytest.mark.parametrize("compatible", ["v1", D1])
+def test_setting_back_a_compatible_version_restarts_without_migrating(compatible: str) -> None:
+    policy = dataclasses.replace(POLICY, compatible=frozenset({compatible}))
+    r = new("v1", previous=Release("v2", D2), ledger=ledger_of((D1, "v1", True), (D2, "v2", True)))
+    r, cmds = run(r, Resolved(D1), *pulled(r, D1), *(HostStopped(h) for h in HOSTS), policy=policy)
+    assert r.phase is Phase.START and r.steps == ()
+    assert not any(isinstance(c, RunMigration) for c in cmds)
+    assert StartOnHosts(HOSTS, Release("v1", D1)) in cmds
+
+
+def test_a_version_already_migrated_does_not_migrate_again() -> None:
+    ledger = (LedgerEntry(D2, "v2", "migrate", True, 3, 0.0),
+              LedgerEntry(D2, "v2", "collectstatic", False, 3, 0.0))
+    r = new(ledger=ledger)
+    r, cmds = run(r, Resolved(D2), *pulled(r), *(HostStopped(h) for h in HOSTS))
+    assert cmds[-1] == RunMigration("collectstatic", D2)
+    assert not any(c == RunMigration("migrate", D2) for c in cmds)
+
+
+def test_a_newer_version_supersedes_before_the_cutover() -> None:
+    for name in ("resolve", "pull"):
+        r, cmds = run(RECORDS[name], NewerVersion("v3", REV + 5))
+        assert r.phase is Phase.SUPERSEDED
+        assert cmds[-1] == BeginRollout("v3", REV + 5)
+        assert not any(isinstance(c, StopOnHosts) for c in cmds)
+
+
+def test_a_newer_version_waits_for_a_rollout_that_cut_over() -> None:
+    r, cmds = run(at("stop"), NewerVersion("v3", REV + 1), NewerVersion("v4", REV + 2),
+                  NewerVersion("v3", REV + 1))
+    assert r.phase is Phase.STOP and cmds == [] and r.newer is not None and r.newer.tag == "v4"
+    r, cmds = run(r, *(HostStopped(h) for h in HOSTS), MigrationSucceeded("migrate"),
+                  MigrationSucceeded("collectstatic"), *(HostActive(h) for h in HOSTS))
+    assert r.phase is Phase.DONE and cmds[-1] == BeginRollout("v4", REV + 2)
+
+
+def test_stale_versions_are_ignored_and_terminal_records_start_the_next() -> None:
+    assert step(at("pull"), NewerVersion("v0", REV), 1.0, POLICY) == (at("pull"), ())
+    done = at("done")
+    assert step(done, NewerVersion("v3", REV + 1), 1.0, POLICY) == (done, (BeginRollout("v3", REV + 1),))
+
+
+def test_abort() -> None:
+    r, cmds = run(at("stop"), Abort("ops"))
+    assert r.phase is Phase.START and r.rollback and r.reason == "aborted by ops"
+    r, cmds = run(at("migrate"), Abort("ops"), Abort("bob"))
+    assert r.phase is Phase.MIGRATE and r.abort_by == "ops" and cmds == []
+    r, cmds = run(r, MigrationSucceeded("migrate"))
+    assert r.phase is Phase.HALTED and not any(isinstance(c, RunMigration) for c in cmds)
+    r, _ = run(at("migrate"), Abort("ops"), MigrationFailed("migrate", "x"))
+    assert r.phase is Phase.START and r.rollback
+    assert step(at("rollback"), Abort("ops"), 1.0, POLICY) == (at("rollback"), ())
+
+
+def test_a_new_leader_resumes_from_the_record() -> None:
+    assert step(at("resolve"), Resumed(), 1.0, POLICY)[1] == (ResolveTag("v2"),)
+    r, _ = run(at("pull"), HostPulled(A, D2))
+    r = Rollout.decode(r.encode(), "etcd")
+    assert step(r, Resumed(), 5.0, POLICY)[1] == (PullOnHosts((B, C), D2), ArmDeadline(101.0))
+    r, _ = run(at("stop"), HostStopped(B))
+    assert step(r, Resumed(), 5.0, POLICY)[1] == (StopOnHosts((A, C)), ArmDeadline(51.0))
+    r, cmds = step(at("migrate"), Resumed(), 5.0, POLICY)
+    assert r.phase is Phase.HALTED and "migrate" in (r.reason or "")
+    assert not any(isinstance(c, RunMigration) for c in cmds)
+    r, _ = run(at("start"), HostActive(C))
+    assert step(r, Resumed(), 5.0, POLICY)[1][0] == StartOnHosts((A, B), Release("v2", D2))
+    assert step(at("rollback"), Resumed(), 5.0, POLICY)[1][0] == RestartOldRelease(HOSTS, OLD)
+
+
+def test_duty_tells_each_host_what_to_do() -> None:
+    assert duty(at("resolve"), A) is None
+    assert duty(at("pull"), A) == PullOnHosts((A,), D2)
+    assert duty(run(at("pull"), HostPulled(A, D2))[0], A) is None
+    assert duty(at("stop"), A) == StopOnHosts((A,))
+    assert duty(at("migrate"), A) is None
+    assert duty(at("start"), A) == StartOnHosts((A,), Release("v2", D2))
+    assert duty(at("start"), STRANGER) is None
+    assert duty(at("done"), A) is None
+
+
+def test_participants_by_environment_and_role() -> None:
+    def h(mid: str, env: str, role: str) -> HostRecord:
+        return HostRecord(mid, mid[:4], env, role, "1")
+    fleet = [h(C, "prod", "django"), h(A, "prod", "celery"), h(B, "stage", "django")]
+    assert participants(fleet, "prod") == (A, C)
+    assert participants(fleet, "prod", frozenset({"django"})) == (C,)
+
+
+def test_policy_is_validated() -> None:
+    with pytest.raises(ValueError):
+        RolloutPolicy(pull_timeout=0)
+    with pytest.raises(ValueError):
+        RolloutPolicy(steps=("migrate", "migrate"))
+    with pytest.raises(ValueError):
+        RolloutPolicy(on_trouble="ignore")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The record in etcd
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_records_round_trip(name: str) -> None:
+    r = RECORDS[name]
+    assert Rollout.decode(r.encode(), "etcd") == r
+
+
+GOOD = json.loads(RECORDS["rollback"].encode())
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: [],
+    lambda d: {**d, "phase": "dancing"},
+    lambda d: {**d, "revision": True},
+    lambda d: {**d, "revision": 0},
+    lambda d: {**d, "hosts": [B, A]},
+    lambda d: {**d, "hosts": "abc"},
+    lambda d: {**d, "digest": "sha256:nope"},
+    lambda d: {**d, "digest": None},
+    lambda d: {**d, "progress": d["progress"][:1]},
+    lambda d: {**d, "progress": [{**d["progress"][0], "status": "sleeping"}, *d["progress"][1:]]},
+    lambda d: {**d, "ledger": [{"digest": D1}]},
+    lambda d: {**d, "previous": None},
+    lambda d: {**d, "deadline": "soon"},
+    lambda d: {**d, "rollback": 1},
+    lambda d: {**d, "extra": 1},
+    lambda d: {k: v for k, v in d.items() if k != "tag"},
+])
+def test_garbage_records_are_refused(mutate: Any) -> None:
+    with pytest.raises(InvalidValue) as info:
+        Rollout.decode(json.dumps(mutate(dict(GOOD))).encode(), "/norm/rollout")
+    assert info.value.where == "/norm/rollout"
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=200)
+def test_arbitrary_bytes_are_refused_or_decoded(raw: bytes) -> None:
+    with contextlib.suppress(InvalidValue):
+        Rollout.decode(raw, "x")
+
+
+def test_deep_nesting_is_refused() -> None:
+    with pytest.raises(InvalidValue):
+        Rollout.decode(b"[" * 100000 + b"]" * 100000, "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invariants under random event sequences
+
+
+TAG_DIGEST = {"v1": D1, "v2": D2, "v3": D3}
+MACHINE_HOSTS = (A, B, C, STRANGER)
+
+
+class RolloutMachine(RuleBasedStateMachine):
+    """One leader's view over a chain of rollouts; the events are arbitrary, the checks are not."""
+
+    @initialize(policy=st.sampled_from([POLICY, ABORT, dataclasses.replace(POLICY, steps=("migrate",))]),
+                hosts=st.sets(st.sampled_from(HOSTS), min_size=1))
+    def begin(self, policy: RolloutPolicy, hosts: set[str]) -> None:
+        self.policy = policy
+        self.now = 0.0
+        self.revision = REV
+        self.hosts = tuple(sorted(hosts))
+        self.succeeded: set[tuple[str, str]] = set()  # (digest, step) migrated successfully
+        self.outstanding: set[tuple[str, str]] = set()
+        self.begin_rollout(OLD, "v2", (), ())
+
+    def begin_rollout(self, previous: Release | None, tag: str, ledger: tuple[LedgerEntry, ...],
+                      hosts: tuple[str, ...]) -> None:
+        self.record, cmds = start_rollout(self.revision, tag, hosts or self.hosts, self.now,
+                                          previous=previous, ledger=ledger)
+        self.commands: list[Command] = list(cmds)
+        self.phases = [self.record.phase]
+        self.pulled_ok: set[str] = set()  # hosts whose pull of the rollout's digest the machine accepted
+        self.running_new = False
+
+    def apply(self, event: Event) -> None:
+        before, encoded = self.record, self.record.encode()
+        try:
+            record, cmds = step(self.record, event, self.now, self.policy)
+        except IllegalTransition:
+            assert self.record is before and self.record.encode() == encoded
+            return
+        if before.terminal:
+            assert record == before, "terminal phases never change"
+        if (isinstance(event, HostPulled) and before.digest == event.digest
+                and event.host in before.hosts and record.host(event.host) is not None):
+            self.pulled_ok.add(event.host)
+        for c in cmds:
+            self.check_command(before, record, c)
+        self.commands.extend(cmds)
+        if isinstance(event, Resumed) and record.phase is Phase.HALTED and before.migrating:
+            self.outstanding.clear()  # whether it ran is for the operator to find out
+        self.record = record
+        if record.phase is not self.phases[-1]:
+            self.phases.append(record.phase)
+        if record.phase in TERMINAL and before.phase in (Phase.RESOLVE, Phase.PULL):
+            assert not any(isinstance(c, StopOnHosts) for c in self.commands), "stopped before cut-over"
+        if record.phase is Phase.SUPERSEDED:
+            assert Phase.START not in self.phases and Phase.STOP not in self.phases
+            assert not any(isinstance(c, StartOnHosts | RestartOldRelease | StopOnHosts | RunMigration)
+                           for c in self.commands)
+        for c in cmds:
+            if isinstance(c, BeginRollout):
+                self.revision = c.revision
+                self.begin_rollout(record.release if self.running_new else record.previous, c.tag,
+                                   record.ledger, ())
+
+    def check_command(self, before: Rollout, after: Rollout, c: Command) -> None:
+        if isinstance(c, RunMigration):
+            key = (c.image_digest, c.step)
+            assert key not in self.succeeded, f"{key} migrated twice"
+            assert key not in self.outstanding, f"{key} issued while running"
+            assert c.image_digest == after.digest
+            self.outstanding = {key}
+        if isinstance(c, StartOnHosts):
+            assert c.release == after.release and not after.rollback
+            assert set(c.hosts) <= self.pulled_ok and set(after.hosts) <= self.pulled_ok, \
+                "started before every participating host pulled the digest"
+            assert all(p.digest == after.digest for p in after.progress)
+            self.running_new = True
+        if isinstance(c, StopOnHosts):
+            assert set(after.hosts) <= self.pulled_ok
+
+    def settle_migration(self, event: MigrationSucceeded | MigrationFailed) -> None:
+        key = (self.record.digest or "", event.step)
+        if self.record.migrating == event.step and self.record.phase is Phase.MIGRATE:
+            self.outstanding.discard(key)
+            if isinstance(event, MigrationSucceeded):
+                self.succeeded.add(key)
+
+    @rule(data=st.data())
+    def helpful_event(self, data: st.DataObject) -> None:
+        """An event that moves the rollout on: random sequences alone rarely cross every barrier."""
+        r = self.record
+        waiting = [p.host for p in r.progress if
+                   (r.phase is Phase.PULL and p.status is HostStatus.PENDING)
+                   or (r.phase is Phase.STOP and p.status is HostStatus.PULLED)
+                   or (r.phase is Phase.START and p.status is HostStatus.STOPPED)]
+        options: list[Event] = []
+        if r.phase is Phase.RESOLVE:
+            options.append(Resolved(TAG_DIGEST.get(r.tag, D3)))
+        for h in waiting:
+            options.append({Phase.PULL: HostPulled(h, r.digest or D2), Phase.STOP: HostStopped(h),
+                            Phase.START: HostActive(h)}[r.phase])
+        if r.migrating:
+            options.append(MigrationSucceeded(r.migrating))
+        if options:
+            event = data.draw(st.sampled_from(options))
+            if isinstance(event, MigrationSucceeded):
+                self.settle_migration(event)
+            self.apply(event)
+
+    @rule(event=st.one_of(
+        st.builds(Resolved, st.sampled_from([D1, D2, D3, "sha256:bad"])),
+        st.builds(ResolveFailed, st.just("unknown")),
+        st.builds(HostPulled, st.sampled_from(MACHINE_HOSTS), st.sampled_from([D1, D2, D3])),
+        st.builds(HostPullFailed, st.sampled_from(MACHINE_HOSTS), st.just("x"), st.booleans()),
+        st.builds(HostLost, st.sampled_from(MACHINE_HOSTS)),
+        st.just(BarrierDeadline()),
+        st.builds(HostStopped, st.sampled_from(MACHINE_HOSTS)),
+        st.builds(MigrationSucceeded, st.sampled_from(["migrate", "collectstatic", "other"])),
+        st.builds(MigrationFailed, st.sampled_from(["migrate", "collectstatic"]), st.just("boom")),
+        st.builds(HostActive, st.sampled_from(MACHINE_HOSTS)),
+        st.builds(HostFailed, st.sampled_from(MACHINE_HOSTS), st.just("exit 1")),
+        st.builds(NewerVersion, st.sampled_from(["v1", "v2", "v3", "bad tag"]),
+                  st.integers(REV - 1, REV + 30)),
+        st.builds(Abort, st.just("ops")),
+        st.just(Resumed()),
+    ))
+    def any_event(self, event: Event) -> None:
+        if isinstance(event, MigrationSucceeded | MigrationFailed):
+            self.settle_migration(event)
+        self.apply(event)
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 200.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def leader_changes(self) -> None:
+        self.record = Rollout.decode(self.record.encode(), "etcd")
+        self.apply(Resumed())
+
+    @invariant()
+    def round_trips(self) -> None:
+        assert Rollout.decode(self.record.encode(), "etcd") == self.record
+
+    @invariant()
+    def terminal_means_an_outcome(self) -> None:
+        r = self.record
+        if r.terminal:
+            assert r.outcome is r.phase and r.ended_at is not None and r.deadline is None
+        if r.rollback:
+            assert r.outcome is Phase.FAILED and r.phase in (Phase.START, Phase.FAILED)
+
+
+TestRolloutMachine = RolloutMachine.TestCase
+TestRolloutMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
