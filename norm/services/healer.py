@@ -81,7 +81,6 @@ class Healer:
         self.synced = asyncio.Event()
         self.traces: deque[HealTrace] = deque(maxlen=1000)
         self.resyncs = 0  # safety-net re-reads done
-        self.changed = asyncio.Condition()  # notified after every decision pass, for observers
         self._summary_dirty = asyncio.Event()
 
     # -- operator actions

@@ -33,7 +33,6 @@ class LeaderElection:
         self._registration = registration
         self._metrics = metrics
         self.leadership: Leadership | None = None
-        self.changed = asyncio.Event()
 
     def is_leader(self) -> bool:
         return self.leadership is not None and self.leadership.valid()
@@ -77,5 +76,3 @@ class LeaderElection:
     def _set(self, leadership: Leadership | None) -> None:
         self.leadership = leadership
         self._metrics.leader.set(1 if leadership else 0)
-        self.changed.set()
-        self.changed.clear()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 
 import structlog
@@ -43,13 +42,6 @@ class Registration:
                 lambda: self._lease is not None and not self._lease.lost.is_set())
             assert self._lease is not None
             return self._lease
-
-    async def update(self, **changes: object) -> None:
-        """Change what the record says (the running release, say) and publish it if registered."""
-        self.record = dataclasses.replace(self.record, **changes)  # type: ignore[arg-type]
-        lease = self._lease
-        if lease is not None and lease.valid():
-            await self._etcd.put(self.key, self.record.encode(), lease=lease.id)
 
     async def run(self, stopping: asyncio.Event) -> None:
         failures = 0
