@@ -846,7 +846,7 @@ TestHealingMachine.settings = settings(deadline=None, max_examples=250, stateful
 # Cases that were once wrong in norm/core/healing.py
 
 
-def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_healthy() -> None:
+def test_wake_at_covers_the_end_of_a_quarantine_while_the_unit_is_healthy() -> None:
     shell = Shell(HealPolicy(budget=1, window=50.0, cooldown=100.0, forget_after=300.0))
     shell.decide(0.0, FAILED)
     assert shell.decide(1.0, FAILED).commands == (Quarantine(U, 101.0, 1),)
@@ -854,11 +854,11 @@ def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_healthy() -> N
     # At 101 the decision changes with no new observation (QuarantineLifted "cooldown")...
     assert decide({U: ACTIVE}, d.history, NOBODY, 101.0, shell.policy).commands \
         == (QuarantineLifted(U, "cooldown"),)
-    # ... but wake_at is 390 (the forget time), so the healer sleeps through it.
+    # ... so wake_at must not be the later forget time (390): the healer wakes for the lift.
     assert d.wake_at is not None and d.wake_at <= 101.0
 
 
-def test_wake_at_misses_the_end_of_a_quarantine_while_the_unit_is_unloadable() -> None:
+def test_wake_at_covers_the_end_of_a_quarantine_while_the_unit_is_unloadable() -> None:
     shell = Shell(HealPolicy(budget=1, window=50.0, cooldown=100.0))
     shell.decide(0.0, FAILED)
     assert shell.decide(1.0, FAILED).commands == (Quarantine(U, 101.0, 1),)
