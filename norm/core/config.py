@@ -111,6 +111,39 @@ class DockerConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    image: str | None = _doc(
+        "Image repository the desired tag names (registry.example.com/djed/app); update mode is off "
+        "while unset.", default=None)
+    release_file: str = _doc(
+        "The release file Norm writes for the units' EnvironmentFile= (image pinned by digest).",
+        default="/run/norm/release.env")
+    roles: tuple[str, ...] = _doc(
+        "Roles that take part in updates (hosts of the leader's environment); every role when empty.",
+        default=())
+    steps: tuple[str, ...] = _doc(
+        "One-off commands run once per version by the leader in the new image, in order, between the "
+        "fleet's stop and start (migrations, then static files).", default=("migrate", "collectstatic"))
+    steps_env_file: str | None = _doc(
+        "Environment file (KEY=VALUE lines) given to the one-off commands.", default=None)
+    steps_network: str = _doc("Docker network of the one-off commands' containers.", default="host")
+    steps_mounts: tuple[str, ...] = _doc(
+        "Bind mounts of the one-off commands' containers, as host_path:container_path.", default=())
+    compatible: tuple[str, ...] = _doc(
+        "Tags or digests safe to set the fleet back to without a down-migration.", default=())
+    pull_timeout: float = _doc("Seconds every host has to pull the new image (the pull barrier).",
+                               default=600.0)
+    stop_timeout: float = _doc("Seconds every host has to stop the units.", default=120.0)
+    migration_timeout: float = _doc("Seconds one one-off command may run before it is killed.",
+                                    default=1800.0)
+    start_timeout: float = _doc("Seconds every host has to start the new release.", default=300.0)
+    on_trouble: Literal["exclude", "abort"] = _doc(
+        "What happens to a rollout when a host dies, fails to pull or is too slow before the cut-over: "
+        "exclude the host (it gets the release later), or abort the rollout.", default="exclude")
+    history: int = _doc("Finished rollouts kept in etcd.", default=20)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = _doc("host:port of the /metrics, /healthz and /readyz endpoint.",
                        default="127.0.0.1:9847")
@@ -141,6 +174,7 @@ class Config:
     systemd: SystemdConfig = field(default_factory=SystemdConfig)
     healing: HealingConfig = field(default_factory=HealingConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -320,6 +354,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_IMAGE_REPO = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+
+
+def step_name(command: str) -> str:
+    """A one-off command's name in the ledger and in keys: its words, lowercased, joined by '-'."""
+    return re.sub(r"[^a-z0-9_]+", "-", command.lower()).strip("-_")[:63].strip("-_")
+
+
 def _validate(config: Config, tree: RawTree) -> None:
     def fail(dotted: str, reason: str) -> typing.NoReturn:
         raise ConfigError(dotted, _source(tree, dotted), reason)
@@ -420,6 +464,28 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("healing.cooldown", "must be at least healing.window (a quarantine starts a fresh budget)")
     if not 1 <= heal.resync_interval <= 86400:
         fail("healing.resync_interval", "must be from 1 to 86400 seconds")
+
+    up = config.update
+    if up.image is not None and not _IMAGE_REPO.fullmatch(up.image):
+        fail("update.image", "must be an image repository without tag or digest, such as "
+             "registry.example.com/djed/app")
+    if not up.release_file.startswith("/") or up.release_file.endswith("/"):
+        fail("update.release_file", "must be an absolute file path")
+    for role in up.roles:
+        if not _LABEL.fullmatch(role):
+            fail("update.roles", "each role must be 1 to 63 letters, digits, '_', '.' or '-'")
+    names = [step_name(c) for c in up.steps]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        fail("update.steps", "each step must be a distinct, non-empty command")
+    for mount in up.steps_mounts:
+        src, sep, dst = mount.partition(":")
+        if not sep or not src.startswith("/") or not dst.startswith("/"):
+            fail("update.steps_mounts", "each mount must be /host/path:/container/path")
+    for name in ("pull_timeout", "stop_timeout", "start_timeout", "migration_timeout"):
+        if not 0 < getattr(up, name) <= 86400:
+            fail(f"update.{name}", "must be more than 0 and at most 86400 seconds")
+    if not 1 <= up.history <= 1000:
+        fail("update.history", "must be from 1 to 1000 rollouts")
 
     if not 0 < config.agent.shutdown_timeout <= 600:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")

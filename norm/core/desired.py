@@ -46,5 +46,6 @@ class Desired:
 
     version: str | None = None
     version_revision: int = 0
+    version_refused: str | None = None  # why the value written at version_revision was refused
     environment: str | None = None
     environment_revision: int = 0

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import parse_version
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
@@ -86,9 +87,12 @@ class RolloutPolicy:
     on_trouble: Literal["exclude", "abort"] = "exclude"  # hosts lost, failing or slow before cut-over
     steps: tuple[str, ...] = ("migrate", "collectstatic")  # one-off commands, in order
     compatible: frozenset[str] = frozenset()  # tags or digests safe to set back to without migrating
+    migration_timeout: float = 1800.0  # seconds one step may run; its result is awaited this long
+    # and `stop_timeout` more (the migrator's agent may be restarting and adopting the container)
 
     def __post_init__(self) -> None:
-        if not (self.pull_timeout > 0 and self.stop_timeout > 0 and self.start_timeout > 0):
+        if not (self.pull_timeout > 0 and self.stop_timeout > 0 and self.start_timeout > 0
+                and self.migration_timeout > 0):
             raise ValueError("rollout timeouts must be more than 0")
         if self.on_trouble not in ("exclude", "abort"):
             raise ValueError("on_trouble is 'exclude' or 'abort'")
@@ -158,6 +162,7 @@ class Rollout:
     deadline: float | None = None  # the current barrier's deadline
     steps: tuple[str, ...] = ()  # steps this rollout must run, fixed when resolved
     migrating: str | None = None  # step issued and not yet reported
+    migrator: str | None = None  # the host running it: the leader that issued it (set by the shell)
     ledger: tuple[LedgerEntry, ...] = ()
     rollback: bool = False  # START is restarting `previous`
     outcome: Phase | None = None  # decided outcome (terminal phase), also during a rollback
@@ -425,6 +430,15 @@ def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
     return record, (ResolveTag(tag),)
 
 
+def refused_rollout(revision: int, reason: str, now: float, previous: Release | None = None,
+                    ledger: tuple[LedgerEntry, ...] = ()) -> Result:
+    """The record of a desired value that was refused (never stored: it may be hostile): failed at
+    once, nothing touched."""
+    record = Rollout(revision=revision, tag="", hosts=(), phase=Phase.RESOLVE, started_at=now,
+                     updated_at=now, previous=previous, ledger=ledger)
+    return _finish(record, Phase.FAILED, f"the desired version was refused: {reason}", now)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Transition rules
 
@@ -498,8 +512,9 @@ def _next_step(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     done = steps_done(record.ledger, record.digest)
     todo = [s for s in record.steps if s not in done]
     if todo:
-        return (_r(record, now, phase=Phase.MIGRATE, migrating=todo[0]),
-                (RunMigration(todo[0], record.digest),))
+        deadline = now + policy.migration_timeout + policy.stop_timeout
+        return (_r(record, now, phase=Phase.MIGRATE, migrating=todo[0], migrator=None, deadline=deadline),
+                (RunMigration(todo[0], record.digest), ArmDeadline(deadline)))
     deadline = now + policy.start_timeout
     release = record.release
     assert release is not None
@@ -546,6 +561,8 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
     if not _DIGEST.fullmatch(digest):
         return _finish(record, Phase.FAILED, "the registry answered with a malformed digest", now)
     record = _r(record, now, digest=digest)
+    if record.previous is not None and record.previous.digest == digest:
+        return _finish(record, Phase.DONE, f"{record.tag} is the release already running", now)
     steps = policy.steps
     if is_setback(record.ledger, digest):
         if record.tag not in policy.compatible and digest not in policy.compatible:
@@ -630,6 +647,10 @@ def _on_deadline(record: Rollout, event: BarrierDeadline, now: float, policy: Ro
     if record.phase is Phase.STOP:
         slow = [p.host for p in record.progress if p.status is not HostStatus.STOPPED]
         return _rollback(record, f"did not stop in time: {', '.join(slow)}", now, policy)
+    if record.phase is Phase.MIGRATE:
+        return _finish(record, Phase.HALTED,
+                       f"step {record.migrating} gave no result in time; it may or may not have run: "
+                       "an operator checks", now)
     # START: whoever has not reported has failed.
     for p in record.progress:
         if p.status is HostStatus.STOPPED:
@@ -656,7 +677,7 @@ def _on_migrated(record: Rollout, event: MigrationSucceeded, now: float, policy:
         return _on_late_migration(record, event, now, policy)
     assert record.digest is not None
     entry = LedgerEntry(record.digest, record.tag, event.step, True, record.revision, now)
-    record = _r(record, now, ledger=(*record.ledger, entry), migrating=None)
+    record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
     if record.abort_by is not None:
         return _finish(record, Phase.HALTED,
                        f"aborted by {record.abort_by} while step {event.step} ran; it completed, and "
@@ -670,7 +691,7 @@ def _on_migration_failed(record: Rollout, event: MigrationFailed, now: float,
         return _on_late_migration(record, event, now, policy)
     assert record.digest is not None
     entry = LedgerEntry(record.digest, record.tag, event.step, False, record.revision, now)
-    record = _r(record, now, ledger=(*record.ledger, entry), migrating=None)
+    record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
     return _rollback(record, f"step {event.step} failed: {event.reason}", now, policy)
 
 
@@ -732,9 +753,9 @@ def _on_resumed(record: Rollout, event: Resumed, now: float, policy: RolloutPoli
         return record, (StopOnHosts(left), *arm)
     if record.phase is Phase.MIGRATE:
         if record.migrating is not None:
-            return _finish(record, Phase.HALTED,
-                           f"step {record.migrating} was running when the leader changed; it may or may "
-                           "not have completed: an operator checks", now)
+            # The step runs on its migrator's engine whoever leads: wait for its report, within the
+            # deadline written when it was issued.
+            return record, arm
         return _next_step(record, now, policy)
     left = tuple(p.host for p in record.progress if p.status is HostStatus.STOPPED)
     if record.rollback:
@@ -764,7 +785,7 @@ R, P, S, M, T = Phase.RESOLVE, Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.STAR
 DONE, FAILED, SUPERSEDED, HALTED = Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED
 
 TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
-    (R, Resolved): _rule(_on_resolved, P, FAILED, HALTED),
+    (R, Resolved): _rule(_on_resolved, P, DONE, FAILED, HALTED),
     (R, ResolveFailed): _rule(_on_resolve_failed, FAILED),
     (R, HostLost): _rule(_on_lost, R, FAILED),
     (R, NewerVersion): _rule(_on_newer, R, SUPERSEDED),
@@ -793,12 +814,12 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (M, HostPullFailed): _rule(_on_late_host_report, M),
     (M, HostStopped): _rule(_on_late_host_report, M),
     (M, HostLost): _rule(_on_lost, M),
-    (M, BarrierDeadline): _rule(_late, M),  # the STOP timer, stale: MIGRATE has no deadline
+    (M, BarrierDeadline): _rule(_on_deadline, M, HALTED),
     (M, MigrationSucceeded): _rule(_on_migrated, M, T, HALTED),
     (M, MigrationFailed): _rule(_on_migration_failed, T, FAILED),
     (M, NewerVersion): _rule(_on_newer, M),
     (M, Abort): _rule(_on_abort, M),
-    (M, Resumed): _rule(_on_resumed, M, T, HALTED),
+    (M, Resumed): _rule(_on_resumed, M, T),
 
     (T, HostPulled): _rule(_on_late_pulled, T),
     (T, HostPullFailed): _rule(_on_late_host_report, T),
@@ -950,6 +971,7 @@ def _decode_rollout(d: dict[str, Any]) -> Rollout:
         deadline=_opt_float(d.get("deadline"), "deadline"),
         steps=tuple(_str(s, "steps") for s in _list(d.get("steps", []), "steps")),
         migrating=_opt_str(d.get("migrating"), "migrating"),
+        migrator=_opt_str(d.get("migrator"), "migrator"),
         ledger=tuple(ledger),
         rollback=_bool(d.get("rollback", False), "rollback"),
         outcome=None if outcome is None else Phase(outcome),
@@ -974,3 +996,12 @@ def _check_consistent(r: Rollout) -> None:
         raise ValueError("migrating: a step runs in the migrate phase")
     if r.rollback and (r.previous is None or r.outcome is not Phase.FAILED):
         raise ValueError("rollback: needs the previous release and a failed outcome")
+
+
+def policy_of(update: UpdateConfig) -> RolloutPolicy:
+    """The rollout policy the [update] section of the config describes."""
+    return RolloutPolicy(
+        pull_timeout=update.pull_timeout, stop_timeout=update.stop_timeout,
+        start_timeout=update.start_timeout, migration_timeout=update.migration_timeout,
+        on_trouble=update.on_trouble, steps=tuple(step_name(c) for c in update.steps),
+        compatible=frozenset(update.compatible))

@@ -63,7 +63,9 @@ class Healer:
 
     def __init__(self, systemd: Systemd, patterns: Sequence[str], policy: HealPolicy, metrics: Metrics,
                  holds: Holds, *, resync_interval: float = 60.0,
-                 publish: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+                 publish: Callable[[bytes], Awaitable[None]] | None = None,
+                 gate: asyncio.Event | None = None) -> None:
+        self._gate = gate  # set once units an update holds are known to be held
         self._systemd = systemd
         self.patterns = tuple(patterns)
         self.policy = policy
@@ -95,6 +97,9 @@ class Healer:
     # -- the service
 
     async def run(self, stopping: asyncio.Event) -> None:
+        if self._gate is not None and await first_of(stopping=stopping.wait(),
+                                                     gate=self._gate.wait()) == "stopping":
+            return
         try:
             await first_of(
                 stopping=stopping.wait(),

@@ -33,6 +33,9 @@ class LeaderElection:
         self._registration = registration
         self._metrics = metrics
         self.leadership: Leadership | None = None
+        self.elected = asyncio.Event()  # set while this agent leads
+        self.deposed = asyncio.Event()  # set while it does not
+        self.deposed.set()
 
     def is_leader(self) -> bool:
         return self.leadership is not None and self.leadership.valid()
@@ -76,3 +79,5 @@ class LeaderElection:
     def _set(self, leadership: Leadership | None) -> None:
         self.leadership = leadership
         self._metrics.leader.set(1 if leadership else 0)
+        (self.elected.set if leadership else self.elected.clear)()
+        (self.deposed.clear if leadership else self.deposed.set)()

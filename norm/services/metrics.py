@@ -35,5 +35,22 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=r)
         self.units_quarantined = Gauge("norm_units_quarantined",
                                        "Managed units Norm has stopped trying to heal.", registry=r)
+        self.rollout_phase = Gauge(
+            "norm_rollout_phase", "Phase of the current rollout as this agent last saw it: 0 none, "
+            "1 resolve, 2 pull, 3 stop, 4 migrate, 5 start, 6 done, 7 failed, 8 superseded, 9 halted.",
+            registry=r)
+        self.rollout_phase_seconds = Histogram(
+            "norm_rollout_phase_seconds", "How long each phase of a rollout took (observed by the leader).",
+            ["phase"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r)
+        self.pull_seconds = Histogram(
+            "norm_pull_seconds", "This host's image pulls for rollouts, from asked to pulled.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        self.barrier_hosts = Gauge("norm_barrier_hosts",
+                                   "Hosts of the current pull barrier by state (leader only).",
+                                   ["state"], registry=r)
+        self.migrations = Counter("norm_migrations_total",
+                                  "One-off steps (migrations, static files) this host ran, by result.",
+                                  ["result"], registry=r)
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)

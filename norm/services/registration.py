@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 
 import structlog
@@ -42,6 +43,18 @@ class Registration:
                 lambda: self._lease is not None and not self._lease.lost.is_set())
             assert self._lease is not None
             return self._lease
+
+    async def set_release(self, release: str | None) -> None:
+        """Show the release this host runs in its record (now if registered, else when it registers)."""
+        if release == self.record.release:
+            return
+        self.record = dataclasses.replace(self.record, release=release)
+        lease = self._lease
+        if lease is not None and not lease.lost.is_set():
+            try:
+                await self._etcd.put(self.key, self.record.encode(), lease=lease.id)
+            except EtcdError as e:  # the record is put again on the next registration
+                log.warning("host.update_failed", error=str(e))
 
     async def run(self, stopping: asyncio.Event) -> None:
         failures = 0

@@ -89,15 +89,21 @@ class DesiredStateWatcher:
         try:
             if key == self.version_key:
                 value = None if raw is None else parse_version(raw, key)
-                desired = dataclasses.replace(desired, version=value, version_revision=revision)
+                desired = dataclasses.replace(desired, version=value, version_revision=revision,
+                                              version_refused=None)
             else:
                 value = None if raw is None else parse_environment_name(raw, key)
                 desired = dataclasses.replace(desired, environment=value, environment_revision=revision)
         except InvalidValue as e:
             self._metrics.rejected_values.labels(key).inc()
             log.error("desired.rejected", key=key, revision=revision, reason=e.reason)
-            return
-        log.info("desired.changed", key=key, revision=revision, value=value)
+            if key != self.version_key:
+                return
+            # The last good version stays desired; the refusal is told to the updater, which records
+            # it as a failed rollout so that operators see why nothing happened.
+            desired = dataclasses.replace(desired, version_revision=revision, version_refused=e.reason)
+        else:
+            log.info("desired.changed", key=key, revision=revision, value=value)
         async with self.changed:
             self.desired = desired
             self.changed.notify_all()

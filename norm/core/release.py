@@ -1,0 +1,430 @@
+"""What every host reads and writes during a fleet update, as pure data: the rollout header it watches,
+the reports it writes, the duty it has, and the release file it hands its units.
+
+The leader keeps the whole rollout record (rollout.Rollout) under the rollout's own prefix. Every
+host watches only the header: a few hundred bytes (the participant list is fetched once per rollout),
+so a phase change costs the fleet one small event per host however big the fleet is. Per-host
+progress lives in the hosts' own report keys, which only the leader watches:
+
+    <prefix>/rollout                          the header of the current (or last) rollout
+    <prefix>/rollouts/<rev>/record            the leader's full record
+    <prefix>/rollouts/<rev>/hosts             the participating machine ids (JSON list)
+    <prefix>/rollouts/<rev>/pulled/<mid>      {"digest": ...} or {"error": ..., "permanent": ...}
+    <prefix>/rollouts/<rev>/stopped/<mid>     {}
+    <prefix>/rollouts/<rev>/started/<mid>     {"digest": ..., "ok": true|false, "reason": ...}
+    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once
+    <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...}
+    <prefix>/rollouts/<rev>/abort             {"by": ...}: an operator's request
+    <prefix>/ledger/<rev>-<step>              a ledger entry (rollout.LedgerEntry), once per step run
+    <prefix>/history/<rev>                    the record of a finished rollout (the last N kept)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from norm.core.errors import InvalidValue
+from norm.core.rollout import (
+    TERMINAL,
+    Abort,
+    Event,
+    HostActive,
+    HostFailed,
+    HostPulled,
+    HostPullFailed,
+    HostStopped,
+    MigrationFailed,
+    MigrationSucceeded,
+    Phase,
+    Release,
+    Rollout,
+)
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_MID = re.compile(r"[0-9a-f]{32}")
+_STEP = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+REPORT_KINDS = ("pulled", "stopped", "started", "migrated", "claim", "abort")
+MAX_REASON = 300  # a report's reason is cut to this many characters
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+
+
+def header_key(prefix: str) -> str:
+    return f"{prefix}/rollout"
+
+
+def rollout_prefix(prefix: str, revision: int) -> str:
+    return f"{prefix}/rollouts/{revision}/"
+
+
+def record_key(prefix: str, revision: int) -> str:
+    return f"{prefix}/rollouts/{revision}/record"
+
+
+def hosts_list_key(prefix: str, revision: int) -> str:
+    return f"{prefix}/rollouts/{revision}/hosts"
+
+
+def report_key(prefix: str, revision: int, kind: str, name: str) -> str:
+    return f"{prefix}/rollouts/{revision}/{kind}/{name}"
+
+
+def abort_key(prefix: str, revision: int) -> str:
+    return f"{prefix}/rollouts/{revision}/abort"
+
+
+def ledger_key(prefix: str, revision: int, step: str) -> str:
+    return f"{prefix}/ledger/{revision:012d}-{step}"
+
+
+def history_key(prefix: str, revision: int) -> str:
+    return f"{prefix}/history/{revision:012d}"
+
+
+def migration_container(revision: int, step: str) -> str:
+    """The one-off container's name: the same for whoever runs or adopts the step."""
+    return f"norm-{step}-{revision}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The header
+
+
+@dataclass(frozen=True)
+class Header:
+    revision: int
+    tag: str
+    phase: Phase
+    digest: str | None = None
+    previous: Release | None = None
+    rollback: bool = False
+    migrating: str | None = None
+    migrator: str | None = None
+    excluded: tuple[str, ...] = ()
+    hosts_count: int = 0
+    outcome: Phase | None = None
+    reason: str | None = None
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    ended_at: float | None = None
+
+    @classmethod
+    def of(cls, r: Rollout) -> Header:
+        return cls(revision=r.revision, tag=r.tag, phase=r.phase, digest=r.digest, previous=r.previous,
+                   rollback=r.rollback, migrating=r.migrating, migrator=r.migrator,
+                   excluded=tuple(e.host for e in r.excluded), hosts_count=len(r.hosts),
+                   outcome=r.outcome, reason=r.reason, started_at=r.started_at, updated_at=r.updated_at,
+                   ended_at=r.ended_at)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def release(self) -> Release | None:
+        return None if self.digest is None else Release(self.tag, self.digest)
+
+    @property
+    def target(self) -> Release | None:
+        """What START starts: the new release, or the previous one in a rollback."""
+        return self.previous if self.rollback else self.release
+
+    def fleet_release(self) -> Release | None:
+        """What the fleet should run once this rollout has ended (None: nobody should be moved: a
+        halted rollout waits for an operator, a running one for its end)."""
+        if not self.terminal or self.phase is Phase.HALTED:
+            return None
+        return self.release if self.phase is Phase.DONE else self.previous
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> Header:
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or set(d) - {f.name for f in dataclasses.fields(cls)}:
+                raise ValueError("not a header object")
+            prev = d.get("previous")
+            previous = None if prev is None else Release(_s(prev["tag"]), _digest(prev["digest"]))
+            outcome = d.get("outcome")
+            h = cls(revision=_i(d["revision"]), tag=_s(d["tag"]), phase=Phase(d["phase"]),
+                    digest=None if d.get("digest") is None else _digest(d["digest"]),
+                    previous=previous, rollback=_b(d.get("rollback", False)),
+                    migrating=_os(d.get("migrating")), migrator=_os(d.get("migrator")),
+                    excluded=tuple(_s(x) for x in _l(d.get("excluded", []))),
+                    hosts_count=_i(d.get("hosts_count", 0)),
+                    outcome=None if outcome is None else Phase(outcome), reason=_os(d.get("reason")),
+                    started_at=_f(d.get("started_at", 0.0)), updated_at=_f(d.get("updated_at", 0.0)),
+                    ended_at=None if d.get("ended_at") is None else _f(d["ended_at"]))
+            if h.revision < 1 or (h.rollback and h.previous is None):
+                raise ValueError("inconsistent header")
+            return h
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            raise InvalidValue(where, f"not a rollout header ({type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports: what hosts write, and the events the leader makes of them
+
+
+def pulled_ok(digest: str) -> bytes:
+    return _json({"digest": digest})
+
+
+def pulled_error(reason: str, permanent: bool) -> bytes:
+    return _json({"error": reason[:MAX_REASON], "permanent": permanent})
+
+
+def stopped() -> bytes:
+    return b"{}"
+
+
+def started(digest: str, ok: bool, reason: str | None = None) -> bytes:
+    return _json({"digest": digest, "ok": ok, "reason": None if reason is None else reason[:MAX_REASON]})
+
+
+def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float, host: str) -> bytes:
+    return _json({"ok": ok, "exit_code": exit_code, "reason": None if reason is None else reason[:MAX_REASON],
+                  "seconds": round(seconds, 3), "host": host})
+
+
+def claim(host: str) -> bytes:
+    return _json({"host": host})
+
+
+def abort_request(by: str) -> bytes:
+    return _json({"by": by[:MAX_REASON]})
+
+
+@dataclass(frozen=True)
+class Report:
+    kind: Literal["pulled", "stopped", "started", "migrated", "claim", "abort"]
+    name: str  # machine id, or the step for migrated/claim, or "" for abort
+    value: dict[str, Any]
+
+
+def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | None:
+    """A report key under the rollout's prefix, validated; None for the leader's own keys (record,
+    hosts). Raises InvalidValue (naming the key, never quoting the value) for anything malformed."""
+    rest = key.removeprefix(rollout_prefix(prefix, revision))
+    if rest in ("record", "hosts"):
+        return None
+    kind, _, name = rest.partition("/")
+    if rest == "abort":
+        kind, name = "abort", ""
+    elif kind not in REPORT_KINDS or not name:
+        raise InvalidValue(key, "not a rollout report key")
+    elif kind in ("migrated", "claim"):
+        if not _STEP.fullmatch(name):
+            raise InvalidValue(key, "not a step name")
+    elif not _MID.fullmatch(name):
+        raise InvalidValue(key, "not a machine id")
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise TypeError("not an object")
+        _check_report(kind, value)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise InvalidValue(key, f"not a valid {kind} report ({type(e).__name__})") from None
+    return Report(kind, name, value)  # type: ignore[arg-type]
+
+
+def _check_report(kind: str, v: dict[str, Any]) -> None:
+    if kind == "pulled":
+        if "digest" in v:
+            _digest(v["digest"])
+        else:
+            _s(v["error"])
+            _b(v["permanent"])
+    elif kind == "started":
+        _digest(v["digest"])
+        _b(v["ok"])
+        _os(v.get("reason"))
+    elif kind == "migrated":
+        _b(v["ok"])
+        _os(v.get("reason"))
+        _s(v["host"])
+    elif kind == "claim":
+        _s(v["host"])
+    elif kind == "abort":
+        _s(v["by"])
+
+
+def report_event(record: Rollout, report: Report) -> Event | None:
+    """The event a report means for `record` (None: nothing, e.g. a start report of another release or
+    the migrator's claim)."""
+    v = report.value
+    match report.kind:
+        case "pulled":
+            if "digest" in v:
+                return HostPulled(report.name, v["digest"])
+            return HostPullFailed(report.name, v["error"], v["permanent"])
+        case "stopped":
+            return HostStopped(report.name)
+        case "started":
+            target = record.previous if record.rollback else record.release
+            if record.phase is not Phase.START or target is None or v["digest"] != target.digest:
+                return None
+            if v["ok"]:
+                return HostActive(report.name)
+            return HostFailed(report.name, v.get("reason") or "failed")
+        case "migrated":
+            if v["ok"]:
+                return MigrationSucceeded(report.name)
+            return MigrationFailed(report.name, v.get("reason") or f"exit code {v.get('exit_code')}")
+        case "abort":
+            return Abort(v["by"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# A host's duty
+
+
+@dataclass(frozen=True)
+class Pull:
+    digest: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Migrate:
+    step: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Start:
+    release: Release
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """Not part of the rollout (joined late, excluded, or down): move to the fleet's release now."""
+
+    release: Release
+
+
+Duty = Pull | Stop | Migrate | Start | CatchUp
+
+
+def host_duties(h: Header | None, me: str, participant: bool, reported: frozenset[str],
+                running: Release | None) -> tuple[Duty, ...]:
+    """What this host must do now. `participant`: listed in the rollout's hosts and not excluded;
+    `reported`: the report kinds this host has written for this rollout (`started` only if it was
+    for the header's current target); `running`: the release in the host's release file."""
+    if h is None:
+        return ()
+    if h.terminal:
+        want = h.fleet_release()
+        return (CatchUp(want),) if want is not None and running != want else ()
+    duties: list[Duty] = []
+    if not participant or h.digest is None:
+        return ()
+    if h.phase is Phase.PULL and "pulled" not in reported:
+        duties.append(Pull(h.digest))
+    if h.phase in (Phase.STOP, Phase.MIGRATE) and "stopped" not in reported:
+        duties.append(Stop())
+    if h.phase is Phase.MIGRATE and h.migrating is not None and h.migrator == me:
+        duties.append(Migrate(h.migrating, h.digest))
+    if h.phase is Phase.START and "started" not in reported and h.target is not None:
+        duties.append(Start(h.target))
+    return tuple(duties)
+
+
+def holds_units(h: Header | None, participant: bool, reported: frozenset[str]) -> bool:
+    """Whether the update holds this host's units (the healer leaves them alone): from its stop
+    until its start report."""
+    if h is None or h.terminal or not participant:
+        return False
+    if h.phase in (Phase.STOP, Phase.MIGRATE):
+        return "stopped" in reported
+    return h.phase is Phase.START and "started" not in reported
+
+
+# ---------------------------------------------------------------------------------------------------
+# The release file: what the units run, as KEY=VALUE lines for EnvironmentFile=
+
+
+def render_release(release: Release, image: str, revision: int) -> bytes:
+    return (f"NORM_RELEASE={release.tag}\nNORM_IMAGE={image}@{release.digest}\n"
+            f"NORM_DIGEST={release.digest}\nNORM_ROLLOUT={revision}\n").encode()
+
+
+def parse_release(raw: bytes) -> Release | None:
+    """The release a release file names; None when it names none or is not one of ours."""
+    values: dict[str, str] = {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    tag, digest = values.get("NORM_RELEASE"), values.get("NORM_DIGEST")
+    if not tag or not digest or not _DIGEST.fullmatch(digest):
+        return None
+    return Release(tag, digest)
+
+
+def release_text(release: Release | None) -> str | None:
+    """How a release shows in the host record and the CLI: tag@sha256:<first 12>."""
+    return None if release is None else f"{release.tag}@{release.digest[:19]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict little readers (values come from etcd, which anyone with access can write)
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _s(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _os(v: object) -> str | None:
+    return None if v is None else _s(v)
+
+
+def _i(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("expected an integer")
+    return v
+
+
+def _f(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        raise TypeError("expected a number")
+    return float(v)
+
+
+def _b(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("expected true or false")
+    return v
+
+
+def _l(v: object) -> list[Any]:
+    if not isinstance(v, list):
+        raise TypeError("expected a list")
+    return v
+
+
+def _digest(v: object) -> str:
+    s = _s(v)
+    if not _DIGEST.fullmatch(s):
+        raise ValueError("not a sha256 digest")
+    return s
