@@ -1,23 +1,63 @@
-"""The `norm` command: the agent, configuration checks, and operator views of the fleet."""
+"""The `norm` command: the agent, configuration checks, operator views of the fleet, and its updates."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from norm import __version__
+from norm.app import views
+from norm.app.views import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RUNNING,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 from norm.core import config as cfg
 from norm.core.errors import ConfigError, InvalidValue, NormError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+if TYPE_CHECKING:
+    from norm.adapters.etcd import Etcd, KeyValue, WatchItem
+    from norm.core.host import HostRecord
+    from norm.core.release import Header
+    from norm.core.rollout import Rollout
+
+T = TypeVar("T")
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_RUNNING", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "EXIT_USAGE",
+           "main", "parser"]
+
+DEPLOY_EPILOG = """\
+exit status:
+  0  written (without --wait), or the rollout is done (with --wait)
+  1  the rollout failed, was halted, or was superseded by a newer version (the reason
+     is printed); or etcd refused the request
+  2  VERSION or the configuration is not acceptable: nothing was written
+  3  --timeout passed before the rollout ended (it goes on: follow it with `norm rollout`)
+  4  etcd could not be reached
+"""
+
+ROLLOUT_EPILOG = """\
+exit status:
+  0  the rollout is done, or there is none
+  1  the rollout failed, was halted, or was superseded by a newer version (the reason is printed)
+  4  etcd could not be reached
+  5  with --once: the rollout is still running
+"""
+
+
+class _Unreachable(NormError):
+    """etcd could not be reached: exit EXIT_UNREACHABLE."""
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +106,57 @@ def parser() -> argparse.ArgumentParser:
     _config_args(rel)
     rel.add_argument("unit")
     rel.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
+
+    deploy = sub.add_parser("deploy", help="roll the fleet out to an image tag",
+                            description="Write VERSION to the desired version key: the fleet's leader "
+                            "rolls it out.", epilog=DEPLOY_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(deploy)
+    deploy.add_argument("version", metavar="VERSION", help="the image tag to run")
+    deploy.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
+    deploy.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="with --wait: give up waiting after this long (default: no limit)")
+
+    status = sub.add_parser("status", help="the fleet: hosts, releases, healing, leader and rollout")
+    _config_args(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+
+    rollout = sub.add_parser("rollout", help="follow the current rollout until it ends",
+                             epilog=ROLLOUT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(rollout)
+    rollout.add_argument("--once", action="store_true", help="print the current state and exit")
+    rollout.add_argument("--json", action="store_true", help="JSON objects (one per change) instead of text")
+
+    history = sub.add_parser("history", help="finished rollouts, newest first")
+    _config_args(history)
+    history.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N (default 20)")
+    history.add_argument("--json", action="store_true", help="one JSON record per line")
+
+    abort = sub.add_parser("abort", help="ask the leader to abort the running rollout")
+    _config_args(abort)
+    abort.add_argument("--by", default=None, metavar="NAME",
+                       help="who asks (default $USER@hostname); recorded as the reason")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("a number of seconds, more than 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _units(args)
             case "heal":
                 return _heal(args)
+            case "deploy":
+                return _deploy(args)
+            case "status":
+                return _status(args)
+            case "rollout":
+                return _rollout(args)
+            case "history":
+                return _history(args)
+            case "abort":
+                return _abort(args)
+    except _Unreachable as e:
+        print(f"norm: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except ConfigError as e:
         print(f"norm: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -238,9 +341,8 @@ def _units(args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for line in views.table(rows):
+        print(line)
 
 
 async def _await_key(etcd: Any, key: str, present: bool, seconds: float) -> bool:
@@ -327,3 +429,461 @@ def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:
                 return bool(u.get("heal") == "held" and u.get("active_state") in ("inactive", "failed"))
             return bool(u.get("heal") != "held" and u.get("active_state") == "active")
     return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fleet updates: deploy, status, rollout, history, abort
+
+
+def _with_etcd(config: cfg.Config, go: Callable[[Etcd], Awaitable[T]]) -> T:
+    """Run `go` with a connection to etcd; etcd out of reach is EXIT_UNREACHABLE."""
+    from norm.adapters.etcd import EtcdUnavailable
+
+    async def run() -> T:
+        async with _connect(config) as etcd:
+            return await go(etcd)
+
+    try:
+        return asyncio.run(run())
+    except EtcdUnavailable as e:
+        raise _Unreachable(f"{e} (etcd.endpoints: {', '.join(config.etcd.endpoints)})") from None
+
+
+def _skip(key: str, reason: str) -> str:
+    return f"norm: skipping {views.clean(key, 200)}: {reason}"
+
+
+def _header_of(kv: KeyValue | None, notes: list[str]) -> Header | None:
+    from norm.core.release import Header
+
+    if kv is None:
+        return None
+    try:
+        return Header.decode(kv.value, kv.key)
+    except InvalidValue as e:
+        notes.append(_skip(kv.key, e.reason))
+        return None
+
+
+def _flush_notes(notes: list[str]) -> bool:
+    for note in notes:
+        print(note, file=sys.stderr)
+    had = bool(notes)
+    notes.clear()
+    return had
+
+
+async def _host_records(etcd: Etcd, prefix: str, notes: list[str]) -> list[HostRecord]:
+    from norm.core.host import HostRecord, hosts_key
+
+    records = []
+    for kv in (await etcd.get_prefix(hosts_key(prefix))).kvs:
+        try:
+            records.append(HostRecord.decode(kv.value, kv.key))
+        except InvalidValue as e:
+            notes.append(_skip(kv.key, e.reason))
+    return records
+
+
+class _Tracker:
+    """What the CLI knows of one rollout (revision `want`), from the header and the rollout's keys."""
+
+    def __init__(self, prefix: str, want: int) -> None:
+        self.prefix = prefix
+        self.want = want
+        self.header: Header | None = None  # the header of `want`, once seen
+        self.current: Header | None = None  # the header etcd holds now
+        self.listed: tuple[str, ...] = ()
+        self.reports: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self.record: Rollout | None = None
+        self.names: dict[str, str] = {}
+        self.note: str | None = None
+        self.notes: list[str] = []
+        self._loaded = False
+        self._tried: frozenset[str] = frozenset()  # participants looked for once already
+
+    def progress(self) -> views.Progress:
+        return views.Progress(want=self.want, header=self.header, current=self.current, listed=self.listed,
+                              reports=dict(self.reports), names=dict(self.names), record=self.record,
+                              verdict_note=self.note)
+
+    def verdict(self) -> views.Verdict:
+        return views.Verdict.WAITING if self.header is None else views.verdict(self.header)
+
+    # -- the header
+
+    def header_kvs(self, kvs: Sequence[KeyValue]) -> None:
+        self.current = None
+        for kv in kvs:
+            self.header_kv(kv)
+
+    def header_kv(self, kv: KeyValue | None) -> None:
+        h = _header_of(kv, self.notes)
+        if kv is None or h is not None:
+            self.current = h
+        if h is not None and h.revision == self.want:
+            self.header = h
+
+    # -- the rollout's own keys: record, participants, reports
+
+    def rollout_kvs(self, kvs: Sequence[KeyValue]) -> None:
+        self.listed, self.reports, self.record = (), {}, None
+        for kv in kvs:
+            self.rollout_kv(kv)
+
+    def rollout_kv(self, kv: KeyValue, deleted: bool = False) -> None:
+        from norm.core import release as rel
+        from norm.core.host import parse_machine_id
+        from norm.core.rollout import Rollout
+
+        rest = kv.key.removeprefix(rel.rollout_prefix(self.prefix, self.want))
+        if deleted:
+            if rest == "record":
+                self.record = None
+            elif rest == "hosts":
+                self.listed = ()
+            else:
+                kind, _, name = rest.partition("/")
+                self.reports.pop(("abort", "") if rest == "abort" else (kind, name), None)
+            return
+        try:
+            if rest == "record":
+                record = Rollout.decode(kv.value, kv.key)
+                if record.revision == self.want:
+                    self.record = record
+            elif rest == "hosts":
+                listed = json.loads(kv.value)
+                if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
+                    raise InvalidValue(kv.key, "not a list of machine ids")
+                self.listed = tuple(parse_machine_id(m, kv.key) for m in listed)
+            elif (report := rel.parse_report(self.prefix, self.want, kv.key, kv.value)) is not None:
+                self.reports[(report.kind, report.name)] = report.value
+        except InvalidValue as e:
+            self.notes.append(_skip(kv.key, e.reason))
+        except (ValueError, RecursionError):
+            self.notes.append(_skip(kv.key, "not JSON"))
+
+    def apply(self, item: WatchItem) -> None:
+        """A change from the one watch on `<prefix>/rollout*`: the header, and every rollout's keys
+        (of which only those of `want` matter). One watch keeps them in etcd's order: a header never
+        gets ahead of the reports written before it."""
+        from norm.adapters.etcd import Resync
+        from norm.core import release as rel
+
+        header, mine = rel.header_key(self.prefix), rel.rollout_prefix(self.prefix, self.want)
+        if isinstance(item, Resync):
+            self.header_kvs([kv for kv in item.snapshot.kvs if kv.key == header])
+            self.rollout_kvs([kv for kv in item.snapshot.kvs if kv.key.startswith(mine)])
+        elif item.kv.key == header:
+            self.header_kv(None if item.kind == "delete" else item.kv)
+        elif item.kv.key.startswith(mine):
+            self.rollout_kv(item.kv, deleted=item.kind == "delete")
+
+    async def name_hosts(self, etcd: Etcd) -> None:
+        """Read the host names again when participants appear that have none yet."""
+        mids = frozenset(self.listed) | (frozenset(self.header.excluded) if self.header else frozenset())
+        if self.record is not None:
+            mids |= frozenset(self.record.hosts)
+        unnamed = mids - frozenset(self.names)
+        if self._loaded and unnamed <= self._tried:
+            return
+        self._loaded, self._tried = True, self._tried | unnamed
+        for r in await _host_records(etcd, self.prefix, self.notes):
+            self.names[r.machine_id] = r.name
+
+    async def judge(self, etcd: Etcd) -> views.Verdict:
+        """The followed rollout's state. A later rollout in the header means it is over: its record in
+        the history says how; without one it was superseded before it got a record of its own."""
+        from norm.core import release as rel
+        from norm.core.rollout import Rollout
+
+        v = self.verdict()
+        cur = self.current
+        if v in views.ENDED or cur is None or cur.revision <= self.want:
+            return v
+        for key in (rel.history_key(self.prefix, self.want), rel.record_key(self.prefix, self.want)):
+            kv = await etcd.get(key)
+            if kv is None:
+                continue
+            try:
+                record = Rollout.decode(kv.value, key)
+            except InvalidValue as e:
+                self.notes.append(_skip(key, e.reason))
+                continue
+            if record.revision == self.want and record.terminal:
+                self.header = rel.Header.of(record)
+                return views.verdict(self.header)
+        self.note = f"superseded by {views.title(cur)}"
+        return views.Verdict.SUPERSEDED
+
+
+class _Screen:
+    """Draws the live view: on a terminal it redraws in place; otherwise one line per change."""
+
+    def __init__(self, json_lines: bool = False, once: bool = False) -> None:
+        self.json_lines = json_lines
+        self.tty = not once and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+        self.frame: views.Frame = []
+        self.drawn = 0
+        self.last_json = ""
+
+    def show(self, progress: views.Progress, verdict: views.Verdict, notes: list[str]) -> None:
+        if _flush_notes(notes):
+            self.drawn = 0  # the notes went between: draw anew below them
+            self.frame = []
+        if self.json_lines:
+            text = json.dumps(views.progress_json(progress, verdict), sort_keys=True, default=str)
+            if text != self.last_json:
+                print(text, flush=True)
+                self.last_json = text
+            return
+        frame = views.rollout_frame(progress)
+        if frame == self.frame:
+            return
+        if self.tty:
+            lines = [text for _, text in frame]
+            sys.stdout.write(views.redraw(self.drawn, lines, shutil.get_terminal_size().columns))
+            self.drawn = len(lines)
+        else:
+            for line in views.changed_lines(self.frame, frame):
+                print(line)
+        sys.stdout.flush()
+        self.frame = frame
+
+
+async def _follow(etcd: Etcd, tracker: _Tracker, screen: _Screen) -> views.Verdict:
+    """Watch the header and the rollout's keys, redrawing on every change, until the rollout ends."""
+    from norm.adapters.etcd import EtcdUnavailable
+    from norm.core import release as rel
+
+    queue: asyncio.Queue[WatchItem | Exception] = asyncio.Queue()
+    key = rel.header_key(tracker.prefix)  # as a prefix: the header and <prefix>/rollouts/...
+
+    async def pump() -> None:
+        try:
+            async with etcd.watch(key, prefix=True) as w:
+                async for item in w:
+                    queue.put_nowait(item)
+        except Exception as e:  # CancelledError is not an Exception: it goes through
+            queue.put_nowait(e)
+        else:
+            queue.put_nowait(EtcdUnavailable(f"watching {key}*: the watch ended"))
+
+    # The watch runs in a task of its own so that what has arrived can be drawn at once, as one change.
+    task = asyncio.create_task(pump(), name=f"cli-watch-rollout-{tracker.want}")
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            for item in batch:
+                if isinstance(item, Exception):
+                    raise item
+                tracker.apply(item)
+            await tracker.name_hosts(etcd)
+            verdict = await tracker.judge(etcd)
+            screen.show(tracker.progress(), verdict, tracker.notes)
+            if verdict in views.ENDED:
+                return verdict
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _ended(tracker: _Tracker, verdict: views.Verdict) -> int:
+    """The exit status for a rollout that ended (or is still running, for --once), said on stderr
+    when it is not a success."""
+    code = views.exit_code(verdict)
+    if code == EXIT_FAILED:
+        h = tracker.header
+        what = views.title(h) if h is not None else f"rollout {tracker.want}"
+        why = tracker.note if tracker.note else (views.outcome_text(h) if h is not None else verdict.value)
+        print(f"norm: {what}: {why}", file=sys.stderr)
+    return code
+
+
+async def _follow_for(etcd: Etcd, tracker: _Tracker, screen: _Screen, seconds: float | None) -> int:
+    try:
+        async with asyncio.timeout(seconds):
+            return _ended(tracker, await _follow(etcd, tracker, screen))
+    except TimeoutError:
+        state = tracker.header.phase.value if tracker.header is not None else "not begun"
+        print(f"norm: rollout {tracker.want} did not end within {seconds:g}s (it is {state}, and goes on; "
+              f"follow it with `norm rollout`)", file=sys.stderr)
+        return EXIT_TIMEOUT
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from norm.core.desired import parse_version
+
+    # Total on any str argv can hold (non-UTF-8 bytes arrive as surrogates): refused, never raised.
+    version = parse_version(args.version.encode("utf-8", "surrogatepass"), "VERSION")
+    config = _load(args)
+
+    async def go(etcd: Etcd) -> int:
+        revision = await etcd.put(config.keys.version, version.encode("ascii"))
+        print(f"deploying {version} (rollout {revision})", flush=True)
+        if not args.wait:
+            return EXIT_OK
+        return await _follow_for(etcd, _Tracker(config.keys.prefix, revision), _Screen(), args.timeout)
+
+    return _with_etcd(config, go)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from norm.core import release as rel
+
+    config = _load(args)
+    prefix = config.keys.prefix
+
+    async def go(etcd: Etcd) -> int:
+        from norm.adapters.etcd import Resync
+
+        notes: list[str] = []
+        # One read of <prefix>/rollout*: the header and the rollout's keys as they stood together.
+        snap = await etcd.get_prefix(rel.header_key(prefix))
+        head = next((kv for kv in snap.kvs if kv.key == rel.header_key(prefix)), None)
+        header = _header_of(head, notes)
+        _flush_notes(notes)
+        if header is None:
+            if args.json:
+                print(json.dumps({"revision": None, "verdict": views.Verdict.NONE.value, "rollout": None,
+                                  "hosts": []}))
+            else:
+                print(views.rollout_line(None))
+            return EXIT_OK if head is None else EXIT_FAILED
+        tracker = _Tracker(prefix, header.revision)
+        screen = _Screen(json_lines=args.json, once=args.once)
+        if not args.once:
+            return await _follow_for(etcd, tracker, screen, None)
+        tracker.apply(Resync(snap, "start"))
+        await tracker.name_hosts(etcd)
+        verdict = await tracker.judge(etcd)
+        screen.show(tracker.progress(), verdict, tracker.notes)
+        return _ended(tracker, verdict)
+
+    return _with_etcd(config, go)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from norm.core import release as rel
+    from norm.core.host import leader_key
+
+    config = _load(args)
+    prefix = config.keys.prefix
+
+    async def go(etcd: Etcd) -> int:
+        notes: list[str] = []
+        records = await _host_records(etcd, prefix, notes)
+        leader_kv = await etcd.get(leader_key(prefix))
+        leader = leader_kv.value.decode("ascii", "replace") if leader_kv is not None else None
+        units: dict[str, object] = {}
+        for kv in (await etcd.get_prefix(f"{prefix}/units/")).kvs:
+            try:
+                units[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
+            except (ValueError, RecursionError):
+                notes.append(_skip(kv.key, "not a unit summary"))
+        snap = await etcd.get_prefix(rel.header_key(prefix))  # the header and the rollout's keys, together
+        header = _header_of(next((kv for kv in snap.kvs if kv.key == rel.header_key(prefix)), None), notes)
+        tracker: _Tracker | None = None
+        mids: tuple[str, ...] = ()
+        if header is not None and not header.terminal:
+            tracker = _Tracker(prefix, header.revision)
+            tracker.rollout_kvs([kv for kv in snap.kvs if kv.key.startswith(rel.rollout_prefix(prefix,
+                                                                                               header.revision))])
+            notes += tracker.notes
+            mids = views.participants(header, tracker.listed, tracker.record)
+
+        def state(mid: str) -> views.HostState | None:
+            if tracker is None or header is None or mid not in mids:
+                return None
+            return views.host_state(header, mid, tracker.reports, tracker.record)
+
+        rows = [views.HostRow(r.machine_id, r.name, r.environment, r.role, r.release,
+                              views.heal_summary(units.get(r.machine_id)), r.machine_id == leader,
+                              state(r.machine_id))
+                for r in records]
+        known = {r.machine_id for r in records}
+        rows += [views.HostRow(m, m[:12], "-", "-", None, views.heal_summary(units.get(m)), m == leader,
+                               state(m)) for m in mids if m not in known]  # taking part, not registered
+        rows.sort(key=lambda r: (r.environment, r.role, r.name))
+        _flush_notes(notes)
+        if args.json:
+            print(json.dumps(views.status_json(rows, header), sort_keys=True, default=str))
+        else:
+            for line in views.status_lines(rows, header):
+                print(line)
+        return EXIT_OK
+
+    return _with_etcd(config, go)
+
+
+def _history(args: argparse.Namespace) -> int:
+    from norm.core.rollout import Rollout
+
+    config = _load(args)
+
+    async def go(etcd: Etcd) -> int:
+        records = []
+        for kv in (await etcd.get_prefix(f"{config.keys.prefix}/history/")).kvs:
+            try:
+                records.append(Rollout.decode(kv.value, kv.key))
+            except InvalidValue as e:
+                print(_skip(kv.key, e.reason), file=sys.stderr)
+        records.sort(key=lambda r: r.revision, reverse=True)
+        records = records[:args.limit]
+        if args.json:
+            for r in records:
+                print(r.encode().decode())
+        elif not records:
+            print("no finished rollout yet")
+        else:
+            for line in views.table(views.history_rows(records)):
+                print(line)
+        return EXIT_OK
+
+    return _with_etcd(config, go)
+
+
+def _default_requester() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = os.environ.get("USER") or getpass.getuser()
+    except (OSError, KeyError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _abort(args: argparse.Namespace) -> int:
+    from norm.adapters.etcd import Compare, Put
+    from norm.core import release as rel
+
+    by = args.by if args.by is not None else _default_requester()
+    if not by or len(by) > 200 or views.clean(by) != by:
+        raise InvalidValue("--by", "1 to 200 printable characters")
+    config = _load(args)
+    prefix = config.keys.prefix
+
+    async def go(etcd: Etcd) -> int:
+        for _ in range(10):
+            notes: list[str] = []
+            kv = await etcd.get(rel.header_key(prefix))
+            header = _header_of(kv, notes)
+            _flush_notes(notes)
+            if kv is None or header is None or header.terminal:
+                last = "" if header is None else f" (the last, {views.rollout_line(header)})"
+                print(f"norm: no rollout is running{last}", file=sys.stderr)
+                return EXIT_FAILED
+            # Written only while the header is the one read: never for a rollout that has ended since.
+            result = await etcd.txn([Compare(rel.header_key(prefix), "mod", "==", kv.mod_revision)],
+                                    [Put(rel.abort_key(prefix, header.revision), rel.abort_request(by))])
+            if result.succeeded:
+                print(f"abort requested for rollout {header.revision}")
+                return EXIT_OK
+        print("norm: the rollout kept changing while the abort was being written; try again",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+    return _with_etcd(config, go)

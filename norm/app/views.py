@@ -1,0 +1,430 @@
+"""What the `norm` command shows, as pure functions of decoded data: tables, a rollout's progress, the
+redraws of a live view, and the exit status a rollout's state means. No I/O here.
+
+Everything printed comes from etcd, which anyone with access can write: text is cleaned of control
+characters (a hostile tag or host name must not drive the operator's terminal) and cut to size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from norm.core.release import Header, Report, release_text
+from norm.core.rollout import TERMINAL, HostStatus, Phase, Rollout
+
+# Exit statuses of the `norm` command.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the rollout failed, was halted or superseded; or the request was refused
+EXIT_USAGE = 2  # bad arguments or configuration: nothing was done
+EXIT_TIMEOUT = 3  # --timeout passed before the rollout ended (it goes on)
+EXIT_UNREACHABLE = 4  # etcd could not be reached
+EXIT_RUNNING = 5  # `rollout --once`: the rollout is still running
+
+HOST_STEPS = ("pulled", "stopped", "started")  # what each host goes through, in order
+BAR_WIDTH = 12
+REASON_WIDTH = 60
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+
+
+def clean(text: object, limit: int | None = None) -> str:
+    """`text` made safe to print: control and other non-printable characters become '?', and it is
+    cut to `limit` characters (ending in '...')."""
+    s = "".join(c if c.isprintable() else "?" for c in str(text))
+    if limit is not None and len(s) > limit:
+        s = s[:max(0, limit - 3)] + "..."
+    return s
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as left-aligned columns two spaces apart; the first row is the heading."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    """`[######------]`: `done` of `total` steps, in `width` characters between the brackets."""
+    if total <= 0 or width <= 0:
+        return "[" + "-" * max(0, width) + "]"
+    filled = round(width * min(max(done, 0), total) / total)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def utc(timestamp: float | None) -> str:
+    """A Unix time as UTC ISO 8601 to the second; '-' for none."""
+    if timestamp is None or timestamp <= 0:
+        return "-"
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def host_name(machine_id: str, names: Mapping[str, str]) -> str:
+    """A host as the operator knows it: its registered name, or the start of its machine id."""
+    return clean(names.get(machine_id) or machine_id[:12], 40)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Healing: the unit summary a host's healer publishes
+
+
+HEAL_ORDER = ("quarantined", "unloadable", "healing", "backoff", "held", "ok")
+
+
+def heal_summary(units: object) -> str:
+    """'3 ok', '1 quarantined, 2 ok', or '-' when there is no summary: the healer's states by count,
+    the troubled ones first."""
+    if not isinstance(units, list):
+        return "-"
+    counts: dict[str, int] = {}
+    for u in units:
+        if isinstance(u, dict):
+            state = clean(u.get("heal") if isinstance(u.get("heal"), str) else "unknown", 20)
+            counts[state] = counts.get(state, 0) + 1
+    if not counts:
+        return "-"
+
+    def rank(state: str) -> tuple[int, str]:
+        return (HEAL_ORDER.index(state) if state in HEAL_ORDER else len(HEAL_ORDER) - 1, state)
+
+    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=rank))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A rollout's state and what it means for the exit status
+
+
+class Verdict(enum.StrEnum):
+    NONE = "none"  # there is no rollout
+    WAITING = "waiting"  # the rollout followed has not begun (the leader has not taken it up yet)
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    HALTED = "halted"
+
+
+ENDED = frozenset({Verdict.DONE, Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED})
+
+
+def verdict(header: Header | None) -> Verdict:
+    if header is None:
+        return Verdict.NONE
+    if header.phase in TERMINAL:
+        return Verdict(header.phase.value)
+    return Verdict.RUNNING
+
+
+def exit_code(v: Verdict) -> int:
+    """What `rollout --once` and `deploy --wait` exit with for a rollout in state `v`."""
+    if v in (Verdict.NONE, Verdict.DONE):
+        return EXIT_OK
+    if v in (Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED):
+        return EXIT_FAILED
+    return EXIT_RUNNING
+
+
+def outcome_text(header: Header) -> str:
+    """'failed: the image cannot be pulled', 'halted', ...: what ended a rollout, for the operator."""
+    text = header.phase.value
+    return f"{text}: {clean(header.reason, 300)}" if header.reason else text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-host progress of a rollout, from the hosts' reports
+
+
+Reports = Mapping[tuple[str, str], Mapping[str, Any]]  # (kind, machine id or step) -> report value
+
+
+def reports_of(items: Sequence[Report]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    return {(r.kind, r.name): r.value for r in items}
+
+
+@dataclass(frozen=True)
+class HostState:
+    state: str  # pending, pulling, pulled, pull failed, stopped, started, failed, excluded
+    done: int  # how many of HOST_STEPS the host has completed
+    note: str | None = None  # why: the reported trouble or the reason for the exclusion
+
+
+_RECORD_STATE = {HostStatus.PENDING: ("pending", 0), HostStatus.PULLED: ("pulled", 1),
+                 HostStatus.STOPPED: ("stopped", 2), HostStatus.ACTIVE: ("started", 3),
+                 HostStatus.FAILED: ("failed", 2)}
+
+
+def host_state(header: Header, machine_id: str, reports: Reports, record: Rollout | None = None) -> HostState:
+    """Where one participating host is in the rollout `header` describes. The hosts' reports are
+    current; the leader's record (written at phase changes) stands in when they are gone."""
+    excluded = machine_id in header.excluded or (
+        record is not None and any(e.host == machine_id for e in record.excluded))
+    state = _reported_state(header, machine_id, reports)
+    if state is None and record is not None and (p := record.host(machine_id)) is not None:
+        name, done = _RECORD_STATE[p.status]
+        state = HostState(name, done, clean(p.reason, 120) if p.reason else None)
+    if state is None:
+        state = HostState("pending", 0)
+    if excluded:
+        why = next((e.reason for e in (record.excluded if record else ()) if e.host == machine_id), None)
+        return HostState("excluded", state.done, clean(why, 120) if why else None)
+    return state
+
+
+def _reported_state(header: Header, machine_id: str, reports: Reports) -> HostState | None:
+    target = header.target
+    started = reports.get(("started", machine_id))
+    if started is not None and target is not None and started.get("digest") == target.digest:
+        if started.get("ok") is True:
+            return HostState("started", 3)
+        reason = started.get("reason")
+        return HostState("failed", 2, clean(reason, 120) if isinstance(reason, str) else None)
+    if ("stopped", machine_id) in reports:
+        return HostState("stopped", 2)
+    pulled = reports.get(("pulled", machine_id))
+    if pulled is None:
+        return None
+    if "digest" in pulled:
+        return HostState("pulled", 1) if pulled["digest"] == header.digest else None
+    error = clean(pulled.get("error"), 120)
+    return HostState("pull failed" if pulled.get("permanent") is True else "pulling", 0, error)
+
+
+def participants(header: Header, listed: Sequence[str], record: Rollout | None) -> tuple[str, ...]:
+    """The rollout's hosts, excluded ones included, in a stable order."""
+    mids = set(listed) | set(header.excluded)
+    if record is not None:
+        mids |= set(record.hosts) | {e.host for e in record.excluded}
+    return tuple(sorted(mids))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The live view of a rollout
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Everything the live view shows, as the CLI last read it from etcd."""
+
+    want: int | None  # the revision followed (None: whatever the header shows)
+    header: Header | None  # the header of the followed rollout, once it began
+    current: Header | None = None  # the header etcd holds (an earlier rollout, while `want` waits)
+    listed: tuple[str, ...] = ()  # <prefix>/rollouts/<rev>/hosts
+    reports: Reports = field(default_factory=dict)
+    names: Mapping[str, str] = field(default_factory=dict)  # machine id -> host name
+    record: Rollout | None = None
+    verdict_note: str | None = None  # why it ended, when that is not in the header (superseded by...)
+
+
+Frame = list[tuple[str, str]]  # (key, text): one line per key, so that changes can be told apart
+
+
+def title(h: Header) -> str:
+    name = release_text(h.release) or h.tag or "(refused)"
+    return f"rollout {h.revision} {clean(name, 80)}"
+
+
+def _count(states: Sequence[HostState], step: int) -> int:
+    return sum(1 for s in states if s.state != "excluded" and s.done >= step)
+
+
+def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None) -> str:
+    # Until the participant list is read, the header's count stands in.
+    active = sum(1 for s in states if s.state != "excluded") if states else h.hosts_count
+    match h.phase:
+        case Phase.RESOLVE:
+            return "resolve: finding the image's digest"
+        case Phase.PULL:
+            return f"pull: {_count(states, 1)}/{active} pulled"
+        case Phase.STOP:
+            return f"stop: {_count(states, 2)}/{active} stopped"
+        case Phase.MIGRATE:
+            steps = record.steps if record is not None else ()
+            at = f" ({steps.index(h.migrating) + 1}/{len(steps)})" if h.migrating in steps else ""
+            return f"migrate: step {clean(h.migrating, 64)}{at}"
+        case Phase.START if h.rollback:
+            back = release_text(h.previous) or "the previous release"
+            return (f"start: rolling back to {clean(back, 80)}, {_count(states, 3)}/{active} started"
+                    + (f" ({clean(h.reason, REASON_WIDTH)})" if h.reason else ""))
+        case Phase.START:
+            return f"start: {_count(states, 3)}/{active} started"
+        case Phase.DONE:
+            ended = h.ended_at if h.ended_at is not None else h.updated_at
+            return f"done in {duration(ended - h.started_at)}" if h.started_at else "done"
+    return outcome_text(h)
+
+
+def _step_lines(h: Header, p: Progress) -> Frame:
+    steps = p.record.steps if p.record is not None else ()
+    if h.migrating is not None and h.migrating not in steps:
+        steps = (*steps, h.migrating)
+    if not steps or h.phase in (Phase.RESOLVE, Phase.PULL):
+        return []
+    lines: Frame = []
+    for step in steps:
+        result = p.reports.get(("migrated", step))
+        claim = p.reports.get(("claim", step))
+        where = (result or {}).get("host") or (
+            h.migrator if h.migrating == step else (claim or {}).get("host"))
+        on = f" on {host_name(where, p.names)}" if isinstance(where, str) else ""
+        if result is not None:
+            secs = result.get("seconds")
+            took = duration(float(secs)) if isinstance(secs, int | float) else "-"
+            if result.get("ok") is True:
+                text = f"done in {took}{on}"
+            else:
+                reason = result.get("reason") or f"exit code {result.get('exit_code')}"
+                text = f"failed{on}: {clean(reason, REASON_WIDTH)}"
+        elif h.migrating == step and h.phase is Phase.MIGRATE:
+            text = f"running{on}"
+        elif p.record is not None and any(e.step == step and e.ok and e.digest == h.digest
+                                          for e in p.record.ledger):
+            text = "done before (skipped)"
+        else:
+            text = "waiting" if h.phase in (Phase.STOP, Phase.MIGRATE) and not h.terminal else "not run"
+        lines.append((f"step:{step}", f"  step {clean(step, 64)}: {text}"))
+    return lines
+
+
+def rollout_frame(p: Progress) -> Frame:
+    """The live view: a title line, then one line per host with a bar over pulled -> stopped ->
+    started, then the migration steps."""
+    h = p.header
+    if h is None:
+        if p.want is None:
+            return [("title", "no rollout yet")]
+        behind = ""
+        if p.current is not None and p.current.revision < p.want and not p.current.terminal:
+            behind = f" (after {title(p.current)}, now {p.current.phase.value})"
+        return [("title", f"rollout {p.want}: waiting for the leader to begin it{behind}")]
+    mids = participants(h, p.listed, p.record)
+    states = [host_state(h, mid, p.reports, p.record) for mid in mids]
+    text = f"{title(h)}: {_phase_text(h, states, p.record)}"
+    if p.verdict_note:
+        text += f" ({p.verdict_note})"
+    frame: Frame = [("title", text)]
+    width = max((len(host_name(m, p.names)) for m in mids), default=0)
+    for mid, s in zip(mids, states, strict=True):
+        line = f"  {host_name(mid, p.names).ljust(width)}  {progress_bar(s.done, len(HOST_STEPS))}  {s.state}"
+        frame.append((f"host:{mid}", line + (f": {s.note}" if s.note else "")))
+    if h.phase is Phase.RESOLVE and not mids:
+        frame.append(("hosts", f"  {h.hosts_count} host{'s' if h.hosts_count != 1 else ''} taking part"))
+    return frame + _step_lines(h, p)
+
+
+def progress_json(p: Progress, v: Verdict) -> dict[str, Any]:
+    """The live view as one JSON object."""
+    h = p.header
+    if h is None:
+        return {"revision": p.want, "verdict": v.value, "rollout": None, "hosts": []}
+    hosts = []
+    for mid in participants(h, p.listed, p.record):
+        s = host_state(h, mid, p.reports, p.record)
+        hosts.append({"machine_id": mid, "name": p.names.get(mid), "state": s.state, "done": s.done,
+                      "note": s.note})
+    steps = {name: dict(value) for (kind, name), value in p.reports.items() if kind == "migrated"}
+    return {"revision": h.revision, "verdict": v.value, "note": p.verdict_note, "rollout": asdict(h),
+            "hosts": hosts, "steps": steps}
+
+
+def changed_lines(old: Frame, new: Frame) -> list[str]:
+    """For output that is not a terminal: the lines of `new` that are new or differ from `old`, one
+    per change, in order."""
+    before = dict(old)
+    return [text for key, text in new if before.get(key) != text]
+
+
+def redraw(previous: int, lines: Sequence[str], width: int) -> str:
+    """For a terminal: move up over the `previous` lines drawn, clear to the end of the screen, and
+    draw `lines`, each cut to `width` so that none wraps (which would spoil the next move up)."""
+    up = f"\x1b[{previous}F" if previous else ""
+    body = "".join(line[:max(1, width - 1)] + "\n" for line in lines)
+    return f"{up}\x1b[J{body}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Status: the fleet and its current rollout
+
+
+@dataclass(frozen=True)
+class HostRow:
+    machine_id: str
+    name: str
+    environment: str
+    role: str
+    release: str | None
+    heal: str
+    leader: bool
+    rollout: HostState | None  # None: no rollout running, or the host takes no part
+
+
+def rollout_line(h: Header | None) -> str:
+    """'rollout 57 v2: pull' or 'rollout 56 v1: failed (the image cannot be pulled)' or 'no rollout yet'."""
+    if h is None:
+        return "no rollout yet"
+    phase = f"{h.phase.value}, rolling back" if h.rollback and not h.terminal else h.phase.value
+    reason = f" ({clean(h.reason, 200)})" if h.reason else ""
+    return f"rollout {h.revision} {clean(h.tag, 80) or '(refused)'}: {phase}{reason}"
+
+
+def status_rows(rows: Sequence[HostRow], running: bool) -> list[tuple[str, ...]]:
+    head = ("HOST", "ENVIRONMENT", "ROLE", "RELEASE", "HEAL", *(("ROLLOUT",) if running else ()), "LEADER")
+    out: list[tuple[str, ...]] = [head]
+    for r in rows:
+        state = "-" if r.rollout is None else r.rollout.state
+        out.append((clean(r.name, 40), clean(r.environment, 40), clean(r.role, 40),
+                    clean(r.release, 100) if r.release else "-", r.heal,
+                    *((state,) if running else ()), "*" if r.leader else ""))
+    return out
+
+
+def status_lines(rows: Sequence[HostRow], header: Header | None) -> list[str]:
+    running = header is not None and not header.terminal
+    lines = table(status_rows(rows, running))
+    lines.append(f"{len(rows)} host{'s' if len(rows) != 1 else ''}; {rollout_line(header)}")
+    return lines
+
+
+def status_json(rows: Sequence[HostRow], header: Header | None) -> dict[str, Any]:
+    return {
+        "hosts": [{"machine_id": r.machine_id, "name": r.name, "environment": r.environment, "role": r.role,
+                   "release": r.release, "heal": r.heal, "leader": r.leader,
+                   "rollout": None if r.rollout is None else asdict(r.rollout)} for r in rows],
+        "rollout": None if header is None else asdict(header),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# History
+
+
+def history_rows(records: Sequence[Rollout]) -> list[tuple[str, ...]]:
+    """Finished rollouts, newest first."""
+    out: list[tuple[str, ...]] = [("REVISION", "TAG", "OUTCOME", "STARTED", "DURATION", "HOSTS", "REASON")]
+    for r in sorted(records, key=lambda r: r.revision, reverse=True):
+        outcome = (r.outcome or r.phase).value
+        took = None if r.ended_at is None else r.ended_at - r.started_at
+        hosts = str(len(r.hosts)) + (f" ({len(r.excluded)} excluded)" if r.excluded else "")
+        out.append((str(r.revision), clean(r.tag, 40) or "(refused)", outcome, utc(r.started_at),
+                    duration(took), hosts, clean(r.reason, REASON_WIDTH) if r.reason else ""))
+    return out
