@@ -8,17 +8,25 @@ What this adds to the client library:
 - `pull` that notices a stream cut short (aiodocker ends a pull stream quietly when the connection
   breaks) and checks that an image pulled by digest carries that digest;
 - `run_once`: a one-off container that is always removed, on success, failure, timeout and
-  cancellation alike (the removal runs in a task of its own, shielded from the caller's cancellation).
+  cancellation alike (the removal runs in a task of its own, shielded from the caller's cancellation);
+- `run_named`: a one-off container under a name of the caller's, for what must run exactly once (a
+  database migration) even when the agent is killed mid-run and restarted: a container of that name
+  that is already on the engine is adopted (started, waited for, or read), never made a second time,
+  and it is never removed by the run: the caller removes it (`remove_container`) once it has recorded
+  the result durably. `container_status` says where such a container is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -33,7 +41,11 @@ log = structlog.get_logger("norm.docker")
 
 LOG_TAIL_BYTES = 64 * 1024  # what a RunResult keeps of a container's output: the last 64 KiB
 _LOG_TAIL_LINES = 4096  # asked of the engine, so that a chatty container is not read whole
-RUN_LABEL = "norm.run-once"  # set on every container run_once makes
+RUN_LABEL = "norm.run-once"  # set on every container run_once and run_named make
+NAMED_RUN_LABEL = "norm.named-run"  # set on the containers run_named makes
+
+# What the engine accepts as a container name (daemon/names: RestrictedNameChars).
+_CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}", re.ASCII)
 
 # The reference grammar of distribution/reference, without the normalisation of short names.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -89,8 +101,8 @@ class DockerRejected(DockerError):
 
 
 class RunTimeout(DockerError):
-    """A one-off container ran past its timeout and was killed (and removed). `logs` holds what it
-    wrote until then (the last 64 KiB)."""
+    """A one-off container ran past its timeout and was killed (and removed by run_once; left, exited,
+    by run_named). `logs` holds what it wrote until then (the last 64 KiB)."""
 
     def __init__(self, ref: str, command: Sequence[str], timeout: float, logs: str) -> None:
         super().__init__(f"{list(command)!r} still ran after {timeout:g}s: killed", ref=ref,
@@ -153,6 +165,29 @@ def parse_ref(ref: str, action: str = "parsing") -> ImageRef:
     if m is None or len(m.group("name")) > 255:
         raise DockerRejected("not a valid image reference", ref=ref[:300], action=action)
     return ImageRef(m.group("name"), m.group("tag"), m.group("digest"))
+
+
+def _container_name(name: str, action: str) -> str:
+    """A container name, checked (it becomes part of the engine's URL paths)."""
+    if not _CONTAINER_NAME.fullmatch(name):
+        raise DockerRejected("not a valid container name", ref=name[:300], action=action)
+    return name
+
+
+def _engine_time(value: object) -> float | None:
+    """An engine timestamp (RFC 3339 with nanoseconds, "2024-05-06T07:08:09.123456789Z") as seconds
+    since the epoch; None for the engine's zero time ("0001-01-01T00:00:00Z": never) or no time."""
+    if not isinstance(value, str) or not value or value.startswith("0001-"):
+        return None
+    m = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", value.strip(), re.ASCII)
+    if m is None:
+        return None
+    base, fraction, zone = m.groups()
+    try:
+        moment = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+    except ValueError:
+        return None
+    return moment.timestamp() + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
 
 
 def _image_key(ref: str, action: str) -> str:
@@ -235,12 +270,16 @@ class Docker:
     """One Docker engine: `async with Docker("unix:///var/run/docker.sock") as docker: ...`.
 
     Every call gives up after `call_timeout` seconds (DockerUnavailable). A pull may take longer
-    (up to `pull_timeout`) as long as the engine reports progress at least every `call_timeout`."""
+    (up to `pull_timeout`) as long as the engine reports progress at least every `call_timeout`.
+    `wall_clock` (seconds since the epoch) is what the engine's timestamps are compared with: the
+    time a named run adopted while running has run already."""
 
-    def __init__(self, host: str, *, call_timeout: float = 30.0, pull_timeout: float = 600.0) -> None:
+    def __init__(self, host: str, *, call_timeout: float = 30.0, pull_timeout: float = 600.0,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.host = host
         self.call_timeout = call_timeout
         self.pull_timeout = pull_timeout
+        self._wall_clock = wall_clock
         self._client: aiodocker.Docker | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._orphans: set[str] = set()  # containers run_once could not remove yet (engine down)
@@ -408,23 +447,8 @@ class Docker:
         command that ignores SIGTERM), which cannot be told from the command failing."""
         key = _image_key(image, "running")
         await self._sweep_orphans()
-        lines = await self._env_lines(env_file) if env_file is not None else []
-        lines += [f"{k}={v}" for k, v in (env or {}).items()]
+        config = await self._run_config(key, command, env_file, env, network, mounts, {RUN_LABEL: "1"})
         name = name or f"norm-run-{uuid.uuid4().hex[:12]}"
-        config: dict[str, Any] = {
-            "Image": key,
-            "Cmd": list(command),
-            "Env": lines,
-            "Labels": {RUN_LABEL: "1"},
-            "AttachStdout": False,
-            "AttachStderr": False,
-            "Tty": False,
-            "HostConfig": {
-                "NetworkMode": network,
-                "Binds": [f"{src}:{dst}" for src, dst in mounts],
-                "AutoRemove": False,
-            },
-        }
         loop = asyncio.get_running_loop()
         try:
             # From here on the container may exist (even when the answer to create is lost, or the
@@ -455,6 +479,187 @@ class Docker:
             return RunResult(exit_code=code, logs=logs, seconds=seconds)
         finally:
             await self._remove_container(name)
+
+    async def _run_config(self, key: str, command: Sequence[str], env_file: str | None,
+                          env: Mapping[str, str] | None, network: str, mounts: Sequence[tuple[str, str]],
+                          labels: Mapping[str, str]) -> dict[str, Any]:
+        lines = await self._env_lines(env_file) if env_file is not None else []
+        lines += [f"{k}={v}" for k, v in (env or {}).items()]
+        return {
+            "Image": key,
+            "Cmd": list(command),
+            "Env": lines,
+            "Labels": dict(labels),
+            "AttachStdout": False,
+            "AttachStderr": False,
+            "Tty": False,
+            "HostConfig": {
+                "NetworkMode": network,
+                "Binds": [f"{src}:{dst}" for src, dst in mounts],
+                "AutoRemove": False,
+            },
+        }
+
+    # -- named one-off containers: run exactly once, across restarts of the agent
+
+    async def run_named(
+        self,
+        name: str,
+        image: str,
+        command: Sequence[str],
+        *,
+        env_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        network: str = "host",
+        mounts: Sequence[tuple[str, str]] = (),
+        timeout: float,  # noqa: ASYNC109 (the container's run time, not a call's)
+    ) -> RunResult:
+        """Run `command` in a container called `name` of `image` (which must be local), once: wait up
+        to `timeout` seconds for it to exit and return its exit code and logs (a non-zero exit is a
+        result). Arguments as for run_once.
+
+        When a container called `name` is on the engine already (an agent killed mid-run made it, or
+        someone made it meanwhile), it is adopted, whatever its image and command, and no second one
+        is made: one never started is started; one running is waited for until `timeout` after it
+        started (by its StartedAt against `wall_clock`); one exited gives its exit code and logs at
+        once. (An adopted container that a run before killed for its timeout thus gives exit code 137.)
+
+        Past the timeout the container is killed, waited for (bounded) and RunTimeout raised. The
+        container is never removed here, in no case (success, failure, timeout, cancellation, the
+        engine going away): a cancelled run_named only stops waiting, the container runs on, and the
+        next run_named of that name adopts it. The caller removes it with remove_container once it
+        has recorded the result."""
+        name = _container_name(name, "running")
+        key = _image_key(image, "running")
+        config: dict[str, Any] | None = None
+        loop = asyncio.get_running_loop()
+        give_up, pause = loop.time() + self.call_timeout, 0.02
+        while (data := await self._inspect_container(name)) is None:
+            if config is None:
+                config = await self._run_config(key, command, env_file, env, network, mounts,
+                                                {RUN_LABEL: "1", NAMED_RUN_LABEL: "1"})
+            try:
+                await self._call(image, "creating a container",
+                                 functools.partial(self._docker.containers.create, config, name=name))
+            except DockerError as e:
+                # 409: someone else is making a container of that name. The engine reserves the name
+                # before the container can be inspected, and frees it again if that create fails:
+                # look again (briefly) until there is one to adopt, or none and the name is free.
+                if e.status != 409:
+                    raise
+                if loop.time() >= give_up:
+                    raise DockerUnavailable("a container of that name is being made by someone else",
+                                            ref=name, action="running") from e
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            else:
+                return await self._start_and_wait(name, tuple(command), timeout)
+        return await self._adopt(name, key, data, timeout)
+
+    async def remove_container(self, name: str) -> bool:
+        """Force-remove the container `name` (with its anonymous volumes). False when there was none."""
+        name = _container_name(name, "removing a container")
+        try:
+            await self._call(name, "removing a container",
+                             lambda: self._docker.containers.container(name).delete(force=True, v=True))
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def container_status(self, name: str) -> str | None:
+        """The engine's state of the container `name` ("created", "running", "exited", ...); None when
+        there is no such container."""
+        data = await self._inspect_container(_container_name(name, "inspecting a container"))
+        return None if data is None else str(data["State"]["Status"])
+
+    async def _inspect_container(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = await self._call(name, "inspecting a container",
+                                    lambda: self._docker.containers.container(name).show())
+        except DockerError as e:
+            # By the status, not by the class: the engine's message holds the name, which may hold a
+            # word that _classify takes for a transient error ("timeout").
+            if e.status == 404:
+                return None
+            raise
+        return dict(data)
+
+    async def _adopt(self, name: str, key: str, data: Mapping[str, Any], limit: float) -> RunResult:
+        state = data.get("State") or {}
+        status = str(state.get("Status", ""))
+        command = tuple((data.get("Config") or {}).get("Cmd") or ())
+        log.warning("docker.adopted", container=name, status=status,
+                    image_matches=await self._image_matches(key, data))
+        if status == "created":
+            return await self._start_and_wait(name, command, limit)
+        container = self._docker.containers.container(name)
+        started = _engine_time(state.get("StartedAt"))
+        if status in ("exited", "dead"):
+            code = state.get("ExitCode")
+            if not isinstance(code, int):
+                raise DockerError(f"the engine gave no exit code ({state.get('Error')})", ref=name,
+                                  action="running")
+            finished = _engine_time(state.get("FinishedAt"))
+            seconds = max(0.0, finished - started) if finished is not None and started is not None else 0.0
+            return RunResult(exit_code=code, logs=await self._logs(container, name), seconds=seconds)
+        if status in ("running", "paused", "restarting"):
+            elapsed = 0.0 if started is None else min(max(0.0, self._wall_clock() - started), limit)
+            return await self._wait_named(name, command, limit, elapsed)
+        # "removing": it is going away; whoever removes it has the result.
+        raise DockerUnavailable(f"the container is {status or 'in an unknown state'}", ref=name,
+                                action="running")
+
+    async def _image_matches(self, key: str, data: Mapping[str, Any]) -> bool:
+        if (data.get("Config") or {}).get("Image") == key:
+            return True
+        try:
+            return (await self.inspect_image(key)).id == data.get("Image")
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def _start_and_wait(self, name: str, command: tuple[str, ...], limit: float) -> RunResult:
+        container = self._docker.containers.container(name)
+        await self._call(name, "starting a container", container.start)
+        return await self._wait_named(name, command, limit, elapsed=0.0)
+
+    async def _wait_named(self, name: str, command: tuple[str, ...], limit: float,
+                          elapsed: float) -> RunResult:
+        """Wait for the started container `name`, which has run `elapsed` of its `limit` seconds."""
+        container = self._docker.containers.container(name)
+        loop = asyncio.get_running_loop()
+        started = loop.time() - elapsed
+        try:
+            async with asyncio.timeout_at(started + limit):
+                with self._errors(name, "waiting for a container"):
+                    status = await container.wait()
+        except TimeoutError:  # the deadline's alone: _errors made any other one a DockerError
+            await self._kill(name)
+            logs = ""
+            with contextlib.suppress(DockerError):
+                logs = await self._logs(container, name)
+            log.warning("docker.run_killed", container=name, timeout=limit)
+            raise RunTimeout(name, command, limit, logs) from None
+        seconds = loop.time() - started
+        code = status.get("StatusCode")
+        if not isinstance(code, int):
+            raise DockerError(f"the engine gave no exit code ({status.get('Error')})", ref=name,
+                              action="running")
+        return RunResult(exit_code=code, logs=await self._logs(container, name), seconds=seconds)
+
+    async def _kill(self, name: str) -> None:
+        """Kill the container `name` and wait (bounded) until the engine has it stopped. A container
+        that is gone or stopped already is fine; any other failure is raised (it may run on)."""
+        container = self._docker.containers.container(name)
+        try:
+            await self._call(name, "killing a container", container.kill)
+            await self._call(name, "waiting for a killed container", container.wait)
+        except DockerError as e:
+            if e.status not in (404, 409):  # 404: gone; 409: not running (any more)
+                raise
 
     async def _env_lines(self, path: str) -> list[str]:
         def read() -> list[str]:

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from norm.adapters.docker import (
+    NAMED_RUN_LABEL,
     RUN_LABEL,
     Docker,
     DockerRejected,
@@ -169,6 +171,12 @@ async def test_engine_down_is_unavailable_then_calls_work_again(
             await docker.pull(app)
         with pytest.raises(DockerUnavailable):
             await docker.run_once(app, ["migrate"], timeout=5)
+        with pytest.raises(DockerUnavailable):
+            await docker.run_named("engine-down", app, ["migrate"], timeout=5)
+        with pytest.raises(DockerUnavailable):
+            await docker.container_status("engine-down")
+        with pytest.raises(DockerUnavailable):
+            await docker.remove_container("engine-down")
     finally:
         await asyncio.to_thread(engine.start)
     assert await docker.has_image(app)  # the same adapter, connections made afresh
@@ -269,3 +277,213 @@ async def test_cancelled_run_leaves_no_container(docker: Docker, engine: DockerE
     assert containers(engine) == []
     labelled = engine.docker("ps", "-a", "-q", "--filter", f"label={RUN_LABEL}")
     assert labelled.strip() == ""
+
+
+# -- run_named --------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def named(docker: Docker) -> AsyncIterator[Callable[[str], str]]:
+    """Names for named runs: whatever a test leaves of them is removed after it (run_named never
+    removes its container; the engine is shared by the module's tests)."""
+    names: list[str] = []
+
+    def name(n: str) -> str:
+        names.append(n)
+        return n
+
+    yield name
+    for n in names:
+        await docker.remove_container(n)
+
+
+def record_lines(data: Path) -> list[str]:
+    record = data / "record.log"
+    return record.read_text().splitlines() if record.exists() else []
+
+
+async def test_named_run_returns_its_result_and_leaves_the_container_until_removed(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-ok")
+    data = tmp_path / "data"
+    data.mkdir()
+
+    result = await docker.run_named(name, app, ["migrate"], mounts=[(str(data), "/data")], timeout=20)
+
+    assert result.exit_code == 0
+    assert "migrate done" in result.logs
+    assert 0 < result.seconds < 20
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
+    assert await docker.container_status(name) == "exited"
+    labels = engine.docker("inspect", "--format", "{{json .Config.Labels}}", name)
+    assert f'"{RUN_LABEL}":"1"' in labels and f'"{NAMED_RUN_LABEL}":"1"' in labels
+    assert await docker.remove_container(name) is True
+    assert await docker.container_status(name) is None
+    assert await docker.remove_container(name) is False
+    assert containers(engine) == []
+
+
+async def test_cancelled_named_run_keeps_running_and_the_next_one_adopts_it(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-cancelled")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    env = {"NORM_DEMO_TASK_SECONDS": "3"}
+    since = time.time()
+    run = asyncio.create_task(docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60))
+    await container_started(engine, name, since)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert await docker.container_status(name) == "running", "cancelling only stopped the waiting"
+
+    # As a restarted agent would: the same call again.
+    with capture_logs() as logs:
+        result = await docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60)
+
+    assert result.exit_code == 0
+    assert "migrate done" in result.logs
+    assert 2 < result.seconds < 60, "counted from the container's start"
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]], "it ran once"
+    adopted = [e for e in logs if e["event"] == "docker.adopted"]
+    assert adopted == [{"event": "docker.adopted", "log_level": "warning", "container": name,
+                        "status": "running", "image_matches": True}]
+    assert len(containers(engine)) == 1 and await docker.container_status(name) == "exited"
+
+
+async def test_adopting_an_exited_named_run_gives_its_result_without_running_it_again(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-failed")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "record.log").write_text("before\n")
+    mounts = [(str(data), "/data")]
+    first = await docker.run_named(name, app, ["migrate"], env={"NORM_DEMO_TASK_FAIL": "1"}, mounts=mounts,
+                                   timeout=20)
+    assert first.exit_code != 0 and "failing as asked" in first.logs
+    started = engine.docker("inspect", "--format", "{{.State.StartedAt}}", name)
+
+    # Another command, without the failure knob: the container's own config is what counts, and it is
+    # only read, not run again.
+    with capture_logs() as logs:
+        again = await docker.run_named(name, app, ["collectstatic"], mounts=mounts, timeout=20)
+
+    assert again.exit_code == first.exit_code
+    assert again.logs.count("failing as asked") == 1
+    assert 0 <= again.seconds < 20
+    assert record_lines(data) == ["before"]
+    assert engine.docker("inspect", "--format", "{{.State.StartedAt}}", name) == started
+    assert [e["status"] for e in logs if e["event"] == "docker.adopted"] == ["exited"]
+    assert len(containers(engine)) == 1
+
+
+async def test_a_created_but_never_started_container_is_adopted_and_started(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-created")
+    data = tmp_path / "data"
+    data.mkdir()
+    # As an agent killed between create and start leaves it.
+    engine.docker("create", "--name", name, "-v", f"{data}:/data", app, "migrate")
+
+    result = await docker.run_named(name, app, ["migrate"], mounts=[(str(data), "/data")], timeout=20)
+
+    assert result.exit_code == 0
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
+    assert len(containers(engine)) == 1
+
+
+async def test_two_named_runs_at_once_make_one_container_and_run_once(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-twice")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    env = {"NORM_DEMO_TASK_SECONDS": "1"}
+
+    with capture_logs() as logs:
+        # Both look before either creates: one creates, the other's create conflicts and it adopts.
+        results = await asyncio.gather(
+            *(docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=20) for _ in range(2)))
+
+    assert [r.exit_code for r in results] == [0, 0]
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
+    assert [e["event"] for e in logs if e["event"] == "docker.adopted"] == ["docker.adopted"]
+    assert len(containers(engine)) == 1
+
+
+async def test_named_run_past_its_timeout_is_killed_and_left_until_removed(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str]
+) -> None:
+    # "timeout" in the name: the engine's "No such container: named-timeout" must still read as none.
+    name = named("named-timeout")
+    t0 = time.monotonic()
+    with pytest.raises(RunTimeout) as info:
+        await docker.run_named(name, app, ["sh", "-c", "echo started; exec migrate"],
+                               env={"NORM_DEMO_TASK_SECONDS": "30"}, timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    assert "started" in info.value.logs and info.value.ref == name
+    assert await docker.container_status(name) == "exited"
+    assert await docker.remove_container(name) is True
+    assert await docker.container_status(name) is None
+    assert await docker.remove_container(name) is False
+    assert containers(engine) == []
+
+
+async def test_adopted_running_container_times_out_counted_from_its_start(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str]
+) -> None:
+    name = named("named-slow")
+    env = {"NORM_DEMO_TASK_SECONDS": "30"}
+    t0 = time.monotonic()
+    since = time.time()
+    run = asyncio.create_task(docker.run_named(name, app, ["migrate"], env=env, timeout=3))
+    await container_started(engine, name, since)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    t1 = time.monotonic()
+    with pytest.raises(RunTimeout):
+        await docker.run_named(name, app, ["migrate"], env=env, timeout=3)
+
+    assert time.monotonic() - t1 < 3.5, "the second wait was what is left of 3 s, not 3 s more"
+    assert time.monotonic() - t0 >= 2.5, "not before the 3 s from the start"
+    assert await docker.container_status(name) == "exited"
+
+
+async def test_adoption_measures_the_run_so_far_by_the_wall_clock(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str]
+) -> None:
+    """As the previous test, but the restarted agent comes 2.5 s after the start (by its clock, which
+    the adapter takes as an argument): of the 3 s, about 0.5 s are left, not 3."""
+    name = named("named-late")
+    env = {"NORM_DEMO_TASK_SECONDS": "30"}
+    since = time.time()
+    run = asyncio.create_task(docker.run_named(name, app, ["migrate"], env=env, timeout=3))
+    await container_started(engine, name, since)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    async with Docker(engine.host, call_timeout=CALL_TIMEOUT, wall_clock=lambda: time.time() + 2.5) as later:
+        t0 = time.monotonic()
+        with pytest.raises(RunTimeout):
+            await later.run_named(name, app, ["migrate"], env=env, timeout=3)
+        assert time.monotonic() - t0 < 1.5
+    assert await docker.container_status(name) == "exited"
+
+
+async def test_named_run_of_an_image_not_on_the_engine_is_rejected(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str]
+) -> None:
+    missing = app.partition("@")[0] + "@sha256:" + "0" * 64
+    with pytest.raises(DockerRejected):
+        await docker.run_named(named("named-no-image"), missing, ["migrate"], timeout=5)
+    with pytest.raises(DockerRejected):
+        await docker.run_named("bad/name", app, ["migrate"], timeout=5)
+    assert containers(engine) == []
