@@ -81,7 +81,11 @@ def _unit(*, role: str, docker: str, docker_host: str, release_file: str, port: 
         f"ExecStartPre=-{cli} rm -f {container}",
         f"ExecStart={cli} run --rm --name {container} --network host"
         f" -e PORT={port} -e NORM_DEMO_ROLE={role} ${{NORM_IMAGE}} serve",
+        # Active means serving: the start job ends when the port answers (or fails after 30 s).
+        "ExecStartPost=/bin/bash -c 'for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"
+        f"{port}) 2>/dev/null && exit 0; sleep 0.1; done; exit 1'",
         f"ExecStop={cli} stop -t {STOP_TIMEOUT} {container}",
+        "TimeoutStartSec=60",
         "TimeoutStopSec=30",
     ]
     if log_dir is not None:

@@ -185,10 +185,14 @@ def _toml_str(value: str) -> str:
 
 
 def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_listen: str, bus_address: str,
-                 docker_host: str, environment: str = "sandbox", role: str = "web") -> str:
-    """The `norm agent` config file of one simulated host."""
+                 docker_host: str, environment: str = "sandbox", role: str = "web",
+                 image: str | None = None, release_file: str | None = None,
+                 data_dir: str | None = None) -> str:
+    """The `norm agent` config file of one simulated host. With `image` (a repository), update mode is
+    on: the release file is `release_file`, the one-off steps get `data_dir` mounted on /data (one
+    directory for the whole fleet: what they record there shows every run on any host)."""
     eps = ", ".join(_toml_str(e) for e in endpoints)
-    return (
+    text = (
         f"[etcd]\nendpoints = [{eps}]\n\n"
         f"[host]\nmachine_id = {_toml_str(machine_id)}\nenvironment = {_toml_str(environment)}\n"
         f"role = {_toml_str(role)}\nname = {_toml_str(name)}\n\n"
@@ -196,6 +200,12 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
         f"[systemd]\nbus_address = {_toml_str(bus_address)}\n\n"
         f"[docker]\nhost = {_toml_str(docker_host)}\n"
     )
+    if image is not None:
+        text += (f"\n[units]\npatterns = [\"djed-*.service\"]\n\n"
+                 f"[update]\nimage = {_toml_str(image)}\nrelease_file = {_toml_str(release_file or '')}\n")
+        if data_dir is not None:
+            text += f"steps_mounts = [{_toml_str(data_dir + ':/data')}]\n"
+    return text
 
 
 # -- the fleet ----------------------------------------------------------------------------------
@@ -214,6 +224,8 @@ class Fleet:
     docker: bool = True
     agents: bool = True
     etcd_size: int = 3
+    image: str | None = None  # an image repository: the agents run in update mode
+    agent_env: dict[str, str] = field(default_factory=dict)  # NORM_* settings for every agent
     say: Callable[[str], None] = _quiet
     # Objects for what this process started itself: used to stop (and reap) its own children.
     _procs: dict[int, Proc] = field(default_factory=dict, init=False, repr=False)
@@ -236,6 +248,11 @@ class Fleet:
     @property
     def hosts_dir(self) -> Path:
         return self.run_dir / "hosts"
+
+    @property
+    def data_dir(self) -> Path:
+        """Mounted on /data in the one-off steps' containers on every host."""
+        return self.run_dir / "data"
 
     def load_state(self) -> State | None:
         try:
@@ -403,7 +420,8 @@ class Fleet:
             Path(host["config"]).write_text(agent_config(
                 endpoints=state["endpoints"], machine_id=machine_id, name=name,
                 http_listen=host["http_listen"], bus_address=host["bus_address"],
-                docker_host=host["docker_host"]))
+                docker_host=host["docker_host"], image=self.image,
+                release_file=str(hdir / "release.env"), data_dir=str(self.data_dir)))
 
         # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
         # start forks with a pre-exec hook, which must not happen while other threads run.)
@@ -430,21 +448,64 @@ class Fleet:
                 raise failures[0]
 
         if self.agents:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
             for host in state["hosts"]:
-                env = dict(os.environ, PYTHONUNBUFFERED="1",
-                           # what the host's own environment would point at
-                           DBUS_SYSTEM_BUS_ADDRESS=host["bus_address"], DOCKER_HOST=host["docker_host"])
-                agent = Proc(f"agent-{host['name']}",
-                             [venv_python(), "-m", "norm", "agent", "--config", host["config"]],
-                             Path(host["dir"]) / "agent.log", env=env, cwd=REPO)
-                agent.start()
-                host["agent"] = _record(agent, agent.stop)
-                self._own(agent)
-                self._save(state)
-                self.say(f"{host['name']}: norm agent pid {agent.pid}, log {agent.log}")
+                self._start_agent(state, host)
 
         state["complete"] = True
         self._save(state)
+
+    def _start_agent(self, state: State, host: HostState) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   # what the host's own environment would point at
+                   DBUS_SYSTEM_BUS_ADDRESS=host["bus_address"], DOCKER_HOST=host["docker_host"],
+                   **self.agent_env)
+        agent = Proc(f"agent-{host['name']}",
+                     [venv_python(), "-m", "norm", "agent", "--config", host["config"]],
+                     Path(host["dir"]) / "agent.log", env=env, cwd=REPO)
+        agent.start()
+        host["agent"] = _record(agent, agent.stop)
+        self._own(agent)
+        self._save(state)
+        self.say(f"{host['name']}: norm agent pid {agent.pid}, log {agent.log}")
+
+    def host(self, name: str, state: State | None = None) -> HostState:
+        state = state if state is not None else self.load_state()
+        if state is None:
+            raise SandboxError("no sandbox fleet is running")
+        for h in state["hosts"]:
+            if h["name"] == name:
+                return h
+        raise SandboxError(f"no host {name} in the sandbox fleet")
+
+    def agent_pid(self, name: str) -> int | None:
+        rec = self.host(name)["agent"]
+        return rec["pid"] if rec is not None and owned(rec) else None
+
+    def kill_agent(self, name: str, sig: int = 9) -> int:
+        """Signal a host's agent (kill -9 by default) and, for a deadly signal, wait until it is gone."""
+        import signal as signals
+
+        pid = self.agent_pid(name)
+        if pid is None:
+            raise SandboxError(f"{name}: no agent running")
+        os.kill(pid, sig)
+        if sig in (signals.SIGKILL, signals.SIGTERM, signals.SIGINT):
+            proc = self._procs.get(pid)
+            wait_for(lambda: (proc.alive is False) if proc is not None else fingerprint(pid) is None,
+                     timeout=30, what=f"{name}'s agent gone", interval=0.01)
+        return pid
+
+    def restart_agent(self, name: str) -> None:
+        """Start a host's agent again (as systemd's Restart= would), with the same config."""
+        with self._locked():
+            state = self.load_state()
+            if state is None:
+                raise SandboxError("no sandbox fleet is running")
+            host = self.host(name, state)
+            if host["agent"] is not None and owned(host["agent"]):
+                raise SandboxError(f"{name}: its agent still runs")
+            self._start_agent(state, host)
 
     def _start_etcd(self, state: State, ready_timeout: float, attempts: int = 3) -> list[EtcdMember]:
         """Start the etcd members, record each, and wait until all are healthy. Ports are picked free

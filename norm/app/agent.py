@@ -31,7 +31,9 @@ from norm.services.registration import Registration
 from norm.services.watcher import DesiredStateWatcher
 
 if TYPE_CHECKING:
+    from norm.adapters.docker import Docker
     from norm.adapters.systemd import Systemd
+    from norm.services.executor import Executor
     from norm.services.healer import Healer
 
 log = structlog.get_logger("norm.agent")
@@ -50,7 +52,9 @@ class Agent:
         self.stopping = asyncio.Event()
         self.holds = Holds()
         self._systemd: Systemd | None = None
+        self._docker: Docker | None = None
         self.healer: Healer | None = None
+        self.executor: Executor | None = None
 
     def _on_signal(self, signum: int) -> None:
         if not self.stopping.is_set():
@@ -75,16 +79,27 @@ class Agent:
         try:
             if not await self._connect(etcd):
                 return EXIT_OK
-            if self.config.healing.enabled and not await self._open_systemd():
+            if self._needs_systemd() and not await self._open_systemd():
                 return EXIT_OK
+            if self.config.update.image is not None:
+                from norm.adapters.docker import Docker
+
+                # Connects lazily: an engine that is down now is retried by each call.
+                self._docker = await Docker(self.config.docker.host,
+                                            pull_timeout=self.config.update.pull_timeout).__aenter__()
             return await self._serve(etcd)
         except EtcdRejected as e:
             log.error("agent.etcd_refused", error=str(e))
             return EXIT_CONFIG
         finally:
+            if self._docker is not None:
+                await self._docker.close()
             if self._systemd is not None:
                 await self._systemd.close()
             await etcd.close()
+
+    def _needs_systemd(self) -> bool:
+        return self.config.healing.enabled or self.config.update.image is not None
 
     async def _connect(self, etcd: Etcd) -> bool:
         """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
@@ -137,9 +152,27 @@ class Agent:
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
         self._etcd = etcd
         services: list[Service] = [self.registration, self.leadership, self.watcher, self.http]
-        if self._systemd is not None:
+        if self._systemd is not None and self._docker is not None:
+            services += self._update_services(etcd, self._systemd, self._docker)
+        if self._systemd is not None and c.healing.enabled:
             services += self._healing_services(etcd, self._systemd)
         return services
+
+    def _update_services(self, etcd: Etcd, systemd: Systemd, docker: Docker) -> list[Service]:
+        from norm.core.rollout import policy_of
+        from norm.services.executor import Executor
+        from norm.services.updater import Updater
+
+        c = self.config
+        assert c.update.image is not None
+        self.executor = Executor(etcd, c.keys.prefix, self.identity.machine_id, systemd, docker, self.holds,
+                                 self.metrics, c.update, c.units.patterns, self.registration.set_release,
+                                 leading=self.leadership.is_leader)
+        self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, c.host.environment,
+                               frozenset(c.update.roles) or None, c.update.image, policy_of(c.update),
+                               self.leadership, self.watcher, self.metrics, docker.resolve,
+                               history=c.update.history)
+        return [self.executor, self.updater]
 
     def _healing_services(self, etcd: Etcd, systemd: Systemd) -> list[Service]:
         from norm.core.backoff import Backoff as BackoffPolicy
@@ -159,7 +192,8 @@ class Agent:
             await etcd.put(key, body, lease=lease.id)
 
         self.healer = Healer(systemd, self.config.units.patterns, policy, self.metrics, self.holds,
-                             resync_interval=h.resync_interval, publish=publish)
+                             resync_interval=h.resync_interval, publish=publish,
+                             gate=None if self.executor is None else self.executor.primed)
         control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
                           self.holds, self.metrics)
         return [self.healer, control]
@@ -229,6 +263,8 @@ class Agent:
     async def _ready(self) -> None:
         await self.registration.registered.wait()
         await self.http.bound.wait()
+        if self.executor is not None:
+            await self.executor.primed.wait()
         if self.healer is not None:
             await self.healer.synced.wait()
         self.notifier.notify("READY=1")

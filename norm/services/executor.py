@@ -1,0 +1,362 @@
+"""The executor: what one host does in a fleet update, read from the rollout header it watches.
+
+Its duties (norm.core.release.host_duties): pull the image by digest and report it; hold and stop
+the application units and report it; run a one-off step when this host is the migrator (in a named
+container that a restarted agent adopts, so the step runs once); write the release file atomically
+and start the units, then report. A host outside the rollout (joined late, excluded, or down during
+it) catches up on the fleet's release once the rollout has ended.
+
+etcd costs per host and rollout: one transaction reading the participant list and this host's own
+reports, then one put per report. Only the small header is watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from norm.adapters.docker import Docker, DockerError, DockerRejected, DockerUnavailable, RunTimeout
+from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, Put, Resync
+from norm.adapters.files import read_file, write_atomic
+from norm.adapters.systemd import Systemd, SystemdError
+from norm.core import release as rel
+from norm.core.backoff import Backoff
+from norm.core.config import UpdateConfig, step_name
+from norm.core.errors import InvalidValue
+from norm.core.rollout import Phase, Release
+from norm.services.base import first_of, wait_or_stop
+from norm.services.holds import Holds
+from norm.services.metrics import Metrics
+from norm.services.updater import PHASE_CODES
+
+log = structlog.get_logger("norm.executor")
+
+HOLD_OWNER = "update"
+
+
+class Executor:
+    name = "executor"
+
+    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
+                 holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
+                 set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        assert update.image is not None
+        self._etcd = etcd
+        self._prefix = prefix
+        self._me = machine_id
+        self._systemd = systemd
+        self._docker = docker
+        self._holds = holds
+        self._metrics = metrics
+        self._update = update
+        self._image: str = update.image
+        self._patterns = patterns
+        self._set_release = set_release
+        self._leading = leading
+        self._clock = clock
+        self._steps = {step_name(c): c for c in update.steps}
+        self.header: rel.Header | None = None
+        self.running: Release | None = None
+        self._rev: int | None = None  # the rollout whose participants and reports are loaded
+        self._participant = False
+        self._reported: set[str] = set()
+        self._units: tuple[str, ...] = ()
+        self._catching_up = False
+        self._gave_up: set[tuple[int, str]] = set()  # (rollout, release digest) a catch-up cannot pull
+        self._wake = asyncio.Event()
+        self.primed = asyncio.Event()  # prime() done: the healer may start
+
+    # -- start-up ------------------------------------------------------------------------------------
+    async def prime(self) -> None:
+        """Before healing starts: what runs here, where the fleet's rollout stands, and the holds an
+        update in progress has on this host's units (so that a restarted agent does not 'heal' units
+        its update stopped)."""
+        raw = await read_file(self._update.release_file)
+        self.running = None if raw is None else rel.parse_release(raw)
+        await self._set_release(rel.release_text(self.running))
+        self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
+        kv = await self._etcd.get(rel.header_key(self._prefix))
+        self._take_header(None if kv is None else kv.value)
+        await self._load_rollout()
+        self._apply_holds()
+        log.info("executor.primed", running=rel.release_text(self.running),
+                 rollout=None if self.header is None else self.header.revision,
+                 phase=None if self.header is None else self.header.phase.value)
+
+    # -- the service ---------------------------------------------------------------------------------
+    async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        while not self.primed.is_set():
+            try:
+                await self.prime()
+                self.primed.set()
+            except (EtcdError, SystemdError, OSError) as e:
+                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
+                failures += 1
+                log.warning("executor.prime_failed", error=str(e), retry_in=round(delay, 2))
+                if await wait_or_stop(stopping, delay):
+                    return
+        await first_of(stopping=stopping.wait(), header=self._watch_header(), work=self._work(stopping))
+
+    async def _watch_header(self) -> None:
+        async with self._etcd.watch(rel.header_key(self._prefix)) as w:
+            async for item in w:
+                if isinstance(item, Resync):
+                    kv = item.snapshot.kvs[0] if item.snapshot.kvs else None
+                    self._take_header(None if kv is None else kv.value)
+                elif item.kind == "put":
+                    self._take_header(item.kv.value)
+                self._wake.set()
+
+    def _take_header(self, raw: bytes | None) -> None:
+        if raw is None:
+            self.header = None
+            return
+        try:
+            header = rel.Header.decode(raw, rel.header_key(self._prefix))
+        except InvalidValue as e:
+            self._metrics.rejected_values.labels(e.where).inc()
+            log.error("executor.header_refused", reason=e.reason)
+            return
+        self.header = header
+        if not self._leading():
+            self._metrics.rollout_phase.set(PHASE_CODES[header.phase])
+
+    async def _work(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                await self._load_rollout()
+                duties = self._duties()
+                self._apply_holds()
+                if not duties:
+                    await self._wake.wait()
+                    continue
+                for duty in duties:
+                    await self._do(duty)
+                failures = 0
+            except (EtcdError, SystemdError, DockerError, OSError) as e:
+                delay = Backoff(first=0.5, cap=15.0).delay(failures, random.random())
+                failures += 1
+                log.warning("executor.retry", error=str(e), retry_in=round(delay, 2))
+                await first_of(woken=self._wake.wait(), pause=wait_or_stop(stopping, delay))
+
+    def _duties(self) -> tuple[rel.Duty, ...]:
+        duties = rel.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
+                                 self.running)
+        rev = None if self.header is None else self.header.revision
+
+        def pending(d: rel.Duty) -> bool:
+            if isinstance(d, rel.CatchUp):
+                return (rev, d.release.digest) not in self._gave_up
+            if isinstance(d, rel.Migrate):
+                return f"migrated:{d.step}" not in self._reported
+            return True
+
+        return tuple(d for d in duties if pending(d))
+
+    async def _load_rollout(self) -> None:
+        """On a new rollout (once its participant list exists): whether this host takes part, and what
+        it reported already (after a restart). One transaction."""
+        h = self.header
+        if h is None or h.revision == self._rev or h.phase is Phase.RESOLVE or h.terminal:
+            if h is not None and h.revision == self._rev:
+                self._participant = self._participant and self._me not in h.excluded
+            elif h is not None:  # a rollout not (yet) needing them
+                self._participant, self._reported = False, set()
+            return
+        p, rev = self._prefix, h.revision
+        kinds = ("pulled", "stopped", "started")
+        result = await self._etcd.txn([], [Get(rel.hosts_list_key(p, rev)),
+                                          *(Get(rel.report_key(p, rev, k, self._me)) for k in kinds),
+                                          Get(f"{rel.rollout_prefix(p, rev)}migrated/", prefix=True)])
+        hosts_kv, *mine = result.gets
+        hosts: list[str] = []
+        if hosts_kv:
+            try:
+                loaded = json.loads(hosts_kv[0].value)
+                hosts = [h for h in loaded if isinstance(h, str)] if isinstance(loaded, list) else []
+            except ValueError:
+                self._metrics.rejected_values.labels("rollout hosts").inc()
+        self._participant = self._me in hosts and self._me not in h.excluded
+        reported: set[str] = set()
+        for kind, kvs in zip(kinds, mine[:3], strict=True):
+            if not kvs:
+                continue
+            if kind == "started":
+                try:
+                    report = rel.parse_report(p, rev, kvs[0].key, kvs[0].value)
+                except InvalidValue:
+                    continue
+                target = h.target
+                if report is None or target is None or report.value.get("digest") != target.digest:
+                    continue
+            reported.add(kind)
+        for kv in mine[3]:
+            reported.add("migrated:" + kv.key.rsplit("/", 1)[1])
+        self._reported = reported
+        self._rev = rev
+
+    def _apply_holds(self) -> None:
+        held = self._catching_up or rel.holds_units(self.header, self._participant,
+                                                    frozenset(self._reported))
+        for unit in self._units:
+            if held:
+                self._holds.hold(unit, HOLD_OWNER)
+        if not held:
+            self._holds.release_all(HOLD_OWNER)
+
+    # -- duties --------------------------------------------------------------------------------------
+    async def _do(self, duty: rel.Duty) -> None:
+        h = self.header
+        assert h is not None
+        bound = structlog.contextvars.bound_contextvars(rollout=h.revision)
+        with bound:
+            match duty:
+                case rel.Pull(digest=digest):
+                    await self._until_moved(h, self._pull(h, digest))
+                case rel.Stop():
+                    await self._stop_units()
+                    await self._report(h, "stopped", rel.stopped())
+                case rel.Migrate(step=step, digest=digest):
+                    await self._until_moved(h, self._migrate(h, step, digest))
+                case rel.Start(release=release):
+                    ok, reason = await self._switch_to(release, h.revision)
+                    await self._report(h, "started", rel.started(release.digest, ok, reason))
+                case rel.CatchUp(release=release):
+                    await self._catch_up(h, release)
+
+    async def _until_moved(self, h: rel.Header, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` until done, or until the header leaves `h`'s rollout and phase."""
+        async def moved() -> None:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                now = self.header
+                if now is None or now.revision != h.revision or now.phase is not h.phase:
+                    self._wake.set()  # the work loop must look again
+                    return
+
+        await first_of(work=work, moved=moved())
+
+    async def _report(self, h: rel.Header, kind: str, value: bytes, name: str | None = None) -> None:
+        await self._etcd.put(rel.report_key(self._prefix, h.revision, kind, name or self._me), value)
+        self._reported.add(kind if name is None else f"{kind}:{name}")
+        log.info("executor.reported", kind=kind, name=name)
+
+    async def _pull(self, h: rel.Header, digest: str) -> None:
+        ref = f"{self._image}@{digest}"
+        started = self._clock()
+        attempt = 0
+        told = False
+        while True:
+            try:
+                await self._docker.pull(ref)
+                break
+            except DockerRejected as e:
+                log.error("executor.pull_refused", image=ref, error=str(e))
+                await self._report(h, "pulled", rel.pulled_error(str(e), permanent=True))
+                return
+            except DockerUnavailable as e:
+                if not told:  # the leader shows the reason; one report is enough
+                    await self._etcd.put(rel.report_key(self._prefix, h.revision, "pulled", self._me),
+                                         rel.pulled_error(str(e), permanent=False))
+                    told = True
+                delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
+                attempt += 1
+                log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+        self._metrics.pull_seconds.observe(self._clock() - started)
+        await self._report(h, "pulled", rel.pulled_ok(digest))
+
+    async def _stop_units(self) -> None:
+        self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
+        for unit in self._units:
+            self._holds.hold(unit, HOLD_OWNER)
+        await asyncio.gather(*(self._systemd.stop(u) for u in self._units))
+        log.info("executor.units_stopped", units=list(self._units))
+
+    async def _switch_to(self, release: Release, revision: int) -> tuple[bool, str | None]:
+        """Write the release file, start every unit, and say whether all are active."""
+        await write_atomic(self._update.release_file, rel.render_release(release, self._image, revision))
+        self.running = release
+        await self._set_release(rel.release_text(release))
+        self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
+        results = await asyncio.gather(*(self._systemd.start(u) for u in self._units),
+                                       return_exceptions=True)
+        failed: list[str] = []
+        for unit, result in zip(self._units, results, strict=True):
+            if isinstance(result, SystemdError):
+                failed.append(f"{unit}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                state = await self._systemd.unit(unit)
+                if state.active_state != "active":
+                    failed.append(f"{unit}: {state.active_state}/{state.sub_state}")
+        log.info("executor.units_started", release=rel.release_text(release), failed=failed)
+        return not failed, "; ".join(failed) or None
+
+    async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
+        p, rev = self._prefix, h.revision
+        claim = rel.report_key(p, rev, "claim", step)
+        result = await self._etcd.txn([Compare(claim, "version", "==", 0)], [Put(claim, rel.claim(self._me))],
+                                      [Get(claim)])
+        if not result.succeeded:
+            holder = result.gets[0][0].value if result.gets and result.gets[0] else b""
+            if holder != rel.claim(self._me):
+                log.error("executor.step_claimed_elsewhere", step=step)
+                self._reported.add(f"migrated:{step}")
+                return
+        command = self._steps.get(step)
+        name = rel.migration_container(rev, step)
+        if command is None:
+            await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on its "
+                                                           "migrator", 0.0, self._me), name=step)
+            return
+        mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
+        log.info("executor.step_running", step=step, container=name)
+        try:
+            run = await self._docker.run_named(
+                name, f"{self._image}@{digest}", shlex.split(command), env_file=self._update.steps_env_file,
+                network=self._update.steps_network, mounts=mounts,
+                timeout=self._update.migration_timeout)
+            ok, code, reason, seconds = run.exit_code == 0, run.exit_code, None, run.seconds
+            if not ok:
+                reason = f"exit code {run.exit_code}"
+                log.error("executor.step_failed", step=step, exit_code=run.exit_code, logs=run.logs[-2000:])
+            else:
+                log.info("executor.step_done", step=step, seconds=round(run.seconds, 3))
+        except RunTimeout:
+            ok, code, reason, seconds = False, None, f"killed after {self._update.migration_timeout:g} s", 0.0
+        except DockerRejected as e:
+            ok, code, reason, seconds = False, None, str(e), 0.0
+        self._metrics.migrations.labels("ok" if ok else "failed").inc()
+        await self._report(h, "migrated", rel.migrated(ok, code, reason, seconds, self._me), name=step)
+        await self._docker.remove_container(name)
+
+    async def _catch_up(self, h: rel.Header, release: Release) -> None:
+        log.info("executor.catching_up", release=rel.release_text(release))
+        try:
+            await self._docker.pull(f"{self._image}@{release.digest}")
+        except DockerRejected as e:
+            log.error("executor.catch_up_refused", error=str(e))
+            self._gave_up.add((h.revision, release.digest))
+            return
+        self._catching_up = True
+        try:
+            await self._stop_units()
+            ok, reason = await self._switch_to(release, h.revision)
+        finally:
+            self._catching_up = False
+            self._apply_holds()
+        log.info("executor.caught_up", release=rel.release_text(release), ok=ok, reason=reason)

@@ -1,0 +1,420 @@
+"""The updater: while this agent leads, it drives the fleet's rollouts (norm.core.rollout) from etcd.
+
+Nothing lives only here. On winning leadership it reads the rollout record, replays the hosts' reports
+(in the order etcd took them) and resumes; every change of the record that is not mere per-host
+progress is written before anything acts on it, in a transaction fenced on leadership. Hosts follow
+the small header; the reports come back under the rollout's prefix, which only the leader watches.
+
+Inputs, all funnelled into one queue and applied one at a time: the desired version (from the
+watcher), the reports, hosts leaving (their key deleted with their lease), the barrier timer, and the
+result of resolving the tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+
+import structlog
+
+from norm.adapters.docker import DockerError, DockerRejected, DockerUnavailable
+from norm.adapters.etcd import Delete, Etcd, EtcdError, NotLeader, Op, Put, Resync
+from norm.core import release as rel
+from norm.core.backoff import Backoff
+from norm.core.desired import Desired
+from norm.core.errors import InvalidValue
+from norm.core.host import HostRecord, hosts_key
+from norm.core.rollout import (
+    TERMINAL,
+    ArmDeadline,
+    BarrierDeadline,
+    BeginRollout,
+    HostLost,
+    HostsExcluded,
+    IllegalTransition,
+    LedgerEntry,
+    NewerVersion,
+    Phase,
+    RecordOutcome,
+    Release,
+    Resolved,
+    ResolveFailed,
+    ResolveTag,
+    Resumed,
+    Rollout,
+    RolloutPolicy,
+    RunMigration,
+    barrier_state,
+    participants,
+    refused_rollout,
+    start_rollout,
+    step,
+)
+from norm.core.rollout import Event as RolloutEvent
+from norm.services.base import first_of
+from norm.services.leadership import LeaderElection
+from norm.services.metrics import Metrics
+from norm.services.watcher import DesiredStateWatcher
+
+log = structlog.get_logger("norm.updater")
+
+PHASE_CODES = {None: 0, Phase.RESOLVE: 1, Phase.PULL: 2, Phase.STOP: 3, Phase.MIGRATE: 4, Phase.START: 5,
+               Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9}
+LEDGER_KEPT = 200  # ledger entries carried from record to record
+
+
+def _persisted(r: Rollout) -> Rollout:
+    """What of a record must reach etcd before acting: all but per-host progress, which the hosts'
+    reports already hold."""
+    return dataclasses.replace(r, progress=(), updated_at=0.0)
+
+
+class Updater:
+    name = "updater"
+
+    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, environment: str,
+                 roles: frozenset[str] | None, image: str, policy: RolloutPolicy,
+                 leadership: LeaderElection, watcher: DesiredStateWatcher, metrics: Metrics,
+                 resolve: Callable[[str], Awaitable[str]], history: int = 20,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._etcd = etcd
+        self._prefix = prefix
+        self._me = machine_id
+        self._environment = environment
+        self._roles = roles
+        self._image = image
+        self._policy = policy
+        self._leadership = leadership
+        self._watcher = watcher
+        self._metrics = metrics
+        self._resolve = resolve
+        self._history = history
+        self._clock = clock
+        self.record: Rollout | None = None
+        self._queue: asyncio.Queue[RolloutEvent | Desired | _ReportOf | BaseException] = asyncio.Queue()
+        self._timer: asyncio.Task[None] | None = None
+        self._resolver: asyncio.Task[None] | None = None
+        self._reports: asyncio.Task[None] | None = None
+        self._phase_since: float = 0.0
+
+    # -- the service ---------------------------------------------------------------------------------
+    async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        while not stopping.is_set():
+            elected = self._leadership.elected.wait()
+            if await first_of(stopping=stopping.wait(), elected=elected) == "stopping":
+                return
+            try:
+                await first_of(stopping=stopping.wait(), deposed=self._leadership.deposed.wait(),
+                               lead=self._lead())
+                failures = 0
+            except NotLeader as e:
+                log.warning("updater.not_leader", error=str(e))
+                await self._leadership.deposed.wait()
+            except EtcdError as e:
+                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
+                failures += 1
+                log.warning("updater.etcd_failed", error=str(e), retry_in=round(delay, 2))
+                await first_of(stopping=stopping.wait(), pause=asyncio.sleep(delay))
+            finally:
+                await self._cancel_helpers()
+
+    async def _cancel_helpers(self) -> None:
+        for task in (self._timer, self._resolver, self._reports):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._timer, self._resolver, self._reports) if t is not None),
+                             return_exceptions=True)
+        self._timer = self._resolver = self._reports = None
+        self._queue = asyncio.Queue()
+
+    async def _lead(self) -> None:
+        log.info("updater.leading")
+        await self._load()
+        if self.record is not None and not self.record.terminal:
+            self._follow_reports(self.record.revision)  # replays what hosts reported, in order
+            await self._apply(Resumed())
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._follow_desired(), name="updater-desired")
+            tg.create_task(self._follow_hosts(), name="updater-hosts")
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item  # a helper failed: leading starts over (or the agent stops)
+                if isinstance(item, Desired):
+                    await self._on_desired(item)
+                else:
+                    await self._apply(item)
+
+    async def _load(self) -> None:
+        kv = await self._etcd.get(rel.header_key(self._prefix))
+        self.record = None
+        if kv is None:
+            return
+        try:
+            header = rel.Header.decode(kv.value, kv.key)
+            raw = await self._etcd.get(rel.record_key(self._prefix, header.revision))
+            if raw is None:
+                raise InvalidValue(rel.record_key(self._prefix, header.revision), "missing")
+            self.record = Rollout.decode(raw.value, raw.key)
+        except InvalidValue as e:
+            self._metrics.rejected_values.labels(e.where).inc()
+            log.error("updater.record_unreadable", key=e.where, reason=e.reason)
+            return
+        self._phase_since = self._clock()
+        self._show(self.record)
+
+    # -- inputs --------------------------------------------------------------------------------------
+    async def _follow_desired(self) -> None:
+        seen = 0
+        while True:
+            desired = await self._watcher.wait_change(lambda d: d.version_revision > seen)  # noqa: B023
+            seen = desired.version_revision
+            self._queue.put_nowait(desired)
+
+    async def _follow_hosts(self) -> None:
+        prefix = hosts_key(self._prefix)
+        async with self._etcd.watch(prefix, prefix=True) as w:
+            async for item in w:
+                if isinstance(item, Resync):
+                    alive = {kv.key.removeprefix(prefix) for kv in item.snapshot.kvs}
+                    record = self.record
+                    if record is not None and not record.terminal:
+                        for host in record.hosts:
+                            if host not in alive:
+                                self._queue.put_nowait(HostLost(host))
+                elif item.kind == "delete":
+                    self._queue.put_nowait(HostLost(item.kv.key.removeprefix(prefix)))
+
+    def _follow_reports(self, revision: int) -> None:
+        if self._reports is not None:
+            self._reports.cancel()
+        self._reports = self._helper(self._watch_reports(revision), f"updater-reports-{revision}")
+
+    def _helper(self, coro: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        """A task of the leading loop; if it fails, its error is raised in that loop."""
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and (e := t.exception()) is not None:
+                self._queue.put_nowait(e)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _watch_reports(self, revision: int) -> None:
+        prefix = rel.rollout_prefix(self._prefix, revision)
+        async with self._etcd.watch(prefix, prefix=True) as w:
+            async for item in w:
+                kvs = sorted(item.snapshot.kvs, key=lambda kv: kv.mod_revision) if isinstance(item, Resync) \
+                    else [item.kv] if item.kind == "put" else []
+                for kv in kvs:
+                    try:
+                        report = rel.parse_report(self._prefix, revision, kv.key, kv.value)
+                    except InvalidValue as e:
+                        self._metrics.rejected_values.labels("rollout report").inc()
+                        log.warning("updater.report_refused", key=e.where, reason=e.reason)
+                        continue
+                    if report is not None:
+                        self._queue.put_nowait(_ReportOf(revision, report))
+
+    # -- applying -------------------------------------------------------------------------------------
+    async def _on_desired(self, desired: Desired) -> None:
+        record = self.record
+        if record is not None and desired.version_revision <= record.revision:
+            return
+        if desired.version_refused is not None:
+            if record is None or record.terminal:
+                now = self._clock()
+                new, commands = refused_rollout(desired.version_revision, desired.version_refused, now,
+                                                self._previous(record), self._ledger(record))
+                await self._adopt(record, new)
+                await self._carry_out(new, commands)
+            return
+        if desired.version is None:
+            return  # the key was deleted: nothing to roll out
+        if record is None or record.terminal:
+            await self._begin(desired.version, desired.version_revision)
+        else:
+            await self._apply(NewerVersion(desired.version, desired.version_revision))
+
+    async def _begin(self, tag: str, revision: int) -> None:
+        snapshot = await self._etcd.get_prefix(hosts_key(self._prefix))
+        hosts: list[HostRecord] = []
+        for kv in snapshot.kvs:
+            try:
+                hosts.append(HostRecord.decode(kv.value, kv.key))
+            except InvalidValue as e:
+                self._metrics.rejected_values.labels("host record").inc()
+                log.warning("updater.host_refused", key=e.where, reason=e.reason)
+        chosen = participants(hosts, self._environment, self._roles)
+        record = self.record
+        new, commands = start_rollout(revision, tag, chosen, self._clock(), self._previous(record),
+                                      self._ledger(record))
+        log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen))
+        await self._adopt(record, new)
+        if not new.terminal:
+            self._follow_reports(revision)
+        await self._carry_out(new, commands)
+
+    def _previous(self, record: Rollout | None) -> Release | None:
+        if record is None:
+            return None
+        header = rel.Header.of(record)
+        if not record.terminal:
+            return record.previous
+        return header.fleet_release() or record.previous
+
+    @staticmethod
+    def _ledger(record: Rollout | None) -> tuple[LedgerEntry, ...]:
+        return () if record is None else record.ledger[-LEDGER_KEPT:]
+
+    async def _apply(self, event: RolloutEvent | _ReportOf) -> None:
+        if isinstance(event, _ReportOf):
+            record = self.record
+            if record is None or record.revision != event.revision:
+                return  # a report of an earlier rollout, still in the queue
+            found = rel.report_event(record, event.report)
+            if found is None:
+                return
+            event = found
+        record = self.record
+        if record is None:
+            return
+        try:
+            new, commands = step(record, event, self._clock(), self._policy)
+        except IllegalTransition as e:
+            self._metrics.rejected_values.labels("rollout event").inc()
+            log.warning("rollout.event_refused", rollout=record.revision, error=str(e))
+            return
+        if any(isinstance(c, RunMigration) for c in commands):
+            new = dataclasses.replace(new, migrator=self._me)
+        await self._adopt(record, new)
+        await self._carry_out(new, commands)
+
+    async def _adopt(self, old: Rollout | None, new: Rollout) -> None:
+        """Write `new` (fenced) if it differs from `old` in more than progress, then make it current."""
+        if old is None or old.revision != new.revision or _persisted(old) != _persisted(new):
+            await self._persist(old, new)
+        if old is None or old.phase is not new.phase or old.revision != new.revision:
+            now = self._clock()
+            if old is not None and old.phase not in TERMINAL:
+                self._metrics.rollout_phase_seconds.labels(old.phase.value).observe(now - self._phase_since)
+            self._phase_since = now
+            log.info("rollout.phase", rollout=new.revision, tag=new.tag, phase=new.phase.value,
+                     reason=new.reason)
+        self.record = new
+        self._show(new)
+
+    async def _persist(self, old: Rollout | None, new: Rollout) -> None:
+        p, rev = self._prefix, new.revision
+        ops: list[Op] = [Put(rel.header_key(p), rel.Header.of(new).encode()),
+                         Put(rel.record_key(p, rev), new.encode())]
+        if new.phase is Phase.PULL and (old is None or old.revision != rev or old.phase is Phase.RESOLVE):
+            ops.append(Put(rel.hosts_list_key(p, rev), json.dumps(list(new.hosts)).encode()))
+        known = set() if old is None else set(old.ledger)
+        for entry in new.ledger:
+            if entry not in known and entry.revision == rev:
+                ops.append(Put(rel.ledger_key(p, rev, entry.step),
+                               json.dumps(dataclasses.asdict(entry), sort_keys=True).encode()))
+        if new.terminal:
+            ops.append(Put(rel.history_key(p, rev), new.encode()))
+        await self._leadership.fenced(ops)
+        if new.terminal and (old is None or not old.terminal or old.revision != rev):
+            await self._trim_history(rev)
+
+    async def _trim_history(self, current: int) -> None:
+        """Keep the last `history` finished rollouts, and the reports of the current one only."""
+        try:
+            snapshot = await self._etcd.get_prefix(f"{self._prefix}/history/")
+            old = sorted(kv.key for kv in snapshot.kvs)[:-self._history]
+            rollouts = await self._etcd.get_prefix(f"{self._prefix}/rollouts/")
+            stale = sorted({kv.key.removeprefix(f"{self._prefix}/rollouts/").split("/", 1)[0]
+                            for kv in rollouts.kvs} - {str(current)})
+            ops: list[Op] = [Delete(k) for k in old]
+            ops += [Delete(f"{self._prefix}/rollouts/{r}/", prefix=True) for r in stale]
+            for i in range(0, len(ops), 64):
+                await self._leadership.fenced(ops[i:i + 64])
+        except EtcdError as e:
+            log.warning("updater.trim_failed", error=str(e))
+
+    async def _carry_out(self, record: Rollout, commands: tuple[object, ...]) -> None:
+        for c in commands:
+            match c:
+                case ResolveTag(tag=tag):
+                    self._start_resolving(record.revision, tag)
+                case ArmDeadline(at=at):
+                    self._arm(at)
+                case BeginRollout(tag=tag, revision=revision):
+                    await self._begin(tag, revision)
+                    return  # the new rollout's commands were carried out by _begin
+                case HostsExcluded(hosts=hosts, reason=reason):
+                    log.warning("rollout.hosts_excluded", rollout=record.revision, hosts=list(hosts),
+                                reason=reason)
+                case RecordOutcome(phase=phase, reason=reason):
+                    log.info("rollout.outcome", rollout=record.revision, tag=record.tag, outcome=phase.value,
+                             reason=reason)
+                case _:
+                    pass  # the hosts' duties: they follow the header just written
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+        async def fire() -> None:
+            await asyncio.sleep(max(0.0, at - self._clock()))  # a timer, not a wait on others
+            self._queue.put_nowait(BarrierDeadline())
+
+        self._timer = self._helper(fire(), "updater-deadline")
+
+    def _start_resolving(self, revision: int, tag: str) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+        self._resolver = self._helper(self._resolving(revision, tag), f"updater-resolve-{revision}")
+
+    async def _resolving(self, revision: int, tag: str) -> None:
+        ref = f"{self._image}:{tag}"
+        deadline = self._clock() + self._policy.pull_timeout
+        attempt = 0
+        while True:
+            try:
+                resolved = await self._resolve(ref)
+            except DockerRejected as e:
+                self._queue.put_nowait(ResolveFailed(str(e)))
+                return
+            except DockerUnavailable as e:
+                if self._clock() >= deadline:
+                    self._queue.put_nowait(ResolveFailed(f"still unavailable: {e}"))
+                    return
+                delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
+                attempt += 1
+                log.warning("rollout.resolve_retry", rollout=revision, error=str(e), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                continue
+            except DockerError as e:
+                self._queue.put_nowait(ResolveFailed(str(e)))
+                return
+            # The engine answers `name@sha256:...`; the record keeps the digest alone.
+            self._queue.put_nowait(Resolved(resolved.rpartition("@")[2]))
+            return
+
+    def _show(self, record: Rollout) -> None:
+        self._metrics.rollout_phase.set(PHASE_CODES[record.phase])
+        if record.phase is Phase.PULL:
+            pulled, pending, lost = barrier_state(record)
+            for state, hosts in (("pulled", pulled), ("pending", pending), ("excluded", lost)):
+                self._metrics.barrier_hosts.labels(state).set(len(hosts))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReportOf:
+    """A report of rollout `revision`, to be turned into an event against the record current when it
+    is applied."""
+
+    revision: int
+    report: rel.Report
+
