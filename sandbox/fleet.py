@@ -507,6 +507,31 @@ class Fleet:
                 raise SandboxError(f"{name}: its agent still runs")
             self._start_agent(state, host)
 
+    def engine(self, name: str) -> Any:
+        """The DockerEngine of a host whose engine this process started (tests, benchmarks)."""
+        rec = self.host(name)["docker"]
+        engine = self._engines.get(rec["pid"]) if rec is not None else None
+        if engine is None:
+            raise SandboxError(f"{name}: its Docker engine was not started by this process")
+        return engine
+
+    def restart_engine(self, name: str) -> None:
+        """Restart a host's Docker engine as `systemctl restart docker` would (images stay, containers
+        stop), and record the new daemon."""
+        with self._locked():
+            state = self.load_state()
+            if state is None:
+                raise SandboxError("no sandbox fleet is running")
+            host = self.host(name, state)
+            engine = self.engine(name)
+            assert host["docker"] is not None
+            self._procs.pop(host["docker"]["pid"], None)
+            self._engines.pop(host["docker"]["pid"], None)
+            engine.restart()
+            host["docker"] = _record(engine.proc, engine.stop)
+            self._own(engine.proc, engine)
+            self._save(state)
+
     def _start_etcd(self, state: State, ready_timeout: float, attempts: int = 3) -> list[EtcdMember]:
         """Start the etcd members, record each, and wait until all are healthy. Ports are picked free
         but could be taken by someone else before etcd binds them: then start again on other ones."""
@@ -671,16 +696,17 @@ class Fleet:
             note(f"{rec['name']} (pid {rec['pid']}) already gone")
 
     # -- looking at it --------------------------------------------------------------------------
-    def etcdctl(self, *args: str, state: State | None = None) -> str:
+    def etcdctl(self, *args: str, state: State | None = None, input: str | None = None) -> str:
+        """Run etcdctl against the fleet's cluster; its stdout. `input` goes to its standard input."""
         state = state if state is not None else self.load_state()
         if state is None or not state["endpoints"]:
             raise SandboxError("no sandbox etcd is recorded")
         argv = [ETCDCTL, "--endpoints", ",".join(state["endpoints"]), "--dial-timeout", "3s",
                 "--command-timeout", "5s", *args]
         r = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, ETCDCTL_API="3"),
-                           timeout=30, check=False)
+                           timeout=30, check=False, input=input)
         if r.returncode != 0:
-            raise SandboxError(f"etcdctl {' '.join(args)}: {r.stderr.strip()}")
+            raise SandboxError(f"etcdctl {' '.join(a[:80] for a in args)}: {r.stderr.strip()[:500]}")
         return r.stdout
 
     def registered_hosts(self, state: State | None = None) -> dict[str, dict[str, Any]]:

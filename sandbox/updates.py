@@ -17,8 +17,12 @@ TERMINAL = ("done", "failed", "superseded", "halted")
 
 
 def put(fleet: Fleet, key: str, value: str) -> int:
-    """Put a value as `etcdctl put` does; return the revision it was written at."""
-    out = json.loads(fleet.etcdctl("put", "-w", "json", key, value))
+    """Put a value exactly as given (`etcdctl put` reads it from its standard input, so that any value
+    fits, a trailing newline included); return the revision it was written at."""
+    if value:
+        out = json.loads(fleet.etcdctl("put", "-w", "json", key, input=value))
+    else:  # etcdctl reads no empty value from its input
+        out = json.loads(fleet.etcdctl("put", "-w", "json", key, ""))
     return int(out["header"]["revision"])
 
 

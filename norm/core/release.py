@@ -331,13 +331,18 @@ def host_duties(h: Header | None, me: str, participant: bool, reported: frozense
         want = h.fleet_release()
         return (CatchUp(want),) if want is not None and running != want else ()
     duties: list[Duty] = []
-    if not participant or h.digest is None:
+    if h.digest is None:
         return ()
+    # The migrator runs its step even if it was excluded meanwhile (its agent restarted late): only
+    # it can adopt the step's container, so only it can say how the step ended.
+    migrate = h.phase is Phase.MIGRATE and h.migrating is not None and h.migrator == me
+    if not participant:
+        return (Migrate(h.migrating, h.digest),) if migrate and h.migrating is not None else ()
     if h.phase is Phase.PULL and "pulled" not in reported:
         duties.append(Pull(h.digest))
     if h.phase in (Phase.STOP, Phase.MIGRATE) and "stopped" not in reported:
         duties.append(Stop())
-    if h.phase is Phase.MIGRATE and h.migrating is not None and h.migrator == me:
+    if migrate and h.migrating is not None:
         duties.append(Migrate(h.migrating, h.digest))
     if h.phase is Phase.START and "started" not in reported and h.target is not None:
         duties.append(Start(h.target))

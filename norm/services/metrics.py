@@ -52,5 +52,9 @@ class Metrics:
         self.migrations = Counter("norm_migrations_total",
                                   "One-off steps (migrations, static files) this host ran, by result.",
                                   ["result"], registry=r)
+        self.rollouts = Counter("norm_rollouts_total",
+                                "Rollouts this agent ended as leader, by outcome (done, failed, superseded, "
+                                "halted); an unknown tag or a refused value is a failed one.",
+                                ["outcome"], registry=r)
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)

@@ -300,6 +300,8 @@ class Updater:
         """Write `new` (fenced) if it differs from `old` in more than progress, then make it current."""
         if old is None or old.revision != new.revision or _persisted(old) != _persisted(new):
             await self._persist(old, new)
+        if new.terminal and (old is None or not old.terminal or old.revision != new.revision):
+            self._metrics.rollouts.labels(new.phase.value).inc()
         if old is None or old.phase is not new.phase or old.revision != new.revision:
             now = self._clock()
             if old is not None and old.phase not in TERMINAL:

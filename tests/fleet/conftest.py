@@ -1,20 +1,27 @@
 """The fleet layer: a 3-member etcd cluster and three simulated hosts, each with its own systemd
 manager, Docker engine and `norm agent` in update mode, the demo app's units installed, and the
-session's registry holding the demo app's versions. One fleet per module (they take seconds to
-start); each test leaves every agent running for the next."""
+session's registry holding the demo app's versions. One fleet per session (it takes seconds to
+start); before each test every agent runs, every engine answers and the fleet serves one release."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox import app, updates
 from sandbox.fleet import Fleet
+from sandbox.procs import wait_for
 from sandbox.registry import Registry
 
-AGENT_ENV = {
+AGENT_ENV: dict[str, str] = {
     "NORM_ETCD__LEASE_TTL": "4",
     "NORM_ETCD__REQUEST_TIMEOUT": "2",
     "NORM_UPDATE__PULL_TIMEOUT": "60",
@@ -58,18 +65,98 @@ class UpdateFleet:
         path = self.fleet.data_dir / "record.log"
         return path.read_text().splitlines() if path.exists() else []
 
-    def ensure_agents(self) -> None:
+    @property
+    def steps_env(self) -> Path:
+        """The environment file of the one-off steps (NORM_DEMO_TASK_SECONDS, NORM_DEMO_TASK_FAIL)."""
+        return self.fleet.run_dir / "steps.env"
+
+    def state_machine_id(self, name: str) -> str:
+        return self.fleet.host(name)["machine_id"]
+
+    def name_of(self, machine_id: str) -> str:
+        return next(h["name"] for h in self.state["hosts"] if h["machine_id"] == machine_id)
+
+    def leader(self) -> str | None:
+        """The host whose agent holds the leader key now."""
+        kvs = updates.get_kvs(self.fleet, "/norm/leader")
+        return self.name_of(kvs[0]["value"].decode()) if kvs else None
+
+    def wait_leader(self, other_than: str | None = None, timeout: float = 30.0) -> str:
+        found: list[str] = []
+
+        def elected() -> bool:
+            name = self.leader()
+            if name is None or name == other_than:
+                return False
+            found.append(name)
+            return True
+
+        wait_for(elected, timeout=timeout, what=f"a leader other than {other_than}", interval=0.05)
+        return found[-1]
+
+    def metrics(self, name: str) -> str:
+        host = self.fleet.host(name)
+        with urllib.request.urlopen(f"http://{host['http_listen']}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str, sample: str) -> float:
+        """One sample (`norm_x_total{key="..."}`) of a host's /metrics; 0 when absent."""
+        for line in self.metrics(name).splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def log_events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in (Path(self.fleet.host(name)["dir"]) / "agent.log").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    @contextlib.contextmanager
+    def frozen_engine(self, name: str) -> Iterator[None]:
+        """The host's dockerd stopped (SIGSTOP) inside the block: its pulls hang until it is thawed."""
+        pid = self.fleet.host(name)["docker"]["pid"]  # type: ignore[index]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def serving(self, tag: str, timeout: float = 60.0) -> None:
+        """Wait until every host's web and api units answer `tag`."""
+        def all_serve() -> bool:
+            try:
+                return all(self.served(n) == (tag, tag) for n in self.names())
+            except OSError:
+                return False
+
+        wait_for(all_serve, timeout=timeout, what=f"every host serving {tag}", interval=0.1)
+
+    def ensure_healthy(self) -> None:
+        """Every agent running and registered, no rollout under way, every host serving the fleet's
+        release (a host left behind by a test catches up on its own)."""
         for name in self.names():
             if self.fleet.agent_pid(name) is None:
                 self.fleet.restart_agent(name)
         self.fleet.wait_registered(timeout=60)
+        h = updates.header(self.fleet)
+        assert h is not None
+        if h["phase"] not in updates.TERMINAL:
+            h = updates.wait_phase(self.fleet, int(h["revision"]), timeout=120)
+        running = h["tag"] if h["phase"] == "done" else (h["previous"] or {}).get("tag")
+        if running is not None:
+            self.serving(running, timeout=120)
+        self.steps_env.write_text("")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def update_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
                  demo_app: Callable[..., str]) -> Iterator[UpdateFleet]:
     run_dir: Path = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet(run_dir, size=3, image=f"{registry.address}/djed/app", agent_env=AGENT_ENV)
+    (run_dir / "steps.env").write_text("")
+    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
+    fleet = Fleet(run_dir, size=3, image=f"{registry.address}/djed/app", agent_env=env)
     fleet.up()
     try:
         state = fleet.load_state()
@@ -87,5 +174,5 @@ def update_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
 
 @pytest.fixture
 def fleet(update_fleet: UpdateFleet) -> Iterator[UpdateFleet]:
-    update_fleet.ensure_agents()
+    update_fleet.ensure_healthy()
     yield update_fleet

@@ -117,6 +117,8 @@ def test_duties_through_a_rollout() -> None:
     assert rel.host_duties(mig, A, True, frozenset({"pulled", "stopped"}), OLD) == \
         (rel.Migrate("migrate", D2),)
     assert rel.host_duties(mig, B, True, frozenset({"pulled", "stopped"}), OLD) == ()
+    # The migrator excluded meanwhile (its agent came back late) still finishes its step.
+    assert rel.host_duties(mig, A, False, none, OLD) == (rel.Migrate("migrate", D2),)
     assert rel.host_duties(header(Phase.START), A, True, frozenset({"stopped"}), OLD) == (rel.Start(NEW),)
     assert rel.host_duties(header(Phase.START, rollback=True), A, True, none, OLD) == (rel.Start(OLD),)
     assert rel.host_duties(header(Phase.START), A, True, frozenset({"started"}), NEW) == ()
