@@ -241,3 +241,58 @@ def test_etcd_compacted_while_an_agent_is_down_it_converges(fleet: UpdateFleet) 
     fleet.serving(tag, timeout=120)
     assert any(e.get("event") == "executor.caught_up" for e in fleet.log_events(sleeper))
     check_invariants(fleet, revision, tag)
+
+
+def test_a_failed_migration_halts_and_restarts_the_old_release(fleet: UpdateFleet) -> None:
+    running = updates.header(fleet.fleet)["tag"]  # type: ignore[index]
+    tag = fleet.new_version()
+    fleet.steps_env.write_text("NORM_DEMO_TASK_FAIL=1\n")
+    revision = updates.set_version(fleet.fleet, tag)
+    h = updates.wait_phase(fleet.fleet, revision, timeout=120)
+    assert h["phase"] == "failed" and "step migrate failed" in h["reason"], h
+    fleet.serving(running)  # every host back on the release it ran
+    assert _steps_of(fleet, tag) == []  # the failing step records nothing; the next one never ran
+    entries = [(e["step"], e["ok"]) for e in updates.ledger(fleet.fleet) if e["revision"] == revision]
+    assert entries == [("migrate", False)]
+    started = updates.reports(fleet.fleet, revision).get("started", [])
+    assert len(started) == 3 and all(r["value"]["ok"] for r in started)
+    assert {r["value"]["digest"] for r in started} == {h["previous"]["digest"]}
+
+
+def test_setting_back_a_migrated_version_halts_without_touching_the_fleet(fleet: UpdateFleet) -> None:
+    older, newer = fleet.new_version(), fleet.new_version()
+    for tag in (older, newer):
+        assert updates.deploy(fleet.fleet, tag)["phase"] == "done"
+    before = _invocations(fleet)
+    revision = updates.set_version(fleet.fleet, older)
+    h = updates.wait_phase(fleet.fleet, revision, timeout=30)
+    assert h["phase"] == "halted" and "no down-migrations" in h["reason"], h
+    assert _invocations(fleet) == before
+    fleet.serving(newer)
+    assert _steps_of(fleet, older) == ["migrate", "collectstatic"]  # from its own rollout, not again
+
+
+def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet) -> None:
+    tag = fleet.new_version()
+    leader = fleet.wait_leader()
+    late = _other(fleet, leader)
+    slow = _other(fleet, leader, late)
+    fleet.fleet.kill_agent(late, signal.SIGTERM)  # deregisters: not a participant of the next rollout
+    with fleet.frozen_engine(slow):
+        revision = updates.set_version(fleet.fleet, tag)
+        updates.wait_phase(fleet.fleet, revision, ("pull",), timeout=30)
+        late_id = fleet.state_machine_id(late)
+        assert late_id not in updates.record(fleet.fleet, revision)["hosts"]  # type: ignore[index]
+        fleet.fleet.restart_agent(late)
+        fleet.fleet.wait_registered(timeout=30)
+        before = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
+        assert updates.header(fleet.fleet)["phase"] == "pull"  # type: ignore[index]
+    h = updates.wait_phase(fleet.fleet, revision, timeout=120)
+    assert h["phase"] == "done", h
+    check_invariants(fleet, revision, tag)  # the late host serves it too, after the rollout
+    after = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
+    assert after != before
+    caught = [e for e in fleet.log_events(late) if e.get("event") == "executor.caught_up"]
+    started = [e for e in fleet.log_events(leader) if e.get("event") == "rollout.phase"
+               and e.get("rollout") == revision and e.get("phase") == "done"]
+    assert caught and started and caught[-1]["timestamp"] >= started[-1]["timestamp"]
