@@ -1,5 +1,7 @@
 """A whole sandbox fleet on one machine: a 3-member etcd cluster and N simulated hosts, each with its
-own machine id, systemd manager, Docker engine and `norm agent` process.
+own machine id, systemd manager, Docker engine and `norm agent` process; with `registry=True`, also a
+local image registry and a Docker engine that builds the images pushed there, and the agents in update
+mode on `<registry>/djed/app`.
 
 Everything the fleet starts is recorded in `<run dir>/state.json` as soon as it is started (pid, argv,
 start time, log), so that `down` in another process stops it by pid. Before signalling a recorded
@@ -25,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from sandbox.etcd import ETCDCTL, EtcdMember
 from sandbox.procs import Proc, SandboxError, free_port, wait_for
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = REPO / ".run" / "sandbox"
 STATE_VERSION = 1
 HOSTS_PREFIX = "/norm/hosts/"
+APP_REPOSITORY = "djed/app"  # the demo application's repository in the fleet's registry
 
 
 def venv_python() -> str:
@@ -78,6 +81,19 @@ class HostState(TypedDict):
     agent: ProcState | None
 
 
+class RegistryState(TypedDict):
+    address: str  # 127.0.0.1:PORT, what image references start with
+    dir: str  # config, storage (kept across restarts of the fleet) and log
+    proc: ProcState
+
+
+class ImageEngineState(TypedDict):
+    name: str
+    dir: str  # its data root is kept across restarts of the fleet: builds hit the layer cache
+    docker_host: str
+    proc: ProcState | None
+
+
 class State(TypedDict):
     version: int
     run_dir: str
@@ -90,6 +106,9 @@ class State(TypedDict):
     endpoints: list[str]
     etcd: list[EtcdState]
     hosts: list[HostState]
+    # Fleets with a registry only (and states written before there were any: read with .get()).
+    registry: NotRequired[RegistryState | None]
+    image_engine: NotRequired[ImageEngineState | None]
 
 
 # -- processes by pid ---------------------------------------------------------------------------
@@ -225,6 +244,9 @@ class Fleet:
     agents: bool = True
     etcd_size: int = 3
     image: str | None = None  # an image repository: the agents run in update mode
+    # A registry and an image-building engine of the fleet's own (with docker only); the agents run in
+    # update mode on <registry>/djed/app unless `image` names another repository.
+    registry: bool = False
     agent_env: dict[str, str] = field(default_factory=dict)  # NORM_* settings for every agent
     say: Callable[[str], None] = _quiet
     # Objects for what this process started itself: used to stop (and reap) its own children.
@@ -248,6 +270,14 @@ class Fleet:
     @property
     def hosts_dir(self) -> Path:
         return self.run_dir / "hosts"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.run_dir / "registry"
+
+    @property
+    def image_engine_dir(self) -> Path:
+        return self.run_dir / "images"
 
     @property
     def data_dir(self) -> Path:
@@ -319,6 +349,7 @@ class Fleet:
                         out.append(f"etcd {m['name']} is unhealthy")
                 except OSError as e:
                     out.append(f"etcd {m['name']} does not answer: {e}")
+        out += self._registry_problems(state)
         for h in state["hosts"]:
             parts = [("systemd", h["systemd"], True), ("docker", h["docker"], state["docker"]),
                      ("agent", h["agent"], state["agents"])]
@@ -343,6 +374,43 @@ class Fleet:
                     out.append(f"{h['name']}: Docker engine does not answer: {e}")
         return out
 
+    @staticmethod
+    def _registry_problems(state: State) -> list[str]:
+        out: list[str] = []
+        reg = state.get("registry")
+        if reg is not None:
+            if not owned(reg["proc"]):
+                out.append(f"registry (pid {reg['proc']['pid']}) is not running; see {reg['proc']['log']}")
+            else:
+                try:
+                    if not _http_ok(f"http://{reg['address']}/v2/"):
+                        out.append(f"registry on {reg['address']} is unhealthy")
+                except OSError as e:
+                    out.append(f"registry on {reg['address']} does not answer: {e}")
+        images = state.get("image_engine")
+        if images is not None:
+            rec = images["proc"]
+            if rec is None:
+                if state["complete"]:
+                    out.append("no image engine recorded")
+            elif not owned(rec):
+                out.append(f"image engine (pid {rec['pid']}) is not running; see {rec['log']}")
+            else:
+                try:
+                    if not _docker_ping(images["docker_host"]):
+                        out.append("image engine does not answer /_ping")
+                except OSError as e:
+                    out.append(f"image engine does not answer: {e}")
+        return out
+
+    def _mismatch(self, state: State) -> str | None:
+        """Why a healthy recorded fleet is not the one asked for (None: it is), for what reuse cannot
+        fix in place: a registry the agents' config would have to name."""
+        if self.registry and self.docker and state.get("registry") is None \
+                and self._engine_class(quiet=True) is not None:
+            return "it has no image registry (its agents are not in update mode)"
+        return None
+
     def healthy(self) -> bool:
         return not self.problems()
 
@@ -353,17 +421,24 @@ class Fleet:
             state = self.load_state()
             if state is not None:
                 problems = self.problems(state)
-                if not problems:
+                mismatch = None if problems else self._mismatch(state)
+                if mismatch is not None:
+                    self.say(f"the sandbox fleet in {self.run_dir} is not the one asked for: {mismatch}; "
+                             f"starting it again")
+                    self._down(state)
+                elif not problems:
                     self.say(f"sandbox fleet already running in {self.run_dir} "
                              f"({len(state['hosts'])} hosts): reusing it")
                     if len(state["hosts"]) != self.size:
                         self.say(f"  (not the {self.size} hosts asked for: run `make sandbox-down` first "
                                  f"to change the size)")
                     return "reused"
-                self.say("a previous sandbox fleet is incomplete or unhealthy: stopping what is left of it")
-                for p in problems:
-                    self.say(f"  - {p}")
-                self._down(state)
+                else:
+                    self.say("a previous sandbox fleet is incomplete or unhealthy: "
+                             "stopping what is left of it")
+                    for p in problems:
+                        self.say(f"  - {p}")
+                    self._down(state)
             try:
                 self._start(ready_timeout)
             except BaseException:
@@ -377,8 +452,10 @@ class Fleet:
     def _start(self, ready_timeout: float) -> None:
         if self.size < 1:
             raise SandboxError("a fleet needs at least one host")
-        # A fresh fleet: old etcd data would clash with the new members' ports and cluster token.
-        for d in (self.etcd_dir, self.hosts_dir):
+        # A fresh fleet: old etcd data would clash with the new members' ports and cluster token; the
+        # steps' data dir goes with it (a new etcd has no record of the migrations run on it). The
+        # registry's storage and the image engine's data stay: the images in them are still good.
+        for d in (self.etcd_dir, self.hosts_dir, self.data_dir):
             shutil.rmtree(d, ignore_errors=True)
         state = State(version=STATE_VERSION, run_dir=str(self.run_dir), owner_pid=os.getpid(),
                       started_at=time.time(), complete=False, size=self.size, docker=self.docker,
@@ -392,7 +469,16 @@ class Fleet:
 
         engine_cls = self._engine_class()
         state["docker"] = engine_cls is not None
-        engines: list[tuple[HostState, Any]] = []
+        # (what the engine's start records, how the engine is named in what is said)
+        engines: list[tuple[Callable[[ProcState], None], Any, str]] = []
+        image = self.image
+        if self.registry and engine_cls is not None:
+            image = self._start_registry(state, ready_timeout) if image is None else image
+            images = engine_cls("images", self.image_engine_dir)
+            state["image_engine"] = ImageEngineState(name="images", dir=str(self.image_engine_dir),
+                                                     docker_host=images.host, proc=None)
+            self._save(state)
+            engines.append((functools.partial(self._set_image_engine, state), images, "image builder"))
         for i in range(1, self.size + 1):
             name = f"host{i}"
             hdir = self.hosts_dir / name
@@ -416,11 +502,11 @@ class Fleet:
             self._save(state)
             self.say(f"{name}: systemd --user on {mgr.bus_address}")
             if engine is not None:
-                engines.append((host, engine))
+                engines.append((functools.partial(self._set_host_engine, host), engine, name))
             Path(host["config"]).write_text(agent_config(
                 endpoints=state["endpoints"], machine_id=machine_id, name=name,
                 http_listen=host["http_listen"], bus_address=host["bus_address"],
-                docker_host=host["docker_host"], image=self.image,
+                docker_host=host["docker_host"], image=image,
                 release_file=str(hdir / "release.env"), data_dir=str(self.data_dir)))
 
         # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
@@ -429,13 +515,13 @@ class Fleet:
             self.say(f"docker: starting {len(engines)} engines")
             failures: list[BaseException] = []
             with concurrent.futures.ThreadPoolExecutor(len(engines), thread_name_prefix="dockerd") as pool:
-                started = {pool.submit(engine.start): (host, engine) for host, engine in engines}
+                started = {pool.submit(engine.start): (put, engine, who) for put, engine, who in engines}
                 for fut in concurrent.futures.as_completed(started):
-                    host, engine = started[fut]
+                    put, engine, who = started[fut]
                     error = fut.exception()
                     if error is None:
                         try:
-                            host["docker"] = _record(engine.proc, engine.stop)
+                            put(_record(engine.proc, engine.stop))
                         except SandboxError as e:
                             error = e
                     if error is not None:
@@ -443,7 +529,7 @@ class Fleet:
                         continue
                     self._own(engine.proc, engine)
                     self._save(state)
-                    self.say(f"{host['name']}: Docker engine on {engine.host}")
+                    self.say(f"{who}: Docker engine on {engine.host}")
             if failures:
                 raise failures[0]
 
@@ -454,6 +540,31 @@ class Fleet:
 
         state["complete"] = True
         self._save(state)
+
+    @staticmethod
+    def _set_host_engine(host: HostState, rec: ProcState) -> None:
+        host["docker"] = rec
+
+    @staticmethod
+    def _set_image_engine(state: State, rec: ProcState) -> None:
+        images = state.get("image_engine")
+        assert images is not None
+        images["proc"] = rec
+
+    def _start_registry(self, state: State, ready_timeout: float) -> str:
+        """Start the fleet's registry (its storage kept from an earlier fleet) and record it; the
+        repository the agents update from."""
+        from sandbox.registry import Registry
+
+        reg = Registry(self.registry_dir)
+        reg.start(timeout=ready_timeout)
+        assert reg.proc is not None
+        self._own(reg.proc)
+        state["registry"] = RegistryState(address=reg.address, dir=str(self.registry_dir),
+                                          proc=_record(reg.proc, reg.stop))
+        self._save(state)
+        self.say(f"registry: {reg.address} (storage {reg.storage})")
+        return f"{reg.address}/{APP_REPOSITORY}"
 
     def _start_agent(self, state: State, host: HostState) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1",
@@ -625,9 +736,15 @@ class Fleet:
         for h in reversed(state["hosts"]):
             if h["docker"] is not None or state["docker"]:
                 try:
-                    self._stop_engine(h, note)
+                    self._stop_engine(h["name"], h["docker_dir"], h["docker"], note)
                 except SandboxError as e:
                     errors.append(str(e))
+        images = state.get("image_engine")
+        if images is not None:
+            try:
+                self._stop_engine(images["name"], images["dir"], images["proc"], note)
+            except SandboxError as e:
+                errors.append(str(e))
         for h in reversed(state["hosts"]):
             rec = h["systemd"]
             mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
@@ -648,16 +765,19 @@ class Fleet:
                 note(f"stopped {rec['name']} (pid {rec['pid']}) and its cgroup {h['cgroup']}")
         for m in reversed(state["etcd"]):
             self._stop(m["proc"], note, timeout=15)
+        reg = state.get("registry")
+        if reg is not None:
+            self._stop(reg["proc"], note, timeout=15)
         if errors:
             self._save(state)
             raise SandboxError("could not stop everything:\n" + "\n".join(errors))
         self.state_path.unlink(missing_ok=True)
         return said
 
-    def _stop_engine(self, host: HostState, note: Callable[[str], None]) -> None:
-        """Stop a host's Docker engine with DockerEngine.stop(), which also sweeps what its daemons
-        leave (containerd, shims, mounts); from the pid alone if sandbox.docker is not importable."""
-        rec = host["docker"]
+    def _stop_engine(self, name: str, workdir: str, rec: ProcState | None,
+                     note: Callable[[str], None]) -> None:
+        """Stop a Docker engine with DockerEngine.stop(), which also sweeps what its daemons leave
+        (containerd, shims, mounts); from the pid alone if sandbox.docker is not importable."""
         engine = self._engines.pop(rec["pid"], None) if rec is not None else None
         if engine is None:
             engine_cls = self._engine_class(quiet=True)
@@ -665,7 +785,7 @@ class Fleet:
                 if rec is not None:
                     self._stop(rec, note, timeout=30)
                 return
-            engine = engine_cls(host["name"], Path(host["docker_dir"]))
+            engine = engine_cls(name, Path(workdir))
             if rec is not None and owned(rec):
                 engine.proc = Proc(rec["name"], rec["argv"], Path(rec["log"]), pid=rec["pid"])
             elif rec is not None:
