@@ -1,25 +1,36 @@
 """`python -m sandbox up|down|status|demo`: a whole Norm fleet on this machine.
 
-    up [--hosts N]   start a 3-member etcd cluster and N simulated hosts (or reuse a healthy one)
+    up [--hosts N]   start a 3-member etcd cluster, a local image registry with the Docker engine that
+                     builds its images, and N simulated hosts (or reuse a healthy fleet)
     down             stop everything the fleet started, by pid (harmless when nothing runs)
     status           what runs, where its logs are; exit 0 healthy, 1 degraded, 3 not running
-    demo             up, wait until every agent has registered in etcd, print the hosts, then kill a
-                     unit on one host and show Norm healing it
+    demo             the whole story: up, the demo app's v1 and v2 in the registry, its units on every
+                     host, `norm deploy v1`, the flip to v2 shown live, every host answering v2, the
+                     record the migration and static-files commands left, the fleet table; then an
+                     app container killed on one host and Norm healing it
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.fleet import DEFAULT_RUN_DIR, REPO, Fleet, State, owned, venv_python
+from sandbox.fleet import APP_REPOSITORY, DEFAULT_RUN_DIR, REPO, Fleet, State, owned, venv_python
 from sandbox.procs import SandboxError, wait_for
 from sandbox.systemd import SystemdManager
+
+VERSIONS = ("v1", "v2")
+# What the demo fleet's agents get on top of their config file. The demo deploys v1 and then v2 on
+# every run; on a fleet an earlier run left at v2, going back to v1 would need a down-migration, which
+# Norm refuses (the rollout halts) unless the tag is declared compatible, as here.
+AGENT_ENV = {"NORM_UPDATE__COMPATIBLE": "v1"}
 
 
 def _say(msg: str) -> None:
@@ -27,9 +38,10 @@ def _say(msg: str) -> None:
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:
-    return Fleet(run_dir=args.run_dir, size=getattr(args, "hosts", 3),
-                 docker=not getattr(args, "no_docker", False),
-                 agents=not getattr(args, "no_agents", False), say=_say)
+    docker = not getattr(args, "no_docker", False)
+    return Fleet(run_dir=args.run_dir, size=getattr(args, "hosts", 3), docker=docker,
+                 agents=not getattr(args, "no_agents", False), registry=docker, agent_env=dict(AGENT_ENV),
+                 say=_say)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -71,7 +83,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     fleet = _fleet(args)
+    if not fleet.docker:
+        raise SandboxError("the demo needs Docker engines: drop --no-docker")
+    _title("1. the fleet: a 3-member etcd cluster, a registry, and hosts with systemd, Docker and Norm")
     fleet.up(ready_timeout=args.timeout)
     state = fleet.load_state()
     assert state is not None
@@ -85,52 +101,272 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     print()
     _print_hosts(state, registered)
-    _demo_healing(state)
+    config = state["hosts"][0]["config"]
+    _step_time(t0)
+
+    t = time.monotonic()
+    _title("2. the demo application: images v1 and v2 in the registry, its units on every host")
+    _demo_images(state)
+    ports = _install_units(state)
+    _step_time(t)
+
+    ok = True
+    t = time.monotonic()
+    _title("3. deploy v1")
+    running = _desired(fleet)
+    if running not in (None, "v1"):
+        print(f"(an earlier demo left the fleet at {running}: v1 is declared compatible in this fleet "
+              f"[update.compatible], so going back to it runs no migration)")
+    if not _norm_deploy(config, "v1", args.deploy_timeout):
+        _print_footer(fleet)
+        return 1
+    ok &= _show_versions(state, ports, "v1")
+    _step_time(t)
+
+    t = time.monotonic()
+    _title("4. flip to v2: every host pulls it, then the fleet stops, migrates once and starts v2")
+    if not _norm_deploy(config, "v2", args.deploy_timeout):
+        _print_footer(fleet)
+        return 1
+    ok &= _show_versions(state, ports, "v2")
+    _step_time(t)
+
+    _title("5. what the migration and static-files commands recorded (one line per run, any host)")
+    record = fleet.data_dir / "record.log"
+    print(f"$ cat {_rel(record)}")
+    print(record.read_text().rstrip() if record.exists() else "(no record yet)")
+    ok &= _check_record(record)
+
+    _title("6. the fleet")
+    _wait_unheld(config)
+    print("$ norm status")
+    print(_norm(config, "status"))
+    print("\n$ norm history --limit 4")
+    print(_norm(config, "history", "--limit", "4"))
+
+    t = time.monotonic()
+    _title("7. healing: the web app's container dies on one host")
+    ok &= _demo_healing(state, ports)
+    _step_time(t)
     _print_footer(fleet)
-    return 0
+    print(f"\ndemo {'done' if ok else 'done, with the problems shown above'} in {time.monotonic() - t0:.0f}s")
+    return 0 if ok else 1
 
 
-DEMO_UNIT = "djed-web.service"
-DEMO_UNIT_TEXT = ("[Unit]\nDescription=Demo web unit\nStartLimitIntervalSec=0\n"
-                  "[Service]\nExecStart=/bin/sleep infinity\n")
+def _title(text: str) -> None:
+    print(f"\n== {text}\n", flush=True)
+
+
+def _step_time(t: float) -> None:
+    print(f"({time.monotonic() - t:.1f}s)", flush=True)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _norm(config: str, *args: str) -> str:
+    r = subprocess.run([venv_python(), "-m", "norm", *args, "--config", config], capture_output=True,
+                       text=True, cwd=REPO, timeout=60, check=False)
+    return (r.stdout.rstrip() + ("\n" + r.stderr.rstrip() if r.stderr.strip() else "")).strip()
+
+
+def _norm_deploy(config: str, version: str, timeout: float) -> bool:
+    """`norm deploy VERSION --wait`, its live view going straight to our output."""
+    print(f"$ norm deploy {version} --wait", flush=True)
+    argv = [venv_python(), "-m", "norm", "deploy", version, "--wait", "--timeout", f"{timeout:g}",
+            "--config", config]
+    r = subprocess.run(argv, cwd=REPO, timeout=timeout + 60, check=False)
+    if r.returncode != 0:
+        print(f"norm deploy {version} exited with status {r.returncode}; the agents' logs say more",
+              file=sys.stderr)
+    return r.returncode == 0
+
+
+def _check_record(path: Path) -> bool:
+    """Say whether every version's steps ran exactly once, as the record shows."""
+    import collections
+
+    lines = path.read_text().splitlines() if path.exists() else []
+    runs = collections.Counter(tuple(line.split()[:2]) for line in lines if len(line.split()) >= 2)
+    wanted = [(v, step) for v in VERSIONS for step in ("migrate", "collectstatic")]
+    wrong = [f"{v} {step} ran {runs[(v, step)]} times" for v, step in wanted if runs[(v, step)] != 1]
+    if wrong:
+        print(f"NOT as it should be: {'; '.join(wrong)}")
+        return False
+    print("each version's migrate and collectstatic ran exactly once, on the leader, in the new image, "
+          "between the fleet's stop and its start")
+    return True
+
+
+def _wait_unheld(config: str, timeout: float = 15.0) -> None:
+    """Wait until no host's unit summary shows units held by the update that has ended: each agent
+    publishes its summary at most once a second, so it lags the rollout's end a little."""
+    import json
+
+    def settled() -> bool:
+        r = subprocess.run([venv_python(), "-m", "norm", "status", "--json", "--config", config],
+                           capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
+        return not any("held" in str(h.get("heal")) for h in json.loads(r.stdout)["hosts"])
+
+    try:
+        wait_for(settled, timeout=timeout, what="the unit summaries after the rollout", interval=0.5)
+    except SandboxError as e:
+        print(f"({e}: the table below still shows units held)")
+
+
+def _desired(fleet: Fleet) -> str | None:
+    from sandbox import updates
+
+    kvs = updates.get_kvs(fleet, updates.VERSION_KEY)
+    return kvs[0]["value"].decode(errors="replace") if kvs else None
+
+
+def _demo_images(state: State) -> None:
+    """Build and push the demo app's versions on the fleet's image engine, unless already pushed."""
+    from sandbox import images
+    from sandbox.docker import DockerEngine
+    from sandbox.registry import Registry
+
+    reg_state, engine_state = state.get("registry"), state.get("image_engine")
+    if reg_state is None or engine_state is None:
+        raise SandboxError("this fleet has no registry: `make sandbox-down` and run the demo again")
+    registry = Registry(Path(reg_state["dir"]), port=int(reg_state["address"].rsplit(":", 1)[1]))
+    engine = DockerEngine(engine_state["name"], Path(engine_state["dir"]))
+    present = set(registry.tags(APP_REPOSITORY))
+    for version in VERSIONS:
+        ref = f"{registry.address}/{APP_REPOSITORY}:{version}"
+        if version in present:
+            how = "already in the registry"
+        else:
+            t = time.monotonic()
+            images.demo_app_image(engine, registry, version)
+            how = f"built and pushed in {time.monotonic() - t:.1f}s"
+        print(f"{ref}  {registry.digest(APP_REPOSITORY, version)}  ({how})", flush=True)
+    print("one image: `serve` answers its version over HTTP; `migrate` and `collectstatic` append a "
+          "line to /data/record.log")
+
+
+def _install_units(state: State) -> dict[str, tuple[int, int]]:
+    from sandbox import app
+
+    ports = app.install_app(state)
+    print("\nunits on every host (not started here: Norm starts them when it deploys), from the same "
+          "image with different settings:")
+    for h in state["hosts"]:
+        web, api = ports[h["name"]]
+        print(f"  {h['name']}  djed-web.service  PORT={web} NORM_DEMO_ROLE=web    "
+              f"djed-api.service  PORT={api} NORM_DEMO_ROLE=api")
+    print(f"  both run ${{NORM_IMAGE}} from the release file Norm owns: "
+          f"{_rel(Path(state['hosts'][0]['dir']) / app.RELEASE_FILE)}")
+    return ports
+
+
+def _get(port: int) -> str:
+    """GET /version as the operator would, with curl if there is one."""
+    from sandbox import app
+
+    url = f"http://127.0.0.1:{port}/version"
+    if shutil.which("curl"):
+        r = subprocess.run(["curl", "-s", "-m", "2", url], capture_output=True, text=True, timeout=10,
+                           check=False)
+        if r.returncode != 0:
+            raise OSError(f"curl exited {r.returncode}")
+        return r.stdout.strip()
+    return app.fetch(port)
+
+
+def _show_versions(state: State, ports: dict[str, tuple[int, int]], want: str) -> bool:
+    """What every host's web and api units answer; whether all answer `want`."""
+    tool = "curl -s" if shutil.which("curl") else "GET"
+    print()
+    ok = True
+    for h in state["hosts"]:
+        for unit, port in zip(("djed-web", "djed-api"), ports[h["name"]], strict=True):
+            seen = {"answer": ""}
+
+            def answers(port: int = port, seen: dict[str, str] = seen) -> bool:
+                try:
+                    seen["answer"] = _get(port)
+                except OSError as e:
+                    seen["answer"] = f"(no answer: {e})"
+                return seen["answer"] == want
+
+            try:  # the units are serving when the rollout ends; the wait only covers a slow answer
+                wait_for(answers, timeout=10, what=f"{h['name']} {unit} answering {want}", interval=0.2)
+            except SandboxError:
+                ok = False
+            mark = "" if seen["answer"] == want else f"   <- expected {want}"
+            print(f"  {h['name']}  {unit:<8}  $ {tool} http://127.0.0.1:{port}/version  ->  "
+                  f"{seen['answer']}{mark}", flush=True)
+    return ok
 
 
 def _norm_units(config: str) -> str:
-    r = subprocess.run([venv_python(), "-m", "norm", "units", "--config", config], capture_output=True,
-                       text=True, cwd=REPO, timeout=60, check=False)
-    return r.stdout.rstrip() or r.stderr.rstrip()
+    return _norm(config, "units")
 
 
-def _demo_healing(state: State) -> None:
-    """Give every host a unit, kill it on the first host with SIGKILL, and show Norm healing it."""
-    managers = [SystemdManager(h["name"], Path(h["systemd_dir"])) for h in state["hosts"]]
-    for mgr in managers:
-        mgr.write_unit(DEMO_UNIT, DEMO_UNIT_TEXT)
-        mgr.systemctl("start", DEMO_UNIT)
-    host, mgr = state["hosts"][0], managers[0]
-    pid = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
-    print(f"\n{host['name']}: {DEMO_UNIT} runs as pid {pid}; killing it with SIGKILL ...", flush=True)
+def _least_healed(state: State, unit: str) -> Any:
+    """The host whose `unit` Norm has healed least lately (the last host when none has been): a demo
+    run again and again spreads its kills over the hosts, within the healing budget of each."""
+    import json
+
+    def attempts(host: Any) -> int:
+        try:
+            summary = json.loads(_norm(host["config"], "units", "--json"))
+            return min(int(u["attempts"]) for u in summary if u.get("unit") == unit)
+        except (ValueError, KeyError, TypeError):
+            return 0
+
+    return min(reversed(state["hosts"]), key=attempts)
+
+
+def _demo_healing(state: State, ports: dict[str, tuple[int, int]]) -> bool:
+    """SIGKILL the web app's container process on one host and show Norm healing its unit."""
+    from sandbox.docker import DockerEngine
+
+    unit = "djed-web.service"
+    host = _least_healed(state, unit)
+    web = ports[host["name"]][0]
+    mgr = SystemdManager(host["name"], Path(host["systemd_dir"]))
+    engine = DockerEngine(host["name"], Path(host["docker_dir"]))
+    old_main = int(mgr.unit_property(unit, "MainPID"))
+    pid = int(engine.docker("inspect", "--format", "{{.State.Pid}}", "djed-web").strip())
+    print(f"{host['name']}: {unit} (main pid {old_main}) serves {_get(web)} from a container whose "
+          f"process is pid {pid}; kill -9 {pid}", flush=True)
+    killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
 
     def healed() -> bool:
-        new = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
-        return new not in (0, pid) and mgr.unit_property(DEMO_UNIT, "ActiveState") == "active"
+        main = int(mgr.unit_property(unit, "MainPID"))
+        if main in (0, old_main) or mgr.unit_property(unit, "ActiveState") != "active":
+            return False
+        return _get(web) == "v2"
 
     try:
-        wait_for(healed, timeout=30, what=f"{DEMO_UNIT} healed")
+        wait_for(healed, timeout=60, what=f"{unit} healed", interval=0.1)
     except SandboxError as e:
         print(f"{e}; see {host['dir']}/agent.log", file=sys.stderr)
-        return
-    new_pid = int(mgr.unit_property(DEMO_UNIT, "MainPID"))
-    print(f"{host['name']}: Norm healed it (stop, reset-failed, start): now pid {new_pid}\n")
-    # The unit summary in etcd follows within a second of the change.
-    def summarised() -> bool:
-        rows = [line.split() for line in _norm_units(host["config"]).splitlines()]
-        return any(row[:2] == [DEMO_UNIT, "active/running"] and row[3] == "ok" for row in rows[1:])
+        return False
+    took = time.monotonic() - killed
+    new_main = int(mgr.unit_property(unit, "MainPID"))
+    print(f"{host['name']}: the unit failed; Norm healed it (stop, reset-failed, start): "
+          f"main pid {new_main}, serving {_get(web)} again {took:.1f}s after the kill\n")
 
-    wait_for(summarised, timeout=10, what="the unit summary")
+    def summarised() -> bool:  # the unit summary in etcd follows within a second of the change
+        rows = [line.split() for line in _norm_units(host["config"]).splitlines()]
+        return any(row[:2] == [unit, "active/running"] and row[3] == "ok" for row in rows[1:])
+
+    try:
+        wait_for(summarised, timeout=10, what="the unit summary")
+    except SandboxError as e:
+        print(e, file=sys.stderr)
     print(f"$ norm units   (on {host['name']})")
     print(_norm_units(host["config"]))
+    return True
 
 
 def _print_hosts(state: State, registered: dict[str, dict[str, Any]]) -> None:
@@ -167,6 +403,12 @@ def _print_state(state: State) -> None:
     print(f"  etcd: {', '.join(state['endpoints']) or '(starting)'}")
     for m in state["etcd"]:
         print(f"    {m['name']:<8} {_status_word(m['proc']):<22} log {m['proc']['log']}")
+    reg, images = state.get("registry"), state.get("image_engine")
+    if reg is not None:
+        print(f"  registry: {reg['address']}/{APP_REPOSITORY}")
+        print(f"    registry {_status_word(reg['proc']):<22} log {reg['proc']['log']}")
+    if images is not None:
+        print(f"    builder  {_status_word(images['proc']):<22} {images['docker_host']}")
     for h in state["hosts"]:
         print(f"  {h['name']}  machine-id {h['machine_id']}")
         print(f"    systemd  {_status_word(h['systemd']):<22} bus {h['bus_address']}")
@@ -178,7 +420,7 @@ def _print_state(state: State) -> None:
 
 def _print_footer(fleet: Fleet) -> None:
     print(f"\nlogs: {fleet.run_dir}/etcd/*.log, {fleet.run_dir}/hosts/<host>/"
-          f"{{agent.log,systemd/systemd.log,docker/}}")
+          f"{{agent.log,djed-web.log,djed-api.log,systemd/systemd.log,docker/}}, {fleet.run_dir}/registry/")
     print(f"etcdctl: ETCDCTL_API=3 etcdctl --endpoints {','.join(_endpoints(fleet))} get --prefix /norm/")
     print("stop it: make sandbox-down  (or: .venv/bin/python -m sandbox down)")
 
@@ -205,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--register-timeout", type=float, default=60.0,
                            help="seconds to wait for every agent to register in etcd")
+            p.add_argument("--deploy-timeout", type=float, default=300.0,
+                           help="seconds each `norm deploy --wait` may take")
     sub.add_parser("down").set_defaults(fn=cmd_down)
     sub.add_parser("status").set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)

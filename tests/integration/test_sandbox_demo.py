@@ -1,0 +1,119 @@
+"""`python -m sandbox demo`: the fleet owns its registry and image engine (started, reused, stopped with
+it), and the demo tells the whole story (v1, the flip to v2, the steps' record, the fleet table, a
+heal) twice in a row on the same fleet."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sandbox.fleet import Fleet, ProcState, State, owned
+from sandbox.procs import pid_alive
+
+REPO = Path(__file__).resolve().parents[2]
+ANSWER = r"djed-(?:web|api) +\$ (?:curl -s|GET) http://127\.0\.0\.1:\d+/version +-> +{}\n"
+
+
+def sandbox_cli(run_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandbox", "--run-dir", str(run_dir), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False)
+
+
+def recorded(state: State) -> list[ProcState]:
+    procs = [m["proc"] for m in state["etcd"]]
+    for h in state["hosts"]:
+        procs += [p for p in (h["systemd"], h["docker"], h["agent"]) if p is not None]
+    reg, images = state.get("registry"), state.get("image_engine")
+    if reg is not None:
+        procs.append(reg["proc"])
+    if images is not None and images["proc"] is not None:
+        procs.append(images["proc"])
+    return procs
+
+
+@pytest.mark.slow
+def test_the_registry_and_image_engine_belong_to_the_fleet(tmp_path: Path) -> None:
+    run_dir = tmp_path / "f"
+    plain = Fleet(run_dir, size=1, agents=False)
+    plain.up()
+    try:
+        before = plain.load_state()
+        assert before is not None and before.get("registry") is None
+
+        # Asked for a registry, a healthy fleet without one is started again, with one.
+        fleet = Fleet(run_dir, size=1, agents=False, registry=True)
+        assert fleet.up() == "started"
+        state = fleet.load_state()
+        assert state is not None
+        assert not any(pid_alive(p["pid"]) for p in recorded(before))
+        reg, images = state.get("registry"), state.get("image_engine")
+        assert reg is not None and images is not None and images["proc"] is not None
+        assert owned(reg["proc"]) and owned(images["proc"])
+        assert fleet.problems() == []
+        config = tomllib.loads(Path(state["hosts"][0]["config"]).read_text())
+        assert config["update"]["image"] == f"{reg['address']}/djed/app"
+
+        # Reused while healthy, also by a fleet that does not ask for a registry.
+        assert Fleet(run_dir, size=1, agents=False, registry=True).up() == "reused"
+        assert Fleet(run_dir, size=1, agents=False).up() == "reused"
+        status = sandbox_cli(run_dir, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"registry: {reg['address']}/djed/app" in status.stdout
+
+        # A dead registry makes the fleet unhealthy.
+        (Path(reg["dir"]) / "storage" / "marker").write_text("kept\n")
+        subprocess.run(["kill", "-9", str(reg["proc"]["pid"])], check=True)
+        assert any("registry" in p for p in fleet.problems())
+    finally:
+        said = Fleet(run_dir).down()
+    assert any("stopped dockerd-images" in s for s in said)
+    assert not any(pid_alive(p["pid"]) for p in recorded(state))
+    # The images stay for the next fleet; its registry serves them again.
+    assert (Path(reg["dir"]) / "storage" / "marker").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> None:
+    run_dir = tmp_path / "f"
+    try:
+        first = sandbox_cli(run_dir, "demo", timeout=280)
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+        out = first.stdout
+        assert "3 hosts registered" in out
+        assert out.count("(built and pushed in") == 2
+        assert len(re.findall(ANSWER.format("v1"), out)) == 6
+        assert len(re.findall(ANSWER.format("v2"), out)) == 6
+        assert re.search(r"rollout \d+ v2@sha256:[0-9a-f]{12}: done", out)
+        record = (run_dir / "data" / "record.log").read_text().split("\n")
+        steps = [line.split()[:2] for line in record if line]
+        assert steps == [["v1", "migrate"], ["v1", "collectstatic"],
+                         ["v2", "migrate"], ["v2", "collectstatic"]]
+        assert len(re.findall(r"\nhost\d +sandbox +web +v2@sha256:[0-9a-f]{12} +2 ok", out)) == 3
+        assert "Norm healed it" in out
+        assert "djed-web.service  active/running" in out
+
+        state = Fleet(run_dir).load_state()
+        assert state is not None
+
+        second = sandbox_cli(run_dir, "demo", timeout=280)
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
+        out = second.stdout
+        assert "reusing it" in out
+        assert out.count("(already in the registry)") == 2
+        assert "an earlier demo left the fleet at v2" in out
+        assert "step migrate: done before (skipped)" in out
+        assert "Norm healed it" in out
+        # The same fleet, and no step ran again.
+        again = Fleet(run_dir).load_state()
+        assert again is not None
+        assert [p["pid"] for p in recorded(state)] == [p["pid"] for p in recorded(again)]
+        assert (run_dir / "data" / "record.log").read_text().split("\n") == record
+    finally:
+        down = sandbox_cli(run_dir, "down")
+    assert down.returncode == 0, down.stderr
+    assert not any(pid_alive(p["pid"]) for p in recorded(state))
