@@ -12,6 +12,7 @@ stopped on exit, by pid.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import sys
@@ -65,6 +66,7 @@ class ServingWatch:
         self._stop = threading.Event()
         self.first_seen: dict[int, float] = {}
         self.done_at: float | None = None
+        self.error: BaseException | None = None  # what ended the polling thread, if anything did
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"serving-{tag}", daemon=True)
 
@@ -73,14 +75,22 @@ class ServingWatch:
         return self
 
     def _run(self) -> None:
+        try:
+            self._poll()
+        except BaseException as e:
+            self.error = e
+            self.done.set()
+            raise
+
+    def _poll(self) -> None:
         while not self._stop.is_set():
             for port in self._ports:
                 if port in self.first_seen:
                     continue
                 try:
                     served = app.fetch(port, timeout=1.0)
-                except OSError:
-                    continue
+                except (OSError, ValueError, http.client.HTTPException):
+                    continue  # not serving, or cut off mid-answer by a stop: not the new tag yet
                 if served == self._tag:
                     self.first_seen[port] = time.monotonic()
             if len(self.first_seen) == len(self._ports):
@@ -94,6 +104,8 @@ class ServingWatch:
             self.stop()
             missing = sorted(set(self._ports) - set(self.first_seen))
             raise SandboxError(f"{self._tag} not served on ports {missing} after {timeout:.0f}s")
+        if self.error is not None:
+            raise SandboxError(f"polling what the ports serve failed: {self.error!r}") from self.error
         assert self.done_at is not None
         return self.done_at
 
