@@ -7,7 +7,8 @@ and start the units, then report. A host outside the rollout (joined late, exclu
 it) catches up on the fleet's release once the rollout has ended.
 
 etcd costs per host and rollout: one transaction reading the participant list and this host's own
-reports, then one put per report. Only the small header is watched.
+reports, then one transaction per report (written only against the header it answers). Only the
+small header is watched.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import structlog
 
 from norm.adapters.docker import Docker, DockerError, DockerRejected, DockerUnavailable, RunTimeout
-from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, Put, Resync
+from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import release as rel
@@ -64,6 +65,7 @@ class Executor:
         self._clock = clock
         self._steps = {step_name(c): c for c in update.steps}
         self.header: rel.Header | None = None
+        self._header_mod = 0  # the header's mod revision: reports are written only against it
         self.running: Release | None = None
         self._rev: int | None = None  # the rollout whose participants and reports are loaded
         self._participant = False
@@ -84,7 +86,7 @@ class Executor:
         await self._set_release(rel.release_text(self.running))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         kv = await self._etcd.get(rel.header_key(self._prefix))
-        self._take_header(None if kv is None else kv.value)
+        self._take_header(kv)
         await self._load_rollout()
         self._apply_holds()
         log.info("executor.primed", running=rel.release_text(self.running),
@@ -110,18 +112,20 @@ class Executor:
         async with self._etcd.watch(rel.header_key(self._prefix)) as w:
             async for item in w:
                 if isinstance(item, Resync):
-                    kv = item.snapshot.kvs[0] if item.snapshot.kvs else None
-                    self._take_header(None if kv is None else kv.value)
+                    self._take_header(item.snapshot.kvs[0] if item.snapshot.kvs else None, resync=True)
                 elif item.kind == "put":
-                    self._take_header(item.kv.value)
+                    self._take_header(item.kv)
                 self._wake.set()
 
-    def _take_header(self, raw: bytes | None) -> None:
-        if raw is None:
-            self.header = None
+    def _take_header(self, kv: KeyValue | None, resync: bool = False) -> None:
+        if kv is None:
+            self.header, self._header_mod = None, 0
             return
+        if kv.mod_revision < self._header_mod and not resync:
+            return  # older than one a refused report already read
+        self._header_mod = kv.mod_revision
         try:
-            header = rel.Header.decode(raw, rel.header_key(self._prefix))
+            header = rel.Header.decode(kv.value, rel.header_key(self._prefix))
         except InvalidValue as e:
             self._metrics.rejected_values.labels(e.where).inc()
             log.error("executor.header_refused", reason=e.reason)
@@ -248,10 +252,28 @@ class Executor:
 
         await first_of(work=work, moved=moved())
 
-    async def _report(self, h: rel.Header, kind: str, value: bytes, name: str | None = None) -> None:
-        await self._etcd.put(rel.report_key(self._prefix, h.revision, kind, name or self._me), value)
-        self._reported.add(kind if name is None else f"{kind}:{name}")
+    async def _report(self, h: rel.Header, kind: str, value: bytes, name: str | None = None,
+                      final: bool = True) -> bool:
+        """Write a report while the header is still the one this host acted on (one transaction),
+        or, if it changed, still shows the same rollout and phase. Nothing is written once the
+        rollout has moved on without this host: False. `final`: the duty is done."""
+        key, header_key = rel.report_key(self._prefix, h.revision, kind, name or self._me), \
+            rel.header_key(self._prefix)
+        while True:
+            result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod)],
+                                          [Put(key, value)], [Get(header_key)])
+            if result.succeeded:
+                break
+            self._take_header(result.gets[0][0] if result.gets and result.gets[0] else None)
+            self._wake.set()
+            now = self.header
+            if now is None or now.revision != h.revision or now.phase is not h.phase:
+                log.info("executor.report_dropped", kind=kind, name=name, reason="the rollout moved on")
+                return False
+        if final:
+            self._reported.add(kind if name is None else f"{kind}:{name}")
         log.info("executor.reported", kind=kind, name=name)
+        return True
 
     async def _pull(self, h: rel.Header, digest: str) -> None:
         ref = f"{self._image}@{digest}"
@@ -268,8 +290,7 @@ class Executor:
                 return
             except DockerUnavailable as e:
                 if not told:  # the leader shows the reason; one report is enough
-                    await self._etcd.put(rel.report_key(self._prefix, h.revision, "pulled", self._me),
-                                         rel.pulled_error(str(e), permanent=False))
+                    await self._report(h, "pulled", rel.pulled_error(str(e), permanent=False), final=False)
                     told = True
                 delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
                 attempt += 1
