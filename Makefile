@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal bench-update bench-failover image clean
+.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -31,6 +31,9 @@ bench-agent: bootstrap
 
 bench-heal: bootstrap
 	$(PY) -m bench.heal
+
+bench-barrier: bootstrap
+	$(PY) -m bench.barrier
 
 bench-update: bootstrap
 	$(PY) -m bench.update
