@@ -360,6 +360,8 @@ class Etcd:
             "grpc.keepalive_timeout_ms": int(c.keepalive_timeout * 1000),
             "grpc.http2.ping_timeout_ms": int(c.keepalive_timeout * 1000),
             "grpc.keepalive_permit_without_calls": 1,
+            # A listing of a big fleet's keys outgrows gRPC's default of 4 MiB per message.
+            "grpc.max_receive_message_length": 64 * 1024 * 1024,
             "grpc.http2.max_pings_without_data": 0,
             "grpc.lb_policy_name": "pick_first",
             "grpc.initial_reconnect_backoff_ms": 100,
@@ -449,9 +451,16 @@ class Etcd:
         reply = await self._call(f"reading {key}", lambda c: c.get(key.encode()), retry=True)
         return None if reply is None else KeyValue.of(reply)
 
-    async def get_prefix(self, prefix: str) -> Snapshot:
-        reply = await self._call(f"reading {prefix}*", lambda c: c.get_prefix(prefix.encode()),
-                                 retry=True)
+    async def get_prefix(self, prefix: str, *, keys_only: bool = False) -> Snapshot:
+        """Every key under `prefix`; with `keys_only`, their values are left empty (not sent)."""
+        reply = await self._call(f"reading {prefix}*",
+                                 lambda c: c.get_prefix(prefix.encode(), keys_only=keys_only), retry=True)
+        return Snapshot(reply.header.revision, tuple(KeyValue.of(kv) for kv in reply))
+
+    async def get_one(self, key: str) -> Snapshot:
+        """One key (none or one in `kvs`) with the revision the read is current at."""
+        raw = key.encode()
+        reply = await self._call(f"reading {key}", lambda c: c.get_range(raw, raw + b"\0"), retry=True)
         return Snapshot(reply.header.revision, tuple(KeyValue.of(kv) for kv in reply))
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
@@ -657,9 +666,8 @@ class Watch:
         if self.prefix:
             snap = await self._etcd.get_prefix(self.key)
         else:
-            # One range read gives both the value and the revision it is current at.
-            snap = await self._etcd.get_prefix(self.key)
-            snap = Snapshot(snap.revision, tuple(kv for kv in snap.kvs if kv.key == self.key))
+            # One range read of [key, key + NUL) gives the key alone and the revision it is current at.
+            snap = await self._etcd.get_one(self.key)
         self.next_revision = snap.revision + 1
         if reason == "compacted":
             self.resyncs += 1

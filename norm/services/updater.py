@@ -149,6 +149,7 @@ class Updater:
                     await self._on_desired(item)
                 else:
                     await self._apply(item)
+                await asyncio.sleep(0)  # a backlog of a thousand reports must not starve the lease
 
     async def _load(self) -> None:
         kv = await self._etcd.get(rel.header_key(self._prefix))
@@ -324,7 +325,10 @@ class Updater:
                 ops.append(Put(rel.ledger_key(p, rev, entry.step),
                                json.dumps(dataclasses.asdict(entry), sort_keys=True).encode()))
         if new.terminal:
-            ops.append(Put(rel.history_key(p, rev), new.encode()))
+            # Kept small: without the per-host progress (hundreds of kB with a thousand hosts) and the
+            # ledger (which has keys of its own); the full record stays with the rollout's keys.
+            kept = dataclasses.replace(new, progress=(), ledger=())
+            ops.append(Put(rel.history_key(p, rev), kept.encode()))
         await self._leadership.fenced(ops)
         if new.terminal and (old is None or not old.terminal or old.revision != rev):
             await self._trim_history(rev)
@@ -332,9 +336,9 @@ class Updater:
     async def _trim_history(self, current: int) -> None:
         """Keep the last `history` finished rollouts, and the reports of the current one only."""
         try:
-            snapshot = await self._etcd.get_prefix(f"{self._prefix}/history/")
+            snapshot = await self._etcd.get_prefix(f"{self._prefix}/history/", keys_only=True)
             old = sorted(kv.key for kv in snapshot.kvs)[:-self._history]
-            rollouts = await self._etcd.get_prefix(f"{self._prefix}/rollouts/")
+            rollouts = await self._etcd.get_prefix(f"{self._prefix}/rollouts/", keys_only=True)
             stale = sorted({kv.key.removeprefix(f"{self._prefix}/rollouts/").split("/", 1)[0]
                             for kv in rollouts.kvs} - {str(current)})
             ops: list[Op] = [Delete(k) for k in old]

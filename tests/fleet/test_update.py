@@ -25,4 +25,6 @@ def test_a_whole_update_of_three_hosts(fleet: UpdateFleet) -> None:
     hosts = {kv["key"]: json.loads(kv["value"]) for kv in updates.get_kvs(fleet.fleet, "/norm/hosts/", True)}
     assert all(v["release"].startswith(f"{tag}@sha256:") for v in hosts.values())
     # History keeps the finished record.
-    assert any(r["revision"] == revision and r["phase"] == "done" for r in updates.history(fleet.fleet))
+    kept = [r for r in updates.history(fleet.fleet) if r["revision"] == revision]
+    assert [(r["phase"], r["tag"], r["digest"]) for r in kept] == [("done", tag, record["digest"])]
+    assert kept[0]["progress"] == [] and kept[0]["ledger"] == []  # small: those have keys of their own
