@@ -612,13 +612,6 @@ async def drive(member: EtcdMember, children: list[Child], n: int, warmup: int,
                     f"{max(a.lag_ms for a in answers[1:]):.0f} ms")
                 if i >= warmup:
                     out.append(r)
-            # What an agent reads when it starts (or re-lists) its watch of the header: the adapter
-            # lists a single key with a prefix range, and the header key is a prefix of every
-            # rollout's keys.
-            listed = await etcd.get_prefix(rel.header_key(PREFIX))
-            say(f"N={n}: starting a watch of {rel.header_key(PREFIX)} lists {len(listed.kvs)} keys "
-                f"({sum(len(kv.key) + len(kv.value) for kv in listed.kvs) / 1024:.0f} KiB) after these "
-                "rollouts")
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
