@@ -626,9 +626,10 @@ class Fleet:
             raise SandboxError(f"{name}: its Docker engine was not started by this process")
         return engine
 
-    def restart_engine(self, name: str) -> None:
+    def restart_engine(self, name: str, crash: bool = False) -> None:
         """Restart a host's Docker engine as `systemctl restart docker` would (images stay, containers
-        stop), and record the new daemon."""
+        stop), or with `crash` as after a crash (SIGKILL, even of a stopped daemon, then a new one that
+        cleans up what the dead one left), and record the new daemon."""
         with self._locked():
             state = self.load_state()
             if state is None:
@@ -638,7 +639,12 @@ class Fleet:
             assert host["docker"] is not None
             self._procs.pop(host["docker"]["pid"], None)
             self._engines.pop(host["docker"]["pid"], None)
-            engine.restart()
+            if crash:
+                engine.kill()
+                engine.proc = None
+                engine.start()
+            else:
+                engine.restart()
             host["docker"] = _record(engine.proc, engine.stop)
             self._own(engine.proc, engine)
             self._save(state)

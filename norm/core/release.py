@@ -37,6 +37,7 @@ from norm.core.rollout import (
     HostFailed,
     HostPulled,
     HostPullFailed,
+    HostStatus,
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
@@ -114,6 +115,9 @@ class Header:
     started_at: float = 0.0
     updated_at: float = 0.0
     ended_at: float | None = None
+    # The new release started on some hosts (a rollout failed in START, not rolled back): it is the
+    # fleet's release from then on, its steps having run; the hosts where it failed are the healer's.
+    released: bool = False
 
     @classmethod
     def of(cls, r: Rollout) -> Header:
@@ -121,7 +125,8 @@ class Header:
                    rollback=r.rollback, migrating=r.migrating, migrator=r.migrator,
                    excluded=tuple(e.host for e in r.excluded), hosts_count=len(r.hosts),
                    outcome=r.outcome, reason=r.reason, started_at=r.started_at, updated_at=r.updated_at,
-                   ended_at=r.ended_at)
+                   ended_at=r.ended_at,
+                   released=not r.rollback and any(p.status is HostStatus.ACTIVE for p in r.progress))
 
     @property
     def terminal(self) -> bool:
@@ -141,7 +146,9 @@ class Header:
         halted rollout waits for an operator, a running one for its end)."""
         if not self.terminal or self.phase is Phase.HALTED:
             return None
-        return self.release if self.phase is Phase.DONE else self.previous
+        if self.phase is Phase.DONE or (self.phase is Phase.FAILED and self.released):
+            return self.release
+        return self.previous
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -163,7 +170,8 @@ class Header:
                     hosts_count=_i(d.get("hosts_count", 0)),
                     outcome=None if outcome is None else Phase(outcome), reason=_os(d.get("reason")),
                     started_at=_f(d.get("started_at", 0.0)), updated_at=_f(d.get("updated_at", 0.0)),
-                    ended_at=None if d.get("ended_at") is None else _f(d["ended_at"]))
+                    ended_at=None if d.get("ended_at") is None else _f(d["ended_at"]),
+                    released=_b(d.get("released", False)))
             if h.revision < 1 or (h.rollback and h.previous is None):
                 raise ValueError("inconsistent header")
             return h

@@ -121,7 +121,8 @@ class UpdateFleet:
         try:
             yield
         finally:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # restarted inside the block
+                os.kill(pid, signal.SIGCONT)
 
     def serving(self, tag: str, timeout: float = 60.0) -> None:
         """Wait until every host's web and api units answer `tag`."""

@@ -13,8 +13,10 @@ from norm.core.errors import InvalidValue
 from norm.core.rollout import (
     HostActive,
     HostFailed,
+    HostProgress,
     HostPulled,
     HostPullFailed,
+    HostStatus,
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
@@ -62,6 +64,12 @@ def test_fleet_release_after_each_outcome() -> None:
     assert header(Phase.PULL).fleet_release() is None
     assert header(Phase.DONE).fleet_release() == NEW
     assert header(Phase.FAILED).fleet_release() == OLD
+    # Failed in START, on some hosts only: the new release stays (its steps ran).
+    assert header(Phase.FAILED, released=True).fleet_release() == NEW
+    started = (HostProgress(A, HostStatus.ACTIVE), HostProgress(B, HostStatus.FAILED))
+    assert rel.Header.of(record(Phase.FAILED, progress=started)).released
+    assert not rel.Header.of(record(Phase.FAILED, progress=started, rollback=True)).released
+    assert not rel.Header.of(record(Phase.FAILED)).released
     assert header(Phase.SUPERSEDED).fleet_release() == OLD
     assert header(Phase.HALTED).fleet_release() is None
     assert header(Phase.START, rollback=True).target == OLD
