@@ -30,17 +30,15 @@ leave it running).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from norm.adapters.files import replace_file
 from sandbox import images
 from sandbox.procs import SandboxError, free_port
 from sandbox.systemd import SystemdManager
@@ -129,27 +127,9 @@ def release_file_text(tag: str, image_digest_ref: str) -> str:
 
 
 def write_release(path: Path, tag: str, image_digest_ref: str) -> None:
-    """Replace the release file at `path` atomically: a reader sees the old content or the new, whole."""
-    data = release_file_text(tag, image_digest_ref).encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # the rename itself survives a crash
-    finally:
-        os.close(dfd)
+    """Replace the release file at `path` atomically, as Norm does: a reader sees the old content or
+    the new, whole."""
+    replace_file(Path(path), release_file_text(tag, image_digest_ref).encode())
 
 
 def release_path(host: HostState) -> Path:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """write_atomic, blocking: for callers outside an event loop."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -37,7 +38,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 async def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` (temporary file in the same directory, fsync, rename, fsync of the
     directory). Raises OSError."""
-    await asyncio.to_thread(_write, Path(path), data, mode)
+    await asyncio.to_thread(replace_file, Path(path), data, mode)
 
 
 async def read_file(path: str | Path) -> bytes | None:
