@@ -144,6 +144,58 @@ class UpdateConfig:
 
 
 @dataclass(frozen=True)
+class AwsConfig:
+    region: str | None = _doc("AWS region; from instance metadata when unset.", default=None)
+    endpoint_url: str | None = _doc(
+        "Endpoint of S3, ELBv2 and EC2 instead of AWS's own (a private endpoint, or a test server).",
+        default=None)
+    metadata_url: str = _doc("Instance metadata service (IMDSv2: token-based).",
+                             default="http://169.254.169.254")
+    use_metadata: bool = _doc(
+        "Read the instance id, the region, and the environment and role tags from instance metadata "
+        "(the configuration wins where both speak).", default=False)
+    call_timeout: float = _doc("Seconds an AWS or instance metadata call may take.", default=10.0)
+
+
+@dataclass(frozen=True)
+class EnvFileConfig:
+    bucket: str | None = _doc(
+        "S3 bucket holding the environment files; environment files are off while unset.", default=None)
+    key: str = _doc("Object key of the environment file; {environment} is replaced by the value of "
+                    "keys.environment in etcd.", default="{environment}.env")
+    path: str = _doc("Where the environment file is written, for the units' EnvironmentFile=.",
+                     default="/run/norm/app.env")
+    owner: str | None = _doc("Owner of the written file, as user or user:group; root when unset.",
+                             default=None)
+    interval: float = _doc("Seconds between checks of the object (conditional GET on its ETag).",
+                           default=60.0)
+    on_change: Literal["restart", "next_rollout"] = _doc(
+        "When the file changes: restart the units using it one at a time, each active again before the "
+        "next, or leave them for the next rollout.", default="restart")
+    units: tuple[str, ...] = _doc("Units using the file (restarted on a change); every managed unit "
+                                  "when empty.", default=())
+
+
+@dataclass(frozen=True)
+class LbConfig:
+    target_groups: tuple[str, ...] = _doc(
+        "ELBv2 target group ARNs this host joins while its web unit is healthy; presence is off while "
+        "empty.", default=())
+    instance_id: str | None = _doc("The host's EC2 instance id; from instance metadata when unset.",
+                                   default=None)
+    unit: str = _doc("The unit whose health puts the host in the target groups.",
+                     default="djed-web.service")
+    health_url: str | None = _doc(
+        "URL that must answer 2xx before the host is registered (checked after the unit is active).",
+        default=None)
+    port: int | None = _doc("Port registered in the target groups; the groups' own when unset.",
+                            default=None)
+    drain_timeout: float = _doc(
+        "Seconds to wait for a deregistered target to finish draining before stopping its units.",
+        default=300.0)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = _doc("host:port of the /metrics, /healthz and /readyz endpoint.",
                        default="127.0.0.1:9847")
@@ -175,6 +227,9 @@ class Config:
     healing: HealingConfig = field(default_factory=HealingConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    env: EnvFileConfig = field(default_factory=EnvFileConfig)
+    lb: LbConfig = field(default_factory=LbConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -335,6 +390,12 @@ _UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|t
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 _KEY = re.compile(r"/[\x21-\x7e]*")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_OWNER = re.compile(r"[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?")
+_TARGET_GROUP = re.compile(
+    r"arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
+_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8}([0-9a-f]{9})?")
 
 
 def _source(tree: RawTree, dotted: str) -> str:
@@ -486,6 +547,45 @@ def _validate(config: Config, tree: RawTree) -> None:
             fail(f"update.{name}", "must be more than 0 and at most 86400 seconds")
     if not 1 <= up.history <= 1000:
         fail("update.history", "must be from 1 to 1000 rollouts")
+
+    aws = config.aws
+    for name in ("endpoint_url", "metadata_url"):
+        url = getattr(aws, name)
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            fail(f"aws.{name}", "must be an http:// or https:// URL")
+    if aws.region is not None and not _AWS_REGION.fullmatch(aws.region):
+        fail("aws.region", "must be a region name such as eu-west-1")
+    if not 0 < aws.call_timeout <= 300:
+        fail("aws.call_timeout", "must be more than 0 and at most 300 seconds")
+    env = config.env
+    if env.bucket is not None and not _BUCKET.fullmatch(env.bucket):
+        fail("env.bucket", "must be an S3 bucket name (3 to 63 of a-z 0-9 . -)")
+    if not env.key or env.key.startswith("/") or env.key.replace("{environment}", "").count("{"):
+        fail("env.key", "must be an object key, with {environment} as its only placeholder")
+    if not env.path.startswith("/") or env.path.endswith("/"):
+        fail("env.path", "must be an absolute file path")
+    if env.owner is not None and not _OWNER.fullmatch(env.owner):
+        fail("env.owner", "must be user or user:group")
+    if not 1 <= env.interval <= 86400:
+        fail("env.interval", "must be from 1 to 86400 seconds")
+    for unit in env.units:
+        if not _UNIT_PATTERN.fullmatch(unit):
+            fail("env.units", "each must be a systemd unit name such as 'djed-web.service'")
+    lb = config.lb
+    for arn in lb.target_groups:
+        if not _TARGET_GROUP.fullmatch(arn):
+            fail("lb.target_groups", "each must be a target group ARN "
+                 "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")
+    if lb.instance_id is not None and not _INSTANCE_ID.fullmatch(lb.instance_id):
+        fail("lb.instance_id", "must be an EC2 instance id such as i-0123456789abcdef0")
+    if not _UNIT_PATTERN.fullmatch(lb.unit):
+        fail("lb.unit", "must be a systemd unit name such as 'djed-web.service'")
+    if lb.health_url is not None and urlsplit(lb.health_url).scheme not in ("http", "https"):
+        fail("lb.health_url", "must be an http:// or https:// URL")
+    if lb.port is not None and not 1 <= lb.port <= 65535:
+        fail("lb.port", "must be a port from 1 to 65535")
+    if not 0 <= lb.drain_timeout <= 3600:
+        fail("lb.drain_timeout", "must be from 0 to 3600 seconds")
 
     if not 0 < config.agent.shutdown_timeout <= 600:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")

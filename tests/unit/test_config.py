@@ -817,3 +817,35 @@ def test_any_float_is_range_checked(value: float) -> None:
     else:
         assert math.isfinite(c.agent.shutdown_timeout)
         assert 0 < c.agent.shutdown_timeout <= 600
+
+
+TG = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/djed-web/50dc6c495c0c9188"
+
+
+def test_environment_files_and_presence_settings() -> None:
+    c = from_flags("env.bucket=djed-env", "env.key=envs/{environment}.env", "env.owner=djed:djed",
+                   f"lb.target_groups={TG}", "lb.instance_id=i-0123456789abcdef0",
+                   "aws.region=eu-west-1", "aws.endpoint_url=http://127.0.0.1:5000")
+    assert (c.env.bucket, c.env.key, c.env.owner, c.env.on_change) == (
+        "djed-env", "envs/{environment}.env", "djed:djed", "restart")
+    assert c.lb.target_groups == (TG,) and c.lb.instance_id == "i-0123456789abcdef0"
+    assert c.aws.region == "eu-west-1" and c.aws.use_metadata is False
+
+
+@pytest.mark.parametrize(("item", "key"), [
+    ("env.bucket=Not_A_Bucket", "env.bucket"),
+    ("env.key=/abs.env", "env.key"),
+    ("env.key={role}.env", "env.key"),
+    ("env.path=relative.env", "env.path"),
+    ("env.owner=root:wheel:x", "env.owner"),
+    ("env.interval=0", "env.interval"),
+    ("env.on_change=later", "env.on_change"),
+    ("lb.target_groups=djed-web", "lb.target_groups"),
+    ("lb.instance_id=host1", "lb.instance_id"),
+    ("lb.port=70000", "lb.port"),
+    ("lb.health_url=ftp://x/", "lb.health_url"),
+    ("aws.region=Europe", "aws.region"),
+    ("aws.metadata_url=169.254.169.254", "aws.metadata_url"),
+])
+def test_bad_environment_file_and_presence_settings(item: str, key: str) -> None:
+    fails(lambda: from_flags(item), key, f"--set {key}")
