@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.plugins.etcd",
     "tests.plugins.systemd",
     "tests.plugins.moto",
+    "tests.plugins.imds",
     "tests.plugins.docker",
 ]
