@@ -82,6 +82,15 @@ class MotoServer:
         if self.proc is not None:
             self.proc.stop()
 
+    def enforce_auth(self) -> None:
+        """From now on, check every request's credentials and IAM policies (moto allows everything until
+        this is called): a key of an IAM user without policies then gets AccessDenied. Server-wide: use
+        it on a server of the test's own, not the shared one."""
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
     def reset(self) -> None:
         """Forget every resource (moto's own reset endpoint): a clean account for the next test."""
         req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
