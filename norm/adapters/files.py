@@ -1,22 +1,83 @@
-"""Files Norm owns on the host (the release file; later the environment file), replaced atomically:
-a reader, or a crash at any instant, sees the old content or the new, never a mix or a part."""
+"""Files Norm owns on the host (the release file, the environment file), replaced atomically: a
+reader, or a crash at any instant, sees the old content or the new, never a mix or a part.
+
+A file is written as a temporary file in the same directory (created exclusively, never through a
+symlink, with its final mode and owner before any byte is written: a secret is never readable by
+anyone else, not even for an instant), fsynced, renamed over the target, and the directory fsynced.
+Temporary files left by a writer that was killed are removed by the next write of the same target.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
+import pwd
+import re
 from pathlib import Path
 
+from norm.core.errors import NormError
 
-def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+
+class OwnerUnknown(NormError):
+    """The configured owner (user or user:group) does not exist on this host."""
+
+
+def resolve_owner(owner: str) -> tuple[int, int]:
+    """'user' or 'user:group' to (uid, gid); the user's primary group when no group is given."""
+    user, _, group = owner.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise OwnerUnknown(f"no user {user!r} on this host") from None
+    if not group:
+        return entry.pw_uid, entry.pw_gid
+    try:
+        return entry.pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise OwnerUnknown(f"no group {group!r} on this host") from None
+
+
+def _tmp_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of writers of `path` that are gone (killed mid-write)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that writer is alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path.parent / name)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """write_atomic, blocking: for callers outside an event loop."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    _remove_stale_temps(path)
+    tmp = _tmp_name(path, os.getpid())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # our own, from an earlier write that failed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
     try:
         try:
-            os.fchmod(fd, mode)  # whatever the umask made of it
+            if owner is not None:
+                os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, mode)  # whatever the umask made of it; after chown, which may clear bits
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -35,10 +96,11 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
-async def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+async def write_atomic(path: str | Path, data: bytes, mode: int = 0o644,
+                       owner: tuple[int, int] | None = None) -> None:
     """Replace `path` with `data` (temporary file in the same directory, fsync, rename, fsync of the
-    directory). Raises OSError."""
-    await asyncio.to_thread(replace_file, Path(path), data, mode)
+    directory), with `mode` and, when given, `owner` (uid, gid). Raises OSError."""
+    await asyncio.to_thread(replace_file, Path(path), data, mode, owner)
 
 
 async def read_file(path: str | Path) -> bytes | None:
