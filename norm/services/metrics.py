@@ -58,3 +58,6 @@ class Metrics:
                                 ["outcome"], registry=r)
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)
+        self.lb_registered = Gauge("norm_lb_registered",
+                                   "1 while this host is registered in the ELBv2 target group.",
+                                   ["target_group"], registry=r)
