@@ -119,15 +119,21 @@ def wanted(o: Observed) -> bool:
 
 def decide(o: Observed) -> tuple[Command, ...]:
     """The commands that bring the groups to what `o` wants. A group whose registration is unknown gets
-    the (idempotent) call either way. The groups keep their given order."""
+    the (idempotent) call either way, once the health check of the current run has said. The groups
+    keep their given order."""
     commands: list[Command] = []
     inv = eligible(o)
-    if inv is not None and o.needs_health and inv not in (o.healthy, o.gave_up):
+    checking = inv is not None and o.needs_health and inv not in (o.healthy, o.gave_up)
+    if checking and inv is not None:
         commands.append(CheckHealth(inv))
     want = wanted(o)
     for group, registered in o.registered.items():
         if want and registered is not True:
             commands.append(Register(group))
-        elif not want and registered is not False:
+        elif not want and registered is False:
+            continue
+        elif not want and not (registered is None and checking):
+            # An unknown registration is left alone while the run is being checked: an agent that
+            # restarts under a serving unit does not take the host out for the time of a check.
             commands.append(Deregister(group))
     return tuple(commands)

@@ -61,6 +61,13 @@ def test_a_unit_that_is_not_active_is_taken_out() -> None:
 def test_unknown_registration_gets_the_call_either_way() -> None:
     assert decide(Observed(None, groups(None, False))) == (Deregister(A),)
     assert decide(Observed("i", groups(None, True), healthy="i")) == (Register(A),)
+    assert decide(Observed("i", groups(None, True), gave_up="i")) == (Deregister(A), Deregister(B))
+
+
+def test_unknown_registration_waits_for_the_health_check() -> None:
+    # An agent restarted under a serving unit does not take the host out while it checks the unit.
+    assert decide(Observed("i", groups(None, True))) == (CheckHealth("i"), Deregister(B))
+    assert decide(Observed("i", groups(None, None), suspended=True)) == (Deregister(A), Deregister(B))
 
 
 def test_a_gave_up_health_check_is_not_started_again_for_that_run() -> None:
@@ -101,11 +108,12 @@ def test_properties(invocation: str | None, healthy: str | None, gave_up: str | 
     assert len({c.target_group for c in calls}) == len(calls)
     for c in calls:
         assert o.registered[c.target_group] is not (isinstance(c, Register))
-    # Applying the commands reaches a fixed point.
+    # Applying the commands reaches a fixed point (an unknown registration may wait for the check).
+    checking = any(isinstance(c, CheckHealth) for c in commands)
     after = dict(o.registered)
     for c in calls:
         after[c.target_group] = isinstance(c, Register)
-    assert all(v is want for v in after.values())
+    assert all(v is want or (v is None and checking and not want) for v in after.values())
     assert not [c for c in decide(Observed(invocation, after, healthy=healthy, gave_up=gave_up,
                                            needs_health=needs_health, suspended=suspended, stale=stale))
                 if not isinstance(c, CheckHealth)]

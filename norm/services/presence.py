@@ -1,0 +1,370 @@
+"""Load-balancer presence: this host is in its ELBv2 target groups while its web unit serves.
+
+It follows the web unit through systemd's D-Bus signals (the systemd adapter's watch, as the healer
+does) and, once the unit is active, checks its health URL until it answers 2xx (bounded); then it
+registers the host in every configured target group. When the unit fails or stops, it deregisters
+the host. The decisions are norm.core.presence's; this service carries them out.
+
+An update takes the host out first: the executor calls `before_stop()` before it stops the units
+(deregister from every group, then wait for the targets to drain, bounded by lb.drain_timeout), and
+`after_start()` once it has started them again. In between, nothing registers the host, and the
+unit's run that was stopped is never registered again: only a new run, once healthy. Should an update
+release its hold on the units without starting them, presence resumes as after a start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import structlog
+
+from norm.adapters.elb import Elb, ElbError, ElbRejected
+from norm.adapters.systemd import Systemd, SystemdError, UnitChanged, UnitsResync
+from norm.core.backoff import Backoff
+from norm.core.config import LbConfig
+from norm.core.presence import CheckHealth, Deregister, Observed, Register, decide
+from norm.core.units import UnitState
+from norm.services.base import first_of
+from norm.services.holds import Holds
+from norm.services.metrics import Metrics
+
+log = structlog.get_logger("norm.presence")
+
+InstanceId = str | Callable[[], Awaitable[str | None]]
+
+
+def invocation_of(state: UnitState | None) -> str | None:
+    """The run of the unit while it is active (or reloading), None otherwise."""
+    if state is None or not state.healthy:
+        return None
+    return state.invocation_id or f"active-since-{state.active_enter_usec}"
+
+
+class Presence:
+    name = "presence"
+
+    def __init__(self, systemd: Systemd, elb: Elb, lb: LbConfig, metrics: Metrics, *,
+                 instance_id: InstanceId, holds: Holds | None = None, hold_owner: str = "update",
+                 health_timeout: float = 2.0, health_bound: float = 300.0,
+                 retry: Backoff | None = None, health_backoff: Backoff | None = None) -> None:
+        """`instance_id`: the instance id, or a coroutine function that finds it (None: it cannot be
+        found, presence stays off). `holds`/`hold_owner`: the update's holds on the units, watched to
+        resume should an update end without starting the units. `health_bound`: how long a run of
+        the unit may take to answer its health URL before presence gives up on that run."""
+        self._systemd = systemd
+        self._elb = elb
+        self._lb = lb
+        self._metrics = metrics
+        self._instance_source = instance_id
+        self.instance_id: str | None = instance_id if isinstance(instance_id, str) else None
+        self._holds = holds
+        self._hold_owner = hold_owner
+        self._health_timeout = health_timeout
+        self._health_bound = health_bound
+        self._retry = retry or Backoff(first=0.5, factor=2.0, cap=60.0)
+        self._health_backoff = health_backoff or Backoff(first=0.05, factor=2.0, cap=1.0)
+        self.unit: UnitState | None = None
+        self.registered: dict[str, bool | None] = dict.fromkeys(lb.target_groups)
+        self._invocation: str | None = None
+        self._healthy: str | None = None
+        self._gave_up: str | None = None
+        self.suspended = False
+        self._stale: str | None = None
+        self._seen_held = False
+        self._resume_asked = False
+        self._lock = asyncio.Lock()  # one caller of ELB at a time: the work loop, or before_stop
+        self._wake = asyncio.Event()
+        self._probe: tuple[str, asyncio.Task[None]] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.ready = asyncio.Event()  # the instance id is known and the clients are open
+        self.off = asyncio.Event()  # no instance id: presence does nothing
+        self._closed = False
+        self.progress = asyncio.Event()  # set after every pass of the work loop (tests wait on it)
+        for group in lb.target_groups:
+            metrics.lb_registered.labels(group).set(0)
+        if holds is not None:
+            holds.subscribe(self._on_holds)
+
+    # -- the service
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        structlog.contextvars.bind_contextvars(unit=self._lb.unit)
+        if self.instance_id is None:
+            if await first_of(stopping=stopping.wait(), resolve=self._resolve()) == "stopping":
+                return
+            if self.instance_id is None:
+                self.off.set()
+                log.error("lb.presence_off", reason="no instance id: set lb.instance_id, or turn on "
+                          "aws.use_metadata on EC2", target_groups=list(self._lb.target_groups))
+                await stopping.wait()
+                return
+        try:
+            async with self._elb, aiohttp.ClientSession(trust_env=False) as http:
+                self._http = http
+                self.ready.set()
+                log.info("lb.presence_started", instance_id=self.instance_id,
+                         target_groups=list(self._lb.target_groups))
+                try:
+                    await first_of(stopping=stopping.wait(), watch=self._follow(), work=self._work())
+                finally:
+                    self._closed = True
+                    await self._stop_probe()
+        finally:
+            self._closed = True
+            self.ready.clear()
+
+    async def _resolve(self) -> None:
+        source = self._instance_source
+        assert not isinstance(source, str)
+        self.instance_id = await source()
+
+    async def _follow(self) -> None:
+        unit = self._lb.unit
+        async with self._systemd.watch([unit]) as w:
+            async for item in w:
+                if isinstance(item, UnitsResync):
+                    self._take(next((s for s in item.states if s.name == unit), None))
+                elif isinstance(item, UnitChanged) and item.state.name == unit:
+                    self._take(item.state)
+                else:
+                    continue
+                self._wake.set()
+
+    def _take(self, state: UnitState | None) -> None:
+        self.unit = state
+        invocation = invocation_of(state)
+        if invocation != self._invocation:
+            if invocation is None:
+                log.info("lb.unit_down", state=None if state is None else state.active_state,
+                         result=None if state is None else state.result)
+            else:
+                log.info("lb.unit_active")
+            self._invocation = invocation
+        if invocation is None:
+            self._stale = None  # the run the update stopped is over: any later run is a new one
+
+    def observed(self) -> Observed:
+        return Observed(self._invocation, dict(self.registered), healthy=self._healthy,
+                        gave_up=self._gave_up, needs_health=self._lb.health_url is not None,
+                        suspended=self.suspended, stale=self._stale)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        retry_at: float | None = None
+        while True:
+            timeout = None if retry_at is None else max(0.0, retry_at - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._resume_asked:
+                await self._resume("the update released the units")
+            ok = await self._pass()
+            if ok:
+                failures, retry_at = 0, None
+            else:
+                delay = self._retry.delay(failures, random.random())
+                failures += 1
+                retry_at = loop.time() + delay
+                log.info("lb.retry", retry_in=round(delay, 2))
+            self.progress.set()
+
+    async def _pass(self) -> bool:
+        """Carry out what the core decides, one call at a time, deciding again after each (the unit may
+        have changed meanwhile). False if a call failed (tried again later)."""
+        await self._steer_probe(decide(self.observed()))
+        failed: set[str] = set()
+        async with self._lock:
+            while True:
+                calls = [c for c in decide(self.observed())
+                         if isinstance(c, Register | Deregister) and c.target_group not in failed]
+                if not calls:
+                    break
+                call = calls[0]
+                if not await self._apply(call):
+                    failed.add(call.target_group)
+        await self._steer_probe(decide(self.observed()))
+        return not failed
+
+    async def _apply(self, call: Register | Deregister) -> bool:
+        group, instance = call.target_group, self.instance_id
+        assert instance is not None
+        try:
+            if isinstance(call, Register):
+                await self._elb.register(group, instance, self._lb.port)
+            else:
+                await self._elb.deregister(group, instance, self._lb.port)
+        except ElbRejected as e:
+            log.error("lb.call_refused", target_group=group, error=str(e))
+            return False
+        except ElbError as e:
+            log.warning("lb.call_failed", target_group=group, error=str(e))
+            return False
+        self._set_registered(group, isinstance(call, Register))
+        return True
+
+    def _set_registered(self, group: str, registered: bool) -> None:
+        was = self.registered.get(group)
+        self.registered[group] = registered
+        self._metrics.lb_registered.labels(group).set(1 if registered else 0)
+        if was is not registered:
+            log.info("lb.registered" if registered else "lb.deregistered", target_group=group)
+
+    # -- the health check
+
+    async def _steer_probe(self, commands: tuple[object, ...]) -> None:
+        want = next((c.invocation for c in commands if isinstance(c, CheckHealth)), None)
+        if self._probe is not None:
+            invocation, task = self._probe
+            if task.done() or invocation != want:
+                await self._stop_probe()
+            else:
+                return
+        if want is not None and not self._closed:
+            self._probe = (want, asyncio.create_task(self._check_health(want), name="lb-health"))
+
+    async def _stop_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe[1].cancel()
+            await asyncio.gather(probe[1], return_exceptions=True)
+
+    async def _check_health(self, invocation: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._health_bound
+        attempt = 0
+        told = False
+        while True:
+            status, error = await self._probe_once()
+            if status is not None and 200 <= status < 300:
+                self._healthy = invocation
+                log.info("lb.healthy", seconds=round(loop.time() - started, 3), attempts=attempt + 1)
+                self._wake.set()
+                return
+            if not told:  # once per run: the URL itself is never logged (it may carry a token)
+                log.info("lb.not_healthy_yet", status=status, error=error)
+                told = True
+            left = deadline - loop.time()
+            if left <= 0:
+                self._gave_up = invocation
+                log.error("lb.health_gave_up", bound_s=self._health_bound, status=status, error=error)
+                self._wake.set()
+                return
+            await asyncio.sleep(min(self._health_backoff.delay(attempt, random.random()), left))
+            attempt += 1
+
+    async def _probe_once(self) -> tuple[int | None, str | None]:
+        http, url = self._http, self._lb.health_url
+        assert http is not None and url is not None
+        try:
+            async with asyncio.timeout(self._health_timeout):
+                async with http.get(url, allow_redirects=False) as r:
+                    await r.read()
+                    return r.status, None
+        except TimeoutError:
+            return None, "timeout"
+        except (aiohttp.ClientError, OSError) as e:
+            return None, type(e).__name__
+
+    # -- the update's hooks
+
+    async def before_stop(self) -> None:
+        """Take the host out of every target group and wait for it to drain, within lb.drain_timeout;
+        nothing registers it again until `after_start()`. Never raises: an ELB that does not answer
+        in time is logged, and the update goes on."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._lb.drain_timeout
+        self._suspend()
+        if self.off.is_set() or self._closed:
+            return
+        if not self.ready.is_set():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await first_of(ready=self.ready.wait(), off=self.off.wait())
+            except TimeoutError:
+                log.warning("lb.not_ready_before_stop", bound_s=self._lb.drain_timeout)
+                return
+            if self.off.is_set():
+                return
+        instance = self.instance_id
+        assert instance is not None
+        async with self._lock:
+            await self._steer_probe(())
+            pending = [g for g, registered in self.registered.items() if registered is not False]
+            attempt = 0
+            while pending and not self._closed:
+                for group in list(pending):
+                    try:
+                        await self._elb.deregister(group, instance, self._lb.port)
+                    except ElbError as e:
+                        log.warning("lb.call_failed", target_group=group, error=str(e))
+                        continue
+                    pending.remove(group)
+                    self._set_registered(group, False)
+                if not pending:
+                    break
+                delay = self._retry.delay(attempt, random.random())
+                attempt += 1
+                if loop.time() + delay >= deadline:
+                    log.error("lb.deregister_gave_up", target_groups=pending, bound_s=self._lb.drain_timeout)
+                    break
+                await asyncio.sleep(delay)
+            groups = [g for g in self._lb.target_groups if g not in pending]
+            drained = await asyncio.gather(*(
+                self._elb.wait_drained(g, instance, self._lb.port, within=max(0.0, deadline - loop.time()))
+                for g in groups))
+        late = [g for g, ok in zip(groups, drained, strict=True) if not ok]
+        if late:
+            log.warning("lb.drain_timeout", target_groups=late, bound_s=self._lb.drain_timeout)
+        log.info("lb.drained", seconds=round(loop.time() - started, 3), target_groups=groups)
+        self._wake.set()
+
+    async def after_start(self) -> None:
+        """The update started the units again: a new run of the web unit is registered once healthy
+        (by the work loop; this returns at once)."""
+        await self._resume("the update started the units")
+        self._wake.set()
+
+    def _suspend(self) -> None:
+        if not self.suspended:
+            self.suspended = True
+            self._stale = self._invocation
+            self._healthy = None
+            self._seen_held = False
+            log.info("lb.suspended")
+        self._on_holds()
+        self._wake.set()
+
+    async def _resume(self, why: str) -> None:
+        self._resume_asked = False
+        if not self.suspended:
+            return
+        if self._stale is not None:
+            # The run the update stopped stays out, unless it was never stopped (the unit is not one
+            # the update manages): asked of systemd now, since the watch may lag behind.
+            try:
+                now = await self._systemd.unit(self._lb.unit)
+                if invocation_of(now) == self._stale:
+                    self._stale = None
+            except SystemdError as e:
+                log.info("lb.unit_read_failed", error=str(e))
+        self.suspended = False
+        self._seen_held = False
+        log.info("lb.resumed", why=why)
+
+    def _on_holds(self) -> None:
+        if not self.suspended or self._holds is None:
+            return
+        if self._hold_owner in self._holds.owners(self._lb.unit):
+            self._seen_held = True
+        elif self._seen_held:
+            self._resume_asked = True
+            self._wake.set()
