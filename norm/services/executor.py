@@ -19,7 +19,7 @@ import random
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -42,13 +42,23 @@ log = structlog.get_logger("norm.executor")
 HOLD_OWNER = "update"
 
 
+class StopStartHooks(Protocol):
+    """What else must happen around the units' stop and start (load-balancer presence)."""
+
+    async def before_stop(self) -> None:
+        """Before the units are stopped; returns once it is safe to stop them (bounded)."""
+
+    async def after_start(self) -> None:
+        """After the units were started (whether or not they came up)."""
+
+
 class Executor:
     name = "executor"
 
     def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
                  holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None) -> None:
         assert update.image is not None
         self._etcd = etcd
         self._prefix = prefix
@@ -63,6 +73,7 @@ class Executor:
         self._set_release = set_release
         self._leading = leading
         self._clock = clock
+        self._presence = presence
         self._steps = {step_name(c): c for c in update.steps}
         self.header: rel.Header | None = None
         self._header_mod = 0  # the header's mod revision: reports are written only against it
@@ -303,6 +314,9 @@ class Executor:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         for unit in self._units:
             self._holds.hold(unit, HOLD_OWNER)
+        if self._presence is not None:
+            # Out of the load balancer and drained before anything stops serving.
+            await self._presence.before_stop()
         await asyncio.gather(*(self._systemd.stop(u) for u in self._units))
         log.info("executor.units_stopped", units=list(self._units))
 
@@ -314,6 +328,8 @@ class Executor:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         results = await asyncio.gather(*(self._systemd.start(u) for u in self._units),
                                        return_exceptions=True)
+        if self._presence is not None:
+            await self._presence.after_start()  # back in the load balancer once healthy
         failed: list[str] = []
         for unit, result in zip(self._units, results, strict=True):
             if isinstance(result, SystemdError):
