@@ -17,7 +17,8 @@ Accepted:
 
 Refused, with the line number and a reason that never quotes a value (values are secrets):
 - `$` outside single quotes unless it ends the word (expansions, `$(...)`, `$((...))`, `$'...'`),
-  backticks outside single quotes (command substitution), and an unquoted `~` (tilde expansion);
+  backticks outside single quotes (command substitution), an unquoted `~` (tilde expansion) and
+  unquoted braces (`export A=x{1,2}` expands them);
 - shell operators in unquoted text (| & ; < > ( )), and a second word after the value (`A=b c` runs c);
 - anything that is not an assignment, a name defined twice, unterminated quotes, control characters
   other than tab and newline (so NUL and the CR of CRLF line endings), text that is not UTF-8, a
@@ -26,6 +27,7 @@ Refused, with the line number and a reason that never quotes a value (values are
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +209,9 @@ class _Parser:
                                 "single quotes")
             elif ch == "~":
                 raise self.fail(f"an unquoted ~ in the value of {name} (a shell expands it): quote it")
+            elif ch in "{}":
+                raise self.fail(f"an unquoted brace in the value of {name} (`export` expands braces): "
+                                "quote it")
             elif ch in _OPERATORS:
                 raise self.fail(f"a shell operator in the value of {name}: quote the value")
             else:
@@ -268,3 +273,46 @@ class _Parser:
             self.advance()
         elif ch != "":
             raise self.fail("more than one word after '=': quote the value (A=b c would run c)", start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the file comes from, and what the written file says about it
+
+_SOURCE_PREFIX = "norm-source: "
+
+
+@dataclass(frozen=True)
+class Source:
+    """The object a written environment file was made from, and that object's ETag."""
+
+    bucket: str
+    key: str
+    etag: str
+
+    def header(self) -> str:
+        return _SOURCE_PREFIX + json.dumps({"bucket": self.bucket, "key": self.key, "etag": self.etag},
+                                           sort_keys=True)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def object_key(template: str, environment: str) -> str:
+    """The object key for `environment` (the value of keys.environment in etcd, already validated,
+    or the host's environment while that key is absent)."""
+    return template.replace("{environment}", environment)
+
+
+def source_of(raw: bytes) -> Source | None:
+    """The source recorded in the header of a file Norm wrote; None for any other file."""
+    for line in header_of(raw):
+        if line.startswith(_SOURCE_PREFIX):
+            try:
+                data = json.loads(line[len(_SOURCE_PREFIX):])
+                if isinstance(data, dict) and all(isinstance(data.get(k), str) and data[k]
+                                                  for k in ("bucket", "key", "etag")):
+                    return Source(data["bucket"], data["key"], data["etag"])
+            except (ValueError, RecursionError):
+                return None
+    return None

@@ -19,6 +19,39 @@ def parse_machine_id(text: str, where: str) -> str:
     return value
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+METADATA_TAGS = {"environment": ("environment", "Environment"), "role": ("role", "Role")}
+
+
+def parse_label(text: str, where: str) -> str:
+    """An environment or role name: 1 to 63 letters, digits, '_', '.' or '-'."""
+    if not _LABEL.fullmatch(text):
+        raise InvalidValue(where, "must be 1 to 63 letters, digits, '_', '.' or '-'")
+    return text
+
+
+def host_metadata(configured: dict[str, str], given: frozenset[str],
+                  tags: dict[str, str | None]) -> tuple[dict[str, str], list[InvalidValue]]:
+    """Environment and role: the configuration's where it was given, else the instance's tag (first of
+    METADATA_TAGS[name] found), else the configuration's default. Returns the values and the tags
+    refused (which change nothing)."""
+    out = dict(configured)
+    refused: list[InvalidValue] = []
+    for name in configured:
+        if name in given:
+            continue
+        for tag in METADATA_TAGS.get(name, ()):
+            value = tags.get(tag)
+            if value is None:
+                continue
+            try:
+                out[name] = parse_label(value, f"instance tag {tag}")
+            except InvalidValue as e:
+                refused.append(e)
+            break
+    return out, refused
+
+
 @dataclass(frozen=True)
 class HostRecord:
     """What `<prefix>/hosts/<machine-id>` holds while the host's agent is alive."""
@@ -31,6 +64,8 @@ class HostRecord:
     release: str | None = None
     http: str | None = None
     started_at: float = 0.0
+    instance_id: str | None = None  # from instance metadata, when read
+    env_etag: str | None = None  # the ETag of the object the running environment file was made from
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -46,7 +81,7 @@ class HostRecord:
             for name in ("machine_id", "name", "environment", "role", "agent_version"):
                 if not isinstance(getattr(record, name), str):
                     raise TypeError(name)
-            for name in ("release", "http"):
+            for name in ("release", "http", "instance_id", "env_etag"):
                 if not isinstance(getattr(record, name), str | None):
                     raise TypeError(name)
             if isinstance(record.started_at, bool) or not isinstance(record.started_at, int | float):

@@ -61,3 +61,21 @@ class Metrics:
         self.lb_registered = Gauge("norm_lb_registered",
                                    "1 while this host is registered in the ELBv2 target group.",
                                    ["target_group"], registry=r)
+        # Environment files from S3. Never their content, nor anything derived from it.
+        self.env_fetches = Counter(
+            "norm_env_fetches_total", "Checks of the environment file's object, by result: changed, "
+            "unchanged, missing, denied, unavailable, invalid, too_large, write_failed.", ["result"],
+            registry=r)
+        self.env_body_bytes = Counter(
+            "norm_env_body_bytes_total", "Body bytes downloaded for the environment file (a check of an "
+            "unchanged object downloads none).", registry=r)
+        self.env_up_to_date = Gauge(
+            "norm_env_up_to_date", "1 while the environment file written is the object's content as last "
+            "checked; 0 after a failed check, or while the object is refused.", registry=r)
+        self.env_last_success = Gauge(
+            "norm_env_last_success_timestamp_seconds",
+            "Unix time of the last successful check of the environment file's object.", registry=r)
+        self.env_restarts = Counter(
+            "norm_env_restarts_total", "Units restarted for a changed environment file, by result: ok, "
+            "failed, held (left alone: held by an update or an operator), inactive (not running: it reads "
+            "the new file when it starts).", ["unit", "result"], registry=r)

@@ -46,9 +46,16 @@ class Registration:
 
     async def set_release(self, release: str | None) -> None:
         """Show the release this host runs in its record (now if registered, else when it registers)."""
-        if release == self.record.release:
+        await self._update(release=release)
+
+    async def set_env_etag(self, etag: str | None) -> None:
+        """Show the ETag of the object the running environment file was made from."""
+        await self._update(env_etag=etag)
+
+    async def _update(self, **changes: str | None) -> None:
+        if all(getattr(self.record, k) == v for k, v in changes.items()):
             return
-        self.record = dataclasses.replace(self.record, release=release)
+        self.record = dataclasses.replace(self.record, **changes)  # type: ignore[arg-type]
         lease = self._lease
         if lease is not None and not lease.lost.is_set():
             try:

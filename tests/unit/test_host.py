@@ -83,7 +83,7 @@ def test_encode_is_sorted_json_of_every_field() -> None:
     assert list(data) == sorted(data)
     assert data == {"machine_id": MID, "name": "web-1", "environment": "prod", "role": "django",
                     "agent_version": "0.1.0", "release": "v2", "http": "10.0.0.1:9847",
-                    "started_at": 1700000000.5}
+                    "started_at": 1700000000.5, "instance_id": None, "env_etag": None}
 
 
 def test_encode_is_deterministic() -> None:
@@ -236,3 +236,35 @@ def test_keys() -> None:
 def test_host_keys_live_under_the_hosts_prefix(prefix: str, mid: str) -> None:
     assert hosts_key(prefix, mid).startswith(hosts_key(prefix))
     assert not leader_key(prefix).startswith(hosts_key(prefix))
+
+
+def test_host_metadata_config_wins_where_it_spoke() -> None:
+    from norm.core.host import host_metadata
+
+    configured = {"environment": "prod", "role": "app"}
+    tags: dict[str, str | None] = {"environment": "stage", "Role": "celery"}
+    assert host_metadata(configured, frozenset(), tags) == ({"environment": "stage", "role": "celery"}, [])
+    assert host_metadata(configured, frozenset({"environment"}), tags)[0] == {
+        "environment": "prod", "role": "celery"}
+    assert host_metadata(configured, frozenset(), {})[0] == configured  # no tags: the defaults
+
+
+def test_host_metadata_refuses_bad_tags_and_keeps_the_config() -> None:
+    from norm.core.host import host_metadata
+
+    values, refused = host_metadata({"environment": "prod", "role": "app"}, frozenset(),
+                                    {"environment": "st age;rm", "role": "web"})
+    assert values == {"environment": "prod", "role": "web"}
+    assert len(refused) == 1 and "instance tag environment" in str(refused[0])
+    assert "rm" not in str(refused[0])
+
+
+def test_host_record_with_instance_and_env_etag_round_trips() -> None:
+    from norm.core.host import HostRecord
+
+    record = HostRecord("a" * 32, "h1", "stage", "web", "0.1.0", instance_id="i-0123456789abcdef0",
+                        env_etag='"abc"')
+    assert HostRecord.decode(record.encode(), "k") == record
+    old = b'{"machine_id": "' + b"a" * 32 + b'", "name": "h", "environment": "e", "role": "r", ' \
+          b'"agent_version": "1"}'
+    assert HostRecord.decode(old, "k").env_etag is None
