@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from norm.adapters.systemd import Systemd
     from norm.services.executor import Executor
     from norm.services.healer import Healer
+    from norm.services.presence import Presence
 
 log = structlog.get_logger("norm.agent")
 
@@ -55,6 +56,7 @@ class Agent:
         self._docker: Docker | None = None
         self.healer: Healer | None = None
         self.executor: Executor | None = None
+        self.presence: Presence | None = None
 
     def _on_signal(self, signum: int) -> None:
         if not self.stopping.is_set():
@@ -99,7 +101,8 @@ class Agent:
             await etcd.close()
 
     def _needs_systemd(self) -> bool:
-        return self.config.healing.enabled or self.config.update.image is not None
+        return (self.config.healing.enabled or self.config.update.image is not None
+                or bool(self.config.lb.target_groups))
 
     async def _connect(self, etcd: Etcd) -> bool:
         """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
@@ -152,6 +155,10 @@ class Agent:
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
         self._etcd = etcd
         services: list[Service] = [self.registration, self.leadership, self.watcher, self.http]
+        if self._systemd is not None and c.lb.target_groups:
+            # Before the executor, which takes the host out of the load balancer before a stop.
+            self.presence = self._presence_service(self._systemd)
+            services += [self.presence] if self.presence is not None else []
         if self._systemd is not None and self._docker is not None:
             services += self._update_services(etcd, self._systemd, self._docker)
         if self._systemd is not None and c.healing.enabled:
@@ -167,7 +174,7 @@ class Agent:
         assert c.update.image is not None
         self.executor = Executor(etcd, c.keys.prefix, self.identity.machine_id, systemd, docker, self.holds,
                                  self.metrics, c.update, c.units.patterns, self.registration.set_release,
-                                 leading=self.leadership.is_leader)
+                                 leading=self.leadership.is_leader, presence=self.presence)
         self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, c.host.environment,
                                frozenset(c.update.roles) or None, c.update.image, policy_of(c.update),
                                self.leadership, self.watcher, self.metrics, docker.resolve,
@@ -197,6 +204,55 @@ class Agent:
         control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
                           self.holds, self.metrics)
         return [self.healer, control]
+
+    def _presence_service(self, systemd: Systemd) -> Presence | None:
+        """Load-balancer presence; None (with the reason logged) when it cannot work here."""
+        from norm.adapters.elb import Elb
+        from norm.core.presence import arn_region
+        from norm.services.executor import HOLD_OWNER
+        from norm.services.presence import InstanceId, Presence
+
+        c = self.config
+        regions = sorted({arn_region(g) for g in c.lb.target_groups})
+        instance_id: InstanceId
+        if len(regions) > 1:
+            log.error("lb.presence_off", reason="the target groups are in several regions", regions=regions)
+            return None
+        if c.lb.instance_id is not None:
+            instance_id = c.lb.instance_id
+        elif c.aws.use_metadata:
+            instance_id = self._instance_id_from_metadata
+        else:
+            log.error("lb.presence_off", reason="no instance id: set lb.instance_id, or aws.use_metadata "
+                      "on EC2")
+            return None
+        if c.update.image is not None and c.lb.drain_timeout >= c.update.stop_timeout:
+            log.warning("lb.drain_timeout_too_long", drain_timeout=c.lb.drain_timeout,
+                        stop_timeout=c.update.stop_timeout,
+                        reason="a host still draining when update.stop_timeout passes fails the rollout")
+        # ELBv2 calls go to the target groups' own region, whatever aws.region says.
+        elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout)
+        return Presence(systemd, elb, c.lb, self.metrics, instance_id=instance_id, holds=self.holds,
+                        hold_owner=HOLD_OWNER)
+
+    async def _instance_id_from_metadata(self) -> str | None:
+        """This instance's id from instance metadata, tried until it answers; None if what it answers
+        is not an instance id."""
+        from norm.adapters.imds import InstanceMetadata, MetadataError, MetadataUnavailable
+
+        attempt = 0
+        async with InstanceMetadata(self.config.aws.metadata_url, self.config.aws.call_timeout) as md:
+            while True:
+                try:
+                    return await md.instance_id()
+                except MetadataUnavailable as e:
+                    delay = Backoff(first=0.5, cap=30.0).delay(attempt, random.random())
+                    attempt += 1
+                    log.warning("lb.metadata_unavailable", error=str(e), retry_in=round(delay, 2))
+                    await asyncio.sleep(delay)
+                except MetadataError as e:
+                    log.error("lb.metadata_refused", error=str(e))
+                    return None
 
     def _readiness(self) -> dict[str, bool]:
         return {"etcd": self._etcd.connected, "registered": self.registration.registered.is_set()}

@@ -1,11 +1,12 @@
 """ELBv2 and EC2 resources in the shared moto server, unique per test: a VPC with a running instance and
-target groups for it, and the test's own view of a target's state."""
+target groups for it, and the test's own view of a target's state; a web unit that serves HTTP."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
@@ -71,3 +72,11 @@ async def make_site(moto: MotoServer, groups: int = 1, port: int = 8080) -> Site
                                                   VpcId=vpc, TargetType="instance")
             arns.append(reply["TargetGroups"][0]["TargetGroupArn"])
     return Site(moto.endpoint, vpc, instance, tuple(arns))
+
+
+def web_unit(port: int, root: Path) -> str:
+    """A unit that is active at once and serves HTTP on `port` a moment later: its health check, not its
+    state, says when it serves."""
+    return ("[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
+            f"ExecStart=/bin/sh -c 'sleep 0.3; exec /usr/bin/python3 -m http.server {port} "
+            f"--bind 127.0.0.1 --directory {root}'\n")

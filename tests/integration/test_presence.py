@@ -36,7 +36,7 @@ from sandbox.etcd import EtcdMember
 from sandbox.moto import MotoServer
 from sandbox.procs import free_port
 from sandbox.systemd import SystemdManager
-from tests.integration.elb import REGION, Site, aws_credentials, make_site
+from tests.integration.elb import REGION, Site, aws_credentials, make_site, web_unit
 
 pytestmark = pytest.mark.usefixtures("aws_credentials")
 __all__ = ["aws_credentials"]
@@ -44,13 +44,6 @@ __all__ = ["aws_credentials"]
 WEB = "djed-web.service"
 PATTERNS = ("djed*.service",)
 DIGEST_1, DIGEST_2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-
-
-def web_unit(port: int, root: Path) -> str:
-    # Active at once, serving a moment later: the health check is what tells.
-    return ("[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
-            f"ExecStart=/bin/sh -c 'sleep 0.3; exec /usr/bin/python3 -m http.server {port} "
-            f"--bind 127.0.0.1 --directory {root}'\n")
 
 
 @dataclass
