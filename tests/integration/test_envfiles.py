@@ -1,0 +1,410 @@
+"""The environment file service against the real parts: a moto server for S3, etcd for the key naming
+the environment, a systemd --user manager whose units read the file through EnvironmentFile=.
+
+Every wait is on a condition (the service's count of checks, a unit's state), with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import stat
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiobotocore.session import get_session
+from structlog.testing import capture_logs
+
+from norm.adapters.etcd import Etcd
+from norm.adapters.s3 import ObjectStore
+from norm.adapters.systemd import Systemd
+from norm.core.config import EnvFileConfig, EtcdConfig
+from norm.core.envfile import parse_env_file, source_of
+from norm.services.envfiles import EnvFiles
+from norm.services.holds import Holds
+from norm.services.metrics import Metrics
+from norm.services.watcher import DesiredStateWatcher
+from sandbox.etcd import EtcdMember
+from sandbox.moto import MotoServer
+from sandbox.procs import free_port
+from sandbox.systemd import SystemdManager
+
+CANARY = "canary-5be01c9a7d3f"
+ENV_KEY = "/djed-environment"
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+async def put_object(endpoint: str, bucket: str, key: str, body: bytes) -> None:
+    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            await s3.create_bucket(Bucket=bucket)
+        await s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def secret_values(path: Path) -> dict[str, str]:
+    return {k: v.reveal() for k, v in parse_env_file(path.read_bytes()).variables.items()}
+
+
+def raw(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def fingerprint(path: Path) -> tuple[int, int]:
+    """Changes with every write of the file (a new inode, a new mtime)."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def etag_of(path: Path) -> str:
+    source = source_of(path.read_bytes())
+    assert source is not None
+    return source.etag
+
+
+@dataclass
+class Rig:
+    service: EnvFiles
+    metrics: Metrics
+    etcd: Etcd
+    path: Path
+    etags: list[str | None] = field(default_factory=list)
+
+    async def until(self, what: str, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        try:
+            async with asyncio.timeout(timeout), self.service.checked:
+                await self.service.checked.wait_for(predicate)
+        except TimeoutError:
+            raise AssertionError(f"{what}: not within {timeout}s") from None
+
+    async def check_again(self, environment: str = "stage") -> None:
+        """Write keys.environment (the same value will do: any write triggers a check) and wait for the
+        check it triggers to finish."""
+        before = self.service.checks
+        await self.etcd.put(ENV_KEY, environment.encode())
+        await self.until("a check after the environment key was written",
+                         lambda: self.service.checks > before)
+
+    def fetches(self, result: str) -> float:
+        return self.metrics.env_fetches.labels(result)._value.get()
+
+    def restarts(self, unit: str, result: str = "ok") -> float:
+        return self.metrics.env_restarts.labels(unit, result)._value.get()
+
+    @property
+    def body_bytes(self) -> float:
+        return self.metrics.env_body_bytes._value.get()
+
+    @property
+    def up_to_date(self) -> float:
+        return self.metrics.env_up_to_date._value.get()
+
+
+@contextlib.asynccontextmanager
+async def rig(etcd_member: EtcdMember, config: EnvFileConfig, store: ObjectStore, *,
+              systemd: Systemd | None = None, holds: Holds | None = None,
+              environment: str | None = "stage") -> AsyncIterator[Rig]:
+    metrics = Metrics()
+    etcd_config = EtcdConfig(endpoints=(etcd_member.endpoint,), request_timeout=2.0, dial_timeout=3.0,
+                             keepalive_time=5.0, keepalive_timeout=2.0, lease_ttl=5)
+    async with Etcd(etcd_config) as etcd:
+        if environment is not None:
+            await etcd.put(ENV_KEY, environment.encode())
+        watcher = DesiredStateWatcher(etcd, "/djed-version", ENV_KEY, metrics, 3600)
+        etags: list[str | None] = []
+
+        async def set_etag(etag: str | None) -> None:
+            etags.append(etag)
+
+        service = EnvFiles(config, store, watcher, "prod", metrics, set_etag, systemd=systemd, holds=holds,
+                           patterns=("app-*.service",))
+        stopping = asyncio.Event()
+        tasks = [asyncio.create_task(watcher.run(stopping), name="watcher"),
+                 asyncio.create_task(service.run(stopping), name="envfiles")]
+        r = Rig(service, metrics, etcd, Path(config.path), etags)
+        try:
+            await r.until("the first check", lambda: service.checks >= 1 or any(t.done() for t in tasks))
+            for t in tasks:
+                if t.done():
+                    t.result()
+            yield r
+        finally:
+            stopping.set()
+            async with asyncio.timeout(10):
+                await asyncio.gather(*tasks)
+
+
+def env_config(tmp_path: Path, bucket: str, **kw: object) -> EnvFileConfig:
+    values: dict[str, object] = {"bucket": bucket, "key": "{environment}.env",
+                                 "path": str(tmp_path / "run" / "app.env"), "interval": 3600.0,
+                                 "on_change": "restart"}
+    values.update(kw)
+    return EnvFileConfig(**values)  # type: ignore[arg-type]
+
+
+def store_at(endpoint: str) -> ObjectStore:
+    return ObjectStore(region="us-east-1", endpoint_url=endpoint, timeout=3)
+
+
+def unit_text(env_path: Path, seen: Path) -> str:
+    # ExecStartPost keeps the unit activating for a while: a restart that did not wait for the previous
+    # unit to be active again would overlap it.
+    return ("[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
+            f"EnvironmentFile={env_path}\n"
+            f"ExecStart=/bin/sh -c 'printf %%s \"$$SECRET\" > {seen}; exec sleep infinity'\n"
+            "ExecStartPost=/bin/sleep 0.3\n")
+
+
+def bucket_name() -> str:
+    return f"norm-env-{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetch, rotate, unchanged
+
+
+async def test_fetch_then_rotate_restarts_units_one_at_a_time_and_unchanged_does_nothing(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, systemd_manager: SystemdManager) -> None:
+    bucket = bucket_name()
+    units = ["app-1.service", "app-2.service", "app-3.service"]
+    config = env_config(tmp_path, bucket)
+    env_path = Path(config.path)
+    for unit in units:
+        systemd_manager.write_unit(unit, unit_text(env_path, tmp_path / f"{unit}.seen"))
+    v1 = f"# stage\nexport SECRET='{CANARY}-one'\nDEBUG=0\n".encode()
+    await put_object(moto_server.endpoint, bucket, "stage.env", v1)
+
+    async with Systemd(systemd_manager.bus_address, call_timeout=15) as systemd, \
+            rig(etcd, config, store_at(moto_server.endpoint), systemd=systemd) as r:
+        # At start: fetched and written, 0600, canonical, with its source; no unit was running.
+        assert r.fetches("changed") == 1 and r.up_to_date == 1
+        assert mode(env_path) == 0o600
+        assert secret_values(env_path) == {"SECRET": f"{CANARY}-one", "DEBUG": "0"}
+        source = source_of(raw(env_path))
+        assert source is not None and (source.bucket, source.key) == (bucket, "stage.env")
+        assert r.etags == [None, source.etag]
+        assert r.body_bytes == len(v1)
+        assert all(r.restarts(u, "inactive") == 1 for u in units)
+
+        for unit in units:
+            systemd_manager.systemctl("start", unit)
+        assert all((tmp_path / f"{u}.seen").read_text() == f"{CANARY}-one" for u in units)
+        first_invocations = {u: (await systemd.unit(u)).invocation_id for u in units}
+
+        # Rotate: the file is replaced, every unit restarted one at a time, each reading the new value.
+        v2 = f"SECRET='{CANARY}-two'\nDEBUG=0\n".encode()
+        await put_object(moto_server.endpoint, bucket, "stage.env", v2)
+        await r.check_again()
+        assert r.fetches("changed") == 2
+        assert secret_values(env_path)["SECRET"] == f"{CANARY}-two"
+        assert all((tmp_path / f"{u}.seen").read_text() == f"{CANARY}-two" for u in units)
+        assert all(r.restarts(u) == 1 for u in units)
+        states = [await systemd.unit(u) for u in units]
+        assert all(s.active_state == "active" for s in states)
+        assert all(s.invocation_id != first_invocations[s.name] for s in states)
+        for before, after in itertools.pairwise(states):
+            # The next unit went down only once the one before was active again.
+            assert after.inactive_enter_usec >= before.active_enter_usec, (before, after)
+        etag2 = etag_of(env_path)
+        assert r.etags[-1] == etag2 != source.etag
+        assert r.body_bytes == len(v1) + len(v2)
+
+        # Unchanged: no body bytes, no write, no restart.
+        before_write = fingerprint(env_path)
+        invocations = {u: (await systemd.unit(u)).invocation_id for u in units}
+        await r.check_again()
+        assert r.fetches("unchanged") == 1 and r.up_to_date == 1
+        assert fingerprint(env_path) == before_write
+        assert {u: (await systemd.unit(u)).invocation_id for u in units} == invocations
+        assert r.body_bytes == len(v1) + len(v2)
+        assert r.etags[-1] == etag2
+
+
+async def test_agent_restart_with_an_unchanged_object_writes_and_restarts_nothing(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout")
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"A=1\n")
+    async with rig(etcd, config, store_at(moto_server.endpoint)) as r:
+        assert r.fetches("changed") == 1
+    written = fingerprint(Path(config.path))
+    async with rig(etcd, config, store_at(moto_server.endpoint)) as r:
+        assert r.fetches("unchanged") == 1 and r.body_bytes == 0
+        etag = r.etags[0]
+        assert etag is not None and r.etags == [etag]  # the running file's ETag, read from its header
+    assert fingerprint(Path(config.path)) == written
+
+
+async def test_next_rollout_leaves_running_units_alone(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, systemd_manager: SystemdManager) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout")
+    env_path = Path(config.path)
+    systemd_manager.write_unit("app-1.service", unit_text(env_path, tmp_path / "seen"))
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=one\n")
+    async with Systemd(systemd_manager.bus_address, call_timeout=15) as systemd, \
+            rig(etcd, config, store_at(moto_server.endpoint), systemd=systemd) as r:
+        systemd_manager.systemctl("start", "app-1.service")
+        invocation = (await systemd.unit("app-1.service")).invocation_id
+        await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=two\n")
+        await r.check_again()
+        assert secret_values(env_path) == {"SECRET": "two"}
+        assert (await systemd.unit("app-1.service")).invocation_id == invocation
+        assert (tmp_path / "seen").read_text() == "one"
+
+
+async def test_held_units_are_left_to_whoever_holds_them(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, systemd_manager: SystemdManager) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, units=("app-1.service", "app-2.service"))
+    env_path = Path(config.path)
+    for unit in ("app-1.service", "app-2.service"):
+        systemd_manager.write_unit(unit, unit_text(env_path, tmp_path / f"{unit}.seen"))
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=one\n")
+    holds = Holds()
+    async with Systemd(systemd_manager.bus_address, call_timeout=15) as systemd, \
+            rig(etcd, config, store_at(moto_server.endpoint), systemd=systemd, holds=holds) as r:
+        for unit in ("app-1.service", "app-2.service"):
+            systemd_manager.systemctl("start", unit)
+        holds.hold("app-1.service", "operator")
+        await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=two\n")
+        await r.check_again()
+        assert r.restarts("app-1.service", "held") == 1 and r.restarts("app-2.service") == 1
+        assert (tmp_path / "app-1.service.seen").read_text() == "one"
+        assert (tmp_path / "app-2.service.seen").read_text() == "two"
+        assert holds.owners("app-1.service") == {"operator"} and not holds.owners("app-2.service")
+
+
+async def test_a_unit_that_fails_its_restart_stops_the_sequence(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, systemd_manager: SystemdManager) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket)
+    env_path = Path(config.path)
+    systemd_manager.write_unit("app-1.service", unit_text(env_path, tmp_path / "1.seen"))
+    # Starts only while the file says GOOD=yes.
+    systemd_manager.write_unit("app-2.service", (
+        "[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
+        f"EnvironmentFile={env_path}\nExecStart=/bin/sh -c 'test \"$$GOOD\" = yes && exec sleep infinity'\n"
+        "ExecStartPost=/bin/sleep 0.3\n"))
+    systemd_manager.write_unit("app-3.service", unit_text(env_path, tmp_path / "3.seen"))
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"GOOD=yes\nSECRET=one\n")
+    async with Systemd(systemd_manager.bus_address, call_timeout=15) as systemd, \
+            rig(etcd, config, store_at(moto_server.endpoint), systemd=systemd) as r:
+        for unit in ("app-1.service", "app-2.service", "app-3.service"):
+            systemd_manager.systemctl("start", unit)
+        await put_object(moto_server.endpoint, bucket, "stage.env", b"GOOD=no\nSECRET=two\n")
+        with capture_logs() as logs:
+            await r.check_again()
+        assert r.restarts("app-1.service") == 1 and r.restarts("app-2.service", "failed") == 1
+        assert r.restarts("app-3.service") == 0 and (tmp_path / "3.seen").read_text() == "one"
+        stopped = [e for e in logs if e["event"] == "env.restarts_stopped"]
+        assert stopped and stopped[0]["not_restarted"] == ["app-3.service"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failures keep the old file
+
+
+@pytest.mark.parametrize("failure", ["missing_key", "missing_bucket", "unreachable", "denied"])
+async def test_failures_keep_the_old_file_and_are_counted(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, failure: str) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout")
+    env_path = Path(config.path)
+    await put_object(moto_server.endpoint, bucket, "stage.env", f"SECRET={CANARY}\n".encode())
+    async with rig(etcd, config, store_at(moto_server.endpoint)):
+        pass
+    old = raw(env_path)
+
+    endpoint, environment, expected = moto_server.endpoint, "stage", failure
+    own_server = None
+    if failure == "missing_key":
+        environment, expected = "prod", "missing"
+    elif failure == "missing_bucket":
+        config = env_config(tmp_path, bucket_name(), on_change="next_rollout")
+        expected = "missing"
+    elif failure == "unreachable":
+        endpoint, expected = f"http://127.0.0.1:{free_port()}", "unavailable"
+    else:
+        own_server = MotoServer(tmp_path / "moto-auth")
+        own_server.start()
+        endpoint = own_server.endpoint
+        await put_object(endpoint, bucket, "stage.env", b"SECRET=other\n")
+        own_server.enforce_auth()  # the "testing" key is no IAM user's: refused
+    try:
+        with capture_logs() as logs:
+            async with rig(etcd, config, store_at(endpoint), environment=environment) as r:
+                assert r.fetches(expected) == 1 and r.up_to_date == 0
+                assert r.etags == [source_of(old).etag]  # type: ignore[union-attr]
+    finally:
+        if own_server is not None:
+            own_server.stop()
+    assert raw(env_path) == old
+    failed = [e for e in logs if e["event"] == "env.fetch_failed"]
+    assert failed and failed[0]["result"] == expected
+    assert "s3://" in failed[0]["error"] and "kept" in failed[0]
+    assert CANARY not in repr(logs)
+
+
+async def test_a_malformed_file_is_refused_naming_the_line_not_the_value(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout")
+    env_path = Path(config.path)
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=good\n")
+    with capture_logs() as logs:
+        async with rig(etcd, config, store_at(moto_server.endpoint)) as r:
+            old = raw(env_path)
+            bad = f"# rotated\nDEBUG=0\nSECRET={CANARY} oops\n".encode()
+            await put_object(moto_server.endpoint, bucket, "stage.env", bad)
+            await r.check_again()
+            assert r.fetches("invalid") == 1 and r.up_to_date == 0
+            assert raw(env_path) == old
+            bytes_after_refusal = r.body_bytes
+
+            # The same refused object again: a conditional GET on its ETag, no body, still refused.
+            await r.check_again()
+            assert r.fetches("unchanged") == 1 and r.up_to_date == 0
+            assert r.body_bytes == bytes_after_refusal and raw(env_path) == old
+
+            # Fixed: written.
+            await put_object(moto_server.endpoint, bucket, "stage.env", b"SECRET=fixed\n")
+            await r.check_again()
+            assert secret_values(env_path) == {"SECRET": "fixed"} and r.up_to_date == 1
+    refused = [e for e in logs if e["event"] == "env.refused"]
+    assert len(refused) == 1 and refused[0]["line"] == 3
+    assert "more than one word" in refused[0]["reason"]
+    assert CANARY not in repr(logs)
+
+
+async def test_the_environment_key_selects_the_object(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer) -> None:
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout")
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"WHERE=stage\n")
+    await put_object(moto_server.endpoint, bucket, "prod.env", b"WHERE=prod\n")
+    async with rig(etcd, config, store_at(moto_server.endpoint), environment=None) as r:
+        # No key in etcd: the host's own environment ("prod" here).
+        assert secret_values(Path(config.path)) == {"WHERE": "prod"}
+        await r.check_again("stage")
+        assert secret_values(Path(config.path)) == {"WHERE": "stage"}
+        source = source_of(raw(Path(config.path)))
+        assert source is not None and source.key == "stage.env"
