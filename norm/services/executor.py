@@ -6,6 +6,10 @@ container that a restarted agent adopts, so the step runs once); write the relea
 and start the units, then report. A host outside the rollout (joined late, excluded, or down during
 it) catches up on the fleet's release once the rollout has ended.
 
+With load-balancer presence on (norm.services.presence), stopping the units begins with taking the
+host out of its target groups and waiting for it to drain; after the start, presence puts it back
+once the web unit answers its health URL.
+
 etcd costs per host and rollout: one transaction reading the participant list and this host's own
 reports, then one transaction per report (written only against the header it answers). Only the
 small header is watched.
