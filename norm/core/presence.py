@@ -27,7 +27,7 @@ NOT_REGISTERED = "Target.NotRegistered"
 
 _ARN = re.compile(
     r"arn:aws[a-z-]*:elasticloadbalancing:(?P<region>[a-z0-9-]+):[0-9]{12}:targetgroup/"
-    r"(?P<name>[A-Za-z0-9-]{1,32})/[0-9a-f]{16}")
+    r"[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
 
 
 def is_registered(state: str, reason: str | None) -> bool:
@@ -50,13 +50,6 @@ def arn_region(arn: str) -> str:
     if m is None:
         raise InvalidValue("lb.target_groups", "not a target group ARN")
     return m["region"]
-
-
-def arn_name(arn: str) -> str:
-    m = _ARN.fullmatch(arn)
-    if m is None:
-        raise InvalidValue("lb.target_groups", "not a target group ARN")
-    return m["name"]
 
 
 # ---------------------------------------------------------------------------------------------------
