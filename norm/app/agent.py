@@ -33,6 +33,7 @@ from norm.services.watcher import DesiredStateWatcher
 if TYPE_CHECKING:
     from norm.adapters.docker import Docker
     from norm.adapters.systemd import Systemd
+    from norm.services.envfiles import EnvFiles
     from norm.services.executor import Executor
     from norm.services.healer import Healer
     from norm.services.presence import Presence
@@ -45,9 +46,18 @@ EXIT_CONFIG = 2
 
 
 class Agent:
-    def __init__(self, config: Config, identity: Identity, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, identity: Identity, notifier: Notifier | None = None, *,
+                 host_given: frozenset[str] = frozenset()) -> None:
         self.config = config
         self.identity = identity
+        # Host metadata: the configuration's, or with aws.use_metadata, the instance's where the
+        # configuration is silent (host_given: the [host] keys some source set).
+        self.host_given = host_given
+        self.environment = config.host.environment
+        self.role = config.host.role
+        self.instance_id: str | None = None
+        self.region = config.aws.region
+        self.envfiles: EnvFiles | None = None
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
@@ -81,6 +91,8 @@ class Agent:
         try:
             if not await self._connect(etcd):
                 return EXIT_OK
+            if self.config.aws.use_metadata and not await self._read_metadata():
+                return EXIT_OK
             if self._needs_systemd() and not await self._open_systemd():
                 return EXIT_OK
             if self.config.update.image is not None:
@@ -102,7 +114,8 @@ class Agent:
 
     def _needs_systemd(self) -> bool:
         return (self.config.healing.enabled or self.config.update.image is not None
-                or bool(self.config.lb.target_groups))
+                or bool(self.config.lb.target_groups)
+                or (self.config.env.bucket is not None and self.config.env.on_change == "restart"))
 
     async def _connect(self, etcd: Etcd) -> bool:
         """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
@@ -145,8 +158,8 @@ class Agent:
         c = self.config
         record = HostRecord(
             machine_id=self.identity.machine_id, name=self.identity.name,
-            environment=c.host.environment, role=c.host.role, agent_version=__version__,
-            http=c.http.listen, started_at=round(time.time(), 3))
+            environment=self.environment, role=self.role, agent_version=__version__,
+            http=c.http.listen, started_at=round(time.time(), 3), instance_id=self.instance_id)
         self.registration = Registration(etcd, c.keys.prefix, record, self.metrics)
         self.leadership = LeaderElection(etcd, c.keys.prefix, self.identity.machine_id,
                                          self.registration, self.metrics)
@@ -159,6 +172,8 @@ class Agent:
             # Before the executor, which takes the host out of the load balancer before a stop.
             self.presence = self._presence_service(self._systemd)
             services += [self.presence] if self.presence is not None else []
+        if c.env.bucket is not None:
+            services.append(self._envfile_service())
         if self._systemd is not None and self._docker is not None:
             services += self._update_services(etcd, self._systemd, self._docker)
         if self._systemd is not None and c.healing.enabled:
@@ -175,7 +190,7 @@ class Agent:
         self.executor = Executor(etcd, c.keys.prefix, self.identity.machine_id, systemd, docker, self.holds,
                                  self.metrics, c.update, c.units.patterns, self.registration.set_release,
                                  leading=self.leadership.is_leader, presence=self.presence)
-        self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, c.host.environment,
+        self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, self.environment,
                                frozenset(c.update.roles) or None, c.update.image, policy_of(c.update),
                                self.leadership, self.watcher, self.metrics, docker.resolve,
                                history=c.update.history)
@@ -253,6 +268,58 @@ class Agent:
                 except MetadataError as e:
                     log.error("lb.metadata_refused", error=str(e))
                     return None
+
+    def _envfile_service(self) -> EnvFiles:
+        from norm.adapters.s3 import ObjectStore
+        from norm.services.envfiles import EnvFiles
+
+        c = self.config
+        store = ObjectStore(region=self.region, endpoint_url=c.aws.endpoint_url,
+                            metadata_url=c.aws.metadata_url, timeout=c.aws.call_timeout)
+        self.envfiles = EnvFiles(c.env, store, self.watcher, self.environment, self.metrics,
+                                 self.registration.set_env_etag, systemd=self._systemd, holds=self.holds,
+                                 patterns=c.units.patterns)
+        return self.envfiles
+
+    async def _read_metadata(self) -> bool:
+        """Instance id, region (unless configured), and environment and role from the instance's tags
+        where the configuration is silent; tried until the service answers (unless stopping). An answer
+        that is refused changes nothing. False if the agent is stopping."""
+        from norm.adapters.imds import InstanceMetadata, MetadataError, MetadataUnavailable
+        from norm.core.host import METADATA_TAGS, host_metadata
+
+        aws = self.config.aws
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                async with InstanceMetadata(aws.metadata_url, aws.call_timeout) as md:
+                    try:
+                        self.instance_id = await md.instance_id()
+                        self.region = self.region or await md.region()
+                    except MetadataUnavailable:
+                        raise
+                    except MetadataError as e:
+                        self.metrics.rejected_values.labels("instance-metadata").inc()
+                        log.error("agent.metadata_refused", error=str(e))
+                    wanted = [t for name, tags in METADATA_TAGS.items() if name not in self.host_given
+                              for t in tags]
+                    tags = {t: await md.tag(t) for t in wanted}
+            except MetadataUnavailable as e:
+                delay = Backoff(first=0.5, cap=30.0).delay(attempt, random.random())
+                attempt += 1
+                log.warning("agent.metadata_unavailable", error=str(e), retry_in=round(delay, 2))
+                await wait_or_stop(self.stopping, delay)
+                continue
+            values, refused = host_metadata({"environment": self.environment, "role": self.role},
+                                            self.host_given, tags)
+            for problem in refused:
+                self.metrics.rejected_values.labels("instance-metadata").inc()
+                log.error("agent.metadata_refused", error=str(problem))
+            self.environment, self.role = values["environment"], values["role"]
+            log.info("agent.metadata", instance_id=self.instance_id, region=self.region,
+                     environment=self.environment, role=self.role)
+            return True
+        return False
 
     def _readiness(self) -> dict[str, bool]:
         return {"etcd": self._etcd.connected, "registered": self.registration.registered.is_set()}

@@ -211,11 +211,12 @@ def _agent(args: argparse.Namespace) -> int:
     from norm.app import settings
     from norm.app.agent import Agent
 
-    config = _load(args)
+    tree = settings.load_tree(args.config, flags=args.sets)
+    config = cfg.build(tree)
     identity = settings.identity(config)
     settings.etcd_password(config)  # a missing password file is a configuration error, said now
     norm_logging.configure(config.log.level, config.log.format)
-    return asyncio.run(Agent(config, identity).run())
+    return asyncio.run(Agent(config, identity, host_given=settings.given(tree, "host")).run())
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -278,9 +279,12 @@ def _hosts(args: argparse.Namespace) -> int:
         for r in records:
             print(r.encode().decode())
         return EXIT_OK
-    rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", "LEADER")]
+    env = any(r.env_etag for r in records)  # the column shows only where environment files are used
+    rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", *(("ENV FILE",) if env else ()),
+             "LEADER")]
     rows += [(r.name, r.machine_id[:12], r.environment, r.role, r.agent_version, r.release or "-",
-              "*" if r.machine_id == leader else "") for r in records]
+              *((views.short_etag(r.env_etag),) if env else ()), "*" if r.machine_id == leader else "")
+             for r in records]
     _table(rows)
     print(f"{len(records)} host{'s' if len(records) != 1 else ''} registered")
     return EXIT_OK
@@ -801,7 +805,7 @@ def _status(args: argparse.Namespace) -> int:
 
         rows = [views.HostRow(r.machine_id, r.name, r.environment, r.role, r.release,
                               views.heal_summary(units.get(r.machine_id)), r.machine_id == leader,
-                              state(r.machine_id))
+                              state(r.machine_id), r.env_etag)
                 for r in records]
         known = {r.machine_id for r in records}
         rows += [views.HostRow(m, m[:12], "-", "-", None, views.heal_summary(units.get(m)), m == leader,

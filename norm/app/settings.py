@@ -20,6 +20,17 @@ from norm.core.secret import Secret
 def load(path: str | None, environ: Mapping[str, str] | None = None,
          flags: list[str] | None = None) -> Config:
     """`path` None means the default file, which may be absent (environment and flags only)."""
+    return cfg.build(load_tree(path, environ, flags))
+
+
+def given(tree: cfg.RawTree, section: str) -> frozenset[str]:
+    """The keys of `section` that some source (file, environment, flag) set."""
+    return frozenset(tree.get(section, {}))
+
+
+def load_tree(path: str | None, environ: Mapping[str, str] | None = None,
+              flags: list[str] | None = None) -> cfg.RawTree:
+    """The merged raw values of every source, before validation (`cfg.build` makes the Config)."""
     env = os.environ if environ is None else environ
     file = path or env.get("NORM_CONFIG") or cfg.DEFAULT_PATH
     explicit = path is not None or "NORM_CONFIG" in env
@@ -43,7 +54,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None,
         raise ConfigError("-", file, f"cannot read it: {e.strerror or type(e).__name__}") from None
     except ValueError:  # tomllib refuses some values (an integer too long) with a bare ValueError
         raise ConfigError("-", file, "not valid TOML: a value cannot be read") from None
-    return cfg.build(cfg.merge(tree, cfg.raw_from_env(env), cfg.raw_from_flags(flags or [])))
+    return cfg.merge(tree, cfg.raw_from_env(env), cfg.raw_from_flags(flags or []))
 
 
 @dataclass(frozen=True)

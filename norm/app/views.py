@@ -376,6 +376,12 @@ class HostRow:
     heal: str
     leader: bool
     rollout: HostState | None  # None: no rollout running, or the host takes no part
+    env_etag: str | None = None  # the ETag of the object the host's environment file was made from
+
+
+def short_etag(etag: str | None) -> str:
+    """An ETag as a column shows it: without its quotes, cut to 12 characters; '-' for none."""
+    return clean(etag.strip('"')[:12]) if etag else "-"
 
 
 def rollout_line(h: Header | None) -> str:
@@ -388,13 +394,15 @@ def rollout_line(h: Header | None) -> str:
 
 
 def status_rows(rows: Sequence[HostRow], running: bool) -> list[tuple[str, ...]]:
-    head = ("HOST", "ENVIRONMENT", "ROLE", "RELEASE", "HEAL", *(("ROLLOUT",) if running else ()), "LEADER")
+    env = any(r.env_etag for r in rows)  # the column shows only where environment files are used
+    head = ("HOST", "ENVIRONMENT", "ROLE", "RELEASE", *(("ENV FILE",) if env else ()), "HEAL",
+            *(("ROLLOUT",) if running else ()), "LEADER")
     out: list[tuple[str, ...]] = [head]
     for r in rows:
         state = "-" if r.rollout is None else r.rollout.state
         out.append((clean(r.name, 40), clean(r.environment, 40), clean(r.role, 40),
-                    clean(r.release, 100) if r.release else "-", r.heal,
-                    *((state,) if running else ()), "*" if r.leader else ""))
+                    clean(r.release, 100) if r.release else "-", *((short_etag(r.env_etag),) if env else ()),
+                    r.heal, *((state,) if running else ()), "*" if r.leader else ""))
     return out
 
 
@@ -408,7 +416,7 @@ def status_lines(rows: Sequence[HostRow], header: Header | None) -> list[str]:
 def status_json(rows: Sequence[HostRow], header: Header | None) -> dict[str, Any]:
     return {
         "hosts": [{"machine_id": r.machine_id, "name": r.name, "environment": r.environment, "role": r.role,
-                   "release": r.release, "heal": r.heal, "leader": r.leader,
+                   "release": r.release, "env_etag": r.env_etag, "heal": r.heal, "leader": r.leader,
                    "rollout": None if r.rollout is None else asdict(r.rollout)} for r in rows],
         "rollout": None if header is None else asdict(header),
     }

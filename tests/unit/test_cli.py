@@ -456,3 +456,16 @@ def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli.parser().parse_args(args)
     assert e.value.code == cli.EXIT_USAGE
+
+
+def test_status_shows_the_environment_file_only_where_one_is_used() -> None:
+    rows = _rows(False)
+    rows[0] = views.HostRow(A, "web-1", "prod", "django", "v1", "3 ok", True, None,
+                            '"0123456789abcdef0123456789abcdef"')
+    lines = views.status_lines(rows, None)
+    assert lines[0].split() == ["HOST", "ENVIRONMENT", "ROLE", "RELEASE", "ENV", "FILE", "HEAL", "LEADER"]
+    assert lines[1].split() == ["web-1", "prod", "django", "v1", "0123456789ab", "3", "ok", "*"]
+    assert lines[2].split() == ["web-2", "prod", "celery", "-", "-", "-"]
+    data = views.status_json(rows, None)
+    assert data["hosts"][0]["env_etag"] == '"0123456789abcdef0123456789abcdef"'
+    assert data["hosts"][1]["env_etag"] is None
