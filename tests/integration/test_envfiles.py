@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import stat
+import subprocess
+import sys
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,9 +32,11 @@ from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.watcher import DesiredStateWatcher
 from sandbox.etcd import EtcdMember
+from sandbox.imds import MetadataServer
 from sandbox.moto import MotoServer
-from sandbox.procs import free_port
+from sandbox.procs import free_port, wait_for
 from sandbox.systemd import SystemdManager
+from tests.plugins.agent import AgentProc
 
 CANARY = "canary-5be01c9a7d3f"
 ENV_KEY = "/djed-environment"
@@ -50,10 +56,18 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def put_object(endpoint: str, bucket: str, key: str, body: bytes) -> None:
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                           aws_access_key_id="testing",
+                                           aws_secret_access_key="testing") as s3:
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             await s3.create_bucket(Bucket=bucket)
         await s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def assert_absent(secret: str, text: str, where: str) -> None:
+    """Fails if `secret` shows in `text`, without printing either (a failing test must not leak)."""
+    shows = secret in text
+    assert not shows, f"a secret shows in {where}"
 
 
 def secret_values(path: Path) -> dict[str, str]:
@@ -361,7 +375,7 @@ async def test_failures_keep_the_old_file_and_are_counted(
     failed = [e for e in logs if e["event"] == "env.fetch_failed"]
     assert failed and failed[0]["result"] == expected
     assert "s3://" in failed[0]["error"] and "kept" in failed[0]
-    assert CANARY not in repr(logs)
+    assert_absent(CANARY, repr(logs), "the logs")
 
 
 async def test_a_malformed_file_is_refused_naming_the_line_not_the_value(
@@ -392,7 +406,7 @@ async def test_a_malformed_file_is_refused_naming_the_line_not_the_value(
     refused = [e for e in logs if e["event"] == "env.refused"]
     assert len(refused) == 1 and refused[0]["line"] == 3
     assert "more than one word" in refused[0]["reason"]
-    assert CANARY not in repr(logs)
+    assert_absent(CANARY, repr(logs), "the logs")
 
 
 async def test_the_environment_key_selects_the_object(
@@ -408,3 +422,103 @@ async def test_the_environment_key_selects_the_object(
         assert secret_values(Path(config.path)) == {"WHERE": "stage"}
         source = source_of(raw(Path(config.path)))
         assert source is not None and source.key == "stage.env"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A whole run of `norm agent`: secrets never show
+
+
+def norm_cli(agent: AgentProc, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "norm", *args, "--config", str(agent.config_path)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+def test_canary_secrets_never_show_in_logs_metrics_etcd_or_the_cli(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, imds_server: MetadataServer,
+        systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Credentials come from the instance profile (the metadata server): they are secrets too.
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    imds_server.update(instance_id="i-0abc1234def567890", tags={"environment": "stage", "role": "celery"})
+    canaries = [f"{CANARY}-{n}" for n in ("first", "rotated", "refused")]
+    profile = imds_server.state["credentials"]
+    credentials = [profile["SecretAccessKey"], profile["Token"]]
+    bucket = bucket_name()
+    env_path = tmp_path / "run" / "app.env"
+    seen = tmp_path / "seen"
+    asyncio.run(put_object(moto_server.endpoint, bucket, "stage.env",
+                           f"DJANGO_SECRET_KEY='{canaries[0]}'\nDEBUG=0\n".encode()))
+    systemd_manager.write_unit("djed-web.service", unit_text(env_path, seen).replace("$$SECRET",
+                                                                                      "$$DJANGO_SECRET_KEY"))
+    agent = agents(
+        [etcd.endpoint], systemd_bus=systemd_manager.bus_address, host_labels=False,
+        env={"NORM_HOST__ROLE": "web"},  # the configuration speaks for the role only
+        extra_toml=(f'[aws]\nendpoint_url = "{moto_server.endpoint}"\nuse_metadata = true\n'
+                    f'metadata_url = "{imds_server.endpoint}"\ncall_timeout = 5\n'
+                    f'[env]\nbucket = "{bucket}"\npath = "{env_path}"\ninterval = 3600\n'))
+    agent.wait_notify("READY=1")
+    wait_for(env_path.exists, timeout=20, what="the environment file written")
+    assert mode(env_path) == 0o600
+    systemd_manager.systemctl("start", "djed-web.service")
+    assert seen.read_text() == canaries[0]
+
+    # Host metadata: environment from the tag, role from the configuration, the instance id.
+    record = json.loads(etcd.ctl("get", f"/norm/hosts/{agent.machine_id}", "--print-value-only"))
+    assert (record["environment"], record["role"], record["instance_id"]) == (
+        "stage", "web", "i-0abc1234def567890")
+    assert record["env_etag"] == etag_of(env_path)
+
+    # Rotate: the unit restarted with the new value; the record shows the new ETag.
+    asyncio.run(put_object(moto_server.endpoint, bucket, "stage.env",
+                           f"DJANGO_SECRET_KEY='{canaries[1]}'\nDEBUG=0\n".encode()))
+    etcd.ctl("put", ENV_KEY, "stage")
+    wait_for(lambda: seen.read_text() == canaries[1], timeout=20, what="the unit restarted with the new file")
+    wait_for(lambda: json.loads(etcd.ctl("get", f"/norm/hosts/{agent.machine_id}", "--print-value-only"))
+             ["env_etag"] == etag_of(env_path), timeout=10, what="the new ETag in the host record")
+
+    # A malformed file with a secret in it: refused, the old file kept.
+    kept = raw(env_path)
+    asyncio.run(put_object(moto_server.endpoint, bucket, "stage.env",
+                           f"DEBUG=0\nDJANGO_SECRET_KEY={canaries[2]} $(reboot)\n".encode()))
+    etcd.ctl("put", ENV_KEY, "stage")
+    wait_for(lambda: '"env.refused"' in agent.logs(), timeout=20, what="the refusal logged")
+    assert raw(env_path) == kept
+    # And a missing object (the environment key names one that does not exist).
+    etcd.ctl("put", ENV_KEY, "nowhere")
+    wait_for(lambda: '"env.fetch_failed"' in agent.logs(), timeout=20, what="the missing object logged")
+    assert raw(env_path) == kept
+
+    metrics = http_text(f"{agent.url}/metrics")
+    assert 'norm_env_fetches_total{result="invalid"} 1.0' in metrics
+    assert 'norm_env_fetches_total{result="missing"} ' in metrics  # retried: once or more
+    assert 'norm_env_restarts_total{result="ok",unit="djed-web.service"} 1.0' in metrics
+    outputs = {
+        "logs": agent.logs(),
+        "metrics": metrics,
+        "etcd": etcd.ctl("get", "", "--prefix"),
+        "norm status": norm_cli(agent, "status"),
+        "norm status --json": norm_cli(agent, "status", "--json"),
+        "norm hosts": norm_cli(agent, "hosts"),
+        "norm hosts --json": norm_cli(agent, "hosts", "--json"),
+        "norm units": norm_cli(agent, "units"),
+        "norm config show": norm_cli(agent, "config", "show"),
+    }
+    assert "ENV FILE" in outputs["norm status"]
+    assert etag_of(env_path).strip('"')[:12] in outputs["norm status"]
+    assert "ENV FILE" in outputs["norm hosts"]
+    refused = [json.loads(x) for x in agent.logs().splitlines() if '"env.refused"' in x]
+    assert refused[0]["line"] == 2 and "more than one word" in refused[0]["reason"]
+    for where, text in outputs.items():
+        for secret in canaries + credentials:
+            assert_absent(secret, text, where)
+    agent.stop()
+    for secret in canaries + credentials:
+        assert_absent(secret, agent.logs(), "the logs of the whole run")

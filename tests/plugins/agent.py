@@ -28,6 +28,7 @@ class AgentProc:
     env: dict[str, str] = field(default_factory=dict)
     machine_id: str = field(default_factory=lambda: secrets.token_hex(16))
     systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
+    host_labels: bool = True  # write host.environment and host.role ("test", "web") into the config
     http_port: int = field(default_factory=free_port)
     proc: Proc | None = None
     notify: socket.socket | None = None
@@ -46,8 +47,9 @@ class AgentProc:
         self.config_path.write_text(
             f"[etcd]\nendpoints = [{endpoints}]\nlease_ttl = 3\nrequest_timeout = 1.0\n"
             f"keepalive_time = 5\nkeepalive_timeout = 2\n"
-            f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\nenvironment = "test"\n'
-            f'role = "web"\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
+            f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\n'
+            + ('environment = "test"\nrole = "web"\n' if self.host_labels else "")
+            + f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
             f'[agent]\nshutdown_timeout = 5\n[log]\nformat = "json"\nlevel = "debug"\n'
             + (f'[systemd]\nbus_address = "{self.systemd_bus}"\n' if self.systemd_bus
                else "[healing]\nenabled = false\n")
