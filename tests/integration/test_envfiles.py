@@ -522,3 +522,33 @@ def test_canary_secrets_never_show_in_logs_metrics_etcd_or_the_cli(
     agent.stop()
     for secret in canaries + credentials:
         assert_absent(secret, agent.logs(), "the logs of the whole run")
+
+
+def owner_of(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid
+
+
+async def test_the_file_gets_the_configured_owner_and_an_unknown_owner_keeps_the_old_file(
+        tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer) -> None:
+    import grp
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    bucket = bucket_name()
+    config = env_config(tmp_path, bucket, on_change="next_rollout", owner="nobody:nogroup")
+    env_path = Path(config.path)
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"A=1\n")
+    async with rig(etcd, config, store_at(moto_server.endpoint)) as r:
+        assert owner_of(env_path) == (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        assert mode(env_path) == 0o600
+    kept = raw(env_path)
+    await put_object(moto_server.endpoint, bucket, "stage.env", b"A=2\n")
+    config = env_config(tmp_path, bucket, on_change="next_rollout", owner="no-such-user-here")
+    with capture_logs() as logs:
+        async with rig(etcd, config, store_at(moto_server.endpoint)) as r:
+            assert r.fetches("write_failed") == 1 and r.up_to_date == 0
+    assert raw(env_path) == kept
+    assert any(e["event"] == "env.write_failed" and "no user" in e["error"] for e in logs)
