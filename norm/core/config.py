@@ -152,8 +152,9 @@ class AwsConfig:
     metadata_url: str = _doc("Instance metadata service (IMDSv2: token-based).",
                              default="http://169.254.169.254")
     use_metadata: bool = _doc(
-        "Read the instance id, the region, and the environment and role tags from instance metadata "
-        "(the configuration wins where both speak).", default=False)
+        "Read the instance id, the region, and the environment and role from the instance tags "
+        "environment (or Environment) and role (or Role) from instance metadata (the configuration "
+        "wins where both speak).", default=False)
     call_timeout: float = _doc("Seconds an AWS or instance metadata call may take.", default=10.0)
 
 
@@ -162,7 +163,8 @@ class EnvFileConfig:
     bucket: str | None = _doc(
         "S3 bucket holding the environment files; environment files are off while unset.", default=None)
     key: str = _doc("Object key of the environment file; {environment} is replaced by the value of "
-                    "keys.environment in etcd.", default="{environment}.env")
+                    "keys.environment in etcd (the host's environment while that key is absent).",
+                    default="{environment}.env")
     path: str = _doc("Where the environment file is written, for the units' EnvironmentFile=.",
                      default="/run/norm/app.env")
     owner: str | None = _doc("Owner of the written file, as user or user:group; root when unset.",
