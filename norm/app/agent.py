@@ -225,21 +225,18 @@ class Agent:
         from norm.adapters.elb import Elb
         from norm.core.presence import arn_region
         from norm.services.executor import HOLD_OWNER
-        from norm.services.presence import InstanceId, Presence
+        from norm.services.presence import Presence
 
         c = self.config
         regions = sorted({arn_region(g) for g in c.lb.target_groups})
-        instance_id: InstanceId
         if len(regions) > 1:
             log.error("lb.presence_off", reason="the target groups are in several regions", regions=regions)
             return None
-        if c.lb.instance_id is not None:
-            instance_id = c.lb.instance_id
-        elif c.aws.use_metadata:
-            instance_id = self._instance_id_from_metadata
-        else:
-            log.error("lb.presence_off", reason="no instance id: set lb.instance_id, or aws.use_metadata "
-                      "on EC2")
+        # The configuration's, or the one read from instance metadata at start (aws.use_metadata).
+        instance_id = c.lb.instance_id or self.instance_id
+        if instance_id is None:
+            log.error("lb.presence_off", reason="instance metadata gave no instance id" if c.aws.use_metadata
+                      else "no instance id: set lb.instance_id, or aws.use_metadata on EC2")
             return None
         if c.update.image is not None and c.lb.drain_timeout >= c.update.stop_timeout:
             log.warning("lb.drain_timeout_too_long", drain_timeout=c.lb.drain_timeout,
@@ -249,25 +246,6 @@ class Agent:
         elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout)
         return Presence(systemd, elb, c.lb, self.metrics, instance_id=instance_id, holds=self.holds,
                         hold_owner=HOLD_OWNER)
-
-    async def _instance_id_from_metadata(self) -> str | None:
-        """This instance's id from instance metadata, tried until it answers; None if what it answers
-        is not an instance id."""
-        from norm.adapters.imds import InstanceMetadata, MetadataError, MetadataUnavailable
-
-        attempt = 0
-        async with InstanceMetadata(self.config.aws.metadata_url, self.config.aws.call_timeout) as md:
-            while True:
-                try:
-                    return await md.instance_id()
-                except MetadataUnavailable as e:
-                    delay = Backoff(first=0.5, cap=30.0).delay(attempt, random.random())
-                    attempt += 1
-                    log.warning("lb.metadata_unavailable", error=str(e), retry_in=round(delay, 2))
-                    await asyncio.sleep(delay)
-                except MetadataError as e:
-                    log.error("lb.metadata_refused", error=str(e))
-                    return None
 
     def _envfile_service(self) -> EnvFiles:
         from norm.adapters.s3 import ObjectStore

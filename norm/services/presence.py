@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -33,8 +32,6 @@ from norm.services.metrics import Metrics
 
 log = structlog.get_logger("norm.presence")
 
-InstanceId = str | Callable[[], Awaitable[str | None]]
-
 
 def invocation_of(state: UnitState | None) -> str | None:
     """The run of the unit while it is active (or reloading), None otherwise."""
@@ -47,19 +44,17 @@ class Presence:
     name = "presence"
 
     def __init__(self, systemd: Systemd, elb: Elb, lb: LbConfig, metrics: Metrics, *,
-                 instance_id: InstanceId, holds: Holds | None = None, hold_owner: str = "update",
+                 instance_id: str, holds: Holds | None = None, hold_owner: str = "update",
                  health_timeout: float = 2.0, health_bound: float = 300.0,
                  retry: Backoff | None = None, health_backoff: Backoff | None = None) -> None:
-        """`instance_id`: the instance id, or a coroutine function that finds it (None: it cannot be
-        found, presence stays off). `holds`/`hold_owner`: the update's holds on the units, watched to
-        resume should an update end without starting the units. `health_bound`: how long a run of
-        the unit may take to answer its health URL before presence gives up on that run."""
+        """`instance_id`: the host's EC2 instance id. `holds`/`hold_owner`: the update's holds on the
+        units, watched to resume should an update end without starting the units. `health_bound`: how
+        long a run of the unit may take to answer its health URL before presence gives up on that run."""
         self._systemd = systemd
         self._elb = elb
         self._lb = lb
         self._metrics = metrics
-        self._instance_source = instance_id
-        self.instance_id: str | None = instance_id if isinstance(instance_id, str) else None
+        self.instance_id = instance_id
         self._holds = holds
         self._hold_owner = hold_owner
         self._health_timeout = health_timeout
@@ -79,8 +74,7 @@ class Presence:
         self._wake = asyncio.Event()
         self._probe: tuple[str, asyncio.Task[None]] | None = None
         self._http: aiohttp.ClientSession | None = None
-        self.ready = asyncio.Event()  # the instance id is known and the clients are open
-        self.off = asyncio.Event()  # no instance id: presence does nothing
+        self.ready = asyncio.Event()  # the clients are open
         self._closed = False
         self.progress = asyncio.Event()  # set after every pass of the work loop (tests wait on it)
         for group in lb.target_groups:
@@ -92,15 +86,6 @@ class Presence:
 
     async def run(self, stopping: asyncio.Event) -> None:
         structlog.contextvars.bind_contextvars(unit=self._lb.unit)
-        if self.instance_id is None:
-            if await first_of(stopping=stopping.wait(), resolve=self._resolve()) == "stopping":
-                return
-            if self.instance_id is None:
-                self.off.set()
-                log.error("lb.presence_off", reason="no instance id: set lb.instance_id, or turn on "
-                          "aws.use_metadata on EC2", target_groups=list(self._lb.target_groups))
-                await stopping.wait()
-                return
         try:
             async with self._elb, aiohttp.ClientSession(trust_env=False) as http:
                 self._http = http
@@ -115,11 +100,6 @@ class Presence:
         finally:
             self._closed = True
             self.ready.clear()
-
-    async def _resolve(self) -> None:
-        source = self._instance_source
-        assert not isinstance(source, str)
-        self.instance_id = await source()
 
     async def _follow(self) -> None:
         unit = self._lb.unit
@@ -194,7 +174,6 @@ class Presence:
 
     async def _apply(self, call: Register | Deregister) -> bool:
         group, instance = call.target_group, self.instance_id
-        assert instance is not None
         try:
             if isinstance(call, Register):
                 await self._elb.register(group, instance, self._lb.port)
@@ -283,19 +262,16 @@ class Presence:
         started = loop.time()
         deadline = started + self._lb.drain_timeout
         self._suspend()
-        if self.off.is_set() or self._closed:
+        if self._closed:
             return
         if not self.ready.is_set():
             try:
                 async with asyncio.timeout_at(deadline):
-                    await first_of(ready=self.ready.wait(), off=self.off.wait())
+                    await self.ready.wait()
             except TimeoutError:
                 log.warning("lb.not_ready_before_stop", bound_s=self._lb.drain_timeout)
                 return
-            if self.off.is_set():
-                return
         instance = self.instance_id
-        assert instance is not None
         async with self._lock:
             await self._steer_probe(())
             pending = [g for g, registered in self.registered.items() if registered is not False]
