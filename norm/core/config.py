@@ -193,8 +193,9 @@ class LbConfig:
     port: int | None = _doc("Port registered in the target groups; the groups' own when unset.",
                             default=None)
     drain_timeout: float = _doc(
-        "Seconds to wait for a deregistered target to finish draining before stopping its units.",
-        default=300.0)
+        "Seconds to wait for a deregistered target to finish draining before stopping its units; in "
+        "update mode, shorter than update.stop_timeout (match the target groups' deregistration delay).",
+        default=60.0)
 
 
 @dataclass(frozen=True)
@@ -588,6 +589,9 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("lb.port", "must be a port from 1 to 65535")
     if not 0 <= lb.drain_timeout <= 3600:
         fail("lb.drain_timeout", "must be from 0 to 3600 seconds")
+    if lb.target_groups and up.image is not None and lb.drain_timeout >= up.stop_timeout:
+        fail("lb.drain_timeout", "must be shorter than update.stop_timeout: an update's stop waits for "
+             "the draining")
 
     if not 0 < config.agent.shutdown_timeout <= 600:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")

@@ -849,3 +849,12 @@ def test_environment_files_and_presence_settings() -> None:
 ])
 def test_bad_environment_file_and_presence_settings(item: str, key: str) -> None:
     fails(lambda: from_flags(item), key, f"--set {key}")
+
+
+def test_draining_must_fit_in_an_updates_stop() -> None:
+    ok = from_flags(f"lb.target_groups={TG}", "update.image=registry.example.com/djed/app",
+                    "lb.drain_timeout=60", "update.stop_timeout=120")
+    assert ok.lb.drain_timeout == 60
+    fails(lambda: from_flags(f"lb.target_groups={TG}", "update.image=registry.example.com/djed/app",
+                             "lb.drain_timeout=120", "update.stop_timeout=120"),
+          "lb.drain_timeout", "--set lb.drain_timeout", "update.stop_timeout")
