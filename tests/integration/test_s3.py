@@ -103,7 +103,8 @@ async def test_unreachable_endpoint_is_unavailable_within_the_bound(aws_env: Non
         with pytest.raises(StoreUnavailable) as info:
             await store.get("some-bucket", "stage.env")
     assert time.monotonic() - started < 3
-    assert "unreachable" in str(info.value)
+    # Refused connections, retried once: "unreachable", or on a loaded machine the call's bound first.
+    assert "unreachable" in str(info.value) or "no answer within 2s" in str(info.value)
     assert_clean(info.value)
 
 
