@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover image clean
+.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -40,6 +40,9 @@ bench-update: bootstrap
 
 bench-failover: bootstrap
 	$(PY) -m bench.failover
+
+bench-env: bootstrap
+	$(PY) -m bench.env
 
 clean: sandbox-down
 	rm -rf .run build
