@@ -25,8 +25,8 @@ import aiohttp
 import botocore.exceptions
 import structlog
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 
+from norm.adapters.aws import session
 from norm.core.errors import NormError
 from norm.core.presence import DRAINING_STATES, is_drained, is_registered
 
@@ -91,9 +91,10 @@ class Elb:
     up after `call_timeout` seconds (ElbUnavailable). `wait_drained` polls every `poll_interval`."""
 
     def __init__(self, region: str, *, endpoint_url: str | None = None, call_timeout: float = 10.0,
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, metadata_url: str | None = None) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
+        self.metadata_url = metadata_url
         self.call_timeout = call_timeout
         self.poll_interval = poll_interval
         self._stack: contextlib.AsyncExitStack | None = None
@@ -104,7 +105,8 @@ class Elb:
                            retries={"max_attempts": 1, "mode": "standard"})
         stack = contextlib.AsyncExitStack()
         try:
-            self._client = await stack.enter_async_context(get_session().create_client(
+            aws = session(self.metadata_url, self.call_timeout)
+            self._client = await stack.enter_async_context(aws.create_client(
                 "elbv2", region_name=self.region, endpoint_url=self.endpoint_url, config=config))
         except botocore.exceptions.BotoCoreError as e:
             await stack.aclose()

@@ -25,8 +25,8 @@ import aiohttp
 import botocore.exceptions
 import structlog
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 
+from norm.adapters.aws import session
 from norm.core.errors import NormError
 
 log = structlog.get_logger("norm.s3")
@@ -95,17 +95,13 @@ class ObjectStore:
         self._client: Any = None
 
     async def __aenter__(self) -> Self:
-        session = get_session()
-        if self._metadata_url is not None:
-            session.set_config_variable("ec2_metadata_service_endpoint", self._metadata_url)
-        session.set_config_variable("metadata_service_timeout", max(1, round(self._timeout / 2)))
-        session.set_config_variable("metadata_service_num_attempts", 2)
+        aws = session(self._metadata_url, self._timeout)
         config = AioConfig(
             connect_timeout=self._timeout, read_timeout=self._timeout,
             retries={"max_attempts": 2, "mode": "standard"},
             s3={"addressing_style": "path"} if self._endpoint_url else None,
         )
-        self._client = await self._stack.enter_async_context(session.create_client(
+        self._client = await self._stack.enter_async_context(aws.create_client(
             "s3", region_name=self._region, endpoint_url=self._endpoint_url, config=config))
         return self
 

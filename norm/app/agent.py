@@ -243,7 +243,8 @@ class Agent:
                         stop_timeout=c.update.stop_timeout,
                         reason="a host still draining when update.stop_timeout passes fails the rollout")
         # ELBv2 calls go to the target groups' own region, whatever aws.region says.
-        elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout)
+        elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout,
+                  metadata_url=c.aws.metadata_url)
         return Presence(systemd, elb, c.lb, self.metrics, instance_id=instance_id, holds=self.holds,
                         hold_owner=HOLD_OWNER)
 
