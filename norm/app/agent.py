@@ -238,10 +238,6 @@ class Agent:
             log.error("lb.presence_off", reason="instance metadata gave no instance id" if c.aws.use_metadata
                       else "no instance id: set lb.instance_id, or aws.use_metadata on EC2")
             return None
-        if c.update.image is not None and c.lb.drain_timeout >= c.update.stop_timeout:
-            log.warning("lb.drain_timeout_too_long", drain_timeout=c.lb.drain_timeout,
-                        stop_timeout=c.update.stop_timeout,
-                        reason="a host still draining when update.stop_timeout passes fails the rollout")
         # ELBv2 calls go to the target groups' own region, whatever aws.region says.
         elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout,
                   metadata_url=c.aws.metadata_url)
