@@ -28,6 +28,16 @@ async def wait_or_stop(stopping: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+async def wake_or_deadline(wake: asyncio.Event, at: float | None) -> None:
+    """Wait until `wake` is set or the loop's clock reaches `at` (no deadline when None)."""
+    timeout = None if at is None else max(0.0, at - asyncio.get_running_loop().time())
+    try:
+        async with asyncio.timeout(timeout):
+            await wake.wait()
+    except TimeoutError:
+        pass
+
+
 async def first_of(**named: Coroutine[Any, Any, Any]) -> str:
     """Run the coroutines as named tasks until the first finishes; cancel the others and return the
     name of the one that finished (its exception, if any, is raised)."""

@@ -38,7 +38,7 @@ from norm.core.healing import (
     release,
 )
 from norm.core.units import UnitState, matches
-from norm.services.base import first_of, wait_or_stop
+from norm.services.base import first_of, wait_or_stop, wake_or_deadline
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 
@@ -158,12 +158,7 @@ class Healer:
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            timeout = None if self._wake_at is None else max(0.0, self._wake_at - loop.time())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await wake_or_deadline(self._wake, self._wake_at)
             self._wake.clear()
             self._decide_now(loop.time())
 

@@ -26,7 +26,7 @@ from norm.core.backoff import Backoff
 from norm.core.config import LbConfig
 from norm.core.presence import CheckHealth, Deregister, Observed, Register, decide
 from norm.core.units import UnitState
-from norm.services.base import first_of
+from norm.services.base import first_of, wake_or_deadline
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 
@@ -136,12 +136,7 @@ class Presence:
         failures = 0
         retry_at: float | None = None
         while True:
-            timeout = None if retry_at is None else max(0.0, retry_at - loop.time())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await wake_or_deadline(self._wake, retry_at)
             self._wake.clear()
             if self._resume_asked:
                 await self._resume("the update released the units")
