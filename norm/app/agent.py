@@ -127,11 +127,17 @@ class Agent:
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True
             except EtcdUnavailable as e:
-                delay = Backoff(first=0.2, cap=5.0).delay(attempt, random.random())
+                await self._back_off(attempt, "agent.etcd_unreachable", e)
                 attempt += 1
-                log.warning("agent.etcd_unreachable", error=str(e), retry_in=round(delay, 2))
-                await wait_or_stop(self.stopping, delay)
         return False
+
+    async def _back_off(self, attempt: int, event: str, error: Exception, first: float = 0.2,
+                        cap: float = 5.0) -> None:
+        """After failed attempt number `attempt` (from 0) at reaching something the agent needs: say
+        so, and wait (unless stopping) before the next."""
+        delay = Backoff(first=first, cap=cap).delay(attempt, random.random())
+        log.warning(event, error=str(error), retry_in=round(delay, 2))
+        await wait_or_stop(self.stopping, delay)
 
     async def _open_systemd(self) -> bool:
         """Connect to systemd's manager (forever, unless stopping). Imported only when healing is on:
@@ -144,10 +150,8 @@ class Agent:
             try:
                 await systemd.__aenter__()
             except SystemdError as e:
-                delay = Backoff(first=0.2, cap=5.0).delay(attempt, random.random())
+                await self._back_off(attempt, "agent.systemd_unreachable", e)
                 attempt += 1
-                log.warning("agent.systemd_unreachable", error=str(e), retry_in=round(delay, 2))
-                await wait_or_stop(self.stopping, delay)
                 continue
             self._systemd = systemd
             log.info("agent.systemd_connected", bus=self.config.systemd.bus_address or "system")
@@ -280,10 +284,8 @@ class Agent:
                               for t in tags]
                     tags = {t: await md.tag(t) for t in wanted}
             except MetadataUnavailable as e:
-                delay = Backoff(first=0.5, cap=30.0).delay(attempt, random.random())
+                await self._back_off(attempt, "agent.metadata_unavailable", e, first=0.5, cap=30.0)
                 attempt += 1
-                log.warning("agent.metadata_unavailable", error=str(e), retry_in=round(delay, 2))
-                await wait_or_stop(self.stopping, delay)
                 continue
             values, refused = host_metadata({"environment": self.environment, "role": self.role},
                                             self.host_given, tags)
