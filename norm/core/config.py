@@ -196,6 +196,9 @@ class LbConfig:
         "Seconds to wait for a deregistered target to finish draining before stopping its units; in "
         "update mode, shorter than update.stop_timeout (match the target groups' deregistration delay).",
         default=60.0)
+    recheck_interval: float = _doc(
+        "Seconds between reads of the host's state in each target group, so that a registration "
+        "changed by someone else is put back as presence wants it; 0 turns the reads off.", default=60.0)
 
 
 @dataclass(frozen=True)
@@ -589,6 +592,8 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("lb.port", "must be a port from 1 to 65535")
     if not 0 <= lb.drain_timeout <= 3600:
         fail("lb.drain_timeout", "must be from 0 to 3600 seconds")
+    if lb.recheck_interval != 0 and not 1 <= lb.recheck_interval <= 86400:
+        fail("lb.recheck_interval", "must be 0 (off) or from 1 to 86400 seconds")
     if lb.target_groups and up.image is not None and lb.drain_timeout >= up.stop_timeout:
         fail("lb.drain_timeout", "must be shorter than update.stop_timeout: an update's stop waits for "
              "the draining")

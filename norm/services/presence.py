@@ -3,7 +3,9 @@
 It follows the web unit through systemd's D-Bus signals (the systemd adapter's watch, as the healer
 does) and, once the unit is active, checks its health URL until it answers 2xx (bounded); then it
 registers the host in every configured target group. When the unit fails or stops, it deregisters
-the host. The decisions are norm.core.presence's; this service carries them out.
+the host. Every lb.recheck_interval it reads the host's state in each group, and puts back a
+registration someone else changed. The decisions are norm.core.presence's; this service carries them
+out.
 
 An update takes the host out first: the executor calls `before_stop()` before it stops the units
 (deregister from every group, then wait for the targets to drain, bounded by lb.drain_timeout), and
@@ -135,11 +137,17 @@ class Presence:
         loop = asyncio.get_running_loop()
         failures = 0
         retry_at: float | None = None
+        every = self._lb.recheck_interval
+        recheck_at = loop.time() + every if every > 0 else None
         while True:
-            await wake_or_deadline(self._wake, retry_at)
+            await wake_or_deadline(self._wake, min((t for t in (retry_at, recheck_at) if t is not None),
+                                                   default=None))
             self._wake.clear()
             if self._resume_asked:
                 await self._resume("the update released the units")
+            if recheck_at is not None and loop.time() >= recheck_at:
+                await self._recheck()
+                recheck_at = loop.time() + every
             ok = await self._pass()
             if ok:
                 failures, retry_at = 0, None
@@ -166,6 +174,28 @@ class Presence:
                     failed.add(call.target_group)
         await self._steer_probe(decide(self.observed()))
         return not failed
+
+    async def _recheck(self) -> None:
+        """Read the host's state in every group whose registration presence knows, and take what the
+        groups say as the truth: someone else (a console, a script, a deployment tool) may have put the
+        host in or taken it out. The pass that follows puts it back as presence wants it. Not while an
+        update has the host out: its stop owns the groups until the units are started again."""
+        if self.suspended:
+            return
+        async with self._lock:
+            for group, registered in list(self.registered.items()):
+                if registered is None:
+                    continue
+                try:
+                    health = await self._elb.target_health(group, self.instance_id, self._lb.port)
+                except ElbError as e:
+                    log.info("lb.recheck_failed", target_group=group, error=str(e))
+                    continue
+                if health.registered is not registered and not self.suspended:
+                    log.warning("lb.registration_changed_elsewhere", target_group=group,
+                                expected="registered" if registered else "not registered",
+                                state=health.state, reason=health.reason)
+                    self._set_registered(group, health.registered)
 
     async def _apply(self, call: Register | Deregister) -> bool:
         group, instance = call.target_group, self.instance_id

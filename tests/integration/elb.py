@@ -47,6 +47,16 @@ class Site:
     async def states(self) -> list[str]:
         return [(await self.state(g))[0] for g in self.groups]
 
+    async def deregister(self, group: str) -> None:
+        """Take the instance out of `group` behind the agent's back, as an operator's console would."""
+        async with _client("elbv2", self.endpoint) as elb:
+            await elb.deregister_targets(TargetGroupArn=group, Targets=[{"Id": self.instance_id}])
+
+    async def register(self, group: str) -> None:
+        """Put the instance in `group` behind the agent's back."""
+        async with _client("elbv2", self.endpoint) as elb:
+            await elb.register_targets(TargetGroupArn=group, Targets=[{"Id": self.instance_id}])
+
     async def terminate(self) -> None:
         async with _client("ec2", self.endpoint) as ec2:
             await ec2.terminate_instances(InstanceIds=[self.instance_id])

@@ -80,14 +80,16 @@ class Rig:
 @asynccontextmanager
 async def rig_for(moto: MotoServer, manager: SystemdManager, tmp_path: Path, *, groups: int = 2,
                   elb_class: type[Elb] = Elb, systemd_class: type[Systemd] = Systemd,
-                  start: bool = True, drain_timeout: float = 5.0) -> AsyncIterator[Rig]:
+                  start: bool = True, drain_timeout: float = 5.0, recheck_interval: float = 0.0
+                  ) -> AsyncIterator[Rig]:
     site = await make_site(moto, groups=groups)
     port = free_port()
     root = tmp_path / "www"
     root.mkdir(exist_ok=True)
     manager.write_unit(WEB, web_unit(port, root))
     lb = LbConfig(target_groups=site.groups, instance_id=site.instance_id, unit=WEB,
-                  health_url=f"http://127.0.0.1:{port}/", drain_timeout=drain_timeout)
+                  health_url=f"http://127.0.0.1:{port}/", drain_timeout=drain_timeout,
+                  recheck_interval=recheck_interval)
     metrics, holds = Metrics(), Holds()
     with capture_logs() as logs:
         async with systemd_class(manager.bus_address, call_timeout=10) as systemd:
@@ -157,6 +159,33 @@ async def test_deregistered_when_the_web_unit_is_stopped(
         await rig.systemd.stop(WEB)
         await rig.until("deregistered", rig.registered(False))
         assert await rig.site.states() == ["unused"]
+
+
+async def test_a_registration_changed_elsewhere_is_put_back(
+        moto_server: MotoServer, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    async with rig_for(moto_server, systemd_manager, tmp_path, recheck_interval=0.3) as rig:
+        await rig.until("registered", rig.registered(True))
+        first, second = rig.site.groups
+        # Taken out of one group behind the agent's back: the next read of the groups sees it, and the
+        # host, still serving, goes back in; the other group is left alone.
+        await rig.site.deregister(first)
+        assert await rig.site.states() == ["unused", "healthy"]
+        await rig.until("noticed and put back", lambda: "lb.registration_changed_elsewhere" in rig.events()
+                        and rig.presence.registered == {first: True, second: True})
+        assert await rig.site.states() == ["healthy", "healthy"]
+        changed = [e for e in rig.logs if e["event"] == "lb.registration_changed_elsewhere"]
+        assert [(e["target_group"], e["expected"], e["state"]) for e in changed] == [
+            (first, "registered", "unused")]
+
+        # The unit stopped, the host is out; put in by someone else, it is taken out again.
+        await rig.systemd.stop(WEB)
+        await rig.until("deregistered", rig.registered(False))
+        await rig.site.register(second)
+        await rig.until("noticed and taken out",
+                        lambda: len(rig.events("lb.registration_changed_elsewhere")) == 2
+                        and rig.registered(False)())
+        assert await rig.site.states() == ["unused", "unused"]
+        assert [rig.gauge(g) for g in rig.site.groups] == [0, 0]
 
 
 async def test_an_update_that_releases_its_hold_without_a_start_puts_the_host_back(

@@ -843,12 +843,20 @@ def test_environment_files_and_presence_settings() -> None:
     ("lb.target_groups=djed-web", "lb.target_groups"),
     ("lb.instance_id=host1", "lb.instance_id"),
     ("lb.port=70000", "lb.port"),
+    ("lb.recheck_interval=0.5", "lb.recheck_interval"),
+    ("lb.recheck_interval=-1", "lb.recheck_interval"),
     ("lb.health_url=ftp://x/", "lb.health_url"),
     ("aws.region=Europe", "aws.region"),
     ("aws.metadata_url=169.254.169.254", "aws.metadata_url"),
 ])
 def test_bad_environment_file_and_presence_settings(item: str, key: str) -> None:
     fails(lambda: from_flags(item), key, f"--set {key}")
+
+
+def test_the_target_group_recheck_can_be_turned_off() -> None:
+    assert from_flags().lb.recheck_interval == 60
+    assert from_flags("lb.recheck_interval=0").lb.recheck_interval == 0
+    assert from_flags("lb.recheck_interval=5").lb.recheck_interval == 5
 
 
 def test_draining_must_fit_in_an_updates_stop() -> None:
