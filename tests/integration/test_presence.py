@@ -32,6 +32,7 @@ from norm.services.executor import HOLD_OWNER, Executor
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.presence import Presence
+from sandbox.docker import DockerEngine
 from sandbox.etcd import EtcdMember
 from sandbox.moto import MotoServer
 from sandbox.procs import free_port
@@ -316,6 +317,12 @@ async def test_an_update_deregisters_drains_stops_starts_checks_and_registers_in
                 async with asyncio.timeout(15):
                     await task
 
+    assert_in_order(rig, Release("v2", DIGEST_2), tmp_path / "release.env")
+
+
+def assert_in_order(rig: Rig, release: Release, release_file: Path) -> None:
+    """Per host, exactly: deregister, drained, stop, start, healthy, register (each in both groups),
+    with the groups, as moto had them, out from before the stop until the new run was healthy."""
     a, b = rig.site.groups
     out, both_in = ("unused", "unused"), ("healthy", "healthy")
     steps = [(e["event"].removeprefix("observed."), e.get("subject"), e.get("moto"), e.get("state"))
@@ -332,5 +339,52 @@ async def test_an_update_deregisters_drains_stops_starts_checks_and_registers_in
     assert [m for s, _, m, _ in steps if s in ("drained", "stop", "start")] == [out] * 4
     assert steps[-2][2] in (("healthy", "unused"), ("unused", "healthy")) and steps[-1][2] == both_in
     assert steps[5] == ("stopped", WEB, None, "inactive")
-    assert rel.parse_release((tmp_path / "release.env").read_bytes()) == Release("v2", DIGEST_2)
+    assert rel.parse_release(release_file.read_bytes()) == release
     assert [rig.gauge(g) for g in rig.site.groups] == [1, 1]
+
+
+@pytest.mark.slow
+async def test_a_host_catching_up_leaves_and_rejoins_in_the_same_order(
+        moto_server: MotoServer, systemd_manager: SystemdManager, etcd: EtcdMember,
+        docker_engine: DockerEngine, demo_app_digest: Callable[..., str], tmp_path: Path) -> None:
+    """A host that missed a rollout (it joined late, or was down) moves to the fleet's release after it:
+    the catch-up pulls the release, then takes the host out of the load balancer exactly as an update's
+    stop and start do."""
+    prefix, me, revision = "/norm", secrets.token_hex(16), 2000
+    image, digest = (await asyncio.to_thread(demo_app_digest, "v2")).split("@")
+    update = UpdateConfig(image=image, release_file=str(tmp_path / "release.env"))
+    current: list[Rig] = []
+    elb_class, systemd_class = recording(lambda: current[0].logs, lambda: current[0].site)
+    async with rig_for(moto_server, systemd_manager, tmp_path, elb_class=elb_class,
+                       systemd_class=systemd_class, start=False) as rig:
+        current.append(rig)
+        await rig.systemd.start(WEB)
+        await rig.until("registered", rig.registered(True))
+        rig.logs.clear()  # the catch-up starts here
+        released = asyncio.Event()
+        rig.holds.subscribe(lambda: None if rig.holds.owners(WEB) else released.set())
+
+        async def set_release(text: str | None) -> None:
+            pass
+
+        config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+        async with Etcd(config) as client, Docker(docker_engine.host, call_timeout=30) as docker:
+            # A rollout this host took no part in ended with v2 as the fleet's release.
+            header = rel.Header(revision=revision, tag="v2", phase=Phase.DONE, digest=digest,
+                                previous=Release("v1", DIGEST_1), hosts_count=1, outcome=Phase.DONE)
+            await client.put(rel.header_key(prefix), header.encode())
+            executor = Executor(client, prefix, me, rig.systemd, docker, rig.holds, rig.metrics, update,
+                                PATTERNS, set_release, leading=lambda: False, presence=rig.presence)
+            stopping = asyncio.Event()
+            task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
+            try:
+                await rig.until("registered again", lambda: "lb.resumed" in rig.events()
+                                and rig.registered(True)(), timeout=60)
+                async with asyncio.timeout(10):
+                    await released.wait()  # the catch-up let go of the units
+                assert executor.running == Release("v2", digest)
+            finally:
+                stopping.set()
+                async with asyncio.timeout(15):
+                    await task
+    assert_in_order(rig, Release("v2", digest), tmp_path / "release.env")
