@@ -190,6 +190,10 @@ class LbConfig:
     health_url: str | None = _doc(
         "URL that must answer 2xx before the host is registered (checked after the unit is active).",
         default=None)
+    health_timeout: float = _doc("Seconds one try of the health URL may take.", default=2.0)
+    health_give_up: float = _doc(
+        "Seconds a run of the unit may take to answer its health URL before presence gives up on that "
+        "run (it stays out of the target groups until the unit runs again).", default=300.0)
     port: int | None = _doc("Port registered in the target groups; the groups' own when unset.",
                             default=None)
     drain_timeout: float = _doc(
@@ -592,6 +596,10 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("lb.port", "must be a port from 1 to 65535")
     if not 0 <= lb.drain_timeout <= 3600:
         fail("lb.drain_timeout", "must be from 0 to 3600 seconds")
+    if not 0.1 <= lb.health_timeout <= 60:
+        fail("lb.health_timeout", "must be from 0.1 to 60 seconds")
+    if not lb.health_timeout <= lb.health_give_up <= 86400:
+        fail("lb.health_give_up", "must be from lb.health_timeout to 86400 seconds")
     if lb.recheck_interval != 0 and not 1 <= lb.recheck_interval <= 86400:
         fail("lb.recheck_interval", "must be 0 (off) or from 1 to 86400 seconds")
     if lb.target_groups and up.image is not None and lb.drain_timeout >= up.stop_timeout:

@@ -47,11 +47,9 @@ class Presence:
 
     def __init__(self, systemd: Systemd, elb: Elb, lb: LbConfig, metrics: Metrics, *,
                  instance_id: str, holds: Holds | None = None, hold_owner: str = "update",
-                 health_timeout: float = 2.0, health_bound: float = 300.0,
                  retry: Backoff | None = None, health_backoff: Backoff | None = None) -> None:
         """`instance_id`: the host's EC2 instance id. `holds`/`hold_owner`: the update's holds on the
-        units, watched to resume should an update end without starting the units. `health_bound`: how
-        long a run of the unit may take to answer its health URL before presence gives up on that run."""
+        units, watched to resume should an update end without starting the units."""
         self._systemd = systemd
         self._elb = elb
         self._lb = lb
@@ -59,8 +57,8 @@ class Presence:
         self.instance_id = instance_id
         self._holds = holds
         self._hold_owner = hold_owner
-        self._health_timeout = health_timeout
-        self._health_bound = health_bound
+        self._health_timeout = lb.health_timeout
+        self._health_bound = lb.health_give_up
         self._retry = retry or Backoff(first=0.5, factor=2.0, cap=60.0)
         self._health_backoff = health_backoff or Backoff(first=0.05, factor=2.0, cap=1.0)
         self.unit: UnitState | None = None

@@ -81,16 +81,16 @@ class Rig:
 @asynccontextmanager
 async def rig_for(moto: MotoServer, manager: SystemdManager, tmp_path: Path, *, groups: int = 2,
                   elb_class: type[Elb] = Elb, systemd_class: type[Systemd] = Systemd,
-                  start: bool = True, drain_timeout: float = 5.0, recheck_interval: float = 0.0
-                  ) -> AsyncIterator[Rig]:
+                  start: bool = True, drain_timeout: float = 5.0, recheck_interval: float = 0.0,
+                  health_path: str = "/", health_give_up: float = 20.0) -> AsyncIterator[Rig]:
     site = await make_site(moto, groups=groups)
     port = free_port()
     root = tmp_path / "www"
     root.mkdir(exist_ok=True)
     manager.write_unit(WEB, web_unit(port, root))
     lb = LbConfig(target_groups=site.groups, instance_id=site.instance_id, unit=WEB,
-                  health_url=f"http://127.0.0.1:{port}/", drain_timeout=drain_timeout,
-                  recheck_interval=recheck_interval)
+                  health_url=f"http://127.0.0.1:{port}{health_path}", drain_timeout=drain_timeout,
+                  recheck_interval=recheck_interval, health_timeout=1.0, health_give_up=health_give_up)
     metrics, holds = Metrics(), Holds()
     with capture_logs() as logs:
         async with systemd_class(manager.bus_address, call_timeout=10) as systemd:
@@ -98,7 +98,7 @@ async def rig_for(moto: MotoServer, manager: SystemdManager, tmp_path: Path, *, 
                 await systemd.start(WEB)
             elb = elb_class(REGION, endpoint_url=moto.endpoint, call_timeout=5, poll_interval=0.1)
             presence = Presence(systemd, elb, lb, metrics, instance_id=site.instance_id, holds=holds,
-                                hold_owner=HOLD_OWNER, health_timeout=1.0, health_bound=20.0)
+                                hold_owner=HOLD_OWNER)
             stopping = asyncio.Event()
             task = asyncio.create_task(presence.run(stopping), name="presence-under-test")
             try:
@@ -131,6 +131,21 @@ async def test_not_registered_while_the_unit_is_down_then_registered_when_it_sta
         await rig.systemd.start(WEB)
         await rig.until("registered", rig.registered(True))
         assert await rig.site.states() == ["healthy"]
+
+
+async def test_a_run_that_never_answers_its_health_url_stays_out(
+        moto_server: MotoServer, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    async with rig_for(moto_server, systemd_manager, tmp_path, groups=1, health_path="/missing",
+                       health_give_up=1.5) as rig:
+        await rig.until("given up", lambda: "lb.health_gave_up" in rig.events())
+        gave_up = next(e for e in rig.logs if e["event"] == "lb.health_gave_up")
+        assert gave_up["bound_s"] == 1.5 and gave_up["status"] == 404
+        assert rig.presence.registered == {rig.site.groups[0]: False}
+        assert await rig.site.states() == ["unused"]
+        assert "lb.registered" not in rig.events() and "lb.healthy" not in rig.events()
+        # The next run of the unit is checked again.
+        await rig.systemd.restart(WEB)
+        await rig.until("checked again", lambda: rig.events("lb.health_gave_up") == ["lb.health_gave_up"] * 2)
 
 
 async def test_deregistered_when_the_web_unit_fails(

@@ -844,6 +844,8 @@ def test_environment_files_and_presence_settings() -> None:
     ("lb.instance_id=host1", "lb.instance_id"),
     ("lb.port=70000", "lb.port"),
     ("lb.recheck_interval=0.5", "lb.recheck_interval"),
+    ("lb.health_timeout=0", "lb.health_timeout"),
+    ("lb.health_give_up=1", "lb.health_give_up"),
     ("lb.recheck_interval=-1", "lb.recheck_interval"),
     ("lb.health_url=ftp://x/", "lb.health_url"),
     ("aws.region=Europe", "aws.region"),
