@@ -288,50 +288,64 @@ async def wait_put(etcd: Etcd, key: str, timeout: float = 30) -> bytes:
     raise AssertionError(f"{key}: the watch ended")
 
 
+@asynccontextmanager
+async def serving_and_recorded(moto: MotoServer, manager: SystemdManager, tmp_path: Path
+                               ) -> AsyncIterator[Rig]:
+    """A rig whose web unit serves and whose host is in both groups; from here on its log holds each
+    ELB and systemd step with the groups' states as moto had them."""
+    current: list[Rig] = []
+    elb_class, systemd_class = recording(lambda: current[0].logs, lambda: current[0].site)
+    async with rig_for(moto, manager, tmp_path, elb_class=elb_class, systemd_class=systemd_class,
+                       start=False) as rig:
+        current.append(rig)
+        await rig.systemd.start(WEB)
+        await rig.until("registered", rig.registered(True))
+        rig.logs.clear()
+        yield rig
+
+
+@asynccontextmanager
+async def executor_for(rig: Rig, client: Etcd, docker: Docker, me: str, update: UpdateConfig
+                       ) -> AsyncIterator[Executor]:
+    """The real executor of host `me`, with the rig's presence, running until the block ends."""
+    async def set_release(text: str | None) -> None:
+        pass
+
+    executor = Executor(client, "/norm", me, rig.systemd, docker, rig.holds, rig.metrics, update, PATTERNS,
+                        set_release, leading=lambda: False, presence=rig.presence)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
+    try:
+        yield executor
+    finally:
+        stopping.set()
+        async with asyncio.timeout(15):
+            await task
+
+
 async def test_an_update_deregisters_drains_stops_starts_checks_and_registers_in_that_order(
         moto_server: MotoServer, systemd_manager: SystemdManager, etcd: EtcdMember, tmp_path: Path) -> None:
     prefix, me, revision = "/norm", secrets.token_hex(16), 1000
     update = UpdateConfig(image="127.0.0.1:5000/djed/app", release_file=str(tmp_path / "release.env"))
-    current: list[Rig] = []
-    elb_class, systemd_class = recording(lambda: current[0].logs, lambda: current[0].site)
-    async with rig_for(moto_server, systemd_manager, tmp_path, elb_class=elb_class,
-                       systemd_class=systemd_class, start=False) as rig:
-        current.append(rig)
-        await rig.systemd.start(WEB)
-        await rig.until("registered", rig.registered(True))
-        rig.logs.clear()  # the update starts here
+    config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+    async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
+            Etcd(config) as client, \
+            executor_for(rig, client, Docker("unix:///nonexistent.sock"), me, update):
+        # What the leader writes: the participants, then the header at STOP, later at START.
+        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me]).encode())
+        header = rel.Header(revision=revision, tag="v2", phase=Phase.STOP, digest=DIGEST_2,
+                            previous=Release("v1", DIGEST_1), hosts_count=1)
+        await client.put(rel.header_key(prefix), header.encode())
+        await wait_put(client, rel.report_key(prefix, revision, "stopped", me))
+        assert rig.holds.owners(WEB) == {HOLD_OWNER}
+        assert rig.presence.registered == dict.fromkeys(rig.site.groups, False)
+        assert await rig.site.states() == ["unused", "unused"]
 
-        async def set_release(text: str | None) -> None:
-            pass
-
-        config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
-        async with Etcd(config) as client:
-            executor = Executor(client, prefix, me, rig.systemd, Docker("unix:///nonexistent.sock"),
-                                rig.holds, rig.metrics, update, PATTERNS, set_release,
-                                leading=lambda: False, presence=rig.presence)
-            stopping = asyncio.Event()
-            task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
-            try:
-                # What the leader writes: the participants, then the header at STOP, later at START.
-                await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me]).encode())
-                header = rel.Header(revision=revision, tag="v2", phase=Phase.STOP, digest=DIGEST_2,
-                                    previous=Release("v1", DIGEST_1), hosts_count=1)
-                await client.put(rel.header_key(prefix), header.encode())
-                await wait_put(client, rel.report_key(prefix, revision, "stopped", me))
-                assert rig.holds.owners(WEB) == {HOLD_OWNER}
-                assert rig.presence.registered == dict.fromkeys(rig.site.groups, False)
-                assert await rig.site.states() == ["unused", "unused"]
-
-                start = dataclasses.replace(header, phase=Phase.START)
-                await client.put(rel.header_key(prefix), start.encode())
-                report = json.loads(await wait_put(client, rel.report_key(prefix, revision, "started", me)))
-                assert report["ok"] is True and report["digest"] == DIGEST_2
-                await rig.until("registered again", rig.registered(True))
-            finally:
-                stopping.set()
-                async with asyncio.timeout(15):
-                    await task
-
+        start = dataclasses.replace(header, phase=Phase.START)
+        await client.put(rel.header_key(prefix), start.encode())
+        report = json.loads(await wait_put(client, rel.report_key(prefix, revision, "started", me)))
+        assert report["ok"] is True and report["digest"] == DIGEST_2
+        await rig.until("registered again", rig.registered(True))
     assert_in_order(rig, Release("v2", DIGEST_2), tmp_path / "release.env")
 
 
@@ -365,41 +379,21 @@ async def test_a_host_catching_up_leaves_and_rejoins_in_the_same_order(
     """A host that missed a rollout (it joined late, or was down) moves to the fleet's release after it:
     the catch-up pulls the release, then takes the host out of the load balancer exactly as an update's
     stop and start do."""
-    prefix, me, revision = "/norm", secrets.token_hex(16), 2000
     image, digest = (await asyncio.to_thread(demo_app_digest, "v2")).split("@")
     update = UpdateConfig(image=image, release_file=str(tmp_path / "release.env"))
-    current: list[Rig] = []
-    elb_class, systemd_class = recording(lambda: current[0].logs, lambda: current[0].site)
-    async with rig_for(moto_server, systemd_manager, tmp_path, elb_class=elb_class,
-                       systemd_class=systemd_class, start=False) as rig:
-        current.append(rig)
-        await rig.systemd.start(WEB)
-        await rig.until("registered", rig.registered(True))
-        rig.logs.clear()  # the catch-up starts here
+    config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+    async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
+            Etcd(config) as client, Docker(docker_engine.host, call_timeout=30) as docker:
         released = asyncio.Event()
         rig.holds.subscribe(lambda: None if rig.holds.owners(WEB) else released.set())
-
-        async def set_release(text: str | None) -> None:
-            pass
-
-        config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
-        async with Etcd(config) as client, Docker(docker_engine.host, call_timeout=30) as docker:
-            # A rollout this host took no part in ended with v2 as the fleet's release.
-            header = rel.Header(revision=revision, tag="v2", phase=Phase.DONE, digest=digest,
-                                previous=Release("v1", DIGEST_1), hosts_count=1, outcome=Phase.DONE)
-            await client.put(rel.header_key(prefix), header.encode())
-            executor = Executor(client, prefix, me, rig.systemd, docker, rig.holds, rig.metrics, update,
-                                PATTERNS, set_release, leading=lambda: False, presence=rig.presence)
-            stopping = asyncio.Event()
-            task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
-            try:
-                await rig.until("registered again", lambda: "lb.resumed" in rig.events()
-                                and rig.registered(True)(), timeout=60)
-                async with asyncio.timeout(10):
-                    await released.wait()  # the catch-up let go of the units
-                assert executor.running == Release("v2", digest)
-            finally:
-                stopping.set()
-                async with asyncio.timeout(15):
-                    await task
+        # A rollout this host took no part in ended with v2 as the fleet's release.
+        header = rel.Header(revision=2000, tag="v2", phase=Phase.DONE, digest=digest,
+                            previous=Release("v1", DIGEST_1), hosts_count=1, outcome=Phase.DONE)
+        await client.put(rel.header_key("/norm"), header.encode())
+        async with executor_for(rig, client, docker, secrets.token_hex(16), update) as executor:
+            await rig.until("registered again", lambda: "lb.resumed" in rig.events()
+                            and rig.registered(True)(), timeout=60)
+            async with asyncio.timeout(10):
+                await released.wait()  # the catch-up let go of the units
+            assert executor.running == Release("v2", digest)
     assert_in_order(rig, Release("v2", digest), tmp_path / "release.env")
