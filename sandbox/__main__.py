@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.fleet import APP_REPOSITORY, DEFAULT_RUN_DIR, REPO, Fleet, State, owned, venv_python
-from sandbox.procs import SandboxError, wait_for
+from sandbox.fleet import APP_REPOSITORY, DEFAULT_RUN_DIR, REPO, Fleet, State, owned
+from sandbox.procs import SandboxError, venv_python, wait_for
 from sandbox.systemd import SystemdManager
 
 VERSIONS = ("v1", "v2")

@@ -20,7 +20,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import typing
 import uuid
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
 from sandbox.etcd import ETCDCTL, EtcdMember
-from sandbox.procs import Proc, SandboxError, free_port, wait_for
+from sandbox.procs import Proc, SandboxError, free_port, venv_python, wait_for
 from sandbox.systemd import CGROUP_PREFIX, SystemdManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +37,6 @@ DEFAULT_RUN_DIR = REPO / ".run" / "sandbox"
 STATE_VERSION = 1
 HOSTS_PREFIX = "/norm/hosts/"
 APP_REPOSITORY = "djed/app"  # the demo application's repository in the fleet's registry
-
-
-def venv_python() -> str:
-    """The project's interpreter (.venv, made by scripts/bootstrap.sh), else the one running us."""
-    py = REPO / ".venv" / "bin" / "python"
-    return str(py) if py.exists() else sys.executable
 
 
 # -- what state.json holds ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 
 from sandbox.docker import DockerEngine
-from sandbox.procs import SandboxError
+from sandbox.procs import SandboxError, venv_python
 from sandbox.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,14 +239,9 @@ def norm_version() -> str:
     return m.group(1)
 
 
-def _python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
 def _pip(*args: str, cwd: Path = REPO, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_python(), "-m", "pip", "--disable-pip-version-check", *args],
+        [venv_python(), "-m", "pip", "--disable-pip-version-check", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -33,15 +33,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sandbox.procs import Proc, SandboxError, free_port, wait_for
+from sandbox.procs import LocalServer, venv_python
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_TTL = 21600
-
-
-def _python() -> str:
-    py = REPO / ".venv" / "bin" / "python"
-    return str(py) if py.exists() else sys.executable
 
 
 def default_state() -> dict[str, Any]:
@@ -59,27 +53,14 @@ def default_state() -> dict[str, Any]:
 
 
 @dataclass
-class MetadataServer:
-    workdir: Path
-    port: int = field(default_factory=free_port)
+class MetadataServer(LocalServer):
     state: dict[str, Any] = field(default_factory=default_state)
-    proc: Proc | None = None
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    name = "imds"
 
     @property
     def state_file(self) -> Path:
         return self.workdir / "imds-state.json"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "imds.log"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.alive
 
     def update(self, **changes: Any) -> None:
         """Change what is served from the next request on (instance_id, region, tags, role, credentials)."""
@@ -88,23 +69,11 @@ class MetadataServer:
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.state_file)
 
-    def start(self, timeout: float = 20.0) -> None:
-        if self.alive:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> None:
         self.update()
-        argv = [_python(), "-m", "sandbox.imds", "-p", str(self.port), "--state", str(self.state_file)]
-        self.proc = Proc("imds", argv, self.log, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=REPO)
-        self.proc.start()
-        try:
-            wait_for(lambda: not self.alive or self.answers(), timeout=timeout,
-                     what=f"instance metadata on {self.endpoint}")
-            if not self.alive:
-                raise SandboxError("the instance metadata server exited")
-        except SandboxError as e:
-            tail = self.proc.tail()
-            self.stop()
-            raise SandboxError(f"{e}:\n{tail}") from None
+
+    def argv(self) -> list[str]:
+        return [venv_python(), "-m", "sandbox.imds", "-p", str(self.port), "--state", str(self.state_file)]
 
     def answers(self) -> bool:
         try:
@@ -119,9 +88,6 @@ class MetadataServer:
             counts: dict[str, int] = json.loads(r.read())
             return counts
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,59 +16,22 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import FrameType
 
-from sandbox.procs import Proc, SandboxError, free_port, wait_for
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _python() -> str:
-    py = REPO / ".venv" / "bin" / "python"
-    return str(py) if py.exists() else sys.executable
+from sandbox.procs import LocalServer, venv_python
 
 
 @dataclass
-class MotoServer:
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    proc: Proc | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "moto.log"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.alive
+class MotoServer(LocalServer):
+    name = "moto"
 
     def argv(self) -> list[str]:
-        return [_python(), "-m", "sandbox.moto", "-H", "127.0.0.1", "-p", str(self.port)]
+        return [venv_python(), "-m", "sandbox.moto", "-H", "127.0.0.1", "-p", str(self.port)]
 
-    def start(self, timeout: float = 30.0) -> None:
-        if self.alive:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1")
-        self.proc = Proc("moto", self.argv(), self.log, env=env, cwd=REPO)
-        self.proc.start()
-
-        try:  # the condition is also true when the server died, so that a crash fails fast
-            wait_for(lambda: not self.alive or self.answers(), timeout=timeout,
-                     what=f"moto on {self.endpoint}")
-            if not self.alive:
-                raise SandboxError("moto exited")
-        except SandboxError as e:
-            tail = self.proc.tail()
-            self.stop()
-            raise SandboxError(f"{e}:\n{tail}") from None
+    def env(self) -> dict[str, str]:
+        return dict(super().env(), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                    AWS_DEFAULT_REGION="us-east-1")
 
     def answers(self) -> bool:
         """Whether the server answers HTTP (its own management API, which every service shares)."""
@@ -77,10 +40,6 @@ class MotoServer:
                 return int(r.status) < 500
         except urllib.error.HTTPError as e:
             return e.code < 500
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
     def enforce_auth(self) -> None:
         """From now on, check every request's credentials and IAM policies (moto allows everything until

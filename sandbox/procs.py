@@ -7,14 +7,23 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 class SandboxError(RuntimeError):
     """A sandbox component did not start or stop as it should."""
+
+
+def venv_python() -> str:
+    """The project's interpreter (.venv, made by scripts/bootstrap.sh), else the one running us."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def free_port() -> int:
@@ -141,3 +150,61 @@ class Proc:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@dataclass
+class LocalServer:
+    """An HTTP server of the sandbox's own (`python -m sandbox.<module>`) on a free loopback port, with
+    its log in `workdir`. A subclass says what it runs (`name`, `argv`, `env`) and how it is seen to
+    answer (`answers`)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+
+    name = "server"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """What must be in place before the process starts."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.alive:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        self.proc = Proc(self.name, self.argv(), self.log, env=self.env(), cwd=REPO)
+        self.proc.start()
+        try:  # the condition is also true when the server died, so that a crash fails fast
+            wait_for(lambda: not self.alive or self.answers(), timeout=timeout,
+                     what=f"{self.name} on {self.endpoint}")
+            if not self.alive:
+                raise SandboxError(f"{self.name} exited")
+        except SandboxError as e:
+            tail = self.proc.tail()
+            self.stop()
+            raise SandboxError(f"{e}:\n{tail}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
