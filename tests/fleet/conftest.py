@@ -106,6 +106,21 @@ class UpdateFleet:
                 return float(line.split()[-1])
         return 0.0
 
+    def wait_metric(self, name: str, sample: str, ok: Callable[[float], bool], timeout: float = 10) -> float:
+        """Wait until a sample of a host's /metrics satisfies `ok` (a metric is updated just after the
+        etcd write a test sees); its value then."""
+        seen: list[float] = []
+
+        def holds() -> bool:
+            seen.append(self.metric(name, sample))
+            return ok(seen[-1])
+
+        try:
+            wait_for(holds, timeout=timeout, what=f"{sample} on {name}", interval=0.05)
+        except Exception as e:
+            raise AssertionError(f"{e}; last {seen[-1:]}") from None
+        return seen[-1]
+
     def log_events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in (Path(self.fleet.host(name)["dir"]) / "agent.log").read_text().splitlines():

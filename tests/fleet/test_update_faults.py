@@ -147,7 +147,8 @@ def test_a_bad_version_fails_fast_is_counted_and_stops_nothing(fleet: UpdateFlee
     running = updates.header(fleet.fleet)["tag"]  # type: ignore[index]
     sample = 'norm_rollouts_total{outcome="failed"}'
     failed_before = fleet.metric(leader, sample)
-    refused_before = fleet.metric(leader, 'norm_rejected_values_total{key="/djed-version"}')
+    refused = 'norm_rejected_values_total{key="/djed-version"}'
+    refused_before = fleet.metric(leader, refused)
     began = time.monotonic()
     revision = updates.set_version(fleet.fleet, value)
     h = updates.wait_phase(fleet.fleet, revision, timeout=30)
@@ -158,8 +159,8 @@ def test_a_bad_version_fails_fast_is_counted_and_stops_nothing(fleet: UpdateFlee
         assert "no-such-tag" in h["reason"]
     else:
         assert value not in h["reason"] or value == ""  # refused, not quoted back
-        assert fleet.metric(leader, 'norm_rejected_values_total{key="/djed-version"}') > refused_before
-    assert fleet.metric(leader, sample) == failed_before + 1
+        fleet.wait_metric(leader, refused, lambda v: v > refused_before)
+    assert fleet.wait_metric(leader, sample, lambda v: v >= failed_before + 1) == failed_before + 1
     assert _invocations(fleet) == before
     fleet.serving(running)
     assert "pulled" not in updates.reports(fleet.fleet, revision)
