@@ -121,6 +121,17 @@ class UpdateFleet:
             raise AssertionError(f"{e}; last {seen[-1:]}") from None
         return seen[-1]
 
+    def wait_event(self, name: str, event: str, timeout: float = 10, **fields: object
+                   ) -> list[dict[str, Any]]:
+        """Wait until a host's agent has logged `event` with these `fields` (an agent logs a step just
+        after what a test sees of it); those log entries then."""
+        def found() -> list[dict[str, Any]]:
+            return [e for e in self.log_events(name) if e.get("event") == event
+                    and all(e.get(k) == v for k, v in fields.items())]
+
+        wait_for(lambda: bool(found()), timeout=timeout, what=f"{event} logged on {name}", interval=0.05)
+        return found()
+
     def log_events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in (Path(self.fleet.host(name)["dir"]) / "agent.log").read_text().splitlines():

@@ -52,7 +52,7 @@ def test_leader_killed_during_pull_a_new_leader_resumes(fleet: UpdateFleet) -> N
         assert updates.header(fleet.fleet)["phase"] == "pull"  # type: ignore[index]
     h = updates.wait_phase(fleet.fleet, revision, timeout=120)
     assert h["phase"] == "done", h
-    assert any(e.get("event") == "updater.leading" for e in fleet.log_events(successor))
+    fleet.wait_event(successor, "updater.leading")
     fleet.fleet.restart_agent(leader)
     record = check_invariants(fleet, revision, tag)
     assert [(e["host"], e["reason"], e["phase"]) for e in record["excluded"]] == [
@@ -241,7 +241,7 @@ def test_etcd_compacted_while_an_agent_is_down_it_converges(fleet: UpdateFleet) 
     finally:
         fleet.fleet.kill_agent(sleeper, signal.SIGCONT)
     fleet.serving(tag, timeout=120)
-    assert any(e.get("event") == "executor.caught_up" for e in fleet.log_events(sleeper))
+    fleet.wait_event(sleeper, "executor.caught_up")
     check_invariants(fleet, revision, tag)
 
 
@@ -294,7 +294,6 @@ def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet
     check_invariants(fleet, revision, tag)  # the late host serves it too, after the rollout
     after = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
     assert after != before
-    caught = [e for e in fleet.log_events(late) if e.get("event") == "executor.caught_up"]
-    started = [e for e in fleet.log_events(leader) if e.get("event") == "rollout.phase"
-               and e.get("rollout") == revision and e.get("phase") == "done"]
+    caught = fleet.wait_event(late, "executor.caught_up")
+    started = fleet.wait_event(leader, "rollout.phase", rollout=revision, phase="done")
     assert caught and started and caught[-1]["timestamp"] >= started[-1]["timestamp"]
