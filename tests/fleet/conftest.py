@@ -121,13 +121,14 @@ class UpdateFleet:
             raise AssertionError(f"{e}; last {seen[-1:]}") from None
         return seen[-1]
 
-    def wait_event(self, name: str, event: str, timeout: float = 10, **fields: object
-                   ) -> list[dict[str, Any]]:
-        """Wait until a host's agent has logged `event` with these `fields` (an agent logs a step just
-        after what a test sees of it); those log entries then."""
+    def wait_event(self, name: str, event: str | tuple[str, ...], timeout: float = 10,
+                   where: Callable[[dict[str, Any]], bool] = lambda e: True) -> list[dict[str, Any]]:
+        """Wait until a host's agent has logged `event` for which `where` holds (an agent logs a step
+        just after what a test sees of it; the fleet's earlier tests logged theirs too); those log
+        entries then."""
         def found() -> list[dict[str, Any]]:
-            return [e for e in self.log_events(name) if e.get("event") == event
-                    and all(e.get(k) == v for k, v in fields.items())]
+            events = (event,) if isinstance(event, str) else event
+            return [e for e in self.log_events(name) if e.get("event") in events and where(e)]
 
         wait_for(lambda: bool(found()), timeout=timeout, what=f"{event} logged on {name}", interval=0.05)
         return found()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_leader_killed_during_pull_a_new_leader_resumes(fleet: UpdateFleet) -> N
     with fleet.frozen_engine(slow):
         revision = updates.set_version(fleet.fleet, tag)
         updates.wait_phase(fleet.fleet, revision, ("pull",), timeout=30)
+        killed_at = _log_time()
         fleet.fleet.kill_agent(leader, signal.SIGKILL)
         successor = fleet.wait_leader(other_than=leader)
         # The successor resumes from the record: the dead leader's host leaves the barrier (its lease
@@ -52,7 +54,7 @@ def test_leader_killed_during_pull_a_new_leader_resumes(fleet: UpdateFleet) -> N
         assert updates.header(fleet.fleet)["phase"] == "pull"  # type: ignore[index]
     h = updates.wait_phase(fleet.fleet, revision, timeout=120)
     assert h["phase"] == "done", h
-    fleet.wait_event(successor, "updater.leading")
+    fleet.wait_event(successor, "updater.leading", where=lambda e: e["timestamp"] > killed_at)
     fleet.fleet.restart_agent(leader)
     record = check_invariants(fleet, revision, tag)
     assert [(e["host"], e["reason"], e["phase"]) for e in record["excluded"]] == [
@@ -84,6 +86,11 @@ def test_leader_killed_right_after_migrate_started_the_step_runs_once(fleet: Upd
     check_invariants(fleet, revision, tag)
 
 
+def _log_time() -> str:
+    """Now, as the agents' log entries have their timestamps (comparable as strings)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _rollout_keys(fleet: UpdateFleet) -> dict[str, int]:
     """{key: mod revision} of every rollout key: header, records, participant lists, the hosts'
     reports, ledger and history (not registrations or unit summaries)."""
@@ -109,14 +116,18 @@ def test_frozen_leader_beyond_its_lease_writes_nothing_when_it_wakes(fleet: Upda
     try:
         h = updates.wait_phase(fleet.fleet, revision, timeout=120)
         assert h["phase"] == "done", h
+        # The new leader trims the earlier rollouts' keys just after it wrote the outcome.
+        wait_for(lambda: all(k.startswith(f"/norm/rollouts/{revision}/") for k in _rollout_keys(fleet)
+                             if k.startswith("/norm/rollouts/")),
+                 timeout=30, what="the earlier rollouts trimmed", interval=0.05)
         written = _rollout_keys(fleet)
     finally:
+        woke_at = _log_time()
         fleet.fleet.kill_agent(leader, signal.SIGCONT)
     # Awake, it finds its leadership gone (its lease expired while it slept) and stands down; the
     # pull its host finished meanwhile is not reported either: that rollout moved on without it.
-    wait_for(lambda: any(e.get("event") in ("leader.lost", "updater.not_leader")
-                         for e in fleet.log_events(leader)), timeout=30,
-             what="the woken leader standing down", interval=0.05)
+    fleet.wait_event(leader, ("leader.lost", "updater.not_leader"), timeout=30,
+                     where=lambda e: e["timestamp"] > woke_at)
     fleet.fleet.wait_registered(timeout=30)
     assert _rollout_keys(fleet) == written
     check_invariants(fleet, revision, tag)
@@ -241,7 +252,7 @@ def test_etcd_compacted_while_an_agent_is_down_it_converges(fleet: UpdateFleet) 
     finally:
         fleet.fleet.kill_agent(sleeper, signal.SIGCONT)
     fleet.serving(tag, timeout=120)
-    fleet.wait_event(sleeper, "executor.caught_up")
+    fleet.wait_event(sleeper, "executor.caught_up", where=lambda e: e["release"].startswith(f"{tag}@"))
     check_invariants(fleet, revision, tag)
 
 
@@ -294,6 +305,7 @@ def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet
     check_invariants(fleet, revision, tag)  # the late host serves it too, after the rollout
     after = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
     assert after != before
-    caught = fleet.wait_event(late, "executor.caught_up")
-    started = fleet.wait_event(leader, "rollout.phase", rollout=revision, phase="done")
+    caught = fleet.wait_event(late, "executor.caught_up", where=lambda e: e["release"].startswith(f"{tag}@"))
+    started = fleet.wait_event(leader, "rollout.phase",
+                               where=lambda e: e.get("rollout") == revision and e.get("phase") == "done")
     assert caught and started and caught[-1]["timestamp"] >= started[-1]["timestamp"]
