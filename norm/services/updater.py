@@ -138,18 +138,21 @@ class Updater:
         if self.record is not None and not self.record.terminal:
             self._follow_reports(self.record.revision)  # replays what hosts reported, in order
             await self._apply(Resumed())
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._follow_desired(), name="updater-desired")
-            tg.create_task(self._follow_hosts(), name="updater-hosts")
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item  # a helper failed: leading starts over (or the agent stops)
-                if isinstance(item, Desired):
-                    await self._on_desired(item)
-                else:
-                    await self._apply(item)
-                await asyncio.sleep(0)  # a backlog of a thousand reports must not starve the lease
+        # Not a TaskGroup: it would wrap a NotLeader or EtcdError in an ExceptionGroup that `run` does
+        # not handle; the first error of any of the three is raised as it is.
+        await first_of(**{"updater-desired": self._follow_desired(), "updater-hosts": self._follow_hosts(),
+                          "updater-queue": self._consume()})
+
+    async def _consume(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item  # a helper failed: leading starts over (or the agent stops)
+            if isinstance(item, Desired):
+                await self._on_desired(item)
+            else:
+                await self._apply(item)
+            await asyncio.sleep(0)  # a backlog of a thousand reports must not starve the lease
 
     async def _load(self) -> None:
         kv = await self._etcd.get(rel.header_key(self._prefix))

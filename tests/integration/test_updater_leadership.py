@@ -1,0 +1,82 @@
+"""The updater against a real etcd when its leadership turns out to be gone at its first write (as for
+a leader frozen past its lease): the write is refused, the updater stands down and waits to be elected
+again; the agent's service does not die."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from structlog.testing import capture_logs
+from structlog.typing import EventDict
+
+from norm.adapters.etcd import Compare, Etcd, NotLeader, Op, TxnResult
+from norm.core.config import EtcdConfig
+from norm.core.rollout import RolloutPolicy
+from norm.services.metrics import Metrics
+from norm.services.updater import Updater
+from norm.services.watcher import DesiredStateWatcher
+from sandbox.etcd import EtcdMember
+
+
+class LeaseGoneAtFirstWrite:
+    """The leadership as the updater sees it: elected, but every fenced write finds the lease can no
+    longer be proven alive (what the real election's `fenced` raises after a freeze)."""
+
+    def __init__(self) -> None:
+        self.elected = asyncio.Event()
+        self.elected.set()
+        self.deposed = asyncio.Event()
+        self.refused = 0
+
+    async def fenced(self, success: Sequence[Op], compare: Sequence[Compare] = (),
+                     failure: Sequence[Op] = ()) -> TxnResult:
+        self.refused += 1
+        raise NotLeader("the leader's lease cannot be proven alive")
+
+    def lose(self) -> None:
+        self.elected.clear()
+        self.deposed.set()
+
+
+def signal_on(event: str, flag: asyncio.Event) -> Callable[[object, str, EventDict], EventDict]:
+    """A log processor that sets `flag` when `event` is logged."""
+    def processor(logger: object, method: str, event_dict: EventDict) -> EventDict:
+        if event_dict.get("event") == event:
+            flag.set()
+        return event_dict
+
+    return processor
+
+
+async def test_a_refused_leader_write_stands_the_updater_down_without_killing_it(etcd: EtcdMember) -> None:
+    config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+    metrics, leadership, stopping = Metrics(), LeaseGoneAtFirstWrite(), asyncio.Event()
+
+    async def resolve(tag: str) -> str:
+        return "sha256:" + "2" * 64
+
+    stood_down = asyncio.Event()
+    with capture_logs(processors=[signal_on("updater.not_leader", stood_down)]) as logs:
+        async with Etcd(config) as client:
+            watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
+            updater = Updater(client, "/norm", "a" * 32, "test", None, "127.0.0.1:5000/djed/app",
+                              RolloutPolicy(), leadership, watcher, metrics, resolve)  # type: ignore[arg-type]
+            watching = asyncio.create_task(watcher.run(stopping), name="watcher-under-test")
+            updating = asyncio.create_task(updater.run(stopping), name="updater-under-test")
+            try:
+                await client.put("/djed-version", b"v2")
+                async with asyncio.timeout(10):
+                    await stood_down.wait()  # the write refused, the updater standing down
+                assert leadership.refused >= 1
+                assert not updating.done()  # it waits to be deposed, then to be elected again
+                leadership.lose()
+                stopping.set()
+                async with asyncio.timeout(10):
+                    await updating  # returns; raises nothing
+            finally:
+                stopping.set()
+                async with asyncio.timeout(10):
+                    await asyncio.gather(watching, updating, return_exceptions=True)
+    assert "the leader's lease cannot be proven alive" in next(
+        e["error"] for e in logs if e["event"] == "updater.not_leader")
