@@ -11,19 +11,17 @@ import json
 import shutil
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.procs import Proc, SandboxError, free_port, wait_for
+from sandbox.procs import LocalServer
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
 
 @dataclass
-class Registry:
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    proc: Proc | None = field(default=None, init=False)
+class Registry(LocalServer):
+    name = "registry"
 
     @property
     def address(self) -> str:
@@ -32,7 +30,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return self.endpoint
 
     @property
     def config(self) -> Path:
@@ -42,7 +40,8 @@ class Registry:
     def storage(self) -> Path:
         return self.workdir / "storage"
 
-    def write_config(self) -> None:
+    def prepare(self) -> None:
+        self.storage.mkdir(exist_ok=True)
         # JSON is YAML: no YAML library needed to write it.
         config = {
             "version": 0.1,
@@ -56,32 +55,15 @@ class Registry:
         }
         self.config.write_text(json.dumps(config, indent=2) + "\n")
 
-    def start(self, timeout: float = 30) -> None:
-        if self.proc is not None and self.proc.alive:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage.mkdir(exist_ok=True)
-        self.write_config()
-        self.proc = Proc("registry", [REGISTRY, "serve", str(self.config)], self.workdir / "registry.log")
-        self.proc.start()
+    def argv(self) -> list[str]:
+        return [REGISTRY, "serve", str(self.config)]
 
-        def ready() -> bool:
-            if self.proc is None or not self.proc.alive:
-                raise SandboxError(f"registry exited:\n{self.proc.tail() if self.proc else ''}")
+    def answers(self) -> bool:
+        try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as r:
                 return bool(r.status == 200)
-
-        try:
-            wait_for(ready, timeout=timeout, what=f"registry on {self.address}")
-        except SandboxError as e:
-            tail = self.proc.tail()
-            self.stop()
-            raise SandboxError(f"{e}\n{tail}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
+        except (urllib.error.URLError, OSError):
+            return False
 
     def tags(self, repository: str) -> list[str]:
         """Tags of `repository` (e.g. "djed/app"); empty when it does not exist."""
