@@ -154,9 +154,9 @@ class Proc:
 
 @dataclass
 class LocalServer:
-    """An HTTP server of the sandbox's own (`python -m sandbox.<module>`) on a free loopback port, with
-    its log in `workdir`. A subclass says what it runs (`name`, `argv`, `env`) and how it is seen to
-    answer (`answers`)."""
+    """An HTTP server the sandbox runs on a free loopback port (the instance-metadata and moto servers,
+    the image registry), with its log in `workdir`. A subclass says what it runs (`name`, `argv`,
+    `env`, what `prepare` puts in place first) and how it is seen to answer (`answers`)."""
 
     workdir: Path
     port: int = field(default_factory=free_port)
