@@ -685,6 +685,13 @@ class Watch:
         except aex.RevisionCompactedError:
             await self._list("compacted")
             return
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # aetcd waits for the watch to be created with asyncio.wait_for, which on Python 3.11 can
+            # swallow a cancellation that arrives as the server answers: honour it here, or the
+            # cancelled task would wait on the new watch for ever.
+            await self._close()
+            raise asyncio.CancelledError
         self._iter = self._stream.__aiter__()
 
     async def __anext__(self) -> WatchItem:
