@@ -57,8 +57,6 @@ class Presence:
         self.instance_id = instance_id
         self._holds = holds
         self._hold_owner = hold_owner
-        self._health_timeout = lb.health_timeout
-        self._health_bound = lb.health_give_up
         self._retry = retry or Backoff(first=0.5, factor=2.0, cap=60.0)
         self._health_backoff = health_backoff or Backoff(first=0.05, factor=2.0, cap=1.0)
         self.unit: UnitState | None = None
@@ -240,7 +238,7 @@ class Presence:
     async def _check_health(self, invocation: str) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self._health_bound
+        deadline = started + self._lb.health_give_up
         attempt = 0
         told = False
         while True:
@@ -256,7 +254,7 @@ class Presence:
             left = deadline - loop.time()
             if left <= 0:
                 self._gave_up = invocation
-                log.error("lb.health_gave_up", bound_s=self._health_bound, status=status, error=error)
+                log.error("lb.health_gave_up", bound_s=self._lb.health_give_up, status=status, error=error)
                 self._wake.set()
                 return
             await asyncio.sleep(min(self._health_backoff.delay(attempt, random.random()), left))
@@ -266,7 +264,7 @@ class Presence:
         http, url = self._http, self._lb.health_url
         assert http is not None and url is not None
         try:
-            async with asyncio.timeout(self._health_timeout):
+            async with asyncio.timeout(self._lb.health_timeout):
                 async with http.get(url, allow_redirects=False) as r:
                     await r.read()
                     return r.status, None
