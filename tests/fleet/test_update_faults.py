@@ -309,3 +309,30 @@ def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet
     started = fleet.wait_event(leader, "rollout.phase",
                                where=lambda e: e.get("rollout") == revision and e.get("phase") == "done")
     assert caught and started and caught[-1]["timestamp"] >= started[-1]["timestamp"]
+
+
+def test_no_rollout_starts_without_an_operator_write(fleet: UpdateFleet) -> None:
+    """A failed rollout stays failed through agent restarts and a change of leader: every new watcher
+    lists the version key again, and must know it by the revision the operator wrote it at."""
+    revision = updates.set_version(fleet.fleet, "never-pushed")
+    h = updates.wait_phase(fleet.fleet, revision, timeout=60)
+    assert h["phase"] == "failed", h
+    steps = fleet.record_lines()
+    for name in fleet.names():  # one by one, as systemd would restart them
+        fleet.fleet.kill_agent(name, signal.SIGKILL)
+        fleet.fleet.restart_agent(name)
+        fleet.fleet.wait_registered(timeout=60)
+    leader = fleet.wait_leader()
+    killed_at = _log_time()
+    fleet.fleet.kill_agent(leader, signal.SIGKILL)
+    successor = fleet.wait_leader(other_than=leader)
+    # The successor weighs the desired version it listed: known, or (wrongly) new.
+    seen = fleet.wait_event(successor, ("updater.desired_known", "rollout.begin"), timeout=30,
+                            where=lambda e: e["timestamp"] > killed_at)
+    assert [e["event"] for e in seen] == ["updater.desired_known"], seen
+    assert seen[0]["revision"] == revision
+    fleet.fleet.restart_agent(leader)
+    fleet.fleet.wait_registered(timeout=60)
+    assert updates.header(fleet.fleet)["revision"] == revision  # type: ignore[index]
+    assert max(r["revision"] for r in updates.history(fleet.fleet)) == revision  # no rollout since
+    assert fleet.record_lines() == steps  # no step ran
