@@ -230,6 +230,7 @@ class Updater:
     async def _on_desired(self, desired: Desired) -> None:
         record = self.record
         if record is not None and desired.version_revision <= record.revision:
+            log.info("updater.desired_known", revision=desired.version_revision, rollout=record.revision)
             return
         if desired.version_refused is not None:
             if record is None or record.terminal:

@@ -50,7 +50,9 @@ class DesiredStateWatcher:
                             self._metrics.watch_resyncs.labels(key).inc()
                             log.warning("watch.resynced", key=key, revision=item.snapshot.revision)
                         kv = item.snapshot.kvs[0] if item.snapshot.kvs else None
-                        await self._apply(key, kv.value if kv else None, item.snapshot.revision)
+                        # A value is known by the revision it was written at, never by the store's
+                        # revision at the listing: the updater tells a new write from a known one by it.
+                        await self._apply(key, kv.value if kv else None, kv.mod_revision if kv else 0)
                         started.add(key)
                         if len(started) == 2:
                             self.synced.set()
