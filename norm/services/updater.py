@@ -349,6 +349,8 @@ class Updater:
             ops += [Delete(f"{self._prefix}/rollouts/{r}/", prefix=True) for r in stale]
             for i in range(0, len(ops), 64):
                 await self._leadership.fenced(ops[i:i + 64])
+        except NotLeader:
+            raise  # another agent leads: this one stands down, it does not trim on
         except EtcdError as e:
             log.warning("updater.trim_failed", error=str(e))
 
