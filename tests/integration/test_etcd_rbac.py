@@ -1,0 +1,292 @@
+"""Least-privilege access against a real etcd with authentication on: `norm access apply` makes the
+documented roles and users, idempotently; what each kind of user may not do is refused by etcd; and
+the agents do their work (registration, leadership, healing, a whole update) with only these grants."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from norm.adapters.etcd import Compare, Etcd, EtcdRejected, Get, Put
+from norm.app import cli
+from norm.core import release as rel
+from norm.core.config import EtcdConfig
+from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
+from norm.core.secret import Secret
+from sandbox.etcd import EtcdMember
+from tests.plugins.etcd import Pki
+
+T = TypeVar("T")
+P = "/norm"
+VERSION = "/djed-version"
+ROOT_PW = "root-canary-pw"
+A, B = "a" * 32, "b" * 32  # A may lead, B may not
+OPS, HOST_A, HOST_B = "ops", "host-a", "host-b"
+PASSWORDS = {OPS: "ops-canary-pw", HOST_A: "host-a-canary-pw", HOST_B: "host-b-canary-pw"}
+
+
+@dataclass
+class Secured:
+    etcd: EtcdMember
+    admin_conf: Path  # a `norm` config as etcd's root user
+    dir: Path
+
+    def config(self, user: str, **kw: object) -> EtcdConfig:
+        values: dict[str, object] = {"endpoints": (self.etcd.endpoint,), "request_timeout": 2.0,
+                                     "dial_timeout": 3.0, "lease_ttl": 5, "username": user,
+                                     "password": Secret(PASSWORDS[user])}
+        values.update(kw)
+        return EtcdConfig(**values)  # type: ignore[arg-type]
+
+    def access_args(self) -> list[str]:
+        args = ["--operator", OPS, "--leader", f"{A}={HOST_A}", "--host", f"{B}={HOST_B}"]
+        for user, password in PASSWORDS.items():
+            path = self.dir / f"{user}.pw"
+            path.write_text(password + "\n")
+            args += ["--password-file", f"{user}={path}"]
+        return args
+
+
+def norm_access(capsys: pytest.CaptureFixture[str], conf: Path, action: str,
+                *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.main(["access", action, "--config", str(conf), *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+# What each user proves it can read on connecting (as the agent does with its control keys).
+PROBES = {HOST_A: control_prefix(P, A), HOST_B: control_prefix(P, B), "web-1.internal": control_prefix(P, A),
+          "web-2.internal": control_prefix(P, B)}
+
+
+def as_user(config: EtcdConfig, go: Callable[[Etcd], Awaitable[T]]) -> T:
+    user = config.username or Path(config.cert_file or "").stem
+
+    async def run() -> T:
+        async with Etcd(config, probe_key=PROBES.get(user, P + "/")) as etcd:
+            return await go(etcd)
+
+    return asyncio.run(run())
+
+
+def refused(config: EtcdConfig, go: Callable[[Etcd], Awaitable[object]]) -> str:
+    with pytest.raises(EtcdRejected, match="permission denied") as info:
+        as_user(config, go)
+    return str(info.value)
+
+
+def root_on(etcd: EtcdMember, tmp: Path, **etcd_toml: str) -> Path:
+    """Make etcd's root user, turn authentication on, and write a `norm` config that is root."""
+    etcd.ctl("user", "add", f"root:{ROOT_PW}")
+    etcd.ctl("auth", "enable")
+    (tmp / "root.pw").write_text(ROOT_PW + "\n")
+    conf = tmp / "admin.toml"
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in etcd_toml.items())
+    conf.write_text(f'[etcd]\nendpoints = ["{etcd.endpoint}"]\nrequest_timeout = 2.0\ndial_timeout = 3.0\n'
+                    f'username = "root"\npassword_file = "{tmp / "root.pw"}"\n{extra}')
+    return conf
+
+
+@pytest.fixture
+def secured(etcd: EtcdMember, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Secured:
+    s = Secured(etcd, root_on(etcd, tmp_path), tmp_path)
+    code, _, err = norm_access(capsys, s.admin_conf, "apply", *s.access_args())
+    assert code == 0, err
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# The verb
+
+
+def test_apply_makes_the_documented_roles_and_a_second_run_changes_nothing(
+        etcd: EtcdMember, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = Secured(etcd, root_on(etcd, tmp_path), tmp_path)
+    code, planned, err = norm_access(capsys, s.admin_conf, "plan", *s.access_args())
+    assert code == 0, err
+    assert "etcdctl role add norm-operator" in planned
+    assert f"etcdctl user add {HOST_B} --interactive=false" in planned
+    assert all(pw not in planned for pw in PASSWORDS.values())
+    assert etcd.ctl("role", "list", user=f"root:{ROOT_PW}").split() == ["root"]  # the plan changed nothing
+
+    code, applied, err = norm_access(capsys, s.admin_conf, "apply", *s.access_args())
+    assert code == 0, err
+    assert applied == planned.replace("changes to make", "changes applied")
+    roles = etcd.ctl("role", "list", user=f"root:{ROOT_PW}").split()
+    assert {"norm-operator", "norm-leader", f"norm-host-{A}", f"norm-host-{B}"} <= set(roles)
+    assert etcd.ctl("user", "get", HOST_A, user=f"root:{ROOT_PW}").split()[-2:] == ["norm-host-" + A,
+                                                                                    "norm-leader"]
+    host_b = etcd.ctl("role", "get", f"norm-host-{B}", user=f"root:{ROOT_PW}")
+    assert f"{P}/hosts/{B}" in host_b and f"{P}/hosts/{A}" not in host_b
+
+    for action in ("plan", "apply"):
+        code, out, _ = norm_access(capsys, s.admin_conf, action, *s.access_args())
+        assert (code, out) == (0, "# nothing to change\n")
+
+    # B becomes leader-eligible, A no longer: only those grants change.
+    args = ["--operator", OPS, "--host", f"{A}={HOST_A}", "--leader", f"{B}={HOST_B}"]
+    code, out, _ = norm_access(capsys, s.admin_conf, "apply", *args)
+    assert code == 0
+    assert out.splitlines() == [f"etcdctl user revoke-role {HOST_A} norm-leader",
+                                f"etcdctl user grant-role {HOST_B} norm-leader", "# 2 changes applied"]
+
+
+def test_apply_as_a_user_without_the_root_role_is_refused(
+        secured: Secured, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "ops.toml"
+    conf.write_text(f'[etcd]\nendpoints = ["{secured.etcd.endpoint}"]\nusername = "{OPS}"\n'
+                    f'password = "{PASSWORDS[OPS]}"\n')
+    code, _, err = norm_access(capsys, conf, "apply", "--host", "c" * 32)
+    assert code == 1
+    assert "permission denied" in err and PASSWORDS[OPS] not in err
+
+
+def test_bad_arguments_change_nothing(secured: Secured, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["--host", "not-a-machine-id"], [], ["--operator", "a b"],
+                 ["--operator", "x", "--password-file", "x=/nonexistent/file"]):
+        code, out, err = norm_access(capsys, secured.admin_conf, "apply", *args)
+        assert code == 2 and out == "", (args, err)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What each kind of user may not do
+
+
+def test_a_host_cannot_write_another_hosts_keys(secured: Secured) -> None:
+    b = secured.config(HOST_B)
+    for key in (hosts_key(P, A), units_key(P, A), control_prefix(P, A) + "release/djed-web.service"):
+        refused(b, lambda etcd, key=key: etcd.put(key, b"{}"))  # type: ignore[misc]
+    refused(b, lambda etcd: etcd.delete(hosts_key(P, A)))
+    # A's user, with the leader's role too, cannot either.
+    refused(secured.config(HOST_A), lambda etcd: etcd.put(hosts_key(P, B), b"{}"))
+
+
+def test_an_ordinary_host_cannot_write_the_header_nor_lead(secured: Secured) -> None:
+    b = secured.config(HOST_B)
+    refused(b, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    refused(b, lambda etcd: etcd.put(rel.ledger_key(P, 7, "migrate"), b"{}"))
+    refused(b, lambda etcd: etcd.put(rel.history_key(P, 7), b"{}"))
+
+    async def campaign(etcd: Etcd) -> None:
+        async with etcd.lease() as lease:
+            await etcd.election(leader_key(P), B.encode()).campaign(lease)
+
+    refused(b, campaign)
+    # It cannot list who else is registered either (only the leader needs to).
+    refused(b, lambda etcd: etcd.get_prefix(hosts_key(P)))
+
+
+def test_agents_cannot_write_the_operators_keys(secured: Secured) -> None:
+    for user in (HOST_A, HOST_B):
+        config = secured.config(user)
+        refused(config, lambda etcd: etcd.put(VERSION, b"v2"))
+        refused(config, lambda etcd: etcd.put("/djed-environment", b"prod"))
+    # The operator can, and reads everything, but writes no host's registration nor the header.
+    ops = secured.config(OPS)
+    as_user(ops, lambda etcd: etcd.put(VERSION, b"v2"))
+    as_user(ops, lambda etcd: etcd.get_prefix(P + "/"))
+    refused(ops, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
+    refused(ops, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+
+
+def test_a_host_does_its_own_work_with_its_grants(secured: Secured) -> None:
+    """Everything a host's agent does in etcd, done as its user: no refusal."""
+
+    async def host_work(etcd: Etcd) -> None:
+        assert (await etcd.get_one(VERSION)).kvs == ()
+        await etcd.get(rel.header_key(P))
+        async with etcd.lease() as lease:
+            await etcd.put(hosts_key(P, B), HostRecord(B, "b", "test", "web", "0").encode(), lease=lease.id)
+            await etcd.put(units_key(P, B), b"[]", lease=lease.id)
+            await etcd.put(control_prefix(P, B) + "release/djed-web.service", b"{}")
+            await etcd.delete(control_prefix(P, B) + "release/djed-web.service")
+            report = Put(rel.report_key(P, 7, "pulled", B), rel.pulled_ok("sha256:" + "1" * 64))
+            result = await etcd.txn([Compare(rel.header_key(P), "mod", "==", 0)], [report],
+                                    [Get(rel.header_key(P))])
+            assert result.succeeded
+            await etcd.txn([], [Get(rel.hosts_list_key(P, 7)), Get(rel.rollout_prefix(P, 7) + "migrated/",
+                                                                   prefix=True)])
+            async with etcd.watch(control_prefix(P, B), prefix=True) as w:
+                await anext(w)
+        # The lease's keys went with it: the revoke was allowed.
+        assert await etcd.get(hosts_key(P, B)) is None
+
+    as_user(secured.config(HOST_B), host_work)
+
+
+def test_a_leader_eligible_host_leads_with_its_grants(secured: Secured) -> None:
+    async def lead(etcd: Etcd) -> None:
+        async with etcd.lease() as lease:
+            election = etcd.election(leader_key(P), A.encode())
+            leadership = await election.campaign(lease)
+            await election.fenced(leadership, [Put(rel.header_key(P), b"{}"),
+                                               Put(rel.record_key(P, 7), b"{}"),
+                                               Put(rel.ledger_key(P, 7, "migrate"), b"{}"),
+                                               Put(rel.history_key(P, 7), b"{}")])
+            await etcd.get_prefix(hosts_key(P))
+            await election.fenced(leadership, [])
+            await election.resign(leadership)
+        assert await etcd.get(leader_key(P)) is None
+
+    as_user(secured.config(HOST_A), lead)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Users from client certificates' common names
+
+
+def _client_cert(pki: Pki, cn: str, d: Path) -> tuple[Path, Path]:
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert_path, key_path = d / f"{cn}.pem", d / f"{cn}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_users_from_client_certificate_names(
+        etcd_tls: EtcdMember, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = root_on(etcd_tls, tmp_path, ca_file=str(pki.ca), cert_file=str(pki.client_cert),
+                   key_file=str(pki.client_key))
+    code, out, err = norm_access(capsys, conf, "apply", "--operator", "alice",
+                                 "--leader", f"{A}=web-1.internal", "--host", f"{B}=web-2.internal")
+    assert code == 0, err
+    assert "etcdctl user add web-2.internal --no-password" in out
+
+    def tls(cn: str) -> EtcdConfig:
+        cert, key = _client_cert(pki, cn, tmp_path)
+        return EtcdConfig(endpoints=(etcd_tls.endpoint,), ca_file=str(pki.ca), cert_file=str(cert),
+                          key_file=str(key), request_timeout=2.0, dial_timeout=3.0)
+
+    web2 = tls("web-2.internal")
+    as_user(web2, lambda etcd: etcd.put(hosts_key(P, B), b"{}"))
+    refused(web2, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
+    refused(web2, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    refused(web2, lambda etcd: etcd.put(VERSION, b"v2"))
+    as_user(tls("web-1.internal"), lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    as_user(tls("alice"), lambda etcd: etcd.put(VERSION, b"v2"))
+    # A certificate whose name is no user reads nothing.
+    refused(tls("mallory"), lambda etcd: etcd.get(VERSION))
