@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-from collections.abc import Awaitable, Callable
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,7 +26,13 @@ from norm.core import release as rel
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
 from norm.core.secret import Secret
+from sandbox import app, updates
 from sandbox.etcd import EtcdMember
+from sandbox.fleet import Fleet
+from sandbox.procs import wait_for
+from sandbox.registry import Registry
+from sandbox.systemd import SystemdManager
+from tests.plugins.agent import AgentProc
 from tests.plugins.etcd import Pki
 
 T = TypeVar("T")
@@ -290,3 +298,167 @@ def test_users_from_client_certificate_names(
     as_user(tls("alice"), lambda etcd: etcd.put(VERSION, b"v2"))
     # A certificate whose name is no user reads nothing.
     refused(tls("mallory"), lambda etcd: etcd.get(VERSION))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real agents with only these grants
+
+SLEEPER = "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n"
+FAST_HEALING = "[healing]\nbackoff_initial = 0.05\nbackoff_max = 0.1\n"
+
+
+def agent_env(user: str, leader: bool = True) -> dict[str, str]:
+    env = {"NORM_ETCD__USERNAME": user, "NORM_ETCD__PASSWORD": PASSWORDS[user]}
+    return env if leader else {**env, "NORM_AGENT__LEADER_ELIGIBLE": "false"}
+
+
+def events(agent: AgentProc) -> list[dict[str, object]]:
+    return [json.loads(line) for line in agent.logs().splitlines() if line.startswith("{")]
+
+
+def test_agents_register_lead_and_heal_with_only_their_grants(
+        secured: Secured, systemd_managers: Callable[[int], list[SystemdManager]],
+        agents: Callable[..., AgentProc]) -> None:
+    managers = systemd_managers(2)
+    for m in managers:
+        m.write_unit("djed-web.service", SLEEPER)
+        m.systemctl("start", "djed-web.service")
+    endpoint = [secured.etcd.endpoint]
+    a = agents(endpoint, machine_id=A, systemd_bus=managers[0].bus_address, extra_toml=FAST_HEALING,
+               env=agent_env(HOST_A))
+    b = agents(endpoint, machine_id=B, systemd_bus=managers[1].bus_address, extra_toml=FAST_HEALING,
+               env=agent_env(HOST_B, leader=False))
+    a.wait_notify("READY=1")
+    b.wait_notify("READY=1")
+    ops = secured.config(OPS)
+
+    def get(key: str) -> bytes | None:
+        async def go(etcd: Etcd) -> bytes | None:
+            kv = await etcd.get(key)
+            return None if kv is None else kv.value
+
+        return as_user(ops, go)
+
+    wait_for(lambda: get(leader_key(P)) == A.encode(), timeout=20, what="A leads")
+    assert get(hosts_key(P, A)) is not None and get(hosts_key(P, B)) is not None
+    wait_for(lambda: get(units_key(P, B)) is not None, timeout=20, what="B's unit summary")
+
+    # B heals its unit, and carries out an operator's hold and its release.
+    pid = int(managers[1].unit_property("djed-web.service", "MainPID"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: int(managers[1].unit_property("djed-web.service", "MainPID")) not in (0, pid),
+             timeout=20, what="djed-web healed on B")
+    hold = control_prefix(P, B) + "hold/djed-web.service"
+    as_user(ops, lambda etcd: etcd.put(hold, b"{}"))
+    wait_for(lambda: managers[1].unit_property("djed-web.service", "ActiveState") == "inactive",
+             timeout=20, what="djed-web held on B")
+    as_user(ops, lambda etcd: etcd.delete(hold))
+    wait_for(lambda: managers[1].unit_property("djed-web.service", "ActiveState") == "active",
+             timeout=20, what="djed-web started again on B")
+
+    # A stops: its record and the leader key go; B, not eligible, does not campaign.
+    assert a.proc is not None
+    a.proc.signal(signal.SIGTERM)
+    assert a.wait_exit(timeout=15) == 0
+    wait_for(lambda: get(leader_key(P)) is None, timeout=10, what="the leader key gone")
+    assert get(hosts_key(P, B)) is not None
+    for agent in (a, b):
+        seen = {e["event"] for e in events(agent)}
+        assert not seen & {"agent.etcd_refused", "leader.campaign_failed", "host.register_failed",
+                            "host.update_failed", "control.ack_failed"}, (agent.name, seen)
+    assert "leader.not_eligible" in {e["event"] for e in events(b)}
+    assert all(pw not in a.logs() + b.logs() for pw in PASSWORDS.values())
+
+
+FLEET_ENV = {"NORM_ETCD__LEASE_TTL": "4", "NORM_ETCD__REQUEST_TIMEOUT": "2",
+             "NORM_UPDATE__PULL_TIMEOUT": "60", "NORM_UPDATE__STOP_TIMEOUT": "30",
+             "NORM_UPDATE__START_TIMEOUT": "60", "NORM_UPDATE__MIGRATION_TIMEOUT": "60",
+             "NORM_LOG__LEVEL": "debug"}
+
+
+@pytest.fixture
+def restricted_fleet(tmp_path: Path, registry: Registry, capsys: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
+    """Three hosts with their own systemd manager and Docker engine, on an etcd with authentication
+    on; host1 and host2 may lead, host3 may not; every agent runs as its own user, with only the roles
+    `norm access apply` gave it, and the operator's etcdctl runs as the operator."""
+    (tmp_path / "steps.env").write_text("")
+    fleet = Fleet(tmp_path / "fleet", size=3, etcd_size=1, agents=False, image=f"{registry.address}/djed/app",
+                  agent_env=dict(FLEET_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(tmp_path / "steps.env")))
+    try:
+        fleet.up()
+        state = fleet.load_state()
+        assert state is not None
+        app.install_app(state)
+        fleet.etcdctl("user", "add", f"root:{ROOT_PW}")
+        fleet.etcdctl("auth", "enable")
+        (tmp_path / "root.pw").write_text(ROOT_PW + "\n")
+        admin = tmp_path / "admin.toml"
+        admin.write_text(f'[etcd]\nendpoints = {json.dumps(state["endpoints"])}\nusername = "root"\n'
+                         f'password_file = "{tmp_path / "root.pw"}"\n')
+        passwords = {OPS: PASSWORDS[OPS]} | {f"web-{i}": f"web-{i}-canary-pw" for i in (1, 2, 3)}
+        args = ["--operator", OPS]
+        for i, h in enumerate(state["hosts"], start=1):
+            args += ["--leader" if i < 3 else "--host", f"{h['machine_id']}=web-{i}"]
+        for user, password in passwords.items():
+            (tmp_path / f"{user}.pw").write_text(password + "\n")
+            args += ["--password-file", f"{user}={tmp_path / f'{user}.pw'}"]
+        code, _, err = norm_access(capsys, admin, "apply", *args)
+        assert code == 0, err
+        monkeypatch.setenv("ETCDCTL_USER", f"{OPS}:{PASSWORDS[OPS]}")
+        for i, h in enumerate(state["hosts"], start=1):
+            conf = Path(h["config"])
+            pw_file = tmp_path / f"web-{i}.pw"
+            text = conf.read_text().replace(
+                "[etcd]\n", f'[etcd]\nusername = "web-{i}"\npassword_file = "{pw_file}"\n', 1)
+            assert f'username = "web-{i}"' in text
+            conf.write_text(text + ("\n[agent]\nleader_eligible = false\n" if i == 3 else ""))
+            fleet.restart_agent(h["name"])
+        fleet.wait_registered(timeout=60)
+        yield fleet
+    finally:
+        fleet.down()
+
+
+def test_a_whole_update_and_a_leader_failover_with_only_these_grants(
+        restricted_fleet: Fleet, demo_app: Callable[..., str]) -> None:
+    fleet = restricted_fleet
+    state = fleet.load_state()
+    assert state is not None
+    hosts = state["hosts"]
+    names = {h["machine_id"]: h["name"] for h in hosts}
+    ports = app.install_app(state)  # the ports saved when the units were installed
+    record_log = fleet.data_dir / "record.log"
+
+    def leader() -> str | None:
+        kvs = updates.get_kvs(fleet, f"{P}/leader")
+        return names[kvs[0]["value"].decode()] if kvs else None
+
+    def deploy(tag: str) -> None:
+        demo_app(tag)
+        h = updates.deploy(fleet, tag, timeout=180)
+        assert h["phase"] == "done", h
+        wait_for(lambda: all((app.fetch(web), app.fetch(api)) == (tag, tag) for web, api in ports.values()),
+                 timeout=60, what=f"every host serving {tag}")
+        steps = [ln.split()[1] for ln in record_log.read_text().splitlines() if ln.split()[0] == tag]
+        assert steps == ["migrate", "collectstatic"]
+
+    deploy("rbac1")
+    first = leader()
+    assert first in ("host1", "host2")
+    deploy("rbac2")
+
+    # The leader dies: the other leader-eligible host takes over (host3 may not) and leads the next.
+    fleet.kill_agent(first)
+    other = "host2" if first == "host1" else "host1"
+    wait_for(lambda: leader() == other, timeout=30, what=f"{other} leading")
+    fleet.restart_agent(first)
+    fleet.wait_registered(timeout=60)
+    deploy("rbac3")
+
+    for h in hosts:
+        log = Path(h["dir"], "agent.log").read_text()
+        assert "permission denied" not in log, h["name"]
+        assert "canary-pw" not in log
+    host3 = Path(hosts[2]["dir"], "agent.log").read_text()
+    assert "leader.not_eligible" in host3 and "leader.elected" not in host3
