@@ -342,11 +342,15 @@ def _host_etcd(args: argparse.Namespace) -> tuple[cfg.Config, str]:
     return config, settings.identity(config).machine_id
 
 
-def _connect(config: cfg.Config) -> Any:
+def _connect(config: cfg.Config, machine_id: str | None = None) -> Any:
+    """A connection that proves it may read the prefix, or with `machine_id`, that host's control keys
+    (all a host's own etcd user may read there, for the commands run on the host)."""
     from norm.adapters.etcd import Etcd
     from norm.app import settings
+    from norm.core.host import control_prefix
 
-    return Etcd(config.etcd, password=settings.etcd_password(config), probe_key=config.keys.prefix + "/")
+    probe = config.keys.prefix + "/" if machine_id is None else control_prefix(config.keys.prefix, machine_id)
+    return Etcd(config.etcd, password=settings.etcd_password(config), probe_key=probe)
 
 
 def _units(args: argparse.Namespace) -> int:
@@ -357,7 +361,7 @@ def _units(args: argparse.Namespace) -> int:
     config, machine_id = _host_etcd(args)
 
     async def fetch() -> bytes | None:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             kv = await etcd.get(units_key(config.keys.prefix, machine_id))
         return None if kv is None else bytes(kv.value)
 
@@ -418,7 +422,7 @@ def _heal(args: argparse.Namespace) -> int:
     key = f"{config.keys.prefix}/control/{machine_id}/release/{unit}"
 
     async def go() -> bool:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
             return await _await_key(etcd, key, present=False, seconds=args.timeout)
 
@@ -441,7 +445,7 @@ def _hold(args: argparse.Namespace) -> int:
     stop = args.units_command == "stop"
 
     async def go() -> bool:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             if stop:
                 await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
             else:

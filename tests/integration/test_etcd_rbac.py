@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +357,17 @@ def test_agents_register_lead_and_heal_with_only_their_grants(
     as_user(ops, lambda etcd: etcd.delete(hold))
     wait_for(lambda: managers[1].unit_property("djed-web.service", "ActiveState") == "active",
              timeout=20, what="djed-web started again on B")
+
+    # On the host, with the host's own user, the operator's host commands work.
+    def norm_on_b(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "norm", *args, "--config", str(b.config_path)],
+                              env=dict(os.environ, **agent_env(HOST_B, leader=False)), capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    r = norm_on_b("units")
+    assert r.returncode == 0 and "djed-web.service" in r.stdout, r.stderr
+    r = norm_on_b("heal", "release", "djed-web.service")
+    assert r.returncode == 0, r.stderr
 
     # A stops: its record and the leader key go; B, not eligible, does not campaign.
     assert a.proc is not None
