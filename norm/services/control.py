@@ -29,8 +29,6 @@ log = structlog.get_logger("norm.control")
 OPERATOR = "operator"
 
 
-
-
 class Control:
     name = "control"
 
