@@ -32,6 +32,7 @@ import grpc
 import structlog
 from aetcd import rpc, transactions
 
+from norm.core.access import Kind, Permission
 from norm.core.backoff import Backoff
 from norm.core.config import EtcdConfig
 from norm.core.errors import NormError
@@ -179,6 +180,10 @@ class Get:
 
 
 Op = Put | Delete | Get
+
+
+def _raw(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
 
 
 def prefix_end(prefix: str) -> bytes:
@@ -525,6 +530,89 @@ class Etcd:
 
     def election(self, key: str, value: bytes) -> Election:
         return Election(self, key, value)
+
+    # -- users and roles (etcd's own access control; changing them takes its root role)
+
+    async def _auth(self, what: str, method: str, request: Any, *, retry: bool) -> Any:
+        async def run(c: _Client) -> Any:
+            stub = rpc.AuthStub(c.channel)
+            try:
+                return await getattr(stub, method)(request, timeout=self.config.request_timeout,
+                                                   metadata=c.metadata)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                raise EtcdRejected(f"{what}: {e.details()}") from None
+
+        return await self._call(what, run, retry=retry)
+
+    async def auth_enabled(self) -> bool | None:
+        """Whether etcd's authentication is on; None when the server cannot say (before etcd 3.5)."""
+        try:
+            reply = await self._auth("reading the auth status", "AuthStatus", rpc.AuthStatusRequest(),
+                                     retry=True)
+        except EtcdRejected as e:
+            if "unknown method" in str(e):
+                return None
+            raise
+        return bool(reply.enabled)
+
+    async def role_permissions(self, role: str) -> frozenset[Permission] | None:
+        """The grants of `role`; None if there is no such role."""
+        try:
+            reply = await self._auth(f"reading role {role}", "RoleGet", rpc.AuthRoleGetRequest(role=role),
+                                     retry=True)
+        except EtcdRejected as e:
+            if "role name not found" in str(e):
+                return None
+            raise
+        kinds: dict[int, Kind] = {0: "read", 1: "write", 2: "readwrite"}
+        return frozenset(Permission(bytes(p.key).decode("utf-8", "surrogateescape"),
+                                    bytes(p.range_end).decode("utf-8", "surrogateescape"),
+                                    kinds[int(p.permType)]) for p in reply.perm)
+
+    async def add_role(self, role: str) -> None:
+        await self._auth(f"adding role {role}", "RoleAdd", rpc.AuthRoleAddRequest(name=role), retry=False)
+
+    async def grant_permission(self, role: str, permission: Permission) -> None:
+        codes = {"read": 0, "write": 1, "readwrite": 2}
+        perm = rpc.Permission(permType=codes[permission.kind], key=_raw(permission.key),
+                              range_end=_raw(permission.range_end))
+        await self._auth(f"granting {permission.describe()} to role {role}", "RoleGrantPermission",
+                         rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm), retry=False)
+
+    async def revoke_permission(self, role: str, permission: Permission) -> None:
+        await self._auth(f"revoking {permission.describe()} from role {role}", "RoleRevokePermission",
+                         rpc.AuthRoleRevokePermissionRequest(role=role, key=_raw(permission.key),
+                                                            range_end=_raw(permission.range_end)),
+                         retry=False)
+
+    async def user_roles(self, user: str) -> frozenset[str] | None:
+        """The roles of `user`; None if there is no such user."""
+        try:
+            reply = await self._auth(f"reading user {user}", "UserGet", rpc.AuthUserGetRequest(name=user),
+                                     retry=True)
+        except EtcdRejected as e:
+            if "user name not found" in str(e):
+                return None
+            raise
+        return frozenset(reply.roles)
+
+    async def add_user(self, user: str, password: Secret | None) -> None:
+        """A user with a password, or (None) one that only a client certificate's CN can be."""
+        if password is None:
+            request = rpc.AuthUserAddRequest(name=user, options=rpc.UserAddOptions(no_password=True))
+        else:
+            request = rpc.AuthUserAddRequest(name=user, password=password.reveal())
+        await self._auth(f"adding user {user}", "UserAdd", request, retry=False)
+
+    async def grant_role(self, user: str, role: str) -> None:
+        await self._auth(f"granting role {role} to user {user}", "UserGrantRole",
+                         rpc.AuthUserGrantRoleRequest(user=user, role=role), retry=False)
+
+    async def revoke_role(self, user: str, role: str) -> None:
+        await self._auth(f"revoking role {role} from user {user}", "UserRevokeRole",
+                         rpc.AuthUserRevokeRoleRequest(name=user, role=role), retry=False)
 
 
 # ---------------------------------------------------------------------------------------------------

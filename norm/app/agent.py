@@ -21,7 +21,7 @@ from norm.app.sdnotify import Notifier
 from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
 from norm.core.config import Config
-from norm.core.host import HostRecord
+from norm.core.host import HostRecord, control_prefix
 from norm.services.base import Service, ServiceDied, wait_or_stop
 from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
@@ -122,7 +122,8 @@ class Agent:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                await etcd.check(self.config.keys.prefix + "/")
+                # The host's own control keys: a host's etcd role may read them and little else.
+                await etcd.check(control_prefix(self.config.keys.prefix, self.identity.machine_id))
                 self.metrics.etcd_connected.set(1)
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True
@@ -166,7 +167,7 @@ class Agent:
             http=c.http.listen, started_at=round(time.time(), 3), instance_id=self.instance_id)
         self.registration = Registration(etcd, c.keys.prefix, record, self.metrics)
         self.leadership = LeaderElection(etcd, c.keys.prefix, self.identity.machine_id,
-                                         self.registration, self.metrics)
+                                         self.registration, self.metrics, eligible=c.agent.leader_eligible)
         self.watcher = DesiredStateWatcher(etcd, c.keys.version, c.keys.environment, self.metrics,
                                            c.agent.resync_interval)
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)

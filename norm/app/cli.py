@@ -28,9 +28,11 @@ from norm.core.errors import ConfigError, InvalidValue, NormError
 
 if TYPE_CHECKING:
     from norm.adapters.etcd import Etcd, KeyValue, WatchItem
+    from norm.core.access import Change
     from norm.core.host import HostRecord
     from norm.core.release import Header
     from norm.core.rollout import Rollout
+    from norm.core.secret import Secret
 
 T = TypeVar("T")
 
@@ -53,6 +55,25 @@ exit status:
   1  the rollout failed, was halted, or was superseded by a newer version (the reason is printed)
   4  etcd could not be reached
   5  with --once: the rollout is still running
+"""
+
+
+ACCESS_DESCRIPTION = """\
+Roles, by who writes what (see the operator guide, "Least-privilege access"):
+  norm-operator            read everything; write the desired version and environment,
+                           control requests and abort requests
+  norm-host-<machine-id>   one per host: read the desired keys and the rollouts; write its own
+                           registration, unit summary, control keys, and rollout reports
+  norm-leader              leader-eligible hosts: the leader key, the rollout header, records,
+                           ledger and history; read the host registrations
+"""
+
+ACCESS_EPILOG = """\
+exit status:
+  0  planned, or applied (or nothing to change)
+  1  etcd refused a change (apply needs a user with etcd's root role)
+  2  an argument is not acceptable: nothing was changed
+  4  etcd could not be reached
 """
 
 
@@ -136,6 +157,28 @@ def parser() -> argparse.ArgumentParser:
     _config_args(abort)
     abort.add_argument("--by", default=None, metavar="NAME",
                        help="who asks (default $USER@hostname); recorded as the reason")
+
+    access = sub.add_parser("access", help="least-privilege etcd users and roles for operators and hosts")
+    asub = access.add_subparsers(dest="access_command", required=True, metavar="ACTION")
+    for action, text in (("plan", "print the etcdctl commands that would bring etcd to the roles and "
+                                  "users named (nothing is changed)"),
+                         ("apply", "make those changes in etcd (as a user with etcd's root role); "
+                                   "running it again changes nothing")):
+        a = asub.add_parser(action, help=text, description=ACCESS_DESCRIPTION, epilog=ACCESS_EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _config_args(a)
+        a.add_argument("--operator", dest="operators", action="append", default=[], metavar="USER",
+                       help="an operator's etcd user (a client certificate's CN, or a password user); "
+                       "may be repeated")
+        a.add_argument("--host", dest="hosts", action="append", default=[], metavar="MACHINE_ID[=USER]",
+                       help="a host that follows rollouts but never leads, and its etcd user (default "
+                       "norm-host-MACHINE_ID); may be repeated")
+        a.add_argument("--leader", dest="leaders", action="append", default=[], metavar="MACHINE_ID[=USER]",
+                       help="a leader-eligible host (the host's role and the leader's); may be repeated")
+        a.add_argument("--password-file", dest="password_files", action="append", default=[],
+                       metavar="USER=FILE", help="USER authenticates with the password on FILE's first "
+                       "line (set when the user is created); users without one are created for client "
+                       "certificates only")
     return p
 
 
@@ -183,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _history(args)
             case "abort":
                 return _abort(args)
+            case "access":
+                return _access(args)
     except _Unreachable as e:
         print(f"norm: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -297,11 +342,15 @@ def _host_etcd(args: argparse.Namespace) -> tuple[cfg.Config, str]:
     return config, settings.identity(config).machine_id
 
 
-def _connect(config: cfg.Config) -> Any:
+def _connect(config: cfg.Config, machine_id: str | None = None) -> Any:
+    """A connection that proves it may read the prefix, or with `machine_id`, that host's control keys
+    (all a host's own etcd user may read there, for the commands run on the host)."""
     from norm.adapters.etcd import Etcd
     from norm.app import settings
+    from norm.core.host import control_prefix
 
-    return Etcd(config.etcd, password=settings.etcd_password(config), probe_key=config.keys.prefix + "/")
+    probe = config.keys.prefix + "/" if machine_id is None else control_prefix(config.keys.prefix, machine_id)
+    return Etcd(config.etcd, password=settings.etcd_password(config), probe_key=probe)
 
 
 def _units(args: argparse.Namespace) -> int:
@@ -312,7 +361,7 @@ def _units(args: argparse.Namespace) -> int:
     config, machine_id = _host_etcd(args)
 
     async def fetch() -> bytes | None:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             kv = await etcd.get(units_key(config.keys.prefix, machine_id))
         return None if kv is None else bytes(kv.value)
 
@@ -373,7 +422,7 @@ def _heal(args: argparse.Namespace) -> int:
     key = f"{config.keys.prefix}/control/{machine_id}/release/{unit}"
 
     async def go() -> bool:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
             return await _await_key(etcd, key, present=False, seconds=args.timeout)
 
@@ -396,7 +445,7 @@ def _hold(args: argparse.Namespace) -> int:
     stop = args.units_command == "stop"
 
     async def go() -> bool:
-        async with _connect(config) as etcd:
+        async with _connect(config, machine_id) as etcd:
             if stop:
                 await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
             else:
@@ -891,3 +940,69 @@ def _abort(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
     return _with_etcd(config, go)
+
+
+def _access(args: argparse.Namespace) -> int:
+    from norm.core import access
+    from norm.core.secret import Secret
+
+    config = _load(args)
+    keys = access.Keys(config.keys.version, config.keys.environment, config.keys.prefix)
+    operators = [access.parse_user(o, "--operator") for o in args.operators]
+    hosts = [access.HostGrant(*access.parse_host(t, "--host"), leader=False) for t in args.hosts]
+    hosts += [access.HostGrant(*access.parse_host(t, "--leader"), leader=True) for t in args.leaders]
+    if not operators and not hosts:
+        raise InvalidValue("norm access", "name at least one --operator, --host or --leader")
+    files: dict[str, str] = {}
+    for item in args.password_files:
+        user, sep, path = item.partition("=")
+        if not sep or not path:
+            raise InvalidValue("--password-file", "expected USER=FILE")
+        files[access.parse_user(user, "--password-file")] = path
+    wanted = access.policy(keys, operators, hosts, files)
+    passwords: dict[str, Secret] = {}
+    for user, path in files.items():  # every file read before anything changes
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidValue(f"--password-file {user}", f"cannot read {path}: "
+                               f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+        if not lines or not lines[0]:
+            raise InvalidValue(f"--password-file {user}", f"the first line of {path} is empty")
+        passwords[user] = Secret(lines[0])
+    apply = args.access_command == "apply"
+
+    async def go(etcd: Etcd) -> int:
+        current = access.Current(roles={r.name: await etcd.role_permissions(r.name) for r in wanted.roles},
+                                 users={u.name: await etcd.user_roles(u.name) for u in wanted.users})
+        todo = access.changes(wanted, current)
+        for change in todo:
+            print(access.etcdctl(change), flush=True)
+            if apply:
+                await _change_access(etcd, change, passwords)
+        verb = "applied" if apply else "to make"
+        print(f"# {len(todo)} changes {verb}" if todo else "# nothing to change", flush=True)
+        if await etcd.auth_enabled() is False:
+            print("norm: etcd's authentication is off: the roles bind nobody until it is on "
+                  "(etcdctl user add root; etcdctl auth enable)", file=sys.stderr)
+        return EXIT_OK
+
+    return _with_etcd(config, go)
+
+
+async def _change_access(etcd: Etcd, change: Change, passwords: Mapping[str, Secret]) -> None:
+    from norm.core import access
+
+    match change:
+        case access.AddRole(role):
+            await etcd.add_role(role)
+        case access.Grant(role, permission):
+            await etcd.grant_permission(role, permission)
+        case access.Revoke(role, permission):
+            await etcd.revoke_permission(role, permission)
+        case access.AddUser(user, _):
+            await etcd.add_user(user, passwords.get(user))
+        case access.GrantRole(user, role):
+            await etcd.grant_role(user, role)
+        case access.RevokeRole(user, role):
+            await etcd.revoke_role(user, role)

@@ -218,6 +218,9 @@ class AgentConfig:
         "unit's TimeoutStopSec.", default=20.0)
     resync_interval: float = _doc("Seconds between safety-net re-reads of the watched keys.",
                                   default=300.0)
+    leader_eligible: bool = _doc(
+        "Campaign for fleet leadership. Set it false on hosts whose etcd user has no norm-leader role "
+        "(see `norm access`): they follow rollouts but never lead.", default=True)
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,8 @@ def leader_key(prefix: str) -> str:
 def units_key(prefix: str, machine_id: str) -> str:
     """The host's unit summary, published by its healer on the agent's lease."""
     return f"{prefix}/units/{machine_id}"
+
+
+def control_prefix(prefix: str, machine_id: str) -> str:
+    """Where operators' requests for the host live (norm.services.control)."""
+    return f"{prefix}/control/{machine_id}/"

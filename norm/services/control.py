@@ -17,6 +17,7 @@ import structlog
 from norm.adapters.etcd import Etcd, EtcdError, Event, Resync
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core.errors import InvalidValue
+from norm.core.host import control_prefix
 from norm.core.units import matches, parse_unit_name
 from norm.services.base import first_of
 from norm.services.healer import Healer
@@ -26,10 +27,6 @@ from norm.services.metrics import Metrics
 log = structlog.get_logger("norm.control")
 
 OPERATOR = "operator"
-
-
-def control_prefix(prefix: str, machine_id: str) -> str:
-    return f"{prefix}/control/{machine_id}/"
 
 
 class Control:

@@ -27,8 +27,9 @@ class LeaderElection:
     name = "leadership"
 
     def __init__(self, etcd: Etcd, prefix: str, machine_id: str, registration: Registration,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, eligible: bool = True) -> None:
         self._etcd = etcd
+        self.eligible = eligible  # False: this host's etcd user may not hold the leader key
         self._election = etcd.election(leader_key(prefix), machine_id.encode())
         self._registration = registration
         self._metrics = metrics
@@ -48,6 +49,10 @@ class LeaderElection:
         return await self._election.fenced(leadership, success, compare, failure)
 
     async def run(self, stopping: asyncio.Event) -> None:
+        if not self.eligible:
+            log.info("leader.not_eligible")
+            await stopping.wait()
+            return
         failures = 0
         while not stopping.is_set():
             try:

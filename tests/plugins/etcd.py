@@ -56,6 +56,7 @@ def etcd_config() -> Callable[..., EtcdConfig]:
 @dataclass(frozen=True)
 class Pki:
     ca: Path
+    ca_key: Path  # to sign more client certificates (users named by their CN)
     server_cert: Path
     server_key: Path
     client_cert: Path
@@ -112,7 +113,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_key, other_key = _key(), _key()
     ca = _cert("norm-test-ca", ca_key, None, ca=True)
     other = _cert("other-ca", other_key, None, ca=True)
-    out: dict[str, Path] = {"ca": pem(d / "ca.pem", ca), "other_ca": pem(d / "other-ca.pem", other)}
+    out: dict[str, Path] = {"ca": pem(d / "ca.pem", ca), "other_ca": pem(d / "other-ca.pem", other),
+                            "ca_key": d / "ca.key"}
+    _write_key(d / "ca.key", ca_key)
     for name, issuer, server in (("server", (ca, ca_key), True), ("client", (ca, ca_key), False),
                                  ("other_client", (other, other_key), False)):
         key = _key()
