@@ -559,11 +559,11 @@ class Fleet:
         self.say(f"registry: {reg.address} (storage {reg.storage})")
         return f"{reg.address}/{APP_REPOSITORY}"
 
-    def _start_agent(self, state: State, host: HostState) -> None:
+    def _start_agent(self, state: State, host: HostState, extra: dict[str, str] | None = None) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    # what the host's own environment would point at
                    DBUS_SYSTEM_BUS_ADDRESS=host["bus_address"], DOCKER_HOST=host["docker_host"],
-                   **self.agent_env)
+                   **{**self.agent_env, **(extra or {})})
         agent = Proc(f"agent-{host['name']}",
                      [venv_python(), "-m", "norm", "agent", "--config", host["config"]],
                      Path(host["dir"]) / "agent.log", env=env, cwd=REPO)
@@ -600,8 +600,9 @@ class Fleet:
                      timeout=30, what=f"{name}'s agent gone", interval=0.01)
         return pid
 
-    def restart_agent(self, name: str) -> None:
-        """Start a host's agent again (as systemd's Restart= would), with the same config."""
+    def restart_agent(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start a host's agent again (as systemd's Restart= would), with the same config; `env` adds to
+        or overrides the fleet's agent environment for this start only (other settings, a skewed clock)."""
         with self._locked():
             state = self.load_state()
             if state is None:
@@ -609,7 +610,7 @@ class Fleet:
             host = self.host(name, state)
             if host["agent"] is not None and owned(host["agent"]):
                 raise SandboxError(f"{name}: its agent still runs")
-            self._start_agent(state, host)
+            self._start_agent(state, host, env)
 
     def engine(self, name: str) -> Any:
         """The DockerEngine of a host whose engine this process started (tests, benchmarks)."""

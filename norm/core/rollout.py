@@ -22,6 +22,11 @@ The shell's loop is: `record, commands = step(record, event, now, policy)`; writ
 transaction fenced on leadership); then carry out the commands. Writing first is what makes a
 migration run at most once across leaders: a record in MIGRATE with `migrating` set, found by a new
 leader (event `Resumed`), means the step may or may not have run, and the rollout halts.
+
+`now` is the leader's wall clock, kept for display only (started_at, updated_at, ended_at, a host's or
+a ledger entry's `at`): nothing is decided on it, since leaders' wall clocks disagree, and step. A
+barrier's deadline is a duration (`Deadline`), which the leader times on its own monotonic clock from
+when the barrier begins, and again in full when a leader resumes the record.
 """
 
 from __future__ import annotations
@@ -140,6 +145,16 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """How long the current barrier may last, and which barrier it is. A duration, never a time of
+    day: the leader arms it on its monotonic clock when the barrier begins, and a leader that resumes
+    the record arms it again, in full."""
+
+    barrier: str  # "pull", "stop", "migrate:<step>", "start" or "rollback": unique within a rollout
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Pending:
     """A newer desired version waiting for this rollout to finish (it had cut over)."""
 
@@ -159,7 +174,7 @@ class Rollout:
     digest: str | None = None  # resolved once, in RESOLVE
     progress: tuple[HostProgress, ...] = ()  # one per participating host, same order as `hosts`
     excluded: tuple[Excluded, ...] = ()
-    deadline: float | None = None  # the current barrier's deadline
+    deadline: Deadline | None = None  # the current barrier's
     steps: tuple[str, ...] = ()  # steps this rollout must run, fixed when resolved
     migrating: str | None = None  # step issued and not yet reported
     migrator: str | None = None  # the host running it: the leader that issued it (set by the shell)
@@ -233,7 +248,11 @@ class HostLost:
 
 @dataclass(frozen=True)
 class BarrierDeadline:
-    """The timer armed by ArmDeadline fired. Early or stale firings change nothing."""
+    """The timer armed by ArmDeadline fired, for `barrier` of rollout `revision`. A stale one (of an
+    earlier barrier or rollout) changes nothing."""
+
+    revision: int
+    barrier: str
 
 
 @dataclass(frozen=True)
@@ -326,9 +345,10 @@ class RestartOldRelease:
 
 @dataclass(frozen=True)
 class ArmDeadline:
-    """Deliver BarrierDeadline at `at` (replaces any earlier timer)."""
+    """Deliver BarrierDeadline for `deadline.barrier` `deadline.seconds` from now, timed on the leader's
+    monotonic clock (replaces any earlier timer)."""
 
-    at: float
+    deadline: Deadline
 
 
 @dataclass(frozen=True)
@@ -448,6 +468,19 @@ def _r(record: Rollout, now: float, **changes: Any) -> Rollout:
     return dataclasses.replace(record, updated_at=now, **changes)
 
 
+def _deadline(phase: Phase, policy: RolloutPolicy, step: str | None = None,
+              rollback: bool = False) -> Deadline:
+    """The deadline of the barrier a phase (a step, a rollback) begins."""
+    if phase is Phase.PULL:
+        return Deadline("pull", policy.pull_timeout)
+    if phase is Phase.STOP:
+        return Deadline("stop", policy.stop_timeout)
+    if phase is Phase.MIGRATE:
+        # The step's result is awaited for its timeout and the stop timeout more (see RolloutPolicy).
+        return Deadline(f"migrate:{step}", policy.migration_timeout + policy.stop_timeout)
+    return Deadline("rollback" if rollback else "start", policy.start_timeout)
+
+
 def _set_host(record: Rollout, host: str, now: float, **changes: Any) -> Rollout:
     progress = tuple(dataclasses.replace(p, at=now, **changes) if p.host == host else p
                      for p in record.progress)
@@ -497,7 +530,7 @@ def _check_pulled(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     _, pending, _ = barrier_state(record)
     if pending:
         return record, ()
-    deadline = now + policy.stop_timeout
+    deadline = _deadline(Phase.STOP, policy)
     return (_r(record, now, phase=Phase.STOP, deadline=deadline),
             (StopOnHosts(record.hosts), ArmDeadline(deadline)))
 
@@ -513,10 +546,10 @@ def _next_step(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     done = steps_done(record.ledger, record.digest)
     todo = [s for s in record.steps if s not in done]
     if todo:
-        deadline = now + policy.migration_timeout + policy.stop_timeout
+        deadline = _deadline(Phase.MIGRATE, policy, todo[0])
         return (_r(record, now, phase=Phase.MIGRATE, migrating=todo[0], migrator=None, deadline=deadline),
                 (RunMigration(todo[0], record.digest), ArmDeadline(deadline)))
-    deadline = now + policy.start_timeout
+    deadline = _deadline(Phase.START, policy)
     release = record.release
     assert release is not None
     return (_r(record, now, phase=Phase.START, migrating=None, deadline=deadline),
@@ -528,7 +561,7 @@ def _rollback(record: Rollout, reason: str, now: float, policy: RolloutPolicy) -
     previous = record.previous
     if previous is None:
         return _finish(record, Phase.FAILED, f"{reason}; no earlier release to restart", now)
-    deadline = now + policy.start_timeout
+    deadline = _deadline(Phase.START, policy, rollback=True)
     progress = tuple(dataclasses.replace(p, status=HostStatus.STOPPED, at=now) for p in record.progress)
     record = _r(record, now, phase=Phase.START, rollback=True, outcome=Phase.FAILED, reason=reason,
                 migrating=None, deadline=deadline, progress=progress)
@@ -572,7 +605,7 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
                            "needs an operator (no down-migrations), or the tag configured compatible",
                            now)
         steps = ()
-    deadline = now + policy.pull_timeout
+    deadline = _deadline(Phase.PULL, policy)
     record = _r(record, now, phase=Phase.PULL, steps=steps, deadline=deadline,
                 progress=tuple(HostProgress(h, at=now) for h in record.hosts))
     return record, (PullOnHosts(record.hosts, digest), ArmDeadline(deadline))
@@ -640,8 +673,9 @@ def _on_lost(record: Rollout, event: HostLost, now: float, policy: RolloutPolicy
 
 
 def _on_deadline(record: Rollout, event: BarrierDeadline, now: float, policy: RolloutPolicy) -> Result:
-    if record.deadline is None or now < record.deadline:
-        return record, ()  # stale timer from an earlier barrier, or early
+    if (record.deadline is None or event.barrier != record.deadline.barrier
+            or event.revision != record.revision):
+        return record, ()  # a stale timer: an earlier barrier's or rollout's
     if record.phase is Phase.PULL:
         _, pending, _ = barrier_state(record)
         return _trouble(record, pending, "did not pull in time", now, policy)
@@ -742,9 +776,16 @@ def _on_abort(record: Rollout, event: Abort, now: float, policy: RolloutPolicy) 
 
 
 def _on_resumed(record: Rollout, event: Resumed, now: float, policy: RolloutPolicy) -> Result:
-    arm: tuple[Command, ...] = () if record.deadline is None else (ArmDeadline(record.deadline),)
     if record.phase is Phase.RESOLVE:
         return record, (ResolveTag(record.tag),)
+    if record.deadline is None and not (record.phase is Phase.MIGRATE and record.migrating is None):
+        # A barrier without a duration: the record was written by an earlier version, which kept an
+        # absolute time that this leader's clock cannot be trusted to compare. The barrier gets the
+        # policy's whole timeout from now.
+        record = _r(record, now, deadline=_deadline(record.phase, policy, record.migrating, record.rollback))
+    # The barrier's whole duration again, timed by this leader: how much of it an earlier leader's
+    # clock saw pass is not known here.
+    arm: tuple[Command, ...] = () if record.deadline is None else (ArmDeadline(record.deadline),)
     if record.phase is Phase.PULL:
         assert record.digest is not None
         _, pending, _ = barrier_state(record)
@@ -926,6 +967,18 @@ def _opt_digest(value: object, name: str) -> str | None:
     return None if value is None else _digest(value, name)
 
 
+def _deadline_of(value: object) -> Deadline | None:
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        # A number is the absolute time an earlier version kept: meaningless on another clock. The
+        # leader that resumes the record gives the barrier its timeout afresh.
+        return None
+    d = _fields(Deadline, _obj(value))
+    seconds = _float(d["seconds"], "deadline.seconds")
+    if not 0 < seconds < math.inf:
+        raise ValueError("deadline.seconds: must be a positive number")
+    return Deadline(_str(d["barrier"], "deadline.barrier"), seconds)
+
+
 def _release(value: object, name: str) -> Release | None:
     if value is None:
         return None
@@ -969,7 +1022,7 @@ def _decode_rollout(d: dict[str, Any]) -> Rollout:
         digest=_opt_digest(d.get("digest"), "digest"),
         progress=tuple(progress),
         excluded=tuple(excluded),
-        deadline=_opt_float(d.get("deadline"), "deadline"),
+        deadline=_deadline_of(d.get("deadline")),
         steps=tuple(_str(s, "steps") for s in _list(d.get("steps", []), "steps")),
         migrating=_opt_str(d.get("migrating"), "migrating"),
         migrator=_opt_str(d.get("migrator"), "migrator"),

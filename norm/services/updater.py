@@ -33,6 +33,7 @@ from norm.core.rollout import (
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
+    Deadline,
     HostLost,
     HostsExcluded,
     IllegalTransition,
@@ -359,8 +360,8 @@ class Updater:
             match c:
                 case ResolveTag(tag=tag):
                     self._start_resolving(record.revision, tag)
-                case ArmDeadline(at=at):
-                    self._arm(at)
+                case ArmDeadline(deadline=deadline):
+                    self._arm(record.revision, deadline)
                 case BeginRollout(tag=tag, revision=revision):
                     await self._begin(tag, revision)
                     return  # the new rollout's commands were carried out by _begin
@@ -373,13 +374,18 @@ class Updater:
                 case _:
                     pass  # the hosts' duties: they follow the header just written
 
-    def _arm(self, at: float) -> None:
+    def _arm(self, revision: int, deadline: Deadline) -> None:
+        """Time the barrier on the loop's clock (monotonic): the wall clock may be another host's
+        minutes apart, or step."""
         if self._timer is not None:
             self._timer.cancel()
+        log.info("rollout.deadline_armed", rollout=revision, barrier=deadline.barrier,
+                 seconds=deadline.seconds)
 
         async def fire() -> None:
-            await asyncio.sleep(max(0.0, at - self._clock()))  # a timer, not a wait on others
-            self._queue.put_nowait(BarrierDeadline())
+            await asyncio.sleep(deadline.seconds)  # a timer, not a wait on others
+            log.info("rollout.deadline", rollout=revision, barrier=deadline.barrier)
+            self._queue.put_nowait(BarrierDeadline(revision, deadline.barrier))
 
         self._timer = self._helper(fire(), "updater-deadline")
 

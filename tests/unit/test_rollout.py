@@ -25,6 +25,7 @@ from norm.core.rollout import (
     BarrierDeadline,
     BeginRollout,
     Command,
+    Deadline,
     Event,
     HostActive,
     HostFailed,
@@ -87,6 +88,12 @@ def new(tag: str = "v2", hosts: tuple[str, ...] = HOSTS, previous: Release | Non
     return record
 
 
+def fired(record: Rollout) -> BarrierDeadline:
+    """The timer of the record's current barrier going off."""
+    assert record.deadline is not None
+    return BarrierDeadline(record.revision, record.deadline.barrier)
+
+
 def pulled(record: Rollout, digest: str = D2) -> tuple[HostPulled, ...]:
     return tuple(HostPulled(h, digest) for h in record.hosts)
 
@@ -103,7 +110,7 @@ def at(phase: str) -> Rollout:
     if phase == "stop":
         return r
     if phase == "rollback":
-        return run(r, BarrierDeadline(), now=1000.0)[0]
+        return run(r, fired(r), now=1000.0)[0]
     r, _ = run(r, *(HostStopped(h) for h in r.hosts))
     if phase == "migrate":
         return r
@@ -147,7 +154,8 @@ def sample(record: Rollout, etype: type[Event]) -> Event | None:
         HostPulled: HostPulled(host, record.digest or D2),
         HostPullFailed: HostPullFailed(host, "registry down", permanent=False),
         HostLost: HostLost(host),
-        BarrierDeadline: BarrierDeadline(),
+        BarrierDeadline: BarrierDeadline(record.revision, record.deadline.barrier if record.deadline
+                                         else "pull"),
         HostStopped: HostStopped(host),
         HostActive: HostActive(host),
         HostFailed: HostFailed(host, "exit 1"),
@@ -256,18 +264,19 @@ def test_a_whole_rollout() -> None:
     r, cmds = start_rollout(REV, "v2", [B, A, C, A], 0.0, previous=OLD)
     assert r.hosts == HOSTS and r.phase is Phase.RESOLVE and cmds == (ResolveTag("v2"),)
     r, cmds = step(r, Resolved(D2), 1.0, POLICY)
-    assert cmds == (PullOnHosts(HOSTS, D2), ArmDeadline(101.0))
+    assert cmds == (PullOnHosts(HOSTS, D2), ArmDeadline(Deadline("pull", 100.0)))
     r, cmds = run(r, *pulled(r)[:2])
     assert r.phase is Phase.PULL and cmds == [] and barrier_state(r) == ((A, B), (C,), ())
     r, cmds = step(r, HostPulled(C, D2), 2.0, POLICY)
-    assert r.phase is Phase.STOP and cmds == (StopOnHosts(HOSTS), ArmDeadline(52.0))
+    assert r.phase is Phase.STOP and cmds == (StopOnHosts(HOSTS), ArmDeadline(Deadline("stop", 50.0)))
     r, cmds = run(r, *(HostStopped(h) for h in HOSTS))
-    # The step's result is awaited for its timeout and the stop timeout more (1.0 + 1800 + 50).
-    assert r.phase is Phase.MIGRATE and cmds == [RunMigration("migrate", D2), ArmDeadline(1851.0)]
+    # The step's result is awaited for its timeout and the stop timeout more (1800 + 50).
+    assert r.phase is Phase.MIGRATE
+    assert cmds == [RunMigration("migrate", D2), ArmDeadline(Deadline("migrate:migrate", 1850.0))]
     r, cmds = run(r, MigrationSucceeded("migrate"))
-    assert cmds == [RunMigration("collectstatic", D2), ArmDeadline(1851.0)]
+    assert cmds == [RunMigration("collectstatic", D2), ArmDeadline(Deadline("migrate:collectstatic", 1850.0))]
     r, cmds = step(r, MigrationSucceeded("collectstatic"), 3.0, POLICY)
-    assert cmds == (StartOnHosts(HOSTS, Release("v2", D2)), ArmDeadline(83.0))
+    assert cmds == (StartOnHosts(HOSTS, Release("v2", D2)), ArmDeadline(Deadline("start", 80.0)))
     assert [(e.step, e.ok) for e in r.ledger] == [("migrate", True), ("collectstatic", True)]
     r, cmds = run(r, HostActive(A), HostActive(B), HostActive(C), now=4.0)
     assert r.phase is Phase.DONE and r.outcome is Phase.DONE and r.ended_at == 4.0
@@ -305,7 +314,7 @@ def test_trouble_before_the_cutover_excludes_the_host(event: Event) -> None:
 
 
 @pytest.mark.parametrize("event", [HostLost(B), HostPullFailed(B, "no space", permanent=True),
-                                   HostPulled(B, D3), BarrierDeadline()])
+                                   HostPulled(B, D3), BarrierDeadline(REV, "pull")])
 def test_trouble_before_the_cutover_aborts_under_that_policy(event: Event) -> None:
     r, cmds = run(at("pull"), HostPulled(A, D2), event, policy=ABORT, now=500.0)
     assert r.phase is Phase.FAILED and B in (r.reason or "")
@@ -322,14 +331,13 @@ def test_a_host_lost_while_resolving_is_excluded_and_the_last_one_fails() -> Non
 def test_transient_pull_failures_wait_for_the_deadline() -> None:
     r, cmds = run(at("pull"), HostPullFailed(A, "timeout", permanent=False))
     assert r.phase is Phase.PULL and cmds == [] and r.host(A) is not None and r.host(A).reason == "timeout"  # type: ignore[union-attr]
-    assert step(r, BarrierDeadline(), 50.0, POLICY) == (r, ())  # early: no-op
     r, _ = run(r, HostPulled(B, D2), HostPulled(C, D2))
-    r, cmds = step(r, BarrierDeadline(), 101.0, POLICY)
+    r, cmds = step(r, fired(r), 101.0, POLICY)
     assert r.phase is Phase.STOP and r.hosts == (B, C) and r.excluded[0].reason == "did not pull in time"
 
 
 def test_every_host_slow_fails_without_stopping_anything() -> None:
-    r, cmds = step(at("pull"), BarrierDeadline(), 101.0, POLICY)
+    r, cmds = step(at("pull"), BarrierDeadline(REV, "pull"), 101.0, POLICY)
     assert r.phase is Phase.FAILED and r.reason == "no participating host left"
     assert not any(isinstance(c, StopOnHosts) for c in cmds)
 
@@ -346,9 +354,9 @@ def test_late_and_duplicate_reports_change_nothing() -> None:
 
 def test_a_stop_that_does_not_complete_rolls_back() -> None:
     r, _ = run(at("stop"), HostStopped(A))
-    r, cmds = step(r, BarrierDeadline(), 1000.0, POLICY)
+    r, cmds = step(r, BarrierDeadline(REV, "stop"), 1000.0, POLICY)
     assert r.phase is Phase.START and r.rollback and r.outcome is Phase.FAILED
-    assert cmds == (RestartOldRelease(HOSTS, OLD), ArmDeadline(1080.0))
+    assert cmds == (RestartOldRelease(HOSTS, OLD), ArmDeadline(Deadline("rollback", 80.0)))
     assert duty(r, B) == RestartOldRelease((B,), OLD)
     r, cmds = run(r, *(HostActive(h) for h in HOSTS))
     assert r.phase is Phase.FAILED and "did not stop in time: b" in (r.reason or "")
@@ -357,7 +365,7 @@ def test_a_stop_that_does_not_complete_rolls_back() -> None:
 def test_a_failed_migration_restarts_the_old_release() -> None:
     r, cmds = run(at("migrate"), MigrationFailed("migrate", "column exists"))
     assert r.phase is Phase.START and r.rollback
-    assert cmds == [RestartOldRelease(HOSTS, OLD), ArmDeadline(81.0)]
+    assert cmds == [RestartOldRelease(HOSTS, OLD), ArmDeadline(Deadline("rollback", 80.0))]
     assert not any(isinstance(c, StartOnHosts) for c in cmds)
     assert [(e.step, e.ok) for e in r.ledger] == [("migrate", False)]
     r, _ = run(r, HostActive(A), HostFailed(B, "exit 1"), HostActive(C))
@@ -372,7 +380,7 @@ def test_a_failed_migration_without_an_old_release_fails() -> None:
 
 def test_hosts_that_do_not_start_fail_the_rollout() -> None:
     r, _ = run(at("start"), HostActive(A), HostFailed(B, "exit 1"))
-    r, _ = step(r, BarrierDeadline(), 1000.0, POLICY)
+    r, _ = step(r, BarrierDeadline(REV, "start"), 1000.0, POLICY)
     assert r.phase is Phase.FAILED and r.host(C).reason == "no report in time"  # type: ignore[union-attr]
     assert "b" * 32 in (r.reason or "") and "c" * 32 in (r.reason or "")
 
@@ -462,21 +470,83 @@ def test_a_new_leader_resumes_from_the_record() -> None:
     assert step(at("resolve"), Resumed(), 1.0, POLICY)[1] == (ResolveTag("v2"),)
     r, _ = run(at("pull"), HostPulled(A, D2))
     r = Rollout.decode(r.encode(), "etcd")
-    assert step(r, Resumed(), 5.0, POLICY)[1] == (PullOnHosts((B, C), D2), ArmDeadline(101.0))
+    assert step(r, Resumed(), 5.0, POLICY)[1] == (PullOnHosts((B, C), D2),
+                                                  ArmDeadline(Deadline("pull", 100.0)))
     r, _ = run(at("stop"), HostStopped(B))
-    assert step(r, Resumed(), 5.0, POLICY)[1] == (StopOnHosts((A, C)), ArmDeadline(51.0))
+    assert step(r, Resumed(), 5.0, POLICY)[1] == (StopOnHosts((A, C)), ArmDeadline(Deadline("stop", 50.0)))
     # A step issued by the old leader runs on on its migrator's engine: its report is awaited, not
     # issued again; with no report by the deadline the rollout halts for an operator.
-    migrating = dataclasses.replace(at("migrate"), deadline=900.0)
+    migrating = dataclasses.replace(at("migrate"), deadline=Deadline("migrate:migrate", 900.0))
     r, cmds = step(migrating, Resumed(), 5.0, POLICY)
-    assert r == migrating and cmds == (ArmDeadline(900.0),)
-    assert step(r, BarrierDeadline(), 899.0, POLICY) == (r, ())
-    r, cmds = step(r, BarrierDeadline(), 900.0, POLICY)
+    assert r == migrating and cmds == (ArmDeadline(Deadline("migrate:migrate", 900.0)),)
+    r, cmds = step(r, BarrierDeadline(REV, "migrate:migrate"), 6.0, POLICY)
     assert r.phase is Phase.HALTED and "migrate" in (r.reason or "") and "may or may not" in (r.reason or "")
     assert not any(isinstance(c, RunMigration) for c in cmds)
     r, _ = run(at("start"), HostActive(C))
     assert step(r, Resumed(), 5.0, POLICY)[1][0] == StartOnHosts((A, B), Release("v2", D2))
     assert step(at("rollback"), Resumed(), 5.0, POLICY)[1][0] == RestartOldRelease(HOSTS, OLD)
+
+
+# Deadlines are durations: the record holds how long the current barrier may last and which barrier
+# it is, never a time of day. The leader times it on its own monotonic clock, from when the barrier
+# begins and, in full, from when a (new) leader resumes the record; wall clocks (`now`) differ between
+# leaders by any amount and step, and decide nothing.
+
+SKEWS = [-600.0, 0.0, 600.0, 1e9]
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+def test_a_barrier_deadline_is_a_duration_whatever_the_clock(skew: float) -> None:
+    r, cmds = step(new(), Resolved(D2), 1.0 + skew, POLICY)
+    assert r.deadline == Deadline("pull", 100.0) and cmds[-1] == ArmDeadline(Deadline("pull", 100.0))
+    assert json.loads(r.encode())["deadline"] == {"barrier": "pull", "seconds": 100.0}
+    r, cmds = step(r, HostPulled(A, D2), 2.0 + skew, POLICY)
+    assert cmds == ()
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+@pytest.mark.parametrize("name", ["pull", "stop", "migrate", "start", "rollback"])
+def test_a_resuming_leader_arms_the_whole_duration_whatever_its_clock(name: str, skew: float) -> None:
+    """A successor whose clock is ahead (or behind) by any amount gets the barrier's whole duration
+    again, not what an absolute time would leave on its clock; the record does not change."""
+    record = Rollout.decode(RECORDS[name].encode(), "etcd")
+    assert record.deadline is not None
+    r, cmds = step(record, Resumed(), record.updated_at + skew, POLICY)
+    assert r == record
+    assert [c for c in cmds if isinstance(c, ArmDeadline)] == [ArmDeadline(record.deadline)]
+    # Nothing fires on the successor's clock alone: only its own timer ends the barrier.
+    for event in (HostLost(STRANGER), Resumed()):
+        after, _ = step(r, event, record.updated_at + skew + 10 * record.deadline.seconds, POLICY)
+        assert after.phase is record.phase
+
+
+def test_the_deadline_names_its_barrier_and_stale_timers_change_nothing() -> None:
+    assert {n: RECORDS[n].deadline for n in ("pull", "stop", "migrate", "start", "rollback")} == {
+        "pull": Deadline("pull", 100.0), "stop": Deadline("stop", 50.0),
+        "migrate": Deadline("migrate:migrate", 1850.0), "start": Deadline("start", 80.0),
+        "rollback": Deadline("rollback", 80.0)}
+    r = RECORDS["stop"]
+    for stale in (BarrierDeadline(REV, "pull"), BarrierDeadline(REV - 1, "stop"),
+                  BarrierDeadline(REV + 1, "stop")):
+        assert step(r, stale, 1e9, POLICY) == (r, ())
+    # The right timer ends the barrier, whatever the wall clock says (here: before the rollout began).
+    r, _ = step(r, BarrierDeadline(REV, "stop"), -1e9, POLICY)
+    assert r.phase is Phase.START and r.rollback
+
+
+@pytest.mark.parametrize("name", ["pull", "stop", "migrate", "start", "rollback"])
+def test_a_record_with_an_absolute_deadline_loads_and_gets_the_whole_timeout(name: str) -> None:
+    """An earlier version kept the deadline as a time of its leader's wall clock: such a record
+    loads, and the leader that resumes it gives the barrier the policy's timeout from then on."""
+    data = json.loads(RECORDS[name].encode())
+    data["deadline"] = 1796283550.5  # what time.time() said on some other host
+    record = Rollout.decode(json.dumps(data).encode(), "etcd")
+    assert record.deadline is None and record.phase is RECORDS[name].phase
+    r, cmds = step(record, Resumed(), 42.0, POLICY)
+    assert r.deadline == RECORDS[name].deadline and r.updated_at == 42.0  # written before acting
+    assert [c for c in cmds if isinstance(c, ArmDeadline)] == [ArmDeadline(RECORDS[name].deadline)]
+    after, _ = step(r, fired(r), 43.0, POLICY)
+    assert after != r  # the re-armed barrier's timer ends it
 
 
 def test_duty_tells_each_host_what_to_do() -> None:
@@ -534,6 +604,14 @@ GOOD = json.loads(RECORDS["rollback"].encode())
     lambda d: {**d, "ledger": [{"digest": D1}]},
     lambda d: {**d, "previous": None},
     lambda d: {**d, "deadline": "soon"},
+    lambda d: {**d, "deadline": True},
+    lambda d: {**d, "deadline": {"barrier": "start"}},
+    lambda d: {**d, "deadline": {"barrier": "start", "seconds": 0}},
+    lambda d: {**d, "deadline": {"barrier": "start", "seconds": -80}},
+    lambda d: {**d, "deadline": {"barrier": "start", "seconds": 1e999}},
+    lambda d: {**d, "deadline": {"barrier": "start", "seconds": "80"}},
+    lambda d: {**d, "deadline": {"barrier": 1, "seconds": 80}},
+    lambda d: {**d, "deadline": {"barrier": "start", "seconds": 80, "at": 1.0}},
     lambda d: {**d, "rollback": 1},
     lambda d: {**d, "extra": 1},
     lambda d: {k: v for k, v in d.items() if k != "tag"},
@@ -634,6 +712,8 @@ class RolloutMachine(RuleBasedStateMachine):
             self.running_new = True
         if isinstance(c, StopOnHosts):
             assert set(after.hosts) <= self.pulled_ok
+        if isinstance(c, ArmDeadline):
+            assert c.deadline == after.deadline, "a timer armed for another barrier than the record's"
 
     def settle_migration(self, event: MigrationSucceeded | MigrationFailed) -> None:
         key = (self.record.digest or "", event.step)
@@ -658,6 +738,8 @@ class RolloutMachine(RuleBasedStateMachine):
                             Phase.START: HostActive(h)}[r.phase])
         if r.migrating:
             options.append(MigrationSucceeded(r.migrating))
+        if r.deadline is not None and data.draw(st.integers(0, 9)) == 0:  # the barrier's timer fires
+            options = [BarrierDeadline(r.revision, r.deadline.barrier)]
         if options:
             event = data.draw(st.sampled_from(options))
             if isinstance(event, MigrationSucceeded):
@@ -670,7 +752,9 @@ class RolloutMachine(RuleBasedStateMachine):
         st.builds(HostPulled, st.sampled_from(MACHINE_HOSTS), st.sampled_from([D1, D2, D3])),
         st.builds(HostPullFailed, st.sampled_from(MACHINE_HOSTS), st.just("x"), st.booleans()),
         st.builds(HostLost, st.sampled_from(MACHINE_HOSTS)),
-        st.just(BarrierDeadline()),
+        st.builds(BarrierDeadline, st.sampled_from([REV - 1, REV, REV + 1]),
+                  st.sampled_from(["pull", "stop", "migrate:migrate", "migrate:collectstatic", "start",
+                                   "rollback"])),
         st.builds(HostStopped, st.sampled_from(MACHINE_HOSTS)),
         st.builds(MigrationSucceeded, st.sampled_from(["migrate", "collectstatic", "other"])),
         st.builds(MigrationFailed, st.sampled_from(["migrate", "collectstatic"]), st.just("boom")),
@@ -698,6 +782,14 @@ class RolloutMachine(RuleBasedStateMachine):
     @invariant()
     def round_trips(self) -> None:
         assert Rollout.decode(self.record.encode(), "etcd") == self.record
+
+    @invariant()
+    def a_barrier_has_a_duration_of_its_own(self) -> None:
+        r = self.record
+        if r.phase in (Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START):
+            barrier = {Phase.PULL: "pull", Phase.STOP: "stop", Phase.MIGRATE: f"migrate:{r.migrating}",
+                       Phase.START: "rollback" if r.rollback else "start"}[r.phase]
+            assert r.deadline is not None and r.deadline.barrier == barrier and r.deadline.seconds > 0
 
     @invariant()
     def terminal_means_an_outcome(self) -> None:
