@@ -170,7 +170,7 @@ class Updater:
             self._metrics.rejected_values.labels(e.where).inc()
             log.error("updater.record_unreadable", key=e.where, reason=e.reason)
             return
-        self._phase_since = self._clock()
+        self._phase_since = asyncio.get_running_loop().time()
         self._show(self.record)
 
     # -- inputs --------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class Updater:
         if new.terminal and (old is None or not old.terminal or old.revision != new.revision):
             self._metrics.rollouts.labels(new.phase.value).inc()
         if old is None or old.phase is not new.phase or old.revision != new.revision:
-            now = self._clock()
+            now = asyncio.get_running_loop().time()  # a phase's duration, on the monotonic clock
             if old is not None and old.phase not in TERMINAL:
                 self._metrics.rollout_phase_seconds.labels(old.phase.value).observe(now - self._phase_since)
             self._phase_since = now
@@ -396,7 +396,8 @@ class Updater:
 
     async def _resolving(self, revision: int, tag: str) -> None:
         ref = f"{self._image}:{tag}"
-        deadline = self._clock() + self._policy.pull_timeout
+        loop = asyncio.get_running_loop()  # a duration: timed on the monotonic clock, not the wall's
+        deadline = loop.time() + self._policy.pull_timeout
         attempt = 0
         while True:
             try:
@@ -405,7 +406,7 @@ class Updater:
                 self._queue.put_nowait(ResolveFailed(str(e)))
                 return
             except DockerUnavailable as e:
-                if self._clock() >= deadline:
+                if loop.time() >= deadline:
                     self._queue.put_nowait(ResolveFailed(f"still unavailable: {e}"))
                     return
                 delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
