@@ -32,6 +32,7 @@ from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Res
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import release as rel
+from norm.core import values
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.errors import InvalidValue
@@ -203,9 +204,14 @@ class Executor:
         if hosts_kv:
             try:
                 loaded = json.loads(hosts_kv[0].value)
-                hosts = [h for h in loaded if isinstance(h, str)] if isinstance(loaded, list) else []
+                if not isinstance(loaded, list) or not all(
+                        isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
+                    raise ValueError("not a list of machine ids")
+                hosts = loaded
             except ValueError:
+                hosts = []
                 self._metrics.rejected_values.labels("rollout hosts").inc()
+                log.error("executor.hosts_refused", key=hosts_kv[0].key, reason="not a list of machine ids")
         self._participant = self._me in hosts and self._me not in h.excluded
         reported: set[str] = set()
         for kind, kvs in zip(kinds, mine[:3], strict=True):
