@@ -35,8 +35,10 @@ from norm.core import release as rel
 from norm.core import values
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
+from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue
 from norm.core.rollout import Phase, Release
+from norm.core.secret import redact
 from norm.services.base import first_of, wait_or_stop
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -63,7 +65,8 @@ class Executor:
     def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
                  holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None,
+                 secret_files: tuple[str, ...] = ()) -> None:
         assert update.image is not None
         self._etcd = etcd
         self._prefix = prefix
@@ -79,6 +82,9 @@ class Executor:
         self._leading = leading
         self._clock = clock
         self._presence = presence
+        # Files whose values a failed step's output must not show (the host's environment file); the
+        # steps' own environment file is one of them.
+        self._secret_files = tuple(dict.fromkeys((*secret_files, *filter(None, (update.steps_env_file,)))))
         self._steps = {step_name(c): c for c in update.steps}
         self.header: rel.Header | None = None
         self._header_mod = 0  # the header's mod revision: reports are written only against it
@@ -380,7 +386,8 @@ class Executor:
             ok, code, reason, seconds = run.exit_code == 0, run.exit_code, None, run.seconds
             if not ok:
                 reason = f"exit code {run.exit_code}"
-                log.error("executor.step_failed", step=step, exit_code=run.exit_code, logs=run.logs[-2000:])
+                log.error("executor.step_failed", step=step, exit_code=run.exit_code,
+                          logs=(await self._redacted(run.logs))[-2000:])
             else:
                 log.info("executor.step_done", step=step, seconds=round(run.seconds, 3))
         except RunTimeout:
@@ -390,6 +397,20 @@ class Executor:
         self._metrics.migrations.labels("ok" if ok else "failed").inc()
         await self._report(h, "migrated", rel.migrated(ok, code, reason, seconds, self._me), name=step)
         await self._docker.remove_container(name)
+
+    async def _redacted(self, output: str) -> str:
+        """A step's output without any value of the environment files it may have seen (or nothing of
+        it, if one of them cannot be read)."""
+        found: set[str] = set()
+        for path in self._secret_files:
+            try:
+                raw = await read_file(path)
+            except OSError as e:
+                log.warning("executor.step_output_withheld", file=path, error=str(e))
+                return f"(output withheld: {path} could not be read to redact it)"
+            if raw:
+                found |= secret_values(raw)
+        return redact(output, found)
 
     async def _catch_up(self, h: rel.Header, release: Release) -> None:
         log.info("executor.catching_up", release=rel.release_text(release))
