@@ -20,12 +20,12 @@ from norm.core.errors import InvalidValue
 from norm.core.units import matches, parse_unit_name
 from norm.services.base import first_of
 from norm.services.healer import Healer
-from norm.services.holds import Holds
+from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
 
 log = structlog.get_logger("norm.control")
 
-OPERATOR = "operator"
+__all__ = ["OPERATOR", "Control", "control_prefix"]
 
 
 def control_prefix(prefix: str, machine_id: str) -> str:

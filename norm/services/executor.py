@@ -40,7 +40,7 @@ from norm.core.errors import InvalidValue
 from norm.core.rollout import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import first_of, wait_or_stop
-from norm.services.holds import Holds
+from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
 from norm.services.updater import PHASE_CODES
 
@@ -337,17 +337,22 @@ class Executor:
         log.info("executor.units_stopped", units=list(self._units))
 
     async def _switch_to(self, release: Release, revision: int) -> tuple[bool, str | None]:
-        """Write the release file, start every unit, and say whether all are active."""
+        """Write the release file, start every unit, and say whether all are active. A unit an
+        operator holds (`norm units stop`) is left stopped: the operator's stop wins over the update,
+        and the unit runs the new release once the operator starts it again."""
         await write_atomic(self._update.release_file, rel.render_release(release, self._image, revision))
         self.running = release
         await self._set_release(rel.release_text(release))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
-        results = await asyncio.gather(*(self._systemd.start(u) for u in self._units),
-                                       return_exceptions=True)
+        held = [u for u in self._units if OPERATOR in self._holds.owners(u)]
+        starting = [u for u in self._units if u not in held]
+        if held:
+            log.warning("executor.units_held_by_operator", units=held, release=rel.release_text(release))
+        results = await asyncio.gather(*(self._systemd.start(u) for u in starting), return_exceptions=True)
         if self._presence is not None:
             await self._presence.after_start()  # back in the load balancer once healthy
         failed: list[str] = []
-        for unit, result in zip(self._units, results, strict=True):
+        for unit, result in zip(starting, results, strict=True):
             if isinstance(result, SystemdError):
                 failed.append(f"{unit}: {result}")
             elif isinstance(result, BaseException):
@@ -357,7 +362,8 @@ class Executor:
                 if state.active_state != "active":
                     failed.append(f"{unit}: {state.active_state}/{state.sub_state}")
         log.info("executor.units_started", release=rel.release_text(release), failed=failed)
-        return not failed, "; ".join(failed) or None
+        notes = failed + [f"{unit}: held by the operator, left stopped" for unit in held]
+        return not failed, "; ".join(notes) or None
 
     async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
         p, rev = self._prefix, h.revision

@@ -23,6 +23,7 @@ from norm.adapters.systemd import Systemd
 from norm.core import release as rel
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.rollout import Phase, Release
+from norm.services.control import OPERATOR
 from norm.services.executor import Executor
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -168,3 +169,33 @@ async def test_a_hostile_header_is_refused_counted_and_changes_nothing(
         refused = [e for e in rig.logs if e["event"] == "executor.header_refused"]
         assert len(refused) == 1 and "tag" in refused[0]["reason"]
         assert "evil" not in repr(rig.logs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An operator's hold wins over an update
+
+
+async def test_an_update_leaves_a_unit_the_operator_stopped_stopped_and_says_so(
+        etcd: EtcdMember, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    async with host_rig(etcd, systemd_manager, tmp_path) as rig:
+        await rig.systemd.start(WEB)
+        # `norm units stop djed-web.service`, as the agent's control service carries it out.
+        rig.holds.hold(WEB, OPERATOR)
+        await rig.systemd.stop(WEB)
+        assert rig.active_state() == "inactive"
+
+        await rig.begin(header(1000, Phase.STOP))
+        await wait_put(rig.etcd, rel.report_key(P, 1000, "stopped", rig.me))
+        await rig.etcd.put(rel.header_key(P), header(1000, Phase.START).encode())
+        report = await rig.started(1000)
+
+        # The release is written (the unit gets it when the operator starts it again); the unit stays
+        # stopped and held by the operator only; the host's report and the log say why.
+        assert rel.parse_release(rig.release_file.read_bytes()) == NEW
+        assert rig.active_state() == "inactive"
+        await rig.until("the update's holds released", lambda: rig.holds.owners(WEB) == {OPERATOR})
+        assert rig.active_state() == "inactive"
+        assert report["ok"] is True
+        assert report["reason"] == f"{WEB}: held by the operator, left stopped"
+        held = [e for e in rig.logs if e["event"] == "executor.units_held_by_operator"]
+        assert len(held) == 1 and held[0]["units"] == [WEB]
