@@ -389,6 +389,18 @@ def host_duties(h: Header | None, me: str, participant: bool, reported: frozense
     return tuple(duties)
 
 
+def behind_migration(h: Header | None, participant: bool, running: Release | None) -> bool:
+    """Whether this host, outside the rollout (excluded, joined late, or not of its roles), runs an
+    older release than the one whose steps are running or have run: from the migrate phase on, unless
+    the rollout is rolling back, and after it while the new release is the fleet's. Such a host must
+    not serve (it leaves the load balancer) until it has caught up."""
+    if h is None or participant or h.release is None or running == h.release:
+        return False
+    if h.terminal:
+        return h.fleet_release() == h.release
+    return h.phase in (Phase.MIGRATE, Phase.START) and not h.rollback
+
+
 def holds_units(h: Header | None, participant: bool, reported: frozenset[str]) -> bool:
     """Whether the update holds this host's units (the healer leaves them alone): from its stop
     until its start report."""

@@ -94,6 +94,7 @@ class Executor:
         self._reported: set[str] = set()
         self._units: tuple[str, ...] = ()
         self._catching_up = False
+        self.behind = False  # outside the rollout, on a release older than the migrated one
         self._gave_up: set[tuple[int, str]] = set()  # (rollout, release digest) a catch-up cannot pull
         self._wake = asyncio.Event()
         self.primed = asyncio.Event()  # prime() done: the healer may start
@@ -164,6 +165,7 @@ class Executor:
                 await self._load_rollout()
                 duties = self._duties()
                 self._apply_holds()
+                await self._out_while_behind()
                 if not duties:
                     await self._wake.wait()
                     continue
@@ -245,6 +247,27 @@ class Executor:
                 self._holds.hold(unit, HOLD_OWNER)
         if not held:
             self._holds.release_all(HOLD_OWNER)
+
+    async def _out_while_behind(self) -> None:
+        """Out of the load balancer while this host, outside the rollout, runs an older release than
+        the one whose steps are running or ran (its units keep running: it catches up once the
+        rollout has ended, and the catch-up's start puts it back); back in when that is no longer so
+        (a rollback, a newer rollout that takes it in)."""
+        behind = rel.behind_migration(self.header, self._participant, self.running)
+        if behind == self.behind:
+            return
+        self.behind = behind
+        h = self.header
+        if behind:
+            log.warning("executor.behind_migration", running=rel.release_text(self.running),
+                        migrated=None if h is None else rel.release_text(h.release),
+                        load_balancer="leaving" if self._presence is not None else "none configured")
+            if self._presence is not None:
+                await self._presence.before_stop()
+        else:
+            log.info("executor.no_longer_behind", running=rel.release_text(self.running))
+            if self._presence is not None:
+                await self._presence.after_start()
 
     # -- duties --------------------------------------------------------------------------------------
     async def _do(self, duty: rel.Duty) -> None:
@@ -330,8 +353,9 @@ class Executor:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         for unit in self._units:
             self._holds.hold(unit, HOLD_OWNER)
-        if self._presence is not None:
-            # Out of the load balancer and drained before anything stops serving.
+        if self._presence is not None and not self.behind:
+            # Out of the load balancer and drained before anything stops serving (a host behind the
+            # migration is out already).
             await self._presence.before_stop()
         await asyncio.gather(*(self._systemd.stop(u) for u in self._units))
         log.info("executor.units_stopped", units=list(self._units))

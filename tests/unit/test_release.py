@@ -268,3 +268,22 @@ def test_what_hosts_write_reads_back_whatever_the_reason() -> None:
 def test_release_file_that_is_not_ours() -> None:
     assert rel.parse_release(b"") is None
     assert rel.parse_release(b"NORM_RELEASE=v1\nNORM_DIGEST=latest\n") is None
+
+
+def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catches_up() -> None:
+    def behind(h: rel.Header, participant: bool = False, running: Release | None = OLD) -> bool:
+        return rel.behind_migration(h, participant, running)
+
+    # Before the cut-over nothing has changed; the participants are stopped or starting anyway.
+    assert not any(behind(header(p)) for p in (Phase.RESOLVE, Phase.PULL, Phase.STOP))
+    assert behind(header(Phase.MIGRATE, migrating="migrate", migrator=B)) and behind(header(Phase.START))
+    assert not behind(header(Phase.START), participant=True)
+    assert not behind(header(Phase.START), running=NEW)
+    assert not behind(header(Phase.START, rollback=True, outcome=Phase.FAILED))  # the old one is back
+    # After the end: behind while the new release is the fleet's and this host runs another.
+    assert behind(header(Phase.DONE)) and behind(header(Phase.DONE), running=None)
+    assert not behind(header(Phase.DONE), running=NEW)
+    assert behind(header(Phase.FAILED, released=True))
+    assert not behind(header(Phase.FAILED)) and not behind(header(Phase.SUPERSEDED))
+    assert not behind(header(Phase.HALTED))  # an operator decides
+    assert not behind(None)
