@@ -194,7 +194,8 @@ class Agent:
         assert c.update.image is not None
         self.executor = Executor(etcd, c.keys.prefix, self.identity.machine_id, systemd, docker, self.holds,
                                  self.metrics, c.update, c.units.patterns, self.registration.set_release,
-                                 leading=self.leadership.is_leader, presence=self.presence)
+                                 leading=self.leadership.is_leader, presence=self.presence,
+                                 secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, self.environment,
                                frozenset(c.update.roles) or None, c.update.image, policy_of(c.update),
                                self.leadership, self.watcher, self.metrics, docker.resolve,

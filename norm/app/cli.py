@@ -386,8 +386,13 @@ def _units(args: argparse.Namespace) -> int:
         return f"in {max(0, round(float(t) - now))}s" if isinstance(t, int | float) else "-"
 
     rows = [("UNIT", "STATE", "RESTARTS", "HEAL", "ATTEMPTS", "NEXT ATTEMPT", "QUARANTINE ENDS")]
+    def heal(u: dict[str, object]) -> str:
+        by = u.get("held_by")
+        owners = [str(o) for o in by] if isinstance(by, list) else []
+        return str(u.get("heal")) + (f"({'+'.join(owners)})" if u.get("heal") == "held" and owners else "")
+
     rows += [(str(u.get("unit")), f"{u.get('active_state')}/{u.get('sub_state')}", str(u.get("n_restarts")),
-              str(u.get("heal")), str(u.get("attempts")), until(u.get("next_attempt_at")),
+              views.clean(heal(u), 40), str(u.get("attempts")), until(u.get("next_attempt_at")),
               until(u.get("quarantined_until"))) for u in summary if isinstance(u, dict)]
     _table(rows)
     return EXIT_OK

@@ -195,9 +195,9 @@ def _reported_state(header: Header, machine_id: str, reports: Reports) -> HostSt
     target = header.target
     started = reports.get(("started", machine_id))
     if started is not None and target is not None and started.get("digest") == target.digest:
-        if started.get("ok") is True:
-            return HostState("started", 3)
         reason = started.get("reason")
+        if started.get("ok") is True:  # with a reason: a unit the operator holds was left stopped
+            return HostState("started", 3, clean(reason, 120) if isinstance(reason, str) else None)
         return HostState("failed", 2, clean(reason, 120) if isinstance(reason, str) else None)
     if ("stopped", machine_id) in reports:
         return HostState("stopped", 2)

@@ -13,6 +13,11 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,254}")
 
 
+def is_tag(text: str) -> bool:
+    """Whether `text` is an image tag as parse_version accepts it."""
+    return _TAG.fullmatch(text) is not None
+
+
 def parse_version(raw: bytes, key: str) -> str:
     """The desired image tag. A trailing newline (from `echo v2 | etcdctl put`) is refused, not
     trimmed: a value that differs from what the operator meant must not roll out."""
@@ -24,7 +29,7 @@ def parse_version(raw: bytes, key: str) -> str:
         raise InvalidValue(key, "empty; an image tag is 1 to 128 of A-Z a-z 0-9 _ . -")
     if len(text) > 128:
         raise InvalidValue(key, f"{len(text)} bytes long; an image tag is at most 128")
-    if not _TAG.fullmatch(text):
+    if not is_tag(text):
         raise InvalidValue(key, "not an image tag: 1 to 128 of A-Z a-z 0-9 _ . -, not starting with . or -"
                            + (" (it ends with a newline)" if text.endswith("\n") else ""))
     return text

@@ -27,6 +27,7 @@ Refused, with the line number and a reason that never quotes a value (values are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -85,6 +86,23 @@ def parse_env_file(raw: bytes, source: str = "environment file") -> EnvFile:
                 else "a NUL byte" if bad.group() == "\x00" else "a control character")
         raise EnvFileError(source, text.count("\n", 0, bad.start()) + 1, what)
     return _Parser(text, source).parse()
+
+
+def secret_values(raw: bytes) -> frozenset[str]:
+    """Every value `raw` may hand a process, to redact them from output: as the shell (and Norm's own
+    files) read them, and as Docker's --env-file reads them (the text after the first `=`, quotes and
+    all). Never fails: a file the shell grammar refuses still gives its Docker reading."""
+    found: set[str] = set()
+    for raw_line in raw.decode("utf-8", "replace").splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        _, sep, value = line.partition("=")
+        if sep:
+            found.update((value, value.strip("'\"")))
+    with contextlib.suppress(EnvFileError):
+        found.update(v.reveal() for v in parse_env_file(raw).variables.values())
+    return frozenset(v for v in found if v)
 
 
 def render(env: EnvFile, header: Sequence[str] = ()) -> bytes:

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
+from norm.core import values
 from norm.core.errors import InvalidValue
 
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
@@ -78,12 +79,17 @@ class HostRecord:
                 raise TypeError("not an object")
             fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
             record = cls(**fields)
-            for name in ("machine_id", "name", "environment", "role", "agent_version"):
-                if not isinstance(getattr(record, name), str):
-                    raise TypeError(name)
-            for name in ("release", "http", "instance_id", "env_etag"):
-                if not isinstance(getattr(record, name), str | None):
-                    raise TypeError(name)
+            values.machine_id(record.machine_id, "machine_id")
+            values.matching(record.environment, "environment", values.LABEL)
+            values.matching(record.role, "role", values.LABEL)
+            for name in ("name", "agent_version"):
+                values.text(getattr(record, name), name, 255)
+            for name, pattern in (("release", values.RELEASE_TEXT), ("instance_id", values.INSTANCE_ID)):
+                if getattr(record, name) is not None:
+                    values.matching(getattr(record, name), name, pattern)
+            for name in ("http", "env_etag"):
+                if getattr(record, name) is not None:
+                    values.text(getattr(record, name), name, 255)
             if isinstance(record.started_at, bool) or not isinstance(record.started_at, int | float):
                 raise TypeError("started_at")
             return record

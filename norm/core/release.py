@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from norm.core import values
+from norm.core.desired import is_tag
 from norm.core.errors import InvalidValue
 from norm.core.rollout import (
     TERMINAL,
@@ -46,11 +48,11 @@ from norm.core.rollout import (
     Rollout,
 )
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_MID = re.compile(r"[0-9a-f]{32}")
-_STEP = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_DIGEST = values.DIGEST
+_MID = values.MACHINE_ID
+_STEP = values.STEP
 REPORT_KINDS = ("pulled", "stopped", "started", "migrated", "claim", "abort")
-MAX_REASON = 300  # a report's reason is cut to this many characters
+MAX_REASON = values.MAX_REASON  # a report's reason is cut to this many characters
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,23 +162,34 @@ class Header:
             if not isinstance(d, dict) or set(d) - {f.name for f in dataclasses.fields(cls)}:
                 raise ValueError("not a header object")
             prev = d.get("previous")
-            previous = None if prev is None else Release(_s(prev["tag"]), _digest(prev["digest"]))
+            if prev is not None and (not isinstance(prev, dict) or set(prev) != {"tag", "digest"}):
+                raise ValueError("previous: not a release")
+            previous = None if prev is None else Release(values.tag(prev["tag"], "previous.tag"),
+                                                         _digest(prev["digest"]))
             outcome = d.get("outcome")
-            h = cls(revision=_i(d["revision"]), tag=_s(d["tag"]), phase=Phase(d["phase"]),
+            migrating, migrator = d.get("migrating"), d.get("migrator")
+            phase = Phase(d["phase"])
+            # A refused desired value is recorded as "": it never reaches a release file.
+            refused = d["tag"] == "" and phase in TERMINAL and d.get("digest") is None
+            tag = "" if refused else values.tag(d["tag"], "tag")
+            h = cls(revision=_i(d["revision"]), tag=tag, phase=phase,
                     digest=None if d.get("digest") is None else _digest(d["digest"]),
                     previous=previous, rollback=_b(d.get("rollback", False)),
-                    migrating=_os(d.get("migrating")), migrator=_os(d.get("migrator")),
-                    excluded=tuple(_s(x) for x in _l(d.get("excluded", []))),
+                    migrating=None if migrating is None else values.step(migrating, "migrating"),
+                    migrator=None if migrator is None else values.machine_id(migrator, "migrator"),
+                    excluded=tuple(values.machine_id(x, "excluded") for x in _l(d.get("excluded", []))),
                     hosts_count=_i(d.get("hosts_count", 0)),
-                    outcome=None if outcome is None else Phase(outcome), reason=_os(d.get("reason")),
+                    outcome=None if outcome is None else Phase(outcome),
+                    reason=None if d.get("reason") is None else values.text(d["reason"], "reason"),
                     started_at=_f(d.get("started_at", 0.0)), updated_at=_f(d.get("updated_at", 0.0)),
                     ended_at=None if d.get("ended_at") is None else _f(d["ended_at"]),
                     released=_b(d.get("released", False)))
-            if h.revision < 1 or (h.rollback and h.previous is None):
+            if h.revision < 1 or h.hosts_count < 0 or (h.rollback and h.previous is None):
                 raise ValueError("inconsistent header")
             return h
         except (ValueError, TypeError, KeyError, RecursionError) as e:
-            raise InvalidValue(where, f"not a rollout header ({type(e).__name__})") from None
+            raise InvalidValue(where, f"not a rollout header ({type(e).__name__}: {values.describe(e)})"
+                               ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,7 +201,7 @@ def pulled_ok(digest: str) -> bytes:
 
 
 def pulled_error(reason: str, permanent: bool) -> bytes:
-    return _json({"error": reason[:MAX_REASON], "permanent": permanent})
+    return _json({"error": values.clean(reason), "permanent": permanent})
 
 
 def stopped() -> bytes:
@@ -196,11 +209,12 @@ def stopped() -> bytes:
 
 
 def started(digest: str, ok: bool, reason: str | None = None) -> bytes:
-    return _json({"digest": digest, "ok": ok, "reason": None if reason is None else reason[:MAX_REASON]})
+    return _json({"digest": digest, "ok": ok, "reason": None if reason is None else values.clean(reason)})
 
 
 def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float, host: str) -> bytes:
-    return _json({"ok": ok, "exit_code": exit_code, "reason": None if reason is None else reason[:MAX_REASON],
+    return _json({"ok": ok, "exit_code": exit_code,
+                  "reason": None if reason is None else values.clean(reason),
                   "seconds": round(seconds, 3), "host": host})
 
 
@@ -209,7 +223,7 @@ def claim(host: str) -> bytes:
 
 
 def abort_request(by: str) -> bytes:
-    return _json({"by": by[:MAX_REASON]})
+    return _json({"by": values.clean(by)})
 
 
 @dataclass(frozen=True)
@@ -241,29 +255,47 @@ def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | N
             raise TypeError("not an object")
         _check_report(kind, value)
     except (ValueError, TypeError, KeyError, RecursionError) as e:
-        raise InvalidValue(key, f"not a valid {kind} report ({type(e).__name__})") from None
+        raise InvalidValue(key, f"not a valid {kind} report ({type(e).__name__}: {values.describe(e)})"
+                           ) from None
     return Report(kind, name, value)  # type: ignore[arg-type]
 
 
+_REPORT_FIELDS = {"pulled": {"digest", "error", "permanent"}, "stopped": set(),
+                  "started": {"digest", "ok", "reason"},
+                  "migrated": {"ok", "exit_code", "reason", "seconds", "host"},
+                  "claim": {"host"}, "abort": {"by"}}
+
+
 def _check_report(kind: str, v: dict[str, Any]) -> None:
+    if set(v) - _REPORT_FIELDS[kind]:
+        raise ValueError("unknown field")
     if kind == "pulled":
         if "digest" in v:
             _digest(v["digest"])
         else:
-            _s(v["error"])
+            values.text(v["error"], "error", MAX_REASON)
             _b(v["permanent"])
     elif kind == "started":
         _digest(v["digest"])
         _b(v["ok"])
-        _os(v.get("reason"))
+        _reason(v.get("reason"))
     elif kind == "migrated":
         _b(v["ok"])
-        _os(v.get("reason"))
-        _s(v["host"])
+        _reason(v.get("reason"))
+        values.machine_id(v["host"], "host")
+        if v.get("exit_code") is not None:
+            _i(v["exit_code"])
+        if "seconds" in v:
+            _f(v["seconds"])
     elif kind == "claim":
-        _s(v["host"])
+        values.machine_id(v["host"], "host")
     elif kind == "abort":
-        _s(v["by"])
+        values.text(v["by"], "by", MAX_REASON)
+
+
+def _reason(v: object) -> None:
+    if v is not None:
+        values.text(v, "reason", MAX_REASON)
 
 
 def report_event(record: Rollout, report: Report) -> Event | None:
@@ -357,6 +389,18 @@ def host_duties(h: Header | None, me: str, participant: bool, reported: frozense
     return tuple(duties)
 
 
+def behind_migration(h: Header | None, participant: bool, running: Release | None) -> bool:
+    """Whether this host, outside the rollout (excluded, joined late, or not of its roles), runs an
+    older release than the one whose steps are running or have run: from the migrate phase on, unless
+    the rollout is rolling back, and after it while the new release is the fleet's. Such a host must
+    not serve (it leaves the load balancer) until it has caught up."""
+    if h is None or participant or h.release is None or running == h.release:
+        return False
+    if h.terminal:
+        return h.fleet_release() == h.release
+    return h.phase in (Phase.MIGRATE, Phase.START) and not h.rollback
+
+
 def holds_units(h: Header | None, participant: bool, reported: frozenset[str]) -> bool:
     """Whether the update holds this host's units (the healer leaves them alone): from its stop
     until its start report."""
@@ -371,20 +415,40 @@ def holds_units(h: Header | None, participant: bool, reported: frozenset[str]) -
 # The release file: what the units run, as KEY=VALUE lines for EnvironmentFile=
 
 
+RELEASE_KEYS = ("NORM_RELEASE", "NORM_IMAGE", "NORM_DIGEST", "NORM_ROLLOUT")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")  # config checks the repository's grammar
+
+
 def render_release(release: Release, image: str, revision: int) -> bytes:
-    return (f"NORM_RELEASE={release.tag}\nNORM_IMAGE={image}@{release.digest}\n"
-            f"NORM_DIGEST={release.digest}\nNORM_ROLLOUT={revision}\n").encode()
+    """The release file: exactly the RELEASE_KEYS, one line each. Refuses (InvalidValue) anything
+    that would not read back as itself: a tag, digest or image outside their grammar could add
+    lines, and so variables, to every application unit."""
+    try:
+        values.tag(release.tag, "tag")
+        values.digest(release.digest, "digest")
+        values.matching(image, "image", _IMAGE)
+        _i(revision)
+    except (ValueError, TypeError) as e:
+        raise InvalidValue("release file", f"not written: {e}") from None
+    if revision < 1:
+        raise InvalidValue("release file", "not written: the rollout revision must be positive")
+    text = (f"NORM_RELEASE={release.tag}\nNORM_IMAGE={image}@{release.digest}\n"
+            f"NORM_DIGEST={release.digest}\nNORM_ROLLOUT={revision}\n")
+    keys = [line.partition("=")[0] for line in text.splitlines()]
+    if keys != list(RELEASE_KEYS) or parse_release(text.encode()) != release:
+        raise InvalidValue("release file", "not written: it would not read back as the release")
+    return text.encode()
 
 
 def parse_release(raw: bytes) -> Release | None:
     """The release a release file names; None when it names none or is not one of ours."""
-    values: dict[str, str] = {}
+    found: dict[str, str] = {}
     for line in raw.decode("utf-8", "replace").splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            values[key.strip()] = value.strip()
-    tag, digest = values.get("NORM_RELEASE"), values.get("NORM_DIGEST")
-    if not tag or not digest or not _DIGEST.fullmatch(digest):
+            found[key.strip()] = value.strip()
+    tag, digest = found.get("NORM_RELEASE"), found.get("NORM_DIGEST")
+    if not tag or not digest or not is_tag(tag) or not _DIGEST.fullmatch(digest):
         return None
     return Release(tag, digest)
 

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from norm.core import values
 from norm.core.config import UpdateConfig, step_name
-from norm.core.desired import parse_version
+from norm.core.desired import is_tag, parse_version
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
 
@@ -209,6 +210,7 @@ class Rollout:
             data = json.loads(raw)
             record = _decode_rollout(_obj(data))
             _check_consistent(record)
+            _check_values(record)
             return record
         except (ValueError, TypeError, KeyError, RecursionError) as e:
             raise InvalidValue(where, f"not a rollout record ({type(e).__name__}: {_safe(e)})") from None
@@ -444,8 +446,8 @@ def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
                      started_at=now, updated_at=now, previous=previous, ledger=ledger)
     try:
         parse_version(tag.encode("utf-8", "replace"), "desired version")
-    except InvalidValue as e:
-        return _finish(record, Phase.FAILED, e.reason, now)
+    except InvalidValue as e:  # the refused value is not stored (see refused_rollout)
+        return _finish(dataclasses.replace(record, tag=""), Phase.FAILED, e.reason, now)
     if not record.hosts:
         return _finish(record, Phase.FAILED, "no participating host", now)
     return record, (ResolveTag(tag),)
@@ -754,10 +756,11 @@ def _on_newer(record: Rollout, event: NewerVersion, now: float, policy: RolloutP
         return record, ()  # stale
     if record.terminal:
         return record, (BeginRollout(event.tag, event.revision),)
-    record = _r(record, now, newer=Pending(event.tag, event.revision))
+    # A tag outside the grammar is refused when its rollout begins; it is not stored meanwhile.
+    record = _r(record, now, newer=Pending(event.tag if is_tag(event.tag) else "", event.revision))
     if record.phase in BEFORE_CUTOVER:
-        return _finish(record, Phase.SUPERSEDED, f"superseded by {event.tag} at revision {event.revision}",
-                       now)
+        newer = record.newer.tag if record.newer and record.newer.tag else "a refused version"
+        return _finish(record, Phase.SUPERSEDED, f"superseded by {newer} at revision {event.revision}", now)
     return record, ()  # cut over: finish first, then the newer one starts
 
 
@@ -901,7 +904,7 @@ def step(record: Rollout, event: Event, now: float, policy: RolloutPolicy) -> Re
 
 def _safe(e: Exception) -> str:
     # Messages below are ours (field names, never values); json's own messages quote positions only.
-    return str(e)[:120]
+    return values.describe(e)
 
 
 def _obj(value: object) -> dict[str, Any]:
@@ -1050,6 +1053,38 @@ def _check_consistent(r: Rollout) -> None:
         raise ValueError("migrating: a step runs in the migrate phase")
     if r.rollback and (r.previous is None or r.outcome is not Phase.FAILED):
         raise ValueError("rollback: needs the previous release and a failed outcome")
+
+
+def _check_values(r: Rollout) -> None:
+    """Every value in the grammar it was written with (norm.core.values): a record is read by every
+    leader to come, and its tags and digests end up in the hosts' release files."""
+    if r.tag or not r.terminal or r.digest is not None:  # a refused desired value is recorded as ""
+        values.tag(r.tag, "tag")
+    for h in r.hosts:
+        values.machine_id(h, "hosts")
+    if r.previous is not None:
+        values.tag(r.previous.tag, "previous.tag")
+    for p in r.progress:
+        values.machine_id(p.host, "progress.host")
+        if p.reason is not None:
+            values.text(p.reason, "progress.reason")
+    for x in r.excluded:
+        values.machine_id(x.host, "excluded.host")
+        values.text(x.reason, "excluded.reason")
+    for s in r.steps:
+        values.step(s, "steps")
+    if r.migrating is not None:
+        values.step(r.migrating, "migrating")
+    if r.migrator is not None:
+        values.machine_id(r.migrator, "migrator")
+    for e in r.ledger:
+        values.tag(e.tag, "ledger.tag")
+        values.step(e.step, "ledger.step")
+    if r.newer is not None and r.newer.tag:
+        values.tag(r.newer.tag, "newer.tag")
+    for name, text in (("reason", r.reason), ("abort_by", r.abort_by)):
+        if text is not None:
+            values.text(text, name)
 
 
 def policy_of(update: UpdateConfig) -> RolloutPolicy:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 MASK: Final = "********"
+REDACTED: Final = "[redacted]"
+MIN_REDACTED: Final = 4  # shorter values (0, 1, yes) are not secrets, and would mask most of a text
 
 
 class Secret:
@@ -32,3 +35,37 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a Secret is not to be serialised")
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every occurrence of each secret (and of each line of a secret spanning lines) of
+    MIN_REDACTED characters or more replaced by REDACTED. Overlapping occurrences are masked as one."""
+    pieces = set()
+    for secret in secrets:
+        for piece in (secret, *secret.splitlines(), *(line.strip() for line in secret.splitlines())):
+            if len(piece) >= MIN_REDACTED:
+                pieces.add(piece)
+    spans: list[tuple[int, int]] = []
+    for piece in pieces:
+        start = text.find(piece)
+        while start != -1:
+            spans.append((start, start + len(piece)))
+            start = text.find(piece, start + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    pos = 0
+    end = -1
+    for a, b in spans:
+        if a > end:
+            if end >= 0:
+                out.append(REDACTED)
+            out.append(text[pos:a])
+            end = b
+        else:
+            end = max(end, b)
+        pos = end
+    out.append(REDACTED)
+    out.append(text[pos:])
+    return "".join(out)

@@ -21,12 +21,12 @@ from norm.core.host import control_prefix
 from norm.core.units import matches, parse_unit_name
 from norm.services.base import first_of
 from norm.services.healer import Healer
-from norm.services.holds import Holds
+from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
 
 log = structlog.get_logger("norm.control")
 
-OPERATOR = "operator"
+__all__ = ["OPERATOR", "Control", "control_prefix"]
 
 
 class Control:

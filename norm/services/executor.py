@@ -32,12 +32,15 @@ from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Res
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import release as rel
+from norm.core import values
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
+from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue
 from norm.core.rollout import Phase, Release
+from norm.core.secret import redact
 from norm.services.base import first_of, wait_or_stop
-from norm.services.holds import Holds
+from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
 from norm.services.updater import PHASE_CODES
 
@@ -62,7 +65,8 @@ class Executor:
     def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
                  holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None,
+                 secret_files: tuple[str, ...] = ()) -> None:
         assert update.image is not None
         self._etcd = etcd
         self._prefix = prefix
@@ -78,6 +82,9 @@ class Executor:
         self._leading = leading
         self._clock = clock
         self._presence = presence
+        # Files whose values a failed step's output must not show (the host's environment file); the
+        # steps' own environment file is one of them.
+        self._secret_files = tuple(dict.fromkeys((*secret_files, *filter(None, (update.steps_env_file,)))))
         self._steps = {step_name(c): c for c in update.steps}
         self.header: rel.Header | None = None
         self._header_mod = 0  # the header's mod revision: reports are written only against it
@@ -87,6 +94,7 @@ class Executor:
         self._reported: set[str] = set()
         self._units: tuple[str, ...] = ()
         self._catching_up = False
+        self.behind = False  # outside the rollout, on a release older than the migrated one
         self._gave_up: set[tuple[int, str]] = set()  # (rollout, release digest) a catch-up cannot pull
         self._wake = asyncio.Event()
         self.primed = asyncio.Event()  # prime() done: the healer may start
@@ -157,6 +165,7 @@ class Executor:
                 await self._load_rollout()
                 duties = self._duties()
                 self._apply_holds()
+                await self._out_while_behind()
                 if not duties:
                     await self._wake.wait()
                     continue
@@ -203,9 +212,14 @@ class Executor:
         if hosts_kv:
             try:
                 loaded = json.loads(hosts_kv[0].value)
-                hosts = [h for h in loaded if isinstance(h, str)] if isinstance(loaded, list) else []
+                if not isinstance(loaded, list) or not all(
+                        isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
+                    raise ValueError("not a list of machine ids")
+                hosts = loaded
             except ValueError:
+                hosts = []
                 self._metrics.rejected_values.labels("rollout hosts").inc()
+                log.error("executor.hosts_refused", key=hosts_kv[0].key, reason="not a list of machine ids")
         self._participant = self._me in hosts and self._me not in h.excluded
         reported: set[str] = set()
         for kind, kvs in zip(kinds, mine[:3], strict=True):
@@ -233,6 +247,27 @@ class Executor:
                 self._holds.hold(unit, HOLD_OWNER)
         if not held:
             self._holds.release_all(HOLD_OWNER)
+
+    async def _out_while_behind(self) -> None:
+        """Out of the load balancer while this host, outside the rollout, runs an older release than
+        the one whose steps are running or ran (its units keep running: it catches up once the
+        rollout has ended, and the catch-up's start puts it back); back in when that is no longer so
+        (a rollback, a newer rollout that takes it in)."""
+        behind = rel.behind_migration(self.header, self._participant, self.running)
+        if behind == self.behind:
+            return
+        self.behind = behind
+        h = self.header
+        if behind:
+            log.warning("executor.behind_migration", running=rel.release_text(self.running),
+                        migrated=None if h is None else rel.release_text(h.release),
+                        load_balancer="leaving" if self._presence is not None else "none configured")
+            if self._presence is not None:
+                await self._presence.before_stop()
+        else:
+            log.info("executor.no_longer_behind", running=rel.release_text(self.running))
+            if self._presence is not None:
+                await self._presence.after_start()
 
     # -- duties --------------------------------------------------------------------------------------
     async def _do(self, duty: rel.Duty) -> None:
@@ -318,24 +353,30 @@ class Executor:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         for unit in self._units:
             self._holds.hold(unit, HOLD_OWNER)
-        if self._presence is not None:
-            # Out of the load balancer and drained before anything stops serving.
+        if self._presence is not None and not self.behind:
+            # Out of the load balancer and drained before anything stops serving (a host behind the
+            # migration is out already).
             await self._presence.before_stop()
         await asyncio.gather(*(self._systemd.stop(u) for u in self._units))
         log.info("executor.units_stopped", units=list(self._units))
 
     async def _switch_to(self, release: Release, revision: int) -> tuple[bool, str | None]:
-        """Write the release file, start every unit, and say whether all are active."""
+        """Write the release file, start every unit, and say whether all are active. A unit an
+        operator holds (`norm units stop`) is left stopped: the operator's stop wins over the update,
+        and the unit runs the new release once the operator starts it again."""
         await write_atomic(self._update.release_file, rel.render_release(release, self._image, revision))
         self.running = release
         await self._set_release(rel.release_text(release))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
-        results = await asyncio.gather(*(self._systemd.start(u) for u in self._units),
-                                       return_exceptions=True)
+        held = [u for u in self._units if OPERATOR in self._holds.owners(u)]
+        starting = [u for u in self._units if u not in held]
+        if held:
+            log.warning("executor.units_held_by_operator", units=held, release=rel.release_text(release))
+        results = await asyncio.gather(*(self._systemd.start(u) for u in starting), return_exceptions=True)
         if self._presence is not None:
             await self._presence.after_start()  # back in the load balancer once healthy
         failed: list[str] = []
-        for unit, result in zip(self._units, results, strict=True):
+        for unit, result in zip(starting, results, strict=True):
             if isinstance(result, SystemdError):
                 failed.append(f"{unit}: {result}")
             elif isinstance(result, BaseException):
@@ -345,7 +386,8 @@ class Executor:
                 if state.active_state != "active":
                     failed.append(f"{unit}: {state.active_state}/{state.sub_state}")
         log.info("executor.units_started", release=rel.release_text(release), failed=failed)
-        return not failed, "; ".join(failed) or None
+        notes = failed + [f"{unit}: held by the operator, left stopped" for unit in held]
+        return not failed, "; ".join(notes) or None
 
     async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
         p, rev = self._prefix, h.revision
@@ -374,7 +416,8 @@ class Executor:
             ok, code, reason, seconds = run.exit_code == 0, run.exit_code, None, run.seconds
             if not ok:
                 reason = f"exit code {run.exit_code}"
-                log.error("executor.step_failed", step=step, exit_code=run.exit_code, logs=run.logs[-2000:])
+                log.error("executor.step_failed", step=step, exit_code=run.exit_code,
+                          logs=(await self._redacted(run.logs))[-2000:])
             else:
                 log.info("executor.step_done", step=step, seconds=round(run.seconds, 3))
         except RunTimeout:
@@ -384,6 +427,20 @@ class Executor:
         self._metrics.migrations.labels("ok" if ok else "failed").inc()
         await self._report(h, "migrated", rel.migrated(ok, code, reason, seconds, self._me), name=step)
         await self._docker.remove_container(name)
+
+    async def _redacted(self, output: str) -> str:
+        """A step's output without any value of the environment files it may have seen (or nothing of
+        it, if one of them cannot be read)."""
+        found: set[str] = set()
+        for path in self._secret_files:
+            try:
+                raw = await read_file(path)
+            except OSError as e:
+                log.warning("executor.step_output_withheld", file=path, error=str(e))
+                return f"(output withheld: {path} could not be read to redact it)"
+            if raw:
+                found |= secret_values(raw)
+        return redact(output, found)
 
     async def _catch_up(self, h: rel.Header, release: Release) -> None:
         log.info("executor.catching_up", release=rel.release_text(release))

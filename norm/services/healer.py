@@ -258,6 +258,7 @@ class Healer:
                 "result": s.result, "n_restarts": s.n_restarts, "heal": heal,
                 "attempts": len(h.attempts), "next_attempt_at": at(h.next_at) if s.failed else None,
                 "quarantined_until": at(h.quarantined_until),
+                "held_by": sorted(self.holds.owners(name)),  # "operator" (norm units stop), "update"
             })
         return out
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+OPERATOR = "operator"  # the owner of the holds `norm units stop` places (norm.services.control)
+
 
 class Holds:
     def __init__(self) -> None:

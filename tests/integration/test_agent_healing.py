@@ -80,7 +80,7 @@ def test_an_operator_hold_stops_the_unit_and_keeps_it_from_healing(
     assert r.returncode == 0, r.stderr
     assert "held and stopped" in r.stdout
     assert systemd_manager.unit_property("djed-api.service", "ActiveState") == "inactive"
-    assert units_table(agent)["djed-api.service"][3] == "held"
+    assert units_table(agent)["djed-api.service"][3] == "held(operator)"  # who holds it
     r = norm(agent, "units", "start", "djed-api.service")
     assert r.returncode == 0, r.stderr
     assert systemd_manager.unit_property("djed-api.service", "ActiveState") == "active"

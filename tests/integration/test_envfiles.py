@@ -31,10 +31,12 @@ from norm.services.envfiles import EnvFiles
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.watcher import DesiredStateWatcher
+from sandbox.docker import DockerEngine
 from sandbox.etcd import EtcdMember
 from sandbox.imds import MetadataServer
 from sandbox.moto import MotoServer
 from sandbox.procs import free_port, wait_for
+from sandbox.registry import Registry
 from sandbox.systemd import SystemdManager
 from tests.plugins.agent import AgentProc
 
@@ -442,18 +444,24 @@ def http_text(url: str) -> str:
 
 def test_canary_secrets_never_show_in_logs_metrics_etcd_or_the_cli(
         tmp_path: Path, etcd: EtcdMember, moto_server: MotoServer, imds_server: MetadataServer,
-        systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        systemd_manager: SystemdManager, agents: Callable[..., AgentProc], docker_engine: DockerEngine,
+        registry: Registry, demo_app: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Credentials come from the instance profile (the metadata server): they are secrets too.
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     imds_server.update(instance_id="i-0abc1234def567890", tags={"environment": "stage", "role": "celery"})
-    canaries = [f"{CANARY}-{n}" for n in ("first", "rotated", "refused")]
+    canaries = [f"{CANARY}-{n}" for n in ("first", "rotated", "refused", "step", "step-quoted")]
     profile = imds_server.state["credentials"]
     credentials = [profile["SecretAccessKey"], profile["Token"]]
     bucket = bucket_name()
     env_path = tmp_path / "run" / "app.env"
     seen = tmp_path / "seen"
+    # Update mode: a one-off step that prints its environment and the host's environment file, then
+    # fails (its output is logged); the steps' own environment file holds secrets too.
+    steps_env = tmp_path / "steps.env"
+    steps_env.write_text(f"STEP_TOKEN={canaries[3]}\nSTEP_QUOTED='{canaries[4]}'\nDEBUG=0\n")
+    demo_app("v1")
+    step = "sh -c 'env; cat /hostenv/app.env; echo step-output-end; exit 3'"
     asyncio.run(put_object(moto_server.endpoint, bucket, "stage.env",
                            f"DJANGO_SECRET_KEY='{canaries[0]}'\nDEBUG=0\n".encode()))
     systemd_manager.write_unit("djed-web.service", unit_text(env_path, seen).replace("$$SECRET",
@@ -463,7 +471,11 @@ def test_canary_secrets_never_show_in_logs_metrics_etcd_or_the_cli(
         env={"NORM_HOST__ROLE": "web"},  # the configuration speaks for the role only
         extra_toml=(f'[aws]\nendpoint_url = "{moto_server.endpoint}"\nuse_metadata = true\n'
                     f'metadata_url = "{imds_server.endpoint}"\ncall_timeout = 5\n'
-                    f'[env]\nbucket = "{bucket}"\npath = "{env_path}"\ninterval = 3600\n'))
+                    f'[env]\nbucket = "{bucket}"\npath = "{env_path}"\ninterval = 3600\n'
+                    f'[docker]\nhost = "{docker_engine.host}"\n'
+                    f'[update]\nimage = "{registry.address}/djed/app"\n'
+                    f'release_file = "{tmp_path / "run" / "release.env"}"\nsteps = ["{step}"]\n'
+                    f'steps_env_file = "{steps_env}"\nsteps_mounts = ["{env_path.parent}:/hostenv"]\n'))
     agent.wait_notify("READY=1")
     wait_for(env_path.exists, timeout=20, what="the environment file written")
     assert mode(env_path) == 0o600
@@ -495,6 +507,18 @@ def test_canary_secrets_never_show_in_logs_metrics_etcd_or_the_cli(
     etcd.ctl("put", ENV_KEY, "nowhere")
     wait_for(lambda: '"env.fetch_failed"' in agent.logs(), timeout=20, what="the missing object logged")
     assert raw(env_path) == kept
+
+    # A rollout whose step fails: its output (the last 2000 characters) is logged, every value of the
+    # host's environment file and of the steps' environment file masked.
+    etcd.ctl("put", "/djed-version", "v1")
+    wait_for(lambda: '"executor.step_failed"' in agent.logs(), timeout=120, what="the failed step logged")
+    failed = [json.loads(x) for x in agent.logs().splitlines() if '"executor.step_failed"' in x]
+    assert failed[0]["exit_code"] == 3 and "step-output-end" in failed[0]["logs"]
+    assert "STEP_TOKEN=[redacted]" in failed[0]["logs"]
+    assert "DJANGO_SECRET_KEY=[redacted]" in failed[0]["logs"]
+    assert "DEBUG=0" in failed[0]["logs"]  # what is too short to be a secret stays
+    wait_for(lambda: json.loads(etcd.ctl("get", "/norm/rollout", "--print-value-only"))["phase"] == "failed",
+             timeout=60, what="the rollout failed")
 
     metrics = http_text(f"{agent.url}/metrics")
     assert 'norm_env_fetches_total{result="invalid"} 1.0' in metrics

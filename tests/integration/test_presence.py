@@ -31,7 +31,7 @@ from norm.core.rollout import Phase, Release
 from norm.services.executor import HOLD_OWNER, Executor
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
-from norm.services.presence import Presence
+from norm.services.presence import Presence, invocation_of
 from sandbox.docker import DockerEngine
 from sandbox.etcd import EtcdMember
 from sandbox.moto import MotoServer
@@ -397,3 +397,80 @@ async def test_a_host_catching_up_leaves_and_rejoins_in_the_same_order(
                 await released.wait()  # the catch-up let go of the units
             assert executor.running == Release("v2", digest)
     assert_in_order(rig, Release("v2", digest), tmp_path / "release.env")
+
+
+async def test_a_host_left_out_of_a_rollout_leaves_the_load_balancer_once_the_migration_begins(
+        moto_server: MotoServer, systemd_manager: SystemdManager, etcd: EtcdMember, tmp_path: Path) -> None:
+    """A host excluded from a rollout (lost or slow during the pull) keeps its old release; from the
+    migrate phase on that release is behind the schema, so the host leaves the load balancer (its units
+    keep running: it catches up later). When the rollout rolls back, the old release is the fleet's
+    again, and the same run is registered again."""
+    prefix, me, other, revision = "/norm", secrets.token_hex(16), "f" * 32, 3000
+    release_file = tmp_path / "release.env"
+    release_file.write_bytes(rel.render_release(Release("v1", DIGEST_1), "127.0.0.1:5000/djed/app", 1))
+    update = UpdateConfig(image="127.0.0.1:5000/djed/app", release_file=str(release_file))
+    config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+    async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
+            Etcd(config) as client, \
+            executor_for(rig, client, Docker("unix:///nonexistent.sock"), me, update) as executor:
+        run = invocation_of(rig.presence.unit)
+        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
+        pulling = rel.Header(revision=revision, tag="v2", phase=Phase.PULL, digest=DIGEST_2,
+                             previous=Release("v1", DIGEST_1), hosts_count=2, excluded=(me,))
+        await client.put(rel.header_key(prefix), pulling.encode())
+        # Excluded at the pull barrier, then the others stop: this host still serves the old release.
+        stopping = dataclasses.replace(pulling, phase=Phase.STOP)
+        await client.put(rel.header_key(prefix), stopping.encode())
+        migrating = dataclasses.replace(pulling, phase=Phase.MIGRATE, migrating="migrate", migrator=other)
+        assert rig.presence.registered == dict.fromkeys(rig.site.groups, True)
+        await client.put(rel.header_key(prefix), migrating.encode())
+        await rig.until("out of the load balancer", rig.registered(False))
+        assert await rig.site.states() == ["unused", "unused"]
+        assert invocation_of(await rig.systemd.unit(WEB)) == run  # still running: not this host's to stop
+        assert executor.running == Release("v1", DIGEST_1)
+        assert "executor.behind_migration" in rig.events()
+
+        # The step fails and the old release is started again everywhere: back in, the same run.
+        rolling_back = dataclasses.replace(migrating, phase=Phase.START, migrating=None, migrator=None,
+                                           rollback=True, outcome=Phase.FAILED)
+        await client.put(rel.header_key(prefix), rolling_back.encode())
+        await rig.until("registered again", rig.registered(True))
+        assert invocation_of(await rig.systemd.unit(WEB)) == run
+        assert rel.parse_release(release_file.read_bytes()) == Release("v1", DIGEST_1)
+
+
+@pytest.mark.slow
+async def test_a_host_left_out_of_a_rollout_stays_out_until_it_has_caught_up(
+        moto_server: MotoServer, systemd_manager: SystemdManager, etcd: EtcdMember,
+        docker_engine: DockerEngine, demo_app_digest: Callable[..., str], tmp_path: Path) -> None:
+    """Out from the migration on; the rollout done, the host catches up on the new release and is
+    registered again once its new run is healthy."""
+    image, digest = (await asyncio.to_thread(demo_app_digest, "v2")).split("@")
+    prefix, me, other, revision = "/norm", secrets.token_hex(16), "f" * 32, 3100
+    release_file = tmp_path / "release.env"
+    release_file.write_bytes(rel.render_release(Release("v1", DIGEST_1), image, 1))
+    update = UpdateConfig(image=image, release_file=str(release_file))
+    config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
+    async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
+            Etcd(config) as client, Docker(docker_engine.host, call_timeout=30) as docker, \
+            executor_for(rig, client, docker, me, update) as executor:
+        run = invocation_of(rig.presence.unit)
+        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
+        migrating = rel.Header(revision=revision, tag="v2", phase=Phase.MIGRATE, digest=digest,
+                               previous=Release("v1", DIGEST_1), hosts_count=2, excluded=(me,),
+                               migrating="migrate", migrator=other)
+        await client.put(rel.header_key(prefix), migrating.encode())
+        await rig.until("out of the load balancer", rig.registered(False))
+        starting = dataclasses.replace(migrating, phase=Phase.START, migrating=None, migrator=None)
+        await client.put(rel.header_key(prefix), starting.encode())
+        rig.logs.clear()
+        done = dataclasses.replace(starting, phase=Phase.DONE, outcome=Phase.DONE)
+        await client.put(rel.header_key(prefix), done.encode())
+        await rig.until("registered again", lambda: executor.running == Release("v2", digest)
+                        and rig.registered(True)(), timeout=60)
+        assert invocation_of(await rig.systemd.unit(WEB)) != run  # a new run, on the new release
+    # Out all along: from the catch-up's start, nothing was registered before the new run was healthy.
+    steps = [e["event"].removeprefix("observed.") for e in rig.logs
+             if e["event"].startswith("observed.") or e["event"] == "lb.healthy"]
+    assert steps[-3:] == ["lb.healthy", "register", "register"] and "register" not in steps[:-2]
+    assert "stop" in steps and "start" in steps

@@ -469,3 +469,9 @@ def test_status_shows_the_environment_file_only_where_one_is_used() -> None:
     data = views.status_json(rows, None)
     assert data["hosts"][0]["env_etag"] == '"0123456789abcdef0123456789abcdef"'
     assert data["hosts"][1]["env_etag"] is None
+
+
+def test_a_start_that_left_an_operator_held_unit_stopped_says_so() -> None:
+    r = reports(("started", A, rel.started(D2, True, "djed-web.service: held by the operator, left stopped")))
+    assert views.host_state(header(Phase.START), A, r) == views.HostState(
+        "started", 3, "djed-web.service: held by the operator, left stopped")

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from norm.core import envfile as envfile_module
-from norm.core.envfile import EnvFile, EnvFileError, header_of, parse_env_file, render
+from norm.core.envfile import EnvFile, EnvFileError, header_of, parse_env_file, render, secret_values
 from norm.core.secret import Secret
 
 
@@ -226,3 +226,10 @@ def test_the_written_file_names_its_source_and_reads_back() -> None:
     assert source_of(b"A=1\n") is None
     assert source_of(b"# norm-source: {not json\nA=1\n") is None
     assert source_of(b'# norm-source: {"bucket": "b", "key": "k"}\n') is None
+
+
+def test_secret_values_read_both_ways() -> None:
+    # Norm's own file (shell quoting) and a Docker --env-file (the text after '=' as it stands).
+    assert secret_values(b"A='s3cret one'\nB=\"it's\"\n# C=comment\n") >= {"s3cret one", "it's"}
+    assert secret_values(b"TOKEN=abc$(x) def\nEMPTY=\n") == {"abc$(x) def"}  # refused by the shell grammar
+    assert secret_values(b"PASSWORD='pw'\n") >= {"'pw'", "pw"}

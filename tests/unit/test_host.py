@@ -169,18 +169,34 @@ def test_decode_refuses_deeply_nested_json() -> None:
         HostRecord.decode(b"[" * 100_000, "k")
 
 
-texts = st.text()
+texts = st.text(st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="\u2028\u2029"),
+                max_size=255)
+labels = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True)
 records = st.builds(
     HostRecord,
-    machine_id=texts,
+    machine_id=st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
     name=texts,
-    environment=texts,
-    role=texts,
+    environment=labels,
+    role=labels,
     agent_version=texts,
-    release=st.none() | texts,
+    release=st.none() | st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@sha256:[0-9a-f]{12})?",
+                                      fullmatch=True),
     http=st.none() | texts,
     started_at=st.floats(allow_nan=False),
 )
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("machine_id", "../../rollout"), ("machine_id", MID.upper()), ("environment", "prod\nrole=x"),
+    ("role", ""), ("role", "web;reboot"), ("release", "v2\nNORM_IMAGE=x"), ("release", "v2@latest"),
+    ("name", "web\x1b[2J"), ("name", "w" * 256), ("agent_version", "\x00"), ("http", "h" * 256),
+    ("instance_id", "i-nope"), ("env_etag", "\x1b]0;title\x07"),
+])
+def test_decode_refuses_values_outside_their_grammar(name: str, bad: object) -> None:
+    data = json.loads(RECORD.encode()) | {name: bad}
+    with pytest.raises(InvalidValue) as info:
+        HostRecord.decode(json.dumps(data).encode(), "k")
+    assert "reboot" not in str(info.value) and "NORM_IMAGE" not in str(info.value)
 
 
 @settings(deadline=None)

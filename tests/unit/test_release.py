@@ -148,13 +148,142 @@ def test_holds_from_stop_until_started() -> None:
     assert not rel.holds_units(header(Phase.DONE), True, frozenset({"stopped"}))
 
 
-@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20))
+TAGS = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", fullmatch=True)
+
+
+@given(TAGS)
 def test_release_file_round_trip(tag: str) -> None:
-    text = rel.render_release(Release(tag.replace("=", "_"), D2), "127.0.0.1:5000/djed/app", 7)
-    assert rel.parse_release(text) == Release(tag.replace("=", "_"), D2)
+    text = rel.render_release(Release(tag, D2), "127.0.0.1:5000/djed/app", 7)
+    assert rel.parse_release(text) == Release(tag, D2)
     assert b"NORM_IMAGE=127.0.0.1:5000/djed/app@" + D2.encode() + b"\n" in text
+
+
+def assert_exactly_the_release_lines(text: bytes, release: Release) -> None:
+    lines = text.decode().split("\n")
+    assert lines[-1] == "" and [line.partition("=")[0] for line in lines[:-1]] == list(rel.RELEASE_KEYS)
+    assert rel.parse_release(text) == release
+
+
+HOSTILE = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda t, inj: t + inj, TAGS, st.sampled_from(
+        ["\nNORM_IMAGE=evil/app@" + D1, "\rNORM_DIGEST=" + D1, "\x00", " ", "\u2028X=1", "=x", "#",
+         "\n", "$(reboot)", "\u0085"])),
+)
+
+
+@given(tag=st.one_of(TAGS, HOSTILE), digest=st.one_of(st.just(D2), st.text(max_size=80)),
+       image=st.one_of(st.just("127.0.0.1:5000/djed/app"), st.text(max_size=40)),
+       revision=st.integers(min_value=-2, max_value=10**12))
+def test_a_release_file_is_exactly_its_four_lines_or_not_written(tag: str, digest: str, image: str,
+                                                                  revision: int) -> None:
+    release = Release(tag, digest)
+    try:
+        text = rel.render_release(release, image, revision)
+    except InvalidValue as e:
+        assert "evil" not in str(e) and "reboot" not in str(e)
+        return
+    assert_exactly_the_release_lines(text, release)
+
+
+def header_dict(**kw: object) -> dict[str, object]:
+    d: dict[str, object] = {"revision": 7, "tag": "v2", "phase": "start", "digest": D2,
+                            "previous": {"tag": "v1", "digest": D1}, "hosts_count": 2}
+    d.update(kw)
+    return d
+
+
+@given(tag=st.one_of(TAGS, HOSTILE), previous_tag=st.one_of(TAGS, HOSTILE), rollback=st.booleans(),
+       phase=st.sampled_from([p.value for p in Phase]))
+def test_any_header_accepted_renders_exactly_the_release_lines(tag: str, previous_tag: str, rollback: bool,
+                                                               phase: str) -> None:
+    import json
+
+    raw = json.dumps(header_dict(tag=tag, previous={"tag": previous_tag, "digest": D1}, rollback=rollback,
+                                 phase=phase)).encode()
+    try:
+        h = rel.Header.decode(raw, "/norm/rollout")
+    except InvalidValue as e:
+        assert "evil" not in str(e) and "reboot" not in str(e)
+        return
+    for release in (h.release, h.previous, h.target, h.fleet_release()):
+        if release is not None:
+            text = rel.render_release(release, "127.0.0.1:5000/djed/app", h.revision)
+            assert_exactly_the_release_lines(text, release)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tag", "v2\nNORM_IMAGE=evil/app@" + D1),
+    ("tag", "v2 "),
+    ("tag", ""),
+    ("tag", "x" * 129),
+    ("previous", {"tag": "v1\nX=1", "digest": D1}),
+    ("previous", {"tag": "v1", "digest": D1, "extra": 1}),
+    ("migrating", "migrate\nX=1"),
+    ("migrating", "../migrate"),
+    ("migrator", "not-a-machine-id"),
+    ("excluded", ["a" * 31]),
+    ("excluded", [A + "\n"]),
+    ("reason", "x" * 300_000),
+    ("reason", "\x1b[2Jcleared"),
+    ("hosts_count", -1),
+    ("phase", "evil"),
+    ("outcome", "evil"),
+])
+def test_hostile_values_in_a_header_are_refused_without_quoting(field: str, value: object) -> None:
+    import json
+
+    with pytest.raises(InvalidValue) as e:
+        rel.Header.decode(json.dumps(header_dict(**{field: value})).encode(), "/norm/rollout")
+    assert e.value.where == "/norm/rollout"
+    assert "evil" not in str(e.value) and "X=1" not in str(e.value) and "cleared" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,raw", [
+    ("migrated/migrate", b'{"ok": true, "host": "x;reboot", "seconds": 1.0, "exit_code": 0}'),
+    ("claim/migrate", b'{"host": "../reboot"}'),
+    (f"started/{A}", b'{"digest": "' + D2.encode() + b'", "ok": false, "reason": "' + b"r" * 301 + b'"}'),
+    (f"started/{A}", b'{"digest": "' + D2.encode() + b'", "ok": false, "reason": "\\u001b[2Jreboot"}'),
+    (f"pulled/{A}", b'{"error": "' + b"r" * 301 + b'", "permanent": true}'),
+    (f"stopped/{A}", b'{"reboot": 1}'),
+    ("abort", b'{"by": "\\u001breboot"}'),
+    ("migrated/migrate", b'{"ok": true, "host": "' + A.encode() + b'", "exit_code": "0"}'),
+])
+def test_hostile_values_in_reports_are_refused(key: str, raw: bytes) -> None:
+    with pytest.raises(InvalidValue) as e:
+        rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+    assert "reboot" not in str(e.value)
+
+
+def test_what_hosts_write_reads_back_whatever_the_reason() -> None:
+    nasty = "\x1b[2J" + "line\nnext\ttab\x00" * 40
+    for key, raw in ((f"pulled/{A}", rel.pulled_error(nasty, False)),
+                     (f"started/{A}", rel.started(D2, False, nasty)),
+                     ("migrated/migrate", rel.migrated(False, 3, nasty, 1.0, A)),
+                     ("abort", rel.abort_request(nasty))):
+        report = rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+        assert report is not None and "\x1b" not in str(report.value) and "\x00" not in str(report.value)
 
 
 def test_release_file_that_is_not_ours() -> None:
     assert rel.parse_release(b"") is None
     assert rel.parse_release(b"NORM_RELEASE=v1\nNORM_DIGEST=latest\n") is None
+
+
+def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catches_up() -> None:
+    def behind(h: rel.Header, participant: bool = False, running: Release | None = OLD) -> bool:
+        return rel.behind_migration(h, participant, running)
+
+    # Before the cut-over nothing has changed; the participants are stopped or starting anyway.
+    assert not any(behind(header(p)) for p in (Phase.RESOLVE, Phase.PULL, Phase.STOP))
+    assert behind(header(Phase.MIGRATE, migrating="migrate", migrator=B)) and behind(header(Phase.START))
+    assert not behind(header(Phase.START), participant=True)
+    assert not behind(header(Phase.START), running=NEW)
+    assert not behind(header(Phase.START, rollback=True, outcome=Phase.FAILED))  # the old one is back
+    # After the end: behind while the new release is the fleet's and this host runs another.
+    assert behind(header(Phase.DONE)) and behind(header(Phase.DONE), running=None)
+    assert not behind(header(Phase.DONE), running=NEW)
+    assert behind(header(Phase.FAILED, released=True))
+    assert not behind(header(Phase.FAILED)) and not behind(header(Phase.SUPERSEDED))
+    assert not behind(header(Phase.HALTED))  # an operator decides
+    assert not behind(None)

@@ -634,6 +634,34 @@ def test_deep_nesting_is_refused() -> None:
         Rollout.decode(b"[" * 100000 + b"]" * 100000, "x")
 
 
+HOSTILE_TAG = "v2\nNORM_IMAGE=evil/app@" + D1
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: {**d, "tag": HOSTILE_TAG},
+    lambda d: {**d, "previous": {**d["previous"], "tag": HOSTILE_TAG}},
+    lambda d: {**d, "newer": {"tag": HOSTILE_TAG, "revision": 99}},
+    lambda d: {**d, "ledger": [{"digest": D1, "tag": HOSTILE_TAG, "step": "migrate", "ok": True,
+                                "revision": 1, "at": 0.0}]},
+    lambda d: {**d, "ledger": [{"digest": D1, "tag": "v1", "step": "migrate\nX=evil", "ok": True,
+                                "revision": 1, "at": 0.0}]},
+    lambda d: {**d, "hosts": sorted([*d["hosts"], "evil"]),
+               "progress": sorted([*d["progress"], {"host": "evil"}], key=lambda p: p["host"])},
+    lambda d: {**d, "excluded": [{"host": "evil\n", "reason": "lost", "phase": "pull"}]},
+    lambda d: {**d, "excluded": [{"host": C, "reason": "\x1b[2Jevil", "phase": "pull"}]},
+    lambda d: {**d, "steps": ["migrate; evil"]},
+    lambda d: {**d, "migrator": "evil"},
+    lambda d: {**d, "reason": "e" * 300_000},
+    lambda d: {**d, "abort_by": "\x07evil"},
+    lambda d: {**d, "phase": "evil"},
+    lambda d: {**d, "progress": [{**d["progress"][0], "status": "evil"}, *d["progress"][1:]]},
+])
+def test_hostile_values_in_a_record_are_refused_without_quoting(mutate: Any) -> None:
+    with pytest.raises(InvalidValue) as info:
+        Rollout.decode(json.dumps(mutate(dict(GOOD))).encode(), "/norm/rollouts/1/record")
+    assert info.value.where == "/norm/rollouts/1/record" and "evil" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Invariants under random event sequences
 

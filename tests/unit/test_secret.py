@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from norm.core.secret import MASK, Secret
+from norm.core.secret import MASK, MIN_REDACTED, REDACTED, Secret, redact
 
 VALUE = "hunter2-correct-horse"
 
@@ -150,3 +150,26 @@ def test_equality_follows_the_value(a: str, b: str) -> None:
     assert (Secret(a) == Secret(b)) == (a == b)
     if a == b:
         assert hash(Secret(a)) == hash(Secret(b))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Redaction of output that may quote secrets
+
+
+def test_redact_masks_every_occurrence_and_overlaps_as_one() -> None:
+    out = redact("key=hunter22 again hunter22; abcdefgh", ["hunter22", "abcd", "cdefgh", "1"])
+    assert out == f"key={REDACTED} again {REDACTED}; {REDACTED}"
+    assert redact("line-one-secret\nmore", ["line-one-secret\nline-two-secret"]) == f"{REDACTED}\nmore"
+    assert redact("exit code 1", ["1", "yes"]) == "exit code 1"  # too short to be secrets
+    assert redact("nothing here", []) == "nothing here"
+
+
+@settings(deadline=None)
+@given(st.text(), st.lists(st.text(min_size=MIN_REDACTED), max_size=4), st.text(), st.text())
+def test_no_secret_survives_redaction(text: str, secrets: list[str], before: str, after: str) -> None:
+    out = redact(before + "".join(s + text for s in secrets) + after, secrets)
+    for secret in secrets:
+        # A secret inside the marker, or one with its brackets (made up by the marker and what
+        # surrounds it), proves nothing.
+        assume(secret not in REDACTED and "[" not in secret and "]" not in secret)
+        assert secret not in out
