@@ -11,6 +11,7 @@ import asyncio
 import random
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -43,6 +44,8 @@ log = structlog.get_logger("norm.agent")
 EXIT_OK = 0
 EXIT_SERVICE_FAILED = 1
 EXIT_CONFIG = 2
+
+HEALING_STATE = "healing.json"  # in agent.state_dir
 
 
 class Agent:
@@ -219,7 +222,8 @@ class Agent:
 
         self.healer = Healer(systemd, self.config.units.patterns, policy, self.metrics, self.holds,
                              resync_interval=h.resync_interval, publish=publish,
-                             gate=None if self.executor is None else self.executor.primed)
+                             gate=None if self.executor is None else self.executor.primed,
+                             state_file=Path(self.config.agent.state_dir) / HEALING_STATE)
         control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
                           self.holds, self.metrics)
         return [self.healer, control]

@@ -218,6 +218,10 @@ class AgentConfig:
         "unit's TimeoutStopSec.", default=20.0)
     resync_interval: float = _doc("Seconds between safety-net re-reads of the watched keys.",
                                   default=300.0)
+    state_dir: str = _doc(
+        "Directory of what the agent keeps across its restarts and the host's (healing.json: each "
+        "unit's healing attempts, backoff and quarantine). The unit's StateDirectory=.",
+        default="/var/lib/norm")
 
 
 @dataclass(frozen=True)
@@ -610,6 +614,8 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")
     if not 1 <= config.agent.resync_interval <= 86400:
         fail("agent.resync_interval", "must be from 1 to 86400 seconds")
+    if not config.agent.state_dir.startswith("/"):
+        fail("agent.state_dir", "must be an absolute directory path")
 
 
 # ---------------------------------------------------------------------------------------------------

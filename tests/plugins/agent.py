@@ -50,7 +50,8 @@ class AgentProc:
             f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\n'
             + ('environment = "test"\nrole = "web"\n' if self.host_labels else "")
             + f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
-            f'[agent]\nshutdown_timeout = 5\n[log]\nformat = "json"\nlevel = "debug"\n'
+            f'[agent]\nshutdown_timeout = 5\nstate_dir = "{self.workdir / "state"}"\n'
+            '[log]\nformat = "json"\nlevel = "debug"\n'
             + (f'[systemd]\nbus_address = "{self.systemd_bus}"\n' if self.systemd_bus
                else "[healing]\nenabled = false\n")
             + self.extra_toml)
