@@ -100,6 +100,8 @@ class Healer:
         self._saved: Lasting = ()
         self._state_dirty = asyncio.Event()
         self._state_lock = asyncio.Lock()
+        # Operator requests for a unit not carried out yet (see norm.services.control), for the summary.
+        self._requests: dict[str, list[dict[str, object]]] = {}
 
     # -- operator actions
 
@@ -111,6 +113,15 @@ class Healer:
         self._history_changed()
         self._wake.set()
         return was
+
+    def set_requests(self, unit: str, requests: list[dict[str, object]]) -> None:
+        """What an operator asked of `unit` that is not done yet, for the published summary: each an
+        action, its failures so far, the last error, and its next try on the loop's clock."""
+        if requests:
+            self._requests[unit] = requests
+        else:
+            self._requests.pop(unit, None)
+        self._summary_dirty.set()
 
     # -- the state that outlives the agent
 
@@ -356,6 +367,8 @@ class Healer:
                 "result": s.result, "n_restarts": s.n_restarts, "heal": heal,
                 "attempts": len(h.attempts), "next_attempt_at": at(h.next_at) if s.failed else None,
                 "quarantined_until": at(h.quarantined_until),
+                "requests": [{**r, "next_try": at(t) if isinstance(t := r["next_try"], float) else None}
+                             for r in self._requests.get(name, [])],
             })
         return out
 
