@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from norm import __version__
-from norm.adapters.etcd import Etcd, EtcdRejected, EtcdUnavailable
+from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed, EtcdUnavailable
 from norm.app.sdnotify import Notifier
 from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
@@ -121,7 +121,11 @@ class Agent:
                 or (self.config.env.bucket is not None and self.config.env.on_change == "restart"))
 
     async def _connect(self, etcd: Etcd) -> bool:
-        """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
+        """Wait for etcd (forever, unless stopping). A failed TLS handshake is waited out too, logged
+        as an error each time: it is most often the configuration, but an endpoint being restarted or
+        replaced, or a clock not yet set at boot, looks the same, and exiting with EXIT_CONFIG would
+        leave the host without an agent for good. What is the configuration's fault for certain (a
+        certificate file that cannot be read, a password refused, a permission missing) is raised."""
         attempt = 0
         while not self.stopping.is_set():
             try:
@@ -132,14 +136,17 @@ class Agent:
             except EtcdUnavailable as e:
                 await self._back_off(attempt, "agent.etcd_unreachable", e)
                 attempt += 1
+            except EtcdTlsFailed as e:
+                await self._back_off(attempt, "agent.etcd_tls_failed", e, first=1.0, cap=30.0, level="error")
+                attempt += 1
         return False
 
     async def _back_off(self, attempt: int, event: str, error: Exception, first: float = 0.2,
-                        cap: float = 5.0) -> None:
+                        cap: float = 5.0, level: str = "warning") -> None:
         """After failed attempt number `attempt` (from 0) at reaching something the agent needs: say
         so, and wait (unless stopping) before the next."""
         delay = Backoff(first=first, cap=cap).delay(attempt, random.random())
-        log.warning(event, error=str(error), retry_in=round(delay, 2))
+        (log.error if level == "error" else log.warning)(event, error=str(error), retry_in=round(delay, 2))
         await wait_or_stop(self.stopping, delay)
 
     async def _open_systemd(self) -> bool:
