@@ -89,6 +89,10 @@ class Agent:
 
     async def _run(self) -> int:
         log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
+        problem = await self._env_owner_problem()
+        if problem is not None:
+            log.error("agent.env_owner_refused", reason=problem)
+            return EXIT_CONFIG
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
                     on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
         try:
@@ -114,6 +118,30 @@ class Agent:
             if self._systemd is not None:
                 await self._systemd.close()
             await etcd.close()
+
+    async def _env_owner_problem(self) -> str | None:
+        """Why the environment file cannot be given to env.owner by this process, or None. Tried for
+        real (a file created next to env.path and chowned), since what decides it is how the agent
+        runs (the unit's capabilities and user namespace), which no configuration check can see."""
+        from norm.adapters.files import OwnerRefused, OwnerUnknown, check_give_away, resolve_owner
+
+        env = self.config.env
+        if env.bucket is None or env.owner is None:
+            return None
+        try:
+            owner = resolve_owner(env.owner)
+            await asyncio.to_thread(check_give_away, Path(env.path).parent, owner)
+        except OwnerUnknown as e:
+            return f"env.owner: {e}"
+        except OwnerRefused as e:
+            return (f"env.owner: this agent cannot give {env.path} to {env.owner!r}: {e}. Under "
+                    f"deploy/norm.service it has no capability and PrivateUsers=yes maps no user but "
+                    f"root: add the drop-in deploy/env-owner.conf (CAP_CHOWN, @chown, PrivateUsers=no), "
+                    f"or leave env.owner unset (systemd reads EnvironmentFile= as root, whoever owns "
+                    f"the file)")
+        except OSError as e:  # the directory itself: the environment file service reports it as it writes
+            log.warning("agent.env_owner_unchecked", path=env.path, error=f"{type(e).__name__}: {e.strerror}")
+        return None
 
     def _needs_systemd(self) -> bool:
         return (self.config.healing.enabled or self.config.update.image is not None

@@ -167,8 +167,10 @@ class EnvFileConfig:
                     default="{environment}.env")
     path: str = _doc("Where the environment file is written, for the units' EnvironmentFile=.",
                      default="/run/norm/app.env")
-    owner: str | None = _doc("Owner of the written file, as user or user:group; root when unset.",
-                             default=None)
+    owner: str | None = _doc(
+        "Owner of the written file, as user or user:group; root when unset. Under the shipped unit it "
+        "needs the drop-in deploy/env-owner.conf: the agent tries a chown at start and "
+        "exits 2 when it is refused.", default=None)
     interval: float = _doc("Seconds between checks of the object (conditional GET on its ETag).",
                            default=60.0)
     on_change: Literal["restart", "next_rollout"] = _doc(

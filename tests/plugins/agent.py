@@ -30,6 +30,7 @@ class AgentProc:
     systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
     host_labels: bool = True  # write host.environment and host.role ("test", "web") into the config
     http_port: int = field(default_factory=free_port)
+    wrapper: list[str] = field(default_factory=list)  # argv the agent runs under (setpriv ..., say)
     proc: Proc | None = None
     notify: socket.socket | None = None
 
@@ -63,7 +64,7 @@ class AgentProc:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(sock_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), **self.env)
-        self.proc = Proc(self.name, [sys.executable, "-m", "norm", "agent", "--config",
+        self.proc = Proc(self.name, [*self.wrapper, sys.executable, "-m", "norm", "agent", "--config",
                                      str(self.config_path)], self.workdir / "agent.log", env=env, cwd=REPO)
         self.proc.start()
 
