@@ -100,6 +100,7 @@ class Healer:
         self._saved: Lasting = ()
         self._state_dirty = asyncio.Event()
         self._state_lock = asyncio.Lock()
+        self._state_loaded = asyncio.Event()  # no write before what the last agent left is read
         # Operator requests for a unit not carried out yet (see norm.services.control), for the summary.
         self._requests: dict[str, list[dict[str, object]]] = {}
 
@@ -135,6 +136,13 @@ class Healer:
         if self.state_file is None:
             return
         try:
+            await self._load_state()
+        finally:
+            self._state_loaded.set()
+
+    async def _load_state(self) -> None:
+        assert self.state_file is not None
+        try:
             raw = await read_file(self.state_file)
         except OSError as e:
             self._metrics.rejected_values.labels("healing-state").inc()
@@ -167,6 +175,7 @@ class Healer:
         write. Raises OSError."""
         if self.state_file is None:
             return
+        await self._state_loaded.wait()
         async with self._state_lock:
             self._state_dirty.clear()
             current = lasting(self.history)
