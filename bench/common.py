@@ -41,6 +41,7 @@ host = "unix:///nonexistent/docker.sock"
 listen = "127.0.0.1:{free_port()}"
 [agent]
 shutdown_timeout = 10
+state_dir = "{workdir / 'state'}"
 [log]
 format = "json"
 """)

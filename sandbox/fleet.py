@@ -199,10 +199,11 @@ def _toml_str(value: str) -> str:
 def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_listen: str, bus_address: str,
                  docker_host: str, environment: str = "sandbox", role: str = "web",
                  image: str | None = None, release_file: str | None = None,
-                 data_dir: str | None = None) -> str:
+                 data_dir: str | None = None, state_dir: str | None = None) -> str:
     """The `norm agent` config file of one simulated host. With `image` (a repository), update mode is
     on: the release file is `release_file`, the one-off steps get `data_dir` mounted on /data (one
-    directory for the whole fleet: what they record there shows every run on any host)."""
+    directory for the whole fleet: what they record there shows every run on any host). The agent
+    keeps its state (healing) in `state_dir`, the host's own."""
     eps = ", ".join(_toml_str(e) for e in endpoints)
     text = (
         f"[etcd]\nendpoints = [{eps}]\n\n"
@@ -212,6 +213,8 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
         f"[systemd]\nbus_address = {_toml_str(bus_address)}\n\n"
         f"[docker]\nhost = {_toml_str(docker_host)}\n"
     )
+    if state_dir is not None:
+        text += f"\n[agent]\nstate_dir = {_toml_str(state_dir)}\n"
     if image is not None:
         text += (f"\n[units]\npatterns = [\"djed-*.service\"]\n\n"
                  f"[update]\nimage = {_toml_str(image)}\nrelease_file = {_toml_str(release_file or '')}\n")
@@ -500,7 +503,8 @@ class Fleet:
                 endpoints=state["endpoints"], machine_id=machine_id, name=name,
                 http_listen=host["http_listen"], bus_address=host["bus_address"],
                 docker_host=host["docker_host"], image=image,
-                release_file=str(hdir / "release.env"), data_dir=str(self.data_dir)))
+                release_file=str(hdir / "release.env"), data_dir=str(self.data_dir),
+                state_dir=str(hdir / "state")))
 
         # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
         # start forks with a pre-exec hook, which must not happen while other threads run.)

@@ -21,6 +21,10 @@ from types import FrameType
 
 from sandbox.procs import LocalServer, venv_python
 
+# How long a reply from the server may take: it is Python, on a machine other tests keep busy, so a
+# generous deadline, not a guess at how fast it is.
+REPLY_TIMEOUT = 60.0
+
 
 @dataclass
 class MotoServer(LocalServer):
@@ -33,10 +37,12 @@ class MotoServer(LocalServer):
         return dict(super().env(), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                     AWS_DEFAULT_REGION="us-east-1")
 
-    def answers(self) -> bool:
-        """Whether the server answers HTTP (its own management API, which every service shares)."""
+    def answers(self, timeout: float = REPLY_TIMEOUT) -> bool:
+        """Whether the server answers HTTP within `timeout` seconds. Asked of its management API's
+        configuration, which every service shares, and which is small whatever the server holds (its
+        data.json holds every resource a session made)."""
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/config", timeout=timeout) as r:
                 return int(r.status) < 500
         except urllib.error.HTTPError as e:
             return e.code < 500
@@ -47,13 +53,13 @@ class MotoServer(LocalServer):
         it on a server of the test's own, not the shared one."""
         req = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                      headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(req, timeout=5):
+        with urllib.request.urlopen(req, timeout=REPLY_TIMEOUT):
             pass
 
     def reset(self) -> None:
         """Forget every resource (moto's own reset endpoint): a clean account for the next test."""
         req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(req, timeout=5):
+        with urllib.request.urlopen(req, timeout=REPLY_TIMEOUT):
             pass
 
 

@@ -58,6 +58,13 @@ class EtcdRejected(EtcdError):
     """etcd refused the request (bad credentials, permission, certificate, argument). Permanent."""
 
 
+class EtcdTlsFailed(EtcdRejected):
+    """The TLS handshake with etcd failed. Most often the configuration (CA, client certificate,
+    server name), but an endpoint on its way up or down, a load balancer with no live backend, a
+    certificate being rotated or a clock not yet set at boot fail the same way: a caller that can wait
+    (the agent at start) retries it, and says so loudly."""
+
+
 class LeaseLost(EtcdError):
     """The lease can no longer be proven alive: stop whatever depended on it."""
 
@@ -76,8 +83,8 @@ def _translate(e: BaseException, what: str) -> EtcdError:
     detail = (detail or type(e).__name__).strip()
     tls_words = ("SSL", "handshake", "CERTIFICATE", "TSI_", "Unwrap failed", "Verification")
     if any(w.upper() in detail.upper() for w in tls_words):
-        return EtcdRejected(f"{what}: TLS with etcd failed (check etcd.ca_file, cert_file, key_file and "
-                            f"server_name): {detail}")
+        return EtcdTlsFailed(f"{what}: TLS with etcd failed (check etcd.ca_file, cert_file, key_file and "
+                             f"server_name): {detail}")
     if isinstance(e, aex.UnauthenticatedError | aex.InvalidArgumentError | aex.PreconditionFailedError):
         return EtcdRejected(f"{what}: {detail}")
     if isinstance(e, aex.ClientError) and "permission denied" in detail:
@@ -313,10 +320,15 @@ class _Client(aetcd.Client):  # type: ignore[misc]
 
 
 def _read(path: str, what: str) -> bytes:
+    """A certificate or key file's content; a file that cannot be read, or holds no PEM block, is the
+    configuration's fault for certain (EtcdRejected, never EtcdTlsFailed)."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise EtcdRejected(f"cannot read {what} {path}: {e.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise EtcdRejected(f"{what} {path} is not a PEM file (no -----BEGIN line)")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -37,6 +38,34 @@ def resolve_owner(owner: str) -> tuple[int, int]:
         return entry.pw_uid, grp.getgrnam(group).gr_gid
     except KeyError:
         raise OwnerUnknown(f"no group {group!r} on this host") from None
+
+
+class OwnerRefused(NormError):
+    """This process cannot give a file to the configured owner: it lacks CAP_CHOWN (the hardened
+    unit's empty CapabilityBoundingSet=), or the owner is not mapped in its user namespace
+    (PrivateUsers=yes maps root only). Permanent for this process: fix the unit or the configuration."""
+
+
+def check_give_away(directory: Path, owner: tuple[int, int]) -> None:
+    """Prove that a file written in `directory` can be given to `owner` (uid, gid), the way
+    `replace_file` does it: a temporary file is created there, chowned and removed. Raises
+    OwnerRefused when the chown is refused, OSError when the directory cannot be written at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".norm-owner-check.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchown(fd, owner[0], owner[1])
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EINVAL):
+            raise OwnerRefused(f"chown to {owner[0]}:{owner[1]} refused ({errno.errorcode[e.errno]}: "
+                               f"{e.strerror})") from None
+        raise
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _tmp_name(path: Path, pid: int) -> Path:
@@ -75,9 +104,13 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
     try:
         try:
+            # The mode first, whatever the umask made of it, while the file is still ours: changing the
+            # mode of a file given away needs CAP_FOWNER too, which the hardened unit does not grant.
+            os.fchmod(fd, mode)
             if owner is not None:
                 os.fchown(fd, owner[0], owner[1])
-            os.fchmod(fd, mode)  # whatever the umask made of it; after chown, which may clear bits
+                if mode & 0o6000:
+                    os.fchmod(fd, mode)  # chown clears the setuid and setgid bits
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -11,12 +11,13 @@ import asyncio
 import random
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from norm import __version__
-from norm.adapters.etcd import Etcd, EtcdRejected, EtcdUnavailable
+from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed, EtcdUnavailable
 from norm.app.sdnotify import Notifier
 from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
@@ -43,6 +44,8 @@ log = structlog.get_logger("norm.agent")
 EXIT_OK = 0
 EXIT_SERVICE_FAILED = 1
 EXIT_CONFIG = 2
+
+HEALING_STATE = "healing.json"  # in agent.state_dir
 
 
 class Agent:
@@ -86,6 +89,10 @@ class Agent:
 
     async def _run(self) -> int:
         log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
+        problem = await self._env_owner_problem()
+        if problem is not None:
+            log.error("agent.env_owner_refused", reason=problem)
+            return EXIT_CONFIG
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
                     on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
         try:
@@ -112,13 +119,41 @@ class Agent:
                 await self._systemd.close()
             await etcd.close()
 
+    async def _env_owner_problem(self) -> str | None:
+        """Why the environment file cannot be given to env.owner by this process, or None. Tried for
+        real (a file created next to env.path and chowned), since what decides it is how the agent
+        runs (the unit's capabilities and user namespace), which no configuration check can see."""
+        from norm.adapters.files import OwnerRefused, OwnerUnknown, check_give_away, resolve_owner
+
+        env = self.config.env
+        if env.bucket is None or env.owner is None:
+            return None
+        try:
+            owner = resolve_owner(env.owner)
+            await asyncio.to_thread(check_give_away, Path(env.path).parent, owner)
+        except OwnerUnknown as e:
+            return f"env.owner: {e}"
+        except OwnerRefused as e:
+            return (f"env.owner: this agent cannot give {env.path} to {env.owner!r}: {e}. Under "
+                    f"deploy/norm.service it has no capability and PrivateUsers=yes maps no user but "
+                    f"root: add the drop-in deploy/env-owner.conf (CAP_CHOWN, @chown, PrivateUsers=no), "
+                    f"or leave env.owner unset (systemd reads EnvironmentFile= as root, whoever owns "
+                    f"the file)")
+        except OSError as e:  # the directory itself: the environment file service reports it as it writes
+            log.warning("agent.env_owner_unchecked", path=env.path, error=f"{type(e).__name__}: {e.strerror}")
+        return None
+
     def _needs_systemd(self) -> bool:
         return (self.config.healing.enabled or self.config.update.image is not None
                 or bool(self.config.lb.target_groups)
                 or (self.config.env.bucket is not None and self.config.env.on_change == "restart"))
 
     async def _connect(self, etcd: Etcd) -> bool:
-        """Wait for etcd (forever, unless stopping). Permanent refusals (TLS, auth) are raised."""
+        """Wait for etcd (forever, unless stopping). A failed TLS handshake is waited out too, logged
+        as an error each time: it is most often the configuration, but an endpoint being restarted or
+        replaced, or a clock not yet set at boot, looks the same, and exiting with EXIT_CONFIG would
+        leave the host without an agent for good. What is the configuration's fault for certain (a
+        certificate file that cannot be read, a password refused, a permission missing) is raised."""
         attempt = 0
         while not self.stopping.is_set():
             try:
@@ -130,14 +165,17 @@ class Agent:
             except EtcdUnavailable as e:
                 await self._back_off(attempt, "agent.etcd_unreachable", e)
                 attempt += 1
+            except EtcdTlsFailed as e:
+                await self._back_off(attempt, "agent.etcd_tls_failed", e, first=1.0, cap=30.0, level="error")
+                attempt += 1
         return False
 
     async def _back_off(self, attempt: int, event: str, error: Exception, first: float = 0.2,
-                        cap: float = 5.0) -> None:
+                        cap: float = 5.0, level: str = "warning") -> None:
         """After failed attempt number `attempt` (from 0) at reaching something the agent needs: say
         so, and wait (unless stopping) before the next."""
         delay = Backoff(first=first, cap=cap).delay(attempt, random.random())
-        log.warning(event, error=str(error), retry_in=round(delay, 2))
+        (log.error if level == "error" else log.warning)(event, error=str(error), retry_in=round(delay, 2))
         await wait_or_stop(self.stopping, delay)
 
     async def _open_systemd(self) -> bool:
@@ -221,7 +259,8 @@ class Agent:
 
         self.healer = Healer(systemd, self.config.units.patterns, policy, self.metrics, self.holds,
                              resync_interval=h.resync_interval, publish=publish,
-                             gate=None if self.executor is None else self.executor.primed)
+                             gate=None if self.executor is None else self.executor.primed,
+                             state_file=Path(self.config.agent.state_dir) / HEALING_STATE)
         control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
                           self.holds, self.metrics)
         return [self.healer, control]

@@ -395,6 +395,13 @@ def _units(args: argparse.Namespace) -> int:
               views.clean(heal(u), 40), str(u.get("attempts")), until(u.get("next_attempt_at")),
               until(u.get("quarantined_until"))) for u in summary if isinstance(u, dict)]
     _table(rows)
+    # Operator requests the agent has not carried out yet, and why.
+    for u in summary:
+        for r in (u.get("requests") or []) if isinstance(u, dict) else []:
+            if isinstance(r, dict):
+                why = (f"; failed {r.get('failures')} time(s): {r.get('error')}; "
+                       f"next try {until(r.get('next_try'))}") if r.get("error") else ""
+                print(views.clean(f"{u.get('unit')}: {r.get('action')} requested, not done yet{why}", 500))
     return EXIT_OK
 
 
@@ -447,14 +454,21 @@ def _hold(args: argparse.Namespace) -> int:
     unit = parse_unit_name(args.unit, "unit")
     config, machine_id = _host_etcd(args)
     key = f"{config.keys.prefix}/control/{machine_id}/hold/{unit}"
+    start_key = f"{config.keys.prefix}/control/{machine_id}/start/{unit}"
     stop = args.units_command == "stop"
+    last: list[bytes] = []  # the latest summary seen
 
     async def go() -> bool:
+        from norm.adapters.etcd import Delete, Put
+
         async with _connect(config, machine_id) as etcd:
+            request = json.dumps({"at": round(time.time(), 3)}).encode()
             if stop:
-                await etcd.put(key, json.dumps({"at": round(time.time(), 3)}).encode())
+                await etcd.put(key, request)
             else:
-                await etcd.delete(key)
+                # The hold ends and a start request takes its place, which the agent deletes once the
+                # unit is started: a start that fails, or is asked while the agent is down, is not lost.
+                await etcd.txn([], [Delete(key), Put(start_key, request)])
             # The agent's published summary says when it has acted.
             summary_key = units_key(config.keys.prefix, machine_id)
             try:
@@ -462,6 +476,7 @@ def _hold(args: argparse.Namespace) -> int:
                     async for item in w:
                         kvs = item.snapshot.kvs if isinstance(item, Resync) else (item.kv,)
                         for kv in kvs:
+                            last[:] = [bytes(kv.value)]
                             if _unit_settled(kv.value, unit, stop):
                                 return True
             except TimeoutError:
@@ -469,11 +484,29 @@ def _hold(args: argparse.Namespace) -> int:
         return False
 
     if not asyncio.run(go()):
-        print(f"norm: the agent did not confirm within {args.timeout:g}s; the request stays in etcd",
-              file=sys.stderr)
+        print(f"norm: the agent did not confirm within {args.timeout:g}s; the request stays in etcd and "
+              f"the agent goes on with it", file=sys.stderr)
+        for problem in _request_errors(last[0] if last else b"", unit):
+            print(f"norm: {unit}: {problem}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{unit}: {'held and stopped' if stop else 'released and started'}")
     return EXIT_OK
+
+
+def _request_errors(raw: bytes, unit: str) -> list[str]:
+    """What the agent's summary says of the requests for `unit` that keep failing."""
+    try:
+        summary = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    out: list[str] = []
+    for u in summary if isinstance(summary, list) else []:
+        if isinstance(u, dict) and u.get("unit") == unit:
+            for r in u.get("requests") or []:
+                if isinstance(r, dict) and r.get("error"):
+                    out.append(views.clean(f"{r.get('action')} failed {r.get('failures')} time(s), "
+                                           f"retried with backoff; last error: {r.get('error')}", 400))
+    return out
 
 
 def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:

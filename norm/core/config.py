@@ -167,8 +167,10 @@ class EnvFileConfig:
                     default="{environment}.env")
     path: str = _doc("Where the environment file is written, for the units' EnvironmentFile=.",
                      default="/run/norm/app.env")
-    owner: str | None = _doc("Owner of the written file, as user or user:group; root when unset.",
-                             default=None)
+    owner: str | None = _doc(
+        "Owner of the written file, as user or user:group; root when unset. Under the shipped unit it "
+        "needs the drop-in deploy/env-owner.conf: the agent tries a chown at start and "
+        "exits 2 when it is refused.", default=None)
     interval: float = _doc("Seconds between checks of the object (conditional GET on its ETag).",
                            default=60.0)
     on_change: Literal["restart", "next_rollout"] = _doc(
@@ -221,6 +223,10 @@ class AgentConfig:
     leader_eligible: bool = _doc(
         "Campaign for fleet leadership. Set it false on hosts whose etcd user has no norm-leader role "
         "(see `norm access`): they follow rollouts but never lead.", default=True)
+    state_dir: str = _doc(
+        "Directory of what the agent keeps across its restarts and the host's (healing.json: each "
+        "unit's healing attempts, backoff and quarantine). The unit's StateDirectory=.",
+        default="/var/lib/norm")
 
 
 @dataclass(frozen=True)
@@ -613,6 +619,8 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")
     if not 1 <= config.agent.resync_interval <= 86400:
         fail("agent.resync_interval", "must be from 1 to 86400 seconds")
+    if not config.agent.state_dir.startswith("/"):
+        fail("agent.state_dir", "must be an absolute directory path")
 
 
 # ---------------------------------------------------------------------------------------------------

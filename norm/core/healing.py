@@ -9,16 +9,22 @@ cap; at most `budget` attempts fit in any `window`; a unit that spends its budge
 `forget_after`, its history is forgotten. Units systemd is about to restart itself (Restart= set,
 limit not reached) are left to systemd; units held on purpose (an update, an operator) are never
 healed; units that cannot be loaded are reported once, not retried.
+
+What counts against the budget (the attempts in the window, the backoff step, the next attempt's
+time, a quarantine) outlives the agent: `lasting` is that part of a history, `to_record` and
+`from_record` turn it into a plain record on the wall clock and back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from norm.core.backoff import Backoff
-from norm.core.units import UnitState
+from norm.core.errors import InvalidValue
+from norm.core.units import UnitState, parse_unit_name
 
 
 @dataclass(frozen=True)
@@ -200,3 +206,88 @@ def release(history: Mapping[str, UnitHealth], unit: str) -> tuple[dict[str, Uni
     h = out.get(unit, UnitHealth())
     out[unit] = dataclasses.replace(h, quarantined_until=None, attempts=(), streak=0, next_at=0.0)
     return out, h.quarantined
+
+
+# What outlives the agent
+
+
+RECORD_VERSION = 1
+
+Lasting = tuple[tuple[str, tuple[float, ...], int, float, float | None], ...]
+
+
+def lasting(history: Mapping[str, UnitHealth]) -> Lasting:
+    """The part of `history` that must survive a restart of the agent, comparable between two passes:
+    each unit's attempts in the window, its backoff step, its next attempt's time, its quarantine.
+    Units with nothing to remember are left out."""
+    return tuple((name, h.attempts, h.streak, h.next_at, h.quarantined_until)
+                 for name, h in sorted(history.items())
+                 if h.attempts or h.streak or h.quarantined_until is not None)
+
+
+def to_record(history: Mapping[str, UnitHealth], now: float, wall: float) -> dict[str, object]:
+    """`lasting(history)` as a JSON-able record, times on the wall clock (seconds since the epoch):
+    `now` is the monotonic time and `wall` the wall-clock time of the same instant. A monotonic clock
+    means nothing to the next boot; the wall clock does."""
+
+    def at(t: float) -> float:
+        return round(wall + (t - now), 3)
+
+    units: dict[str, object] = {}
+    for name, attempts, streak, next_at, until in lasting(history):
+        units[name] = {"attempts": [at(t) for t in attempts], "streak": streak,
+                       "next_at": at(next_at) if next_at > now else None,
+                       "quarantined_until": None if until is None else at(until)}
+    return {"version": RECORD_VERSION, "units": units}
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidValue(where, "not a number of seconds")
+    return float(value)
+
+
+def from_record(record: object, now: float, wall: float,
+                policy: HealPolicy) -> tuple[dict[str, UnitHealth], list[InvalidValue]]:
+    """A history from a record `to_record` made, back on the monotonic clock (`now` and `wall` as
+    there). A unit whose entry is not acceptable is left out and named in the problems returned; a
+    record that is not one at all raises InvalidValue. Times the wall clock puts in the future beyond
+    what the policy could have set (a clock set back) are brought within the policy's bounds, so that a
+    record never holds a unit longer than a fresh quarantine would."""
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION \
+            or not isinstance(record.get("units"), dict):
+        raise InvalidValue("healing state", f"not a record of version {RECORD_VERSION} with units")
+    history: dict[str, UnitHealth] = {}
+    problems: list[InvalidValue] = []
+    for name, entry in record["units"].items():
+        where = f"healing state: {name!r}" if isinstance(name, str) and len(name) <= 256 \
+            else "healing state: a unit"
+        try:
+            if not isinstance(name, str):
+                raise InvalidValue(where, "not a unit name")
+            parse_unit_name(name, where)
+            if not isinstance(entry, dict):
+                raise InvalidValue(where, "not an object")
+            raw = entry.get("attempts")
+            if not isinstance(raw, list) or len(raw) > 10_000:
+                raise InvalidValue(where, "attempts is not a list of times")
+            streak = entry.get("streak")
+            if isinstance(streak, bool) or not isinstance(streak, int) or not 0 <= streak <= 10_000:
+                raise InvalidValue(where, "streak is not a count")
+
+            def mono(t: float, latest: float) -> float:
+                return min(now + (t - wall), latest)
+
+            attempts = tuple(sorted(mono(_number(t, where), now) for t in raw))
+            attempts = tuple(t for t in attempts if t + policy.window > now)
+            next_raw = entry.get("next_at")
+            next_at = 0.0 if next_raw is None else max(
+                0.0, mono(_number(next_raw, where), now + policy.backoff.cap))
+            until_raw = entry.get("quarantined_until")
+            until = None if until_raw is None else mono(_number(until_raw, where), now + policy.cooldown)
+        except InvalidValue as e:
+            problems.append(e)
+            continue
+        history[name] = UnitHealth(attempts=attempts, streak=streak, next_at=next_at,
+                                   quarantined_until=until)
+    return history, problems

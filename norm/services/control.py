@@ -2,24 +2,38 @@
 
 - `<prefix>/control/<machine-id>/hold/<unit>`: while the key exists the unit is held (stopped on
   purpose, never healed); putting it stops the unit, deleting it starts the unit again.
+- `<prefix>/control/<machine-id>/start/<unit>`: start the unit again (the CLI writes it as it deletes
+  the hold, in one transaction); the agent deletes the key once the unit is started.
 - `<prefix>/control/<machine-id>/release/<unit>`: release a quarantined unit; the agent deletes the
-  key once done, which is the CLI's acknowledgement.
+  key once done (the release written to the healing state file first), which is the CLI's
+  acknowledgement.
 
 Requests travel through etcd (authenticated, audited, visible) rather than a local socket, and a
-request made while the agent was down is carried out when it comes back."""
+request made while the agent was down is carried out when it comes back.
+
+A request whose action fails (the bus is down, systemd refuses or times out, the healing state cannot
+be written, etcd does not take the acknowledgement) is not dropped: it is tried again with backoff
+until it is done or another request replaces it, and meanwhile each failure is logged
+(`control.action_failed`), the request is counted in `norm_control_pending` and shown, with its last
+error, in the host's unit summary in etcd (`norm units`). The one exception: a start job that fails
+and leaves the unit failed hands the unit to healing, whose regimen, budget and quarantine take over
+(`control.start_failed`)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+from dataclasses import dataclass
 
 import structlog
 
 from norm.adapters.etcd import Etcd, EtcdError, Event, Resync
-from norm.adapters.systemd import Systemd, SystemdError
+from norm.adapters.systemd import JobFailed, Systemd, SystemdError
+from norm.core.backoff import Backoff
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix
 from norm.core.units import matches, parse_unit_name
-from norm.services.base import first_of
+from norm.services.base import first_of, wake_or_deadline
 from norm.services.healer import Healer
 from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
@@ -27,6 +41,21 @@ from norm.services.metrics import Metrics
 log = structlog.get_logger("norm.control")
 
 __all__ = ["OPERATOR", "Control", "control_prefix"]
+KINDS = ("hold", "start", "release")
+RETRY = Backoff(first=0.5, factor=2.0, cap=30.0, jitter=0.2)
+
+
+@dataclass(eq=False)
+class _Action:
+    """An operator's request for one unit that is not carried out yet."""
+
+    action: str  # "stop", "start" or "release"
+    unit: str
+    key: str | None = None  # the request's key, deleted once done (start and release)
+    attempts: int = 0  # failed tries so far
+    next_at: float = 0.0  # no try before this time (the loop's clock)
+    error: str | None = None  # the last failure
+    released: bool = False  # release: the healer has lifted the quarantine
 
 
 class Control:
@@ -40,9 +69,14 @@ class Control:
         self._healer = healer
         self._holds = holds
         self._metrics = metrics
+        # At most one pending action per unit for stop/start ("unit") and one release ("release").
+        self._pending: dict[tuple[str, str], _Action] = {}
+        self._kick = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await first_of(stopping=stopping.wait(), follow=self._follow())
+        await first_of(stopping=stopping.wait(), follow=self._follow(), act=self._act_loop())
+
+    # -- requests, as etcd says them
 
     async def _follow(self) -> None:
         async with self._etcd.watch(self.prefix, prefix=True) as w:
@@ -53,28 +87,35 @@ class Control:
                         request = self._parse(kv.key)
                         if request and request[0] == "hold":
                             wanted.add(request[1])
+                        elif request and request[0] == "start":
+                            self._start(request[1], kv.key)
                         elif request:
-                            await self._release(request[1], kv.key)
+                            self._release(request[1], kv.key)
                     current = {u for u in self._holds.held() if OPERATOR in self._holds.owners(u)}
                     for unit in sorted(wanted - current):
-                        await self._hold(unit)
+                        self._hold(unit)
                     for unit in sorted(current - wanted):
-                        await self._unhold(unit)
+                        self._unhold(unit)
                 elif isinstance(item, Event):
                     request = self._parse(item.kv.key)
                     if request is None:
                         continue
                     kind, unit = request
-                    if kind == "hold":
-                        await (self._hold(unit) if item.kind == "put" else self._unhold(unit))
+                    if kind == "hold" and item.kind == "put":
+                        self._hold(unit)
+                    elif kind == "hold":
+                        self._unhold(unit)
+                    elif item.kind == "put" and kind == "start":
+                        self._start(unit, item.kv.key)
                     elif item.kind == "put":
-                        await self._release(unit, item.kv.key)
+                        self._release(unit, item.kv.key)
 
     def _parse(self, key: str) -> tuple[str, str] | None:
         kind, _, unit = key[len(self.prefix):].partition("/")
         try:
-            if kind not in ("hold", "release"):
-                raise InvalidValue(key, "not a request Norm knows (hold/<unit> or release/<unit>)")
+            if kind not in KINDS:
+                raise InvalidValue(key, "not a request Norm knows (hold/<unit>, start/<unit> or "
+                                        "release/<unit>)")
             parse_unit_name(unit, key)
             if not matches(unit, self._healer.patterns):
                 raise InvalidValue(key, "not a unit this agent manages (see units.patterns)")
@@ -84,29 +125,125 @@ class Control:
             return None
         return kind, unit
 
-    async def _hold(self, unit: str) -> None:
+    def _want(self, action: _Action) -> None:
+        kind = "release" if action.action == "release" else "unit"
+        old = self._pending.get((kind, action.unit))
+        if old is not None and old.action == action.action and old.key == action.key:
+            return  # the same request seen again (a re-list): its retries go on as they were
+        self._pending[(kind, action.unit)] = action
+        self._report(action.unit)
+        self._kick.set()
+
+    def _hold(self, unit: str) -> None:
         self._holds.hold(unit, OPERATOR)
         log.info("unit.held", unit=unit, by=OPERATOR)
-        try:
-            await self._systemd.stop(unit)
-        except SystemdError as e:
-            log.error("unit.hold_stop_failed", unit=unit, error=str(e))
+        self._want(_Action("stop", unit))
 
-    async def _unhold(self, unit: str) -> None:
+    def _unhold(self, unit: str) -> None:
         self._holds.release(unit, OPERATOR)
         log.info("unit.unheld", unit=unit, by=OPERATOR)
+        pending = self._pending.get(("unit", unit))
         if self._holds.owners(unit):
-            return  # still held by someone else (an update): they start it
-        try:
-            await self._systemd.reset_failed(unit)
-            await self._systemd.start(unit)
-        except SystemdError as e:
-            log.error("unit.unhold_start_failed", unit=unit, error=str(e))
+            # Still held by someone else (an update): they start it. A stop of ours not done yet
+            # is moot.
+            if pending is not None and pending.action == "stop":
+                self._done(pending)
+            return
+        if pending is not None and pending.action == "start":
+            return  # a start request (start/<unit>) is on its way already
+        self._want(_Action("start", unit))
 
-    async def _release(self, unit: str, key: str) -> None:
-        was = self._healer.release(unit)
-        log.info("heal.release", unit=unit, was_quarantined=was)
+    def _start(self, unit: str, key: str) -> None:
+        """A start request: the operator's hold ends and the unit starts; the key goes once it has."""
+        if OPERATOR in self._holds.owners(unit):
+            self._holds.release(unit, OPERATOR)
+            log.info("unit.unheld", unit=unit, by=OPERATOR)
+        self._want(_Action("start", unit, key=key))
+
+    def _release(self, unit: str, key: str) -> None:
+        self._want(_Action("release", unit, key=key))
+
+    # -- carrying them out
+
+    async def _act_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._kick.clear()
+            for action in sorted((a for a in self._pending.values() if a.next_at <= loop.time()),
+                                 key=lambda a: (a.unit, a.action)):
+                if self._current(action):
+                    await self._try(action)
+            await wake_or_deadline(self._kick, min((a.next_at for a in self._pending.values()),
+                                                   default=None))
+
+    def _current(self, action: _Action) -> bool:
+        kind = "release" if action.action == "release" else "unit"
+        return self._pending.get((kind, action.unit)) is action
+
+    async def _try(self, action: _Action) -> None:
+        unit = action.unit
         try:
-            await self._etcd.delete(key)
-        except EtcdError as e:
-            log.warning("control.ack_failed", key=key, error=str(e))
+            if action.action == "stop":
+                await self._systemd.stop(unit)
+            elif action.action == "start":
+                if self._holds.owners(unit):
+                    log.info("control.start_skipped", unit=unit, reason="held by an update",
+                             owners=sorted(self._holds.owners(unit)))
+                else:
+                    await self._start_unit(action)
+            else:
+                if not action.released:
+                    was = self._healer.release(unit)
+                    action.released = True
+                    log.info("heal.release", unit=unit, was_quarantined=was)
+                # The release lasts (a restarted agent must not take the quarantine up again)
+                # before the operator is told it is done.
+                await self._healer.save_state()
+            if action.key is not None and self._current(action):
+                await self._etcd.delete(action.key)
+        except asyncio.CancelledError:
+            raise
+        except (SystemdError, EtcdError, OSError) as e:
+            if self._current(action):
+                self._failed(action, e)
+            return
+        if self._current(action):
+            if action.attempts:
+                log.info("control.action_done", unit=unit, action=action.action,
+                         after_failures=action.attempts)
+            self._done(action)
+
+    async def _start_unit(self, action: _Action) -> None:
+        unit = action.unit
+        await self._systemd.reset_failed(unit)
+        try:
+            await self._systemd.start(unit)
+        except JobFailed as e:
+            state = await self._systemd.unit(unit)
+            if not state.failed:
+                raise
+            # The unit failed as it started: healing's regimen, budget and quarantine take over.
+            log.error("control.start_failed", unit=unit, error=str(e), handed_to="healing")
+
+    def _failed(self, action: _Action, error: Exception) -> None:
+        delay = RETRY.delay(action.attempts, random.random())
+        action.attempts += 1
+        action.error = str(error)
+        action.next_at = asyncio.get_running_loop().time() + delay
+        log.error("control.action_failed", unit=action.unit, action=action.action, attempt=action.attempts,
+                  error=action.error, retry_in=round(delay, 2))
+        self._report(action.unit)
+
+    def _done(self, action: _Action) -> None:
+        kind = "release" if action.action == "release" else "unit"
+        if self._pending.get((kind, action.unit)) is action:
+            del self._pending[(kind, action.unit)]
+        self._report(action.unit)
+
+    def _report(self, unit: str) -> None:
+        """Publish what is pending for `unit` in the unit summary, and count what is pending."""
+        self._metrics.control_pending.set(len(self._pending))
+        requests = sorted((a for a in self._pending.values() if a.unit == unit), key=lambda a: a.action)
+        self._healer.set_requests(unit, [
+            {"action": a.action, "failures": a.attempts, "error": a.error,
+             "next_try": a.next_at if a.attempts else None} for a in requests])

@@ -1,7 +1,11 @@
 """The healer: follows the managed units' state through systemd's D-Bus signals and carries out the
 healing policy's commands. No polling: a decision is taken when a signal arrives, a regimen
 finishes, a hold changes, or a time the policy asked to be woken at comes; a rare full re-read of
-every unit is the safety net. At most one regimen runs per unit at a time."""
+every unit is the safety net. At most one regimen runs per unit at a time.
+
+What counts against each unit's budget (attempts in the window, backoff, quarantine) is kept in a
+state file (`<agent.state_dir>/healing.json`), read at start and written after each change to it:
+a restart of the agent, or of the host, does not give a crash-looping unit a fresh budget."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
+from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import (
     JobFailed,
     Systemd,
@@ -23,19 +29,24 @@ from norm.adapters.systemd import (
     UnitNotLoadable,
     UnitsResync,
 )
-from norm.core.errors import NormError
+from norm.core.backoff import Backoff
+from norm.core.errors import InvalidValue, NormError
 from norm.core.healing import (
     Command,
     Heal,
     HealPolicy,
+    Lasting,
     Quarantine,
     QuarantineLifted,
     Recovered,
     UnitHealth,
     Unloadable,
     decide,
+    from_record,
     heal_finished,
+    lasting,
     release,
+    to_record,
 )
 from norm.core.units import UnitState, matches
 from norm.services.base import first_of, wait_or_stop, wake_or_deadline
@@ -64,7 +75,7 @@ class Healer:
     def __init__(self, systemd: Systemd, patterns: Sequence[str], policy: HealPolicy, metrics: Metrics,
                  holds: Holds, *, resync_interval: float = 60.0,
                  publish: Callable[[bytes], Awaitable[None]] | None = None,
-                 gate: asyncio.Event | None = None) -> None:
+                 gate: asyncio.Event | None = None, state_file: str | Path | None = None) -> None:
         self._gate = gate  # set once units an update holds are known to be held
         self._systemd = systemd
         self.patterns = tuple(patterns)
@@ -84,19 +95,118 @@ class Healer:
         self.traces: deque[HealTrace] = deque(maxlen=1000)
         self.resyncs = 0  # safety-net re-reads done
         self._summary_dirty = asyncio.Event()
+        # What of the history outlives the agent, and the last of it written to the state file.
+        self.state_file = None if state_file is None else Path(state_file)
+        self._saved: Lasting = ()
+        self._state_dirty = asyncio.Event()
+        self._state_lock = asyncio.Lock()
+        self._state_loaded = asyncio.Event()  # no write before what the last agent left is read
+        # Operator requests for a unit not carried out yet (see norm.services.control), for the summary.
+        self._requests: dict[str, list[dict[str, object]]] = {}
 
     # -- operator actions
 
     def release(self, unit: str) -> bool:
+        """Lift `unit`'s quarantine and forget its budget; `save_state` makes it last."""
         self.history, was = release(self.history, unit)
         if was:
             self._on_command(QuarantineLifted(unit, "released"))
+        self._history_changed()
         self._wake.set()
         return was
+
+    def set_requests(self, unit: str, requests: list[dict[str, object]]) -> None:
+        """What an operator asked of `unit` that is not done yet, for the published summary: each an
+        action, its failures so far, the last error, and its next try on the loop's clock."""
+        if requests:
+            self._requests[unit] = requests
+        else:
+            self._requests.pop(unit, None)
+        self._summary_dirty.set()
+
+    # -- the state that outlives the agent
+
+    def _history_changed(self) -> None:
+        if self.state_file is not None and lasting(self.history) != self._saved:
+            self._state_dirty.set()
+
+    async def load_state(self) -> None:
+        """Take up what an earlier agent left in the state file. A file that cannot be read or is not
+        a record the healer writes is reported, counted and left for the next write to replace."""
+        if self.state_file is None:
+            return
+        try:
+            await self._load_state()
+        finally:
+            self._state_loaded.set()
+
+    async def _load_state(self) -> None:
+        assert self.state_file is not None
+        try:
+            raw = await read_file(self.state_file)
+        except OSError as e:
+            self._metrics.rejected_values.labels("healing-state").inc()
+            log.error("heal.state_unreadable", path=str(self.state_file), error=str(e))
+            return
+        if raw is None:
+            return
+        now, wall = asyncio.get_running_loop().time(), time.time()
+        try:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                raise InvalidValue(f"healing state {self.state_file}", "not JSON") from None
+            history, problems = from_record(record, now, wall, self.policy)
+        except InvalidValue as e:
+            self._metrics.rejected_values.labels("healing-state").inc()
+            log.error("heal.state_refused", path=str(self.state_file), reason=str(e))
+            return
+        for problem in problems:
+            self._metrics.rejected_values.labels("healing-state").inc()
+            log.error("heal.state_refused", path=str(self.state_file), reason=str(problem))
+        self.history = {**history, **self.history}
+        self._saved = lasting(history)
+        self._history_changed()
+        quarantined = sorted(name for name, h in history.items() if h.quarantined)
+        log.info("heal.state_loaded", path=str(self.state_file), units=len(history), quarantined=quarantined)
+
+    async def save_state(self) -> None:
+        """Write the history's lasting part to the state file now, if it changed since the last
+        write. Raises OSError."""
+        if self.state_file is None:
+            return
+        await self._state_loaded.wait()
+        async with self._state_lock:
+            self._state_dirty.clear()
+            current = lasting(self.history)
+            if current == self._saved:
+                return
+            record = to_record(self.history, asyncio.get_running_loop().time(), time.time())
+            try:
+                await write_atomic(self.state_file, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+            except OSError:
+                self._state_dirty.set()
+                raise
+            self._saved = current
+
+    async def _save_loop(self) -> None:
+        attempt = 0
+        while True:
+            await self._state_dirty.wait()
+            try:
+                await self.save_state()
+                attempt = 0
+            except OSError as e:
+                delay = Backoff(first=1.0, cap=30.0).delay(attempt, random.random())
+                attempt += 1
+                log.error("heal.state_write_failed", path=str(self.state_file), error=str(e),
+                          retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
 
     # -- the service
 
     async def run(self, stopping: asyncio.Event) -> None:
+        await self.load_state()
         if self._gate is not None and await first_of(stopping=stopping.wait(),
                                                      gate=self._gate.wait()) == "stopping":
             return
@@ -107,12 +217,17 @@ class Healer:
                 decide=self._decide_loop(),
                 resync=self._resync_loop(stopping),
                 publish=self._publish_loop(),
+                save=self._save_loop(),
             )
         finally:
             # A regimen in flight finishes (bounded by the systemd call timeout): a unit is never left
             # stopped half-way through by a graceful shutdown.
             if self._jobs:
                 await asyncio.gather(*self._jobs.values(), return_exceptions=True)
+            try:
+                await self.save_state()
+            except OSError as e:
+                log.error("heal.state_write_failed", path=str(self.state_file), error=str(e))
 
     async def _follow(self) -> None:
         async with self._systemd.watch(self.patterns) as w:
@@ -157,6 +272,8 @@ class Healer:
 
     async def _decide_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        # Not before the units are known: a pass over none would forget every unit's history.
+        await self.synced.wait()
         while True:
             await wake_or_deadline(self._wake, self._wake_at)
             self._wake.clear()
@@ -170,6 +287,7 @@ class Healer:
             self._on_command(command, now)
         self._update_gauges()
         self._summary_dirty.set()
+        self._history_changed()
 
     def _on_command(self, command: Command, now: float = 0.0) -> None:
         match command:
@@ -259,6 +377,8 @@ class Healer:
                 "attempts": len(h.attempts), "next_attempt_at": at(h.next_at) if s.failed else None,
                 "quarantined_until": at(h.quarantined_until),
                 "held_by": sorted(self.holds.owners(name)),  # "operator" (norm units stop), "update"
+                "requests": [{**r, "next_try": at(t) if isinstance(t := r["next_try"], float) else None}
+                             for r in self._requests.get(name, [])],
             })
         return out
 

@@ -35,6 +35,9 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800), registry=r)
         self.units_quarantined = Gauge("norm_units_quarantined",
                                        "Managed units Norm has stopped trying to heal.", registry=r)
+        self.control_pending = Gauge(
+            "norm_control_pending", "Operator requests (units stop/start, heal release) this agent has "
+            "not carried out yet; above 0 for long, see `norm units` and control.action_failed.", registry=r)
         self.rollout_phase = Gauge(
             "norm_rollout_phase", "Phase of the current rollout as this agent last saw it: 0 none, "
             "1 resolve, 2 pull, 3 stop, 4 migrate, 5 start, 6 done, 7 failed, 8 superseded, 9 halted.",

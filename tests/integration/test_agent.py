@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,7 @@ from norm.adapters.etcd import Etcd, Event, Leadership, NotLeader, Put, Resync
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord
 from sandbox.etcd import EtcdCluster, EtcdMember
-from sandbox.procs import wait_for
+from sandbox.procs import free_port, wait_for
 from tests.plugins.agent import AgentProc
 from tests.plugins.etcd import Pki
 
@@ -91,14 +93,71 @@ def test_sd_watchdog_is_pinged_while_the_loop_runs(
     assert "WATCHDOG=1" in seen
 
 
-def test_a_refused_tls_setup_exits_2_with_the_reason(
-        etcd_tls: EtcdMember, agents: Callable[..., AgentProc], pki: Pki) -> None:
-    agent = agents([etcd_tls.endpoint], env={
-        "NORM_ETCD__CA_FILE": str(pki.other_ca), "NORM_ETCD__CERT_FILE": str(pki.client_cert),
-        "NORM_ETCD__KEY_FILE": str(pki.client_key)})
-    assert agent.wait_exit(timeout=15) == 2
-    assert "TLS with etcd failed" in agent.logs()
-    assert "READY=1" not in agent.drain_notify()
+def test_a_certificate_file_that_cannot_be_used_exits_2_with_the_reason(
+        etcd_tls: EtcdMember, agents: Callable[..., AgentProc], pki: Pki, tmp_path: Path) -> None:
+    not_pem = tmp_path / "not-a-certificate.pem"
+    not_pem.write_text("this is not a certificate\n")
+    for name, ca in (("missing", tmp_path / "missing.pem"), ("garbled", not_pem)):
+        agent = agents([etcd_tls.endpoint], name=name, env={
+            "NORM_ETCD__CA_FILE": str(ca), "NORM_ETCD__CERT_FILE": str(pki.client_cert),
+            "NORM_ETCD__KEY_FILE": str(pki.client_key)})
+        assert agent.wait_exit(timeout=30) == 2
+        assert "etcd.ca_file" in agent.logs() and str(ca) in agent.logs()
+        assert "READY=1" not in agent.drain_notify()
+
+
+class ClosingListener:
+    """A TCP port that accepts connections and closes them at once, as a load balancer with no live
+    backend, or a server on its way up or down, does: every TLS handshake through it fails."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="closing-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.sock.close()
+
+
+def test_a_tls_handshake_that_fails_at_start_is_retried_until_etcd_answers(
+        etcd_tls: EtcdMember, agents: Callable[..., AgentProc], pki: Pki, tmp_path: Path) -> None:
+    port = free_port()
+    listener = ClosingListener(port)
+    member = EtcdMember("etcd-late", tmp_path / "etcd-late", client_port=port, tls=etcd_tls.tls)
+    try:
+        agent = agents([f"https://127.0.0.1:{port}"], env={
+            "NORM_ETCD__CA_FILE": str(pki.ca), "NORM_ETCD__CERT_FILE": str(pki.client_cert),
+            "NORM_ETCD__KEY_FILE": str(pki.client_key)})
+        wait_for(lambda: agent.logs().count('"event": "agent.etcd_tls_failed"') >= 2
+                 or not agent.proc.alive,  # type: ignore[union-attr]
+                 timeout=60, what="the agent retrying the TLS handshake")
+        assert agent.proc is not None and agent.proc.alive, agent.logs()
+        assert "TLS with etcd failed" in agent.logs() and listener.accepted >= 2
+        listener.close()
+        member.start()
+        agent.wait_notify("READY=1", timeout=60)
+        assert agent.proc.alive
+    finally:
+        listener.close()
+        member.stop()
+
 
 
 async def test_killing_the_leader_agent_moves_leadership_within_ttl_plus_one_second(

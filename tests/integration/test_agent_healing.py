@@ -3,6 +3,7 @@ it: /metrics, `norm units`, `norm units stop/start`, `norm heal release`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -116,3 +117,80 @@ def test_unit_patterns_outside_systemds_grammar_stop_the_agent_at_start(
     assert agent.wait_exit(timeout=15) == 2
     assert "units.patterns" in agent.logs() and str(agent.config_path) in agent.logs()
     assert "Traceback" not in agent.logs()
+
+
+def test_a_quarantine_and_the_spent_budget_outlive_a_restart_of_the_agent(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent = healing_agent
+
+    def crash_row() -> dict[str, object]:
+        r = norm(agent, "units", "--json")
+        assert r.returncode == 0, r.stderr
+        return next(u for u in json.loads(r.stdout) if u["unit"] == "djed-crash.service")
+
+    systemd_manager.systemctl("start", "djed-crash.service", check=False)
+    wait_for(lambda: metric(agent, "norm_units_quarantined") == 1, timeout=30, what="quarantine")
+    wait_for(lambda: crash_row()["heal"] == "quarantined", timeout=10, what="the quarantine published")
+    ends = crash_row()["quarantined_until"]
+    assert isinstance(ends, int | float)
+    agent.stop()
+    agent.start()
+    agent.wait_notify("READY=1", timeout=60)
+    # The new agent publishes its own summary: the unit is still quarantined, and no attempt was made.
+    wait_for(lambda: crash_row()["heal"] == "quarantined" and metric(agent, "norm_units_quarantined") == 1,
+             timeout=30, what="the quarantine taken up by the restarted agent")
+    assert metric(agent, "norm_heal_attempts_total", unit="djed-crash.service", result="started") == 0
+    assert abs(float(crash_row()["quarantined_until"]) - ends) <= 2  # type: ignore[arg-type]
+    assert crash_row()["attempts"] == 2
+    assert systemd_manager.unit_property("djed-crash.service", "ActiveState") == "failed"
+    assert '"event": "heal.state_loaded"' in agent.logs()
+
+
+def summary_row(agent: AgentProc, unit: str) -> dict[str, object]:
+    r = norm(agent, "units", "--json")
+    assert r.returncode == 0, r.stderr
+    return next(u for u in json.loads(r.stdout) if u["unit"] == unit)
+
+
+def test_a_start_that_fails_is_retried_and_reported_until_it_is_done(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent, unit = healing_agent, "djed-api.service"
+    assert norm(agent, "units", "stop", unit).returncode == 0
+    # The bus goes away (its socket and daemon; the manager stays): every systemd call fails at once.
+    systemd_manager.systemctl("stop", "dbus.socket")
+    try:
+        r = norm(agent, "units", "start", unit, "--timeout", "5")
+        assert r.returncode == 1 and "stays in etcd" in r.stderr, r.stderr
+
+        def failing() -> bool:
+            requests = summary_row(agent, unit)["requests"]
+            return isinstance(requests, list) and any(q["action"] == "start" and q["error"] for q in requests)
+
+        wait_for(failing, timeout=30, what="the failing start reported in the unit summary")
+        assert metric(agent, "norm_control_pending") == 1
+        assert '"event": "control.action_failed"' in agent.logs()
+        assert "start requested, not done yet; failed" in norm(agent, "units").stdout
+    finally:
+        systemd_manager.systemctl("start", "dbus.socket")
+    wait_for(lambda: systemd_manager.unit_property(unit, "ActiveState") == "active", timeout=60,
+             what="the unit started once the bus is back")
+    wait_for(lambda: summary_row(agent, unit)["requests"] == [] and summary_row(agent, unit)["heal"] == "ok",
+             timeout=30, what="the request done in the summary")
+    assert metric(agent, "norm_control_pending") == 0
+    assert '"event": "control.action_done"' in agent.logs()
+
+
+def test_a_start_asked_while_the_agent_is_down_is_carried_out_when_it_is_back(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    agent, unit = healing_agent, "djed-api.service"
+    assert norm(agent, "units", "stop", unit).returncode == 0
+    agent.stop()
+    r = norm(agent, "units", "start", unit, "--timeout", "1")
+    assert r.returncode == 1 and "stays in etcd" in r.stderr, r.stderr
+    assert systemd_manager.unit_property(unit, "ActiveState") == "inactive"
+    agent.start()
+    agent.wait_notify("READY=1", timeout=60)
+    wait_for(lambda: systemd_manager.unit_property(unit, "ActiveState") == "active", timeout=30,
+             what="the unit started by the agent back")
+    wait_for(lambda: summary_row(agent, unit)["heal"] == "ok" and summary_row(agent, unit)["requests"] == [],
+             timeout=30, what="the request done in the summary")

@@ -576,3 +576,17 @@ async def test_the_file_gets_the_configured_owner_and_an_unknown_owner_keeps_the
             assert r.fetches("write_failed") == 1 and r.up_to_date == 0
     assert raw(env_path) == kept
     assert any(e["event"] == "env.write_failed" and "no user" in e["error"] for e in logs)
+
+
+def test_an_owner_the_agent_cannot_give_the_file_to_stops_it_at_start_with_the_reason(
+        tmp_path: Path, etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
+    """As under deploy/norm.service, whose bounding set is empty: here the agent runs without
+    CAP_CHOWN in its bounding set (setpriv), so no file of its can be given to another user."""
+    env_path = tmp_path / "run" / "app.env"
+    agent = agents([etcd.endpoint], wrapper=["setpriv", "--bounding-set", "-chown", "--"],
+                   extra_toml=f'[env]\nbucket = "{bucket_name()}"\npath = "{env_path}"\nowner = "daemon"\n')
+    assert agent.wait_exit(timeout=30) == 2
+    logs = agent.logs()
+    assert '"event": "agent.env_owner_refused"' in logs and "env-owner.conf" in logs, logs
+    assert "Traceback" not in logs and not env_path.exists()
+    assert list(env_path.parent.iterdir()) == []  # the check left nothing behind

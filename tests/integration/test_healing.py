@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,8 @@ class Rig:
 
 
 async def rig_for(manager: SystemdManager, units: dict[str, str], policy: HealPolicy,
-                  start: tuple[str, ...], resync_interval: float = 3600) -> AsyncIterator[Rig]:
+                  start: tuple[str, ...], resync_interval: float = 3600,
+                  state_file: Path | None = None) -> AsyncIterator[Rig]:
     for name, text in units.items():
         manager.write_unit(name, text)
     for name in start:
@@ -81,7 +83,7 @@ async def rig_for(manager: SystemdManager, units: dict[str, str], policy: HealPo
     metrics, holds, progress = Metrics(), Holds(), asyncio.Event()
     async with Systemd(manager.bus_address, call_timeout=10) as systemd:
         healer = Healer(systemd, ["app-*.service"], policy, metrics, holds,
-                        resync_interval=resync_interval)
+                        resync_interval=resync_interval, state_file=state_file)
         original = healer._decide_now
 
         def decide_and_tell(now: float) -> None:
@@ -247,5 +249,38 @@ async def test_the_safety_net_resync_changes_nothing_that_the_signals_got_right(
         await rig.until("ten more re-reads", lambda: rig.healer.resyncs >= done + 10)
         assert rig.traces("app-web.service") == ["started"]
         assert rig.traces("app-api.service") == []
+    finally:
+        await rigs.aclose()
+
+
+async def test_a_quarantine_outlives_the_healer_and_a_release_does_too(
+        systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    units, unit = {"app-crash.service": CRASHER}, "app-crash.service"
+    state = tmp_path / "state" / "healing.json"
+
+    async def healer_run() -> AsyncIterator[Rig]:
+        async for r in rig_for(systemd_manager, units, fast_policy(), (), state_file=state):
+            yield r
+
+    rigs = healer_run()
+    rig = await anext(rigs)
+    try:
+        rig.manager.systemctl("start", unit, check=False)
+        await rig.until("quarantined", lambda: unit in rig.healer.history
+                        and rig.healer.history[unit].quarantined)
+    finally:
+        await rigs.aclose()
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+    # The next healer takes the quarantine up: no attempt, still quarantined.
+    rigs = healer_run()
+    rig = await anext(rigs)
+    try:
+        await rig.until("the quarantine taken up", lambda: unit in rig.healer.history
+                        and rig.healer.history[unit].quarantined)
+        assert rig.traces(unit) == [] and len(rig.healer.history[unit].attempts) == 3
+        rig.healer.release(unit)
+        await rig.healer.save_state()
+        await rig.until("healing resumed", lambda: len(rig.traces(unit)) >= 1)
     finally:
         await rigs.aclose()

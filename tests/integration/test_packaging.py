@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from sandbox import images
 from sandbox.docker import DockerEngine
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "norm.service"
+ENV_OWNER_DROPIN = REPO / "deploy" / "env-owner.conf"  # for hosts that set env.owner only
 DOC = REPO / "docs" / "deploy-unit.md"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 
@@ -131,7 +135,18 @@ def write(path):
     return path
 step("write_runtime_dir", lambda: write(os.path.join(os.environ["RUNTIME_DIRECTORY"], "release.env")))
 step("write_etc", lambda: write("/etc/norm-probe"))
-with open(os.path.join(os.environ["RUNTIME_DIRECTORY"], "probe.json"), "w") as f:
+def give_away():
+    # What env.owner asks of the environment file service, through the same code: the agent's own
+    # start-up check, then the atomic writer with an owner (the user "daemon", uid 1 on Debian).
+    from pathlib import Path
+    from norm.adapters.files import check_give_away, replace_file, resolve_owner
+    owner = resolve_owner("daemon")
+    target = Path(os.environ["RUNTIME_DIRECTORY"]) / (os.environ["PROBE_NAME"] + ".env")
+    check_give_away(target.parent, owner)
+    replace_file(target, b"A='1'\n", 0o600, owner)
+    return list(owner)
+step("give_away", give_away)
+with open(os.path.join(os.environ["RUNTIME_DIRECTORY"], os.environ["PROBE_NAME"] + ".json"), "w") as f:
     json.dump(results, f)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 addr = os.environ["NOTIFY_SOCKET"]
@@ -148,6 +163,7 @@ import json, os, re, socket, subprocess, sys, sysconfig
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 unit_text, probe, python3 = Path(sys.argv[2]).read_text(), sys.argv[3], sys.argv[4]
+dropin = Path(sys.argv[5]).read_text()
 def sh(*argv):
     subprocess.run(argv, check=True)
 sh("mount", "--make-rprivate", "/")
@@ -181,23 +197,30 @@ try:
     manager.start()
     engine.start()
     pythonpath = f"{work / 'site'}:{work / 'repo'}"
-    env = (f"Environment=PROBE_BUS={manager.bus_address} PROBE_DOCKER={engine.host} "
-           f"PROBE_TCP={listener.getsockname()[1]} PYTHONPATH={pythonpath}\n")
     exec_start = f"ExecStart={python3} {work / 'probe.py'}"
-    text = re.sub(r"^ExecStart=.*$", exec_start, unit_text, count=1, flags=re.M)
-    text = text.replace("[Service]\n", "[Service]\n" + env, 1)
-    manager.write_unit("norm.service", text)
+    # The unit as shipped (norm.service), and with the drop-in env.owner needs (norm-owner.service).
+    for name in ("norm", "norm-owner"):
+        env = (f"Environment=PROBE_BUS={manager.bus_address} PROBE_DOCKER={engine.host} "
+               f"PROBE_TCP={listener.getsockname()[1]} PYTHONPATH={pythonpath} PROBE_NAME={name}\n")
+        text = re.sub(r"^ExecStart=.*$", exec_start, unit_text, count=1, flags=re.M)
+        manager.write_unit(f"{name}.service", text.replace("[Service]\n", "[Service]\n" + env, 1))
+    (manager.units_dir / "norm-owner.service.d").mkdir()
+    (manager.units_dir / "norm-owner.service.d" / "env-owner.conf").write_text(dropin)
     manager.write_unit("probe-target.service", "[Service]\nExecStart=/bin/sleep 600\n")
     manager.systemctl("daemon-reload")
-    r = subprocess.run(["systemctl", "--user", "start", "norm.service"], env=manager.env,
-                       capture_output=True, text=True, timeout=60)
-    result["start"] = [r.returncode, r.stderr.strip()]
-    out = manager.runtime_dir / "norm" / "probe.json"
-    if r.returncode == 0:
-        wait_for(out.exists, timeout=30, what="probe result")
-        result["probe"] = json.loads(out.read_text())
+    for name in ("norm", "norm-owner"):
+        r = subprocess.run(["systemctl", "--user", "start", f"{name}.service"], env=manager.env,
+                           capture_output=True, text=True, timeout=60)
+        result[name] = {"start": [r.returncode, r.stderr.strip()]}
+        out = manager.runtime_dir / "norm" / f"{name}.json"
+        if r.returncode == 0:
+            wait_for(out.exists, timeout=30, what="probe result")
+            result[name]["probe"] = json.loads(out.read_text())
+        written = manager.runtime_dir / "norm" / f"{name}.env"
+        st = written.stat() if written.exists() else None
+        result[name]["env_owner"] = None if st is None else [st.st_uid, st.st_gid]
+        result[name]["status"] = manager.systemctl("status", f"{name}.service", check=False)[-2000:]
     result["target"] = manager.systemctl("is-active", "probe-target.service", check=False).strip()
-    result["status"] = manager.systemctl("status", "norm.service", check=False)[-2000:]
 finally:
     engine.stop()
     manager.stop()
@@ -205,30 +228,53 @@ print(json.dumps(result))
 '''
 
 
-def test_unit_hardening_lets_norm_reach_systemd_docker_and_the_network() -> None:
-    """The unit as shipped (only ExecStart swapped for a probe) under a real systemd manager."""
+@pytest.fixture(scope="module")
+def hardened_run() -> dict[str, Any]:
+    """The unit as shipped (only ExecStart swapped for a probe), and again with the env.owner drop-in,
+    under a real systemd manager."""
     python3 = "/usr/bin/python3"  # not the venv's: ProtectHome= hides /root, where pyenv lives
     version = subprocess.run([python3, "-c", "import sys; print(sys.version_info[:2])"],
                              capture_output=True, text=True, check=False).stdout.strip()
     assert version == str(sys.version_info[:2]), f"{python3} is {version}; the probe needs the venv's"
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", HELPER,
-         str(REPO), str(UNIT), PROBE, python3],
+         str(REPO), str(UNIT), PROBE, python3, str(ENV_OWNER_DROPIN)],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert r.returncode == 0, r.stderr[-4000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_unit_hardening_lets_norm_reach_systemd_docker_and_the_network(hardened_run: dict[str, Any]) -> None:
+    result = hardened_run["norm"]
     assert result["start"] == [0, ""], result["status"]
     probe = result["probe"]
     assert probe["imports"] == ["ok", 7]
     assert probe["status"][1] == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000",
                                   "NoNewPrivs": "1", "Seccomp": "2"}
     assert probe["dbus_start_unit"][0] == "ok" and probe["dbus_start_unit"][1][0] is True
-    assert result["target"] == "active", "StartUnit from the hardened unit took effect"
+    assert hardened_run["target"] == "active", "StartUnit from the hardened unit took effect"
     assert probe["docker"][0] == "ok"
     assert probe["tcp"] == ["ok", None]
     assert probe["write_runtime_dir"][0] == "ok"
     assert probe["write_etc"][0] == "error" and "Read-only file system" in probe["write_etc"][1]
+
+
+def test_env_owner_is_refused_by_the_hardened_unit_and_works_with_its_drop_in(
+        hardened_run: dict[str, Any]) -> None:
+    shipped, with_dropin = hardened_run["norm"], hardened_run["norm-owner"]
+    # As shipped: no capability, and no user but root in the unit's user namespace. The agent's own
+    # start-up check says so, before any write is tried (it then exits 2 with the reason).
+    assert shipped["probe"]["give_away"][0] == "error", shipped["probe"]
+    assert "OwnerRefused" in shipped["probe"]["give_away"][1]
+    assert shipped["env_owner"] is None
+    # With deploy/env-owner.conf: CAP_CHOWN alone, and the file given away.
+    assert with_dropin["start"] == [0, ""], with_dropin["status"]
+    probe = with_dropin["probe"]
+    assert probe["give_away"] == ["ok", [1, 1]], probe["give_away"]
+    assert with_dropin["env_owner"] == [1, 1]
+    assert probe["status"][1]["CapEff"] == probe["status"][1]["CapBnd"] == "0000000000000001"  # CAP_CHOWN
+    assert probe["dbus_start_unit"][0] == "ok" and probe["write_etc"][0] == "error"
 
 
 # -- the images --------------------------------------------------------------------------------------

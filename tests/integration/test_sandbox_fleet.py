@@ -67,6 +67,7 @@ def test_a_fleet_comes_up_and_goes_down(run_dir: Path) -> None:
                 "http": {"listen": h["http_listen"]},
                 "systemd": {"bus_address": h["bus_address"]},
                 "docker": {"host": h["docker_host"]},
+                "agent": {"state_dir": str(Path(h["dir"]) / "state")},
             }
             assert (Path(h["dir"]) / "machine-id").read_text().strip() == h["machine_id"]
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import uuid
 
 from aiobotocore.session import get_session
@@ -33,3 +35,17 @@ def test_the_server_answers_and_stops(moto_server: MotoServer) -> None:
     assert moto_server.endpoint.startswith("http://127.0.0.1:")
     assert moto_server.alive
     assert moto_server.answers()
+
+
+def test_a_server_slow_to_reply_is_waited_for(moto_server: MotoServer) -> None:
+    """A busy machine may leave the server seconds behind: the helpers wait for its reply, they do
+    not give up after a guess at how fast it is. The server is frozen, and thawed 3 s later."""
+    assert moto_server.proc is not None
+    moto_server.proc.signal(signal.SIGSTOP)
+    thaw = threading.Timer(3.0, moto_server.proc.signal, (signal.SIGCONT,))
+    thaw.start()
+    try:
+        assert moto_server.answers()
+    finally:
+        thaw.cancel()
+        moto_server.proc.signal(signal.SIGCONT)

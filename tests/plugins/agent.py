@@ -30,6 +30,7 @@ class AgentProc:
     systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
     host_labels: bool = True  # write host.environment and host.role ("test", "web") into the config
     http_port: int = field(default_factory=free_port)
+    wrapper: list[str] = field(default_factory=list)  # argv the agent runs under (setpriv ..., say)
     proc: Proc | None = None
     notify: socket.socket | None = None
 
@@ -50,7 +51,8 @@ class AgentProc:
             f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\n'
             + ('environment = "test"\nrole = "web"\n' if self.host_labels else "")
             + f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
-            f'[agent]\nshutdown_timeout = 5\n[log]\nformat = "json"\nlevel = "debug"\n'
+            f'[agent]\nshutdown_timeout = 5\nstate_dir = "{self.workdir / "state"}"\n'
+            '[log]\nformat = "json"\nlevel = "debug"\n'
             + (f'[systemd]\nbus_address = "{self.systemd_bus}"\n' if self.systemd_bus
                else "[healing]\nenabled = false\n")
             + self.extra_toml)
@@ -62,7 +64,7 @@ class AgentProc:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(sock_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), **self.env)
-        self.proc = Proc(self.name, [sys.executable, "-m", "norm", "agent", "--config",
+        self.proc = Proc(self.name, [*self.wrapper, sys.executable, "-m", "norm", "agent", "--config",
                                      str(self.config_path)], self.workdir / "agent.log", env=env, cwd=REPO)
         self.proc.start()
 

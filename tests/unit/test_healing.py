@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from norm.core.backoff import Backoff
+from norm.core.errors import InvalidValue
 from norm.core.healing import (
     Command,
     Decision,
@@ -31,8 +32,11 @@ from norm.core.healing import (
     UnitHealth,
     Unloadable,
     decide,
+    from_record,
     heal_finished,
+    lasting,
     release,
+    to_record,
 )
 from norm.core.units import UnitState
 
@@ -904,3 +908,94 @@ def test_waking_at_wake_at_forgets_the_history_in_float_time() -> None:
     again = decide({U: ACTIVE}, d.history, NOBODY, d.wake_at, policy)
     assert again.history[U].streak == 0
     assert again.wake_at is None or again.wake_at > d.wake_at
+
+
+# What outlives the agent: the record of the budget, backoff and quarantine
+
+
+def _spent(now: float = 10.0) -> Mapping[str, UnitHealth]:
+    """U quarantined after spending its budget; V in backoff after two attempts; W healthy, no history."""
+    history: Mapping[str, UnitHealth] = {}
+    t = 0.0
+    while not history.get(U, UnitHealth()).quarantined:
+        d = decide({U: FAILED}, history, NOBODY, t, POLICY)
+        history = {u: dataclasses.replace(h, in_flight=False) for u, h in d.history.items()}
+        t += 8.0
+    v = unit("failed", name=V)
+    for at in (t, t + 1.0):
+        d = decide({V: v}, history, NOBODY, at, POLICY)
+        history = {**history, **heal_finished(d.history, V)}
+    return {**history, "w.service": UnitHealth(healthy_since=1.0)}
+
+
+def test_a_record_taken_up_by_the_next_agent_keeps_the_quarantine_budget_and_backoff() -> None:
+    history = _spent()
+    before = 50.0  # one agent's clocks: monotonic 50 is wall 1_000_050
+    record = to_record(history, before, 1_000_000.0 + before)
+    assert set(record["units"]) == {U, V}  # type: ignore[call-overload]
+    # The next agent, 7 s later on the wall clock, after a reboot (its monotonic clock restarted at 3).
+    after, problems = from_record(record, 3.0, 1_000_057.0, POLICY)
+    assert problems == []
+    shift = 3.0 - 57.0
+    for name in (U, V):
+        h, was = after[name], history[name]
+        assert h.streak == was.streak
+        assert h.quarantined_until == pytest.approx(None if was.quarantined_until is None
+                                                    else was.quarantined_until + shift)
+        assert h.attempts == pytest.approx(tuple(t + shift for t in was.attempts if t + shift + 100.0 > 3.0))
+    # The quarantined unit stays quarantined: still failed, no Heal.
+    d = decide({U: FAILED, V: unit("failed", name=V)}, after, NOBODY, 3.0, POLICY)
+    assert not any(isinstance(c, Heal) and c.unit == U for c in d.commands)
+    assert after[U].quarantined
+
+
+def test_the_lasting_part_ignores_what_only_this_agent_needs() -> None:
+    history = _spent()
+    moved = {u: dataclasses.replace(h, in_flight=True, healthy_since=None, failed_since=2.0)
+             for u, h in history.items()}
+    assert lasting(moved) == lasting(history)
+    assert lasting(release(history, U)[0]) != lasting(history)
+
+
+def test_a_released_unit_is_recorded_free() -> None:
+    history, _ = release(_spent(), U)
+    after, _ = from_record(to_record(history, 50.0, 1_000_050.0), 50.0, 1_000_050.0, POLICY)
+    assert U not in after
+    assert decide({U: FAILED}, after, NOBODY, 50.0, POLICY).commands == (Heal(U, 0, reload=False),)
+
+
+def test_a_clock_set_back_never_holds_a_unit_longer_than_the_policy_would() -> None:
+    history = _spent()
+    record = to_record(history, 50.0, 1_000_050.0)
+    # The wall clock is now a day behind: every recorded time seems to be in the future.
+    after, problems = from_record(record, 50.0, 1_000_050.0 - 86400.0, POLICY)
+    assert problems == []
+    assert after[U].quarantined_until == 50.0 + POLICY.cooldown
+    assert all(t <= 50.0 for h in after.values() for t in h.attempts)
+    assert all(h.next_at <= 50.0 + POLICY.backoff.cap for h in after.values())
+
+
+@pytest.mark.parametrize("record", [None, [], "x", {"version": 2, "units": {}}, {"version": 1},
+                                    {"version": 1, "units": []}])
+def test_what_is_not_a_record_is_refused(record: object) -> None:
+    with pytest.raises(InvalidValue, match="healing state"):
+        from_record(record, 0.0, 0.0, POLICY)
+
+
+@pytest.mark.parametrize("entry", [
+    None, [], {"attempts": "1", "streak": 1}, {"attempts": [1.0], "streak": -1},
+    {"attempts": [True], "streak": 1}, {"attempts": [float("nan")], "streak": 1},
+    {"attempts": [], "streak": True}, {"attempts": [], "streak": 0, "quarantined_until": "soon"},
+    {"attempts": [], "streak": 0, "next_at": float("inf")}])
+def test_a_unit_entry_that_is_not_acceptable_is_left_out_and_named(entry: object) -> None:
+    record = {"version": 1, "units": {U: entry, V: {"attempts": [5.0], "streak": 1, "next_at": None,
+                                                    "quarantined_until": None}}}
+    after, problems = from_record(record, 10.0, 10.0, POLICY)
+    assert list(after) == [V] and after[V].attempts == (5.0,)
+    assert len(problems) == 1 and U in str(problems[0])
+
+
+def test_a_unit_name_that_is_not_one_is_refused() -> None:
+    record = {"version": 1, "units": {"not a unit": {"attempts": [], "streak": 1}}}
+    after, problems = from_record(record, 10.0, 10.0, POLICY)
+    assert after == {} and len(problems) == 1
