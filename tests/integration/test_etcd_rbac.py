@@ -459,7 +459,10 @@ def restricted_fleet(tmp_path: Path, registry: Registry, capsys: pytest.CaptureF
             text = conf.read_text().replace(
                 "[etcd]\n", f'[etcd]\nusername = "web-{i}"\npassword_file = "{pw_file}"\n', 1)
             assert f'username = "web-{i}"' in text
-            conf.write_text(text + ("\n[agent]\nleader_eligible = false\n" if i == 3 else ""))
+            if i == 3:  # one host that may not lead
+                text = text.replace("[agent]\n", "[agent]\nleader_eligible = false\n", 1) \
+                    if "[agent]\n" in text else text + "\n[agent]\nleader_eligible = false\n"
+            conf.write_text(text)
             fleet.restart_agent(h["name"])
         fleet.wait_registered(timeout=60)
         yield fleet
