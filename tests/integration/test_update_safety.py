@@ -22,9 +22,11 @@ from norm.adapters.etcd import Etcd, Event, Resync
 from norm.adapters.systemd import Systemd
 from norm.core import release as rel
 from norm.core.config import EtcdConfig, UpdateConfig
+from norm.core.healing import HealPolicy
 from norm.core.rollout import Phase, Release
-from norm.services.control import OPERATOR
+from norm.services.control import OPERATOR, Control
 from norm.services.executor import Executor
+from norm.services.healer import Healer
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from sandbox.etcd import EtcdMember
@@ -108,13 +110,14 @@ async def wait_put(etcd: Etcd, key: str, timeout: float = 30) -> bytes:
 
 @asynccontextmanager
 async def host_rig(etcd_member: EtcdMember, manager: SystemdManager, tmp_path: Path,
-                   **update: Any) -> AsyncIterator[Rig]:
+                   holds: Holds | None = None, **update: Any) -> AsyncIterator[Rig]:
     """One host's executor, on a real etcd and a real systemd manager, running until the block ends.
     Its Docker engine is absent: the tests here need none until a pull or a step."""
     release_file, seen = tmp_path / "release.env", tmp_path / "seen"
     manager.write_unit(WEB, unit_text(release_file, seen))
     config = UpdateConfig(image=IMAGE, release_file=str(release_file), **update)
-    metrics, holds, me = Metrics(), Holds(), secrets.token_hex(16)
+    metrics, me = Metrics(), secrets.token_hex(16)
+    holds = holds or Holds()  # by default, an agent without healing: no operator holds to wait for
 
     async def set_release(text: str | None) -> None:
         pass
@@ -199,3 +202,30 @@ async def test_an_update_leaves_a_unit_the_operator_stopped_stopped_and_says_so(
         assert report["reason"] == f"{WEB}: held by the operator, left stopped"
         held = [e for e in rig.logs if e["event"] == "executor.units_held_by_operator"]
         assert len(held) == 1 and held[0]["units"] == [WEB]
+
+
+async def test_a_restarted_agent_knows_the_operators_holds_before_it_starts_a_unit(
+        etcd: EtcdMember, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    """The agent restarts while its host is to start the new release; the operator's hold on a unit
+    is in etcd, and the executor must not start that unit before the control service has read it."""
+    holds = Holds(operator_holds=True)  # the agent's, as it starts: nothing known yet
+    async with host_rig(etcd, systemd_manager, tmp_path, holds=holds) as rig:
+        assert rig.active_state() == "inactive"
+        before = rig.invocation()
+        await rig.etcd.put(f"{P}/control/{rig.me}/hold/{WEB}", b"{}")  # `norm units stop`, earlier
+        await rig.begin(header(1000, Phase.START))
+        await rig.until("the executor waiting for the operator's holds",
+                        lambda: "executor.awaiting_operator_holds" in rig.events())
+        # The control service comes up (after the executor, as it may on a loaded machine).
+        healer = Healer(rig.systemd, PATTERNS, HealPolicy(), rig.metrics, holds)
+        control = Control(rig.etcd, P, rig.me, rig.systemd, healer, holds, rig.metrics)
+        stopping = asyncio.Event()
+        task = asyncio.create_task(control.run(stopping), name="control-under-test")
+        try:
+            report = await rig.started(1000)
+        finally:
+            stopping.set()
+            async with asyncio.timeout(15):
+                await task
+        assert report["reason"] == f"{WEB}: held by the operator, left stopped"
+        assert rig.active_state() == "inactive" and rig.invocation() == before  # never started
