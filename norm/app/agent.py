@@ -64,7 +64,7 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
-        self.holds = Holds()
+        self.holds = Holds(operator_holds=config.healing.enabled)  # read by the control service
         self._systemd: Systemd | None = None
         self._docker: Docker | None = None
         self.healer: Healer | None = None

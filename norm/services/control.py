@@ -96,6 +96,7 @@ class Control:
                         self._hold(unit)
                     for unit in sorted(current - wanted):
                         self._unhold(unit)
+                    self._holds.operator_known.set()
                 elif isinstance(item, Event):
                     request = self._parse(item.kv.key)
                     if request is None:

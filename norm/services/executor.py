@@ -364,6 +364,11 @@ class Executor:
         """Write the release file, start every unit, and say whether all are active. A unit an
         operator holds (`norm units stop`) is left stopped: the operator's stop wins over the update,
         and the unit runs the new release once the operator starts it again."""
+        if not self._holds.operator_known.is_set():
+            # A restarted agent: the operator's holds are not read yet, and a unit started now would
+            # undo one. The control service reads them as soon as etcd answers.
+            log.info("executor.awaiting_operator_holds")
+            await self._holds.operator_known.wait()
         await write_atomic(self._update.release_file, rel.render_release(release, self._image, revision))
         self.running = release
         await self._set_release(rel.release_text(release))

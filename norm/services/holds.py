@@ -4,15 +4,23 @@ operator's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 OPERATOR = "operator"  # the owner of the holds `norm units stop` places (norm.services.control)
 
 
 class Holds:
-    def __init__(self) -> None:
+    def __init__(self, *, operator_holds: bool = False) -> None:
+        """`operator_holds`: a control service will read the operator's holds from etcd (the agent
+        with healing on); until it has, `operator_known` stays unset."""
         self._holds: dict[str, set[str]] = {}  # unit -> owners
         self._listeners: list[Callable[[], None]] = []
+        # Set once the operator's holds have been read from etcd (by the control service), or at
+        # once where there is none: nothing may start a unit before, or it would undo a hold.
+        self.operator_known = asyncio.Event()
+        if not operator_holds:
+            self.operator_known.set()
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """`listener()` is called after every change (from the loop, synchronously: keep it short)."""
