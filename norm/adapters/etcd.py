@@ -820,6 +820,24 @@ class Election:
         if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
             raise waiter.exception()  # type: ignore[misc]
 
+    async def deposed(self, leadership: Leadership) -> str:
+        """Watch the leader key while leading; return (with the reason) once it no longer proves this
+        leadership: deleted (by an operator, say), or put again with another create revision or on
+        another lease. Watching from the create revision itself, nothing in between is missed."""
+        async with self._etcd.watch(self.key, start_revision=leadership.token) as w:
+            async for item in w:
+                if isinstance(item, Resync):
+                    kv = item.snapshot.kvs[0] if item.snapshot.kvs else None
+                    if kv is None:
+                        return "the leader key is gone"
+                elif item.kind == "delete":
+                    return "the leader key was deleted"
+                else:
+                    kv = item.kv
+                if kv.create_revision != leadership.token or kv.lease != leadership.lease.id:
+                    return "the leader key was replaced"
+        raise EtcdUnavailable(f"watching {self.key} ended")  # pragma: no cover (a Watch does not end)
+
     async def resign(self, leadership: Leadership) -> None:
         with contextlib.suppress(EtcdError):
             await self._etcd.txn([Compare(self.key, "create", "==", leadership.token)],
