@@ -768,7 +768,10 @@ class Election:
         return await self._etcd.get(self.key)
 
     async def campaign(self, lease: Lease) -> Leadership:
-        """Wait until this agent holds the leader key on `lease`. Raises LeaseLost if the lease goes."""
+        """Wait until this agent holds the leader key on `lease`. Raises LeaseLost if the lease goes.
+        Failed tries are retried with jittered backoff, so that a fleet does not hammer etcd."""
+        backoff = Backoff(first=0.1, cap=2.0)
+        failures = 0
         while True:
             if not lease.valid():
                 raise LeaseLost("the lease ran out while campaigning")
@@ -778,16 +781,18 @@ class Election:
                     [Put(self.key, self.value, lease=lease.id), Get(self.key)],
                     [Get(self.key)],
                 )
-            except EtcdUnavailable:
+            except EtcdUnavailable as e:
                 # The reply may be lost although the transaction applied: look at who holds the key.
-                try:
+                with contextlib.suppress(EtcdUnavailable):
                     current = await self._etcd.get(self.key)
-                except EtcdUnavailable:
-                    await self._wait_lease_or(lease, 0.5)
-                    continue
-                if current is not None and current.lease == lease.id:
-                    return Leadership(self.key, current.create_revision, lease)
+                    if current is not None and current.lease == lease.id:
+                        return Leadership(self.key, current.create_revision, lease)
+                delay = backoff.delay(failures, random.random())
+                failures += 1
+                log.info("etcd.campaign.retry", key=self.key, error=str(e), delay=round(delay, 3))
+                await self._wait_lease_or(lease, delay)
                 continue
+            failures = 0
             holder = result.gets[-1][0] if result.gets and result.gets[-1] else None
             if holder is not None and holder.lease == lease.id:
                 return Leadership(self.key, holder.create_revision, lease)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from norm.adapters.etcd import Etcd, Event, Leadership, NotLeader, Put, Resync
+from norm.adapters.etcd import Etcd, Event, Leadership, LeaseLost, NotLeader, Put, Resync
 from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdMember
 
@@ -109,3 +109,19 @@ async def test_a_leader_whose_lease_ran_out_does_not_even_send(
             finally:
                 etcd.thaw()
         assert (await client.get("/norm/fenced")) is None
+
+
+async def test_a_campaign_that_keeps_failing_backs_off(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=6)) as client:
+        election = client.election("/norm/leader", b"me")
+        async with client.lease() as lease:
+            # The server forgets the lease (an operator's `etcdctl lease revoke`): every campaign
+            # transaction fails until the next renewal (TTL/3 away) finds the lease gone.
+            await client._revoke(lease.id)
+            sent_before = client.requests
+            with pytest.raises(LeaseLost):
+                async with asyncio.timeout(10):
+                    await election.campaign(lease)
+            # Backing off, a few tries over those seconds; not hundreds.
+            assert client.requests - sent_before < 30, client.requests - sent_before
