@@ -32,7 +32,7 @@ import grpc
 import structlog
 from aetcd import rpc, transactions
 
-from norm.core.backoff import Backoff
+from norm.core.backoff import Backoff, renewal_retry
 from norm.core.config import EtcdConfig
 from norm.core.errors import NormError
 from norm.core.secret import Secret
@@ -595,6 +595,8 @@ class Lease:
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         interval = max(0.5, self.ttl / 3)
+        retry = renewal_retry(self.ttl)
+        failures = 0
         next_at = loop.time() + interval
         while True:
             # Sleep until the next renewal, but wake to declare the lease lost at the deadline.
@@ -608,9 +610,13 @@ class Lease:
             try:
                 ttl = await self._etcd._keepalive(self.id, budget=max(0.05, budget))
             except EtcdError as e:
-                log.info("etcd.lease.renew_failed", lease=f"{self.id:x}", error=str(e))
-                next_at = loop.time() + min(1.0, interval)
+                delay = retry.delay(failures, random.random())
+                failures += 1
+                log.info("etcd.lease.renew_failed", lease=f"{self.id:x}", error=str(e),
+                         retry_in=round(delay, 3))
+                next_at = loop.time() + delay
                 continue
+            failures = 0
             if ttl <= 0:
                 self._lose("expired on the server")
                 return
