@@ -238,6 +238,15 @@ def _target(endpoints: Sequence[str], server_name: str | None) -> _Target:
     return _Target(address, tls, server_name)
 
 
+def endpoint_order(endpoints: Sequence[str], seed: str | None) -> tuple[str, ...]:
+    """The order one host tries the endpoints in: shuffled, so that a fleet spreads over the members
+    instead of every agent using the first one listed. Seeded with the machine id, a host keeps its
+    order across restarts; without a seed it is random."""
+    order = list(endpoints)
+    random.Random(seed).shuffle(order)
+    return tuple(order)
+
+
 async def _resolve(address: str) -> str:
     if not address.startswith("names:"):
         return address
@@ -300,8 +309,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            # Require a leader: a member cut off from its peers then ends its watches (and refuses
+            # new ones) with "no leader" instead of leaving them silent.
+            watch_metadata = (*(self.metadata or ()), ("hasleader", "true"))
             self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
-                                                  metadata=self.metadata)
+                                                  metadata=watch_metadata)
             self._connected.set()
         finally:
             self._is_connecting = False
@@ -319,11 +331,19 @@ def _read(path: str, what: str) -> bytes:
 
 
 class Etcd:
-    """An etcd connection: `async with Etcd(config) as etcd: ...`."""
+    """An etcd connection: `async with Etcd(config) as etcd: ...`.
+
+    The channel tries the endpoints in this host's order (`endpoint_order`, seeded with `seed`).
+    After `failover_after` requests in a row fail on one member (unavailable, timed out), or at once
+    when it says it has no leader, the client moves that endpoint to the back and connects again."""
 
     def __init__(self, config: EtcdConfig, *, password: Secret | None = None,
-                 on_state: Callable[[bool], None] | None = None, probe_key: str = "/") -> None:
+                 on_state: Callable[[bool], None] | None = None, probe_key: str = "/",
+                 seed: str | None = None) -> None:
         self.config = config
+        self._order = endpoint_order(config.endpoints, seed)
+        self._failures = 0  # requests failed in a row on the current client
+        self.failovers = 0
         self._probe_key = probe_key
         self._password = password if password is not None else config.password
         self._on_state = on_state
@@ -345,10 +365,15 @@ class Etcd:
     async def close(self) -> None:
         await self._drop_client()
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this client prefers now (its channel falls back on the others in order)."""
+        return self._order[0]
+
     def _new_client(self) -> _Client:
         c = self.config
         credentials = None
-        target = _target(c.endpoints, c.server_name)
+        target = _target(self._order, c.server_name)
         if target.tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(c.ca_file, "etcd.ca_file") if c.ca_file else None,
@@ -399,6 +424,21 @@ class Etcd:
                 await old.close()
         self._set_connected(False)
 
+    async def _failed(self, client: _Client | None, err: EtcdError) -> None:
+        """Count a request that failed on `client`; move to the next endpoint when it is time."""
+        if not isinstance(err, EtcdUnavailable) or client is None or client is not self._client:
+            return
+        self._failures += 1
+        no_leader = "no leader" in str(err)
+        if len(self._order) < 2 or (self._failures < self.config.failover_after and not no_leader):
+            return
+        left = self._order[0]
+        self._order = (*self._order[1:], left)
+        self._failures = 0
+        self.failovers += 1
+        log.warning("etcd.failover", left=left, to=self._order[0], error=str(err))
+        await self._drop_client(client)
+
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
             self.connected = up
@@ -418,6 +458,8 @@ class Etcd:
                 self.requests += 1
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
                     result = await fn(client)
+                if client is self._client:
+                    self._failures = 0
                 self._set_connected(True)
                 return result
             except asyncio.CancelledError:
@@ -430,6 +472,7 @@ class Etcd:
                     log.info("etcd.reauthenticate", reason=str(err))
                     await self._drop_client(client)
                     continue
+                await self._failed(client, err)
                 if isinstance(err, EtcdRejected) or not retry or loop.time() >= deadline:
                     if isinstance(err, EtcdUnavailable):
                         self._set_connected(False)
@@ -606,7 +649,10 @@ class Lease:
                 self._lose("not renewed in time")
                 return
             sent = loop.time()
-            budget = self.deadline - self.margin - sent
+            # One try may not take the whole time left: a member that holds renewals (one with no
+            # leader waits for one) must fail them soon enough for the client to move to another
+            # member (after etcd.failover_after failures) and renew there in time.
+            budget = min(self.deadline - self.margin - sent, max(1.0, interval / 2))
             try:
                 ttl = await self._etcd._keepalive(self.id, budget=max(0.05, budget))
             except EtcdError as e:
@@ -646,6 +692,7 @@ class Watch:
         self.next_revision = start_revision
         self._pending: deque[WatchItem] = deque()
         self._stream: Any = None
+        self._stream_client: _Client | None = None
         self._iter: AsyncIterator[Any] | None = None
         self._failures = 0
         self.reconnects = 0
@@ -682,7 +729,7 @@ class Watch:
     async def _open(self) -> None:
         if self.next_revision is None:
             await self._list("start")
-        client = await self._etcd._get_client()
+        client = self._stream_client = await self._etcd._get_client()
         range_end = prefix_end(self.key) if self.prefix else None
         try:
             self._etcd.requests += 1
@@ -740,6 +787,8 @@ class Watch:
             raise err from None
         if token_lost:
             await self._etcd._drop_client()
+        elif not isinstance(e, EtcdError):  # a failure of the stream itself (calls count their own)
+            await self._etcd._failed(self._stream_client, err)
         self._etcd._set_connected(False)
         delay = Backoff(first=0.1, cap=2.0).delay(self._failures, random.random())
         self._failures += 1

@@ -87,7 +87,8 @@ class Agent:
     async def _run(self) -> int:
         log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
-                    on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
+                    on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0),
+                    seed=self.identity.machine_id)
         try:
             if not await self._connect(etcd):
                 return EXIT_OK
