@@ -84,6 +84,18 @@ def _translate(e: BaseException, what: str) -> EtcdError:
     return EtcdUnavailable(f"{what}: {detail}")
 
 
+def _member_trouble(e: BaseException) -> bool:
+    """Whether a failure tells against the member rather than the request: no answer in time, no
+    connection, or (same code) a member without a leader. A refusal (a lease not found, say) does
+    not."""
+    if isinstance(e, TimeoutError | aex.ConnectionTimeoutError | aex.ConnectionFailedError
+                  | aex.WatchTimeoutError):
+        return True
+    cause = e.__cause__ if isinstance(e, aex.ClientError) else e
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Typed values
 
@@ -424,9 +436,10 @@ class Etcd:
                 await old.close()
         self._set_connected(False)
 
-    async def _failed(self, client: _Client | None, err: EtcdError) -> None:
-        """Count a request that failed on `client`; move to the next endpoint when it is time."""
-        if not isinstance(err, EtcdUnavailable) or client is None or client is not self._client:
+    async def _failed(self, client: _Client | None, e: BaseException, err: EtcdError) -> None:
+        """Count a request that failed on `client` (raising `e`, translated `err`) if the failure
+        tells against its member; move to the next endpoint when it is time."""
+        if not _member_trouble(e) or client is None or client is not self._client:
             return
         self._failures += 1
         no_leader = "no leader" in str(err)
@@ -472,7 +485,7 @@ class Etcd:
                     log.info("etcd.reauthenticate", reason=str(err))
                     await self._drop_client(client)
                     continue
-                await self._failed(client, err)
+                await self._failed(client, e, err)
                 if isinstance(err, EtcdRejected) or not retry or loop.time() >= deadline:
                     if isinstance(err, EtcdUnavailable):
                         self._set_connected(False)
@@ -788,7 +801,7 @@ class Watch:
         if token_lost:
             await self._etcd._drop_client()
         elif not isinstance(e, EtcdError):  # a failure of the stream itself (calls count their own)
-            await self._etcd._failed(self._stream_client, err)
+            await self._etcd._failed(self._stream_client, e, err)
         self._etcd._set_connected(False)
         delay = Backoff(first=0.1, cap=2.0).delay(self._failures, random.random())
         self._failures += 1

@@ -1,13 +1,16 @@
-"""The order a host tries the etcd endpoints in."""
+"""The etcd adapter's pure decisions: the order a host tries the endpoints in, and which failures
+tell against a member."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import aetcd.exceptions as aex
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from norm.adapters.etcd import endpoint_order
+from norm.adapters.etcd import _member_trouble, endpoint_order
 
 ENDPOINTS = ("http://e1:2379", "http://e2:2379", "http://e3:2379")
 
@@ -27,3 +30,17 @@ def test_a_fleet_spreads_over_the_members() -> None:
 
 def test_without_a_seed_the_order_is_random() -> None:
     assert len({endpoint_order(ENDPOINTS, None) for _ in range(200)}) > 1
+
+
+@pytest.mark.parametrize("error, against_the_member", [
+    (TimeoutError(), True),
+    (aex.ConnectionFailedError("etcdserver: no leader"), True),
+    (aex.ConnectionTimeoutError("deadline exceeded"), True),
+    (aex.WatchTimeoutError(), True),
+    (aex.ClientError("etcdserver: requested lease not found"), False),
+    (aex.PreconditionFailedError("failed precondition"), False),
+    (ValueError("no"), False),
+])
+def test_only_failures_that_tell_against_the_member_count_towards_leaving_it(
+        error: BaseException, against_the_member: bool) -> None:
+    assert _member_trouble(error) is against_the_member
