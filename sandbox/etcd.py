@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.netns import NetNs
 from sandbox.procs import Proc, SandboxError, free_port, wait_for
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -38,6 +39,8 @@ class EtcdMember:
     extra_args: tuple[str, ...] = ()
     initial_cluster: str = ""
     cluster_token: str = "norm-sandbox"
+    host: str = "127.0.0.1"  # the address it listens on, for clients and peers
+    netns: NetNs | None = None  # run inside this network namespace (host: its inner address)
     proc: Proc | None = None
 
     @property
@@ -46,11 +49,11 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -76,7 +79,8 @@ class EtcdMember:
                      "--trusted-ca-file", str(self.tls.ca)]
             if self.tls.client_cert_auth:
                 argv += ["--client-cert-auth"]
-        return argv + list(self.extra_args)
+        argv += list(self.extra_args)
+        return self.netns.wrap(argv) if self.netns else argv
 
     def start(self, wait: bool = True) -> None:
         if self.proc is not None and self.proc.alive:
@@ -154,7 +158,11 @@ class EtcdCluster:
 
     @classmethod
     def create(cls, workdir: Path, size: int = 3, prefix: str = "etcd") -> EtcdCluster:
-        members = [EtcdMember(f"{prefix}{i}", workdir) for i in range(size)]
+        return cls.of([EtcdMember(f"{prefix}{i}", workdir) for i in range(size)])
+
+    @classmethod
+    def of(cls, members: list[EtcdMember]) -> EtcdCluster:
+        """A cluster of members made by the caller (addresses, namespaces, flags of their own)."""
         initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
         token = f"norm-{os.getpid()}-{members[0].peer_port}"
         for m in members:

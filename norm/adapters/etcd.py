@@ -33,7 +33,7 @@ import structlog
 from aetcd import rpc, transactions
 
 from norm.core.access import Kind, Permission
-from norm.core.backoff import Backoff
+from norm.core.backoff import Backoff, renewal_retry
 from norm.core.config import EtcdConfig
 from norm.core.errors import NormError
 from norm.core.secret import Secret
@@ -90,6 +90,18 @@ def _translate(e: BaseException, what: str) -> EtcdError:
     if isinstance(e, aex.ClientError) and "permission denied" in detail:
         return EtcdRejected(f"{what}: {detail}")
     return EtcdUnavailable(f"{what}: {detail}")
+
+
+def _member_trouble(e: BaseException) -> bool:
+    """Whether a failure tells against the member rather than the request: no answer in time, no
+    connection, or (same code) a member without a leader. A refusal (a lease not found, say) does
+    not."""
+    if isinstance(e, TimeoutError | aex.ConnectionTimeoutError | aex.ConnectionFailedError
+                  | aex.WatchTimeoutError):
+        return True
+    cause = e.__cause__ if isinstance(e, aex.ClientError) else e
+    return isinstance(cause, grpc.aio.AioRpcError) and cause.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +262,15 @@ def _target(endpoints: Sequence[str], server_name: str | None) -> _Target:
     return _Target(address, tls, server_name)
 
 
+def endpoint_order(endpoints: Sequence[str], seed: str | None) -> tuple[str, ...]:
+    """The order one host tries the endpoints in: shuffled, so that a fleet spreads over the members
+    instead of every agent using the first one listed. Seeded with the machine id, a host keeps its
+    order across restarts; without a seed it is random."""
+    order = list(endpoints)
+    random.Random(seed).shuffle(order)
+    return tuple(order)
+
+
 async def _resolve(address: str) -> str:
     if not address.startswith("names:"):
         return address
@@ -312,8 +333,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            # Require a leader: a member cut off from its peers then ends its watches (and refuses
+            # new ones) with "no leader" instead of leaving them silent.
+            watch_metadata = (*(self.metadata or ()), ("hasleader", "true"))
             self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
-                                                  metadata=self.metadata)
+                                                  metadata=watch_metadata)
             self._connected.set()
         finally:
             self._is_connecting = False
@@ -336,11 +360,19 @@ def _read(path: str, what: str) -> bytes:
 
 
 class Etcd:
-    """An etcd connection: `async with Etcd(config) as etcd: ...`."""
+    """An etcd connection: `async with Etcd(config) as etcd: ...`.
+
+    The channel tries the endpoints in this host's order (`endpoint_order`, seeded with `seed`).
+    After `failover_after` requests in a row fail on one member (unavailable, timed out), or at once
+    when it says it has no leader, the client moves that endpoint to the back and connects again."""
 
     def __init__(self, config: EtcdConfig, *, password: Secret | None = None,
-                 on_state: Callable[[bool], None] | None = None, probe_key: str = "/") -> None:
+                 on_state: Callable[[bool], None] | None = None, probe_key: str = "/",
+                 seed: str | None = None) -> None:
         self.config = config
+        self._order = endpoint_order(config.endpoints, seed)
+        self._failures = 0  # requests failed in a row on the current client
+        self.failovers = 0
         self._probe_key = probe_key
         self._password = password if password is not None else config.password
         self._on_state = on_state
@@ -362,10 +394,15 @@ class Etcd:
     async def close(self) -> None:
         await self._drop_client()
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this client prefers now (its channel falls back on the others in order)."""
+        return self._order[0]
+
     def _new_client(self) -> _Client:
         c = self.config
         credentials = None
-        target = _target(c.endpoints, c.server_name)
+        target = _target(self._order, c.server_name)
         if target.tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(c.ca_file, "etcd.ca_file") if c.ca_file else None,
@@ -416,6 +453,22 @@ class Etcd:
                 await old.close()
         self._set_connected(False)
 
+    async def _failed(self, client: _Client | None, e: BaseException, err: EtcdError) -> None:
+        """Count a request that failed on `client` (raising `e`, translated `err`) if the failure
+        tells against its member; move to the next endpoint when it is time."""
+        if not _member_trouble(e) or client is None or client is not self._client:
+            return
+        self._failures += 1
+        no_leader = "no leader" in str(err)
+        if len(self._order) < 2 or (self._failures < self.config.failover_after and not no_leader):
+            return
+        left = self._order[0]
+        self._order = (*self._order[1:], left)
+        self._failures = 0
+        self.failovers += 1
+        log.warning("etcd.failover", left=left, to=self._order[0], error=str(err))
+        await self._drop_client(client)
+
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
             self.connected = up
@@ -435,6 +488,8 @@ class Etcd:
                 self.requests += 1
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
                     result = await fn(client)
+                if client is self._client:
+                    self._failures = 0
                 self._set_connected(True)
                 return result
             except asyncio.CancelledError:
@@ -447,6 +502,7 @@ class Etcd:
                     log.info("etcd.reauthenticate", reason=str(err))
                     await self._drop_client(client)
                     continue
+                await self._failed(client, e, err)
                 if isinstance(err, EtcdRejected) or not retry or loop.time() >= deadline:
                     if isinstance(err, EtcdUnavailable):
                         self._set_connected(False)
@@ -695,6 +751,8 @@ class Lease:
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         interval = max(0.5, self.ttl / 3)
+        retry = renewal_retry(self.ttl)
+        failures = 0
         next_at = loop.time() + interval
         while True:
             # Sleep until the next renewal, but wake to declare the lease lost at the deadline.
@@ -704,13 +762,20 @@ class Lease:
                 self._lose("not renewed in time")
                 return
             sent = loop.time()
-            budget = self.deadline - self.margin - sent
+            # One try may not take the whole time left: a member that holds renewals (one with no
+            # leader waits for one) must fail them soon enough for the client to move to another
+            # member (after etcd.failover_after failures) and renew there in time.
+            budget = min(self.deadline - self.margin - sent, max(1.0, interval / 2))
             try:
                 ttl = await self._etcd._keepalive(self.id, budget=max(0.05, budget))
             except EtcdError as e:
-                log.info("etcd.lease.renew_failed", lease=f"{self.id:x}", error=str(e))
-                next_at = loop.time() + min(1.0, interval)
+                delay = retry.delay(failures, random.random())
+                failures += 1
+                log.info("etcd.lease.renew_failed", lease=f"{self.id:x}", error=str(e),
+                         retry_in=round(delay, 3))
+                next_at = loop.time() + delay
                 continue
+            failures = 0
             if ttl <= 0:
                 self._lose("expired on the server")
                 return
@@ -740,6 +805,7 @@ class Watch:
         self.next_revision = start_revision
         self._pending: deque[WatchItem] = deque()
         self._stream: Any = None
+        self._stream_client: _Client | None = None
         self._iter: AsyncIterator[Any] | None = None
         self._failures = 0
         self.reconnects = 0
@@ -776,7 +842,7 @@ class Watch:
     async def _open(self) -> None:
         if self.next_revision is None:
             await self._list("start")
-        client = await self._etcd._get_client()
+        client = self._stream_client = await self._etcd._get_client()
         range_end = prefix_end(self.key) if self.prefix else None
         try:
             self._etcd.requests += 1
@@ -834,6 +900,8 @@ class Watch:
             raise err from None
         if token_lost:
             await self._etcd._drop_client()
+        elif not isinstance(e, EtcdError):  # a failure of the stream itself (calls count their own)
+            await self._etcd._failed(self._stream_client, e, err)
         self._etcd._set_connected(False)
         delay = Backoff(first=0.1, cap=2.0).delay(self._failures, random.random())
         self._failures += 1
@@ -868,7 +936,10 @@ class Election:
         return await self._etcd.get(self.key)
 
     async def campaign(self, lease: Lease) -> Leadership:
-        """Wait until this agent holds the leader key on `lease`. Raises LeaseLost if the lease goes."""
+        """Wait until this agent holds the leader key on `lease`. Raises LeaseLost if the lease goes.
+        Failed tries are retried with jittered backoff, so that a fleet does not hammer etcd."""
+        backoff = Backoff(first=0.1, cap=2.0)
+        failures = 0
         while True:
             if not lease.valid():
                 raise LeaseLost("the lease ran out while campaigning")
@@ -878,16 +949,18 @@ class Election:
                     [Put(self.key, self.value, lease=lease.id), Get(self.key)],
                     [Get(self.key)],
                 )
-            except EtcdUnavailable:
+            except EtcdUnavailable as e:
                 # The reply may be lost although the transaction applied: look at who holds the key.
-                try:
+                with contextlib.suppress(EtcdUnavailable):
                     current = await self._etcd.get(self.key)
-                except EtcdUnavailable:
-                    await self._wait_lease_or(lease, 0.5)
-                    continue
-                if current is not None and current.lease == lease.id:
-                    return Leadership(self.key, current.create_revision, lease)
+                    if current is not None and current.lease == lease.id:
+                        return Leadership(self.key, current.create_revision, lease)
+                delay = backoff.delay(failures, random.random())
+                failures += 1
+                log.info("etcd.campaign.retry", key=self.key, error=str(e), delay=round(delay, 3))
+                await self._wait_lease_or(lease, delay)
                 continue
+            failures = 0
             holder = result.gets[-1][0] if result.gets and result.gets[-1] else None
             if holder is not None and holder.lease == lease.id:
                 return Leadership(self.key, holder.create_revision, lease)
@@ -919,6 +992,24 @@ class Election:
             await asyncio.gather(waiter, lost, return_exceptions=True)
         if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
             raise waiter.exception()  # type: ignore[misc]
+
+    async def deposed(self, leadership: Leadership) -> str:
+        """Watch the leader key while leading; return (with the reason) once it no longer proves this
+        leadership: deleted (by an operator, say), or put again with another create revision or on
+        another lease. Watching from the create revision itself, nothing in between is missed."""
+        async with self._etcd.watch(self.key, start_revision=leadership.token) as w:
+            async for item in w:
+                if isinstance(item, Resync):
+                    kv = item.snapshot.kvs[0] if item.snapshot.kvs else None
+                    if kv is None:
+                        return "the leader key is gone"
+                elif item.kind == "delete":
+                    return "the leader key was deleted"
+                else:
+                    kv = item.kv
+                if kv.create_revision != leadership.token or kv.lease != leadership.lease.id:
+                    return "the leader key was replaced"
+        raise EtcdUnavailable(f"watching {self.key} ended")  # pragma: no cover (a Watch does not end)
 
     async def resign(self, leadership: Leadership) -> None:
         with contextlib.suppress(EtcdError):

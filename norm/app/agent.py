@@ -94,7 +94,8 @@ class Agent:
             log.error("agent.env_owner_refused", reason=problem)
             return EXIT_CONFIG
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
-                    on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0))
+                    on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0),
+                    seed=self.identity.machine_id)
         try:
             if not await self._connect(etcd):
                 return EXIT_OK

@@ -30,3 +30,11 @@ class Backoff:
         except OverflowError:
             base = self.cap
         return base * (1 - self.jitter) + base * self.jitter * rand
+
+
+def renewal_retry(ttl: float) -> Backoff:
+    """Retries of a failed lease renewal. Jittered, so that a fleet whose renewals failed together
+    (etcd down) does not come back in step; the longest wait is a sixth of the TTL, at most 1 s, so
+    that several tries still fit before the lease could expire."""
+    cap = min(1.0, ttl / 6)
+    return Backoff(first=cap / 4, factor=2.0, cap=cap, jitter=0.75)

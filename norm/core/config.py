@@ -56,6 +56,10 @@ class EtcdConfig:
                                     default=5.0)
     lease_ttl: int = _doc("TTL in seconds of the agent's lease (host registration, leadership).",
                           default=10)
+    failover_after: int = _doc(
+        "Requests failing in a row on one etcd member (unavailable, timed out) after which the agent "
+        "moves to the next endpoint; a member that says it has no leader is left at once.",
+        default=2)
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,8 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("etcd.keepalive_time", "must be from 5 to 3600 seconds (etcd refuses faster pings)")
     if not 3 <= etcd.lease_ttl <= 3600:
         fail("etcd.lease_ttl", "must be from 3 to 3600 seconds")
+    if not 1 <= etcd.failover_after <= 100:
+        fail("etcd.failover_after", "must be from 1 to 100")
     if etcd.request_timeout >= etcd.lease_ttl:
         fail("etcd.request_timeout", "must be shorter than etcd.lease_ttl")
 

@@ -67,13 +67,25 @@ class LeaderElection:
                 self._set(won[0])
                 log.info("leader.elected", token=won[0].token)
                 failures = 0
-                await first_of(stopping=stopping.wait(), lease_lost=lease.lost.wait())
+                deposed: list[str] = []
+
+                async def watch_key() -> None:
+                    deposed.append(await self._election.deposed(won[0]))  # noqa: B023
+
+                try:
+                    await first_of(stopping=stopping.wait(), lease_lost=lease.lost.wait(),
+                                   leader_key=watch_key())
+                finally:
+                    # Step down at once whatever ended the term (an error too): no acting on a
+                    # leadership this agent can no longer prove.
+                    self._set(None)
                 if stopping.is_set():
                     await self._election.resign(won[0])
                     log.info("leader.resigned", token=won[0].token)
+                elif deposed:
+                    log.warning("leader.deposed", token=won[0].token, reason=deposed[0])
                 else:
                     log.warning("leader.lost", token=won[0].token, reason=lease.lost_reason)
-                self._set(None)
             except EtcdError as e:
                 self._set(None)
                 delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())

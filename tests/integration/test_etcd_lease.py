@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
+from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
-from norm.adapters.etcd import Etcd, Event, Leadership, NotLeader, Put, Resync
+from norm.adapters.etcd import Etcd, Event, Leadership, LeaseLost, NotLeader, Put, Resync
 from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdMember
 
@@ -109,3 +112,56 @@ async def test_a_leader_whose_lease_ran_out_does_not_even_send(
             finally:
                 etcd.thaw()
         assert (await client.get("/norm/fenced")) is None
+
+
+async def test_a_campaign_that_keeps_failing_backs_off(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=6)) as client:
+        election = client.election("/norm/leader", b"me")
+        async with client.lease() as lease:
+            # The server forgets the lease (an operator's `etcdctl lease revoke`): every campaign
+            # transaction fails until the next renewal (TTL/3 away) finds the lease gone.
+            await client._revoke(lease.id)
+            sent_before = client.requests
+            with pytest.raises(LeaseLost):
+                async with asyncio.timeout(10):
+                    await election.campaign(lease)
+            # Backing off, a few tries over those seconds; not hundreds.
+            assert client.requests - sent_before < 30, client.requests - sent_before
+
+
+async def test_lease_renewals_retry_with_jitter_and_in_time_while_etcd_is_down(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    loop = asyncio.get_running_loop()
+    failed: dict[str, list[float]] = {}
+    enough = asyncio.Event()
+
+    def record(logger: object, method: str, event_dict: EventDict) -> EventDict:
+        if event_dict.get("event") == "etcd.lease.renew_failed":
+            failed.setdefault(event_dict["lease"], []).append(loop.time())
+            if len(failed) == 4 and all(len(t) >= 4 for t in failed.values()):
+                enough.set()
+        return event_dict
+
+    with capture_logs(processors=[record]):
+        async with Etcd(etcd_config(etcd.endpoint, lease_ttl=15)) as client, \
+                client.lease() as l1, client.lease() as l2, client.lease() as l3, client.lease() as l4:
+            leases = (l1, l2, l3, l4)
+            await asyncio.to_thread(etcd.kill)
+            try:
+                async with asyncio.timeout(20):
+                    await enough.wait()
+            finally:
+                await asyncio.to_thread(etcd.start)
+            # Back in time: every lease is renewed on the restarted member before it could expire.
+            counts = [lease.renewals for lease in leases]
+            async with asyncio.timeout(15):
+                for lease, count in zip(leases, counts, strict=True):
+                    await lease.wait_renewals(count + 1)
+            assert not any(lease.lost.is_set() for lease in leases)
+    gaps = [b - a for times in failed.values() for a, b in itertools.pairwise(times)]
+    # Retries come at most a second apart (a sixth of the TTL, at most 1 s)...
+    assert max(gaps) < 1.5, gaps
+    # ...and are spread at random rather than in step (a fixed period gives one gap, over and over).
+    late = [b - a for times in failed.values() for a, b in itertools.pairwise(times[2:])]
+    assert max(late) - min(late) > 0.2, late

@@ -73,7 +73,6 @@ def last_put(key: str) -> Callable[[object], bool]:
 async def test_the_client_carries_on_when_its_member_is_frozen_or_cut_off(
         container_cluster: tuple[DockerEngine, list[Member]], fault: str) -> None:
     engine, members = container_cluster
-    m0 = members[0]
     # Keepalives notice a silent member: 5 s without data, then 2 s for the ping's answer.
     config = EtcdConfig(endpoints=tuple(m.endpoint for m in members), keepalive_time=5,
                         keepalive_timeout=2, request_timeout=15, dial_timeout=5, lease_ttl=20)
@@ -83,7 +82,8 @@ async def test_the_client_carries_on_when_its_member_is_frozen_or_cut_off(
         async with asyncio.timeout(10):
             while not last_put("/p/00")(await anext(w)):
                 pass
-        # The client prefers the first endpoint: freeze or cut off that member.
+        # Freeze or cut off the member the client prefers (the first of its shuffled order).
+        m0 = next(m for m in members if m.endpoint == client.endpoint)
         if fault == "pause":
             await asyncio.to_thread(engine.docker, "pause", m0.id)
         else:

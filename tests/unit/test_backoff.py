@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from norm.core.backoff import Backoff
+from norm.core.backoff import Backoff, renewal_retry
 
 NAN = float("nan")
 
@@ -180,3 +180,16 @@ def test_any_invalid_parameter_is_refused(kwargs: dict[str, float]) -> None:
 def test_any_negative_attempt_is_refused(attempt: int) -> None:
     with pytest.raises(ValueError):
         Backoff().delay(attempt)
+
+
+@given(ttl=st.integers(min_value=1, max_value=3600), attempt=st.integers(min_value=0, max_value=1000),
+       rand=st.floats(min_value=0, max_value=1, exclude_max=True))
+def test_a_lease_renewal_retry_waits_at_most_a_sixth_of_the_ttl_and_never_over_a_second(
+        ttl: int, attempt: int, rand: float) -> None:
+    delay = renewal_retry(ttl).delay(attempt, rand)
+    assert 0 < delay <= min(1.0, ttl / 6)
+
+
+def test_lease_renewal_retries_are_spread_at_random() -> None:
+    retry = renewal_retry(10)
+    assert retry.delay(5, 0.0) <= 0.25 and retry.delay(5, 0.999) > 0.99

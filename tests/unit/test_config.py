@@ -503,6 +503,8 @@ RULES: list[tuple[dict[str, str], str, str, str]] = [
     ({"ETCD__LEASE_TTL": "3601"}, "etcd.lease_ttl", "env", "from 3 to 3600"),
     ({"ETCD__LEASE_TTL": "5"}, "etcd.request_timeout", "default", "shorter than etcd.lease_ttl"),
     ({"ETCD__REQUEST_TIMEOUT": "10"}, "etcd.request_timeout", "env", "shorter than etcd.lease_ttl"),
+    ({"ETCD__FAILOVER_AFTER": "0"}, "etcd.failover_after", "env", "from 1 to 100"),
+    ({"ETCD__FAILOVER_AFTER": "101"}, "etcd.failover_after", "env", "from 1 to 100"),
     ({"KEYS__VERSION": "djed-version"}, "keys.version", "env", "must start with /"),
     ({"KEYS__VERSION": ""}, "keys.version", "env", "must start with /"),
     ({"KEYS__VERSION": "/"}, "keys.version", "env", "not end with /"),
