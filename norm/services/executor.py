@@ -27,7 +27,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from norm.adapters.docker import Docker, DockerError, DockerRejected, DockerUnavailable, RunTimeout
+from norm.adapters.docker import (
+    ContainerGone,
+    Docker,
+    DockerError,
+    DockerRejected,
+    DockerUnavailable,
+    RunTimeout,
+)
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
@@ -349,41 +356,70 @@ class Executor:
 
     async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
         p, rev = self._prefix, h.revision
-        claim = rel.report_key(p, rev, "claim", step)
-        result = await self._etcd.txn([Compare(claim, "version", "==", 0)], [Put(claim, rel.claim(self._me))],
-                                      [Get(claim)])
-        if not result.succeeded:
-            holder = result.gets[0][0].value if result.gets and result.gets[0] else b""
-            if holder != rel.claim(self._me):
-                log.error("executor.step_claimed_elsewhere", step=step)
-                self._reported.add(f"migrated:{step}")
+        claim, header_key = rel.report_key(p, rev, "claim", step), rel.header_key(p)
+        while True:
+            # Claimed only against the header that asks this host to run the step (fenced like a
+            # report): a host acting on a stale header claims nothing.
+            result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
+                                           Compare(claim, "version", "==", 0)],
+                                          [Put(claim, rel.claim(self._me))], [Get(claim), Get(header_key)])
+            if result.succeeded:
+                fresh = True
+                break
+            holder = result.gets[0][0].value if result.gets and result.gets[0] else None
+            if holder is not None:
+                if holder != rel.claim(self._me):
+                    log.error("executor.step_claimed_elsewhere", step=step)
+                    self._reported.add(f"migrated:{step}")
+                    return
+                # Claimed by this host before (an attempt cut short, or the agent restarted): its
+                # container is adopted, never made again.
+                fresh = False
+                break
+            self._take_header(result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None)
+            self._wake.set()
+            now = self.header
+            if (now is None or now.revision != rev or now.phase is not Phase.MIGRATE or now.migrating != step
+                    or now.migrator != self._me):
+                log.info("executor.claim_dropped", step=step, reason="the rollout moved on")
                 return
         command = self._steps.get(step)
         name = rel.migration_container(rev, step)
-        if command is None:
+        if command is None and fresh:
             await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on its "
                                                            "migrator", 0.0, self._me), name=step)
             return
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
-        log.info("executor.step_running", step=step, container=name)
+        log.info("executor.step_running", step=step, container=name, adopt_only=not fresh)
+        outcome: rel.StepOutcome
         try:
             run = await self._docker.run_named(
-                name, f"{self._image}@{digest}", shlex.split(command), env_file=self._update.steps_env_file,
-                network=self._update.steps_network, mounts=mounts,
-                timeout=self._update.migration_timeout)
-            ok, code, reason, seconds = run.exit_code == 0, run.exit_code, None, run.seconds
-            if not ok:
-                reason = f"exit code {run.exit_code}"
-                log.error("executor.step_failed", step=step, exit_code=run.exit_code, logs=run.logs[-2000:])
-            else:
+                name, f"{self._image}@{digest}", shlex.split(command or "true"),
+                env_file=self._update.steps_env_file, network=self._update.steps_network, mounts=mounts,
+                timeout=self._update.migration_timeout, adopt_only=not fresh)
+            code, seconds = run.exit_code, run.seconds
+            outcome = rel.step_outcome(run.exit_code, killed_by_norm=False)
+            reason = None if outcome == "ok" else f"exit code {run.exit_code}"
+            if outcome == "unknown":
+                reason = f"exit code {run.exit_code}: killed by a signal Norm did not send"
+            if outcome == "ok":
                 log.info("executor.step_done", step=step, seconds=round(run.seconds, 3))
+            else:
+                log.error("executor.step_failed", step=step, exit_code=run.exit_code, outcome=outcome,
+                          logs=run.logs[-2000:])
+        except ContainerGone as e:
+            outcome, code, reason, seconds = "unknown", None, str(e), 0.0
+            log.error("executor.step_lost", step=step, error=str(e))
         except RunTimeout:
-            ok, code, reason, seconds = False, None, f"killed after {self._update.migration_timeout:g} s", 0.0
+            outcome, code, seconds = "failed", None, 0.0
+            reason = f"killed after {self._update.migration_timeout:g} s"
         except DockerRejected as e:
-            ok, code, reason, seconds = False, None, str(e), 0.0
-        self._metrics.migrations.labels("ok" if ok else "failed").inc()
-        await self._report(h, "migrated", rel.migrated(ok, code, reason, seconds, self._me), name=step)
-        await self._docker.remove_container(name)
+            outcome, code, reason, seconds = "failed", None, str(e), 0.0
+        self._metrics.migrations.labels(outcome).inc()
+        await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
+                                                       unknown=outcome == "unknown"), name=step)
+        if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
+            await self._docker.remove_container(name)
 
     async def _catch_up(self, h: rel.Header, release: Release) -> None:
         log.info("executor.catching_up", release=rel.release_text(release))
