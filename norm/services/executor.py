@@ -414,7 +414,9 @@ class Executor:
             outcome, code, seconds = "failed", None, 0.0
             reason = f"killed after {self._update.migration_timeout:g} s"
         except DockerRejected as e:
-            outcome, code, reason, seconds = "failed", None, str(e), 0.0
+            # Refused before a container was made (a bad reference, an unreadable env file) when the
+            # claim is fresh; adopting, whatever the engine refused, the step may have run.
+            outcome, code, reason, seconds = "failed" if fresh else "unknown", None, str(e), 0.0
         self._metrics.migrations.labels(outcome).inc()
         await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
                                                        unknown=outcome == "unknown"), name=step)
