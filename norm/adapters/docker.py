@@ -15,7 +15,9 @@ What this adds to the client library:
   and it is never removed by the run: the caller removes it (`remove_container`) once it has recorded
   the result durably. It never makes one again either: with `adopt_only` (the caller may have made
   it before) and when the container vanishes while waited for, it raises ContainerGone: whatever ran
-  in it, its outcome is unknown. `container_status` says where such a container is.
+  in it, its outcome is unknown. `create_named` makes the container without starting it, for a caller
+  that commits to the run only after the container exists. `container_status` says where such a
+  container is.
 """
 
 from __future__ import annotations
@@ -545,13 +547,42 @@ class Docker:
         has recorded the result."""
         name = _container_name(name, "running")
         key = _image_key(image, "running")
+        made = not adopt_only and await self._make_named(name, key, image, command, env_file, env, network,
+                                                          mounts)
+        if made:
+            return await self._start_and_wait(name, tuple(command), timeout)
+        data = await self._inspect_container(name)
+        if data is None:
+            raise ContainerGone("no container of that name to adopt: it may have run, and its result is "
+                                "lost", ref=name, action="running", status=404)
+        return await self._adopt(name, key, data, timeout)
+
+    async def create_named(
+        self,
+        name: str,
+        image: str,
+        command: Sequence[str],
+        *,
+        env_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        network: str = "host",
+        mounts: Sequence[tuple[str, str]] = (),
+    ) -> bool:
+        """Make the container `name` for a named run, without starting it, unless one of that name is
+        on the engine already: True when it was made here. A caller that makes it before it commits
+        to the run (`run_named(..., adopt_only=True)` starts it) knows afterwards that a container
+        missing is one that vanished, not one never made."""
+        name = _container_name(name, "creating a container")
+        key = _image_key(image, "creating a container")
+        return await self._make_named(name, key, image, command, env_file, env, network, mounts)
+
+    async def _make_named(self, name: str, key: str, image: str, command: Sequence[str], env_file: str | None,
+                          env: Mapping[str, str] | None, network: str,
+                          mounts: Sequence[tuple[str, str]]) -> bool:
         config: dict[str, Any] | None = None
         loop = asyncio.get_running_loop()
         give_up, pause = loop.time() + self.call_timeout, 0.02
-        while (data := await self._inspect_container(name)) is None:
-            if adopt_only:
-                raise ContainerGone("no container of that name to adopt: it may have run, and its "
-                                    "result is lost", ref=name, action="running", status=404)
+        while await self._inspect_container(name) is None:
             if config is None:
                 config = await self._run_config(key, command, env_file, env, network, mounts,
                                                 {RUN_LABEL: "1", NAMED_RUN_LABEL: "1"})
@@ -570,8 +601,8 @@ class Docker:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.5)
             else:
-                return await self._start_and_wait(name, tuple(command), timeout)
-        return await self._adopt(name, key, data, timeout)
+                return True
+        return False
 
     async def remove_container(self, name: str) -> bool:
         """Force-remove the container `name` (with its anonymous volumes). False when there was none."""

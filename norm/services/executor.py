@@ -355,48 +355,44 @@ class Executor:
         return not failed, "; ".join(failed) or None
 
     async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
+        """Run the step once: its container is made (not started) before the step is claimed, and
+        started only by the claim's holder, so that once claimed, a container missing is one that
+        vanished (its outcome unknown), never one not made yet. A claimed step is only ever adopted."""
         p, rev = self._prefix, h.revision
-        claim, header_key = rel.report_key(p, rev, "claim", step), rel.header_key(p)
-        while True:
-            # Claimed only against the header that asks this host to run the step (fenced like a
-            # report): a host acting on a stale header claims nothing.
-            result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
-                                           Compare(claim, "version", "==", 0)],
-                                          [Put(claim, rel.claim(self._me))], [Get(claim), Get(header_key)])
-            if result.succeeded:
-                fresh = True
-                break
-            holder = result.gets[0][0].value if result.gets and result.gets[0] else None
-            if holder is not None:
-                if holder != rel.claim(self._me):
-                    log.error("executor.step_claimed_elsewhere", step=step)
-                    self._reported.add(f"migrated:{step}")
-                    return
-                # Claimed by this host before (an attempt cut short, or the agent restarted): its
-                # container is adopted, never made again.
-                fresh = False
-                break
-            self._take_header(result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None)
-            self._wake.set()
-            now = self.header
-            if (now is None or now.revision != rev or now.phase is not Phase.MIGRATE or now.migrating != step
-                    or now.migrator != self._me):
-                log.info("executor.claim_dropped", step=step, reason="the rollout moved on")
-                return
+        claim = rel.report_key(p, rev, "claim", step)
         command = self._steps.get(step)
         name = rel.migration_container(rev, step)
-        if command is None and fresh:
-            await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on its "
-                                                           "migrator", 0.0, self._me), name=step)
-            return
+        image = f"{self._image}@{digest}"
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
-        log.info("executor.step_running", step=step, container=name, adopt_only=not fresh)
+        holder = await self._etcd.get(claim)
+        if holder is None:
+            if command is None:
+                await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on "
+                                                               "its migrator", 0.0, self._me), name=step)
+                return
+            try:
+                made = await self._docker.create_named(
+                    name, image, shlex.split(command), env_file=self._update.steps_env_file,
+                    network=self._update.steps_network, mounts=mounts)
+            except DockerRejected as e:  # refused before anything ran
+                self._metrics.migrations.labels("failed").inc()
+                await self._report(h, "migrated", rel.migrated(False, None, str(e), 0.0, self._me), name=step)
+                return
+            if not await self._claim(h, claim, step):
+                if made:  # never started: only the claim's holder starts it
+                    await self._docker.remove_container(name)
+                return
+        elif holder.value != rel.claim(self._me):
+            log.error("executor.step_claimed_elsewhere", step=step)
+            self._reported.add(f"migrated:{step}")
+            return
+        log.info("executor.step_running", step=step, container=name, claimed_before=holder is not None)
         outcome: rel.StepOutcome
         try:
             run = await self._docker.run_named(
-                name, f"{self._image}@{digest}", shlex.split(command or "true"),
-                env_file=self._update.steps_env_file, network=self._update.steps_network, mounts=mounts,
-                timeout=self._update.migration_timeout, adopt_only=not fresh)
+                name, image, shlex.split(command or "true"), env_file=self._update.steps_env_file,
+                network=self._update.steps_network, mounts=mounts, timeout=self._update.migration_timeout,
+                adopt_only=True)
             code, seconds = run.exit_code, run.seconds
             outcome = rel.step_outcome(run.exit_code, killed_by_norm=False)
             reason = None if outcome == "ok" else f"exit code {run.exit_code}"
@@ -413,15 +409,38 @@ class Executor:
         except RunTimeout:
             outcome, code, seconds = "failed", None, 0.0
             reason = f"killed after {self._update.migration_timeout:g} s"
-        except DockerRejected as e:
-            # Refused before a container was made (a bad reference, an unreadable env file) when the
-            # claim is fresh; adopting, whatever the engine refused, the step may have run.
-            outcome, code, reason, seconds = "failed" if fresh else "unknown", None, str(e), 0.0
+        except DockerRejected as e:  # refused while adopting: the step may have run
+            outcome, code, reason, seconds = "unknown", None, str(e), 0.0
         self._metrics.migrations.labels(outcome).inc()
         await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
                                                        unknown=outcome == "unknown"), name=step)
         if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
             await self._docker.remove_container(name)
+
+    async def _claim(self, h: rel.Header, claim: str, step: str) -> bool:
+        """Claim the step, in a transaction fenced on the header that asks this host to run it (as a
+        report is): a host acting on a stale header claims nothing. True: the step is this host's."""
+        header_key = rel.header_key(self._prefix)
+        while True:
+            result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
+                                           Compare(claim, "version", "==", 0)],
+                                          [Put(claim, rel.claim(self._me))], [Get(claim), Get(header_key)])
+            if result.succeeded:
+                return True
+            holder = result.gets[0][0].value if result.gets and result.gets[0] else None
+            if holder is not None:
+                if holder == rel.claim(self._me):
+                    return True  # a reply lost: the claim applied
+                log.error("executor.step_claimed_elsewhere", step=step)
+                self._reported.add(f"migrated:{step}")
+                return False
+            self._take_header(result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None)
+            self._wake.set()
+            now = self.header
+            if (now is None or now.revision != h.revision or now.phase is not Phase.MIGRATE
+                    or now.migrating != step or now.migrator != self._me):
+                log.info("executor.claim_dropped", step=step, reason="the rollout moved on")
+                return False
 
     async def _catch_up(self, h: rel.Header, release: Release) -> None:
         log.info("executor.catching_up", release=rel.release_text(release))

@@ -163,11 +163,12 @@ def test_the_migrators_docker_engine_killed_during_the_step_halts_naming_it(flee
     fleet.fleet.restart_engine(migrator, crash=True)  # kill -9 of its dockerd, then a new one
     try:
         _halted_naming_the_step(fleet, revision, tag)
-        # Made once: every later attempt (after the engine came back) only adopts. The new daemon's
-        # own events show no container made either.
+        # Claimed once: every later attempt (after the engine came back) only adopts. The new
+        # daemon's own events show no container made either.
         steps = [e for e in fleet.log_events(migrator)
                  if e.get("event") == "executor.step_running" and e.get("rollout") == revision]
-        assert [e["adopt_only"] for e in steps][:1] == [False] and all(e["adopt_only"] for e in steps[1:])
+        assert [e["claimed_before"] for e in steps][:1] == [False]
+        assert all(e["claimed_before"] for e in steps[1:])
         assert _created(_engine_of(fleet, migrator), container, since) == 0
     finally:
         _operator_restarts_the_units(fleet, running)

@@ -536,3 +536,19 @@ async def test_a_named_run_killed_by_its_engine_dying_has_an_unknown_outcome(
                                     adopt_only=True)
     assert step_outcome(result.exit_code, killed_by_norm=False) == "unknown", result
     assert record_lines(data) == [] and len(containers(engine)) == 1
+
+
+async def test_a_named_run_made_first_is_started_only_by_its_adopter(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-made-first")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    assert await docker.create_named(name, app, ["migrate"], mounts=mounts) is True
+    assert await docker.create_named(name, app, ["migrate"], mounts=mounts) is False  # one, once
+    assert await docker.container_status(name) == "created" and record_lines(data) == []
+    result = await docker.run_named(name, app, ["migrate"], mounts=mounts, timeout=20, adopt_only=True)
+    assert result.exit_code == 0
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
+    assert len(containers(engine)) == 1

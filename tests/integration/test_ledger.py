@@ -123,13 +123,20 @@ class RecordingDocker:
     """The migrator's engine as the executor's claim test needs it: it records what it is asked."""
 
     def __init__(self) -> None:
+        self.made: list[str] = []
         self.runs: list[str] = []
+        self.removed: list[str] = []
+
+    async def create_named(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        self.made.append(name)
+        return True
 
     async def run_named(self, name: str, *args: Any, **kwargs: Any) -> RunResult:
         self.runs.append(name)
         return RunResult(0, "", 0.1)
 
     async def remove_container(self, name: str) -> bool:
+        self.removed.append(name)
         return True
 
 
@@ -141,7 +148,7 @@ async def test_a_migrator_acting_on_a_stale_header_claims_nothing_and_runs_nothi
     async with Etcd(config) as client:
         await client.put(rel.header_key(P), asked.encode())
         docker = RecordingDocker()
-        update = UpdateConfig(image="127.0.0.1:5000/djed/app")
+        update = UpdateConfig(image="127.0.0.1:5000/djed/app", steps=("migrate",))
 
         async def set_release(text: str | None) -> None:
             pass
@@ -155,7 +162,7 @@ async def test_a_migrator_acting_on_a_stale_header_claims_nothing_and_runs_nothi
         with capture_logs() as logs:
             await executor._migrate(asked, "migrate", d)
         assert await client.get(rel.report_key(P, 7, "claim", "migrate")) is None
-        assert docker.runs == []
+        assert docker.runs == [] and docker.made == docker.removed  # made, never started, removed
         assert [e["event"] for e in logs] == ["executor.claim_dropped"]
 
         # Against the header that asks it, the claim is made once and the step run.
