@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from norm.core import release as rel
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
 from norm.core.rollout import (
@@ -670,6 +671,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.succeeded: set[tuple[str, str]] = set()  # (digest, step) migrated successfully
         self.outstanding: set[tuple[str, str]] = set()  # the step issued and possibly running
         self.keys: dict[tuple[int, str], LedgerEntry] = {}  # the ledger's keys: (revision, step)
+        self.claims = {}  # (revision, step): the host that claimed it
         self.begin_rollout(OLD, "v2", (), ())
 
     def begin_rollout(self, previous: Release | None, tag: str, ledger: tuple[LedgerEntry, ...],
@@ -707,6 +709,8 @@ class RolloutMachine(RuleBasedStateMachine):
                 self.keys.setdefault((e.revision, e.step), e)
         if isinstance(event, REPORTS):
             self.reports.append(event)
+        if any(isinstance(c, RunMigration) for c in cmds):
+            record = dataclasses.replace(record, migrator=self.leader)  # as the updater does
         self.record = record
         if record.phase is not self.phases[-1]:
             self.phases.append(record.phase)
@@ -801,10 +805,31 @@ class RolloutMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
 
-    @rule()
-    def leader_changes(self) -> None:
+    leader = A
+
+    @rule(leader=st.sampled_from(HOSTS))
+    def leader_changes(self, leader: str = A) -> None:
+        self.leader = leader
         self.record = Rollout.decode(self.record.encode(), "etcd")
         self.apply(Resumed())
+
+    @invariant()
+    def executors_claim_each_step_once(self) -> None:
+        """What every host reads from the header (`host_duties`) asks one host, the migrator, to run
+        the step being migrated; a step's claim, once made by a host, is never asked of another; and
+        no host is asked to run a step its image already ran."""
+        r = self.record
+        h = rel.Header.of(r)
+        for host in MACHINE_HOSTS:
+            for d in rel.host_duties(h, host, host in r.hosts, frozenset(), None):
+                if not isinstance(d, rel.Migrate):
+                    continue
+                assert host == r.migrator and d.step == r.migrating and d.digest == r.digest
+                claimant = self.claims.setdefault((r.revision, d.step), host)
+                assert claimant == host, f"step {d.step} claimed by {claimant}, asked of {host}"
+                assert (d.digest, d.step) not in self.succeeded, f"{d.step} asked again of {host}"
+
+    claims: dict[tuple[int, str], str]
 
     @rule(data=st.data(), applied=st.booleans())
     def a_leader_write_loses_its_reply(self, data: st.DataObject, applied: bool) -> None:
@@ -812,7 +837,7 @@ class RolloutMachine(RuleBasedStateMachine):
         down without acting; the next one reads whichever record etcd holds, and resumes."""
         if applied:
             self.helpful_event(data)
-        self.leader_changes()
+        self.leader_changes(data.draw(st.sampled_from(HOSTS)))
 
     @rule()
     def compaction_relists_the_reports(self) -> None:
