@@ -12,7 +12,8 @@ progress lives in the hosts' own report keys, which only the leader watches:
     <prefix>/rollouts/<rev>/pulled/<mid>      {"digest": ...} or {"error": ..., "permanent": ...}
     <prefix>/rollouts/<rev>/stopped/<mid>     {}
     <prefix>/rollouts/<rev>/started/<mid>     {"digest": ..., "ok": true|false, "reason": ...}
-    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once
+    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once, fenced on
+                                              the header that asks it to run the step
     <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...,
                                               "unknown": true when the outcome cannot be known}
     <prefix>/rollouts/<rev>/abort             {"by": ...}: an operator's request

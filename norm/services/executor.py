@@ -2,9 +2,12 @@
 
 Its duties (norm.core.release.host_duties): pull the image by digest and report it; hold and stop
 the application units and report it; run a one-off step when this host is the migrator (in a named
-container that a restarted agent adopts, so the step runs once); write the release file atomically
-and start the units, then report. A host outside the rollout (joined late, excluded, or down during
-it) catches up on the fleet's release once the rollout has ended.
+container that a restarted agent adopts, so the step runs once: made before the step is claimed,
+in a transaction fenced on the header that asks for it, and started only once claimed; a claimed
+step whose container is gone, or that its engine killed, is reported with an unknown outcome, never
+run again); write the release file atomically and start the units, then report. A host outside the
+rollout (joined late, excluded, or down during it) catches up on the fleet's release once the
+rollout has ended.
 
 With load-balancer presence on (norm.services.presence), stopping the units begins with taking the
 host out of its target groups and waiting for it to drain; after the start, presence puts it back

@@ -172,3 +172,29 @@ def test_the_migrators_docker_engine_killed_during_the_step_halts_naming_it(flee
         assert _created(_engine_of(fleet, migrator), container, since) == 0
     finally:
         _operator_restarts_the_units(fleet, running)
+
+
+def test_a_restarted_migrator_that_finds_no_container_to_adopt_halts_naming_the_step(
+        fleet: UpdateFleet) -> None:
+    running = _fleet_release(fleet)
+    tag = fleet.new_version()
+    fleet.steps_env.write_text("NORM_DEMO_TASK_SECONDS=20\n")
+    revision = updates.set_version(fleet.fleet, tag)
+    migrator, engine, container = _step_started(fleet, revision)
+    # The migrator's agent dies (another agent leads meanwhile), and the step's container is gone
+    # by the time systemd has restarted it.
+    killed_at = _log_time()
+    fleet.fleet.kill_agent(migrator, signal.SIGKILL)
+    engine.docker("rm", "-f", container)
+    fleet.wait_leader(other_than=migrator)  # the migrator was the leader; another one waits for it
+    fleet.fleet.restart_agent(migrator)
+    try:
+        _halted_naming_the_step(fleet, revision, tag)
+        lost = fleet.wait_event(migrator, "executor.step_lost",
+                                where=lambda e: e.get("rollout") == revision and e["timestamp"] > killed_at)
+        assert "no container of that name to adopt" in lost[-1]["error"]
+        steps = [e for e in fleet.log_events(migrator) if e.get("event") == "executor.step_running"
+                 and e.get("rollout") == revision and e["timestamp"] > killed_at]
+        assert steps and all(e["claimed_before"] for e in steps)  # adopted only, never made again
+    finally:
+        _operator_restarts_the_units(fleet, running)
