@@ -189,9 +189,10 @@ class Updater:
         self._show(self.record)
 
     async def _recover(self, header: rel.Header | None) -> Rollout | None:
-        """The last rollout's record when the header does not lead to it: the newest readable one of
-        the current rollout's keys and the history (None: no rollout ever ran, as far as etcd
-        knows)."""
+        """The last rollout's record when the header does not lead to it: the one the header names,
+        or with no readable header the newest, from the rollout's own keys or the history. Never an
+        older one (None then): hosts sent back to an earlier rollout's release could start it over a
+        migration of the newer one."""
         p = self._prefix
         found: list[tuple[int, int, KeyValue]] = []
         for kv in (await self._etcd.get_prefix(f"{p}/rollouts/")).kvs:
@@ -202,15 +203,18 @@ class Updater:
             name = kv.key.removeprefix(f"{p}/history/")
             if name.isdigit():
                 found.append((int(name), 0, kv))
+        if not found:
+            return None
+        want = header.revision if header is not None else max(rev for rev, _, _ in found)
         for rev, _, kv in sorted(found, key=lambda f: (f[0], f[1]), reverse=True):
+            if rev != want:
+                continue
             try:
                 record = Rollout.decode(kv.value, kv.key)
             except InvalidValue as e:
                 self._metrics.rejected_values.labels(e.where).inc()
                 log.error("updater.record_unreadable", key=e.where, reason=e.reason)
                 continue
-            if header is not None and rev > header.revision:
-                continue  # a header that reads well names the rollout: nothing newer is trusted
             log.warning("updater.record_recovered", rollout=rev, key=kv.key)
             return record
         return None
