@@ -180,11 +180,13 @@ class Updater:
             self.record = await self._recover(header)
             if self.record is None:
                 return
-            # The hosts follow the header: theirs is written again, from the record found.
-            await self._leadership.fenced([Put(rel.header_key(self._prefix),
-                                               rel.Header.of(self.record).encode())])
-            log.warning("updater.header_restored", rollout=self.record.revision,
-                        phase=self.record.phase.value)
+            if header is None:
+                # The hosts follow the header: theirs is written again, from the record found (one
+                # that reads well stays: the hosts act on it already).
+                await self._leadership.fenced([Put(rel.header_key(self._prefix),
+                                                   rel.Header.of(self.record).encode())])
+                log.warning("updater.header_restored", rollout=self.record.revision,
+                            phase=self.record.phase.value)
         self._phase_since = self._clock()
         self._show(self.record)
 
