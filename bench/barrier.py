@@ -157,6 +157,9 @@ class FakeDocker:
         await asyncio.sleep(self._rng.uniform(*self._pull))
         return "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
 
+    async def create_named(self, name: str, image: str, command: Sequence[str], **kwargs: Any) -> bool:
+        return True
+
     async def run_named(self, name: str, image: str, command: Sequence[str], **kwargs: Any) -> RunResult:
         await asyncio.sleep(self._step)
         return RunResult(exit_code=0, logs="", seconds=self._step)

@@ -13,7 +13,11 @@ What this adds to the client library:
   database migration) even when the agent is killed mid-run and restarted: a container of that name
   that is already on the engine is adopted (started, waited for, or read), never made a second time,
   and it is never removed by the run: the caller removes it (`remove_container`) once it has recorded
-  the result durably. `container_status` says where such a container is.
+  the result durably. It never makes one again either: with `adopt_only` (the caller may have made
+  it before) and when the container vanishes while waited for, it raises ContainerGone: whatever ran
+  in it, its outcome is unknown. `create_named` makes the container without starting it, for a caller
+  that commits to the run only after the container exists. `container_status` says where such a
+  container is.
 """
 
 from __future__ import annotations
@@ -110,6 +114,12 @@ class RunTimeout(DockerError):
         self.command = tuple(command)
         self.timeout = timeout
         self.logs = logs
+
+
+class ContainerGone(DockerError):
+    """A named run's container is not on the engine (any more): removed, or the engine's state wiped,
+    before its result was read. Whatever ran in it, its outcome is unknown; running it again could run
+    it twice."""
 
 
 def _classify(e: BaseException, ref: str, action: str) -> DockerError:
@@ -513,10 +523,16 @@ class Docker:
         network: str = "host",
         mounts: Sequence[tuple[str, str]] = (),
         timeout: float,  # noqa: ASYNC109 (the container's run time, not a call's)
+        adopt_only: bool = False,
     ) -> RunResult:
         """Run `command` in a container called `name` of `image` (which must be local), once: wait up
         to `timeout` seconds for it to exit and return its exit code and logs (a non-zero exit is a
         result). Arguments as for run_once.
+
+        `adopt_only`: the caller may have made the container before (it claimed the run earlier): one
+        is adopted as below, and when there is none, none is made: ContainerGone. A container that
+        vanishes while it is waited for (removed, the engine's state wiped) raises ContainerGone too,
+        in every case.
 
         When a container called `name` is on the engine already (an agent killed mid-run made it, or
         someone made it meanwhile), it is adopted, whatever its image and command, and no second one
@@ -531,10 +547,42 @@ class Docker:
         has recorded the result."""
         name = _container_name(name, "running")
         key = _image_key(image, "running")
+        made = not adopt_only and await self._make_named(name, key, image, command, env_file, env, network,
+                                                          mounts)
+        if made:
+            return await self._start_and_wait(name, tuple(command), timeout)
+        data = await self._inspect_container(name)
+        if data is None:
+            raise ContainerGone("no container of that name to adopt: it may have run, and its result is "
+                                "lost", ref=name, action="running", status=404)
+        return await self._adopt(name, key, data, timeout)
+
+    async def create_named(
+        self,
+        name: str,
+        image: str,
+        command: Sequence[str],
+        *,
+        env_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        network: str = "host",
+        mounts: Sequence[tuple[str, str]] = (),
+    ) -> bool:
+        """Make the container `name` for a named run, without starting it, unless one of that name is
+        on the engine already: True when it was made here. A caller that makes it before it commits
+        to the run (`run_named(..., adopt_only=True)` starts it) knows afterwards that a container
+        missing is one that vanished, not one never made."""
+        name = _container_name(name, "creating a container")
+        key = _image_key(image, "creating a container")
+        return await self._make_named(name, key, image, command, env_file, env, network, mounts)
+
+    async def _make_named(self, name: str, key: str, image: str, command: Sequence[str], env_file: str | None,
+                          env: Mapping[str, str] | None, network: str,
+                          mounts: Sequence[tuple[str, str]]) -> bool:
         config: dict[str, Any] | None = None
         loop = asyncio.get_running_loop()
         give_up, pause = loop.time() + self.call_timeout, 0.02
-        while (data := await self._inspect_container(name)) is None:
+        while await self._inspect_container(name) is None:
             if config is None:
                 config = await self._run_config(key, command, env_file, env, network, mounts,
                                                 {RUN_LABEL: "1", NAMED_RUN_LABEL: "1"})
@@ -553,8 +601,8 @@ class Docker:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.5)
             else:
-                return await self._start_and_wait(name, tuple(command), timeout)
-        return await self._adopt(name, key, data, timeout)
+                return True
+        return False
 
     async def remove_container(self, name: str) -> bool:
         """Force-remove the container `name` (with its anonymous volumes). False when there was none."""
@@ -603,7 +651,9 @@ class Docker:
                                   action="running")
             finished = _engine_time(state.get("FinishedAt"))
             seconds = max(0.0, finished - started) if finished is not None and started is not None else 0.0
-            return RunResult(exit_code=code, logs=await self._logs(container, name), seconds=seconds)
+            with self._gone(name):
+                logs = await self._logs(container, name)
+            return RunResult(exit_code=code, logs=logs, seconds=seconds)
         if status in ("running", "paused", "restarting"):
             elapsed = 0.0 if started is None else min(max(0.0, self._wall_clock() - started), limit)
             return await self._wait_named(name, command, limit, elapsed)
@@ -634,7 +684,7 @@ class Docker:
         started = loop.time() - elapsed
         try:
             async with asyncio.timeout_at(started + limit):
-                with self._errors(name, "waiting for a container"):
+                with self._gone(name), self._errors(name, "waiting for a container"):
                     status = await container.wait()
         except TimeoutError:  # the deadline's alone: _errors made any other one a DockerError
             await self._kill(name)
@@ -648,7 +698,25 @@ class Docker:
         if not isinstance(code, int):
             raise DockerError(f"the engine gave no exit code ({status.get('Error')})", ref=name,
                               action="running")
-        return RunResult(exit_code=code, logs=await self._logs(container, name), seconds=seconds)
+        with self._gone(name):
+            # Removed as it exited (`docker rm -f` kills, then removes): its exit code is the kill's.
+            data = await self._inspect_container(name)
+            if data is None or str((data.get("State") or {}).get("Status")) in ("removing", "dead"):
+                raise DockerError("removed as it exited", ref=name, action="running", status=404)
+            logs = await self._logs(container, name)
+        return RunResult(exit_code=code, logs=logs, seconds=seconds)
+
+    @contextlib.contextmanager
+    def _gone(self, name: str) -> Iterator[None]:
+        """A 404 for the named run's container in the block: it vanished (ContainerGone)."""
+        try:
+            yield
+        except DockerError as e:
+            gone = e.status == 404 or (e.status == 409 and "removal" in str(e))  # being removed
+            if not gone or isinstance(e, ContainerGone):
+                raise
+            raise ContainerGone("the container vanished before its result was read", ref=name,
+                                action="running", status=404) from e
 
     async def _kill(self, name: str) -> None:
         """Kill the container `name` and wait (bounded) until the engine has it stopped. A container

@@ -12,10 +12,13 @@ progress lives in the hosts' own report keys, which only the leader watches:
     <prefix>/rollouts/<rev>/pulled/<mid>      {"digest": ...} or {"error": ..., "permanent": ...}
     <prefix>/rollouts/<rev>/stopped/<mid>     {}
     <prefix>/rollouts/<rev>/started/<mid>     {"digest": ..., "ok": true|false, "reason": ...}
-    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once
-    <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...}
+    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once, fenced on
+                                              the header that asks it to run the step
+    <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...,
+                                              "unknown": true when the outcome cannot be known}
     <prefix>/rollouts/<rev>/abort             {"by": ...}: an operator's request
-    <prefix>/ledger/<rev>-<step>              a ledger entry (rollout.LedgerEntry), once per step run
+    <prefix>/ledger/<rev>-<step>              a ledger entry (rollout.LedgerEntry), once per step run;
+                                              never trimmed: the ledger's source of truth
     <prefix>/history/<rev>                    the record of a finished rollout (the last N kept)
 """
 
@@ -43,6 +46,7 @@ from norm.core.rollout import (
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
+    MigrationUnknown,
     Phase,
     Release,
     Rollout,
@@ -212,10 +216,28 @@ def started(digest: str, ok: bool, reason: str | None = None) -> bytes:
     return _json({"digest": digest, "ok": ok, "reason": None if reason is None else values.clean(reason)})
 
 
-def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float, host: str) -> bytes:
-    return _json({"ok": ok, "exit_code": exit_code,
-                  "reason": None if reason is None else values.clean(reason),
-                  "seconds": round(seconds, 3), "host": host})
+def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float, host: str,
+             unknown: bool = False) -> bytes:
+    value = {"ok": ok, "exit_code": exit_code, "reason": None if reason is None else values.clean(reason),
+             "seconds": round(seconds, 3), "host": host}
+    if unknown:
+        value["unknown"] = True
+    return _json(value)
+
+
+StepOutcome = Literal["ok", "failed", "unknown"]
+
+
+def step_outcome(exit_code: int, killed_by_norm: bool) -> StepOutcome:
+    """How a step ended, from its container's exit code. A step killed by a signal Norm did not send
+    (exit code 128 + the signal: the engine going away kills it, so does a crash of the engine
+    found on its restart) or given up by the engine (255: it lost the process) may have done part of
+    its work: its outcome is unknown, neither a success nor a failure to roll back from."""
+    if exit_code == 0:
+        return "ok"
+    if not killed_by_norm and (exit_code > 128 or exit_code < 0):
+        return "unknown"
+    return "failed"
 
 
 def claim(host: str) -> bytes:
@@ -262,7 +284,7 @@ def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | N
 
 _REPORT_FIELDS = {"pulled": {"digest", "error", "permanent"}, "stopped": set(),
                   "started": {"digest", "ok", "reason"},
-                  "migrated": {"ok", "exit_code", "reason", "seconds", "host"},
+                  "migrated": {"ok", "exit_code", "reason", "seconds", "host", "unknown"},
                   "claim": {"host"}, "abort": {"by"}}
 
 
@@ -287,6 +309,8 @@ def _check_report(kind: str, v: dict[str, Any]) -> None:
             _i(v["exit_code"])
         if "seconds" in v:
             _f(v["seconds"])
+        if _b(v.get("unknown", False)) and v["ok"]:
+            raise ValueError("a step cannot both succeed and have an unknown outcome")
     elif kind == "claim":
         values.machine_id(v["host"], "host")
     elif kind == "abort":
@@ -317,6 +341,8 @@ def report_event(record: Rollout, report: Report) -> Event | None:
                 return HostActive(report.name)
             return HostFailed(report.name, v.get("reason") or "failed")
         case "migrated":
+            if v.get("unknown", False):
+                return MigrationUnknown(report.name, v.get("reason") or "its container was lost")
             if v["ok"]:
                 return MigrationSucceeded(report.name)
             return MigrationFailed(report.name, v.get("reason") or f"exit code {v.get('exit_code')}")

@@ -21,7 +21,18 @@ timer, a host report after the barrier counted it) have explicit rules that chan
 The shell's loop is: `record, commands = step(record, event, now, policy)`; write the record (a
 transaction fenced on leadership); then carry out the commands. Writing first is what makes a
 migration run at most once across leaders: a record in MIGRATE with `migrating` set, found by a new
-leader (event `Resumed`), means the step may or may not have run, and the rollout halts.
+leader (event `Resumed`), means the step was issued and may be running on its migrator's engine. It
+is never issued again: the new leader waits for its report (the migrator's agent adopts the step's
+container and reports how it ended) until the deadline written when it was issued, and past that
+deadline the rollout halts.
+
+A step whose outcome cannot be known (its container vanished before its result was recorded, it was
+killed by its engine going away, or a restarted agent found nothing to adopt) is reported as such
+(event `MigrationUnknown`): the rollout halts naming the step. It is neither run again nor taken for
+a failure, which would start the old release over a migration that may have partly applied.
+
+The ledger of every step ever run lives in keys of its own (one per run, never trimmed), which the
+shell reads whenever it begins a rollout: `ledger_summary` makes of it what a record carries.
 
 `now` is the leader's wall clock, kept for display only (started_at, updated_at, ended_at, a host's or
 a ledger entry's `at`): nothing is decided on it, since leaders' wall clocks disagree, and step. A
@@ -143,6 +154,7 @@ class LedgerEntry:
     ok: bool
     revision: int
     at: float
+    unknown: bool = False  # not ok, and whether it ran (wholly, in part, at all) cannot be known
 
 
 @dataclass(frozen=True)
@@ -274,6 +286,15 @@ class MigrationFailed:
 
 
 @dataclass(frozen=True)
+class MigrationUnknown:
+    """The step's outcome cannot be known: its container vanished before its result was recorded, or
+    was killed by its engine going away, or a restarted migrator found nothing to adopt."""
+
+    step: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class HostActive:
     host: str
 
@@ -301,10 +322,12 @@ class Resumed:
 
 
 Event = (Resolved | ResolveFailed | HostPulled | HostPullFailed | HostLost | BarrierDeadline | HostStopped
-         | MigrationSucceeded | MigrationFailed | HostActive | HostFailed | NewerVersion | Abort | Resumed)
+         | MigrationSucceeded | MigrationFailed | MigrationUnknown | HostActive | HostFailed | NewerVersion
+         | Abort | Resumed)
 EVENT_TYPES: tuple[type[Event], ...] = (
     Resolved, ResolveFailed, HostPulled, HostPullFailed, HostLost, BarrierDeadline, HostStopped,
-    MigrationSucceeded, MigrationFailed, HostActive, HostFailed, NewerVersion, Abort, Resumed)
+    MigrationSucceeded, MigrationFailed, MigrationUnknown, HostActive, HostFailed, NewerVersion, Abort,
+    Resumed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,6 +443,50 @@ def steps_done(ledger: Iterable[LedgerEntry], digest: str) -> frozenset[str]:
     return frozenset(e.step for e in ledger if e.digest == digest and e.ok)
 
 
+def steps_unknown(ledger: Iterable[LedgerEntry], digest: str) -> tuple[str, ...]:
+    """Steps of `digest` whose last run has an unknown outcome (and none succeeded since): running
+    them again could run them twice; an operator checks and records how they ended."""
+    last: dict[str, LedgerEntry] = {}
+    for e in ledger:
+        if e.digest == digest and (e.ok or e.unknown):
+            last[e.step] = e
+    return tuple(step for step, e in last.items() if e.unknown)
+
+
+def ledger_order(entries: Iterable[LedgerEntry]) -> tuple[LedgerEntry, ...]:
+    """Ledger entries in the order they were run (by rollout, then time), each run once: the same
+    run found twice (in its key and in a record) counts once, its key's copy first."""
+    seen: set[tuple[int, str]] = set()
+    out: list[LedgerEntry] = []
+    for e in entries:
+        if (e.revision, e.step) not in seen:
+            seen.add((e.revision, e.step))
+            out.append(e)
+    return tuple(sorted(out, key=lambda e: (e.revision, e.at, e.step)))
+
+
+def ledger_summary(ledger: Iterable[LedgerEntry]) -> tuple[LedgerEntry, ...]:
+    """What a rollout record carries of the whole ledger (`ledger_order`ed): for every digest and
+    step, its first and last successful runs, and every run of unknown outcome, in order.
+    `is_setback`, `steps_done` and `steps_unknown` say the same of it as of the whole ledger, for
+    every digest; it grows with the steps of the digests deployed, not with the runs."""
+    entries = tuple(ledger)
+    keep: set[int] = set()
+    first: set[tuple[str, str]] = set()
+    last: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(entries):
+        if e.unknown:
+            keep.add(i)
+        if not e.ok:
+            continue
+        if (e.digest, e.step) not in first:
+            first.add((e.digest, e.step))
+            keep.add(i)
+        last[e.digest, e.step] = i
+    keep.update(last.values())
+    return tuple(e for i, e in enumerate(entries) if i in keep)
+
+
 def duty(record: Rollout, machine_id: str) -> PullOnHosts | StopOnHosts | StartOnHosts | \
         RestartOldRelease | None:
     """What one participating host must do now, read from the record it watches (None: nothing)."""
@@ -440,8 +507,8 @@ def duty(record: Rollout, machine_id: str) -> PullOnHosts | StopOnHosts | StartO
 
 def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
                   previous: Release | None = None, ledger: tuple[LedgerEntry, ...] = ()) -> Result:
-    """A new rollout for the desired `tag` written at `revision`. `ledger` comes from the previous
-    rollout's record (empty for the first)."""
+    """A new rollout for the desired `tag` written at `revision`. `ledger`: every step ever run, from
+    the ledger's own keys (`ledger_summary` of them will do)."""
     record = Rollout(revision=revision, tag=tag, hosts=tuple(sorted(set(hosts))), phase=Phase.RESOLVE,
                      started_at=now, updated_at=now, previous=previous, ledger=ledger)
     try:
@@ -607,6 +674,11 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
                            "needs an operator (no down-migrations), or the tag configured compatible",
                            now)
         steps = ()
+    unknown = [s for s in steps_unknown(record.ledger, digest) if s in steps]
+    if unknown:
+        return _finish(record, Phase.HALTED,
+                       f"step {unknown[0]} of {record.tag} ended with an unknown outcome in an earlier "
+                       "rollout; an operator checks it and records how it ended in the ledger", now)
     deadline = _deadline(Phase.PULL, policy)
     record = _r(record, now, phase=Phase.PULL, steps=steps, deadline=deadline,
                 progress=tuple(HostProgress(h, at=now) for h in record.hosts))
@@ -685,7 +757,10 @@ def _on_deadline(record: Rollout, event: BarrierDeadline, now: float, policy: Ro
         slow = [p.host for p in record.progress if p.status is not HostStatus.STOPPED]
         return _rollback(record, f"did not stop in time: {', '.join(slow)}", now, policy)
     if record.phase is Phase.MIGRATE:
-        return _finish(record, Phase.HALTED,
+        assert record.digest is not None and record.migrating is not None
+        entry = LedgerEntry(record.digest, record.tag, record.migrating, False, record.revision, now,
+                            unknown=True)
+        return _finish(_r(record, now, ledger=(*record.ledger, entry)), Phase.HALTED,
                        f"step {record.migrating} gave no result in time; it may or may not have run: "
                        "an operator checks", now)
     # START: whoever has not reported has failed.
@@ -732,8 +807,22 @@ def _on_migration_failed(record: Rollout, event: MigrationFailed, now: float,
     return _rollback(record, f"step {event.step} failed: {event.reason}", now, policy)
 
 
-def _on_late_migration(record: Rollout, event: MigrationSucceeded | MigrationFailed, now: float,
-                       policy: RolloutPolicy) -> Result:
+def _on_migration_unknown(record: Rollout, event: MigrationUnknown, now: float,
+                          policy: RolloutPolicy) -> Result:
+    if record.migrating != event.step:
+        return _on_late_migration(record, event, now, policy)
+    assert record.digest is not None
+    # In the ledger as such: a later rollout of this image halts before touching anything until an
+    # operator has checked the step and recorded how it ended.
+    entry = LedgerEntry(record.digest, record.tag, event.step, False, record.revision, now, unknown=True)
+    record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
+    return _finish(record, Phase.HALTED,
+                   f"step {event.step}: outcome unknown ({event.reason}); it may have run, wholly or in "
+                   "part: an operator checks", now)
+
+
+def _on_late_migration(record: Rollout, event: MigrationSucceeded | MigrationFailed | MigrationUnknown,
+                       now: float, policy: RolloutPolicy) -> Result:
     if not _ledger_has(record, event.step, isinstance(event, MigrationSucceeded)):
         raise IllegalTransition(record.phase, event, f"step {event.step} is not running")
     return record, ()
@@ -862,6 +951,7 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (M, BarrierDeadline): _rule(_on_deadline, M, HALTED),
     (M, MigrationSucceeded): _rule(_on_migrated, M, T, HALTED),
     (M, MigrationFailed): _rule(_on_migration_failed, T, FAILED),
+    (M, MigrationUnknown): _rule(_on_migration_unknown, M, HALTED),
     (M, NewerVersion): _rule(_on_newer, M),
     (M, Abort): _rule(_on_abort, M),
     (M, Resumed): _rule(_on_resumed, M, T),
@@ -871,6 +961,7 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (T, HostStopped): _rule(_on_late_host_report, T),
     (T, MigrationSucceeded): _rule(_on_late_migration, T),
     (T, MigrationFailed): _rule(_on_late_migration, T),
+    (T, MigrationUnknown): _rule(_on_late_migration, T),
     (T, HostActive): _rule(_on_started, T, DONE, FAILED),
     (T, HostFailed): _rule(_on_started, T, DONE, FAILED),
     (T, HostLost): _rule(_on_lost, T, DONE, FAILED),
@@ -989,6 +1080,22 @@ def _release(value: object, name: str) -> Release | None:
     return Release(_str(d["tag"], f"{name}.tag"), _digest(d["digest"], f"{name}.digest"))
 
 
+def _ledger_entry(item: object) -> LedgerEntry:
+    e = _fields(LedgerEntry, _obj(item))
+    return LedgerEntry(_digest(e["digest"], "ledger.digest"), _str(e["tag"], "ledger.tag"),
+                       _str(e["step"], "ledger.step"), _bool(e["ok"], "ledger.ok"),
+                       _int(e["revision"], "ledger.revision"), _float(e["at"], "ledger.at"),
+                       _bool(e.get("unknown", False), "ledger.unknown"))
+
+
+def decode_ledger_entry(raw: bytes, where: str) -> LedgerEntry:
+    """A ledger entry as its own key holds it (JSON of the entry's fields), strictly."""
+    try:
+        return _ledger_entry(json.loads(raw))
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise InvalidValue(where, f"not a ledger entry ({type(e).__name__}: {_safe(e)})") from None
+
+
 def _decode_rollout(d: dict[str, Any]) -> Rollout:
     _fields(Rollout, d)
     progress = []
@@ -1003,12 +1110,7 @@ def _decode_rollout(d: dict[str, Any]) -> Rollout:
         x = _fields(Excluded, _obj(item))
         excluded.append(Excluded(_str(x["host"], "excluded.host"), _str(x["reason"], "excluded.reason"),
                                  Phase(x["phase"])))
-    ledger = []
-    for item in _list(d.get("ledger", []), "ledger"):
-        e = _fields(LedgerEntry, _obj(item))
-        ledger.append(LedgerEntry(_digest(e["digest"], "ledger.digest"), _str(e["tag"], "ledger.tag"),
-                                  _str(e["step"], "ledger.step"), _bool(e["ok"], "ledger.ok"),
-                                  _int(e["revision"], "ledger.revision"), _float(e["at"], "ledger.at")))
+    ledger = [_ledger_entry(item) for item in _list(d.get("ledger", []), "ledger")]
     newer = None
     if d.get("newer") is not None:
         n = _fields(Pending, _obj(d["newer"]))

@@ -2,9 +2,12 @@
 
 Its duties (norm.core.release.host_duties): pull the image by digest and report it; hold and stop
 the application units and report it; run a one-off step when this host is the migrator (in a named
-container that a restarted agent adopts, so the step runs once); write the release file atomically
-and start the units, then report. A host outside the rollout (joined late, excluded, or down during
-it) catches up on the fleet's release once the rollout has ended.
+container that a restarted agent adopts, so the step runs once: made before the step is claimed,
+in a transaction fenced on the header that asks for it, and started only once claimed; a claimed
+step whose container is gone, or that its engine killed, is reported with an unknown outcome, never
+run again); write the release file atomically and start the units, then report. A host outside the
+rollout (joined late, excluded, or down during it) catches up on the fleet's release once the
+rollout has ended.
 
 With load-balancer presence on (norm.services.presence), stopping the units begins with taking the
 host out of its target groups and waiting for it to drain; after the start, presence puts it back
@@ -27,7 +30,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from norm.adapters.docker import Docker, DockerError, DockerRejected, DockerUnavailable, RunTimeout
+from norm.adapters.docker import (
+    ContainerGone,
+    Docker,
+    DockerError,
+    DockerRejected,
+    DockerUnavailable,
+    RunTimeout,
+)
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
@@ -395,43 +405,92 @@ class Executor:
         return not failed, "; ".join(notes) or None
 
     async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
+        """Run the step once: its container is made (not started) before the step is claimed, and
+        started only by the claim's holder, so that once claimed, a container missing is one that
+        vanished (its outcome unknown), never one not made yet. A claimed step is only ever adopted."""
         p, rev = self._prefix, h.revision
         claim = rel.report_key(p, rev, "claim", step)
-        result = await self._etcd.txn([Compare(claim, "version", "==", 0)], [Put(claim, rel.claim(self._me))],
-                                      [Get(claim)])
-        if not result.succeeded:
-            holder = result.gets[0][0].value if result.gets and result.gets[0] else b""
-            if holder != rel.claim(self._me):
-                log.error("executor.step_claimed_elsewhere", step=step)
-                self._reported.add(f"migrated:{step}")
-                return
         command = self._steps.get(step)
         name = rel.migration_container(rev, step)
-        if command is None:
-            await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on its "
-                                                           "migrator", 0.0, self._me), name=step)
-            return
+        image = f"{self._image}@{digest}"
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
-        log.info("executor.step_running", step=step, container=name)
+        holder = await self._etcd.get(claim)
+        if holder is None:
+            if command is None:
+                await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on "
+                                                               "its migrator", 0.0, self._me), name=step)
+                return
+            try:
+                made = await self._docker.create_named(
+                    name, image, shlex.split(command), env_file=self._update.steps_env_file,
+                    network=self._update.steps_network, mounts=mounts)
+            except DockerRejected as e:  # refused before anything ran
+                self._metrics.migrations.labels("failed").inc()
+                await self._report(h, "migrated", rel.migrated(False, None, str(e), 0.0, self._me), name=step)
+                return
+            if not await self._claim(h, claim, step):
+                if made:  # never started: only the claim's holder starts it
+                    await self._docker.remove_container(name)
+                return
+        elif holder.value != rel.claim(self._me):
+            log.error("executor.step_claimed_elsewhere", step=step)
+            self._reported.add(f"migrated:{step}")
+            return
+        log.info("executor.step_running", step=step, container=name, claimed_before=holder is not None)
+        outcome: rel.StepOutcome
         try:
             run = await self._docker.run_named(
-                name, f"{self._image}@{digest}", shlex.split(command), env_file=self._update.steps_env_file,
-                network=self._update.steps_network, mounts=mounts,
-                timeout=self._update.migration_timeout)
-            ok, code, reason, seconds = run.exit_code == 0, run.exit_code, None, run.seconds
-            if not ok:
-                reason = f"exit code {run.exit_code}"
-                log.error("executor.step_failed", step=step, exit_code=run.exit_code,
-                          logs=(await self._redacted(run.logs))[-2000:])
-            else:
+                name, image, shlex.split(command or "true"), env_file=self._update.steps_env_file,
+                network=self._update.steps_network, mounts=mounts, timeout=self._update.migration_timeout,
+                adopt_only=True)
+            code, seconds = run.exit_code, run.seconds
+            outcome = rel.step_outcome(run.exit_code, killed_by_norm=False)
+            reason = None if outcome == "ok" else f"exit code {run.exit_code}"
+            if outcome == "unknown":
+                reason = f"exit code {run.exit_code}: killed by a signal Norm did not send"
+            if outcome == "ok":
                 log.info("executor.step_done", step=step, seconds=round(run.seconds, 3))
+            else:
+                log.error("executor.step_failed", step=step, exit_code=run.exit_code, outcome=outcome,
+                          logs=(await self._redacted(run.logs))[-2000:])
+        except ContainerGone as e:
+            outcome, code, reason, seconds = "unknown", None, str(e), 0.0
+            log.error("executor.step_lost", step=step, error=str(e))
         except RunTimeout:
-            ok, code, reason, seconds = False, None, f"killed after {self._update.migration_timeout:g} s", 0.0
-        except DockerRejected as e:
-            ok, code, reason, seconds = False, None, str(e), 0.0
-        self._metrics.migrations.labels("ok" if ok else "failed").inc()
-        await self._report(h, "migrated", rel.migrated(ok, code, reason, seconds, self._me), name=step)
-        await self._docker.remove_container(name)
+            outcome, code, seconds = "failed", None, 0.0
+            reason = f"killed after {self._update.migration_timeout:g} s"
+        except DockerRejected as e:  # refused while adopting: the step may have run
+            outcome, code, reason, seconds = "unknown", None, str(e), 0.0
+        self._metrics.migrations.labels(outcome).inc()
+        await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
+                                                       unknown=outcome == "unknown"), name=step)
+        if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
+            await self._docker.remove_container(name)
+
+    async def _claim(self, h: rel.Header, claim: str, step: str) -> bool:
+        """Claim the step, in a transaction fenced on the header that asks this host to run it (as a
+        report is): a host acting on a stale header claims nothing. True: the step is this host's."""
+        header_key = rel.header_key(self._prefix)
+        while True:
+            result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
+                                           Compare(claim, "version", "==", 0)],
+                                          [Put(claim, rel.claim(self._me))], [Get(claim), Get(header_key)])
+            if result.succeeded:
+                return True
+            holder = result.gets[0][0].value if result.gets and result.gets[0] else None
+            if holder is not None:
+                if holder == rel.claim(self._me):
+                    return True  # a reply lost: the claim applied
+                log.error("executor.step_claimed_elsewhere", step=step)
+                self._reported.add(f"migrated:{step}")
+                return False
+            self._take_header(result.gets[1][0] if len(result.gets) > 1 and result.gets[1] else None)
+            self._wake.set()
+            now = self.header
+            if (now is None or now.revision != h.revision or now.phase is not Phase.MIGRATE
+                    or now.migrating != step or now.migrator != self._me):
+                log.info("executor.claim_dropped", step=step, reason="the rollout moved on")
+                return False
 
     async def _redacted(self, output: str) -> str:
         """A step's output without any value of the environment files it may have seen (or nothing of

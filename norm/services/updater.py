@@ -5,6 +5,11 @@ Nothing lives only here. On winning leadership it reads the rollout record, repl
 progress is written before anything acts on it, in a transaction fenced on leadership. Hosts follow
 the small header; the reports come back under the rollout's prefix, which only the leader watches.
 
+The ledger of every step ever run is its keys (`<prefix>/ledger/`, never trimmed): read whenever a
+rollout begins, so that a version set back is known for one whose steps ran, however long ago. A
+header that is missing or unreadable does not make the leader forget: it finds the last rollout's
+record under the rollouts' or the history's keys, resumes from it and writes the header again.
+
 Inputs, all funnelled into one queue and applied one at a time: the desired version (from the
 watcher), the reports, hosts leaving (their key deleted with their lease), the barrier timer, and the
 result of resolving the tag.
@@ -22,7 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 import structlog
 
 from norm.adapters.docker import DockerError, DockerRejected, DockerUnavailable
-from norm.adapters.etcd import Delete, Etcd, EtcdError, NotLeader, Op, Put, Resync
+from norm.adapters.etcd import Delete, Etcd, EtcdError, KeyValue, NotLeader, Op, Put, Resync
 from norm.core import release as rel
 from norm.core.backoff import Backoff
 from norm.core.desired import Desired
@@ -50,6 +55,9 @@ from norm.core.rollout import (
     RolloutPolicy,
     RunMigration,
     barrier_state,
+    decode_ledger_entry,
+    ledger_order,
+    ledger_summary,
     participants,
     refused_rollout,
     start_rollout,
@@ -65,7 +73,6 @@ log = structlog.get_logger("norm.updater")
 
 PHASE_CODES = {None: 0, Phase.RESOLVE: 1, Phase.PULL: 2, Phase.STOP: 3, Phase.MIGRATE: 4, Phase.START: 5,
                Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9}
-LEDGER_KEPT = 200  # ledger entries carried from record to record
 
 
 def _persisted(r: Rollout) -> Rollout:
@@ -158,20 +165,62 @@ class Updater:
     async def _load(self) -> None:
         kv = await self._etcd.get(rel.header_key(self._prefix))
         self.record = None
-        if kv is None:
-            return
+        header: rel.Header | None = None
         try:
+            if kv is None:
+                raise InvalidValue(rel.header_key(self._prefix), "missing")
             header = rel.Header.decode(kv.value, kv.key)
             raw = await self._etcd.get(rel.record_key(self._prefix, header.revision))
             if raw is None:
                 raise InvalidValue(rel.record_key(self._prefix, header.revision), "missing")
             self.record = Rollout.decode(raw.value, raw.key)
         except InvalidValue as e:
-            self._metrics.rejected_values.labels(e.where).inc()
-            log.error("updater.record_unreadable", key=e.where, reason=e.reason)
-            return
+            if kv is not None:
+                self._metrics.rejected_values.labels(e.where).inc()
+                log.error("updater.record_unreadable", key=e.where, reason=e.reason)
+            self.record = await self._recover(header)
+            if self.record is None:
+                return
+            if header is None:
+                # The hosts follow the header: theirs is written again, from the record found (one
+                # that reads well stays: the hosts act on it already).
+                await self._leadership.fenced([Put(rel.header_key(self._prefix),
+                                                   rel.Header.of(self.record).encode())])
+                log.warning("updater.header_restored", rollout=self.record.revision,
+                            phase=self.record.phase.value)
         self._phase_since = asyncio.get_running_loop().time()
         self._show(self.record)
+
+    async def _recover(self, header: rel.Header | None) -> Rollout | None:
+        """The last rollout's record when the header does not lead to it: the one the header names,
+        or with no readable header the newest, from the rollout's own keys or the history. Never an
+        older one (None then): hosts sent back to an earlier rollout's release could start it over a
+        migration of the newer one."""
+        p = self._prefix
+        found: list[tuple[int, int, KeyValue]] = []
+        for kv in (await self._etcd.get_prefix(f"{p}/rollouts/")).kvs:
+            name, _, leaf = kv.key.removeprefix(f"{p}/rollouts/").partition("/")
+            if leaf == "record" and name.isdigit():
+                found.append((int(name), 1, kv))
+        for kv in (await self._etcd.get_prefix(f"{p}/history/")).kvs:
+            name = kv.key.removeprefix(f"{p}/history/")
+            if name.isdigit():
+                found.append((int(name), 0, kv))
+        if not found:
+            return None
+        want = header.revision if header is not None else max(rev for rev, _, _ in found)
+        for rev, _, kv in sorted(found, key=lambda f: (f[0], f[1]), reverse=True):
+            if rev != want:
+                continue
+            try:
+                record = Rollout.decode(kv.value, kv.key)
+            except InvalidValue as e:
+                self._metrics.rejected_values.labels(e.where).inc()
+                log.error("updater.record_unreadable", key=e.where, reason=e.reason)
+                continue
+            log.warning("updater.record_recovered", rollout=rev, key=kv.key)
+            return record
+        return None
 
     # -- inputs --------------------------------------------------------------------------------------
     async def _follow_desired(self) -> None:
@@ -237,7 +286,7 @@ class Updater:
             if record is None or record.terminal:
                 now = self._clock()
                 new, commands = refused_rollout(desired.version_revision, desired.version_refused, now,
-                                                self._previous(record), self._ledger(record))
+                                                self._previous(record), await self._ledger(record))
                 await self._adopt(record, new)
                 await self._carry_out(new, commands)
             return
@@ -260,7 +309,7 @@ class Updater:
         chosen = participants(hosts, self._environment, self._roles)
         record = self.record
         new, commands = start_rollout(revision, tag, chosen, self._clock(), self._previous(record),
-                                      self._ledger(record))
+                                      await self._ledger(record))
         log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen))
         await self._adopt(record, new)
         if not new.terminal:
@@ -275,9 +324,19 @@ class Updater:
             return record.previous
         return header.fleet_release() or record.previous
 
-    @staticmethod
-    def _ledger(record: Rollout | None) -> tuple[LedgerEntry, ...]:
-        return () if record is None else record.ledger[-LEDGER_KEPT:]
+    async def _ledger(self, record: Rollout | None) -> tuple[LedgerEntry, ...]:
+        """Every step ever run, from the ledger's keys (and the last record's own entries, should a
+        key be missing), as a new record carries it (`ledger_summary`)."""
+        entries: list[LedgerEntry] = []
+        for kv in (await self._etcd.get_prefix(f"{self._prefix}/ledger/")).kvs:
+            try:
+                entries.append(decode_ledger_entry(kv.value, kv.key))
+            except InvalidValue as e:
+                self._metrics.rejected_values.labels("ledger entry").inc()
+                log.error("updater.ledger_entry_refused", key=e.where, reason=e.reason)
+        if record is not None:
+            entries.extend(record.ledger)
+        return ledger_summary(ledger_order(entries))
 
     async def _apply(self, event: RolloutEvent | _ReportOf) -> None:
         if isinstance(event, _ReportOf):

@@ -14,12 +14,14 @@ from structlog.testing import capture_logs
 from norm.adapters.docker import (
     NAMED_RUN_LABEL,
     RUN_LABEL,
+    ContainerGone,
     Docker,
     DockerRejected,
     DockerUnavailable,
     PullProgress,
     RunTimeout,
 )
+from norm.core.release import step_outcome
 from sandbox.docker import DOCKER, DockerEngine
 from sandbox.registry import Registry
 
@@ -487,3 +489,66 @@ async def test_named_run_of_an_image_not_on_the_engine_is_rejected(
     with pytest.raises(DockerRejected):
         await docker.run_named("bad/name", app, ["migrate"], timeout=5)
     assert containers(engine) == []
+
+
+async def test_a_named_run_whose_container_is_removed_while_it_runs_is_gone_and_never_made_again(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-removed")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    env = {"NORM_DEMO_TASK_SECONDS": "30"}
+    since = time.time()
+    run = asyncio.create_task(docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60))
+    await container_started(engine, name, since)
+    await asyncio.to_thread(engine.docker, "rm", "-f", name)
+    with pytest.raises(ContainerGone):
+        async with asyncio.timeout(DEADLINE):
+            await run
+    # As the migrator does after an attempt cut short, or its agent restarted: adopt, never make.
+    with pytest.raises(ContainerGone):
+        await docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60, adopt_only=True)
+    assert containers(engine) == [] and record_lines(data) == []
+
+
+async def test_a_named_run_killed_by_its_engine_dying_has_an_unknown_outcome(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-engine-killed")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    env = {"NORM_DEMO_TASK_SECONDS": "30"}
+    since = time.time()
+    run = asyncio.create_task(docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60))
+    await container_started(engine, name, since)
+    await asyncio.to_thread(engine.kill)
+    try:
+        with pytest.raises(DockerUnavailable):
+            async with asyncio.timeout(DEADLINE):
+                await run
+    finally:
+        await asyncio.to_thread(engine.start)
+    # The engine back, the container is adopted, not made again: it was killed mid-step, and says so
+    # by an exit code that no step gives of itself.
+    result = await docker.run_named(name, app, ["migrate"], env=env, mounts=mounts, timeout=60,
+                                    adopt_only=True)
+    assert step_outcome(result.exit_code, killed_by_norm=False) == "unknown", result
+    assert record_lines(data) == [] and len(containers(engine)) == 1
+
+
+async def test_a_named_run_made_first_is_started_only_by_its_adopter(
+    docker: Docker, engine: DockerEngine, app: str, named: Callable[[str], str], tmp_path: Path
+) -> None:
+    name = named("named-made-first")
+    data = tmp_path / "data"
+    data.mkdir()
+    mounts = [(str(data), "/data")]
+    assert await docker.create_named(name, app, ["migrate"], mounts=mounts) is True
+    assert await docker.create_named(name, app, ["migrate"], mounts=mounts) is False  # one, once
+    assert await docker.container_status(name) == "created" and record_lines(data) == []
+    result = await docker.run_named(name, app, ["migrate"], mounts=mounts, timeout=20, adopt_only=True)
+    assert result.exit_code == 0
+    assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
+    assert len(containers(engine)) == 1

@@ -20,6 +20,7 @@ from norm.core.rollout import (
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
+    MigrationUnknown,
     Phase,
     Release,
     Rollout,
@@ -287,3 +288,25 @@ def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catche
     assert not behind(header(Phase.FAILED)) and not behind(header(Phase.SUPERSEDED))
     assert not behind(header(Phase.HALTED))  # an operator decides
     assert not behind(None)
+
+
+def test_an_unknown_step_outcome_is_its_own_event() -> None:
+    report = rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
+                              rel.migrated(False, None, "the container vanished", 0.0, A, unknown=True))
+    assert report is not None
+    assert rel.report_event(record(Phase.MIGRATE, migrating="migrate"), report) == \
+        MigrationUnknown("migrate", "the container vanished")
+    with pytest.raises(InvalidValue):  # succeeded and unknown at once
+        rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
+                         b'{"ok": true, "unknown": true, "host": "' + A.encode() + b'"}')
+
+
+@pytest.mark.parametrize("code,killed_by_norm,outcome", [
+    (0, False, "ok"), (1, False, "failed"), (3, False, "failed"), (128, False, "failed"),
+    (137, False, "unknown"),  # SIGKILL that Norm did not send: the engine went away, or killed it on restart
+    (143, False, "unknown"),  # SIGTERM: the engine stopping it on its way down
+    (255, False, "unknown"),  # the engine lost the process
+    (137, True, "failed"),  # Norm's own kill at migration_timeout
+])
+def test_how_a_step_ended(code: int, killed_by_norm: bool, outcome: str) -> None:
+    assert rel.step_outcome(code, killed_by_norm) == outcome

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from norm.core import release as rel
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
 from norm.core.rollout import (
@@ -39,6 +41,7 @@ from norm.core.rollout import (
     LedgerEntry,
     MigrationFailed,
     MigrationSucceeded,
+    MigrationUnknown,
     NewerVersion,
     Phase,
     PullOnHosts,
@@ -57,9 +60,13 @@ from norm.core.rollout import (
     barrier_state,
     duty,
     is_setback,
+    ledger_order,
+    ledger_summary,
     participants,
     start_rollout,
     step,
+    steps_done,
+    steps_unknown,
 )
 
 A, B, C = "a" * 32, "b" * 32, "c" * 32
@@ -143,10 +150,12 @@ def sample(record: Rollout, etype: type[Event]) -> Event | None:
     event of that type can be plausible there."""
     host = record.hosts[0] if record.hosts else A
     ran = {e.ok: e.step for e in record.ledger if e.revision == record.revision}
-    if etype in (MigrationSucceeded, MigrationFailed):
+    if etype in (MigrationSucceeded, MigrationFailed, MigrationUnknown):
         name = record.migrating or ran.get(etype is MigrationSucceeded)
         if name is None:
             return None
+        if etype is MigrationUnknown:
+            return MigrationUnknown(name, "its container vanished")
         return MigrationSucceeded(name) if etype is MigrationSucceeded else MigrationFailed(name, "boom")
     events: dict[type[Any], Event] = {
         Resolved: Resolved(record.digest or D2),
@@ -188,7 +197,8 @@ def test_every_rule_leads_where_the_table_says(name: str, etype: type[Event]) ->
     event = sample(record, etype)
     rule = TRANSITIONS[record.phase, etype]
     if event is None:
-        event = MigrationFailed("migrate", "x") if etype is MigrationFailed else MigrationSucceeded("migrate")
+        event = MigrationFailed("migrate", "x") if etype is MigrationFailed else \
+            MigrationUnknown("migrate", "x") if etype is MigrationUnknown else MigrationSucceeded("migrate")
         if record.phase not in TERMINAL:  # a guarded rule: no event of the type fits this record
             with pytest.raises(IllegalTransition):
                 step(record, event, 1000.0, POLICY)
@@ -204,9 +214,11 @@ def test_every_rule_leads_where_the_table_says(name: str, etype: type[Event]) ->
 
 ILLEGAL = {
     Phase.RESOLVE: {HostPulled, HostPullFailed, BarrierDeadline, HostStopped, MigrationSucceeded,
-                    MigrationFailed, HostActive, HostFailed},
-    Phase.PULL: {ResolveFailed, HostStopped, MigrationSucceeded, MigrationFailed, HostActive, HostFailed},
-    Phase.STOP: {Resolved, ResolveFailed, MigrationSucceeded, MigrationFailed, HostActive, HostFailed},
+                    MigrationFailed, MigrationUnknown, HostActive, HostFailed},
+    Phase.PULL: {ResolveFailed, HostStopped, MigrationSucceeded, MigrationFailed, MigrationUnknown,
+                 HostActive, HostFailed},
+    Phase.STOP: {Resolved, ResolveFailed, MigrationSucceeded, MigrationFailed, MigrationUnknown,
+                 HostActive, HostFailed},
     Phase.MIGRATE: {Resolved, ResolveFailed, HostActive, HostFailed},
     Phase.START: {Resolved, ResolveFailed},
     **{p: set() for p in TERMINAL},
@@ -232,6 +244,7 @@ def test_illegal_pairs_raise_naming_phase_and_event(name: str, etype: type[Event
     record = RECORDS[name]
     before = record.encode()
     event = sample(record, etype) or (MigrationFailed("migrate", "x") if etype is MigrationFailed
+                                      else MigrationUnknown("migrate", "x") if etype is MigrationUnknown
                                       else MigrationSucceeded("migrate"))
     with pytest.raises(IllegalTransition) as info:
         step(record, event, 1000.0, POLICY)
@@ -431,6 +444,81 @@ def test_a_version_already_migrated_does_not_migrate_again() -> None:
     assert not any(c == RunMigration("migrate", D2) for c in cmds)
 
 
+def test_a_setback_is_known_however_many_rollouts_ago_its_steps_ran() -> None:
+    # v1 migrated, then v2, then 300 other versions: the record of a new rollout carries a summary of
+    # the ledger's keys (not the last N entries), and the set-back to v1 still halts.
+    digests = [D1, D2] + [f"sha256:{i:064x}" for i in range(100, 400)]
+    runs = [(d, f"t{i}", True) for i, d in enumerate(digests)]
+    ledger = ledger_order(reversed(ledger_of(*runs)))  # keys come in any order
+    assert len(ledger) == 2 * len(digests) and ledger == ledger_of(*runs)
+    carried = ledger_summary(ledger)
+    assert is_setback(carried, D1) and is_setback(carried, D2) and not is_setback(carried, digests[-1])
+    r, cmds = run(new("t0", previous=Release("t301", digests[-1]), ledger=carried), Resolved(D1))
+    assert r.phase is Phase.HALTED and "no down-migrations" in (r.reason or "")
+    assert [type(c) for c in cmds] == [RecordOutcome]
+
+
+LEDGER_ENTRIES = st.lists(st.builds(
+    LedgerEntry, st.sampled_from([D1, D2, D3]), st.just("t"), st.sampled_from(["migrate", "collectstatic"]),
+    st.booleans(), st.integers(1, 30), st.floats(0, 100), st.booleans()), max_size=40)
+
+
+@given(entries=LEDGER_ENTRIES)
+def test_the_ledger_summary_decides_as_the_whole_ledger(entries: list[LedgerEntry]) -> None:
+    entries = [dataclasses.replace(e, unknown=e.unknown and not e.ok) for e in entries]
+    whole = ledger_order(entries)
+    carried = ledger_summary(whole)
+    assert set(carried) <= set(whole) and ledger_order(carried) == carried
+    for d in (D1, D2, D3):
+        assert is_setback(carried, d) == is_setback(whole, d)
+        assert steps_done(carried, d) == steps_done(whole, d)
+        assert sorted(steps_unknown(carried, d)) == sorted(steps_unknown(whole, d))
+
+
+def test_ledger_entries_round_trip_through_their_keys() -> None:
+    from norm.core.rollout import decode_ledger_entry
+    for e in (LedgerEntry(D1, "v1", "migrate", True, 3, 1.5),
+              LedgerEntry(D1, "v1", "migrate", False, 3, 1.5, unknown=True)):
+        assert decode_ledger_entry(json.dumps(dataclasses.asdict(e)).encode(), "k") == e
+    assert decode_ledger_entry(b'{"digest": "%s", "tag": "v1", "step": "migrate", "ok": true, '
+                               b'"revision": 3, "at": 1}' % D1.encode(), "k").unknown is False
+    for raw in (b"nope", b"{}", b'{"digest": "sha256:x"}', b"[]"):
+        with pytest.raises(InvalidValue):
+            decode_ledger_entry(raw, "k")
+
+
+def test_an_unknown_step_outcome_halts_naming_the_step_and_restarts_nothing() -> None:
+    r, cmds = run(at("migrate"), MigrationUnknown("migrate", "its container vanished"))
+    assert r.phase is Phase.HALTED and r.outcome is Phase.HALTED and not r.rollback
+    assert "step migrate" in (r.reason or "") and "unknown" in (r.reason or "")
+    assert not any(isinstance(c, RestartOldRelease | RunMigration | StartOnHosts) for c in cmds)
+    assert [(e.step, e.ok, e.unknown) for e in r.ledger] == [("migrate", False, True)]
+    # A late or replayed report of it changes nothing; nor does one of the step it named.
+    assert run(r, MigrationUnknown("migrate", "again"), MigrationSucceeded("migrate"))[0] == r
+    # After the first step succeeded, the second's unknown outcome halts as well.
+    r, cmds = run(at("migrate"), MigrationSucceeded("migrate"), MigrationUnknown("collectstatic", "x"))
+    assert r.phase is Phase.HALTED and "step collectstatic" in (r.reason or "")
+    assert not any(isinstance(c, RestartOldRelease) for c in cmds)
+
+
+def test_a_step_of_unknown_outcome_is_never_run_again_by_a_later_rollout() -> None:
+    halted, _ = run(at("migrate"), MigrationUnknown("migrate", "killed by the engine going away"))
+    r, cmds = run(new("v2", ledger=ledger_summary(halted.ledger)), Resolved(D2))
+    assert r.phase is Phase.HALTED and "step migrate" in (r.reason or "") and "unknown" in (r.reason or "")
+    assert [type(c) for c in cmds] == [RecordOutcome]  # nothing pulled, stopped or run
+    # Once an operator recorded how it ended (the run's key written again, ok or not), it goes on;
+    # the key's copy comes first, before the halted record's.
+    for ok in (True, False):
+        checked = (LedgerEntry(D2, "v2", "migrate", ok, REV, 9.0), *halted.ledger)
+        r, cmds = run(new("v2", ledger=ledger_summary(ledger_order(checked))), Resolved(D2))
+        assert r.phase is Phase.PULL
+    # So does a step that timed out waiting for its report: it may or may not have run.
+    timed_out, _ = run(dataclasses.replace(at("migrate"), deadline=Deadline("migrate:migrate", 10.0)),
+                       BarrierDeadline(REV, "migrate:migrate"), now=10.0)
+    assert timed_out.phase is Phase.HALTED and timed_out.ledger[-1].unknown
+    assert run(new("v2", ledger=timed_out.ledger), Resolved(D2))[0].phase is Phase.HALTED
+
+
 def test_a_newer_version_supersedes_before_the_cutover() -> None:
     for name in ("resolve", "pull"):
         r, cmds = run(RECORDS[name], NewerVersion("v3", REV + 5))
@@ -474,8 +562,9 @@ def test_a_new_leader_resumes_from_the_record() -> None:
                                                   ArmDeadline(Deadline("pull", 100.0)))
     r, _ = run(at("stop"), HostStopped(B))
     assert step(r, Resumed(), 5.0, POLICY)[1] == (StopOnHosts((A, C)), ArmDeadline(Deadline("stop", 50.0)))
-    # A step issued by the old leader runs on on its migrator's engine: its report is awaited, not
-    # issued again; with no report by the deadline the rollout halts for an operator.
+    # A step issued by the old leader runs on on its migrator's engine: a resumed MIGRATE does not
+    # halt, and does not issue the step again: its report is awaited (the migrator's agent adopts the
+    # container), and with no report by the deadline the rollout halts for an operator.
     migrating = dataclasses.replace(at("migrate"), deadline=Deadline("migrate:migrate", 900.0))
     r, cmds = step(migrating, Resumed(), 5.0, POLICY)
     assert r == migrating and cmds == (ArmDeadline(Deadline("migrate:migrate", 900.0)),)
@@ -671,7 +760,13 @@ MACHINE_HOSTS = (A, B, C, STRANGER)
 
 
 class RolloutMachine(RuleBasedStateMachine):
-    """One leader's view over a chain of rollouts; the events are arbitrary, the checks are not."""
+    """The leaders' view over a chain of rollouts, with the shell's ways of losing things: a new leader
+    (the record read back, `Resumed`), a leader write whose reply was lost (applied or not: the leader
+    stands down and the next one reads what etcd has), a compaction re-list (every report of the
+    rollout replayed, in etcd's order), late and duplicate reports, and the header lost (the next
+    rollout begins knowing only the ledger's keys). The ledger a rollout begins with is always the
+    keys' (`ledger_summary` of every entry ever written), as the updater reads it. The events are
+    arbitrary, the checks are not: no step runs twice for a digest, and steps never overlap."""
 
     @initialize(policy=st.sampled_from([POLICY, ABORT, dataclasses.replace(POLICY, steps=("migrate",))]),
                 hosts=st.sets(st.sampled_from(HOSTS), min_size=1))
@@ -681,7 +776,9 @@ class RolloutMachine(RuleBasedStateMachine):
         self.revision = REV
         self.hosts = tuple(sorted(hosts))
         self.succeeded: set[tuple[str, str]] = set()  # (digest, step) migrated successfully
-        self.outstanding: set[tuple[str, str]] = set()
+        self.outstanding: set[tuple[str, str]] = set()  # the step issued and possibly running
+        self.keys: dict[tuple[int, str], LedgerEntry] = {}  # the ledger's keys: (revision, step)
+        self.claims = {}  # (revision, step): the host that claimed it
         self.begin_rollout(OLD, "v2", (), ())
 
     def begin_rollout(self, previous: Release | None, tag: str, ledger: tuple[LedgerEntry, ...],
@@ -689,6 +786,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.record, cmds = start_rollout(self.revision, tag, hosts or self.hosts, self.now,
                                           previous=previous, ledger=ledger)
         self.commands: list[Command] = list(cmds)
+        self.reports: list[Event] = []  # the reports of this rollout, as etcd holds them, in order
         self.phases = [self.record.phase]
         self.pulled_ok: set[str] = set()  # hosts whose pull of the rollout's digest the machine accepted
         self.running_new = False
@@ -708,8 +806,18 @@ class RolloutMachine(RuleBasedStateMachine):
         for c in cmds:
             self.check_command(before, record, c)
         self.commands.extend(cmds)
-        if isinstance(event, Resumed) and record.phase is Phase.HALTED and before.migrating:
-            self.outstanding.clear()  # whether it ran is for the operator to find out
+        if before.phase is Phase.MIGRATE and record.phase is Phase.HALTED:
+            # Halted with the step's outcome unknown (gone, killed, or no report by the deadline, by
+            # which its migrator killed it at migration_timeout): it runs no more, and whether it ran
+            # is for the operator to find out; the ledger says so to later rollouts.
+            self.outstanding.clear()
+        for e in record.ledger:  # written with the record, in the same transaction
+            if e.revision == record.revision:
+                self.keys.setdefault((e.revision, e.step), e)
+        if isinstance(event, REPORTS):
+            self.reports.append(event)
+        if any(isinstance(c, RunMigration) for c in cmds):
+            record = dataclasses.replace(record, migrator=self.leader)  # as the updater does
         self.record = record
         if record.phase is not self.phases[-1]:
             self.phases.append(record.phase)
@@ -722,14 +830,21 @@ class RolloutMachine(RuleBasedStateMachine):
         for c in cmds:
             if isinstance(c, BeginRollout):
                 self.revision = c.revision
-                self.begin_rollout(record.release if self.running_new else record.previous, c.tag,
-                                   record.ledger, ())
+                previous = None if self.header_lost else \
+                    record.release if self.running_new else record.previous
+                self.begin_rollout(previous, c.tag, self.ledger_keys(), ())
+                self.header_lost = False
+
+    header_lost = False
+
+    def ledger_keys(self) -> tuple[LedgerEntry, ...]:
+        return ledger_summary(ledger_order(self.keys.values()))
 
     def check_command(self, before: Rollout, after: Rollout, c: Command) -> None:
         if isinstance(c, RunMigration):
             key = (c.image_digest, c.step)
             assert key not in self.succeeded, f"{key} migrated twice"
-            assert key not in self.outstanding, f"{key} issued while running"
+            assert not self.outstanding, f"{key} issued while {self.outstanding} may run"
             assert c.image_digest == after.digest
             self.outstanding = {key}
         if isinstance(c, StartOnHosts):
@@ -743,7 +858,7 @@ class RolloutMachine(RuleBasedStateMachine):
         if isinstance(c, ArmDeadline):
             assert c.deadline == after.deadline, "a timer armed for another barrier than the record's"
 
-    def settle_migration(self, event: MigrationSucceeded | MigrationFailed) -> None:
+    def settle_migration(self, event: MigrationSucceeded | MigrationFailed | MigrationUnknown) -> None:
         key = (self.record.digest or "", event.step)
         if self.record.migrating == event.step and self.record.phase is Phase.MIGRATE:
             self.outstanding.discard(key)
@@ -786,6 +901,7 @@ class RolloutMachine(RuleBasedStateMachine):
         st.builds(HostStopped, st.sampled_from(MACHINE_HOSTS)),
         st.builds(MigrationSucceeded, st.sampled_from(["migrate", "collectstatic", "other"])),
         st.builds(MigrationFailed, st.sampled_from(["migrate", "collectstatic"]), st.just("boom")),
+        st.builds(MigrationUnknown, st.sampled_from(["migrate", "collectstatic"]), st.just("gone")),
         st.builds(HostActive, st.sampled_from(MACHINE_HOSTS)),
         st.builds(HostFailed, st.sampled_from(MACHINE_HOSTS), st.just("exit 1")),
         st.builds(NewerVersion, st.sampled_from(["v1", "v2", "v3", "bad tag"]),
@@ -794,7 +910,7 @@ class RolloutMachine(RuleBasedStateMachine):
         st.just(Resumed()),
     ))
     def any_event(self, event: Event) -> None:
-        if isinstance(event, MigrationSucceeded | MigrationFailed):
+        if isinstance(event, MigrationSucceeded | MigrationFailed | MigrationUnknown):
             self.settle_migration(event)
         self.apply(event)
 
@@ -802,10 +918,54 @@ class RolloutMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
 
-    @rule()
-    def leader_changes(self) -> None:
+    leader = A
+
+    @rule(leader=st.sampled_from(HOSTS))
+    def leader_changes(self, leader: str = A) -> None:
+        self.leader = leader
         self.record = Rollout.decode(self.record.encode(), "etcd")
         self.apply(Resumed())
+
+    @invariant()
+    def executors_claim_each_step_once(self) -> None:
+        """What every host reads from the header (`host_duties`) asks one host, the migrator, to run
+        the step being migrated; a step's claim, once made by a host, is never asked of another; and
+        no host is asked to run a step its image already ran."""
+        r = self.record
+        h = rel.Header.of(r)
+        for host in MACHINE_HOSTS:
+            for d in rel.host_duties(h, host, host in r.hosts, frozenset(), None):
+                if not isinstance(d, rel.Migrate):
+                    continue
+                assert host == r.migrator and d.step == r.migrating and d.digest == r.digest
+                claimant = self.claims.setdefault((r.revision, d.step), host)
+                assert claimant == host, f"step {d.step} claimed by {claimant}, asked of {host}"
+                assert (d.digest, d.step) not in self.succeeded, f"{d.step} asked again of {host}"
+
+    claims: dict[tuple[int, str], str]
+
+    @rule(data=st.data(), applied=st.booleans())
+    def a_leader_write_loses_its_reply(self, data: st.DataObject, applied: bool) -> None:
+        """The write of the record after some event may or may not have applied: the leader stands
+        down without acting; the next one reads whichever record etcd holds, and resumes."""
+        if applied:
+            self.helpful_event(data)
+        self.leader_changes(data.draw(st.sampled_from(HOSTS)))
+
+    @rule()
+    def compaction_relists_the_reports(self) -> None:
+        """A new leader's (or a compacted watch's) list of the rollout's reports: all of them again,
+        in the order etcd took them, against the record as it stands."""
+        replay, self.reports = list(self.reports), []
+        for event in replay:
+            self.apply(event)
+        self.reports = replay  # etcd holds each report once, whatever the replays
+
+    @rule()
+    def the_header_is_lost(self) -> None:
+        """The header deleted or unreadable: the next rollout begins from the ledger's keys alone,
+        with no previous release known."""
+        self.header_lost = True
 
     @invariant()
     def round_trips(self) -> None:
@@ -828,5 +988,21 @@ class RolloutMachine(RuleBasedStateMachine):
             assert r.outcome is Phase.FAILED and r.phase in (Phase.START, Phase.FAILED)
 
 
+REPORTS = (HostPulled, HostPullFailed, HostStopped, MigrationSucceeded, MigrationFailed, MigrationUnknown,
+           HostActive, HostFailed, Abort)
+
 TestRolloutMachine = RolloutMachine.TestCase
-TestRolloutMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+# A few hundred examples in every run; NORM_MODEL_EXAMPLES=10000 (or more) for a long search.
+TestRolloutMachine.settings = settings(max_examples=int(os.environ.get("NORM_MODEL_EXAMPLES", "150")),
+                                       stateful_step_count=40, deadline=None)
+
+
+def test_a_resumed_migrate_waits_for_the_report_of_the_step_it_issued() -> None:
+    """The module's word on it: a new leader finding a step issued neither halts nor issues it again;
+    the report that comes (adopted by the migrator) moves the rollout on."""
+    r = Rollout.decode(at("migrate").encode(), "etcd")
+    resumed, cmds = step(r, Resumed(), 5.0, POLICY)
+    assert resumed == r and resumed.phase is Phase.MIGRATE and resumed.migrating == "migrate"
+    assert not any(isinstance(c, RunMigration) for c in cmds)
+    r, cmds = step(resumed, MigrationSucceeded("migrate"), 6.0, POLICY)
+    assert r.migrating == "collectstatic" and RunMigration("collectstatic", D2) in cmds
