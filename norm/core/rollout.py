@@ -427,6 +427,17 @@ def barrier_state(record: Rollout) -> tuple[tuple[str, ...], tuple[str, ...], tu
     return pulled, pending, tuple(e.host for e in record.excluded)
 
 
+def migrator_for(record: Rollout, leader: str) -> str:
+    """The host to run the record's steps: the leader when its engine has the rollout's image (it
+    pulled it), else the first participant that did. A leader whose own host was left out of the pull
+    (its engine slow or away) would run the steps in an image its engine does not have."""
+    pulled, _, _ = barrier_state(record)
+    if leader in pulled or not pulled:
+        return leader
+    excluded = frozenset(e.host for e in record.excluded)
+    return next((h for h in pulled if h not in excluded), pulled[0])
+
+
 def is_setback(ledger: Iterable[LedgerEntry], digest: str) -> bool:
     """Whether `digest` ran its steps before some other image successfully ran its own: going back to
     it would need a down-migration."""

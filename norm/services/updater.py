@@ -58,6 +58,7 @@ from norm.core.rollout import (
     decode_ledger_entry,
     ledger_order,
     ledger_summary,
+    migrator_for,
     participants,
     refused_rollout,
     start_rollout,
@@ -357,7 +358,7 @@ class Updater:
             log.warning("rollout.event_refused", rollout=record.revision, error=str(e))
             return
         if any(isinstance(c, RunMigration) for c in commands):
-            new = dataclasses.replace(new, migrator=self._me)
+            new = dataclasses.replace(new, migrator=migrator_for(new, self._me))
         await self._adopt(record, new)
         await self._carry_out(new, commands)
 

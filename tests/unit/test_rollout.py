@@ -62,6 +62,7 @@ from norm.core.rollout import (
     is_setback,
     ledger_order,
     ledger_summary,
+    migrator_for,
     participants,
     start_rollout,
     step,
@@ -1006,3 +1007,13 @@ def test_a_resumed_migrate_waits_for_the_report_of_the_step_it_issued() -> None:
     assert not any(isinstance(c, RunMigration) for c in cmds)
     r, cmds = step(resumed, MigrationSucceeded("migrate"), 6.0, POLICY)
     assert r.migrating == "collectstatic" and RunMigration("collectstatic", D2) in cmds
+
+
+def test_the_steps_run_where_the_image_was_pulled() -> None:
+    r, _ = run(new(), Resolved(D2), HostPulled(B, D2), HostPulled(C, D2))
+    assert migrator_for(r, B) == B  # the leader pulled it: the leader
+    assert migrator_for(r, A) == B  # the leader did not: the first host that did
+    r, _ = run(r, fired(r))  # the barrier leaves A out
+    assert r.phase is Phase.STOP and [e.host for e in r.excluded] == [A]
+    assert migrator_for(r, A) == B
+    assert migrator_for(at("migrate"), C) == C
