@@ -31,7 +31,7 @@ from sandbox.chaos import check
 from sandbox.chaos.observe import ContainerMonitor, Recorder, log_size, read_log_events, running_containers
 from sandbox.chaos.schedule import Schedule, Step, make_schedule
 from sandbox.docker import DockerEngine
-from sandbox.fleet import Fleet, HostState, record
+from sandbox.fleet import APP_REPOSITORY, Fleet, HostState, record
 from sandbox.procs import REPO, Proc, SandboxError, venv_python, wait_for
 from sandbox.registry import Registry
 from sandbox.systemd import SystemdManager
@@ -126,6 +126,7 @@ class Campaign:
         self.ports: dict[str, tuple[int, int]] = {}
         self.version_writes: set[int] = set()  # every revision the version key was written at
         self.built: dict[str, str] = {}  # tag -> image id
+        self.digests: dict[str, str] = {}  # tag -> the registry's manifest digest
         self.migrated: list[str] = [MIGRATED_TAG]  # tags whose steps ran, oldest first
 
     @property
@@ -165,6 +166,7 @@ class Campaign:
         if tag not in self.built:
             ref = images.demo_app_image(self.image_engine, self.registry, tag)
             self.built[tag] = self.image_engine.docker("image", "inspect", "--format", "{{.Id}}", ref).strip()
+            self.digests[tag] = self.registry.digest(APP_REPOSITORY, tag)
         return tag
 
     def deploy(self, tag: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -444,7 +446,7 @@ class Run:
             self.note("version", True, f"{why}: /djed-version = {tag} not confirmed: {str(e)[:120]}")
 
     def cli(self, host: str, *args: str, timeout: float = 40.0) -> tuple[int, str]:
-        argv = [venv_python(), "-m", "norm", *args[:1], "--config", self.hosts[host]["config"], *args[1:]]
+        argv = [venv_python(), "-m", "norm", *args, "--config", self.hosts[host]["config"]]
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                                env=dict(os.environ), check=False)
@@ -642,6 +644,17 @@ class Run:
         self.recorder.wait_revision(marker, timeout=30)
         self.stop_observing()
         self.obs = self._observations(converged)
+        self._save_history()
+
+    def _save_history(self) -> None:
+        """The run's etcd history, one event a line, next to the logs (for reading a violation)."""
+        assert self.recorder is not None
+        path = self.c.run_dir / f"history-{self.schedule.seed}.jsonl"
+        with open(path, "w") as f:
+            for e in self.recorder.events:
+                f.write(json.dumps({"revision": e.revision, "kind": e.kind, "key": e.key,
+                                    "value": e.value.decode(errors="replace"), "create": e.create_revision,
+                                    "at": round(e.at, 3)}) + "\n")
 
     def _stopped_any(self, revision: int) -> bool:
         assert self.recorder is not None
@@ -690,5 +703,6 @@ class Run:
             record_lines=record_lines, samples=list(self.monitor.samples), finals=finals,
             by_machine=dict(self.by_machine), secret=self.c.secret, compatible={COMPATIBLE_TAG},
             migrated_before=set(self.c.migrated), image_tags={v: k for k, v in self.c.built.items()},
+            digests=dict(self.c.digests),
             frozen=self.frozen, killed=self.killed, lease_ttl=LEASE_TTL, converged=converged,
             ended_faults=self.ended_faults, steps=("migrate", "collectstatic"))

@@ -54,6 +54,7 @@ class Observations:
     compatible: set[str]
     migrated_before: set[str]  # tags whose steps ran before this run
     image_tags: dict[str, str]  # image id -> tag
+    digests: dict[str, str]  # tag -> the registry's digest of it (tags the registry has)
     frozen: dict[str, list[tuple[float, float]]]
     killed: dict[str, list[float]]
     lease_ttl: float
@@ -148,6 +149,24 @@ def check_migrations(obs: Observations) -> list[str]:
     for (digest, step), keys in ok_entries.items():
         if len(keys) > 1:
             out.append(f"ledger records step {step} of {digest[:19]} as run by {len(keys)} rollouts: {keys}")
+    return out
+
+
+def check_resolved(obs: Observations) -> list[str]:
+    """7. A rollout runs the digest the registry has for its tag; a tag the registry lacks fails."""
+    out: list[str] = []
+    by_digest = {d: t for t, d in obs.digests.items()}
+    seen: set[int] = set()
+    for e, v in _headers(obs):
+        rev, tag, digest = int(v.get("revision", 0)), str(v.get("tag")), v.get("digest")
+        if not digest or rev in seen:
+            continue
+        seen.add(rev)
+        if digest != obs.digests.get(tag):
+            known = obs.digests.get(tag, "no such tag")
+            out.append(f"rollout {rev} of {tag} resolved to {digest[:19]}, the digest of "
+                       f"{by_digest.get(digest, 'no known tag')} (the registry's for {tag}: {known[:19]}; "
+                       f"header at revision {e.revision})")
     return out
 
 
@@ -454,8 +473,9 @@ def check_secrets(obs: Observations) -> list[str]:
     return out
 
 
-CHECKS = (check_history_complete, check_migrations, check_pulled_before_run, check_fenced, check_one_leader,
-          check_desired_state, check_convergence, check_one_release_per_host, check_healing, check_secrets)
+CHECKS = (check_history_complete, check_migrations, check_resolved, check_pulled_before_run, check_fenced,
+          check_one_leader, check_desired_state, check_convergence, check_one_release_per_host, check_healing,
+          check_secrets)
 
 
 def check(obs: Observations) -> list[str]:

@@ -57,8 +57,8 @@ def _obs(events: list[Event], **kw: object) -> check.Observations:
         seed=1, start_revision=10, snapshot=[], events=events, gaps=[], version_writes=set(), notes=[],
         logs={}, raw_logs={}, record_lines=[], samples=[], finals={},
         by_machine={"m1": "host1", "m2": "host2"},
-        secret="s3cret", compatible={"c0"}, migrated_before=set(), image_tags={}, frozen={}, killed={},
-        lease_ttl=4.0, converged="", ended_faults=0.0)
+        secret="s3cret", compatible={"c0"}, migrated_before=set(), image_tags={}, digests={}, frozen={},
+        killed={},        lease_ttl=4.0, converged="", ended_faults=0.0)
     base.update(kw)
     return check.Observations(**base)  # type: ignore[arg-type]
 
