@@ -48,7 +48,7 @@ AGENT_ENV: dict[str, str] = {
 }
 COMPATIBLE_TAG = "c0"  # listed in update.compatible: the release every run starts from
 MIGRATED_TAG = "m0"  # deployed once at set-up, before c0 again: setting it back must not migrate again
-PHASE_WAIT = 8.0  # seconds a step waits for its phase at most (then it acts all the same)
+PHASE_WAIT = 10.0  # seconds a step waits for its phase at most (then it acts all the same)
 CONVERGE_TIMEOUT = 150.0
 SERVE_TIMEOUT = 90.0
 UNIT = "djed-web.service"
@@ -331,7 +331,11 @@ class Run:
         self.errors: list[str] = []
         self.pending: list[tuple[float, int, Callable[[], None], Note]] = []
         self._seq = itertools.count()
-        self.tags = (f"s{schedule.seed}x{k}" for k in itertools.count(1))
+        # Every new version the schedule needs, built and pushed before the run (the registry may
+        # be away when the operator sets one).
+        wanted = sum({"version": 1, "flip": 2}.get(s.kind, 0) for s in schedule.steps)
+        self.planned = [f"s{schedule.seed}x{k}" for k in range(1, wanted + 1)]
+        self.tags = iter(self.planned)
         self.unknown = (f"nosuch-s{schedule.seed}x{k}" for k in itertools.count(1))
         self.done_tags: list[str] = []
         self.recorder: Recorder | None = None
@@ -352,7 +356,7 @@ class Run:
         self.log_offsets = {n: log_size(Path(h["dir"]) / "agent.log") for n, h in self.hosts.items()}
         self.record_offset = log_size(self.c.record_log)
         self.recorder = Recorder(state["endpoints"], self.start_revision,
-                                 self.c.run_dir / f"recorder-{self.schedule.seed}.log")
+                                 self.c.run_dir / f"recorder-{self.schedule.seed}.log", self.snapshot)
         self.recorder.start()
         self.monitor = ContainerMonitor({n: h["docker_host"] for n, h in self.hosts.items()})
         self.monitor.start()
@@ -366,6 +370,8 @@ class Run:
 
     # -- the schedule -------------------------------------------------------------------------------
     def execute(self) -> None:
+        for tag in self.planned:
+            self.c.build(tag)
         self.c.write_steps_env(self.schedule.step_seconds)
         self.start_observing()
         began = time.monotonic()
@@ -465,10 +471,10 @@ class Run:
         getattr(self, f"_do_{step.kind}")(step)
 
     def _do_version(self, step: Step) -> None:
-        self.set_version(self.c.build(next(self.tags)), "new version")
+        self.set_version(next(self.tags), "new version")
 
     def _do_flip(self, step: Step) -> None:
-        first, second = self.c.build(next(self.tags)), self.c.build(next(self.tags))
+        first, second = next(self.tags), next(self.tags)
         self.set_version(first, "flip")
         self._wait_until(time.monotonic() + step.arg)
         self.set_version(second, f"flip after {step.arg:.2f}s")
@@ -601,6 +607,8 @@ class Run:
 
     # -- the end --------------------------------------------------------------------------------------
     def _undo_all(self) -> None:
+        if self.pending:  # each fault lasts as long as the schedule says, the last ones too
+            self._wait_until(max(due for due, *_ in self.pending))
         self._run_due(everything=True)
         try:
             self.c._bring_back()
@@ -682,6 +690,10 @@ class Run:
                                           str(c.get("ImageID"))) for c in containers])
         logs = {n: read_log_events(Path(h["dir"]) / "agent.log", self.log_offsets[n])
                 for n, h in self.hosts.items()}
+        # Leadership began before the run, maybe: what each agent said of it, from its first line.
+        leader_logs = {n: [e for e in read_log_events(Path(h["dir"]) / "agent.log", 0)
+                           if str(e.get("event", "")).startswith(("leader.", "agent.starting"))]
+                       for n, h in self.hosts.items()}
         raw_logs = {}
         for n, h in self.hosts.items():
             with open(Path(h["dir"]) / "agent.log", "rb") as f:
@@ -700,6 +712,7 @@ class Run:
             seed=self.schedule.seed, start_revision=self.start_revision, snapshot=self.snapshot,
             events=list(self.recorder.events), gaps=list(self.recorder.gaps),
             version_writes=set(self.c.version_writes), notes=list(self.notes), logs=logs, raw_logs=raw_logs,
+            leader_logs=leader_logs, began=self.t0,
             record_lines=record_lines, samples=list(self.monitor.samples), finals=finals,
             by_machine=dict(self.by_machine), secret=self.c.secret, compatible={COMPATIBLE_TAG},
             migrated_before=set(self.c.migrated), image_tags={v: k for k, v in self.c.built.items()},

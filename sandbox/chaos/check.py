@@ -61,6 +61,10 @@ class Observations:
     converged: str  # why the fleet did not serve the expected release, or ""
     ended_faults: float
     steps: tuple[str, ...] = ("migrate", "collectstatic")
+    # What each agent logged of its leadership (leader.*, agent.starting) since it first started: a
+    # leadership may have begun before the run.
+    leader_logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    began: float = 0.0  # wall clock when the run's recording began
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,7 +261,7 @@ def _leadership_spans(obs: Observations) -> dict[str, list[tuple[float, float, i
     resigned, by the agent starting again or being killed, else by the end of the run."""
     end = max([n.at for n in obs.notes] + [obs.ended_faults]) + 60.0
     spans: dict[str, list[tuple[float, float, int]]] = {}
-    for host, entries in obs.logs.items():
+    for host, entries in (obs.leader_logs or obs.logs).items():
         kills = sorted(obs.killed.get(host, []))
         found: list[tuple[float, float, int]] = []
         current: tuple[float, int] | None = None
@@ -303,7 +307,7 @@ def check_one_leader(obs: Observations) -> list[str]:
         for h2 in hosts[i + 1:]:
             for a1, b1, t1 in spans[h1]:
                 for a2, b2, t2 in spans[h2]:
-                    lo, hi = max(a1, a2), min(b1, b2)
+                    lo, hi = max(a1, a2, obs.began), min(b1, b2)
                     if hi <= lo:
                         continue
                     awake = min(_minus_frozen(lo, hi, obs.frozen.get(h1, [])),
@@ -335,7 +339,7 @@ def check_one_leader(obs: Observations) -> list[str]:
             if tok >= obs.start_revision and (tok not in created or created[tok][0] != names.get(host)):
                 out.append(f"{host} claims leadership {tok}, but no leader key with its id was created then")
             gone = deleted_at.get(tok)
-            if gone is not None and b > gone:
+            if gone is not None and b > gone >= obs.began:
                 awake = _minus_frozen(gone, b, obs.frozen.get(host, []))
                 if awake > obs.lease_ttl + GRACE:
                     out.append(f"{host} kept leading {awake:.1f}s after its leader key ({tok}) was deleted")

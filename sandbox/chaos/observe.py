@@ -46,12 +46,16 @@ class Recorder:
     """Every event under `/` from revision `start` on, in order, through one `etcdctl watch` (started
     again from the last revision seen + 1 if it ever exits)."""
 
-    def __init__(self, endpoints: list[str], start: int, log: Path) -> None:
+    def __init__(self, endpoints: list[str], start: int, log: Path,
+                 snapshot: list[dict[str, Any]] | None = None) -> None:
         self.endpoints = endpoints
         self.start_revision = start
         self.log = log
         self.events: list[Event] = []
-        self.latest: dict[str, Event] = {}
+        # The latest of each key: from the snapshot read just before `start`, then from the events.
+        self.latest: dict[str, Event] = {
+            kv["key"]: Event(kv["mod_revision"], "put", kv["key"], kv["value"], kv["create_revision"], 0,
+                             None, time.time()) for kv in snapshot or []}
         self.last_revision = start - 1
         self.gaps: list[str] = []  # what could not be recorded (a compaction ahead of the watch)
         self._cond = threading.Condition()
