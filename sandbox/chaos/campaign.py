@@ -137,6 +137,11 @@ class Campaign:
     def record_log(self) -> Path:
         return self.fleet.data_dir / "record.log"
 
+    @property
+    def began_log(self) -> Path:
+        """Each step's run as it begins (record.log has the runs that finished)."""
+        return self.fleet.data_dir / "began.log"
+
     def write_steps_env(self, seconds: int) -> None:
         # The steps get a secret: it must never show in logs or etcd.
         text = f"NORM_DEMO_SECRET={self.secret}\n"
@@ -254,6 +259,15 @@ class Campaign:
         return result
 
 
+def _lines_from(path: Path, offset: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def _owned(rec: Any) -> bool:
     from sandbox.fleet import owned
 
@@ -300,7 +314,8 @@ def etcd_start(fleet: Fleet, i: int) -> None:
 
 def systemd_restart(fleet: Fleet, name: str) -> None:
     """The host's systemd manager killed and started again on the same bus and cgroup: its units'
-    processes die with it; the new manager loads the units from disk, inactive."""
+    processes die with it; the new manager loads the units from disk and starts again those that
+    were active (as a host's systemd starts its enabled units), the others stay inactive."""
     with fleet._locked():
         state = fleet.load_state()
         assert state is not None
@@ -311,11 +326,14 @@ def systemd_restart(fleet: Fleet, name: str) -> None:
         if rec is not None:
             mgr.proc = fleet._procs.pop(rec["pid"], None) or Proc(
                 rec["name"], rec["argv"], Path(rec["log"]), pid=rec["pid"])
+        active = [u for u in app.UNITS if mgr.unit_property(u, "ActiveState") in ("active", "activating")]
         mgr.restart()
         assert mgr.proc is not None
         host["systemd"] = record(mgr.proc)
         fleet._own(mgr.proc)
         fleet._save(state)
+    if active:
+        mgr.systemctl("start", "--no-block", *active)
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -355,6 +373,7 @@ class Run:
         self.start_revision = int(out["header"]["revision"]) + 1
         self.log_offsets = {n: log_size(Path(h["dir"]) / "agent.log") for n, h in self.hosts.items()}
         self.record_offset = log_size(self.c.record_log)
+        self.began_offset = log_size(self.c.began_log)
         self.recorder = Recorder(state["endpoints"], self.start_revision,
                                  self.c.run_dir / f"recorder-{self.schedule.seed}.log", self.snapshot)
         self.recorder.start()
@@ -699,12 +718,8 @@ class Run:
             with open(Path(h["dir"]) / "agent.log", "rb") as f:
                 f.seek(self.log_offsets[n])
                 raw_logs[n] = f.read()
-        try:
-            with open(self.c.record_log, "rb") as f:
-                f.seek(self.record_offset)
-                record_lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            record_lines = []
+        record_lines = _lines_from(self.c.record_log, self.record_offset)
+        began_lines = _lines_from(self.c.began_log, self.began_offset)
         for e in self.recorder.events:
             if e.key == "/djed-version" and e.kind == "put":
                 self.c.version_writes.add(e.revision)
@@ -713,8 +728,9 @@ class Run:
             events=list(self.recorder.events), gaps=list(self.recorder.gaps),
             version_writes=set(self.c.version_writes), notes=list(self.notes), logs=logs, raw_logs=raw_logs,
             leader_logs=leader_logs, began=self.t0,
-            record_lines=record_lines, samples=list(self.monitor.samples), finals=finals,
-            by_machine=dict(self.by_machine), secret=self.c.secret, compatible={COMPATIBLE_TAG},
+            record_lines=record_lines, began_lines=began_lines, samples=list(self.monitor.samples),
+            finals=finals, by_machine=dict(self.by_machine), secret=self.c.secret,
+            compatible={COMPATIBLE_TAG},
             migrated_before=set(self.c.migrated), image_tags={v: k for k, v in self.c.built.items()},
             digests=dict(self.c.digests),
             frozen=self.frozen, killed=self.killed, lease_ttl=LEASE_TTL, converged=converged,

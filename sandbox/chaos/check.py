@@ -65,6 +65,7 @@ class Observations:
     # leadership may have begun before the run.
     leader_logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     began: float = 0.0  # wall clock when the run's recording began
+    began_lines: list[str] = field(default_factory=list)  # began.log: each step's run as it began
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +126,12 @@ def check_migrations(obs: Observations) -> list[str]:
         if len(parts) >= 5:
             with contextlib.suppress(ValueError):
                 runs.append((parts[0], parts[1], float(parts[3]), float(parts[4])))
+    begun: Counter[tuple[str, str]] = Counter(
+        (p[0], p[1]) for p in (line.split() for line in obs.began_lines) if len(p) >= 2)
+    for (tag, step), n in sorted(begun.items()):
+        if n > 1:
+            out.append(f"step {step} of {tag} began {n} times (began.log; record.log has it "
+                       f"{counts[(tag, step)]} times)")
     for (tag, step), n in sorted(counts.items()):
         if n > 1:
             out.append(f"migration ran {n} times: step {step} of {tag} (record.log)")

@@ -78,6 +78,10 @@ def test_the_checker_sees_a_step_run_twice_and_steps_overlapping() -> None:
              "v1 migrate 2026-01-01T00:00:02Z 14.00 15.00"]
     found = check.check_migrations(_obs([], record_lines=lines))
     assert any("ran 2 times" in f for f in found) and any("overlapped" in f for f in found), found
+    # A run killed before its end shows in began.log only.
+    found = check.check_migrations(_obs([], record_lines=lines[1:], began_lines=["v1 migrate 10.00",
+                                                                                 "v1 migrate 14.00"]))
+    assert any("began 2 times" in f for f in found), found
 
 
 def test_the_checker_sees_an_unfenced_leader_write_and_two_leaders() -> None:
