@@ -1,7 +1,8 @@
 """`python -m sandbox.chaos --seeds N` (or `--seed S` to replay one run): runs the campaign on a fleet
 of its own and prints one JSON line last: {"runs", "violations", "faults", "operator_actions",
 "seconds"}. Exits 1 when a run found a violation (each is printed with its seed and the command
-that replays it)."""
+that replays it), or when the campaign itself could not do what a seed asked (a fault that could
+not be undone: printed as a campaign error, not counted as a violation)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(run_dir / "registry")
     engine = DockerEngine("images", run_dir / "images")
     campaign: Campaign | None = None
-    violations = faults = actions = runs = 0
+    violations = faults = actions = runs = errors = 0
     failed: list[int] = []
     try:
         registry.start()
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             violations += len(result.violations)
             faults += result.schedule.faults
             actions += result.schedule.operator_actions
+            errors += len(result.errors)
             if result.ok:
                 say(f"chaos: seed {seed}: no violation ({result.seconds:.0f}s)")
                 if args.verbose:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         say("chaos: seeds with violations: " + ", ".join(f"{s} ({replay_command(s)})" for s in failed))
     say(summary_line(runs, violations, faults, actions, time.monotonic() - began))
-    return 1 if violations else 0
+    return 1 if violations or errors else 0
 
 
 if __name__ == "__main__":

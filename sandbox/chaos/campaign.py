@@ -668,7 +668,9 @@ class Run:
         # Late writes (a trim, a report) land in the record too: a marker written after them.
         time.sleep(1.0)
         marker = updates.put(self.fleet, "/chaos/marker", str(self.schedule.seed))
-        self.recorder.wait_revision(marker, timeout=30)
+        if not self.recorder.wait_revision(marker, timeout=30):
+            self.errors.append(f"the recorder did not read up to revision {marker} within 30s "
+                               f"(it has {self.recorder.last_revision}): the history is incomplete")
         self.stop_observing()
         self.obs = self._observations(converged)
         self._save_history()
