@@ -20,6 +20,7 @@ import random
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ class Campaign:
         that cannot be had, a new fleet."""
         try:
             self._bring_back()
+            self._one_leader()
             h = updates.header(self.fleet)
             if h is None or h["tag"] != COMPATIBLE_TAG or h["phase"] != "done":
                 self.deploy(COMPATIBLE_TAG)
@@ -235,8 +237,33 @@ class Campaign:
                 self.fleet.restart_agent(h["name"])
         self.fleet.wait_registered(timeout=60)
 
+    def _one_leader(self) -> None:
+        """An agent that still believes it leads without the leader key (a run found it, or not) is
+        started again, so that the next run starts clean and is judged on its own."""
+        kvs = updates.get_kvs(self.fleet, "/norm/leader")
+        holder = kvs[0]["value"].decode() if kvs else None
+        for h in self.hosts():
+            if h["machine_id"] != holder and _leader_gauge(h) == 1.0:
+                self.say(f"chaos: {h['name']} still believes it leads, without the leader key: "
+                         f"starting its agent again")
+                self.fleet.kill_agent(h["name"], signal.SIGTERM)
+                self.fleet.restart_agent(h["name"])
+        self.fleet.wait_registered(timeout=60)
+
     def close(self) -> None:
         self.fleet.down()
+
+
+def _leader_gauge(host: HostState) -> float | None:
+    """The agent's norm_leader gauge (None if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://{host['http_listen']}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("norm_leader "):
+                    return float(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
 
     # -- a run --------------------------------------------------------------------------------------
     def run(self, seed: int, duration: float = 18.0) -> RunResult:
@@ -729,7 +756,7 @@ class Run:
             seed=self.schedule.seed, start_revision=self.start_revision, snapshot=self.snapshot,
             events=list(self.recorder.events), gaps=list(self.recorder.gaps),
             version_writes=set(self.c.version_writes), notes=list(self.notes), logs=logs, raw_logs=raw_logs,
-            leader_logs=leader_logs, began=self.t0,
+            leader_logs=leader_logs, began=self.t0, ended=time.time(),
             record_lines=record_lines, began_lines=began_lines, samples=list(self.monitor.samples),
             finals=finals, by_machine=dict(self.by_machine), secret=self.c.secret,
             compatible={COMPATIBLE_TAG},

@@ -66,6 +66,7 @@ class Observations:
     leader_logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     began: float = 0.0  # wall clock when the run's recording began
     began_lines: list[str] = field(default_factory=list)  # began.log: each step's run as it began
+    ended: float = 0.0  # wall clock when the run's recording ended
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -266,7 +267,7 @@ def check_fenced(obs: Observations) -> list[str]:
 def _leadership_spans(obs: Observations) -> dict[str, list[tuple[float, float, int]]]:
     """What each agent's log says of its leadership: [(from, to, token)], a span ended by lost or
     resigned, by the agent starting again or being killed, else by the end of the run."""
-    end = max([n.at for n in obs.notes] + [obs.ended_faults]) + 60.0
+    end = obs.ended or max([n.at for n in obs.notes] + [obs.ended_faults])
     spans: dict[str, list[tuple[float, float, int]]] = {}
     for host, entries in (obs.leader_logs or obs.logs).items():
         kills = sorted(obs.killed.get(host, []))
