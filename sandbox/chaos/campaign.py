@@ -254,17 +254,6 @@ class Campaign:
         self.fleet.down()
 
 
-def _leader_gauge(host: HostState) -> float | None:
-    """The agent's norm_leader gauge (None if it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://{host['http_listen']}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("norm_leader "):
-                    return float(line.split()[-1])
-    except (OSError, ValueError):
-        return None
-    return None
-
     # -- a run --------------------------------------------------------------------------------------
     def run(self, seed: int, duration: float = 18.0) -> RunResult:
         began = time.monotonic()
@@ -284,6 +273,18 @@ def _leader_gauge(host: HostState) -> float | None:
             if tag not in self.migrated:
                 self.migrated.append(tag)
         return result
+
+
+def _leader_gauge(host: HostState) -> float | None:
+    """The agent's norm_leader gauge (None if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://{host['http_listen']}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("norm_leader "):
+                    return float(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _lines_from(path: Path, offset: int) -> list[str]:
@@ -388,7 +389,7 @@ class Run:
         self.obs: check.Observations | None = None
         self.hosts = {h["name"]: h for h in campaign.hosts()}
         self.by_machine = {h["machine_id"]: h["name"] for h in self.hosts.values()}
-        self.frozen: dict[str, list[tuple[float, float | None]]] = {n: [] for n in self.hosts}
+        self.frozen: dict[str, list[tuple[float, float]]] = {n: [] for n in self.hosts}
         self.killed: dict[str, list[float]] = {n: [] for n in self.hosts}
 
     # -- observing ----------------------------------------------------------------------------------
@@ -581,21 +582,33 @@ class Run:
             return
         was_leader = host == self.leader()
         os.kill(pid, signal.SIGSTOP)
-        span = [time.time(), None]
+        frozen_at = time.time()
         note = self.note("agent_freeze", False, f"SIGSTOP agent of {host}{' (leader)' if was_leader else ''}"
                          f" in {(self.header() or {}).get('phase')} for {step.hold:.1f}s", host)
 
         def thaw() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            self.frozen[host].append((span[0], time.time()))  # type: ignore[arg-type]
+            self.frozen[host].append((frozen_at, time.time()))
 
         self._later(step.hold, thaw, note)
 
     def _do_docker_crash(self, step: Step) -> None:
         host = self.pick_host(step.target)
+        running = ""
+        if step.phase == "migrate":  # during a step: on the host that runs it, once its container runs
+            migrator = self.by_machine.get(str((self.header() or {}).get("migrator")))
+            host = migrator or host
+            docker_host = self.hosts[host]["docker_host"]
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not running:
+                running = ",".join(str((c.get("Names") or ["?"])[0]).lstrip("/")
+                                   for c in running_containers(docker_host) or []
+                                   if str((c.get("Names") or [""])[0]).startswith("/norm-"))
+                self._wait_until(time.monotonic() + 0.05)
         phase = (self.header() or {}).get("phase")
-        note = self.note("docker_crash", False, f"dockerd of {host} crashed in {phase}", host)
+        note = self.note("docker_crash", False, f"dockerd of {host} crashed in {phase}"
+                         + (f" while {running} ran" if running else ""), host)
         self.fleet.restart_engine(host, crash=True)
         note.until = time.time()
 
@@ -749,9 +762,9 @@ class Run:
                 raw_logs[n] = f.read()
         record_lines = _lines_from(self.c.record_log, self.record_offset)
         began_lines = _lines_from(self.c.began_log, self.began_offset)
-        for e in self.recorder.events:
-            if e.key == "/djed-version" and e.kind == "put":
-                self.c.version_writes.add(e.revision)
+        for ev in self.recorder.events:
+            if ev.key == "/djed-version" and ev.kind == "put":
+                self.c.version_writes.add(ev.revision)
         return check.Observations(
             seed=self.schedule.seed, start_revision=self.start_revision, snapshot=self.snapshot,
             events=list(self.recorder.events), gaps=list(self.recorder.gaps),

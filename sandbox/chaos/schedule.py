@@ -113,8 +113,8 @@ def make_schedule(seed: int, duration: float = 18.0) -> Schedule:
         hold = round(rng.uniform(2.0, 8.0), 1) if kind == "hold" else 0.0
         arg = round(rng.uniform(0.05, 1.5), 2) if kind == "flip" else 0.0
         target = rng.choice(("other", "any", "leader")) if kind == "hold" else ""
-        phase = rng.choice((None, *PHASES)) if kind in ("abort", "version", "flip") else None
-        steps.append(Step(at=at, kind=kind, operator=True, target=target, phase=phase, hold=hold, arg=arg))
+        when = rng.choice((None, *PHASES)) if kind in ("abort", "version", "flip") else None
+        steps.append(Step(at=at, kind=kind, operator=True, target=target, phase=when, hold=hold, arg=arg))
     for _ in range(rng.randint(3, 5)):
         kind = _pick(rng, FAULTS)
         at = round(rng.uniform(0.3, duration), 2)
