@@ -88,6 +88,7 @@ class RunResult:
     seconds: float
     errors: list[str] = field(default_factory=list)  # the campaign's own trouble (not Norm's)
     summary: list[str] = field(default_factory=list)  # what the run did (sandbox.chaos.check.describe)
+    final: dict[str, Any] = field(default_factory=dict)  # the rollout header as the run ended
 
     @property
     def ok(self) -> bool:
@@ -268,7 +269,7 @@ class Campaign:
             run.stop_observing()
         violations = [] if run.errors and run.obs is None else check.check(run.obs) if run.obs else []
         result = RunResult(seed, schedule, violations, run.notes, time.monotonic() - began, run.errors,
-                           check.describe(run.obs) if run.obs else [])
+                           check.describe(run.obs) if run.obs else [], run.header() or {})
         for tag in run.done_tags:
             if tag not in self.migrated:
                 self.migrated.append(tag)

@@ -19,6 +19,8 @@ from sandbox.chaos.observe import Event
 from sandbox.chaos.schedule import make_schedule
 from sandbox.docker import DockerEngine
 from sandbox.registry import Registry
+from tests.fleet.conftest import UpdateFleet
+from tests.fleet.invariants import check_invariants
 
 SEEDS = (11, 12)
 
@@ -46,6 +48,11 @@ def test_a_seeded_run_keeps_every_invariant(campaign: Campaign, seed: int) -> No
     result = campaign.run(seed)
     assert result.ok, result.report()
     assert result.summary and any(n.operator is False for n in result.notes), result.report()
+    # The last rollout, when it brought a new version, also passes the fleet tests' own checks.
+    h = result.final
+    if h.get("phase") == "done" and str(h.get("tag")).startswith(f"s{seed}x"):
+        uf = UpdateFleet(campaign.fleet, campaign.registry, lambda *_: "", campaign.ports)
+        check_invariants(uf, int(h["revision"]), str(h["tag"]))
 
 
 def _put(rev: int, key: str, value: str, create: int | None = None, at: float = 0.0) -> Event:
