@@ -594,24 +594,40 @@ class Run:
 
         self._later(step.hold, thaw, note)
 
+    def _step_running(self, fallback: str) -> tuple[str, str]:
+        """(host, step container) once a step's container runs (5 s at most) on the host that runs
+        it, the migrator ("" if none showed)."""
+        host = self.by_machine.get(str((self.header() or {}).get("migrator"))) or fallback
+        docker_host = self.hosts[host]["docker_host"]
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            found = running_containers(docker_host) or []
+            names = [str((c.get("Names") or [""])[0]).lstrip("/") for c in found]
+            running = [n for n in names if n.startswith("norm-")]
+            if running:
+                return host, running[0]
+            self._wait_until(time.monotonic() + 0.05)
+        return host, ""
+
     def _do_docker_crash(self, step: Step) -> None:
         host = self.pick_host(step.target)
         running = ""
         if step.phase == "migrate":  # during a step: on the host that runs it, once its container runs
-            migrator = self.by_machine.get(str((self.header() or {}).get("migrator")))
-            host = migrator or host
-            docker_host = self.hosts[host]["docker_host"]
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and not running:
-                running = ",".join(str((c.get("Names") or ["?"])[0]).lstrip("/")
-                                   for c in running_containers(docker_host) or []
-                                   if str((c.get("Names") or [""])[0]).startswith("/norm-"))
-                self._wait_until(time.monotonic() + 0.05)
+            host, running = self._step_running(host)
         phase = (self.header() or {}).get("phase")
         note = self.note("docker_crash", False, f"dockerd of {host} crashed in {phase}"
                          + (f" while {running} ran" if running else ""), host)
         self.fleet.restart_engine(host, crash=True)
         note.until = time.time()
+
+    def _do_step_container_gone(self, step: Step) -> None:
+        host, running = self._step_running(self.pick_host(step.target))
+        if not running:
+            self.note("step_container_gone", False, f"no step container ran on {host} to remove", host)
+            return
+        self.fleet.engine(host).docker("rm", "-f", running, check=False)
+        self.note("step_container_gone", False, f"step container {running} removed on {host} while it ran "
+                  f"(docker rm -f)", host)
 
     def _do_etcd_kill(self, step: Step) -> None:
         i = int(step.target or 0)

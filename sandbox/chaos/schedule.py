@@ -33,6 +33,7 @@ FAULTS: dict[str, float] = {
     "registry_away": 1.0,  # the image registry stopped for `hold` seconds
     "systemd_restart": 1.0,  # a host's systemd manager restarted (its units' processes die)
     "leader_key_delete": 1.0,  # someone deletes the leader key (`etcdctl del /norm/leader`)
+    "step_container_gone": 1.0,  # a running step's container removed (`docker rm -f`) on its host
 }
 
 PHASES = ("pull", "stop", "migrate", "start")
@@ -129,6 +130,8 @@ def make_schedule(seed: int, duration: float = 18.0) -> Schedule:
         elif kind == "docker_crash":
             phase = rng.choice(("pull", "migrate"))
             target = "leader" if phase == "migrate" else rng.choice(("other", "any"))
+        elif kind == "step_container_gone":
+            phase, target = "migrate", "leader"
         elif kind in ("etcd_kill", "quorum_loss"):
             target = str(rng.randrange(3))
             hold = round(rng.uniform(1.0, 6.0), 1)
