@@ -625,9 +625,19 @@ class Run:
         if not running:
             self.note("step_container_gone", False, f"no step container ran on {host} to remove", host)
             return
+        killed = step.arg >= 0.5 and self.fleet.agent_pid(host) is not None
+        if killed:
+            self.fleet.kill_agent(host, signal.SIGKILL)
+            self.killed[host].append(time.time())
         self.fleet.engine(host).docker("rm", "-f", running, check=False)
-        self.note("step_container_gone", False, f"step container {running} removed on {host} while it ran "
-                  f"(docker rm -f)", host)
+        note = self.note("step_container_gone", False, f"step container {running} removed on {host} while "
+                         f"it ran (docker rm -f)" + (", its agent killed first" if killed else ""), host)
+        if killed:
+            def restart() -> None:
+                if self.fleet.agent_pid(host) is None:
+                    self.fleet.restart_agent(host)
+
+            self._later(step.hold, restart, note)
 
     def _do_etcd_kill(self, step: Step) -> None:
         i = int(step.target or 0)

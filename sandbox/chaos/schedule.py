@@ -33,7 +33,8 @@ FAULTS: dict[str, float] = {
     "registry_away": 1.0,  # the image registry stopped for `hold` seconds
     "systemd_restart": 1.0,  # a host's systemd manager restarted (its units' processes die)
     "leader_key_delete": 1.0,  # someone deletes the leader key (`etcdctl del /norm/leader`)
-    "step_container_gone": 1.0,  # a running step's container removed (`docker rm -f`) on its host
+    "step_container_gone": 1.0,  # a running step's container removed (`docker rm -f`) on its host,
+    # half the time with the agent that runs it killed first (it comes back to no container)
 }
 
 PHASES = ("pull", "stop", "migrate", "start")
@@ -132,6 +133,8 @@ def make_schedule(seed: int, duration: float = 18.0) -> Schedule:
             target = "leader" if phase == "migrate" else rng.choice(("other", "any"))
         elif kind == "step_container_gone":
             phase, target = "migrate", "leader"
+            arg = float(rng.random() < 0.5)  # 1: the migrator's agent killed first, back after `hold`
+            hold = round(rng.uniform(0.5, 3.0), 1)
         elif kind in ("etcd_kill", "quorum_loss"):
             target = str(rng.randrange(3))
             hold = round(rng.uniform(1.0, 6.0), 1)
