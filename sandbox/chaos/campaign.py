@@ -528,8 +528,14 @@ class Run:
         self.set_version(second, f"flip after {step.arg:.2f}s")
 
     def _do_back_migrated(self, step: Step) -> None:
+        # A version of this run that is done (its steps ran), else m0: what a replay of the seed on
+        # its own would pick too.
+        assert self.recorder is not None
         h = self.header() or {}
-        done = [t for t in self.done_tags + self.c.migrated if t != h.get("tag")]
+        headers = (e.json() for e in list(self.recorder.events) if e.key == "/norm/rollout")
+        done = [str(v.get("tag")) for v in headers
+                if isinstance(v, dict) and v.get("phase") == "done" and str(v.get("tag")) in self.planned]
+        done = [t for t in done if t != h.get("tag")]
         self.set_version(done[-1] if done else MIGRATED_TAG, "back to a migrated version")
 
     def _do_back_compatible(self, step: Step) -> None:

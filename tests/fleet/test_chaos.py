@@ -22,7 +22,7 @@ from sandbox.registry import Registry
 from tests.fleet.conftest import UpdateFleet
 from tests.fleet.invariants import check_invariants
 
-SEEDS = (11, 12)
+SEEDS = (230, 278)  # between them: the leader key deleted, a step's container gone, compaction, flips
 
 
 @pytest.fixture(scope="module")
