@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
+.PHONY: bootstrap lint test test-unit chaos demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -19,6 +19,14 @@ test: lint
 
 test-unit: bootstrap
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
+
+# The seeded fault campaign: `make chaos SEEDS=N` runs N random seeds, `make chaos SEED=S` replays one.
+SEEDS ?= 5
+SEED ?=
+CHAOS_ARGS ?=
+
+chaos: bootstrap
+	$(PY) -m sandbox.chaos $(if $(SEED),--seed $(SEED),--seeds $(SEEDS)) $(CHAOS_ARGS)
 
 demo: bootstrap
 	$(PY) -m sandbox demo

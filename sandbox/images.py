@@ -62,16 +62,23 @@ wait "$child"
 """
 
 _TASK = """#!/bin/sh
-# migrate / collectstatic: append "<version> <command> <timestamp>" to $NORM_DEMO_RECORD
-# (default /data/record.log, in a mounted dir). Knobs for tests: NORM_DEMO_TASK_SECONDS makes the
-# command take that long first; NORM_DEMO_TASK_FAIL=1 makes it fail without recording.
+# migrate / collectstatic: append "<version> <command> <timestamp> <began> <ended>" to
+# $NORM_DEMO_RECORD (default /data/record.log, in a mounted dir); <began> and <ended> are the
+# machine's uptime in seconds (/proc/uptime, the same clock in every container of the machine), which
+# shows whether two runs overlapped. Each run also appends "<version> <command> <began>" to began.log
+# next to the record as it begins, so that a run killed before its end still shows. Knobs for tests:
+# NORM_DEMO_TASK_SECONDS makes the command take that long first; NORM_DEMO_TASK_FAIL=1 makes it fail
+# without recording.
 set -e
 cmd=$(basename "$0")
 record="${NORM_DEMO_RECORD:-/data/record.log}"
+began=$(cut -d' ' -f1 /proc/uptime)
+mkdir -p "$(dirname "$record")"
+echo "$(cat /app/VERSION) $cmd $began" >> "$(dirname "$record")/began.log"
 if [ -n "${NORM_DEMO_TASK_SECONDS:-}" ]; then sleep "$NORM_DEMO_TASK_SECONDS"; fi
 if [ "${NORM_DEMO_TASK_FAIL:-0}" = 1 ]; then echo "$cmd: failing as asked" >&2; exit 1; fi
-mkdir -p "$(dirname "$record")"
-echo "$(cat /app/VERSION) $cmd $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$record"
+ended=$(cut -d' ' -f1 /proc/uptime)
+echo "$(cat /app/VERSION) $cmd $(date -u +%Y-%m-%dT%H:%M:%SZ) $began $ended" >> "$record"
 echo "$cmd done"
 """
 
