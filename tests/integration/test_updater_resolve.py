@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+from collections.abc import Sequence
 
 from norm.adapters.docker import DockerUnavailable
-from norm.core.rollout import Resolved, RolloutPolicy
+from norm.adapters.etcd import Compare, Etcd, Op, Put, TxnResult
+from norm.core import release as rel
+from norm.core.config import EtcdConfig
+from norm.core.host import HostRecord, hosts_key
+from norm.core.rollout import Phase, Resolved, RolloutPolicy
 from norm.services.metrics import Metrics
 from norm.services.updater import Updater
+from norm.services.watcher import DesiredStateWatcher
+from sandbox.etcd import EtcdMember
 
 
 async def test_a_wall_clock_stepped_forward_does_not_fail_a_resolve() -> None:
@@ -28,4 +36,64 @@ async def test_a_wall_clock_stepped_forward_does_not_fail_a_resolve() -> None:
                       None, Metrics(), resolve, clock=lambda: next(stepped))  # type: ignore[arg-type]
     async with asyncio.timeout(30):
         await updater._resolving(7, "v2")
-    assert updater._queue.get_nowait() == Resolved("sha256:" + "3" * 64)
+    queued = updater._queue.get_nowait()
+    assert getattr(queued, "event", None) == Resolved("sha256:" + "3" * 64)
+
+
+class SlowHeaderWrite:
+    """A leadership whose writes apply to a real etcd; the write of the header of one tag's rollout
+    waits until `release` is set (as a slow etcd would make it), with `writing` set meanwhile."""
+
+    def __init__(self, client: Etcd, slow_tag: str) -> None:
+        self._client = client
+        self._slow = slow_tag
+        self.writing, self.release = asyncio.Event(), asyncio.Event()
+        self.elected, self.deposed = asyncio.Event(), asyncio.Event()
+        self.elected.set()
+
+    async def fenced(self, success: Sequence[Op], compare: Sequence[Compare] = (),
+                     failure: Sequence[Op] = ()) -> TxnResult:
+        for op in success:
+            if isinstance(op, Put) and op.key == rel.header_key("/norm") \
+                    and json.loads(op.value)["tag"] == self._slow:
+                self.writing.set()
+                await self.release.wait()
+        return await self._client.txn(list(compare), list(success), list(failure))
+
+
+async def test_a_superseded_rollouts_resolve_result_is_not_taken_for_the_next_ones(etcd: EtcdMember) -> None:
+    """Version A is being resolved when version B supersedes it; A's answer comes while B's record is
+    being written. B must run B's digest, not A's."""
+    dA, dB = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    async with Etcd(EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0)) as client:
+        host = HostRecord("c" * 32, "host1", "test", "web", "test")
+        await client.put(hosts_key("/norm", host.machine_id), host.encode())
+        leadership = SlowHeaderWrite(client, slow_tag="vb")
+        a = await client.put("/djed-version", b"va")
+
+        async def resolve(ref: str) -> str:
+            if ref.endswith(":va"):
+                await leadership.writing.wait()  # A answers while B's header is being written
+                leadership.release.set()
+                return f"{ref}@{dA}"
+            return f"{ref}@{dB}"
+
+        metrics, stopping = Metrics(), asyncio.Event()
+        watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
+        updater = Updater(client, "/norm", "a" * 32, "test", None, "127.0.0.1:5000/djed/app",
+                          RolloutPolicy(), leadership, watcher, metrics, resolve)  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(watcher.run(stopping), name="watcher-under-test"),
+                 asyncio.create_task(updater.run(stopping), name="updater-under-test")]
+        try:
+            async with asyncio.timeout(30):
+                while updater.record is None or updater.record.revision != a:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # the updater's record has no event to wait on
+            b = await client.put("/djed-version", b"vb")
+            async with asyncio.timeout(30):
+                while updater.record.revision != b or updater.record.phase is Phase.RESOLVE:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert updater.record.tag == "vb" and updater.record.digest == dB, updater.record
+        finally:
+            stopping.set()
+            async with asyncio.timeout(15):
+                await asyncio.gather(*tasks, return_exceptions=True)
