@@ -104,7 +104,8 @@ class Updater:
         self._history = history
         self._clock = clock
         self.record: Rollout | None = None
-        self._queue: asyncio.Queue[RolloutEvent | Desired | _ReportOf | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[RolloutEvent | Desired | _ReportOf | _ResolvedOf | BaseException] = \
+            asyncio.Queue()
         self._timer: asyncio.Task[None] | None = None
         self._resolver: asyncio.Task[None] | None = None
         self._reports: asyncio.Task[None] | None = None
@@ -339,7 +340,13 @@ class Updater:
             entries.extend(record.ledger)
         return ledger_summary(ledger_order(entries))
 
-    async def _apply(self, event: RolloutEvent | _ReportOf) -> None:
+    async def _apply(self, event: RolloutEvent | _ReportOf | _ResolvedOf) -> None:
+        if isinstance(event, _ResolvedOf):
+            record = self.record
+            if record is None or record.revision != event.revision:
+                log.info("rollout.resolve_dropped", rollout=event.revision, reason="a newer rollout")
+                return  # the answer for a rollout superseded while it was resolving
+            event = event.event
         if isinstance(event, _ReportOf):
             record = self.record
             if record is None or record.revision != event.revision:
@@ -463,11 +470,11 @@ class Updater:
             try:
                 resolved = await self._resolve(ref)
             except DockerRejected as e:
-                self._queue.put_nowait(ResolveFailed(str(e)))
+                self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(str(e))))
                 return
             except DockerUnavailable as e:
                 if loop.time() >= deadline:
-                    self._queue.put_nowait(ResolveFailed(f"still unavailable: {e}"))
+                    self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(f"still unavailable: {e}")))
                     return
                 delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
                 attempt += 1
@@ -475,10 +482,10 @@ class Updater:
                 await asyncio.sleep(delay)
                 continue
             except DockerError as e:
-                self._queue.put_nowait(ResolveFailed(str(e)))
+                self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(str(e))))
                 return
             # The engine answers `name@sha256:...`; the record keeps the digest alone.
-            self._queue.put_nowait(Resolved(resolved.rpartition("@")[2]))
+            self._queue.put_nowait(_ResolvedOf(revision, Resolved(resolved.rpartition("@")[2])))
             return
 
     def _show(self, record: Rollout) -> None:
@@ -497,3 +504,12 @@ class _ReportOf:
     revision: int
     report: rel.Report
 
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResolvedOf:
+    """How resolving the tag of rollout `revision` ended. A resolver cancelled once its answer is
+    queued cannot take it back: the answer applies only while that rollout is the current one."""
+
+    revision: int
+    event: Resolved | ResolveFailed
