@@ -443,6 +443,14 @@ _IMAGE_REPO = re.compile(
     r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 
 
+def _is_http_url(url: str, *, with_host: bool = True) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and (bool(parts.hostname) or not with_host)
+    except ValueError:  # an unbalanced [ or ] in the host
+        return False
+
+
 def step_name(command: str) -> str:
     """A one-off command's name in the ledger and in keys: its words, lowercased, joined by '-'."""
     return re.sub(r"[^a-z0-9_]+", "-", command.lower()).strip("-_")[:63].strip("-_")
@@ -576,7 +584,7 @@ def _validate(config: Config, tree: RawTree) -> None:
     aws = config.aws
     for name in ("endpoint_url", "metadata_url"):
         url = getattr(aws, name)
-        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+        if url is not None and not _is_http_url(url):
             fail(f"aws.{name}", "must be an http:// or https:// URL")
     if aws.region is not None and not _AWS_REGION.fullmatch(aws.region):
         fail("aws.region", "must be a region name such as eu-west-1")
@@ -605,7 +613,7 @@ def _validate(config: Config, tree: RawTree) -> None:
         fail("lb.instance_id", "must be an EC2 instance id such as i-0123456789abcdef0")
     if not _UNIT_PATTERN.fullmatch(lb.unit):
         fail("lb.unit", "must be a systemd unit name such as 'djed-web.service'")
-    if lb.health_url is not None and urlsplit(lb.health_url).scheme not in ("http", "https"):
+    if lb.health_url is not None and not _is_http_url(lb.health_url, with_host=False):
         fail("lb.health_url", "must be an http:// or https:// URL")
     if lb.port is not None and not 1 <= lb.port <= 65535:
         fail("lb.port", "must be a port from 1 to 65535")
