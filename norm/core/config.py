@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+from norm.core import values
 from norm.core.errors import ConfigError
 from norm.core.secret import Secret
 
@@ -138,19 +139,17 @@ def constraints_of(f: dataclasses.Field[Any]) -> tuple[Constraint, ...]:
     return typing.cast(tuple[Constraint, ...], f.metadata.get("constraints", ()))
 
 
-# The grammars and predicates the fields below declare.
+# The grammars and predicates the fields below declare. A machine id, a label (environment, role) and
+# an instance id have the grammar the values Norm reads back from etcd are held to.
 
 _UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)")
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 # Starts with /, printable ASCII without spaces, and does not end with / (nor is / alone).
 _KEY = re.compile(r"/[\x21-\x7e]*[\x21-\x2e\x30-\x7e]")
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _OWNER = re.compile(r"[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?")
 _TARGET_GROUP = re.compile(
     r"arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
-_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8}([0-9a-f]{9})?")
 _IMAGE_REPO = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
@@ -244,7 +243,7 @@ _INTERVAL = Between(1, 86400)
 _PHASE = Between(0, 86400, above=True)
 _WITHIN_A_WEEK = Between(0, WEEK, above=True, wording="must be more than 0 and at most a week, in seconds")
 _ETCD_KEY = Matches(_KEY, "must start with /, hold printable ASCII without spaces, not end with /")
-_HOST_LABEL = Matches(_LABEL, "must be 1 to 63 letters, digits, '_', '.' or '-'")
+_HOST_LABEL = Matches(values.LABEL, "must be 1 to 63 letters, digits, '_', '.' or '-'")
 _ABSOLUTE_FILE = Holds(_absolute_file, "must be an absolute file path")
 _HTTP_URL = Holds(_is_http_url, "must be an http:// or https:// URL")
 
@@ -300,7 +299,7 @@ class KeysConfig:
 class HostConfig:
     machine_id_path: str = _doc("File holding this host's machine id.", default="/etc/machine-id")
     machine_id: str | None = _doc("Machine id to use instead of reading machine_id_path.",
-                                 Matches(_MACHINE_ID,
+                                 Matches(values.MACHINE_ID,
                                          "must be 32 lowercase hex digits, as in /etc/machine-id"),
                                  default=None)
     name: str | None = _doc("Display name of the host; the system's hostname when unset.", _HOST_LABEL,
@@ -368,7 +367,7 @@ class UpdateConfig:
         _ABSOLUTE_FILE, default="/run/norm/release.env")
     roles: tuple[str, ...] = _doc(
         "Roles that take part in updates (hosts of the leader's environment); every role when empty.",
-        Each(Matches(_LABEL, "each role must be 1 to 63 letters, digits, '_', '.' or '-'")), default=())
+        Each(Matches(values.LABEL, "each role must be 1 to 63 letters, digits, '_', '.' or '-'")), default=())
     steps: tuple[str, ...] = _doc(
         "One-off commands run once per version by the leader in the new image, in order, between the "
         "fleet's stop and start (migrations, then static files).",
@@ -449,7 +448,7 @@ class LbConfig:
                      "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")),
         default=())
     instance_id: str | None = _doc("The host's EC2 instance id; from instance metadata when unset.",
-                                   Matches(_INSTANCE_ID, "must be an EC2 instance id such as "
+                                   Matches(values.INSTANCE_ID, "must be an EC2 instance id such as "
                                            "i-0123456789abcdef0"),
                                    default=None)
     unit: str = _doc("The unit whose health puts the host in the target groups.",
