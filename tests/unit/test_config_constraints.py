@@ -95,8 +95,11 @@ def test_constraints_are_declared_on_fields_of_their_kind() -> None:
 def test_every_rule_names_real_keys() -> None:
     names = [r.name for r in cfg.RULES]
     assert len(set(names)) == len(names)
+    order = list(FIELDS)
     for rule in cfg.RULES:
         assert rule.key in FIELDS and rule.after in FIELDS, rule.name
+        # a rule runs once the key it names has passed its own constraints
+        assert order.index(rule.after) >= order.index(rule.key), rule.name
 
 
 def test_the_defaults_meet_every_constraint_and_rule() -> None:
