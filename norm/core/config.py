@@ -3,6 +3,10 @@
 Sources, later ones winning: the TOML file, then `NORM_<SECTION>__<KEY>` environment variables, then
 `--set section.key=value` flags. Reading the sources is the shell's job; this module only turns the
 merged raw values into a `Config`, or raises `ConfigError` naming the key and the source.
+
+Each field declares its own constraints next to its documentation (`_doc(text, *constraints)`); one
+generic walk (`_validate`) applies them, then the few rules that span fields (`RULES`). The
+reference (`norm config reference`) shows the same constraints.
 """
 
 from __future__ import annotations
@@ -13,26 +17,248 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+from norm.core import values
 from norm.core.errors import ConfigError
 from norm.core.secret import Secret
 
 DEFAULT_PATH = "/etc/norm/norm.toml"
 ENV_PREFIX = "NORM_"
 
+# ---------------------------------------------------------------------------------------------------
+# Declared constraints: what a field's value must be, in words that never quote the value
 
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
+
+class Constraint(typing.Protocol):
+    @property
+    def says(self) -> str:
+        """The error's reason, and what the reference shows."""
+        ...
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` (an unset optional value is never asked), or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class Between:
+    """A number from lo to hi inclusive (more than lo with `above`); `off` is one more value allowed,
+    the one that turns the feature off. `wording` replaces the generated reason."""
+
+    lo: float
+    hi: float
+    unit: str = "seconds"
+    above: bool = False
+    off: float | None = None
+    note: str = ""
+    wording: str = ""
+
+    @property
+    def says(self) -> str:
+        if self.wording:
+            return self.wording
+        span = f"more than {self.lo} and at most {self.hi}" if self.above else f"from {self.lo} to {self.hi}"
+        off = "" if self.off is None else f"{self.off} (off) or "
+        note = f" ({self.note})" if self.note else ""
+        return f"must be {off}{span} {self.unit}".rstrip() + note
+
+    def admits(self, value: float) -> bool:
+        inside = self.lo < value <= self.hi if self.above else self.lo <= value <= self.hi
+        return inside or value == self.off
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.admits(value) else self.says
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Text the whole of which the grammar matches, at most max_len characters."""
+
+    grammar: re.Pattern[str]
+    says: str
+    max_len: int | None = None
+
+    def problem(self, value: Any) -> str | None:
+        fits = self.max_len is None or len(value) <= self.max_len
+        return None if fits and self.grammar.fullmatch(value) else self.says
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    says: str
+
+    def problem(self, value: Any) -> str | None:
+        return None if value else self.says
+
+
+@dataclass(frozen=True)
+class Holds:
+    """A predicate of the value that the other constraints do not express."""
+
+    test: Callable[[Any], bool]
+    says: str
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.test(value) else self.says
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A check with more than one reason: `judge` returns the reason, or None; `says` sums them up."""
+
+    judge: Callable[[Any], str | None]
+    says: str
+
+    def problem(self, value: Any) -> str | None:
+        return self.judge(value)
+
+
+@dataclass(frozen=True)
+class Each:
+    """The inner constraint on every item of a list, the first failing item's reason."""
+
+    inner: Constraint
+
+    @property
+    def says(self) -> str:
+        return self.inner.says
+
+    def problem(self, value: Any) -> str | None:
+        return next((p for item in value if (p := self.inner.problem(item)) is not None), None)
+
+
+def _doc(text: str, *constraints: Constraint, **kw: Any) -> Any:
+    return field(metadata={"doc": text, "constraints": constraints}, **kw)
+
+
+def constraints_of(f: dataclasses.Field[Any]) -> tuple[Constraint, ...]:
+    return typing.cast(tuple[Constraint, ...], f.metadata.get("constraints", ()))
+
+
+# The grammars and predicates the fields below declare. A machine id, a label (environment, role) and
+# an instance id have the grammar the values Norm reads back from etcd are held to.
+
+_UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)")
+# Starts with /, printable ASCII without spaces, and does not end with / (nor is / alone).
+_KEY = re.compile(r"/[\x21-\x7e]*[\x21-\x2e\x30-\x7e]")
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_OWNER = re.compile(r"[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?")
+_TARGET_GROUP = re.compile(
+    r"arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
+_IMAGE_REPO = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+
+WEEK = 7 * 86400
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); raises ValueError with the reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port with a port from 1 to 65535")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError("expected host:port with a host")
+    return host, int(port)
+
+
+def _listen_problem(value: str) -> str | None:
+    try:
+        host, _ = parse_listen(value)
+    except ValueError as e:
+        return str(e)
+    if host == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "the host must be an IP address or localhost"
+    return None
+
+
+def step_name(command: str) -> str:
+    """A one-off command's name in the ledger and in keys: its words, lowercased, joined by '-'."""
+    return re.sub(r"[^a-z0-9_]+", "-", command.lower()).strip("-_")[:63].strip("-_")
+
+
+def _distinct_steps(commands: tuple[str, ...]) -> bool:
+    names = [step_name(c) for c in commands]
+    return all(names) and len(set(names)) == len(names)
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    try:
+        parts = urlsplit(endpoint)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port is not None
+    except ValueError:
+        usable = False
+    if not usable:
+        return "each endpoint must look like http://host:port or https://host:port"
+    if parts.path not in ("", "/"):
+        return "an endpoint has no path"
+    return None
+
+
+def _one_scheme(endpoints: tuple[str, ...]) -> bool:
+    # Asked once every endpoint has passed _endpoint_problem.
+    return len({urlsplit(e).scheme for e in endpoints}) <= 1
+
+
+def _is_http_url(url: str, *, with_host: bool = True) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and (bool(parts.hostname) or not with_host)
+    except ValueError:  # an unbalanced [ or ] in the host
+        return False
+
+
+def _docker_address(address: str) -> bool:
+    try:
+        return urlsplit(address).scheme in ("unix", "tcp", "http", "https")
+    except ValueError:
+        return False
+
+
+def _absolute_file(path: str) -> bool:
+    return path.startswith("/") and not path.endswith("/")
+
+
+def _mount(mount: str) -> bool:
+    src, sep, dst = mount.partition(":")
+    return bool(sep) and src.startswith("/") and dst.startswith("/")
+
+
+def _object_key(key: str) -> bool:
+    return bool(key) and not key.startswith("/") and not key.replace("{environment}", "").count("{")
+
+
+_TIMEOUT = Between(0, 300, above=True)
+_INTERVAL = Between(1, 86400)
+_PHASE = Between(0, 86400, above=True)
+_WITHIN_A_WEEK = Between(0, WEEK, above=True, wording="must be more than 0 and at most a week, in seconds")
+_ETCD_KEY = Matches(_KEY, "must start with /, hold printable ASCII without spaces, not end with /")
+_HOST_LABEL = Matches(values.LABEL, "must be 1 to 63 letters, digits, '_', '.' or '-'")
+_ABSOLUTE_FILE = Holds(_absolute_file, "must be an absolute file path")
+_HTTP_URL = Holds(_is_http_url, "must be an http:// or https:// URL")
+
+# ---------------------------------------------------------------------------------------------------
+# The schema
 
 
 @dataclass(frozen=True)
 class EtcdConfig:
     endpoints: tuple[str, ...] = _doc(
         "etcd client URLs (http:// or https://); the agent fails over between them.",
+        NonEmpty("at least one endpoint is needed"),
+        Each(Judged(_endpoint_problem, "each endpoint must look like http://host:port or https://host:port, "
+                    "with no path")),
+        Holds(_one_scheme, "endpoints must all be http or all https"),
         default=("http://127.0.0.1:2379",),
     )
     ca_file: str | None = _doc("CA bundle that signs the etcd servers' certificates (https endpoints).",
@@ -47,48 +273,60 @@ class EtcdConfig:
         "Password of that user. Prefer password_file or the NORM_ETCD__PASSWORD environment variable.",
         default=None)
     password_file: str | None = _doc("File whose first line is the etcd password.", default=None)
-    dial_timeout: float = _doc("Seconds to wait for a connection to etcd.", default=5.0)
-    request_timeout: float = _doc("Seconds any single etcd request may take.", default=5.0)
+    dial_timeout: float = _doc("Seconds to wait for a connection to etcd.", _TIMEOUT, default=5.0)
+    request_timeout: float = _doc("Seconds any single etcd request may take.", _TIMEOUT, default=5.0)
     keepalive_time: float = _doc(
         "Seconds between gRPC keepalive pings (etcd refuses pings more often than every 5 s).",
-        default=10.0)
+        Between(5, 3600, note="etcd refuses faster pings"), default=10.0)
     keepalive_timeout: float = _doc("Seconds without a ping answer before the connection is dead.",
-                                    default=5.0)
+                                    _TIMEOUT, default=5.0)
     lease_ttl: int = _doc("TTL in seconds of the agent's lease (host registration, leadership).",
-                          default=10)
+                          Between(3, 3600), default=10)
     failover_after: int = _doc(
         "Requests failing in a row on one etcd member (unavailable, timed out) after which the agent "
         "moves to the next endpoint; a member that says it has no leader is left at once.",
-        default=2)
+        Between(1, 100, unit=""), default=2)
 
 
 @dataclass(frozen=True)
 class KeysConfig:
-    version: str = _doc("Key holding the desired image tag.", default="/djed-version")
-    environment: str = _doc("Key naming the environment file.", default="/djed-environment")
-    prefix: str = _doc("Prefix under which Norm keeps everything of its own.", default="/norm")
+    version: str = _doc("Key holding the desired image tag.", _ETCD_KEY, default="/djed-version")
+    environment: str = _doc("Key naming the environment file.", _ETCD_KEY, default="/djed-environment")
+    prefix: str = _doc("Prefix under which Norm keeps everything of its own.", _ETCD_KEY, default="/norm")
 
 
 @dataclass(frozen=True)
 class HostConfig:
     machine_id_path: str = _doc("File holding this host's machine id.", default="/etc/machine-id")
-    machine_id: str | None = _doc("Machine id to use instead of reading machine_id_path.", default=None)
-    name: str | None = _doc("Display name of the host; the system's hostname when unset.", default=None)
-    environment: str = _doc("Environment this host serves (prod, stage, test, ...).", default="prod")
-    role: str = _doc("Role of this host (django, celery, ...).", default="app")
+    machine_id: str | None = _doc("Machine id to use instead of reading machine_id_path.",
+                                 Matches(values.MACHINE_ID,
+                                         "must be 32 lowercase hex digits, as in /etc/machine-id"),
+                                 default=None)
+    name: str | None = _doc("Display name of the host; the system's hostname when unset.", _HOST_LABEL,
+                           default=None)
+    environment: str = _doc("Environment this host serves (prod, stage, test, ...).", _HOST_LABEL,
+                           default="prod")
+    role: str = _doc("Role of this host (django, celery, ...).", _HOST_LABEL, default="app")
 
 
 @dataclass(frozen=True)
 class UnitsConfig:
     patterns: tuple[str, ...] = _doc(
-        "systemd unit name patterns (fnmatch) that Norm manages.", default=("djed*.service",))
+        "systemd unit name patterns (fnmatch) that Norm manages.",
+        NonEmpty("at least one pattern is needed"),
+        Each(Matches(_UNIT_PATTERN, "each pattern must be a systemd unit name such as 'djed-*.service'",
+                     max_len=255)),
+        default=("djed*.service",))
 
 
 @dataclass(frozen=True)
 class SystemdConfig:
     bus_address: str | None = _doc("D-Bus address of the systemd manager; the system bus when unset.",
+                                   Holds(lambda a: ":" in a, "must be a D-Bus address such as "
+                                         "unix:path=/run/dbus/system_bus_socket"),
                                    default=None)
-    call_timeout: float = _doc("Seconds a systemd call or job (start, stop) may take.", default=30.0)
+    call_timeout: float = _doc("Seconds a systemd call or job (start, stop) may take.",
+                                Between(0, 600, above=True), default=30.0)
 
 
 @dataclass(frozen=True)
@@ -99,121 +337,149 @@ class HealingConfig:
         "with each attempt.", default=1.0)
     backoff_max: float = _doc("Longest wait between two attempts, in seconds.", default=60.0)
     budget: int = _doc("Attempts allowed per unit in any window; then the unit is quarantined.",
-                       default=5)
-    window: float = _doc("Seconds of the window the budget counts attempts in.", default=600.0)
+                       Between(1, 1000, unit="attempts"), default=5)
+    window: float = _doc("Seconds of the window the budget counts attempts in.", _WITHIN_A_WEEK,
+                         default=600.0)
     cooldown: float = _doc("Seconds a quarantine lasts unless an operator releases the unit first.",
-                           default=1800.0)
+                           _WITHIN_A_WEEK, default=1800.0)
     forget_after: float = _doc("Seconds a unit must stay healthy before its failures are forgotten.",
-                               default=300.0)
+                               _WITHIN_A_WEEK, default=300.0)
     resync_interval: float = _doc("Seconds between safety-net re-reads of every unit's state.",
-                                  default=60.0)
+                                  _INTERVAL, default=60.0)
 
 
 @dataclass(frozen=True)
 class DockerConfig:
-    host: str = _doc("Docker engine address.", default="unix:///var/run/docker.sock")
+    host: str = _doc("Docker engine address.",
+                    Holds(_docker_address, "must be unix:///path or tcp://host:port"), default="unix:///var/run/docker.sock")
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
     image: str | None = _doc(
         "Image repository the desired tag names (registry.example.com/djed/app); update mode is off "
-        "while unset.", default=None)
+        "while unset.",
+        Matches(_IMAGE_REPO, "must be an image repository without tag or digest, such as "
+                "registry.example.com/djed/app"),
+        default=None)
     release_file: str = _doc(
         "The release file Norm writes for the units' EnvironmentFile= (image pinned by digest).",
-        default="/run/norm/release.env")
+        _ABSOLUTE_FILE, default="/run/norm/release.env")
     roles: tuple[str, ...] = _doc(
         "Roles that take part in updates (hosts of the leader's environment); every role when empty.",
-        default=())
+        Each(Matches(values.LABEL, "each role must be 1 to 63 letters, digits, '_', '.' or '-'")), default=())
     steps: tuple[str, ...] = _doc(
         "One-off commands run once per version by the leader in the new image, in order, between the "
-        "fleet's stop and start (migrations, then static files).", default=("migrate", "collectstatic"))
+        "fleet's stop and start (migrations, then static files).",
+        Holds(_distinct_steps, "each step must be a distinct, non-empty command"),
+        default=("migrate", "collectstatic"))
     steps_env_file: str | None = _doc(
         "Environment file (KEY=VALUE lines) given to the one-off commands.", default=None)
     steps_network: str = _doc("Docker network of the one-off commands' containers.", default="host")
     steps_mounts: tuple[str, ...] = _doc(
-        "Bind mounts of the one-off commands' containers, as host_path:container_path.", default=())
+        "Bind mounts of the one-off commands' containers, as host_path:container_path.",
+        Each(Holds(_mount, "each mount must be /host/path:/container/path")), default=())
     compatible: tuple[str, ...] = _doc(
         "Tags or digests safe to set the fleet back to without a down-migration.", default=())
     pull_timeout: float = _doc("Seconds every host has to pull the new image (the pull barrier).",
-                               default=600.0)
-    stop_timeout: float = _doc("Seconds every host has to stop the units.", default=120.0)
+                               _PHASE, default=600.0)
+    stop_timeout: float = _doc("Seconds every host has to stop the units.", _PHASE, default=120.0)
     migration_timeout: float = _doc("Seconds one one-off command may run before it is killed.",
-                                    default=1800.0)
-    start_timeout: float = _doc("Seconds every host has to start the new release.", default=300.0)
+                                    _PHASE, default=1800.0)
+    start_timeout: float = _doc("Seconds every host has to start the new release.", _PHASE,
+                                default=300.0)
     on_trouble: Literal["exclude", "abort"] = _doc(
         "What happens to a rollout when a host dies, fails to pull or is too slow before the cut-over: "
         "exclude the host (it gets the release later), or abort the rollout.", default="exclude")
-    history: int = _doc("Finished rollouts kept in etcd.", default=20)
+    history: int = _doc("Finished rollouts kept in etcd.", Between(1, 1000, unit="rollouts"), default=20)
 
 
 @dataclass(frozen=True)
 class AwsConfig:
-    region: str | None = _doc("AWS region; from instance metadata when unset.", default=None)
+    region: str | None = _doc("AWS region; from instance metadata when unset.",
+                                 Matches(_AWS_REGION, "must be a region name such as eu-west-1"),
+                                 default=None)
     endpoint_url: str | None = _doc(
         "Endpoint of S3, ELBv2 and EC2 instead of AWS's own (a private endpoint, or a test server).",
-        default=None)
-    metadata_url: str = _doc("Instance metadata service (IMDSv2: token-based).",
+        _HTTP_URL, default=None)
+    metadata_url: str = _doc("Instance metadata service (IMDSv2: token-based).", _HTTP_URL,
                              default="http://169.254.169.254")
     use_metadata: bool = _doc(
         "Read the instance id, the region, and the environment and role from the instance tags "
         "environment (or Environment) and role (or Role) from instance metadata (the configuration "
         "wins where both speak).", default=False)
-    call_timeout: float = _doc("Seconds an AWS or instance metadata call may take.", default=10.0)
+    call_timeout: float = _doc("Seconds an AWS or instance metadata call may take.", _TIMEOUT,
+                                default=10.0)
 
 
 @dataclass(frozen=True)
 class EnvFileConfig:
     bucket: str | None = _doc(
-        "S3 bucket holding the environment files; environment files are off while unset.", default=None)
+        "S3 bucket holding the environment files; environment files are off while unset.",
+        Matches(_BUCKET, "must be an S3 bucket name (3 to 63 of a-z 0-9 . -)"), default=None)
     key: str = _doc("Object key of the environment file; {environment} is replaced by the value of "
                     "keys.environment in etcd (the host's environment while that key is absent).",
+                    Holds(_object_key, "must be an object key, with {environment} as its only placeholder"),
                     default="{environment}.env")
     path: str = _doc("Where the environment file is written, for the units' EnvironmentFile=.",
-                     default="/run/norm/app.env")
+                     _ABSOLUTE_FILE, default="/run/norm/app.env")
     owner: str | None = _doc(
         "Owner of the written file, as user or user:group; root when unset. Under the shipped unit it "
         "needs the drop-in deploy/env-owner.conf: the agent tries a chown at start and "
-        "exits 2 when it is refused.", default=None)
+        "exits 2 when it is refused.", Matches(_OWNER, "must be user or user:group"), default=None)
     interval: float = _doc("Seconds between checks of the object (conditional GET on its ETag).",
-                           default=60.0)
+                           _INTERVAL, default=60.0)
     on_change: Literal["restart", "next_rollout"] = _doc(
         "When the file changes: restart the units using it one at a time, each active again before the "
         "next, or leave them for the next rollout.", default="restart")
     units: tuple[str, ...] = _doc("Units using the file (restarted on a change); every managed unit "
-                                  "when empty.", default=())
+                                  "when empty.",
+                                  Each(Matches(_UNIT_PATTERN, "each must be a systemd unit name such as "
+                                               "'djed-web.service'")),
+                                  default=())
 
 
 @dataclass(frozen=True)
 class LbConfig:
     target_groups: tuple[str, ...] = _doc(
         "ELBv2 target group ARNs this host joins while its web unit is healthy; presence is off while "
-        "empty.", default=())
+        "empty.",
+        Each(Matches(_TARGET_GROUP, "each must be a target group ARN "
+                     "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")),
+        default=())
     instance_id: str | None = _doc("The host's EC2 instance id; from instance metadata when unset.",
+                                   Matches(values.INSTANCE_ID, "must be an EC2 instance id such as "
+                                           "i-0123456789abcdef0"),
                                    default=None)
     unit: str = _doc("The unit whose health puts the host in the target groups.",
+                     Matches(_UNIT_PATTERN, "must be a systemd unit name such as 'djed-web.service'"),
                      default="djed-web.service")
     health_url: str | None = _doc(
         "URL that must answer 2xx before the host is registered (checked after the unit is active).",
+        Holds(lambda url: _is_http_url(url, with_host=False), "must be an http:// or https:// URL"),
         default=None)
-    health_timeout: float = _doc("Seconds one try of the health URL may take.", default=2.0)
+    health_timeout: float = _doc("Seconds one try of the health URL may take.", Between(0.1, 60),
+                                default=2.0)
     health_give_up: float = _doc(
         "Seconds a run of the unit may take to answer its health URL before presence gives up on that "
         "run (it stays out of the target groups until the unit runs again).", default=300.0)
     port: int | None = _doc("Port registered in the target groups; the groups' own when unset.",
-                            default=None)
+                            Between(1, 65535, wording="must be a port from 1 to 65535"), default=None)
     drain_timeout: float = _doc(
         "Seconds to wait for a deregistered target to finish draining before stopping its units; in "
         "update mode, shorter than update.stop_timeout (match the target groups' deregistration delay).",
-        default=60.0)
+        Between(0, 3600), default=60.0)
     recheck_interval: float = _doc(
         "Seconds between reads of the host's state in each target group, so that a registration "
-        "changed by someone else is put back as presence wants it; 0 turns the reads off.", default=60.0)
+        "changed by someone else is put back as presence wants it; 0 turns the reads off.",
+        Between(1, 86400, off=0), default=60.0)
 
 
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = _doc("host:port of the /metrics, /healthz and /readyz endpoint.",
+                       Judged(_listen_problem, "must be host:port, the host an IP address or localhost, "
+                              "the port from 1 to 65535"),
                        default="127.0.0.1:9847")
 
 
@@ -221,16 +487,16 @@ class HttpConfig:
 class AgentConfig:
     shutdown_timeout: float = _doc(
         "Seconds a graceful stop may take before running work is cancelled; keep it below the "
-        "unit's TimeoutStopSec.", default=20.0)
+        "unit's TimeoutStopSec.", Between(0, 600, above=True), default=20.0)
     resync_interval: float = _doc("Seconds between safety-net re-reads of the watched keys.",
-                                  default=300.0)
+                                  _INTERVAL, default=300.0)
     leader_eligible: bool = _doc(
         "Campaign for fleet leadership. Set it false on hosts whose etcd user has no norm-leader role "
         "(see `norm access`): they follow rollouts but never lead.", default=True)
     state_dir: str = _doc(
         "Directory of what the agent keeps across its restarts and the host's (healing.json: each "
         "unit's healing attempts, backoff and quarantine). The unit's StateDirectory=.",
-        default="/var/lib/norm")
+        Holds(lambda p: p.startswith("/"), "must be an absolute directory path"), default="/var/lib/norm")
 
 
 @dataclass(frozen=True)
@@ -261,6 +527,7 @@ class Config:
 def _section_types() -> dict[str, type[Any]]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,62 +590,84 @@ def merge(*trees: RawTree) -> RawTree:
 # ---------------------------------------------------------------------------------------------------
 # Coercion: raw value -> typed value, per the dataclass annotations
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _to_bool(value: object) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    return None
+
+
+def _to_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    # At most 18 digits: int() of a longer text may exceed the interpreter's digit limit.
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        return int(value)
+    return None
+
+
+def _to_float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _to_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _to_secret(value: object) -> Secret | None:
+    return Secret(value) if isinstance(value, str) else None
+
+
+# Each scalar type: its conversion (None when the value is not one) and what the error says then.
+_SCALARS: dict[object, tuple[Callable[[object], object | None], str]] = {
+    bool: (_to_bool, "expected true or false"),
+    int: (_to_int, "expected a whole number"),
+    float: (_to_float, "expected a number"),
+    str: (_to_str, "expected a string"),
+    Secret: (_to_secret, "expected a string"),
+}
+
+
+def _items(raw: Raw, key: str) -> list[object]:
+    if isinstance(raw.value, str):
+        return [v.strip() for v in raw.value.split(",") if v.strip()]
+    if isinstance(raw.value, list | tuple):
+        return list(raw.value)
+    raise ConfigError(key, raw.source, "expected a list")
+
 
 def _coerce(tp: Any, raw: Raw, key: str) -> object:
-    value = raw.value
+    """The typed value of `raw` for annotation `tp`. Only the type is checked here: the bounds and
+    grammars are the fields' declared constraints, checked by _validate once the whole tree is built."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or value == "":
+        if raw.value is None or raw.value == "":
             return None
-        return _coerce(args[0], raw, key)
+        return _coerce(next(a for a in get_args(tp) if a is not type(None)), raw, key)
     if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(key, raw.source, f"must be one of {', '.join(map(str, choices))}")
-        return value
+        if raw.value not in get_args(tp):
+            raise ConfigError(key, raw.source, f"must be one of {', '.join(map(str, get_args(tp)))}")
+        return raw.value
     if origin is tuple:
-        (item,) = get_args(tp)[:1]
-        if isinstance(value, str):
-            items: list[object] = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, list | tuple):
-            items = list(value)
-        else:
-            raise ConfigError(key, raw.source, "expected a list")
-        return tuple(_coerce(item, Raw(v, raw.source), key) for v in items)
-    if tp is Secret:
-        if not isinstance(value, str):
-            raise ConfigError(key, raw.source, "expected a string")
-        return Secret(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(key, raw.source, "expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, raw.source, "expected a whole number")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
-            return int(value)
-        raise ConfigError(key, raw.source, "expected a whole number")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, raw.source, "expected a number")
-        try:
-            number = float(value) if isinstance(value, int | float | str) else math.nan
-        except (ValueError, OverflowError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise ConfigError(key, raw.source, "expected a number")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, raw.source, "expected a string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r}")  # a bug in the schema, not in the input
+        return tuple(_coerce(get_args(tp)[0], Raw(v, raw.source), key) for v in _items(raw, key))
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r}")  # a bug in the schema, not in the input
+    convert, expected = _SCALARS[tp]
+    value = convert(raw.value)
+    if value is None:
+        raise ConfigError(key, raw.source, expected)
+    return value
 
 
 def build(tree: RawTree) -> Config:
@@ -404,21 +693,67 @@ def build(tree: RawTree) -> Config:
     _validate(config, tree)
     return config
 
-
 # ---------------------------------------------------------------------------------------------------
-# Whole-tree validation
+# Whole-tree validation: each field's declared constraints, then the rules across fields
 
 
-_UNIT_PATTERN = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+\.(service|socket|timer|target|path|mount)")
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
-_KEY = re.compile(r"/[\x21-\x7e]*")
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_OWNER = re.compile(r"[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?")
-_TARGET_GROUP = re.compile(
-    r"arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
-_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8}([0-9a-f]{9})?")
+@dataclass(frozen=True)
+class Rule:
+    """A check that spans fields. `broken(config)` says it fails; the error names `key`. It runs right
+    after the constraints of the field `after`, once every field it reads has passed its own."""
+
+    name: str
+    key: str
+    says: str
+    broken: Callable[[Config], bool]
+    after: str
+
+
+def _no_https(c: Config) -> bool:
+    return c.etcd.cert_file is not None and urlsplit(c.etcd.endpoints[0]).scheme != "https"
+
+
+def _under_prefix(key: str, c: Config) -> bool:
+    return key.startswith(c.keys.prefix + "/")
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("tls-key-with-cert", "etcd.key_file", "cert_file and key_file go together",
+         lambda c: c.etcd.cert_file is not None and c.etcd.key_file is None, after="etcd.key_file"),
+    Rule("tls-cert-with-key", "etcd.cert_file", "cert_file and key_file go together",
+         lambda c: c.etcd.cert_file is None and c.etcd.key_file is not None, after="etcd.key_file"),
+    Rule("client-cert-needs-https", "etcd.cert_file", "client certificates need https endpoints",
+         _no_https, after="etcd.key_file"),
+    Rule("one-password", "etcd.password_file", "set password or password_file, not both",
+         lambda c: c.etcd.password is not None and c.etcd.password_file is not None,
+         after="etcd.password_file"),
+    Rule("password-needs-username", "etcd.username", "a password needs a username",
+         lambda c: (c.etcd.password is not None or c.etcd.password_file is not None) and not c.etcd.username,
+         after="etcd.password_file"),
+    Rule("username-needs-password", "etcd.password", "a username needs password or password_file",
+         lambda c: bool(c.etcd.username) and c.etcd.password is None and c.etcd.password_file is None,
+         after="etcd.password_file"),
+    Rule("request-within-lease", "etcd.request_timeout", "must be shorter than etcd.lease_ttl",
+         lambda c: c.etcd.request_timeout >= c.etcd.lease_ttl, after="etcd.failover_after"),
+    Rule("version-outside-prefix", "keys.version", "must not live under keys.prefix, which Norm owns",
+         lambda c: _under_prefix(c.keys.version, c), after="keys.prefix"),
+    Rule("environment-outside-prefix", "keys.environment", "must not live under keys.prefix, which Norm owns",
+         lambda c: _under_prefix(c.keys.environment, c), after="keys.prefix"),
+    Rule("backoff-within-max", "healing.backoff_initial",
+         "must be more than 0 and at most healing.backoff_max (<= 86400)",
+         lambda c: not 0 < c.healing.backoff_initial <= c.healing.backoff_max <= 86400,
+         after="healing.backoff_max"),
+    Rule("cooldown-covers-window", "healing.cooldown",
+         "must be at least healing.window (a quarantine starts a fresh budget)",
+         lambda c: c.healing.cooldown < c.healing.window, after="healing.forget_after"),
+    Rule("give-up-after-a-try", "lb.health_give_up", "must be from lb.health_timeout to 86400 seconds",
+         lambda c: not c.lb.health_timeout <= c.lb.health_give_up <= 86400, after="lb.health_give_up"),
+    Rule("drain-within-stop", "lb.drain_timeout",
+         "must be shorter than update.stop_timeout: an update's stop waits for the draining",
+         lambda c: bool(c.lb.target_groups) and c.update.image is not None
+         and c.lb.drain_timeout >= c.update.stop_timeout,
+         after="lb.recheck_interval"),
+)
 
 
 def _source(tree: RawTree, dotted: str) -> str:
@@ -427,206 +762,33 @@ def _source(tree: RawTree, dotted: str) -> str:
     return raw.source if raw else "default"
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); raises ValueError with the reason."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected host:port with a port from 1 to 65535")
-    host = host.strip("[]")
-    if not host:
-        raise ValueError("expected host:port with a host")
-    return host, int(port)
+def _fields(config: Config) -> typing.Iterator[tuple[str, object, tuple[Constraint, ...]]]:
+    """Every field of the tree, in the schema's order: its dotted key, value and constraints."""
+    for s in dataclasses.fields(config):
+        section = getattr(config, s.name)
+        for f in dataclasses.fields(section):
+            yield f"{s.name}.{f.name}", getattr(section, f.name), constraints_of(f)
 
 
-_IMAGE_REPO = re.compile(
-    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-
-
-def step_name(command: str) -> str:
-    """A one-off command's name in the ledger and in keys: its words, lowercased, joined by '-'."""
-    return re.sub(r"[^a-z0-9_]+", "-", command.lower()).strip("-_")[:63].strip("-_")
+def _first_problem(config: Config) -> tuple[str, str] | None:
+    """The first broken constraint or rule, as (key, reason): fields in the schema's order, each rule
+    right after the field it names as `after`."""
+    for dotted, value, constraints in _fields(config):
+        if value is not None:
+            reason = next((p for c in constraints if (p := c.problem(value)) is not None), None)
+            if reason is not None:
+                return dotted, reason
+        rule = next((r for r in RULES if r.after == dotted and r.broken(config)), None)
+        if rule is not None:
+            return rule.key, rule.says
+    return None
 
 
 def _validate(config: Config, tree: RawTree) -> None:
-    def fail(dotted: str, reason: str) -> typing.NoReturn:
-        raise ConfigError(dotted, _source(tree, dotted), reason)
-
-    etcd = config.etcd
-    if not etcd.endpoints:
-        fail("etcd.endpoints", "at least one endpoint is needed")
-    schemes = set()
-    for ep in etcd.endpoints:
-        try:
-            parts = urlsplit(ep)
-            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port is not None
-        except ValueError:
-            usable = False
-        if not usable:
-            fail("etcd.endpoints", "each endpoint must look like http://host:port or https://host:port")
-        if parts.path not in ("", "/"):
-            fail("etcd.endpoints", "an endpoint has no path")
-        schemes.add(parts.scheme)
-    if len(schemes) > 1:
-        fail("etcd.endpoints", "endpoints must all be http or all https")
-    if (etcd.cert_file is None) != (etcd.key_file is None):
-        fail("etcd.cert_file" if etcd.cert_file is None else "etcd.key_file",
-             "cert_file and key_file go together")
-    if etcd.cert_file and "https" not in schemes:
-        fail("etcd.cert_file", "client certificates need https endpoints")
-    if etcd.password is not None and etcd.password_file is not None:
-        fail("etcd.password_file", "set password or password_file, not both")
-    if (etcd.password is not None or etcd.password_file is not None) and not etcd.username:
-        fail("etcd.username", "a password needs a username")
-    if etcd.username and etcd.password is None and etcd.password_file is None:
-        fail("etcd.password", "a username needs password or password_file")
-    for name in ("dial_timeout", "request_timeout", "keepalive_timeout"):
-        if not 0 < getattr(etcd, name) <= 300:
-            fail(f"etcd.{name}", "must be more than 0 and at most 300 seconds")
-    if not 5 <= etcd.keepalive_time <= 3600:
-        fail("etcd.keepalive_time", "must be from 5 to 3600 seconds (etcd refuses faster pings)")
-    if not 3 <= etcd.lease_ttl <= 3600:
-        fail("etcd.lease_ttl", "must be from 3 to 3600 seconds")
-    if not 1 <= etcd.failover_after <= 100:
-        fail("etcd.failover_after", "must be from 1 to 100")
-    if etcd.request_timeout >= etcd.lease_ttl:
-        fail("etcd.request_timeout", "must be shorter than etcd.lease_ttl")
-
-    keys = config.keys
-    for name in ("version", "environment", "prefix"):
-        value = getattr(keys, name)
-        if not _KEY.fullmatch(value) or value.endswith("/"):
-            fail(f"keys.{name}", "must start with /, hold printable ASCII without spaces, not end with /")
-    prefix = keys.prefix + "/"
-    for name in ("version", "environment"):
-        if getattr(keys, name).startswith(prefix):
-            fail(f"keys.{name}", "must not live under keys.prefix, which Norm owns")
-
-    host = config.host
-    if host.machine_id is not None and not _MACHINE_ID.fullmatch(host.machine_id):
-        fail("host.machine_id", "must be 32 lowercase hex digits, as in /etc/machine-id")
-    for name in ("environment", "role"):
-        if not _LABEL.fullmatch(getattr(host, name)):
-            fail(f"host.{name}", "must be 1 to 63 letters, digits, '_', '.' or '-'")
-    if host.name is not None and not _LABEL.fullmatch(host.name):
-        fail("host.name", "must be 1 to 63 letters, digits, '_', '.' or '-'")
-
-    if not config.units.patterns:
-        fail("units.patterns", "at least one pattern is needed")
-    for pattern in config.units.patterns:
-        if not _UNIT_PATTERN.fullmatch(pattern) or len(pattern) > 255:
-            fail("units.patterns", "each pattern must be a systemd unit name such as 'djed-*.service'")
-
-    try:
-        host_part, _ = parse_listen(config.http.listen)
-    except ValueError as e:
-        fail("http.listen", str(e))
-    if host_part != "localhost":
-        try:
-            ipaddress.ip_address(host_part)
-        except ValueError:
-            fail("http.listen", "the host must be an IP address or localhost")
-
-    try:
-        docker_scheme = urlsplit(config.docker.host).scheme
-    except ValueError:
-        docker_scheme = ""
-    if docker_scheme not in ("unix", "tcp", "http", "https"):
-        fail("docker.host", "must be unix:///path or tcp://host:port")
-
-    if not 0 < config.systemd.call_timeout <= 600:
-        fail("systemd.call_timeout", "must be more than 0 and at most 600 seconds")
-    if config.systemd.bus_address is not None and ":" not in config.systemd.bus_address:
-        fail("systemd.bus_address", "must be a D-Bus address such as unix:path=/run/dbus/system_bus_socket")
-    heal = config.healing
-    if not 0 < heal.backoff_initial <= heal.backoff_max <= 86400:
-        fail("healing.backoff_initial", "must be more than 0 and at most healing.backoff_max (<= 86400)")
-    if not 1 <= heal.budget <= 1000:
-        fail("healing.budget", "must be from 1 to 1000 attempts")
-    for name in ("window", "cooldown", "forget_after"):
-        if not 0 < getattr(heal, name) <= 7 * 86400:
-            fail(f"healing.{name}", "must be more than 0 and at most a week, in seconds")
-    if heal.cooldown < heal.window:
-        fail("healing.cooldown", "must be at least healing.window (a quarantine starts a fresh budget)")
-    if not 1 <= heal.resync_interval <= 86400:
-        fail("healing.resync_interval", "must be from 1 to 86400 seconds")
-
-    up = config.update
-    if up.image is not None and not _IMAGE_REPO.fullmatch(up.image):
-        fail("update.image", "must be an image repository without tag or digest, such as "
-             "registry.example.com/djed/app")
-    if not up.release_file.startswith("/") or up.release_file.endswith("/"):
-        fail("update.release_file", "must be an absolute file path")
-    for role in up.roles:
-        if not _LABEL.fullmatch(role):
-            fail("update.roles", "each role must be 1 to 63 letters, digits, '_', '.' or '-'")
-    names = [step_name(c) for c in up.steps]
-    if any(not n for n in names) or len(set(names)) != len(names):
-        fail("update.steps", "each step must be a distinct, non-empty command")
-    for mount in up.steps_mounts:
-        src, sep, dst = mount.partition(":")
-        if not sep or not src.startswith("/") or not dst.startswith("/"):
-            fail("update.steps_mounts", "each mount must be /host/path:/container/path")
-    for name in ("pull_timeout", "stop_timeout", "start_timeout", "migration_timeout"):
-        if not 0 < getattr(up, name) <= 86400:
-            fail(f"update.{name}", "must be more than 0 and at most 86400 seconds")
-    if not 1 <= up.history <= 1000:
-        fail("update.history", "must be from 1 to 1000 rollouts")
-
-    aws = config.aws
-    for name in ("endpoint_url", "metadata_url"):
-        url = getattr(aws, name)
-        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
-            fail(f"aws.{name}", "must be an http:// or https:// URL")
-    if aws.region is not None and not _AWS_REGION.fullmatch(aws.region):
-        fail("aws.region", "must be a region name such as eu-west-1")
-    if not 0 < aws.call_timeout <= 300:
-        fail("aws.call_timeout", "must be more than 0 and at most 300 seconds")
-    env = config.env
-    if env.bucket is not None and not _BUCKET.fullmatch(env.bucket):
-        fail("env.bucket", "must be an S3 bucket name (3 to 63 of a-z 0-9 . -)")
-    if not env.key or env.key.startswith("/") or env.key.replace("{environment}", "").count("{"):
-        fail("env.key", "must be an object key, with {environment} as its only placeholder")
-    if not env.path.startswith("/") or env.path.endswith("/"):
-        fail("env.path", "must be an absolute file path")
-    if env.owner is not None and not _OWNER.fullmatch(env.owner):
-        fail("env.owner", "must be user or user:group")
-    if not 1 <= env.interval <= 86400:
-        fail("env.interval", "must be from 1 to 86400 seconds")
-    for unit in env.units:
-        if not _UNIT_PATTERN.fullmatch(unit):
-            fail("env.units", "each must be a systemd unit name such as 'djed-web.service'")
-    lb = config.lb
-    for arn in lb.target_groups:
-        if not _TARGET_GROUP.fullmatch(arn):
-            fail("lb.target_groups", "each must be a target group ARN "
-                 "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")
-    if lb.instance_id is not None and not _INSTANCE_ID.fullmatch(lb.instance_id):
-        fail("lb.instance_id", "must be an EC2 instance id such as i-0123456789abcdef0")
-    if not _UNIT_PATTERN.fullmatch(lb.unit):
-        fail("lb.unit", "must be a systemd unit name such as 'djed-web.service'")
-    if lb.health_url is not None and urlsplit(lb.health_url).scheme not in ("http", "https"):
-        fail("lb.health_url", "must be an http:// or https:// URL")
-    if lb.port is not None and not 1 <= lb.port <= 65535:
-        fail("lb.port", "must be a port from 1 to 65535")
-    if not 0 <= lb.drain_timeout <= 3600:
-        fail("lb.drain_timeout", "must be from 0 to 3600 seconds")
-    if not 0.1 <= lb.health_timeout <= 60:
-        fail("lb.health_timeout", "must be from 0.1 to 60 seconds")
-    if not lb.health_timeout <= lb.health_give_up <= 86400:
-        fail("lb.health_give_up", "must be from lb.health_timeout to 86400 seconds")
-    if lb.recheck_interval != 0 and not 1 <= lb.recheck_interval <= 86400:
-        fail("lb.recheck_interval", "must be 0 (off) or from 1 to 86400 seconds")
-    if lb.target_groups and up.image is not None and lb.drain_timeout >= up.stop_timeout:
-        fail("lb.drain_timeout", "must be shorter than update.stop_timeout: an update's stop waits for "
-             "the draining")
-
-    if not 0 < config.agent.shutdown_timeout <= 600:
-        fail("agent.shutdown_timeout", "must be more than 0 and at most 600 seconds")
-    if not 1 <= config.agent.resync_interval <= 86400:
-        fail("agent.resync_interval", "must be from 1 to 86400 seconds")
-    if not config.agent.state_dir.startswith("/"):
-        fail("agent.state_dir", "must be an absolute directory path")
+    problem = _first_problem(config)
+    if problem is not None:
+        key, reason = problem
+        raise ConfigError(key, _source(tree, key), reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -656,6 +818,12 @@ def _default_text(value: object) -> str:
     return str(value)
 
 
+def constraints_text(dotted: str, f: dataclasses.Field[Any]) -> str:
+    """What the reference says a field must be: its declared constraints, then the rules naming it."""
+    says = [c.says for c in constraints_of(f)] + [r.says for r in RULES if r.key == dotted]
+    return "; ".join(dict.fromkeys(says))
+
+
 def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
@@ -666,17 +834,19 @@ def reference_markdown() -> str:
         "variables `NORM_<SECTION>__<KEY>` (for example `NORM_ETCD__ENDPOINTS`), then",
         "`--set section.key=value` flags; a later source wins. Lists given as text are comma-separated.",
         "Unknown sections or keys are errors. `norm config check FILE` validates a file and exits 2,",
-        "naming the key and the source, when something is wrong.",
+        "naming the key and the source, when something is wrong. The constraints column says what each",
+        "key must be, in the words of the error it is refused with.",
         "",
     ]
     for section, cls in _section_types().items():
         hints = typing.get_type_hints(cls)
-        lines += [f"## [{section}]", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines += [f"## [{section}]", "", "| key | type | default | constraints | meaning |",
+                  "| --- | --- | --- | --- | --- |"]
         default = cls()
         for f in dataclasses.fields(cls):
             lines.append(
                 f"| `{f.name}` | {_type_name(hints[f.name])} | `{_default_text(getattr(default, f.name))}` "
-                f"| {f.metadata.get('doc', '')} |"
+                f"| {constraints_text(f'{section}.{f.name}', f)} | {f.metadata.get('doc', '')} |"
             )
         lines.append("")
     return "\n".join(lines)

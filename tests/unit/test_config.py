@@ -870,3 +870,9 @@ def test_draining_must_fit_in_an_updates_stop() -> None:
     fails(lambda: from_flags(f"lb.target_groups={TG}", "update.image=registry.example.com/djed/app",
                              "lb.drain_timeout=120", "update.stop_timeout=120"),
           "lb.drain_timeout", "--set lb.drain_timeout", "update.stop_timeout")
+
+
+@pytest.mark.parametrize("key", ["aws.endpoint_url", "aws.metadata_url", "lb.health_url"])
+@pytest.mark.parametrize("value", ["http://[", "http://[::1", "https://h]:80/"])
+def test_a_url_that_cannot_be_split_is_a_config_error(key: str, value: str) -> None:
+    fails(lambda: from_flags(f"{key}={value}"), key, f"--set {key}", "http:// or https:// URL")
