@@ -266,7 +266,8 @@ def check_fenced(obs: Observations) -> list[str]:
 
 def _leadership_spans(obs: Observations) -> dict[str, list[tuple[float, float, int]]]:
     """What each agent's log says of its leadership: [(from, to, token)], a span ended by lost or
-    resigned, by the agent starting again or being killed, else by the end of the run."""
+    resigned, or deposed (its key deleted or taken), by the agent starting again or being killed, else
+    by the end of the run."""
     end = obs.ended or max([n.at for n in obs.notes] + [obs.ended_faults])
     spans: dict[str, list[tuple[float, float, int]]] = {}
     for host, entries in (obs.leader_logs or obs.logs).items():
@@ -278,7 +279,8 @@ def _leadership_spans(obs: Observations) -> dict[str, list[tuple[float, float, i
             if ev == "leader.elected":
                 if current is None:
                     current = (t, int(entry.get("token", 0)))
-            elif ev in ("leader.lost", "leader.resigned", "agent.starting") and current is not None:
+            elif ev in ("leader.lost", "leader.deposed", "leader.resigned", "agent.starting") \
+                    and current is not None:
                 found.append((current[0], t, current[1]))
                 current = None
             if current is not None and ev == "agent.starting":
