@@ -1,6 +1,7 @@
 """Values in etcd that once made Norm fail, each pinned (the fuzz campaign of test_fuzz_etcd.py
-found them): a reader over a hostile store answers with a clear error or shows what it cannot read
-as such, never a traceback, and prints nothing that could drive the operator's terminal."""
+found them). The agent over a hostile store refuses the value, counts it and runs on; the CLI's readers
+answer with a clear error or show what they cannot read as such, never a traceback, and print nothing
+that could drive the operator's terminal."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import io
 import json
 import re
 import secrets
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from norm.app import cli
+from norm.core import release as rel
 from norm.core.host import units_key
+from norm.core.rollout import Phase, Release
 from sandbox.etcd import EtcdMember
+from sandbox.procs import wait_for
+from sandbox.systemd import SystemdManager
+from tests.plugins.agent import AgentProc
 
 P = "/norm"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -51,3 +60,29 @@ def test_norm_units_over_a_hostile_summary_answers_without_a_traceback_or_an_esc
     code, printed = run_cli(cli_config(tmp_path, etcd, me), "units")
     assert code in (0, 1)
     assert not CONTROL.search(printed), printed
+
+
+def rejected(agent: AgentProc, key: str) -> float:
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "norm_rejected_values_total" and s.labels.get("key") == key)
+
+
+def test_an_agent_over_a_participant_list_nested_too_deep_refuses_it_and_runs(
+        etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
+        tmp_path: Path) -> None:
+    systemd_manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
+    systemd_manager.systemctl("start", "djed-web.service")
+    header = rel.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
+                        previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1)
+    etcd.ctl("put", rel.hosts_list_key(P, 7), "[" * 50_000 + "]" * 50_000)
+    etcd.ctl("put", rel.header_key(P), header.encode().decode())
+    agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
+                   extra_toml=('[docker]\nhost = "unix:///nonexistent/docker.sock"\n'
+                               f'[update]\nimage = "127.0.0.1:5000/djed/app"\n'
+                               f'release_file = "{tmp_path / "release.env"}"\n'))
+    agent.wait_notify("READY=1", timeout=60)
+    wait_for(lambda: rejected(agent, "rollout hosts") == 1, timeout=30, what="the participant list refused")
+    assert agent.proc is not None and agent.proc.alive
+    assert "Traceback" not in agent.logs()
