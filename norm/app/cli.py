@@ -504,7 +504,7 @@ def _request_errors(raw: bytes, unit: str) -> list[str]:
     """What the agent's summary says of the requests for `unit` that keep failing."""
     try:
         summary = json.loads(raw) if raw else []
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     out: list[str] = []
     for u in summary if isinstance(summary, list) else []:
@@ -519,7 +519,7 @@ def _request_errors(raw: bytes, unit: str) -> list[str]:
 def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:
     try:
         summary = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     for u in summary if isinstance(summary, list) else []:
         if isinstance(u, dict) and u.get("unit") == unit:

@@ -86,3 +86,14 @@ def test_an_agent_over_a_participant_list_nested_too_deep_refuses_it_and_runs(
     wait_for(lambda: rejected(agent, "rollout hosts") == 1, timeout=30, what="the participant list refused")
     assert agent.proc is not None and agent.proc.alive
     assert "Traceback" not in agent.logs()
+
+
+@pytest.mark.parametrize("command", ["stop", "start"])
+def test_norm_units_stop_and_start_over_a_summary_nested_too_deep_time_out_without_a_traceback(
+        etcd: EtcdMember, tmp_path: Path, command: str) -> None:
+    me = secrets.token_hex(16)
+    etcd.ctl("put", units_key(P, me), "[" * 50_000 + "]" * 50_000)
+    code, printed = run_cli(cli_config(tmp_path, etcd, me), "units", command, "djed-web.service",
+                            "--timeout", "2")
+    assert code == 1
+    assert "the agent did not confirm within 2s" in printed
