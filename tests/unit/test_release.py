@@ -287,3 +287,23 @@ def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catche
     assert not behind(header(Phase.FAILED)) and not behind(header(Phase.SUPERSEDED))
     assert not behind(header(Phase.HALTED))  # an operator decides
     assert not behind(None)
+
+
+NUMBERS_OUT_OF_RANGE = ["9" * 400, "-" + "9" * 400, "1e400", "-1e999", "Infinity", "-Infinity", "NaN"]
+
+
+@pytest.mark.parametrize("number", NUMBERS_OUT_OF_RANGE)
+@pytest.mark.parametrize("field", ["started_at", "updated_at", "ended_at"])
+def test_a_time_in_a_header_that_is_no_finite_float_is_refused(field: str, number: str) -> None:
+    import json
+
+    raw = json.dumps(header_dict(**{field: "@N@"})).replace('"@N@"', number).encode()
+    with pytest.raises(InvalidValue):
+        rel.Header.decode(raw, "/norm/rollout")
+
+
+@pytest.mark.parametrize("number", NUMBERS_OUT_OF_RANGE)
+def test_a_step_duration_in_a_report_that_is_no_finite_float_is_refused(number: str) -> None:
+    raw = b'{"ok": true, "host": "' + A.encode() + b'", "exit_code": 0, "seconds": ' + number.encode() + b"}"
+    with pytest.raises(InvalidValue):
+        rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate", raw)
