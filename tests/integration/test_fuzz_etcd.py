@@ -36,6 +36,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,7 +53,7 @@ from norm.core.units import matches, parse_unit_name
 from norm.core.values import MACHINE_ID
 from sandbox.docker import DockerEngine
 from sandbox.etcd import EtcdMember
-from sandbox.procs import wait_for
+from sandbox.procs import SandboxError, wait_for
 from sandbox.systemd import SystemdManager
 from tests.plugins.agent import AgentProc
 
@@ -135,14 +136,18 @@ def almost_valid(draw: st.DrawFn, template: object) -> str:
     """`template` (a valid value, as JSON data) with one thing made hostile."""
     data = json.loads(json.dumps(template))
     if isinstance(data, dict) and data:
-        field = draw(st.sampled_from(sorted(data)))
-        how = draw(st.sampled_from(["text", "type", "number", "unknown", "deep", "missing"]))
+        how = draw(st.sampled_from(["text", "type", "number", "huge", "unknown", "deep", "missing"]))
+        numeric = sorted(k for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        fields = numeric if how in ("number", "huge") and numeric else sorted(data)
+        field = draw(st.sampled_from(fields))
         if how == "text":
             data[field] = draw(HOSTILE_TEXT)
         elif how == "type":
             data[field] = draw(WRONG_TYPE)
         elif how == "number":
             data[field] = draw(NUMBER)
+        elif how == "huge":
+            data[field] = HUGE
         elif how == "unknown":
             data[draw(st.sampled_from([MARK, "x" + MARK, "__class__"]))] = MARK
         elif how == "deep":
@@ -156,7 +161,9 @@ def almost_valid(draw: st.DrawFn, template: object) -> str:
         data = draw(st.one_of(HOSTILE_TEXT, WRONG_TYPE))
     text = _json(data)
     depth = draw(st.sampled_from([3, 50, 999, 1001, 5000, 100_000]))
-    return (text.replace(_json(HUGE), "9" * draw(st.sampled_from([20, 4301, 20_000])))
+    huge = draw(st.sampled_from(["9" * 20, "9" * 400, "-" + "9" * 400, "9" * 4301, "9" * 20_000, "1e400",
+                                 "-1e999", "1" + "0" * 308 + ".5"]))
+    return (text.replace(_json(HUGE), huge)
             .replace(_json(DEEP), "[" * depth + _json(MARK) + "]" * depth))
 
 
@@ -220,6 +227,8 @@ def _refuses(check: Callable[[str, bytes], object]) -> Callable[[str, bytes], bo
         try:
             check(key, raw)
         except InvalidValue:
+            return True
+        except Exception:  # the grammar failed on it: hostile all the same, and the agent must live
             return True
         return False
 
@@ -330,6 +339,9 @@ def metrics(agent: AgentProc) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def rejected(agent: AgentProc) -> dict[str, float]:
+    """The agent's refusals by key; raises (ending any wait at once) if the agent has exited."""
+    if agent.proc is None or not agent.proc.alive:
+        raise SandboxError(f"the agent exited:\n{agent.proc.tail() if agent.proc else ''}")
     return {dict(labels)["key"]: value for (name, labels), value in metrics(agent).items()
             if name == "norm_rejected_values_total"}
 
@@ -359,6 +371,7 @@ CLI_READERS = (("status",), ("hosts",), ("units",), ("history",), ("rollout", "-
 # The campaign
 
 
+@pytest.mark.timeout(300 + EXAMPLES // 5)
 def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         etcd: EtcdMember, systemd_manager: SystemdManager, docker_engine: DockerEngine,
         agents: Callable[..., AgentProc], tmp_path: Path) -> None:
@@ -455,6 +468,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         sentinel = writer.put(VERSION_KEY, b"fuzz-done")
 
         def sentinel_done() -> bool:
+            rejected(agent)  # alive
             kv = writer.get(rel.header_key(P))
             if kv is None:
                 return False
