@@ -384,8 +384,8 @@ def _units(args: argparse.Namespace) -> int:
     now = time.time()
 
     def until(t: object) -> str:
-        if not isinstance(t, int | float) or not math.isfinite(t):
-            return "-"
+        if isinstance(t, bool) or not isinstance(t, int | float) or abs(t) > 1e15 or math.isnan(t):
+            return "-"  # not a time (nor one within 30 million years)
         return f"in {max(0, round(float(t) - now))}s"
 
     rows = [("UNIT", "STATE", "RESTARTS", "HEAL", "ATTEMPTS", "NEXT ATTEMPT", "QUARANTINE ENDS")]

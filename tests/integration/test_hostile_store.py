@@ -50,9 +50,10 @@ def run_cli(config: Path, *args: str) -> tuple[int, str]:
                  "quarantined_until": float("inf")}]),
     json.dumps([{"unit": "djed-web.service", "heal": "ok", "next_attempt_at": 1e300,
                  "quarantined_until": -1e300}]),
+    '[{"unit": "djed-web.service", "heal": "ok", "next_attempt_at": ' + "9" * 400 + "}]",
     json.dumps([{"unit": "djed-\x1b[2J.service", "active_state": "\x1b]0;x\x07", "sub_state": "\r",
                  "n_restarts": "\x1b[1m", "attempts": "\x00", "heal": "ok"}]),
-], ids=["nested", "nan-and-inf", "far-times", "escapes"])
+], ids=["nested", "nan-and-inf", "far-times", "past-a-float", "escapes"])
 def test_norm_units_over_a_hostile_summary_answers_without_a_traceback_or_an_escape(
         etcd: EtcdMember, tmp_path: Path, summary: str) -> None:
     me = secrets.token_hex(16)
