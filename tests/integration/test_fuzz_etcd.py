@@ -154,6 +154,8 @@ def almost_valid(draw: st.DrawFn, template: object) -> str:
             data[field] = DEEP
         else:
             del data[field]
+    elif isinstance(data, list) and data and isinstance(data[0], dict) and draw(st.booleans()):
+        return "[" + draw(almost_valid(data[0])) + "]"  # a list of records: one of them made hostile
     elif isinstance(data, list):
         i = draw(st.integers(0, max(0, len(data) - 1)))
         data[i:i + 1] = [draw(st.one_of(HOSTILE_TEXT, WRONG_TYPE, NUMBER, st.just(DEEP)))]
