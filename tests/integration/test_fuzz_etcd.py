@@ -10,8 +10,9 @@ types, huge numbers, NaN, unknown fields, deep nesting). Each value carries a un
 
 Then: the agent is alive and never logged a traceback or a service death; every refusal of a key it
 watches was counted exactly once; no log line holds a marker; the release file and the units are
-as they were; a last valid write (a new desired version) is acted on; and the CLI's readers, run
-over the hostile store, answer without a traceback and print no control character.
+as they were; a last valid write (a new desired version) is acted on; the CLI's readers, run over
+the hostile store, answer without a traceback and print no control character; and the agent,
+started again over that store, refuses what it reads at start and runs on.
 
 `make test` writes a fixed slice (NORM_FUZZ_EXAMPLES, 400 by default); `make fuzz` writes 10,000
 and prints the figures as one JSON line (NORM_FUZZ_REPORT names the file it is written to)."""
