@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit chaos demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
+.PHONY: bootstrap lint test test-unit chaos fuzz demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -16,6 +16,15 @@ lint: bootstrap
 
 test: lint
 	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Hostile values in every etcd key Norm reads, against a real agent (tests/integration/test_fuzz_etcd.py);
+# `make test` runs a fixed slice of it. The last line printed is the campaign's figures, as JSON.
+FUZZ_EXAMPLES ?= 10000
+fuzz: bootstrap
+	@mkdir -p .run && rm -f .run/fuzz.json
+	@NORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) NORM_FUZZ_REPORT=.run/fuzz.json PYTHONASYNCIODEBUG=1 \
+		$(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_fuzz_etcd.py; \
+		status=$$?; cat .run/fuzz.json 2>/dev/null; exit $$status
 
 test-unit: bootstrap
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import sys
@@ -374,7 +375,7 @@ def _units(args: argparse.Namespace) -> int:
         summary = json.loads(raw)
         if not isinstance(summary, list):
             raise ValueError("not a list")
-    except ValueError:
+    except (ValueError, RecursionError):
         print("norm: the unit summary in etcd is not what the agent writes", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
@@ -383,7 +384,9 @@ def _units(args: argparse.Namespace) -> int:
     now = time.time()
 
     def until(t: object) -> str:
-        return f"in {max(0, round(float(t) - now))}s" if isinstance(t, int | float) else "-"
+        if isinstance(t, bool) or not isinstance(t, int | float) or abs(t) > 1e15 or math.isnan(t):
+            return "-"  # not a time (nor one within 30 million years)
+        return f"in {max(0, round(float(t) - now))}s"
 
     rows = [("UNIT", "STATE", "RESTARTS", "HEAL", "ATTEMPTS", "NEXT ATTEMPT", "QUARANTINE ENDS")]
     def heal(u: dict[str, object]) -> str:
@@ -391,9 +394,13 @@ def _units(args: argparse.Namespace) -> int:
         owners = [str(o) for o in by] if isinstance(by, list) else []
         return str(u.get("heal")) + (f"({'+'.join(owners)})" if u.get("heal") == "held" and owners else "")
 
-    rows += [(str(u.get("unit")), f"{u.get('active_state')}/{u.get('sub_state')}", str(u.get("n_restarts")),
-              views.clean(heal(u), 40), str(u.get("attempts")), until(u.get("next_attempt_at")),
-              until(u.get("quarantined_until"))) for u in summary if isinstance(u, dict)]
+    # What etcd holds is shown, never obeyed: a value that would drive the terminal is printed cleaned.
+    rows += [(views.clean(u.get("unit"), 80),
+              views.clean(f"{u.get('active_state')}/{u.get('sub_state')}", 40),
+              views.clean(u.get("n_restarts"), 20), views.clean(heal(u), 40),
+              views.clean(u.get("attempts"), 20), until(u.get("next_attempt_at")),
+              until(u.get("quarantined_until")))
+             for u in summary if isinstance(u, dict)]
     _table(rows)
     # Operator requests the agent has not carried out yet, and why.
     for u in summary:
@@ -497,7 +504,7 @@ def _request_errors(raw: bytes, unit: str) -> list[str]:
     """What the agent's summary says of the requests for `unit` that keep failing."""
     try:
         summary = json.loads(raw) if raw else []
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     out: list[str] = []
     for u in summary if isinstance(summary, list) else []:
@@ -512,7 +519,7 @@ def _request_errors(raw: bytes, unit: str) -> list[str]:
 def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:
     try:
         summary = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     for u in summary if isinstance(summary, list) else []:
         if isinstance(u, dict) and u.get("unit") == unit:

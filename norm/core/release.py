@@ -509,9 +509,17 @@ def _i(v: object) -> int:
 
 
 def _f(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+    """A time or a duration: a finite float (JSON's NaN and Infinity, and integers past a float's
+    range, are not one)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError("expected a number")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError("a number out of range") from None
+    if not math.isfinite(f):
+        raise ValueError("expected a finite number")
+    return f
 
 
 def _b(v: object) -> bool:

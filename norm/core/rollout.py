@@ -1040,9 +1040,17 @@ def _int(value: object, name: str) -> int:
 
 
 def _float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    """A time or a duration: a finite float (JSON's NaN and Infinity, and integers past a float's
+    range, are not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name}: expected a number")
-    return float(value)
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: a number out of range") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number")
+    return f
 
 
 def _opt_float(value: object, name: str) -> float | None:

@@ -226,7 +226,7 @@ class Executor:
                         isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
                     raise ValueError("not a list of machine ids")
                 hosts = loaded
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the parser's depth: refused, not fatal
                 hosts = []
                 self._metrics.rejected_values.labels("rollout hosts").inc()
                 log.error("executor.hosts_refused", key=hosts_kv[0].key, reason="not a list of machine ids")

@@ -29,6 +29,7 @@ class AgentProc:
     machine_id: str = field(default_factory=lambda: secrets.token_hex(16))
     systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
     host_labels: bool = True  # write host.environment and host.role ("test", "web") into the config
+    lease_ttl: int = 3  # seconds: short, so that a killed agent's keys go quickly
     http_port: int = field(default_factory=free_port)
     wrapper: list[str] = field(default_factory=list)  # argv the agent runs under (setpriv ..., say)
     proc: Proc | None = None
@@ -46,7 +47,7 @@ class AgentProc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         endpoints = ", ".join(f'"{e}"' for e in self.endpoints)
         self.config_path.write_text(
-            f"[etcd]\nendpoints = [{endpoints}]\nlease_ttl = 3\nrequest_timeout = 1.0\n"
+            f"[etcd]\nendpoints = [{endpoints}]\nlease_ttl = {self.lease_ttl}\nrequest_timeout = 1.0\n"
             f"keepalive_time = 5\nkeepalive_timeout = 2\n"
             f'[host]\nmachine_id = "{self.machine_id}"\nname = "{self.name}"\n'
             + ('environment = "test"\nrole = "web"\n' if self.host_labels else "")

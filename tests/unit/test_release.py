@@ -310,3 +310,23 @@ def test_an_unknown_step_outcome_is_its_own_event() -> None:
 ])
 def test_how_a_step_ended(code: int, killed_by_norm: bool, outcome: str) -> None:
     assert rel.step_outcome(code, killed_by_norm) == outcome
+
+
+NUMBERS_OUT_OF_RANGE = ["9" * 400, "-" + "9" * 400, "1e400", "-1e999", "Infinity", "-Infinity", "NaN"]
+
+
+@pytest.mark.parametrize("number", NUMBERS_OUT_OF_RANGE)
+@pytest.mark.parametrize("field", ["started_at", "updated_at", "ended_at"])
+def test_a_time_in_a_header_that_is_no_finite_float_is_refused(field: str, number: str) -> None:
+    import json
+
+    raw = json.dumps(header_dict(**{field: "@N@"})).replace('"@N@"', number).encode()
+    with pytest.raises(InvalidValue):
+        rel.Header.decode(raw, "/norm/rollout")
+
+
+@pytest.mark.parametrize("number", NUMBERS_OUT_OF_RANGE)
+def test_a_step_duration_in_a_report_that_is_no_finite_float_is_refused(number: str) -> None:
+    raw = b'{"ok": true, "host": "' + A.encode() + b'", "exit_code": 0, "seconds": ' + number.encode() + b"}"
+    with pytest.raises(InvalidValue):
+        rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate", raw)

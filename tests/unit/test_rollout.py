@@ -1017,3 +1017,14 @@ def test_the_steps_run_where_the_image_was_pulled() -> None:
     assert r.phase is Phase.STOP and [e.host for e in r.excluded] == [A]
     assert migrator_for(r, A) == B
     assert migrator_for(at("migrate"), C) == C
+
+
+@pytest.mark.parametrize("number", ["9" * 400, "-" + "9" * 400, "1e400", "-1e999", "Infinity", "NaN"])
+@pytest.mark.parametrize("field", ["started_at", "updated_at"])
+def test_a_time_in_a_record_that_is_no_finite_float_is_refused(field: str, number: str) -> None:
+    record, _ = start_rollout(REV, "v2", HOSTS, 1.0, previous=OLD)
+    data = json.loads(record.encode())
+    data[field] = "@N@"
+    raw = json.dumps(data).replace('"@N@"', number).encode()
+    with pytest.raises(InvalidValue):
+        Rollout.decode(raw, "/norm/rollouts/7/record")
