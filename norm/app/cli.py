@@ -47,7 +47,7 @@ class Unreachable(NormError):
 
 
 def parser() -> argparse.ArgumentParser:
-    from norm.app.commands import access, agent, config, hosts, rollout
+    from norm.app.commands import access, agent, config, hosts, rollout  # they import this module
 
     p = argparse.ArgumentParser(prog="norm", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"norm {__version__}")
