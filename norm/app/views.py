@@ -8,13 +8,18 @@ characters (a hostile tag or host name must not drive the operator's terminal) a
 from __future__ import annotations
 
 import datetime
-import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from norm.core.host import HostRecord
 from norm.core.release import Header, Report, release_text
-from norm.core.rollout import TERMINAL, HostStatus, Phase, Rollout
+from norm.core.rollout import HostStatus, Phase, Rollout
+from norm.core.tracker import ENDED, Skipped, Tracker, Verdict, verdict
+
+# A rollout's state is the tracker's (norm.core.tracker): named here too, with what it means.
+__all__ = ["ENDED", "Verdict", "verdict"]
 
 # Exit statuses of the `norm` command.
 EXIT_OK = 0
@@ -40,6 +45,11 @@ def clean(text: object, limit: int | None = None) -> str:
     if limit is not None and len(s) > limit:
         s = s[:max(0, limit - 3)] + "..."
     return s
+
+
+def skipped(s: Skipped) -> str:
+    """What the operator is told of a value read from etcd that is left out."""
+    return f"norm: skipping {clean(s.key, 200)}: {s.reason}"
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -111,29 +121,50 @@ def heal_summary(units: object) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=rank))
 
 
+def units_lines(summary: Sequence[Any], now: float) -> list[str]:
+    """`norm units`: the host's units as its healer published them (a table), then the operator
+    requests the agent has not carried out yet, and why."""
+
+    def until(t: object) -> str:
+        if isinstance(t, bool) or not isinstance(t, int | float) or abs(t) > 1e15 or math.isnan(t):
+            return "-"  # not a time (nor one within 30 million years)
+        return f"in {max(0, round(float(t) - now))}s"
+
+    def heal(u: dict[str, object]) -> str:
+        by = u.get("held_by")
+        owners = [str(o) for o in by] if isinstance(by, list) else []
+        return str(u.get("heal")) + (f"({'+'.join(owners)})" if u.get("heal") == "held" and owners else "")
+
+    rows = [("UNIT", "STATE", "RESTARTS", "HEAL", "ATTEMPTS", "NEXT ATTEMPT", "QUARANTINE ENDS")]
+    # What etcd holds is shown, never obeyed: a value that would drive the terminal is printed cleaned.
+    rows += [(clean(u.get("unit"), 80), clean(f"{u.get('active_state')}/{u.get('sub_state')}", 40),
+              clean(u.get("n_restarts"), 20), clean(heal(u), 40), clean(u.get("attempts"), 20),
+              until(u.get("next_attempt_at")), until(u.get("quarantined_until")))
+             for u in summary if isinstance(u, dict)]
+    lines = table(rows)
+    for u in summary:
+        for r in (u.get("requests") or []) if isinstance(u, dict) else []:
+            if isinstance(r, dict):
+                why = (f"; failed {r.get('failures')} time(s): {r.get('error')}; "
+                       f"next try {until(r.get('next_try'))}") if r.get("error") else ""
+                lines.append(clean(f"{u.get('unit')}: {r.get('action')} requested, not done yet{why}", 500))
+    return lines
+
+
+def request_errors(summary: object, unit: str) -> list[str]:
+    """What a host's unit summary says of the requests for `unit` that keep failing."""
+    out: list[str] = []
+    for u in summary if isinstance(summary, list) else []:
+        if isinstance(u, dict) and u.get("unit") == unit:
+            for r in u.get("requests") or []:
+                if isinstance(r, dict) and r.get("error"):
+                    out.append(clean(f"{r.get('action')} failed {r.get('failures')} time(s), "
+                                     f"retried with backoff; last error: {r.get('error')}", 400))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # A rollout's state and what it means for the exit status
-
-
-class Verdict(enum.StrEnum):
-    NONE = "none"  # there is no rollout
-    WAITING = "waiting"  # the rollout followed has not begun (the leader has not taken it up yet)
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    SUPERSEDED = "superseded"
-    HALTED = "halted"
-
-
-ENDED = frozenset({Verdict.DONE, Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED})
-
-
-def verdict(header: Header | None) -> Verdict:
-    if header is None:
-        return Verdict.NONE
-    if header.phase in TERMINAL:
-        return Verdict(header.phase.value)
-    return Verdict.RUNNING
 
 
 def exit_code(v: Verdict) -> int:
@@ -149,6 +180,14 @@ def outcome_text(header: Header) -> str:
     """'failed: the image cannot be pulled', 'halted', ...: what ended a rollout, for the operator."""
     text = header.phase.value
     return f"{text}: {clean(header.reason, 300)}" if header.reason else text
+
+
+def ended_text(t: Tracker) -> str:
+    """'rollout 7 v2@sha256:...: failed: ...': what ended the followed rollout, when it did not succeed."""
+    h, note = t.header, verdict_note(t)
+    what = title(h) if h is not None else f"rollout {t.want}"
+    why = note if note else (outcome_text(h) if h is not None else t.verdict.value)
+    return f"{what}: {why}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,6 +276,16 @@ class Progress:
 
 
 Frame = list[tuple[str, str]]  # (key, text): one line per key, so that changes can be told apart
+
+
+def verdict_note(t: Tracker) -> str | None:
+    return f"superseded by {title(t.superseded_by)}" if t.superseded_by is not None else None
+
+
+def progress_of(t: Tracker) -> Progress:
+    """What the live view shows of the rollout the tracker follows."""
+    return Progress(want=t.want, header=t.header, current=t.current, listed=t.listed, reports=dict(t.reports),
+                    names=dict(t.names), record=t.record, verdict_note=verdict_note(t))
 
 
 def title(h: Header) -> str:
@@ -377,6 +426,41 @@ class HostRow:
     leader: bool
     rollout: HostState | None  # None: no rollout running, or the host takes no part
     env_etag: str | None = None  # the ETag of the object the host's environment file was made from
+
+
+def fleet_rows(records: Sequence[HostRecord], units: Mapping[str, object], leader: str | None,
+               running: tuple[Header, Tracker] | None) -> list[HostRow]:
+    """`norm status`: each registered host, and each host taking part in the `running` rollout (its
+    header, and what the tracker read of its keys), registered or not; in order of environment, role
+    and name."""
+    mids = participants(running[0], running[1].listed, running[1].record) if running is not None else ()
+
+    def state(mid: str) -> HostState | None:
+        if running is None or mid not in mids:
+            return None
+        h, t = running
+        return host_state(h, mid, t.reports, t.record)
+
+    rows = [HostRow(r.machine_id, r.name, r.environment, r.role, r.release,
+                    heal_summary(units.get(r.machine_id)), r.machine_id == leader, state(r.machine_id),
+                    r.env_etag)
+            for r in records]
+    known = {r.machine_id for r in records}
+    rows += [HostRow(m, m[:12], "-", "-", None, heal_summary(units.get(m)), m == leader, state(m))
+             for m in mids if m not in known]  # taking part, not registered
+    rows.sort(key=lambda r: (r.environment, r.role, r.name))
+    return rows
+
+
+def hosts_lines(records: Sequence[HostRecord], leader: str | None) -> list[str]:
+    """`norm hosts`: the registered hosts as a table, and how many."""
+    env = any(r.env_etag for r in records)  # the column shows only where environment files are used
+    rows = [("HOST", "MACHINE ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", *(("ENV FILE",) if env else ()),
+             "LEADER")]
+    rows += [(r.name, r.machine_id[:12], r.environment, r.role, r.agent_version, r.release or "-",
+              *((short_etag(r.env_etag),) if env else ()), "*" if r.machine_id == leader else "")
+             for r in records]
+    return [*table(rows), f"{len(records)} host{'s' if len(records) != 1 else ''} registered"]
 
 
 def short_etag(etag: str | None) -> str:

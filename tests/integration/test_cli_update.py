@@ -23,10 +23,12 @@ import pytest
 
 from norm.adapters.etcd import Etcd, Event, Resync
 from norm.app import cli
+from norm.app.commands import rollout as follow
 from norm.core import release as rel
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, hosts_key, leader_key, units_key
 from norm.core.rollout import Excluded, HostProgress, HostStatus, LedgerEntry, Phase, Release, Rollout
+from norm.core.tracker import Tracker, header_changed
 from sandbox.etcd import EtcdMember
 from sandbox.procs import free_port
 
@@ -315,13 +317,13 @@ def test_deploy_wait_waits_behind_a_rollout_that_has_cut_over(run: Run, etcd_con
 def test_deploy_wait_reads_the_outcome_from_history_once_a_later_rollout_began(etcd_conf: EtcdConfig) -> None:
     rev = write(etcd_conf, {VERSION_KEY: b"v2"})
     in_etcd(etcd_conf, lambda e: _done_then_next(e, rev))
-    tracker = cli._Tracker(P, rev)
+    tracker = Tracker(P, rev)
 
-    async def judge(etcd: Etcd) -> object:
-        tracker.header_kv(await etcd.get(rel.header_key(P)))
-        return await tracker.judge(etcd)
+    async def judge(etcd: Etcd) -> Tracker:
+        return await follow.read_more(etcd, header_changed(tracker, await etcd.get(rel.header_key(P))))
 
-    assert in_etcd(etcd_conf, judge) == "done"
+    tracker = in_etcd(etcd_conf, judge)
+    assert tracker.verdict == "done"
     assert tracker.header is not None and tracker.header.revision == rev
 
 
