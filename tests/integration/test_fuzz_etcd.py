@@ -419,7 +419,10 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                  and metrics(agent).get(("norm_rollout_phase", ())) == 2, timeout=60,
                  what="the agent leading the rollout in its pull barrier")
 
-        targets = scene.targets()
+        # The leader key is written last (see below): a value written over it takes the leadership
+        # away, by design, and the rest of the campaign needs a leader.
+        targets = [t for t in scene.targets() if t.name != "leader"]
+        leader_target = next(t for t in scene.targets() if t.name == "leader")
         token = "fz" + secrets.token_hex(5)
         expected: Counter[str] = Counter()
         written: Counter[str] = Counter()
@@ -555,6 +558,24 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         wait_for(lambda: rejected(agent).get("rollout hosts") == 1
                  and rejected(agent).get(rel.record_key(P, revision)) == 1,
                  timeout=60, what="the participants and the record refused at start")
+
+        # Last, the leader key: a value written over it is no longer on the leader's lease, so the
+        # agent steps down (it cannot prove its leadership by it) and nobody leads until an operator
+        # deletes it. The readers show it; the agent runs on and touches nothing.
+        @settings(max_examples=max(20, CLI_EXAMPLES // 10), deadline=None, database=None,
+                  derandomize=EXAMPLES <= 1000, suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def leader_values(data: st.DataObject) -> None:
+            write(leader_target, leader_key(P), data.draw(leader_target.values))
+            for args in CLI_READERS:
+                code, printed = run_cli(agent.config_path, *args)
+                cli_runs[0] += 1
+                assert isinstance(code, int), (args, code)
+                assert not CONTROL.search(printed), (args, printed[:2000])
+
+        leader_values()
+        wait_for(lambda: metrics(agent).get(("norm_leader", ())) == 0, timeout=60,
+                 what="the agent standing down from an overwritten leader key")
         values_written = sum(written.values()) + len(nasty)
 
         # Never a traceback, never a value in its log, nothing touched.
@@ -570,7 +591,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                           "cli_runs": cli_runs[0]}))
         assert not crashes, crashes[:5]
         assert not leaks, leaks[:3]
-        assert all(written[t.name] for t in targets), written
+        assert all(written[t.name] for t in (*targets, leader_target)), written
         assert release_file.read_bytes() == release_text
         assert unit_runs(systemd_manager) == runs
         assert agent.proc is not None
