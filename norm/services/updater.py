@@ -180,7 +180,7 @@ class Updater:
             if kv is not None:
                 self._metrics.rejected_values.labels(e.where).inc()
                 log.error("updater.record_unreadable", key=e.where, reason=e.reason)
-            self.record = await self._recover(header)
+            self.record = await self._recover(header, refused=e.where)
             if self.record is None:
                 return
             if header is None:
@@ -193,11 +193,11 @@ class Updater:
         self._phase_since = asyncio.get_running_loop().time()
         self._show(self.record)
 
-    async def _recover(self, header: rel.Header | None) -> Rollout | None:
+    async def _recover(self, header: rel.Header | None, refused: str) -> Rollout | None:
         """The last rollout's record when the header does not lead to it: the one the header names,
         or with no readable header the newest, from the rollout's own keys or the history. Never an
         older one (None then): hosts sent back to an earlier rollout's release could start it over a
-        migration of the newer one."""
+        migration of the newer one. `refused`: the key just refused (counted once, not read again)."""
         p = self._prefix
         found: list[tuple[int, int, KeyValue]] = []
         for kv in (await self._etcd.get_prefix(f"{p}/rollouts/")).kvs:
@@ -212,7 +212,7 @@ class Updater:
             return None
         want = header.revision if header is not None else max(rev for rev, _, _ in found)
         for rev, _, kv in sorted(found, key=lambda f: (f[0], f[1]), reverse=True):
-            if rev != want:
+            if rev != want or kv.key == refused:
                 continue
             try:
                 record = Rollout.decode(kv.value, kv.key)
