@@ -8,7 +8,6 @@ is not stopping takes the whole agent down with exit status 1, and systemd resta
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
 from norm.core.config import Config
 from norm.core.host import HostRecord, control_prefix
-from norm.services.base import Service, ServiceDied, wait_or_stop
+from norm.services.base import Retry, Service, ServiceDied, pause
 from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
 from norm.services.leadership import LeaderElection
@@ -155,7 +154,7 @@ class Agent:
         replaced, or a clock not yet set at boot, looks the same, and exiting with EXIT_CONFIG would
         leave the host without an agent for good. What is the configuration's fault for certain (a
         certificate file that cannot be read, a password refused, a permission missing) is raised."""
-        attempt = 0
+        unreachable, tls_failed = Retry(Backoff(first=0.2, cap=5.0)), Retry(Backoff(first=1.0, cap=30.0))
         while not self.stopping.is_set():
             try:
                 # The host's own control keys: a host's etcd role may read them and little else.
@@ -164,34 +163,30 @@ class Agent:
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True
             except EtcdUnavailable as e:
-                await self._back_off(attempt, "agent.etcd_unreachable", e)
-                attempt += 1
+                await self._back_off(unreachable, "agent.etcd_unreachable", e)
             except EtcdTlsFailed as e:
-                await self._back_off(attempt, "agent.etcd_tls_failed", e, first=1.0, cap=30.0, level="error")
-                attempt += 1
+                await self._back_off(tls_failed, "agent.etcd_tls_failed", e, level="error")
         return False
 
-    async def _back_off(self, attempt: int, event: str, error: Exception, first: float = 0.2,
-                        cap: float = 5.0, level: str = "warning") -> None:
-        """After failed attempt number `attempt` (from 0) at reaching something the agent needs: say
-        so, and wait (unless stopping) before the next."""
-        delay = Backoff(first=first, cap=cap).delay(attempt, random.random())
+    async def _back_off(self, retry: Retry, event: str, error: Exception, level: str = "warning") -> None:
+        """After a failed attempt at reaching something the agent needs: say so, and wait (unless
+        stopping) before the next."""
+        delay = retry.next_delay()
         (log.error if level == "error" else log.warning)(event, error=str(error), retry_in=round(delay, 2))
-        await wait_or_stop(self.stopping, delay)
+        await pause(delay, self.stopping)
 
     async def _open_systemd(self) -> bool:
         """Connect to systemd's manager (forever, unless stopping). Imported only when healing is on:
         a host that does not use D-Bus does not pay for its library."""
         from norm.adapters.systemd import Systemd, SystemdError
 
-        attempt = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not self.stopping.is_set():
             systemd = Systemd(self.config.systemd.bus_address, call_timeout=self.config.systemd.call_timeout)
             try:
                 await systemd.__aenter__()
             except SystemdError as e:
-                await self._back_off(attempt, "agent.systemd_unreachable", e)
-                attempt += 1
+                await self._back_off(retry, "agent.systemd_unreachable", e)
                 continue
             self._systemd = systemd
             log.info("agent.systemd_connected", bus=self.config.systemd.bus_address or "system")
@@ -310,7 +305,7 @@ class Agent:
         from norm.core.host import METADATA_TAGS, host_metadata
 
         aws = self.config.aws
-        attempt = 0
+        retry = Retry(Backoff(first=0.5, cap=30.0))
         while not self.stopping.is_set():
             try:
                 async with InstanceMetadata(aws.metadata_url, aws.call_timeout) as md:
@@ -326,8 +321,7 @@ class Agent:
                               for t in tags]
                     tags = {t: await md.tag(t) for t in wanted}
             except MetadataUnavailable as e:
-                await self._back_off(attempt, "agent.metadata_unavailable", e, first=0.5, cap=30.0)
-                attempt += 1
+                await self._back_off(retry, "agent.metadata_unavailable", e)
                 continue
             values, refused = host_metadata({"environment": self.environment, "role": self.role},
                                             self.host_given, tags)
@@ -414,5 +408,5 @@ class Agent:
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the loop itself: a blocked loop or a dead TaskGroup stops the pings.
-        while not await wait_or_stop(self.stopping, interval):
+        while not await pause(interval, self.stopping):
             self.notifier.notify("WATCHDOG=1")
