@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from norm import __version__
-from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed, EtcdUnavailable
+from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed
 from norm.app.sdnotify import Notifier
 from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
 from norm.core.config import Config
+from norm.core.errors import Temporary
 from norm.core.host import HostRecord, control_prefix
 from norm.services.base import Retry, Service, ServiceDied, pause
 from norm.services.holds import Holds
@@ -162,7 +163,7 @@ class Agent:
                 self.metrics.etcd_connected.set(1)
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True
-            except EtcdUnavailable as e:
+            except Temporary as e:
                 await self._back_off(unreachable, "agent.etcd_unreachable", e)
             except EtcdTlsFailed as e:
                 await self._back_off(tls_failed, "agent.etcd_tls_failed", e, level="error")
@@ -301,7 +302,7 @@ class Agent:
         """Instance id, region (unless configured), and environment and role from the instance's tags
         where the configuration is silent; tried until the service answers (unless stopping). An answer
         that is refused changes nothing. False if the agent is stopping."""
-        from norm.adapters.imds import InstanceMetadata, MetadataError, MetadataUnavailable
+        from norm.adapters.imds import InstanceMetadata, MetadataError
         from norm.core.host import METADATA_TAGS, host_metadata
 
         aws = self.config.aws
@@ -312,7 +313,7 @@ class Agent:
                     try:
                         self.instance_id = await md.instance_id()
                         self.region = self.region or await md.region()
-                    except MetadataUnavailable:
+                    except Temporary:
                         raise
                     except MetadataError as e:
                         self.metrics.rejected_values.labels("instance-metadata").inc()
@@ -320,7 +321,7 @@ class Agent:
                     wanted = [t for name, tags in METADATA_TAGS.items() if name not in self.host_given
                               for t in tags]
                     tags = {t: await md.tag(t) for t in wanted}
-            except MetadataUnavailable as e:
+            except Temporary as e:
                 await self._back_off(retry, "agent.metadata_unavailable", e)
                 continue
             values, refused = host_metadata({"environment": self.environment, "role": self.role},

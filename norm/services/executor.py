@@ -34,7 +34,6 @@ from norm.adapters.docker import (
     Docker,
     DockerError,
     DockerRejected,
-    DockerUnavailable,
     RunTimeout,
 )
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
@@ -45,7 +44,7 @@ from norm.core import values
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
-from norm.core.errors import InvalidValue
+from norm.core.errors import InvalidValue, Temporary
 from norm.core.rollout import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
@@ -345,7 +344,7 @@ class Executor:
                 log.error("executor.pull_refused", image=ref, error=str(e))
                 await self._report(h, "pulled", rel.pulled_error(str(e), permanent=True))
                 return
-            except DockerUnavailable as e:
+            except Temporary as e:
                 if not told:  # the leader shows the reason; one report is enough
                     await self._report(h, "pulled", rel.pulled_error(str(e), permanent=False), final=False)
                     told = True

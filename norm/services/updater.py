@@ -25,12 +25,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from norm.adapters.docker import DockerError, DockerRejected, DockerUnavailable
+from norm.adapters.docker import DockerError, DockerRejected
 from norm.adapters.etcd import Delete, Etcd, EtcdError, KeyValue, NotLeader, Op, Put, Resync
 from norm.core import release as rel
 from norm.core.backoff import Backoff
 from norm.core.desired import Desired
-from norm.core.errors import InvalidValue
+from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
 from norm.core.rollout import (
     TERMINAL,
@@ -444,7 +444,7 @@ class Updater:
             except DockerRejected as e:
                 self._queue.put_nowait(ResolveFailed(str(e)))
                 return
-            except DockerUnavailable as e:
+            except Temporary as e:
                 if loop.time() >= deadline:
                     self._queue.put_nowait(ResolveFailed(f"still unavailable: {e}"))
                     return
