@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 import structlog
@@ -51,9 +51,7 @@ async def pause(seconds: float | None, *until: asyncio.Event) -> bool:
     try:
         done, _ = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for w in waits:
-            w.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+        await cancel_and_wait(waits)
     return bool(done)
 
 
@@ -123,14 +121,11 @@ class OwnedTasks:
         """Cancel the task under `key`, if any, and wait until it has ended."""
         task = self._tasks.pop(key, None)
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
     async def cancel_all(self) -> None:
         tasks, self._tasks = list(self._tasks.values()), {}
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     async def join(self) -> None:
         """Wait until every task left has ended on its own."""
@@ -157,6 +152,15 @@ class OwnedTasks:
 
 # -- running until the first ends ------------------------------------------------------------------------
 
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until each has ended (whatever it ended with: its owner has seen it,
+    or does not want it)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def first_of(**named: Coroutine[Any, Any, Any]) -> str:
     """Run the coroutines as named tasks until the first finishes; cancel the others and return the
     name of the one that finished (its exception, if any, is raised)."""
@@ -164,9 +168,7 @@ async def first_of(**named: Coroutine[Any, Any, Any]) -> str:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
     first = next(iter(done))
     first.result()
     return tasks[first]
