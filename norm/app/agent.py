@@ -1,13 +1,15 @@
 """`norm agent`: the services under one TaskGroup, signals, sd_notify, and a bounded graceful stop.
 
-A signal handler only sets the `stopping` flag. Services see it and finish; if they have not within
-`agent.shutdown_timeout`, what remains is cancelled. A service that fails or returns while the agent
-is not stopping takes the whole agent down with exit status 1, and systemd restarts it.
+A signal handler only sets a flag. Services see `stopping` and finish; if they have not within
+`agent.shutdown_timeout`, or a second SIGTERM or SIGINT comes first, what remains is cancelled. A
+service that fails or returns while the agent is not stopping takes the whole agent down with exit
+status 1, and systemd restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from norm.core.backoff import Backoff
 from norm.core.config import Config
 from norm.core.errors import Temporary
 from norm.core.host import HostRecord, control_prefix
-from norm.services.base import Retry, Service, ServiceDied, pause
+from norm.services.base import Retry, Service, ServiceDied, cancel_and_wait, pause
 from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
 from norm.services.leadership import LeaderElection
@@ -64,6 +66,7 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
+        self.forced = asyncio.Event()  # a second signal: no more waiting for the services to finish
         self.holds = Holds(operator_holds=config.healing.enabled)  # read by the control service
         self._systemd: Systemd | None = None
         self._docker: Docker | None = None
@@ -74,7 +77,10 @@ class Agent:
     def _on_signal(self, signum: int) -> None:
         if not self.stopping.is_set():
             log.info("agent.stopping", signal=signal.Signals(signum).name)
-        self.stopping.set()
+            self.stopping.set()
+        elif not self.forced.is_set():
+            log.warning("agent.stop_forced", signal=signal.Signals(signum).name)
+            self.forced.set()
 
     async def run(self) -> int:
         structlog.contextvars.bind_contextvars(host=self.identity.name)
@@ -96,29 +102,26 @@ class Agent:
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
                     on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0),
                     seed=self.identity.machine_id)
-        try:
-            if not await self._connect(etcd):
-                return EXIT_OK
-            if self.config.aws.use_metadata and not await self._read_metadata():
-                return EXIT_OK
-            if self._needs_systemd() and not await self._open_systemd():
-                return EXIT_OK
-            if self.config.update.image is not None:
-                from norm.adapters.docker import Docker
+        # Each adapter opened is closed on the way out, the last opened first.
+        async with contextlib.AsyncExitStack() as adapters:
+            adapters.push_async_callback(etcd.close)  # connected below, retried until etcd answers
+            try:
+                if not await self._connect(etcd):
+                    return EXIT_OK
+                if self.config.aws.use_metadata and not await self._read_metadata():
+                    return EXIT_OK
+                if self._needs_systemd() and not await self._open_systemd(adapters):
+                    return EXIT_OK
+                if self.config.update.image is not None:
+                    from norm.adapters.docker import Docker
 
-                # Connects lazily: an engine that is down now is retried by each call.
-                self._docker = await Docker(self.config.docker.host,
-                                            pull_timeout=self.config.update.pull_timeout).__aenter__()
-            return await self._serve(etcd)
-        except EtcdRejected as e:
-            log.error("agent.etcd_refused", error=str(e))
-            return EXIT_CONFIG
-        finally:
-            if self._docker is not None:
-                await self._docker.close()
-            if self._systemd is not None:
-                await self._systemd.close()
-            await etcd.close()
+                    # Connects lazily: an engine that is down now is retried by each call.
+                    self._docker = await adapters.enter_async_context(
+                        Docker(self.config.docker.host, pull_timeout=self.config.update.pull_timeout))
+                return await self._serve(etcd)
+            except EtcdRejected as e:
+                log.error("agent.etcd_refused", error=str(e))
+                return EXIT_CONFIG
 
     async def _env_owner_problem(self) -> str | None:
         """Why the environment file cannot be given to env.owner by this process, or None. Tried for
@@ -176,7 +179,7 @@ class Agent:
         (log.error if level == "error" else log.warning)(event, error=str(error), retry_in=round(delay, 2))
         await pause(delay, self.stopping)
 
-    async def _open_systemd(self) -> bool:
+    async def _open_systemd(self, adapters: contextlib.AsyncExitStack) -> bool:
         """Connect to systemd's manager (forever, unless stopping). Imported only when healing is on:
         a host that does not use D-Bus does not pay for its library."""
         from norm.adapters.systemd import Systemd, SystemdError
@@ -185,7 +188,7 @@ class Agent:
         while not self.stopping.is_set():
             systemd = Systemd(self.config.systemd.bus_address, call_timeout=self.config.systemd.call_timeout)
             try:
-                await systemd.__aenter__()
+                await adapters.enter_async_context(systemd)
             except SystemdError as e:
                 await self._back_off(retry, "agent.systemd_unreachable", e)
                 continue
@@ -348,13 +351,15 @@ class Agent:
             stop.cancel()
         if not main.done():
             self.notifier.notify("STOPPING=1")
-            try:
-                async with asyncio.timeout(self.config.agent.shutdown_timeout):
-                    await asyncio.shield(main)
-            except TimeoutError:
-                log.warning("agent.shutdown_forced", bound=self.config.agent.shutdown_timeout)
-                main.cancel()
-                await asyncio.gather(main, return_exceptions=True)
+            ended = asyncio.Event()
+            main.add_done_callback(lambda _: ended.set())
+            await pause(self.config.agent.shutdown_timeout, ended, self.forced)
+            if main.done():
+                main.result()  # an error while stopping is raised as it is
+            else:
+                log.warning("agent.shutdown_forced", bound=self.config.agent.shutdown_timeout,
+                            second_signal=self.forced.is_set())
+                await cancel_and_wait([main])
                 return EXIT_OK
         error = main.exception()
         if error is not None:
