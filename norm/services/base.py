@@ -114,9 +114,6 @@ class OwnedTasks:
         task = self._tasks.get(key)
         return task is not None and not task.done()
 
-    def __len__(self) -> int:
-        return sum(1 for t in self._tasks.values() if not t.done())
-
     async def stop(self, key: str) -> None:
         """Cancel the task under `key`, if any, and wait until it has ended."""
         task = self._tasks.pop(key, None)
