@@ -344,15 +344,11 @@ class Agent:
     async def _serve(self, etcd: Etcd) -> int:
         services = self.services(etcd)
         main = asyncio.create_task(self._supervise(services), name="services")
-        stop = asyncio.create_task(self.stopping.wait(), name="stop-signal")
-        try:
-            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
+        ended = asyncio.Event()
+        main.add_done_callback(lambda _: ended.set())
+        await pause(None, ended, self.stopping)
         if not main.done():
             self.notifier.notify("STOPPING=1")
-            ended = asyncio.Event()
-            main.add_done_callback(lambda _: ended.set())
             await pause(self.config.agent.shutdown_timeout, ended, self.forced)
             if main.done():
                 main.result()  # an error while stopping is raised as it is
