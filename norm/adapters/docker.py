@@ -39,7 +39,7 @@ import aiodocker
 import aiohttp
 import structlog
 
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Permanent, Temporary
 
 log = structlog.get_logger("norm.docker")
 
@@ -94,12 +94,12 @@ class DockerError(NormError):
         self.status = status
 
 
-class DockerUnavailable(DockerError):
+class DockerUnavailable(DockerError, Temporary):
     """The engine or the registry could not be reached, was restarting, or did not answer in time.
     Transient: retry later."""
 
 
-class DockerRejected(DockerError):
+class DockerRejected(DockerError, Permanent):
     """The engine or the registry refused: unknown tag or digest, a bad reference, unauthorized.
     Permanent for that reference: retrying will not help."""
 

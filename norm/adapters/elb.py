@@ -27,7 +27,7 @@ import structlog
 from aiobotocore.config import AioConfig
 
 from norm.adapters.aws import session
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Permanent, Temporary
 from norm.core.presence import DRAINING_STATES, is_drained, is_registered
 
 log = structlog.get_logger("norm.elb")
@@ -50,12 +50,12 @@ class ElbError(NormError):
         self.code = code
 
 
-class ElbUnavailable(ElbError):
+class ElbUnavailable(ElbError, Temporary):
     """ELBv2 did not answer in time, throttled the call, failed on its side, or no credentials could be
     had right now. Transient: retry later."""
 
 
-class ElbRejected(ElbError):
+class ElbRejected(ElbError, Permanent):
     """ELBv2 refused the request (unknown target group, invalid target, access denied, bad parameter).
     Permanent for that request until the configuration or the permissions change."""
 

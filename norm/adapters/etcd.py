@@ -35,7 +35,7 @@ from aetcd import rpc, transactions
 from norm.core.access import Kind, Permission
 from norm.core.backoff import Backoff, renewal_retry
 from norm.core.config import EtcdConfig
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Permanent, Temporary
 from norm.core.secret import Secret
 
 log = structlog.get_logger("norm.etcd")
@@ -50,11 +50,11 @@ class EtcdError(NormError):
     """Something went wrong talking to etcd."""
 
 
-class EtcdUnavailable(EtcdError):
+class EtcdUnavailable(EtcdError, Temporary):
     """etcd did not answer in time or could not be reached. Transient: retry later."""
 
 
-class EtcdRejected(EtcdError):
+class EtcdRejected(EtcdError, Permanent):
     """etcd refused the request (bad credentials, permission, certificate, argument). Permanent."""
 
 

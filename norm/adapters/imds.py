@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Temporary
 
 log = structlog.get_logger("norm.imds")
 
@@ -49,7 +49,7 @@ class MetadataError(NormError):
         self.status = status
 
 
-class MetadataUnavailable(MetadataError):
+class MetadataUnavailable(MetadataError, Temporary):
     """The instance metadata service could not be reached, did not answer in time, or answered an
     error. Transient: retry later (off EC2, or with the service disabled, it stays so)."""
 

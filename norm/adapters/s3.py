@@ -27,7 +27,7 @@ import structlog
 from aiobotocore.config import AioConfig
 
 from norm.adapters.aws import session
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Permanent, Temporary
 
 log = structlog.get_logger("norm.s3")
 
@@ -47,19 +47,19 @@ class StoreError(NormError):
         self.code = code
 
 
-class ObjectMissing(StoreError):
+class ObjectMissing(StoreError, Permanent):
     """No such bucket, or no such key in it. Permanent until someone creates it."""
 
 
-class ObjectDenied(StoreError):
+class ObjectDenied(StoreError, Permanent):
     """Access denied, or no usable credentials. Permanent until the policy or the credentials change."""
 
 
-class ObjectTooLarge(StoreError):
+class ObjectTooLarge(StoreError, Permanent):
     """The object is larger than the caller accepts."""
 
 
-class StoreUnavailable(StoreError):
+class StoreUnavailable(StoreError, Temporary):
     """S3 (or the endpoint, or the credential source) could not be reached, was too slow, throttled
     or failed. Transient: retry later."""
 

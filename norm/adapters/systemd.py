@@ -35,7 +35,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.signature import Variant
 
 from norm.core.backoff import Backoff
-from norm.core.errors import NormError
+from norm.core.errors import NormError, Permanent, Temporary
 from norm.core.units import UnitState, matches, parse_unit_name, valid_unit_name
 
 log = structlog.get_logger("norm.systemd")
@@ -95,11 +95,11 @@ class SystemdError(NormError):
     (access denied, invalid argument, a job type that does not apply): permanent for that request."""
 
 
-class SystemdUnavailable(SystemdError):
+class SystemdUnavailable(SystemdError, Temporary):
     """The bus is gone, systemd is not on it, or it did not answer in time. Transient: retry later."""
 
 
-class UnitNotLoadable(SystemdError):
+class UnitNotLoadable(SystemdError, Permanent):
     """The unit cannot be loaded (no unit file, a bad setting, masked). Permanent until the unit file
     is fixed and the manager reloaded."""
 

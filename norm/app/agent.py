@@ -1,14 +1,15 @@
 """`norm agent`: the services under one TaskGroup, signals, sd_notify, and a bounded graceful stop.
 
-A signal handler only sets the `stopping` flag. Services see it and finish; if they have not within
-`agent.shutdown_timeout`, what remains is cancelled. A service that fails or returns while the agent
-is not stopping takes the whole agent down with exit status 1, and systemd restarts it.
+A signal handler only sets a flag. Services see `stopping` and finish; if they have not within
+`agent.shutdown_timeout`, or a second SIGTERM or SIGINT comes first, what remains is cancelled. A
+service that fails or returns while the agent is not stopping takes the whole agent down with exit
+status 1, and systemd restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -17,13 +18,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from norm import __version__
-from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed, EtcdUnavailable
+from norm.adapters.etcd import Etcd, EtcdRejected, EtcdTlsFailed
 from norm.app.sdnotify import Notifier
 from norm.app.settings import Identity, etcd_password
 from norm.core.backoff import Backoff
 from norm.core.config import Config
+from norm.core.errors import Temporary
 from norm.core.host import HostRecord, control_prefix
-from norm.services.base import Service, ServiceDied, wait_or_stop
+from norm.services.base import Retry, Service, ServiceDied, cancel_and_wait, pause
 from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
 from norm.services.leadership import LeaderElection
@@ -64,6 +66,7 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
+        self.forced = asyncio.Event()  # a second signal: no more waiting for the services to finish
         self.holds = Holds(operator_holds=config.healing.enabled)  # read by the control service
         self._systemd: Systemd | None = None
         self._docker: Docker | None = None
@@ -74,7 +77,10 @@ class Agent:
     def _on_signal(self, signum: int) -> None:
         if not self.stopping.is_set():
             log.info("agent.stopping", signal=signal.Signals(signum).name)
-        self.stopping.set()
+            self.stopping.set()
+        elif not self.forced.is_set():
+            log.warning("agent.stop_forced", signal=signal.Signals(signum).name)
+            self.forced.set()
 
     async def run(self) -> int:
         structlog.contextvars.bind_contextvars(host=self.identity.name)
@@ -96,29 +102,26 @@ class Agent:
         etcd = Etcd(self.config.etcd, password=etcd_password(self.config),
                     on_state=lambda up: self.metrics.etcd_connected.set(1 if up else 0),
                     seed=self.identity.machine_id)
-        try:
-            if not await self._connect(etcd):
-                return EXIT_OK
-            if self.config.aws.use_metadata and not await self._read_metadata():
-                return EXIT_OK
-            if self._needs_systemd() and not await self._open_systemd():
-                return EXIT_OK
-            if self.config.update.image is not None:
-                from norm.adapters.docker import Docker
+        # Each adapter opened is closed on the way out, the last opened first.
+        async with contextlib.AsyncExitStack() as adapters:
+            adapters.push_async_callback(etcd.close)  # connected below, retried until etcd answers
+            try:
+                if not await self._connect(etcd):
+                    return EXIT_OK
+                if self.config.aws.use_metadata and not await self._read_metadata():
+                    return EXIT_OK
+                if self._needs_systemd() and not await self._open_systemd(adapters):
+                    return EXIT_OK
+                if self.config.update.image is not None:
+                    from norm.adapters.docker import Docker
 
-                # Connects lazily: an engine that is down now is retried by each call.
-                self._docker = await Docker(self.config.docker.host,
-                                            pull_timeout=self.config.update.pull_timeout).__aenter__()
-            return await self._serve(etcd)
-        except EtcdRejected as e:
-            log.error("agent.etcd_refused", error=str(e))
-            return EXIT_CONFIG
-        finally:
-            if self._docker is not None:
-                await self._docker.close()
-            if self._systemd is not None:
-                await self._systemd.close()
-            await etcd.close()
+                    # Connects lazily: an engine that is down now is retried by each call.
+                    self._docker = await adapters.enter_async_context(
+                        Docker(self.config.docker.host, pull_timeout=self.config.update.pull_timeout))
+                return await self._serve(etcd)
+            except EtcdRejected as e:
+                log.error("agent.etcd_refused", error=str(e))
+                return EXIT_CONFIG
 
     async def _env_owner_problem(self) -> str | None:
         """Why the environment file cannot be given to env.owner by this process, or None. Tried for
@@ -155,7 +158,7 @@ class Agent:
         replaced, or a clock not yet set at boot, looks the same, and exiting with EXIT_CONFIG would
         leave the host without an agent for good. What is the configuration's fault for certain (a
         certificate file that cannot be read, a password refused, a permission missing) is raised."""
-        attempt = 0
+        unreachable, tls_failed = Retry(Backoff(first=0.2, cap=5.0)), Retry(Backoff(first=1.0, cap=30.0))
         while not self.stopping.is_set():
             try:
                 # The host's own control keys: a host's etcd role may read them and little else.
@@ -163,35 +166,31 @@ class Agent:
                 self.metrics.etcd_connected.set(1)
                 log.info("agent.etcd_connected", endpoints=list(self.config.etcd.endpoints))
                 return True
-            except EtcdUnavailable as e:
-                await self._back_off(attempt, "agent.etcd_unreachable", e)
-                attempt += 1
+            except Temporary as e:
+                await self._back_off(unreachable, "agent.etcd_unreachable", e)
             except EtcdTlsFailed as e:
-                await self._back_off(attempt, "agent.etcd_tls_failed", e, first=1.0, cap=30.0, level="error")
-                attempt += 1
+                await self._back_off(tls_failed, "agent.etcd_tls_failed", e, level="error")
         return False
 
-    async def _back_off(self, attempt: int, event: str, error: Exception, first: float = 0.2,
-                        cap: float = 5.0, level: str = "warning") -> None:
-        """After failed attempt number `attempt` (from 0) at reaching something the agent needs: say
-        so, and wait (unless stopping) before the next."""
-        delay = Backoff(first=first, cap=cap).delay(attempt, random.random())
+    async def _back_off(self, retry: Retry, event: str, error: Exception, level: str = "warning") -> None:
+        """After a failed attempt at reaching something the agent needs: say so, and wait (unless
+        stopping) before the next."""
+        delay = retry.next_delay()
         (log.error if level == "error" else log.warning)(event, error=str(error), retry_in=round(delay, 2))
-        await wait_or_stop(self.stopping, delay)
+        await pause(delay, self.stopping)
 
-    async def _open_systemd(self) -> bool:
+    async def _open_systemd(self, adapters: contextlib.AsyncExitStack) -> bool:
         """Connect to systemd's manager (forever, unless stopping). Imported only when healing is on:
         a host that does not use D-Bus does not pay for its library."""
         from norm.adapters.systemd import Systemd, SystemdError
 
-        attempt = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not self.stopping.is_set():
             systemd = Systemd(self.config.systemd.bus_address, call_timeout=self.config.systemd.call_timeout)
             try:
-                await systemd.__aenter__()
+                await adapters.enter_async_context(systemd)
             except SystemdError as e:
-                await self._back_off(attempt, "agent.systemd_unreachable", e)
-                attempt += 1
+                await self._back_off(retry, "agent.systemd_unreachable", e)
                 continue
             self._systemd = systemd
             log.info("agent.systemd_connected", bus=self.config.systemd.bus_address or "system")
@@ -306,18 +305,18 @@ class Agent:
         """Instance id, region (unless configured), and environment and role from the instance's tags
         where the configuration is silent; tried until the service answers (unless stopping). An answer
         that is refused changes nothing. False if the agent is stopping."""
-        from norm.adapters.imds import InstanceMetadata, MetadataError, MetadataUnavailable
+        from norm.adapters.imds import InstanceMetadata, MetadataError
         from norm.core.host import METADATA_TAGS, host_metadata
 
         aws = self.config.aws
-        attempt = 0
+        retry = Retry(Backoff(first=0.5, cap=30.0))
         while not self.stopping.is_set():
             try:
                 async with InstanceMetadata(aws.metadata_url, aws.call_timeout) as md:
                     try:
                         self.instance_id = await md.instance_id()
                         self.region = self.region or await md.region()
-                    except MetadataUnavailable:
+                    except Temporary:
                         raise
                     except MetadataError as e:
                         self.metrics.rejected_values.labels("instance-metadata").inc()
@@ -325,9 +324,8 @@ class Agent:
                     wanted = [t for name, tags in METADATA_TAGS.items() if name not in self.host_given
                               for t in tags]
                     tags = {t: await md.tag(t) for t in wanted}
-            except MetadataUnavailable as e:
-                await self._back_off(attempt, "agent.metadata_unavailable", e, first=0.5, cap=30.0)
-                attempt += 1
+            except Temporary as e:
+                await self._back_off(retry, "agent.metadata_unavailable", e)
                 continue
             values, refused = host_metadata({"environment": self.environment, "role": self.role},
                                             self.host_given, tags)
@@ -346,20 +344,18 @@ class Agent:
     async def _serve(self, etcd: Etcd) -> int:
         services = self.services(etcd)
         main = asyncio.create_task(self._supervise(services), name="services")
-        stop = asyncio.create_task(self.stopping.wait(), name="stop-signal")
-        try:
-            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
+        ended = asyncio.Event()
+        main.add_done_callback(lambda _: ended.set())
+        await pause(None, ended, self.stopping)
         if not main.done():
             self.notifier.notify("STOPPING=1")
-            try:
-                async with asyncio.timeout(self.config.agent.shutdown_timeout):
-                    await asyncio.shield(main)
-            except TimeoutError:
-                log.warning("agent.shutdown_forced", bound=self.config.agent.shutdown_timeout)
-                main.cancel()
-                await asyncio.gather(main, return_exceptions=True)
+            await pause(self.config.agent.shutdown_timeout, ended, self.forced)
+            if main.done():
+                main.result()  # an error while stopping is raised as it is
+            else:
+                log.warning("agent.shutdown_forced", bound=self.config.agent.shutdown_timeout,
+                            second_signal=self.forced.is_set())
+                await cancel_and_wait([main])
                 return EXIT_OK
         error = main.exception()
         if error is not None:
@@ -414,5 +410,5 @@ class Agent:
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the loop itself: a blocked loop or a dead TaskGroup stops the pings.
-        while not await wait_or_stop(self.stopping, interval):
+        while not await pause(interval, self.stopping):
             self.notifier.notify("WATCHDOG=1")

@@ -28,3 +28,14 @@ class ConfigError(InvalidValue):
         self.key = key
         self.source = source
         self.reason = reason
+
+
+class Temporary(NormError):
+    """Try again later: the other side could not be reached, did not answer in time, was busy or failed
+    on its side. Nothing is wrong with the request. Every adapter's "unavailable" error is one, so that
+    a caller that retries what is transient catches this, whichever adapter it calls."""
+
+
+class Permanent(NormError):
+    """Retrying the same request will not help: it was refused, or names what does not exist. Fix the
+    request, the configuration, the permissions or the unit first."""

@@ -22,8 +22,7 @@ and leaves the unit failed hands the unit to healing, whose regimen, budget and 
 from __future__ import annotations
 
 import asyncio
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -33,7 +32,7 @@ from norm.core.backoff import Backoff
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix
 from norm.core.units import matches, parse_unit_name
-from norm.services.base import first_of, wake_or_deadline
+from norm.services.base import Retry, first_of, wake_or_deadline
 from norm.services.healer import Healer
 from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
@@ -52,10 +51,14 @@ class _Action:
     action: str  # "stop", "start" or "release"
     unit: str
     key: str | None = None  # the request's key, deleted once done (start and release)
-    attempts: int = 0  # failed tries so far
+    retry: Retry = field(default_factory=lambda: Retry(RETRY))  # its failed tries so far
     next_at: float = 0.0  # no try before this time (the loop's clock)
     error: str | None = None  # the last failure
     released: bool = False  # release: the healer has lifted the quarantine
+
+    @property
+    def attempts(self) -> int:
+        return self.retry.failures
 
 
 class Control:
@@ -227,8 +230,7 @@ class Control:
             log.error("control.start_failed", unit=unit, error=str(e), handed_to="healing")
 
     def _failed(self, action: _Action, error: Exception) -> None:
-        delay = RETRY.delay(action.attempts, random.random())
-        action.attempts += 1
+        delay = action.retry.next_delay()
         action.error = str(error)
         action.next_at = asyncio.get_running_loop().time() + delay
         log.error("control.action_failed", unit=action.unit, action=action.action, attempt=action.attempts,

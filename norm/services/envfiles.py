@@ -17,7 +17,6 @@ object the running file was made from is shown in the host's record (`norm hosts
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,7 +37,7 @@ from norm.core.backoff import Backoff
 from norm.core.config import EnvFileConfig
 from norm.core.envfile import EnvFile, EnvFileError, Source, object_key, parse_env_file, render, source_of
 from norm.core.units import UnitState
-from norm.services.base import first_of
+from norm.services.base import Retry, first_of
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.watcher import DesiredStateWatcher
@@ -79,16 +78,16 @@ class EnvFiles:
         await self._read_running()
         if await first_of(stopping=stopping.wait(), synced=self._watcher.synced.wait()) == "stopping":
             return
-        failures = 0
+        retry = Retry(_RETRY)
         async with self._store:
             while not stopping.is_set():
                 revision = self._watcher.desired.environment_revision
                 result = await self.check()
                 if result in _FAILED_CHECKS:  # sooner than the interval: someone may be fixing it
-                    delay = _RETRY.delay(failures, random.random())
-                    failures += 1
+                    delay = retry.next_delay()
                 else:
-                    delay, failures = self._config.interval, 0
+                    delay = self._config.interval
+                    retry.reset()
                 why = await self._wait_next(stopping, revision, min(delay, self._config.interval))
                 if why == "environment":
                     log.info("env.environment_changed", environment=self._watcher.desired.environment)
@@ -230,7 +229,7 @@ class EnvFiles:
                     return "inactive"
                 self._holds.hold(unit, HOLD_OWNER)
                 try:
-                    started = time.monotonic()
+                    started = asyncio.get_running_loop().time()
                     await self._systemd_restart(unit)
                     state = await self._systemd_unit(unit)
                 finally:
@@ -242,7 +241,7 @@ class EnvFiles:
                 log.error("env.restart_failed",
                           error=f"{state.active_state}/{state.sub_state} after the restart")
                 return "failed"
-            log.info("env.unit_restarted", seconds=round(time.monotonic() - started, 3))
+            log.info("env.unit_restarted", seconds=round(asyncio.get_running_loop().time() - started, 3))
             return "ok"
 
     async def _systemd_unit(self, unit: str) -> UnitState:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,7 +34,6 @@ from norm.adapters.docker import (
     Docker,
     DockerError,
     DockerRejected,
-    DockerUnavailable,
     RunTimeout,
 )
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
@@ -46,10 +44,10 @@ from norm.core import values
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
-from norm.core.errors import InvalidValue
+from norm.core.errors import InvalidValue, Temporary
 from norm.core.rollout import Phase, Release
 from norm.core.secret import redact
-from norm.services.base import first_of, wait_or_stop
+from norm.services.base import Retry, first_of, pause
 from norm.services.holds import OPERATOR, Holds
 from norm.services.metrics import Metrics
 from norm.services.updater import PHASE_CODES
@@ -128,16 +126,15 @@ class Executor:
 
     # -- the service ---------------------------------------------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
-        failures = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not self.primed.is_set():
             try:
                 await self.prime()
                 self.primed.set()
             except (EtcdError, SystemdError, OSError) as e:
-                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 log.warning("executor.prime_failed", error=str(e), retry_in=round(delay, 2))
-                if await wait_or_stop(stopping, delay):
+                if await pause(delay, stopping):
                     return
         await first_of(stopping=stopping.wait(), header=self._watch_header(), work=self._work(stopping))
 
@@ -168,7 +165,7 @@ class Executor:
             self._metrics.rollout_phase.set(PHASE_CODES[header.phase])
 
     async def _work(self, stopping: asyncio.Event) -> None:
-        failures = 0
+        retry = Retry(Backoff(first=0.5, cap=15.0))
         while True:
             self._wake.clear()
             try:
@@ -181,12 +178,11 @@ class Executor:
                     continue
                 for duty in duties:
                     await self._do(duty)
-                failures = 0
+                retry.reset()
             except (EtcdError, SystemdError, DockerError, OSError) as e:
-                delay = Backoff(first=0.5, cap=15.0).delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 log.warning("executor.retry", error=str(e), retry_in=round(delay, 2))
-                await first_of(woken=self._wake.wait(), pause=wait_or_stop(stopping, delay))
+                await pause(delay, self._wake, stopping)
 
     def _duties(self) -> tuple[rel.Duty, ...]:
         duties = rel.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
@@ -338,7 +334,7 @@ class Executor:
     async def _pull(self, h: rel.Header, digest: str) -> None:
         ref = f"{self._image}@{digest}"
         started = self._clock()
-        attempt = 0
+        retry = Retry(Backoff(first=0.5, cap=10.0))
         told = False
         while True:
             try:
@@ -348,14 +344,13 @@ class Executor:
                 log.error("executor.pull_refused", image=ref, error=str(e))
                 await self._report(h, "pulled", rel.pulled_error(str(e), permanent=True))
                 return
-            except DockerUnavailable as e:
+            except Temporary as e:
                 if not told:  # the leader shows the reason; one report is enough
                     await self._report(h, "pulled", rel.pulled_error(str(e), permanent=False), final=False)
                     told = True
-                delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
-                attempt += 1
+                delay = retry.next_delay()
                 log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+                await pause(delay)
         self._metrics.pull_seconds.observe(self._clock() - started)
         await self._report(h, "pulled", rel.pulled_ok(digest))
 

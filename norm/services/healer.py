@@ -49,7 +49,7 @@ from norm.core.healing import (
     to_record,
 )
 from norm.core.units import UnitState, matches
-from norm.services.base import first_of, wait_or_stop, wake_or_deadline
+from norm.services.base import OwnedTasks, Retry, first_of, pause, wake_or_deadline
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 
@@ -89,7 +89,7 @@ class Healer:
         self._seen: dict[str, float] = {}  # unit -> when the latest change of it was handled
         self._wake = asyncio.Event()
         holds.subscribe(self._wake.set)
-        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._regimens = OwnedTasks()  # one a unit, named heal:<unit>
         self._wake_at: float | None = None
         self.synced = asyncio.Event()
         self.traces: deque[HealTrace] = deque(maxlen=1000)
@@ -190,18 +190,17 @@ class Healer:
             self._saved = current
 
     async def _save_loop(self) -> None:
-        attempt = 0
+        retry = Retry(Backoff(first=1.0, cap=30.0))
         while True:
             await self._state_dirty.wait()
             try:
                 await self.save_state()
-                attempt = 0
+                retry.reset()
             except OSError as e:
-                delay = Backoff(first=1.0, cap=30.0).delay(attempt, random.random())
-                attempt += 1
+                delay = retry.next_delay()
                 log.error("heal.state_write_failed", path=str(self.state_file), error=str(e),
                           retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+                await pause(delay)
 
     # -- the service
 
@@ -222,8 +221,7 @@ class Healer:
         finally:
             # A regimen in flight finishes (bounded by the systemd call timeout): a unit is never left
             # stopped half-way through by a graceful shutdown.
-            if self._jobs:
-                await asyncio.gather(*self._jobs.values(), return_exceptions=True)
+            await self._regimens.join()
             try:
                 await self.save_state()
             except OSError as e:
@@ -248,7 +246,7 @@ class Healer:
 
     async def _resync_loop(self, stopping: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        while not await wait_or_stop(stopping, self._resync_interval):
+        while not await pause(self._resync_interval, stopping):
             asked = loop.time()
             try:
                 fresh = {s.name: s for s in await self._systemd.units(self.patterns)}
@@ -292,14 +290,14 @@ class Healer:
     def _on_command(self, command: Command, now: float = 0.0) -> None:
         match command:
             case Heal(unit, attempt, reload):
-                if unit in self._jobs:
+                if self._regimens.running(unit):
                     # A unit that dropped out of a listing mid-regimen lost its history, in_flight
                     # included; its regimen is still running: one at a time, always.
                     return
                 log.warning("heal.start", unit=unit, attempt=attempt, reload=reload,
                             state=self.states[unit].active_state, result=self.states[unit].result)
-                self._jobs[unit] = asyncio.create_task(
-                    self._regimen(unit, reload, self._seen.get(unit, now), now), name=f"heal:{unit}")
+                self._regimens.start(unit, self._regimen(unit, reload, self._seen.get(unit, now), now),
+                                     name=f"heal:{unit}")
             case Quarantine(unit, until, attempts):
                 log.error("heal.quarantined", unit=unit, attempts=attempts,
                           cooldown_s=round(until - now, 1))
@@ -339,7 +337,6 @@ class Healer:
             log.info("heal.done", unit=unit, result=result, seen=trace.seen, decided=trace.decided,
                      start_sent=trace.start_sent, done=trace.done)
             self.history = heal_finished(self.history, unit)
-            self._jobs.pop(unit, None)
             self._wake.set()
 
     def _update_gauges(self) -> None:
@@ -399,4 +396,4 @@ class Healer:
                 except NormError as e:  # publishing is best effort; the next change retries
                     log.info("units.publish_failed", error=str(e))
             # At most one write a second, however busy the units are.
-            await asyncio.sleep(1.0)
+            await pause(1.0)

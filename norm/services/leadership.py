@@ -8,7 +8,6 @@ can no longer be proven alive. An agent frozen past its lease therefore cannot a
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 
 import structlog
@@ -16,7 +15,7 @@ import structlog
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Leadership, NotLeader, Op, TxnResult
 from norm.core.backoff import Backoff
 from norm.core.host import leader_key
-from norm.services.base import first_of, wait_or_stop
+from norm.services.base import Retry, first_of, pause
 from norm.services.metrics import Metrics
 from norm.services.registration import Registration
 
@@ -53,7 +52,7 @@ class LeaderElection:
             log.info("leader.not_eligible")
             await stopping.wait()
             return
-        failures = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not stopping.is_set():
             try:
                 lease = await self._registration.current_lease()
@@ -66,7 +65,7 @@ class LeaderElection:
                     return
                 self._set(won[0])
                 log.info("leader.elected", token=won[0].token)
-                failures = 0
+                retry.reset()
                 deposed: list[str] = []
 
                 async def watch_key() -> None:
@@ -88,10 +87,9 @@ class LeaderElection:
                     log.warning("leader.lost", token=won[0].token, reason=lease.lost_reason)
             except EtcdError as e:
                 self._set(None)
-                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 log.warning("leader.campaign_failed", error=str(e), retry_in=round(delay, 2))
-                await wait_or_stop(stopping, delay)
+                await pause(delay, stopping)
 
     def _set(self, leadership: Leadership | None) -> None:
         self.leadership = leadership

@@ -17,7 +17,6 @@ release its hold on the units without starting them, presence resumes as after a
 from __future__ import annotations
 
 import asyncio
-import random
 
 import aiohttp
 import structlog
@@ -28,7 +27,7 @@ from norm.core.backoff import Backoff
 from norm.core.config import LbConfig
 from norm.core.presence import CheckHealth, Deregister, Observed, Register, decide
 from norm.core.units import UnitState
-from norm.services.base import first_of, wake_or_deadline
+from norm.services.base import OwnedTasks, Retry, first_of, pause, wake_or_deadline
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 
@@ -70,7 +69,8 @@ class Presence:
         self._resume_asked = False
         self._lock = asyncio.Lock()  # one caller of ELB at a time: the work loop, or before_stop
         self._wake = asyncio.Event()
-        self._probe: tuple[str, asyncio.Task[None]] | None = None
+        self._probe_for: str | None = None  # the run the health probe checks, while there is one
+        self._probe = OwnedTasks()
         self._http: aiohttp.ClientSession | None = None
         self.ready = asyncio.Event()  # the clients are open
         self._closed = False
@@ -131,7 +131,7 @@ class Presence:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        failures = 0
+        retry = Retry(self._retry)
         retry_at: float | None = None
         every = self._lb.recheck_interval
         recheck_at = loop.time() + every if every > 0 else None
@@ -146,10 +146,10 @@ class Presence:
                 recheck_at = loop.time() + every
             ok = await self._pass()
             if ok:
-                failures, retry_at = 0, None
+                retry.reset()
+                retry_at = None
             else:
-                delay = self._retry.delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 retry_at = loop.time() + delay
                 log.info("lb.retry", retry_in=round(delay, 2))
             self.progress.set()
@@ -220,32 +220,29 @@ class Presence:
 
     async def _steer_probe(self, commands: tuple[object, ...]) -> None:
         want = next((c.invocation for c in commands if isinstance(c, CheckHealth)), None)
-        if self._probe is not None:
-            invocation, task = self._probe
-            if task.done() or invocation != want:
-                await self._stop_probe()
-            else:
+        if self._probe_for is not None:
+            if self._probe.running("lb-health") and self._probe_for == want:
                 return
+            await self._stop_probe()
         if want is not None and not self._closed:
-            self._probe = (want, asyncio.create_task(self._check_health(want), name="lb-health"))
+            self._probe_for = want
+            self._probe.start("lb-health", self._check_health(want))
 
     async def _stop_probe(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe[1].cancel()
-            await asyncio.gather(probe[1], return_exceptions=True)
+        self._probe_for = None
+        await self._probe.cancel_all()
 
     async def _check_health(self, invocation: str) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self._lb.health_give_up
-        attempt = 0
+        retry = Retry(self._health_backoff)
         told = False
         while True:
             status, error = await self._probe_once()
             if status is not None and 200 <= status < 300:
                 self._healthy = invocation
-                log.info("lb.healthy", seconds=round(loop.time() - started, 3), attempts=attempt + 1)
+                log.info("lb.healthy", seconds=round(loop.time() - started, 3), attempts=retry.failures + 1)
                 self._wake.set()
                 return
             if not told:  # once per run: the URL itself is never logged (it may carry a token)
@@ -257,8 +254,7 @@ class Presence:
                 log.error("lb.health_gave_up", bound_s=self._lb.health_give_up, status=status, error=error)
                 self._wake.set()
                 return
-            await asyncio.sleep(min(self._health_backoff.delay(attempt, random.random()), left))
-            attempt += 1
+            await pause(min(retry.next_delay(), left))
 
     async def _probe_once(self) -> tuple[int | None, str | None]:
         http, url = self._http, self._lb.health_url
@@ -296,7 +292,7 @@ class Presence:
         async with self._lock:
             await self._steer_probe(())
             pending = [g for g, registered in self.registered.items() if registered is not False]
-            attempt = 0
+            retry = Retry(self._retry)
             while pending and not self._closed:
                 for group in list(pending):
                     try:
@@ -308,12 +304,11 @@ class Presence:
                     self._set_registered(group, False)
                 if not pending:
                     break
-                delay = self._retry.delay(attempt, random.random())
-                attempt += 1
+                delay = retry.next_delay()
                 if loop.time() + delay >= deadline:
                     log.error("lb.deregister_gave_up", target_groups=pending, bound_s=self._lb.drain_timeout)
                     break
-                await asyncio.sleep(delay)
+                await pause(delay)
             groups = [g for g in self._lb.target_groups if g not in pending]
             drained = await asyncio.gather(*(
                 self._elb.wait_drained(g, instance, self._lb.port, within=max(0.0, deadline - loop.time()))

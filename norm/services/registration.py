@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 
 import structlog
 
 from norm.adapters.etcd import Etcd, EtcdError, Lease
 from norm.core.backoff import Backoff
 from norm.core.host import HostRecord, hosts_key
-from norm.services.base import first_of, wait_or_stop
+from norm.services.base import Retry, first_of, pause
 from norm.services.metrics import Metrics
 
 log = structlog.get_logger("norm.registration")
@@ -64,7 +63,7 @@ class Registration:
                 log.warning("host.update_failed", error=str(e))
 
     async def run(self, stopping: asyncio.Event) -> None:
-        failures = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not stopping.is_set():
             try:
                 async with self._etcd.lease() as lease:
@@ -72,7 +71,7 @@ class Registration:
                     await self._set_lease(lease)
                     self.registered.set()
                     self._metrics.host_registered.set(1)
-                    failures = 0
+                    retry.reset()
                     log.info("host.registered", key=self.key, lease=f"{lease.id:x}")
                     await first_of(stopping=stopping.wait(), lease_lost=lease.lost.wait())
                     await self._set_lease(None)
@@ -90,10 +89,9 @@ class Registration:
                 await self._set_lease(None)
                 self.registered.clear()
                 self._metrics.host_registered.set(0)
-                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 log.warning("host.register_failed", error=str(e), retry_in=round(delay, 2))
-                await wait_or_stop(stopping, delay)
+                await pause(delay, stopping)
 
     async def _set_lease(self, lease: Lease | None) -> None:
         async with self._lease_ready:

@@ -20,18 +20,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from norm.adapters.docker import DockerError, DockerRejected, DockerUnavailable
+from norm.adapters.docker import DockerError, DockerRejected
 from norm.adapters.etcd import Delete, Etcd, EtcdError, KeyValue, NotLeader, Op, Put, Resync
 from norm.core import release as rel
 from norm.core.backoff import Backoff
 from norm.core.desired import Desired
-from norm.core.errors import InvalidValue
+from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
 from norm.core.rollout import (
     TERMINAL,
@@ -65,7 +64,7 @@ from norm.core.rollout import (
     step,
 )
 from norm.core.rollout import Event as RolloutEvent
-from norm.services.base import first_of
+from norm.services.base import OwnedTasks, Retry, first_of, pause
 from norm.services.leadership import LeaderElection
 from norm.services.metrics import Metrics
 from norm.services.watcher import DesiredStateWatcher
@@ -106,14 +105,14 @@ class Updater:
         self.record: Rollout | None = None
         self._queue: asyncio.Queue[RolloutEvent | Desired | _ReportOf | _ResolvedOf | BaseException] = \
             asyncio.Queue()
-        self._timer: asyncio.Task[None] | None = None
-        self._resolver: asyncio.Task[None] | None = None
-        self._reports: asyncio.Task[None] | None = None
+        # The leading loop's helpers (timer, resolver, reports): an error one ends with is raised in
+        # that loop, in its turn among the events.
+        self._helpers = OwnedTasks(on_error=self._helper_failed)
         self._phase_since: float = 0.0
 
     # -- the service ---------------------------------------------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
-        failures = 0
+        retry = Retry(Backoff(first=0.2, cap=5.0))
         while not stopping.is_set():
             elected = self._leadership.elected.wait()
             if await first_of(stopping=stopping.wait(), elected=elected) == "stopping":
@@ -121,25 +120,22 @@ class Updater:
             try:
                 await first_of(stopping=stopping.wait(), deposed=self._leadership.deposed.wait(),
                                lead=self._lead())
-                failures = 0
+                retry.reset()
             except NotLeader as e:
                 log.warning("updater.not_leader", error=str(e))
                 await self._leadership.deposed.wait()
             except EtcdError as e:
-                delay = Backoff(first=0.2, cap=5.0).delay(failures, random.random())
-                failures += 1
+                delay = retry.next_delay()
                 log.warning("updater.etcd_failed", error=str(e), retry_in=round(delay, 2))
-                await first_of(stopping=stopping.wait(), pause=asyncio.sleep(delay))
+                await pause(delay, stopping)
             finally:
                 await self._cancel_helpers()
 
+    def _helper_failed(self, error: BaseException) -> None:
+        self._queue.put_nowait(error)  # the queue of now: a new term of leading starts a new one
+
     async def _cancel_helpers(self) -> None:
-        for task in (self._timer, self._resolver, self._reports):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._timer, self._resolver, self._reports) if t is not None),
-                             return_exceptions=True)
-        self._timer = self._resolver = self._reports = None
+        await self._helpers.cancel_all()
         self._queue = asyncio.Queue()
 
     async def _lead(self) -> None:
@@ -247,20 +243,7 @@ class Updater:
                     self._queue.put_nowait(HostLost(item.kv.key.removeprefix(prefix)))
 
     def _follow_reports(self, revision: int) -> None:
-        if self._reports is not None:
-            self._reports.cancel()
-        self._reports = self._helper(self._watch_reports(revision), f"updater-reports-{revision}")
-
-    def _helper(self, coro: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
-        """A task of the leading loop; if it fails, its error is raised in that loop."""
-        task = asyncio.create_task(coro, name=name)
-
-        def done(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and (e := t.exception()) is not None:
-                self._queue.put_nowait(e)
-
-        task.add_done_callback(done)
-        return task
+        self._helpers.start("reports", self._watch_reports(revision), f"updater-reports-{revision}")
 
     async def _watch_reports(self, revision: int) -> None:
         prefix = rel.rollout_prefix(self._prefix, revision)
@@ -444,42 +427,37 @@ class Updater:
     def _arm(self, revision: int, deadline: Deadline) -> None:
         """Time the barrier on the loop's clock (monotonic): the wall clock may be another host's
         minutes apart, or step."""
-        if self._timer is not None:
-            self._timer.cancel()
         log.info("rollout.deadline_armed", rollout=revision, barrier=deadline.barrier,
                  seconds=deadline.seconds)
 
         async def fire() -> None:
-            await asyncio.sleep(deadline.seconds)  # a timer, not a wait on others
+            await pause(deadline.seconds)  # a timer, not a wait on others
             log.info("rollout.deadline", rollout=revision, barrier=deadline.barrier)
             self._queue.put_nowait(BarrierDeadline(revision, deadline.barrier))
 
-        self._timer = self._helper(fire(), "updater-deadline")
+        self._helpers.start("timer", fire(), "updater-deadline")
 
     def _start_resolving(self, revision: int, tag: str) -> None:
-        if self._resolver is not None:
-            self._resolver.cancel()
-        self._resolver = self._helper(self._resolving(revision, tag), f"updater-resolve-{revision}")
+        self._helpers.start("resolver", self._resolving(revision, tag), f"updater-resolve-{revision}")
 
     async def _resolving(self, revision: int, tag: str) -> None:
         ref = f"{self._image}:{tag}"
         loop = asyncio.get_running_loop()  # a duration: timed on the monotonic clock, not the wall's
         deadline = loop.time() + self._policy.pull_timeout
-        attempt = 0
+        retry = Retry(Backoff(first=0.5, cap=10.0))
         while True:
             try:
                 resolved = await self._resolve(ref)
             except DockerRejected as e:
                 self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(str(e))))
                 return
-            except DockerUnavailable as e:
+            except Temporary as e:
                 if loop.time() >= deadline:
                     self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(f"still unavailable: {e}")))
                     return
-                delay = Backoff(first=0.5, cap=10.0).delay(attempt, random.random())
-                attempt += 1
+                delay = retry.next_delay()
                 log.warning("rollout.resolve_retry", rollout=revision, error=str(e), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+                await pause(delay)
                 continue
             except DockerError as e:
                 self._queue.put_nowait(_ResolvedOf(revision, ResolveFailed(str(e))))
