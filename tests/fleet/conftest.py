@@ -11,6 +11,7 @@ import os
 import signal
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sandbox import app, updates
 from sandbox.fleet import Fleet
 from sandbox.procs import wait_for
 from sandbox.registry import Registry
+from sandbox.systemd import SystemdManager
 
 AGENT_ENV: dict[str, str] = {
     "NORM_ETCD__LEASE_TTL": "4",
@@ -30,6 +32,11 @@ AGENT_ENV: dict[str, str] = {
     "NORM_UPDATE__MIGRATION_TIMEOUT": "60",
     "NORM_LOG__LEVEL": "debug",
 }
+
+
+def log_time() -> str:
+    """Now, as the agents' log entries have their timestamps (comparable as strings)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class UpdateFleet:
@@ -60,6 +67,19 @@ class UpdateFleet:
     def served(self, name: str) -> tuple[str, str]:
         web, api = self.ports[name]
         return app.fetch(web), app.fetch(api)
+
+    def steps_of(self, tag: str) -> list[str]:
+        """The one-off steps the record shows run in `tag`'s image, in order."""
+        return [ln.split()[1] for ln in self.record_lines() if ln.split()[0] == tag]
+
+    def invocations(self) -> dict[str, str]:
+        """Each host's units' InvocationID: a stop or restart gives a unit a new one."""
+        out = {}
+        for h in self.state["hosts"]:
+            mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
+            for unit in app.UNITS:
+                out[f"{h['name']}/{unit}"] = mgr.unit_property(unit, "InvocationID")
+        return out
 
     def record_lines(self) -> list[str]:
         path = self.fleet.data_dir / "record.log"

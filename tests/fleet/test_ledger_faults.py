@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,26 +16,9 @@ from sandbox import updates
 from sandbox.docker import DockerEngine
 from sandbox.procs import wait_for
 from sandbox.systemd import SystemdManager
-from tests.fleet.conftest import UpdateFleet
+from tests.fleet.conftest import UpdateFleet, log_time
 
 UNITS = ("djed-web.service", "djed-api.service")
-
-
-def _log_time() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _steps_of(fleet: UpdateFleet, tag: str) -> list[str]:
-    return [ln.split()[1] for ln in fleet.record_lines() if ln.split()[0] == tag]
-
-
-def _invocations(fleet: UpdateFleet) -> dict[str, str]:
-    out = {}
-    for h in fleet.state["hosts"]:
-        mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
-        for unit in UNITS:
-            out[f"{h['name']}/{unit}"] = mgr.unit_property(unit, "InvocationID")
-    return out
 
 
 def _engine_of(fleet: UpdateFleet, name: str) -> DockerEngine:
@@ -83,7 +65,7 @@ def _halted_naming_the_step(fleet: UpdateFleet, revision: int, tag: str) -> dict
                if e["revision"] == revision]
     assert entries == [("migrate", False, True)], entries
     assert [v["value"].get("unknown") for v in reports.get("migrated", [])] == [True]
-    assert _steps_of(fleet, tag) == []
+    assert fleet.steps_of(tag) == []
     return h
 
 
@@ -109,14 +91,14 @@ def test_a_setback_halts_with_the_header_lost_and_a_new_leader(fleet: UpdateFlee
     older, newer = fleet.new_version(), fleet.new_version()
     for tag in (older, newer):
         assert updates.deploy(fleet.fleet, tag)["phase"] == "done"
-    before = _invocations(fleet)
+    before = fleet.invocations()
     leader = fleet.wait_leader()
     if damage == "deleted":
         fleet.fleet.etcdctl("del", f"{updates.PREFIX}/rollout")
     else:
         updates.put(fleet.fleet, f"{updates.PREFIX}/rollout", '{"revision": "not a header"')
     # The next leader starts from etcd with no readable header.
-    killed_at = _log_time()
+    killed_at = log_time()
     fleet.fleet.kill_agent(leader, signal.SIGKILL)
     successor = fleet.wait_leader(other_than=leader)
     fleet.wait_event(successor, "updater.leading", timeout=30, where=lambda e: e["timestamp"] > killed_at)
@@ -125,9 +107,9 @@ def test_a_setback_halts_with_the_header_lost_and_a_new_leader(fleet: UpdateFlee
         h = updates.wait_phase(fleet.fleet, revision, timeout=60)
         assert h["phase"] == "halted" and "no down-migrations" in h["reason"], h
         assert h["previous"]["tag"] == newer, h  # it knew the release the fleet runs, too
-        assert _invocations(fleet) == before  # nothing stopped or started
+        assert fleet.invocations() == before  # nothing stopped or started
         fleet.serving(newer)
-        assert _steps_of(fleet, older) == ["migrate", "collectstatic"]  # from its own rollout only
+        assert fleet.steps_of(older) == ["migrate", "collectstatic"]  # from its own rollout only
         restored = fleet.wait_event(successor, "updater.header_restored",
                                     where=lambda e: e["timestamp"] > killed_at)
         assert restored[-1]["phase"] == "done"
@@ -183,7 +165,7 @@ def test_a_restarted_migrator_that_finds_no_container_to_adopt_halts_naming_the_
     migrator, engine, container = _step_started(fleet, revision)
     # The migrator's agent dies (another agent leads meanwhile), and the step's container is gone
     # by the time systemd has restarted it.
-    killed_at = _log_time()
+    killed_at = log_time()
     fleet.fleet.kill_agent(migrator, signal.SIGKILL)
     engine.docker("rm", "-f", container)
     fleet.wait_leader(other_than=migrator)  # the migrator was the leader; another one waits for it

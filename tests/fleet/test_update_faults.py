@@ -7,34 +7,17 @@ from __future__ import annotations
 
 import signal
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from sandbox import updates
 from sandbox.procs import wait_for
-from sandbox.systemd import SystemdManager
-from tests.fleet.conftest import UpdateFleet
+from tests.fleet.conftest import UpdateFleet, log_time
 from tests.fleet.invariants import check_invariants
 
 
 def _other(fleet: UpdateFleet, *not_these: str | None) -> str:
     return next(n for n in fleet.names() if n not in not_these)
-
-
-def _steps_of(fleet: UpdateFleet, tag: str) -> list[str]:
-    return [ln.split()[1] for ln in fleet.record_lines() if ln.split()[0] == tag]
-
-
-def _invocations(fleet: UpdateFleet) -> dict[str, str]:
-    """Each host's units' InvocationID: a stop or restart gives a unit a new one."""
-    out = {}
-    for h in fleet.state["hosts"]:
-        mgr = SystemdManager(h["name"], Path(h["systemd_dir"]))
-        for unit in ("djed-web.service", "djed-api.service"):
-            out[f"{h['name']}/{unit}"] = mgr.unit_property(unit, "InvocationID")
-    return out
 
 
 def test_leader_killed_during_pull_a_new_leader_resumes(fleet: UpdateFleet) -> None:
@@ -44,7 +27,7 @@ def test_leader_killed_during_pull_a_new_leader_resumes(fleet: UpdateFleet) -> N
     with fleet.frozen_engine(slow):
         revision = updates.set_version(fleet.fleet, tag)
         updates.wait_phase(fleet.fleet, revision, ("pull",), timeout=30)
-        killed_at = _log_time()
+        killed_at = log_time()
         fleet.fleet.kill_agent(leader, signal.SIGKILL)
         successor = fleet.wait_leader(other_than=leader)
         # The successor resumes from the record: the dead leader's host leaves the barrier (its lease
@@ -82,13 +65,8 @@ def test_leader_killed_right_after_migrate_started_the_step_runs_once(fleet: Upd
     fleet.fleet.restart_agent(migrator)
     h = updates.wait_phase(fleet.fleet, revision, timeout=120)
     assert h["phase"] == "done", h
-    assert _steps_of(fleet, tag) == ["migrate", "collectstatic"]
+    assert fleet.steps_of(tag) == ["migrate", "collectstatic"]
     check_invariants(fleet, revision, tag)
-
-
-def _log_time() -> str:
-    """Now, as the agents' log entries have their timestamps (comparable as strings)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _rollout_keys(fleet: UpdateFleet) -> dict[str, int]:
@@ -122,7 +100,7 @@ def test_frozen_leader_beyond_its_lease_writes_nothing_when_it_wakes(fleet: Upda
                  timeout=30, what="the earlier rollouts trimmed", interval=0.05)
         written = _rollout_keys(fleet)
     finally:
-        woke_at = _log_time()
+        woke_at = log_time()
         fleet.fleet.kill_agent(leader, signal.SIGCONT)
     # Awake, it finds its leadership gone (its lease expired while it slept) and stands down; the
     # pull its host finished meanwhile is not reported either: that rollout moved on without it.
@@ -147,14 +125,14 @@ def test_a_newer_version_during_pull_supersedes_the_rollout(fleet: UpdateFleet) 
     check_invariants(fleet, second, newer)
     older_reports = updates.reports(fleet.fleet, first)
     assert "stopped" not in older_reports and "started" not in older_reports
-    assert _steps_of(fleet, older) == []
+    assert fleet.steps_of(older) == []
 
 
 @pytest.mark.parametrize("value", ["x;reboot", "", "v" * (1 << 20), "t1\n", "vé", "no-such-tag"],
                          ids=["shell", "empty", "1MB", "newline", "non-ascii", "unknown-tag"])
 def test_a_bad_version_fails_fast_is_counted_and_stops_nothing(fleet: UpdateFleet, value: str) -> None:
     leader = fleet.wait_leader()
-    before = _invocations(fleet)
+    before = fleet.invocations()
     running = updates.header(fleet.fleet)["tag"]  # type: ignore[index]
     sample = 'norm_rollouts_total{outcome="failed"}'
     failed_before = fleet.metric(leader, sample)
@@ -172,13 +150,13 @@ def test_a_bad_version_fails_fast_is_counted_and_stops_nothing(fleet: UpdateFlee
         assert value not in h["reason"] or value == ""  # refused, not quoted back
         fleet.wait_metric(leader, refused, lambda v: v > refused_before)
     assert fleet.wait_metric(leader, sample, lambda v: v >= failed_before + 1) == failed_before + 1
-    assert _invocations(fleet) == before
+    assert fleet.invocations() == before
     fleet.serving(running)
     assert "pulled" not in updates.reports(fleet.fleet, revision)
     # The fleet still runs its release; setting it again is a no-op.
     again = updates.set_version(fleet.fleet, running)
     assert updates.wait_phase(fleet.fleet, again, timeout=30)["phase"] == "done"
-    assert _invocations(fleet) == before
+    assert fleet.invocations() == before
 
 
 def test_the_registry_going_away_during_pull_is_retried(fleet: UpdateFleet) -> None:
@@ -264,7 +242,7 @@ def test_a_failed_migration_halts_and_restarts_the_old_release(fleet: UpdateFlee
     h = updates.wait_phase(fleet.fleet, revision, timeout=120)
     assert h["phase"] == "failed" and "step migrate failed" in h["reason"], h
     fleet.serving(running)  # every host back on the release it ran
-    assert _steps_of(fleet, tag) == []  # the failing step records nothing; the next one never ran
+    assert fleet.steps_of(tag) == []  # the failing step records nothing; the next one never ran
     entries = [(e["step"], e["ok"]) for e in updates.ledger(fleet.fleet) if e["revision"] == revision]
     assert entries == [("migrate", False)]
     started = updates.reports(fleet.fleet, revision).get("started", [])
@@ -276,13 +254,13 @@ def test_setting_back_a_migrated_version_halts_without_touching_the_fleet(fleet:
     older, newer = fleet.new_version(), fleet.new_version()
     for tag in (older, newer):
         assert updates.deploy(fleet.fleet, tag)["phase"] == "done"
-    before = _invocations(fleet)
+    before = fleet.invocations()
     revision = updates.set_version(fleet.fleet, older)
     h = updates.wait_phase(fleet.fleet, revision, timeout=30)
     assert h["phase"] == "halted" and "no down-migrations" in h["reason"], h
-    assert _invocations(fleet) == before
+    assert fleet.invocations() == before
     fleet.serving(newer)
-    assert _steps_of(fleet, older) == ["migrate", "collectstatic"]  # from its own rollout, not again
+    assert fleet.steps_of(older) == ["migrate", "collectstatic"]  # from its own rollout, not again
 
 
 def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet) -> None:
@@ -298,12 +276,12 @@ def test_a_host_joining_mid_rollout_gets_the_release_after_it(fleet: UpdateFleet
         assert late_id not in updates.record(fleet.fleet, revision)["hosts"]  # type: ignore[index]
         fleet.fleet.restart_agent(late)
         fleet.fleet.wait_registered(timeout=30)
-        before = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
+        before = {k: v for k, v in fleet.invocations().items() if k.startswith(late + "/")}
         assert updates.header(fleet.fleet)["phase"] == "pull"  # type: ignore[index]
     h = updates.wait_phase(fleet.fleet, revision, timeout=120)
     assert h["phase"] == "done", h
     check_invariants(fleet, revision, tag)  # the late host serves it too, after the rollout
-    after = {k: v for k, v in _invocations(fleet).items() if k.startswith(late + "/")}
+    after = {k: v for k, v in fleet.invocations().items() if k.startswith(late + "/")}
     assert after != before
     caught = fleet.wait_event(late, "executor.caught_up", where=lambda e: e["release"].startswith(f"{tag}@"))
     started = fleet.wait_event(leader, "rollout.phase",
@@ -323,7 +301,7 @@ def test_no_rollout_starts_without_an_operator_write(fleet: UpdateFleet) -> None
         fleet.fleet.restart_agent(name)
         fleet.fleet.wait_registered(timeout=60)
     leader = fleet.wait_leader()
-    killed_at = _log_time()
+    killed_at = log_time()
     fleet.fleet.kill_agent(leader, signal.SIGKILL)
     successor = fleet.wait_leader(other_than=leader)
     # The successor weighs the desired version it listed: known, or (wrongly) new.

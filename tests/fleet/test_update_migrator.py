@@ -53,5 +53,4 @@ def test_a_leader_outside_the_update_has_a_host_with_the_image_run_the_steps(
     assert record is not None and me not in record["hosts"] and len(record["hosts"]) == 2
     assert h["migrator"] in record["hosts"], h
     assert fleet.leader() == leader  # it led throughout
-    ran = [ln.split()[1] for ln in fleet.record_lines() if ln.split()[0] == tag]
-    assert ran == ["migrate", "collectstatic"]
+    assert fleet.steps_of(tag) == ["migrate", "collectstatic"]

@@ -498,6 +498,14 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         # the list of.
         cli_runs, lists = [0], [0]
 
+        def read_all() -> None:
+            """Every reader of the CLI over the store as it is: no traceback, no control character."""
+            for args in CLI_READERS:
+                code, printed = run_cli(agent.config_path, *args)
+                cli_runs[0] += 1
+                assert isinstance(code, int), (args, code)
+                assert not CONTROL.search(printed), (args, printed[:2000])
+
         @settings(max_examples=CLI_EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 1000,
                   suppress_health_check=list(HealthCheck))
         @given(st.data())
@@ -517,11 +525,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                     # participants and reports.
                     writer.put(rel.header_key(P), header.encode())
                 write(target, data.draw(target.keys), data.draw(target.values))
-            for args in CLI_READERS:
-                code, printed = run_cli(agent.config_path, *args)
-                cli_runs[0] += 1
-                assert isinstance(code, int), (args, code)
-                assert not CONTROL.search(printed), (args, printed[:2000])
+            read_all()
 
         readers()
         for args in CLI_READERS:
@@ -567,11 +571,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         @given(st.data())
         def leader_values(data: st.DataObject) -> None:
             write(leader_target, leader_key(P), data.draw(leader_target.values))
-            for args in CLI_READERS:
-                code, printed = run_cli(agent.config_path, *args)
-                cli_runs[0] += 1
-                assert isinstance(code, int), (args, code)
-                assert not CONTROL.search(printed), (args, printed[:2000])
+            read_all()
 
         leader_values()
         wait_for(lambda: metrics(agent).get(("norm_leader", ())) == 0, timeout=60,
