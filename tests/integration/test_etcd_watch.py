@@ -143,3 +143,21 @@ async def test_the_client_carries_on_when_its_cluster_member_is_killed(
             assert (await client.get("/m/5")) is not None
             items = await collect(w, last_key_is("/m/5"))
     assert [k for k, _ in puts(items)] == [f"/m/{i}" for i in range(1, 6)]
+
+
+async def test_a_watch_handed_another_watchs_events_delivers_none_and_starts_again(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    """A client's watches share one stream; should it pair a watch with another's server-side watcher
+    (as after a reconnect under faults), the foreign events are not delivered and the watch, on a
+    fresh client, goes on from where it stood."""
+    async with Etcd(etcd_config(etcd.endpoint)) as client:
+        async with client.watch("/a") as a, client.watch("/b") as b:
+            assert isinstance(await anext(a), Resync) and isinstance(await anext(b), Resync)
+            await client.put("/a", b"1")
+            await collect(a, last_key_is("/a"))
+            # The crossing, made by hand: /a's watch now reads /b's stream.
+            a._iter = b._iter
+            await client.put("/b", b"foreign")
+            await client.put("/a", b"2")
+            items = await collect(a, last_key_is("/a"))
+    assert puts(items) == [("/a", b"2")]
