@@ -883,9 +883,18 @@ class Watch:
                 await self._close()
                 await self._recover(e)
                 continue
+            kv = KeyValue.of(raw.kv)
+            if not (kv.key.startswith(self.key) if self.prefix else kv.key == self.key):
+                # An event of another watch: the client's shared stream has paired a watch with the
+                # wrong server-side watcher. Nothing of it is delivered; the client is made anew, so
+                # that every watch on it starts again, on a fresh stream, from where it stood.
+                log.error("etcd.watch.crossed", key=self.key)
+                client = self._stream_client
+                await self._close()
+                await self._etcd._drop_client(client)
+                continue
             self._failures = 0
             self._etcd._set_connected(True)
-            kv = KeyValue.of(raw.kv)
             # The server sends a revision's events together, before any error on the stream, so
             # resuming after the revision of the last event handed out loses and repeats nothing.
             self.next_revision = kv.mod_revision + 1
