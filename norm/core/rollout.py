@@ -46,7 +46,6 @@ import dataclasses
 import enum
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -407,7 +406,6 @@ Result = tuple[Rollout, tuple[Command, ...]]
 # Helpers
 
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def participants(hosts: Iterable[HostRecord], environment: str,
@@ -672,7 +670,7 @@ def _late(record: Rollout, event: Event, now: float, policy: RolloutPolicy) -> R
 
 def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPolicy) -> Result:
     digest = event.digest
-    if not _DIGEST.fullmatch(digest):
+    if not values.DIGEST.fullmatch(digest):
         return _finish(record, Phase.FAILED, "the registry answered with a malformed digest", now)
     record = _r(record, now, digest=digest)
     if record.previous is not None and record.previous.digest == digest:
@@ -1069,11 +1067,7 @@ def _list(value: object, name: str) -> list[Any]:
     return value
 
 
-def _digest(value: object, name: str) -> str:
-    text = _str(value, name)
-    if not _DIGEST.fullmatch(text):
-        raise ValueError(f"{name}: not a sha256 digest")
-    return text
+_digest = values.digest
 
 
 def _opt_digest(value: object, name: str) -> str | None:
