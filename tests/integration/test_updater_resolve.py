@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from norm.adapters.docker import DockerUnavailable
-from norm.adapters.etcd import Compare, Etcd, Op, Put, TxnResult
+from norm.adapters.etcd import Compare, Etcd, Op, Put, Resync, TxnResult
 from norm.core import release as rel
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, hosts_key
@@ -61,6 +61,18 @@ class SlowHeaderWrite:
         return await self._client.txn(list(compare), list(success), list(failure))
 
 
+async def header_where(client: Etcd, ok: Callable[[rel.Header], bool]) -> rel.Header:
+    """The rollout header, once the leader has written one for which `ok` holds (watched)."""
+    async with asyncio.timeout(30), client.watch(rel.header_key("/norm")) as w:
+        async for item in w:
+            kvs = item.snapshot.kvs if isinstance(item, Resync) else (item.kv,) if item.kind == "put" else ()
+            for kv in kvs:
+                h = rel.Header.decode(kv.value, kv.key)
+                if ok(h):
+                    return h
+    raise AssertionError("the header watch ended")
+
+
 async def test_a_superseded_rollouts_resolve_result_is_not_taken_for_the_next_ones(etcd: EtcdMember) -> None:
     """Version A is being resolved when version B supersedes it; A's answer comes while B's record is
     being written. B must run B's digest, not A's."""
@@ -85,14 +97,10 @@ async def test_a_superseded_rollouts_resolve_result_is_not_taken_for_the_next_on
         tasks = [asyncio.create_task(watcher.run(stopping), name="watcher-under-test"),
                  asyncio.create_task(updater.run(stopping), name="updater-under-test")]
         try:
-            async with asyncio.timeout(30):
-                while updater.record is None or updater.record.revision != a:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)  # the updater's record has no event to wait on
+            await header_where(client, lambda h: h.revision == a)  # A is being resolved
             b = await client.put("/djed-version", b"vb")
-            async with asyncio.timeout(30):
-                while updater.record.revision != b or updater.record.phase is Phase.RESOLVE:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            assert updater.record.tag == "vb" and updater.record.digest == dB, updater.record
+            h = await header_where(client, lambda h: h.revision == b and h.phase is not Phase.RESOLVE)
+            assert h.tag == "vb" and h.digest == dB, h
         finally:
             stopping.set()
             async with asyncio.timeout(15):
