@@ -78,6 +78,8 @@ def _translate(e: BaseException, what: str) -> EtcdError:
         return e
     if isinstance(e, TimeoutError | aex.ConnectionTimeoutError | aex.WatchTimeoutError):
         return EtcdUnavailable(f"{what}: etcd did not answer in time")
+    if isinstance(e, _CallDropped):
+        return EtcdUnavailable(f"{what}: {e}")
     cause = e.__cause__ if isinstance(e, aex.ClientError) else e
     detail = cause.details() if isinstance(cause, grpc.aio.AioRpcError) else str(e)
     detail = (detail or type(e).__name__).strip()
@@ -90,6 +92,24 @@ def _translate(e: BaseException, what: str) -> EtcdError:
     if isinstance(e, aex.ClientError) and "permission denied" in detail:
         return EtcdRejected(f"{what}: {detail}")
     return EtcdUnavailable(f"{what}: {detail}")
+
+
+class _CallDropped(Exception):
+    """gRPC cancelled a call because another task closed its channel (moving to another member):
+    a failed call, to be retried, not a cancellation of the task that made it."""
+
+
+async def _own_cancel(aw: Awaitable[T]) -> T:
+    """Await one RPC (or a step of a stream). gRPC cancels the calls in flight on a channel that is
+    closed, and they raise CancelledError in whichever task awaits them; only a cancellation of
+    this task is passed on as one. Any other is the call failing (`_CallDropped`)."""
+    try:
+        return await aw
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise _CallDropped("the connection was closed under the call") from None
 
 
 def _member_trouble(e: BaseException) -> bool:
@@ -435,7 +455,7 @@ class Etcd:
             client = self._client
         try:
             async with asyncio.timeout(self.config.dial_timeout):
-                await client.connect()
+                await _own_cancel(client.connect())
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -450,7 +470,7 @@ class Etcd:
             old, self._client = self._client, None
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
-                await old.close()
+                await _own_cancel(old.close())
         self._set_connected(False)
 
     async def _failed(self, client: _Client | None, e: BaseException, err: EtcdError) -> None:
@@ -487,7 +507,7 @@ class Etcd:
             try:
                 self.requests += 1
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    result = await fn(client)
+                    result = await _own_cancel(fn(client))
                 if client is self._client:
                     self._failures = 0
                 self._set_connected(True)
@@ -702,6 +722,7 @@ class Lease:
         self.renewals = 0
         self._renewed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def margin(self) -> float:
@@ -726,12 +747,13 @@ class Lease:
         self.id, granted = await self._etcd._grant(self.ttl)
         self.ttl = granted
         self.deadline = sent + granted
-        self._task = asyncio.create_task(self._keep_alive(), name=f"etcd-lease-{self.id:x}")
+        self._task = asyncio.create_task(self._renew(), name=f"etcd-lease-{self.id:x}")
         log.debug("etcd.lease.granted", lease=f"{self.id:x}", ttl=granted)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -747,6 +769,17 @@ class Lease:
             self.lost.set()
             if reason != "revoked":
                 log.warning("etcd.lease.lost", lease=f"{self.id:x}", reason=reason)
+
+    async def _renew(self) -> None:
+        """Keep the lease alive; however renewing ends (other than by cancellation), the lease is
+        lost from then on: its holders must never outlive the task that proves it alive."""
+        try:
+            await self._keep_alive()
+        except Exception as e:  # a bug, not etcd's answer (those are retried): stop trusting the lease
+            self._lose(f"renewing stopped: {type(e).__name__}: {e}")
+        finally:
+            if not self.lost.is_set() and not self._closing:
+                self._lose("renewing stopped")
 
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -826,7 +859,7 @@ class Watch:
         if stream is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
-                    await stream.cancel()
+                    await _own_cancel(stream.cancel())
 
     async def _list(self, reason: Literal["start", "compacted"]) -> None:
         if self.prefix:
@@ -846,8 +879,8 @@ class Watch:
         range_end = prefix_end(self.key) if self.prefix else None
         try:
             self._etcd.requests += 1
-            self._stream = await client.watch(self.key.encode(), range_end=range_end,
-                                              start_revision=self.next_revision)
+            self._stream = await _own_cancel(client.watch(self.key.encode(), range_end=range_end,
+                                                          start_revision=self.next_revision))
         except aex.RevisionCompactedError:
             await self._list("compacted")
             return
@@ -868,7 +901,7 @@ class Watch:
                 if self._iter is None:
                     await self._open()
                     continue
-                raw = await self._iter.__anext__()
+                raw = await _own_cancel(self._iter.__anext__())
             except asyncio.CancelledError:
                 raise
             except StopAsyncIteration:

@@ -165,3 +165,60 @@ async def test_lease_renewals_retry_with_jitter_and_in_time_while_etcd_is_down(
     # ...and are spread at random rather than in step (a fixed period gives one gap, over and over).
     late = [b - a for times in failed.values() for a, b in itertools.pairwise(times[2:])]
     assert max(late) - min(late) > 0.2, late
+
+
+
+def _on_send(client: Etcd) -> asyncio.Event:
+    """An event set each time `client` hands out its connection for a call (the call then goes)."""
+    sent = asyncio.Event()
+    get_client = client._get_client
+
+    async def handing_out() -> object:
+        connection = await get_client()
+        sent.set()
+        return connection
+
+    client._get_client = handing_out  # type: ignore[method-assign,assignment]
+    return sent
+
+
+async def test_a_call_in_flight_when_another_task_drops_the_connection_is_retried_not_cancelled(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    # Moving to another member closes the client's channel, and gRPC then cancels every call in
+    # flight on it. Those calls belong to other tasks: each must fail and be retried, never end
+    # its task as though the task itself had been cancelled.
+    async with Etcd(etcd_config(etcd.endpoint, request_timeout=30)) as client:
+        await client.put("/inflight", b"1")
+        sent = _on_send(client)
+        etcd.freeze()
+        try:
+            sent.clear()
+            reader = asyncio.create_task(client.get("/inflight"), name="reader")
+            async with asyncio.timeout(30):
+                await sent.wait()  # the read is on its way to the frozen member
+            await client._drop_client()  # what a failover does, from another task
+        finally:
+            etcd.thaw()
+        async with asyncio.timeout(30):
+            kv = await reader
+        assert kv is not None and kv.value == b"1"
+
+
+async def test_a_renewal_in_flight_when_another_task_drops_the_connection_keeps_the_lease(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=10)) as client, client.lease() as lease:
+        sent = _on_send(client)
+        with capture_logs() as logs:
+            etcd.freeze()
+            try:
+                sent.clear()
+                async with asyncio.timeout(30):
+                    await sent.wait()  # a renewal is on its way to the frozen member
+                await client._drop_client()
+            finally:
+                etcd.thaw()
+            renewed = lease.renewals
+            async with asyncio.timeout(30):
+                await lease.wait_renewals(renewed + 1)
+        assert lease.valid() and not lease.lost.is_set()
+        assert any(e["event"] == "etcd.lease.renew_failed" for e in logs)
