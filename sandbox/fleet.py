@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
 from sandbox.etcd import ETCDCTL, EtcdMember
+from sandbox.netns import NetNs, exec_argv
 from sandbox.procs import Proc, SandboxError, free_port, venv_python, wait_for
 from sandbox.systemd import CGROUP_PREFIX, SystemdManager
 
@@ -102,6 +103,8 @@ class State(TypedDict):
     # Fleets with a registry only (and states written before there were any: read with .get()).
     registry: NotRequired[RegistryState | None]
     image_engine: NotRequired[ImageEngineState | None]
+    # With `isolatable_etcd`: the network namespace etcd0 runs in (NetNs.saved()).
+    netns: NotRequired[dict[str, str] | None]
 
 
 # -- processes by pid ---------------------------------------------------------------------------
@@ -125,13 +128,19 @@ def record(proc: Proc) -> ProcState:
     if proc.pid is None:
         raise SandboxError(f"{proc.name} has no pid to record")
     pid = proc.pid
-    # Popen returns while the kernel is still inside exec(): /proc/<pid>/cmdline is briefly empty.
-    wait_for(lambda: fingerprint(pid) is not None or not proc.alive, timeout=10,
-             what=f"{proc.name} command line", interval=0.005)
+    runs = exec_argv(list(proc.argv))
+
+    def execed() -> bool:
+        fp = fingerprint(pid)
+        return not proc.alive or (fp is not None and (fp[0] == runs or runs == list(proc.argv)))
+
+    # Popen returns while the kernel is still inside exec(): /proc/<pid>/cmdline is briefly empty
+    # (and a wrapper such as `ip netns exec` has its own until it execs the program).
+    wait_for(execed, timeout=10, what=f"{proc.name} command line", interval=0.005)
     fp = fingerprint(pid)
     if fp is None:
         raise SandboxError(f"{proc.name} (pid {proc.pid}) exited at once:\n{proc.tail()}")
-    if fp[0] != list(proc.argv):
+    if fp[0] != runs:
         raise SandboxError(f"{proc.name} (pid {pid}) runs {fp[0]}, not {list(proc.argv)}")
     return ProcState(name=proc.name, pid=pid, argv=list(proc.argv), starttime=fp[1], log=str(proc.log))
 
@@ -148,7 +157,7 @@ def _record(proc: Proc, stop: Callable[[], None]) -> ProcState:
 def owned(rec: ProcState) -> bool:
     """Whether the recorded pid is still the very process we started."""
     fp = fingerprint(rec["pid"])
-    return fp is not None and fp[0] == rec["argv"] and fp[1] == rec["starttime"]
+    return fp is not None and fp[0] == exec_argv(rec["argv"]) and fp[1] == rec["starttime"]
 
 
 def _distinct_free_ports(n: int) -> list[int]:
@@ -239,6 +248,7 @@ class Fleet:
     docker: bool = True
     agents: bool = True
     etcd_size: int = 3
+    isolatable_etcd: bool = False  # etcd0 in a network namespace of its own (isolate_etcd)
     image: str | None = None  # an image repository: the agents run in update mode
     # A registry and an image-building engine of the fleet's own (with docker only); the agents run in
     # update mode on <registry>/djed/app unless `image` names another repository.
@@ -647,13 +657,44 @@ class Fleet:
             self._own(engine.proc, engine)
             self._save(state)
 
+    def _etcd_members(self, state: State) -> list[EtcdMember]:
+        """The members to start, on free ports. With `isolatable_etcd`, etcd0 runs in a network
+        namespace of its own and the others listen on this side of its veth pair, so that etcd0
+        can be cut off from its peers (isolate_etcd) while its clients still reach it."""
+        ports = _distinct_free_ports(2 * self.etcd_size)
+        hosts: list[tuple[str, NetNs | None]] = [("127.0.0.1", None)] * self.etcd_size
+        if self.isolatable_etcd:
+            ns = NetNs(name=f"norm-fleet-{uuid.uuid4().hex[:8]}")
+            state["netns"] = ns.saved()  # saved first: `down` removes it whatever fails next
+            self._save(state)
+            ns.create()
+            state["netns"] = ns.saved()
+            self._save(state)
+            hosts = [(ns.inner, ns)] + [(ns.outer, None)] * (self.etcd_size - 1)
+        return [EtcdMember(f"etcd{i}", self.etcd_dir, client_port=ports[2 * i], peer_port=ports[2 * i + 1],
+                           host=host, netns=ns) for i, (host, ns) in enumerate(hosts)]
+
+    def isolate_etcd(self) -> str:
+        """Cut etcd0 off from its peers (its clients still reach it); returns its name."""
+        state = self.load_state()
+        saved = state.get("netns") if state is not None else None
+        if state is None or not saved:
+            raise SandboxError("this fleet's etcd cannot be isolated (start it with isolatable_etcd)")
+        NetNs.of(saved).isolate(except_ports=(state["etcd"][0]["client_port"],))
+        return state["etcd"][0]["name"]
+
+    def heal_etcd(self) -> None:
+        """Join etcd0 to its peers again (undo isolate_etcd)."""
+        state = self.load_state()
+        saved = state.get("netns") if state is not None else None
+        if saved:
+            NetNs.of(saved).heal()
+
     def _start_etcd(self, state: State, ready_timeout: float, attempts: int = 3) -> list[EtcdMember]:
         """Start the etcd members, record each, and wait until all are healthy. Ports are picked free
         but could be taken by someone else before etcd binds them: then start again on other ones."""
         for attempt in range(1, attempts + 1):
-            ports = _distinct_free_ports(2 * self.etcd_size)
-            members = [EtcdMember(f"etcd{i}", self.etcd_dir, client_port=ports[2 * i],
-                                  peer_port=ports[2 * i + 1]) for i in range(self.etcd_size)]
+            members = self._etcd_members(state)
             initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
             token = f"norm-sandbox-{uuid.uuid4().hex[:12]}"
             for m in members:
@@ -769,6 +810,11 @@ class Fleet:
                 note(f"stopped {rec['name']} (pid {rec['pid']}) and its cgroup {h['cgroup']}")
         for m in reversed(state["etcd"]):
             self._stop(m["proc"], note, timeout=15)
+        netns = state.get("netns")
+        if netns:
+            NetNs.of(netns).remove()
+            state["netns"] = None
+            note(f"removed the network namespace {netns['name']}")
         reg = state.get("registry")
         if reg is not None:
             self._stop(reg["proc"], note, timeout=15)

@@ -39,6 +39,14 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise SandboxError("no free 10.x.y.0/30 for a network namespace")
 
 
+def exec_argv(argv: list[str]) -> list[str]:
+    """The command line a process started with `argv` has once running: `ip netns exec` execs its
+    program, which keeps the pid (and start time) under its own command line."""
+    if len(argv) > 4 and os.path.basename(argv[0]) == "ip" and argv[1:3] == ["netns", "exec"]:
+        return argv[4:]
+    return argv
+
+
 @dataclass
 class NetNs:
     """`with NetNs() as ns:` creates it; leaving the block removes everything it made."""
@@ -50,8 +58,19 @@ class NetNs:
     _made: bool = False
 
     def __post_init__(self) -> None:
-        self.name = f"norm-{os.getpid()}-{self.tag}"
+        self.name = self.name or f"norm-{os.getpid()}-{self.tag}"
         self.outer_link, self.inner_link = f"nv{self.tag}o", f"nv{self.tag}i"  # at most 15 characters
+
+    def saved(self) -> dict[str, str]:
+        """What another process needs to find this namespace again (`NetNs.of(saved)`)."""
+        return {"tag": self.tag, "name": self.name, "outer": self.outer, "inner": self.inner}
+
+    @classmethod
+    def of(cls, saved: dict[str, str]) -> NetNs:
+        """A namespace made by another process, from what it saved: its rules can be changed and
+        `remove()` deletes it."""
+        return cls(tag=saved["tag"], name=saved["name"], outer=saved["outer"], inner=saved["inner"],
+                   _made=True)
 
     def __enter__(self) -> NetNs:
         self.create()

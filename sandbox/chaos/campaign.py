@@ -31,6 +31,7 @@ from sandbox import app, images, updates
 from sandbox.chaos import check
 from sandbox.chaos.observe import ContainerMonitor, Recorder, log_size, read_log_events, running_containers
 from sandbox.chaos.schedule import Schedule, Step, make_schedule
+from sandbox.clock import skewed_env
 from sandbox.docker import DockerEngine
 from sandbox.fleet import APP_REPOSITORY, Fleet, HostState, record
 from sandbox.procs import REPO, Proc, SandboxError, venv_python, wait_for
@@ -124,7 +125,9 @@ class Campaign:
         env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(self.steps_env),
                    NORM_UPDATE__COMPATIBLE=COMPATIBLE_TAG)
         self.fleet = Fleet(self.run_dir / "fleet", size=size, image=f"{registry.address}/djed/app",
-                           agent_env=env)
+                           agent_env=env, isolatable_etcd=True)
+        # Each start of an agent under a skewed clock: host -> [(when, by how many seconds)].
+        self.skews: dict[str, list[tuple[float, float]]] = {}
         self.ports: dict[str, tuple[int, int]] = {}
         self.version_writes: set[int] = set()  # every revision the version key was written at
         self.built: dict[str, str] = {}  # tag -> image id
@@ -213,14 +216,17 @@ class Campaign:
         except (SandboxError, OSError, subprocess.SubprocessError) as e:
             self.say(f"chaos: the fleet did not come back ({e}); starting a new one")
             self.fleet.down()
+            self.skews.clear()
             self.version_writes.clear()
             self.migrated = [MIGRATED_TAG]
             self.setup()
 
     def _bring_back(self) -> None:
-        """Start whatever a run left stopped: etcd members, agents (thawed), engines, the registry."""
+        """Start whatever a run left stopped: etcd members (joined to their peers), agents (thawed),
+        engines, the registry."""
         state = self.fleet.load_state()
         assert state is not None
+        self.fleet.heal_etcd()
         for i, m in enumerate(state["etcd"]):
             pid = m["proc"]["pid"]
             with contextlib.suppress(ProcessLookupError):
@@ -672,6 +678,34 @@ class Run:
 
         self._later(step.hold, back, note)
 
+    def _do_etcd_isolate(self, step: Step) -> None:
+        name = self.fleet.isolate_etcd()
+        note = self.note("etcd_isolate", False, f"{name} cut off from its peers for {step.hold:.1f}s "
+                         f"in {(self.header() or {}).get('phase')} (its clients still reach it)")
+        self._later(step.hold, self.fleet.heal_etcd, note)
+
+    def _do_clock_skew(self, step: Step) -> None:
+        host = self.pick_host(step.target)
+        if self.fleet.agent_pid(host) is None:
+            self.note("clock_skew", False, f"clock skew of {host}'s agent: not running", host)
+            return
+        skew = int(step.arg)
+        was_leader = host == self.leader()
+        self.fleet.kill_agent(host, signal.SIGTERM)
+        self.c.skews.setdefault(host, []).append((time.time(), float(skew)))
+        self.fleet.restart_agent(host, env=skewed_env(skew))
+        pid = self.fleet.agent_pid(host)
+        note = self.note("clock_skew", False, f"agent of {host}{' (leader)' if was_leader else ''} started "
+                         f"again with its clock {skew:+d}s off for {step.hold:.1f}s "
+                         f"in {(self.header() or {}).get('phase')}", host)
+
+        def unskew() -> None:
+            if pid is not None and self.fleet.agent_pid(host) == pid:  # not killed and restarted since
+                self.fleet.kill_agent(host, signal.SIGTERM)
+                self.fleet.restart_agent(host)
+
+        self._later(step.hold, unskew, note)
+
     def _do_compact(self, step: Step) -> None:
         assert self.recorder is not None
         # Up to what the recorder has read: its watch (should it have to start again) resumes above it.
@@ -782,12 +816,15 @@ class Run:
                 name=name, machine_id=h["machine_id"], release=release, served=self.c.served(name),
                 units=units, containers=[(str((c.get("Names") or ["?"])[0]).lstrip("/"),
                                           str(c.get("ImageID"))) for c in containers])
-        logs = {n: read_log_events(Path(h["dir"]) / "agent.log", self.log_offsets[n])
-                for n, h in self.hosts.items()}
+        def log(name: str, offset: int) -> list[dict[str, Any]]:
+            return read_log_events(Path(self.hosts[name]["dir"]) / "agent.log", offset,
+                                   self.c.skews.get(name, ()))
+
+        logs = {n: log(n, self.log_offsets[n]) for n in self.hosts}
         # Leadership began before the run, maybe: what each agent said of it, from its first line.
-        leader_logs = {n: [e for e in read_log_events(Path(h["dir"]) / "agent.log", 0)
+        leader_logs = {n: [e for e in log(n, 0)
                            if str(e.get("event", "")).startswith(("leader.", "agent.starting"))]
-                       for n, h in self.hosts.items()}
+                       for n in self.hosts}
         raw_logs = {}
         for n, h in self.hosts.items():
             with open(Path(h["dir"]) / "agent.log", "rb") as f:

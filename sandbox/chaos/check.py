@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sandbox.chaos.observe import Event, Sample
+from sandbox.chaos.observe import Event, Sample, entry_time
 
 LEADER_KEY = "/norm/leader"
 HEADER_KEY = "/norm/rollout"
@@ -70,11 +70,7 @@ class Observations:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _ts(entry: dict[str, Any]) -> float:
-    try:
-        return datetime.fromisoformat(str(entry.get("timestamp", "")).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
+_ts = entry_time
 
 
 def _headers(obs: Observations) -> list[tuple[Event, dict[str, Any]]]:

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,20 +211,46 @@ class ContainerMonitor:
         self._thread.join(timeout=10)
 
 
-def read_log_events(path: Path, offset: int) -> list[dict[str, Any]]:
-    """The JSON log entries of an agent's log from byte `offset` on (lines that are not JSON skipped)."""
+def entry_time(entry: dict[str, Any]) -> float:
+    """A log entry's timestamp as seconds of the epoch (0.0 if it has none that reads)."""
+    try:
+        return datetime.fromisoformat(str(entry.get("timestamp", "")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def read_log_events(path: Path, offset: int,
+                    skews: Sequence[tuple[float, float]] = ()) -> list[dict[str, Any]]:
+    """The JSON log entries of an agent's log from byte `offset` on (lines that are not JSON skipped).
+
+    `skews` are the starts of the agent under a skewed clock: (when, by how many seconds). The
+    entries of such an incarnation (from its `agent.starting` to the next) get their timestamps put
+    back on this machine's clock, so that they compare with everything else the campaign records."""
     out: list[dict[str, Any]] = []
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
+            f.seek(0 if skews else offset)
             data = f.read()
     except OSError:
         return out
-    for line in data.splitlines():
-        with contextlib.suppress(ValueError):
+    pos = 0 if skews else offset
+    skew = 0.0
+    for line in data.splitlines(keepends=True):
+        at, pos = pos, pos + len(line)
+        try:
             entry = json.loads(line)
-            if isinstance(entry, dict):
-                out.append(entry)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if skews and entry.get("event") == "agent.starting":
+            t = entry_time(entry)
+            skew = next((by for when, by in skews if abs(t - by - when) < 30.0), 0.0)
+        if skew:
+            real = datetime.fromtimestamp(entry_time(entry) - skew, tz=UTC)
+            entry["timestamp"] = real.isoformat().replace("+00:00", "Z")
+        if at >= offset:
+            out.append(entry)
     return out
 
 

@@ -21,8 +21,8 @@ OPERATOR: dict[str, float] = {
     "hold": 1.0,  # `norm units stop <unit>` on a host, released (`norm units start`) later
 }
 
-# Faults: (kind, weight). Others may be added with register_fault() (member isolation from its
-# peers, clock skew of one agent); the campaign knows how to inject and undo each kind.
+# Faults: (kind, weight). Others may be added with register_fault(); the campaign knows how to
+# inject and undo each kind.
 FAULTS: dict[str, float] = {
     "agent_kill": 3.0,  # kill -9 of an agent (the leader often), started again after `hold`
     "agent_freeze": 2.0,  # SIGSTOP of an agent for `hold` seconds, then SIGCONT
@@ -35,6 +35,8 @@ FAULTS: dict[str, float] = {
     "leader_key_delete": 1.0,  # someone deletes the leader key (`etcdctl del /norm/leader`)
     "step_container_gone": 1.0,  # a running step's container removed (`docker rm -f`) on its host,
     # half the time with the agent that runs it killed first (it comes back to no container)
+    "etcd_isolate": 1.0,  # etcd0 cut off from its peers for `hold` seconds; its clients still reach it
+    "clock_skew": 1.0,  # an agent started again with its wall clock `arg` seconds off (±600), for `hold`
 }
 
 PHASES = ("pull", "stop", "migrate", "start")
@@ -142,6 +144,12 @@ def make_schedule(seed: int, duration: float = 18.0) -> Schedule:
         elif kind == "registry_away":
             phase = rng.choice(("pull", None))
             hold = round(rng.uniform(1.0, 6.0), 1)
+        elif kind == "etcd_isolate":
+            target = "0"  # the member the fleet runs in a network namespace of its own
+            hold = round(rng.uniform(1.0, 8.0), 1)
+        elif kind == "clock_skew":
+            hold = round(rng.uniform(4.0, 15.0), 1)
+            arg = rng.choice((-600.0, 600.0))
         elif kind == "leader_key_delete":
             target = "leader"
         elif kind == "compact":

@@ -15,7 +15,6 @@ agents get. The leader that begins the rollout runs on the machine's clock.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -28,24 +27,13 @@ from pathlib import Path
 import pytest
 
 from sandbox import updates
+from sandbox.clock import skewed_env
 from sandbox.procs import wait_for
 from tests.fleet.conftest import UpdateFleet
 from tests.fleet.invariants import check_invariants
 
 PULL_TIMEOUT = 8.0  # the pull barrier of this module's rollouts; a frozen engine's host never reports
 TOLERANCE = 1.0
-
-
-def _libfaketime() -> str:
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not found:
-        pytest.fail("libfaketime is missing: scripts/bootstrap.sh installs the `faketime` package")
-    return found[0]
-
-
-def skewed_env(seconds: int) -> dict[str, str]:
-    """The environment that runs a process with its wall clock `seconds` off, its monotonic clock not."""
-    return {"LD_PRELOAD": _libfaketime(), "FAKETIME": f"{seconds:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def test_faketime_skews_the_wall_clock_only() -> None:

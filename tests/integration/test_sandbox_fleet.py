@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.etcd import ETCDCTL
 from sandbox.fleet import Fleet, ProcState, State, owned
-from sandbox.procs import Proc, pid_alive
+from sandbox.procs import Proc, pid_alive, wait_for
 from sandbox.systemd import SystemdManager, cgroup_paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,3 +193,34 @@ def test_the_demo_registers_every_host_and_shows_a_unit_healed(run_dir: Path) ->
     finally:
         down = sandbox_cli(run_dir, "down")
     assert down.returncode == 0, down.stderr
+
+
+def _reads(endpoint: str) -> bool:
+    """Whether a linearizable read on this member alone succeeds (it needs the cluster's leader)."""
+    r = subprocess.run([ETCDCTL, "--endpoints", endpoint, "--command-timeout", "2s", "get", "/probe"],
+                       capture_output=True, text=True, timeout=30, check=False)
+    return r.returncode == 0
+
+
+def test_an_isolatable_fleet_cuts_etcd0_off_from_its_peers_and_down_removes_its_namespace(
+        run_dir: Path) -> None:
+    fleet = Fleet(run_dir, size=1, docker=False, agents=False, isolatable_etcd=True)
+    fleet.up()
+    try:
+        state = fleet.load_state()
+        assert state is not None and state.get("netns")
+        netns = state["netns"]["name"]
+        cut, other = state["etcd"][0]["endpoint"], state["etcd"][1]["endpoint"]
+        assert fleet.isolate_etcd() == "etcd0"
+        # Its clients still reach it, but it has no leader: it cannot serve a read; the others can.
+        wait_for(lambda: not _reads(cut), timeout=60, what="etcd0 cut off")
+        assert _reads(other)
+        fleet.heal_etcd()
+        wait_for(lambda: _reads(cut), timeout=60, what="etcd0 back with its peers")
+
+        down = sandbox_cli(run_dir, "down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert netns not in names
+    finally:
+        fleet.down()
