@@ -229,17 +229,29 @@ def check_pulled_before_run(obs: Observations) -> list[str]:
 
 def check_fenced(obs: Observations) -> list[str]:
     """3. Every leader write happens while a leader key stands (a fenced transaction cannot apply
-    otherwise), and a step's migrator is the leader that issued it."""
+    otherwise), and a step's migrator is the leader that issued it, or, when that leader had not
+    pulled the rollout's image, a host that had (its engine has the image the step runs in)."""
     out: list[str] = []
     leader: tuple[str, int] | None = None  # (machine id, create revision)
     for kv in obs.snapshot:
         if kv["key"] == LEADER_KEY:
             leader = (kv["value"].decode(errors="replace"), kv["create_revision"])
     last_migrating: dict[int, str | None] = {}
+    pulled: dict[int, set[str]] = defaultdict(set)  # rollout -> hosts that reported its image pulled
+    for kv in obs.snapshot:
+        parts = kv["key"].split("/")
+        if kv["key"].startswith("/norm/rollouts/") and len(parts) == 6 and parts[4] == "pulled":
+            with contextlib.suppress(ValueError):
+                pulled[int(parts[3])].add(parts[5])
     for e in obs.events:
         if e.key == LEADER_KEY:
             leader = (e.value.decode(errors="replace"), e.create_revision) if e.kind == "put" else None
             continue
+        parts = e.key.split("/")
+        if e.key.startswith("/norm/rollouts/") and len(parts) == 6 and parts[4] == "pulled" \
+                and e.kind == "put" and (e.json() or {}).get("digest"):
+            with contextlib.suppress(ValueError):
+                pulled[int(parts[3])].add(parts[5])
         leader_write = (e.key == HEADER_KEY or e.key.startswith(LEADER_PREFIXES)
                         or (e.key.startswith("/norm/rollouts/") and (
                             e.key.endswith(("/record", "/hosts")) or e.kind == "delete")))
@@ -251,7 +263,9 @@ def check_fenced(obs: Observations) -> list[str]:
             v = e.json() or {}
             rev = int(v.get("revision", 0))
             issued = v.get("migrating") and v.get("migrating") != last_migrating.get(rev)
-            if issued and (leader is None or v.get("migrator") != leader[0]):
+            migrator = str(v.get("migrator"))
+            stand_in = leader is not None and leader[0] not in pulled[rev] and migrator in pulled[rev]
+            if issued and (leader is None or (migrator != leader[0] and not stand_in)):
                 out.append(f"step {v.get('migrating')} of rollout {rev} issued for migrator "
                            f"{obs.by_machine.get(str(v.get('migrator')), v.get('migrator'))} while "
                            f"{obs.by_machine.get(leader[0], leader[0]) if leader else 'nobody'} led "

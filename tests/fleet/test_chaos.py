@@ -91,6 +91,17 @@ def test_the_checker_sees_a_step_run_twice_and_steps_overlapping() -> None:
     assert any("began 2 times" in f for f in found), found
 
 
+def test_the_checker_takes_a_migrator_other_than_the_leader_only_when_the_leader_had_not_pulled() -> None:
+    header = '{"revision": 20, "tag": "v1", "phase": "migrate", "migrating": "migrate", "migrator": "m2"}'
+    pulls = [_put(21, "/norm/rollouts/20/pulled/m2", '{"digest": "sha256:aa"}')]
+    leader_pulled = [_put(22, "/norm/rollouts/20/pulled/m1", '{"digest": "sha256:aa"}')]
+    events = [_put(10, "/norm/leader", "m1"), *pulls, _put(30, "/norm/rollout", header)]
+    assert check.check_fenced(_obs(events)) == []
+    events = [_put(10, "/norm/leader", "m1"), *pulls, *leader_pulled, _put(30, "/norm/rollout", header)]
+    found = check.check_fenced(_obs(events))
+    assert len(found) == 1 and "issued for migrator host2 while host1 led" in found[0], found
+
+
 def test_the_checker_sees_an_unfenced_leader_write_and_two_leaders() -> None:
     events = [_put(10, "/norm/leader", "m1"), Event(11, "delete", "/norm/leader", b"", 0, 0, b"m1", 100.0),
               _put(12, "/norm/ledger/000000000010-migrate", '{"ok": true}')]
