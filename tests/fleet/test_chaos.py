@@ -22,7 +22,8 @@ from sandbox.registry import Registry
 from tests.fleet.conftest import UpdateFleet
 from tests.fleet.invariants import check_invariants
 
-SEEDS = (230, 278)  # between them: the leader key deleted, a step's container gone, compaction, flips
+SEEDS = (230, 781)  # between them: member isolation, clock skew, freeze, kills, a dockerd crash, the leader
+# key deleted, a step's container gone, compaction, flips, a flip-back, an unknown tag
 
 
 @pytest.fixture(scope="module")
