@@ -7,7 +7,9 @@ not be undone: printed as a campaign error, not counted as a violation)."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     campaign: Campaign | None = None
     violations = faults = actions = runs = errors = 0
     failed: list[int] = []
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the campaign stops, and everything it started goes down with it
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         registry.start()
         engine.start()
@@ -78,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 failed.append(seed)
                 say(result.report())
+            with open(run_dir / "results.jsonl", "a") as f:  # each run as it ends, for the record
+                f.write(json.dumps({"seed": seed, "ok": result.ok, "violations": len(result.violations),
+                                    "faults": result.schedule.faults,
+                                    "operator_actions": result.schedule.operator_actions,
+                                    "seconds": round(result.seconds, 1)}) + "\n")
+    except KeyboardInterrupt:
+        stopped = True
+        say(f"chaos: stopped after {runs} run(s); stopping the fleet")
     finally:
         if campaign is not None:
             campaign.close()
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         say("chaos: seeds with violations: " + ", ".join(f"{s} ({replay_command(s)})" for s in failed))
     say(summary_line(runs, violations, faults, actions, time.monotonic() - began))
-    return 1 if violations or errors else 0
+    return 130 if stopped else 1 if violations or errors else 0
 
 
 if __name__ == "__main__":
