@@ -1008,6 +1008,15 @@ class Election:
                 return Leadership(self.key, holder.create_revision, lease)
             if holder is None:
                 continue
+            if holder.lease == 0:
+                # Every agent puts the key on its own lease: this one was written by hand and proves
+                # no leadership, yet it would stop every election for as long as it stands. It goes,
+                # unless it has been written again since.
+                log.warning("leader.foreign_key_removed", key=self.key, revision=holder.mod_revision)
+                with contextlib.suppress(EtcdUnavailable):
+                    await self._etcd.txn([Compare(self.key, "mod", "==", holder.mod_revision)],
+                                         [Delete(self.key)])
+                continue
             await self._wait_for_delete(holder.mod_revision + 1, lease)
 
     async def _wait_lease_or(self, lease: Lease, seconds: float) -> None:

@@ -95,6 +95,24 @@ async def test_one_leader_at_a_time_and_fenced_writes(
         assert (await a.get("/norm/fenced")).value == b"b"  # type: ignore[union-attr]
 
 
+async def test_a_leader_key_written_by_hand_without_a_lease_does_not_block_elections(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    # Every agent puts the key on its own lease; one without a lease was written by hand and proves
+    # no leadership. Left alone it would stand for ever, and nobody would lead again.
+    async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as client:
+        await client.put("/norm/leader", b"by-hand")
+        election = client.election("/norm/leader", b"a")
+        with capture_logs() as logs:
+            async with client.lease() as lease:
+                async with asyncio.timeout(10):
+                    leadership = await election.campaign(lease)
+                holder = await client.get("/norm/leader")
+                assert holder is not None and holder.value == b"a" and holder.lease == lease.id
+                assert leadership.token == holder.create_revision
+        removed = [e for e in logs if e["event"] == "leader.foreign_key_removed"]
+        assert removed and "by-hand" not in str(removed)
+
+
 async def test_a_leader_whose_lease_ran_out_does_not_even_send(
         etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
     async with Etcd(etcd_config(etcd.endpoint, lease_ttl=3)) as client:
