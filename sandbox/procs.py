@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,11 +27,30 @@ def venv_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for the local ends of outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback that nothing listens on right now. It is taken from below the kernel's
+    ephemeral range, where no outgoing connection of any process lands meanwhile: a sandbox keeps
+    its ports across restarts of what listens on them (an agent started again, a member restarted)."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SandboxError(f"no free TCP port on loopback in {low}-{high - 1}")
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
