@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -36,7 +35,7 @@ from norm.adapters.docker import (
     DockerRejected,
     RunTimeout,
 )
-from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
+from norm.adapters.etcd import Compare, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import release as rel
@@ -48,8 +47,8 @@ from norm.core.errors import InvalidValue, Temporary
 from norm.core.rollout import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
-from norm.services.holds import OPERATOR, Holds
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
+from norm.services.holds import OPERATOR
 from norm.services.updater import PHASE_CODES
 
 log = structlog.get_logger("norm.executor")
@@ -70,25 +69,25 @@ class StopStartHooks(Protocol):
 class Executor:
     name = "executor"
 
-    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
-                 holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
+    def __init__(self, host: HostContext, systemd: Systemd, docker: Docker, update: UpdateConfig,
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None,
-                 secret_files: tuple[str, ...] = ()) -> None:
+                 presence: StopStartHooks | None = None, secret_files: tuple[str, ...] = ()) -> None:
+        """`set_release`: shows the release this host runs (in its host record); `leading`: whether
+        this agent leads (the updater then shows the rollout's phase); `secret_files`: files whose
+        values a failed step's output must not show."""
         assert update.image is not None
-        self._etcd = etcd
-        self._prefix = prefix
-        self._me = machine_id
+        self._etcd = host.etcd
+        self._prefix = host.prefix
+        self._me = host.machine_id
         self._systemd = systemd
         self._docker = docker
-        self._holds = holds
-        self._metrics = metrics
+        self._holds = host.holds
+        self._metrics = host.metrics
         self._update = update
         self._image: str = update.image
-        self._patterns = patterns
+        self._patterns = host.units
         self._set_release = set_release
         self._leading = leading
-        self._clock = clock
         self._presence = presence
         # Files whose values a failed step's output must not show (the host's environment file); the
         # steps' own environment file is one of them.
@@ -252,7 +251,7 @@ class Executor:
             if held:
                 self._holds.hold(unit, HOLD_OWNER)
         if not held:
-            self._holds.release_all(HOLD_OWNER)
+            self._holds.unhold_all(HOLD_OWNER)
 
     async def _out_while_behind(self) -> None:
         """Out of the load balancer while this host, outside the rollout, runs an older release than
@@ -333,7 +332,8 @@ class Executor:
 
     async def _pull(self, h: rel.Header, digest: str) -> None:
         ref = f"{self._image}@{digest}"
-        started = self._clock()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         retry = Retry(Backoff(first=0.5, cap=10.0))
         told = False
         while True:
@@ -351,7 +351,7 @@ class Executor:
                 delay = retry.next_delay()
                 log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
                 await pause(delay)
-        self._metrics.pull_seconds.observe(self._clock() - started)
+        self._metrics.pull_seconds.observe(loop.time() - started)
         await self._report(h, "pulled", rel.pulled_ok(digest))
 
     async def _stop_units(self) -> None:
