@@ -271,16 +271,7 @@ class _Parser:
                 self.advance()
                 return "".join(out)
             if ch == "\\":
-                self.advance()
-                nxt = self.peek()
-                if nxt == "":
-                    raise self.fail(f"unterminated double quote in the value of {name}", start)
-                if nxt == "\n":
-                    self.advance()
-                elif nxt in '"\\$`':
-                    out.append(self.advance())
-                else:  # a backslash before any other character stays
-                    out.append("\\")
+                out.append(self.quoted_escape(name, start))
             elif ch == "$":
                 if self.peek(1) not in ('"', " ", "\t", "\n"):
                     raise self.expansion(name)
@@ -290,6 +281,20 @@ class _Parser:
                                 "single quotes")
             else:
                 out.append(self.advance())
+
+    def quoted_escape(self, name: str, start: int) -> str:
+        """A backslash inside double quotes: the character after it where it escapes one, nothing for
+        a line continuation, and itself before any other character (which is read next)."""
+        self.advance()
+        nxt = self.peek()
+        if nxt == "":
+            raise self.fail(f"unterminated double quote in the value of {name}", start)
+        if nxt == "\n":
+            self.advance()
+            return ""
+        if nxt in '"\\$`':
+            return self.advance()
+        return "\\"  # a backslash before any other character stays
 
     def end_of_line(self, start: int) -> None:
         self.skip_blanks()
