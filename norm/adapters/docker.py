@@ -512,7 +512,7 @@ class Docker:
 
     # -- named one-off containers: run exactly once, across restarts of the agent
 
-    async def run_named(
+    async def run_named(  # noqa: PLR0913 (a run's options, keyword-only, as for run_once)
         self,
         name: str,
         image: str,

@@ -119,17 +119,7 @@ class ObjectStore:
             kwargs["IfNoneMatch"] = if_none_match
         try:
             async with asyncio.timeout(self._timeout):
-                reply = await self._client.get_object(**kwargs)
-                etag = str(reply.get("ETag") or "")
-                length = reply.get("ContentLength")
-                async with reply["Body"] as stream:
-                    if isinstance(length, int) and length > self.max_bytes:
-                        raise ObjectTooLarge(f"{length} bytes; at most {self.max_bytes} accepted",
-                                             bucket=bucket, key=key)
-                    body = await stream.read(self.max_bytes + 1)
-                    self.body_bytes += len(body)
-                    if len(body) > self.max_bytes:
-                        raise ObjectTooLarge(f"more than {self.max_bytes} bytes", bucket=bucket, key=key)
+                etag, body = await self._fetch(self._client, bucket, key, kwargs)
         except StoreError:
             raise
         except botocore.exceptions.ClientError as e:
@@ -146,6 +136,22 @@ class ObjectStore:
         if not etag:
             raise StoreUnavailable("the answer carries no ETag", bucket=bucket, key=key)
         return Fetched(etag, body)
+
+
+    async def _fetch(self, client: Any, bucket: str, key: str, kwargs: dict[str, str]) -> tuple[str, bytes]:
+        """One GET: the object's ETag and body, refused past `max_bytes` (read no further than that)."""
+        reply = await client.get_object(**kwargs)
+        etag = str(reply.get("ETag") or "")
+        length = reply.get("ContentLength")
+        async with reply["Body"] as stream:
+            if isinstance(length, int) and length > self.max_bytes:
+                raise ObjectTooLarge(f"{length} bytes; at most {self.max_bytes} accepted",
+                                     bucket=bucket, key=key)
+            body = await stream.read(self.max_bytes + 1)
+            self.body_bytes += len(body)
+            if len(body) > self.max_bytes:
+                raise ObjectTooLarge(f"more than {self.max_bytes} bytes", bucket=bucket, key=key)
+        return etag, body
 
 
 def _status(e: botocore.exceptions.ClientError) -> tuple[str, int | None]:

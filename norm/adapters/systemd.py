@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import structlog
 from dbus_fast import BusType, Message, MessageFlag, MessageType
@@ -437,40 +437,57 @@ class Systemd:
                 if hook is not None:
                     hook(msg)
             return
-        member = msg.member
-        if member == "NameOwnerChanged":
-            if msg.sender == DBUS and msg.body and msg.body[0] == SYSTEMD:
-                conn.owner_changed = True
-                if conn.live and msg.body[2] != conn.owner:
-                    self._lost(conn, "systemd left the bus" if not msg.body[2] else "systemd changed")
-                    conn.bus.disconnect()  # the supervisor connects again and re-subscribes
+        if msg.member == "NameOwnerChanged":
+            self._on_owner_changed(conn, msg)
             return
         if not conn.live or msg.sender != conn.owner:
             return
-        if member == "PropertiesChanged":
-            path = msg.path
-            if path and path.startswith(UNIT_PATH_PREFIX) and self._watches:
-                interface, changed, invalidated = msg.body
-                now = asyncio.get_running_loop().time()
-                for w in self._watches:
-                    w._on_properties(path, interface, changed, invalidated, now)
-        elif member == "JobRemoved":
-            _id, job, _unit, result = msg.body
-            for fut in self._job_waits.pop(job, ()):
-                if not fut.done():
-                    fut.set_result(result)
-            for call in self._job_calls:
-                call.removed[job] = result
-        elif member == "UnitNew":
-            if not self._reloading:
-                name, path = msg.body
-                for w in self._watches:
-                    w._on_unit_new(name, path)
-        elif member == "Reloading":
-            self._reloading = bool(msg.body[0])
-            if not self._reloading:
-                for w in self._watches:
-                    w._request_resync("reloaded")
+        handler = self._signal_handlers.get(msg.member)
+        if handler is not None:
+            handler(self, msg)
+
+    def _on_owner_changed(self, conn: _Conn, msg: Message) -> None:
+        if msg.sender == DBUS and msg.body and msg.body[0] == SYSTEMD:
+            conn.owner_changed = True
+            if conn.live and msg.body[2] != conn.owner:
+                self._lost(conn, "systemd left the bus" if not msg.body[2] else "systemd changed")
+                conn.bus.disconnect()  # the supervisor connects again and re-subscribes
+
+    def _on_properties_changed(self, msg: Message) -> None:
+        path = msg.path
+        if path and path.startswith(UNIT_PATH_PREFIX) and self._watches:
+            interface, changed, invalidated = msg.body
+            now = asyncio.get_running_loop().time()
+            for w in self._watches:
+                w._on_properties(path, interface, changed, invalidated, now)
+
+    def _on_job_removed(self, msg: Message) -> None:
+        _id, job, _unit, result = msg.body
+        for fut in self._job_waits.pop(job, ()):
+            if not fut.done():
+                fut.set_result(result)
+        for call in self._job_calls:
+            call.removed[job] = result
+
+    def _on_unit_new(self, msg: Message) -> None:
+        if not self._reloading:
+            name, path = msg.body
+            for w in self._watches:
+                w._on_unit_new(name, path)
+
+    def _on_reloading(self, msg: Message) -> None:
+        self._reloading = bool(msg.body[0])
+        if not self._reloading:
+            for w in self._watches:
+                w._request_resync("reloaded")
+
+    # The manager's signals from its current owner, by member.
+    _signal_handlers: ClassVar[dict[str | None, Callable[[Systemd, Message], None]]] = {
+        "PropertiesChanged": _on_properties_changed,
+        "JobRemoved": _on_job_removed,
+        "UnitNew": _on_unit_new,
+        "Reloading": _on_reloading,
+    }
 
     def _manager_msg(self, member: str, signature: str = "", body: Sequence[Any] = ()) -> Message:
         return Message(destination=SYSTEMD, path=MANAGER_PATH, interface=MANAGER, member=member,

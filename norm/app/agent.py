@@ -26,6 +26,7 @@ from norm.core.config import Config
 from norm.core.errors import Temporary
 from norm.core.host import HostRecord, control_prefix
 from norm.services.base import Retry, Service, ServiceDied, cancel_and_wait, pause
+from norm.services.context import HostContext
 from norm.services.holds import Holds
 from norm.services.http import HttpEndpoint
 from norm.services.leadership import LeaderElection
@@ -203,9 +204,10 @@ class Agent:
             machine_id=self.identity.machine_id, name=self.identity.name,
             environment=self.environment, role=self.role, agent_version=__version__,
             http=c.http.listen, started_at=round(time.time(), 3), instance_id=self.instance_id)
-        self.registration = Registration(etcd, c.keys.prefix, record, self.metrics)
-        self.leadership = LeaderElection(etcd, c.keys.prefix, self.identity.machine_id,
-                                         self.registration, self.metrics, eligible=c.agent.leader_eligible)
+        self.host = HostContext(etcd, c.keys.prefix, self.identity.machine_id, self.metrics, self.holds,
+                                units=c.units.patterns)
+        self.registration = Registration(self.host, record)
+        self.leadership = LeaderElection(self.host, self.registration, eligible=c.agent.leader_eligible)
         self.watcher = DesiredStateWatcher(etcd, c.keys.version, c.keys.environment, self.metrics,
                                            c.agent.resync_interval)
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
@@ -218,29 +220,25 @@ class Agent:
         if c.env.bucket is not None:
             services.append(self._envfile_service())
         if self._systemd is not None and self._docker is not None:
-            services += self._update_services(etcd, self._systemd, self._docker)
+            services += self._update_services(self._systemd, self._docker)
         if self._systemd is not None and c.healing.enabled:
-            services += self._healing_services(etcd, self._systemd)
+            services += self._healing_services(self._systemd)
         return services
 
-    def _update_services(self, etcd: Etcd, systemd: Systemd, docker: Docker) -> list[Service]:
-        from norm.core.rollout import policy_of
+    def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
         from norm.services.executor import Executor
         from norm.services.updater import Updater
 
         c = self.config
         assert c.update.image is not None
-        self.executor = Executor(etcd, c.keys.prefix, self.identity.machine_id, systemd, docker, self.holds,
-                                 self.metrics, c.update, c.units.patterns, self.registration.set_release,
+        self.executor = Executor(self.host, systemd, docker, c.update, self.registration.set_release,
                                  leading=self.leadership.is_leader, presence=self.presence,
                                  secret_files=(c.env.path,) if c.env.bucket else ())
-        self.updater = Updater(etcd, c.keys.prefix, self.identity.machine_id, self.environment,
-                               frozenset(c.update.roles) or None, c.update.image, policy_of(c.update),
-                               self.leadership, self.watcher, self.metrics, docker.resolve,
-                               history=c.update.history)
+        self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
+                               docker.resolve)
         return [self.executor, self.updater]
 
-    def _healing_services(self, etcd: Etcd, systemd: Systemd) -> list[Service]:
+    def _healing_services(self, systemd: Systemd) -> list[Service]:
         from norm.core.backoff import Backoff as BackoffPolicy
         from norm.core.healing import HealPolicy
         from norm.core.host import units_key
@@ -255,14 +253,12 @@ class Agent:
 
         async def publish(body: bytes) -> None:
             lease = await self.registration.current_lease()
-            await etcd.put(key, body, lease=lease.id)
+            await self.host.etcd.put(key, body, lease=lease.id)
 
-        self.healer = Healer(systemd, self.config.units.patterns, policy, self.metrics, self.holds,
-                             resync_interval=h.resync_interval, publish=publish,
+        self.healer = Healer(self.host, systemd, policy, resync_interval=h.resync_interval, publish=publish,
                              gate=None if self.executor is None else self.executor.primed,
                              state_file=Path(self.config.agent.state_dir) / HEALING_STATE)
-        control = Control(etcd, self.config.keys.prefix, self.identity.machine_id, systemd, self.healer,
-                          self.holds, self.metrics)
+        control = Control(self.host, systemd, self.healer)
         return [self.healer, control]
 
     def _presence_service(self, systemd: Systemd) -> Presence | None:
@@ -296,9 +292,8 @@ class Agent:
         c = self.config
         store = ObjectStore(region=self.region, endpoint_url=c.aws.endpoint_url,
                             metadata_url=c.aws.metadata_url, timeout=c.aws.call_timeout)
-        self.envfiles = EnvFiles(c.env, store, self.watcher, self.environment, self.metrics,
-                                 self.registration.set_env_etag, systemd=self._systemd, holds=self.holds,
-                                 patterns=c.units.patterns)
+        self.envfiles = EnvFiles(self.host, c.env, store, self.watcher, self.environment,
+                                 self.registration.set_env_etag, systemd=self._systemd)
         return self.envfiles
 
     async def _read_metadata(self) -> bool:

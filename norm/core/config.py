@@ -340,7 +340,7 @@ class HealingConfig:
                        Between(1, 1000, unit="attempts"), default=5)
     window: float = _doc("Seconds of the window the budget counts attempts in.", _WITHIN_A_WEEK,
                          default=600.0)
-    cooldown: float = _doc("Seconds a quarantine lasts unless an operator releases the unit first.",
+    cooldown: float = _doc("Seconds a quarantine lasts unless an operator lifts it first.",
                            _WITHIN_A_WEEK, default=1800.0)
     forget_after: float = _doc("Seconds a unit must stay healthy before its failures are forgotten.",
                                _WITHIN_A_WEEK, default=300.0)

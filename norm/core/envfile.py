@@ -210,30 +210,40 @@ class _Parser:
             elif ch == '"':
                 out.append(self.double_quoted(name))
             elif ch == "\\":
-                self.advance()
-                nxt = self.peek()
-                if nxt == "":
-                    raise self.fail(f"the value of {name} ends with a backslash")
-                if nxt == "\n":  # a line continuation: both characters disappear
-                    self.advance()
-                else:
-                    out.append(self.advance())
+                out.append(self.unquoted_escape(name))
             elif ch == "$":
                 if self.peek(1) not in _END_OF_WORD:
                     raise self.expansion(name)
                 out.append(self.advance())
-            elif ch == "`":
-                raise self.fail(f"command substitution (`) in the value of {name}: quote the value with "
-                                "single quotes")
-            elif ch == "~":
-                raise self.fail(f"an unquoted ~ in the value of {name} (a shell expands it): quote it")
-            elif ch in "{}":
-                raise self.fail(f"an unquoted brace in the value of {name} (`export` expands braces): "
-                                "quote it")
-            elif ch in _OPERATORS:
-                raise self.fail(f"a shell operator in the value of {name}: quote the value")
+            elif (refused := self.unquoted_refusal(ch, name)) is not None:
+                raise refused
             else:
                 out.append(self.advance())
+
+    def unquoted_escape(self, name: str) -> str:
+        """A backslash outside quotes: the character after it, or nothing for a line continuation."""
+        self.advance()
+        nxt = self.peek()
+        if nxt == "":
+            raise self.fail(f"the value of {name} ends with a backslash")
+        if nxt == "\n":  # a line continuation: both characters disappear
+            self.advance()
+            return ""
+        return self.advance()
+
+    def unquoted_refusal(self, ch: str, name: str) -> EnvFileError | None:
+        """Why `ch` cannot stand unquoted in a value (a shell would act on it), or None."""
+        if ch == "`":
+            return self.fail(f"command substitution (`) in the value of {name}: quote the value with "
+                             "single quotes")
+        if ch == "~":
+            return self.fail(f"an unquoted ~ in the value of {name} (a shell expands it): quote it")
+        if ch in "{}":
+            return self.fail(f"an unquoted brace in the value of {name} (`export` expands braces): "
+                             "quote it")
+        if ch in _OPERATORS:
+            return self.fail(f"a shell operator in the value of {name}: quote the value")
+        return None
 
     def expansion(self, name: str) -> EnvFileError:
         return self.fail(f"a $ outside single quotes in the value of {name} (expansion or substitution): "
@@ -261,16 +271,7 @@ class _Parser:
                 self.advance()
                 return "".join(out)
             if ch == "\\":
-                self.advance()
-                nxt = self.peek()
-                if nxt == "":
-                    raise self.fail(f"unterminated double quote in the value of {name}", start)
-                if nxt == "\n":
-                    self.advance()
-                elif nxt in '"\\$`':
-                    out.append(self.advance())
-                else:  # a backslash before any other character stays
-                    out.append("\\")
+                out.append(self.quoted_escape(name, start))
             elif ch == "$":
                 if self.peek(1) not in ('"', " ", "\t", "\n"):
                     raise self.expansion(name)
@@ -280,6 +281,20 @@ class _Parser:
                                 "single quotes")
             else:
                 out.append(self.advance())
+
+    def quoted_escape(self, name: str, start: int) -> str:
+        """A backslash inside double quotes: the character after it where it escapes one, nothing for
+        a line continuation, and itself before any other character (which is read next)."""
+        self.advance()
+        nxt = self.peek()
+        if nxt == "":
+            raise self.fail(f"unterminated double quote in the value of {name}", start)
+        if nxt == "\n":
+            self.advance()
+            return ""
+        if nxt in '"\\$`':
+            return self.advance()
+        return "\\"  # a backslash before any other character stays
 
     def end_of_line(self, start: int) -> None:
         self.skip_blanks()

@@ -5,7 +5,7 @@ randomness as `rand`.
 The regimen for a failed unit is: stop it, reset its failed state (and reload systemd's view of unit
 files when the file changed on disk), start it. Attempts back off exponentially with jitter and a
 cap; at most `budget` attempts fit in any `window`; a unit that spends its budget is quarantined
-(left alone) until `cooldown` passes or an operator releases it. After a unit has stayed healthy for
+(left alone) until `cooldown` passes or an operator lifts the quarantine. After a unit has stayed healthy for
 `forget_after`, its history is forgotten. Units systemd is about to restart itself (Restart= set,
 limit not reached) are left to systemd; units held on purpose (an update, an operator) are never
 healed; units that cannot be loaded are reported once, not retried.
@@ -32,7 +32,7 @@ class HealPolicy:
     backoff: Backoff = field(default_factory=lambda: Backoff(first=1.0, factor=2.0, cap=60.0, jitter=0.2))
     budget: int = 5  # attempts in any window
     window: float = 600.0
-    cooldown: float = 1800.0  # how long a quarantine lasts unless released
+    cooldown: float = 1800.0  # how long a quarantine lasts unless an operator lifts it
     forget_after: float = 300.0  # healthy this long: history forgotten
 
     def __post_init__(self) -> None:
@@ -86,7 +86,7 @@ class Quarantine:
 @dataclass(frozen=True)
 class QuarantineLifted:
     unit: str
-    reason: str  # "cooldown", "released" or "healthy"
+    reason: str  # "cooldown", "operator" or "healthy"
 
 
 @dataclass(frozen=True)
@@ -151,22 +151,36 @@ def _decide_one(state: UnitState, h: UnitHealth, held: bool, now: float, policy:
     h = dataclasses.replace(h, reported_unloadable=False)
 
     if state.healthy:
-        since = now if h.healthy_since is None else h.healthy_since
-        h = dataclasses.replace(h, healthy_since=since)
-        if h.failed_since is not None:
-            commands.append(Recovered(state.name, since - h.failed_since))
-            h = dataclasses.replace(h, failed_since=None)
-        if not (h.streak or h.quarantined):
-            return h, commands, wake
-        forget = since + policy.forget_after
-        if now >= forget:
-            if h.quarantined:
-                commands.append(QuarantineLifted(state.name, "healthy"))
-            return dataclasses.replace(h, streak=0, attempts=(), next_at=0.0, quarantined_until=None), \
-                commands, None
-        wakes = [t for t in (wake, forget, h.quarantined_until) if t is not None]
-        return h, commands, min(wakes)
+        return _decide_healthy(state, h, now, policy, wake, commands)
+    return _decide_unhealthy(state, h, held, now, policy, rand, wake, commands)
 
+
+def _decide_healthy(state: UnitState, h: UnitHealth, now: float, policy: HealPolicy, wake: float | None,
+                    commands: list[Command]) -> tuple[UnitHealth, list[Command], float | None]:
+    """A loaded unit that is healthy: it has recovered, and its history is forgotten once it has
+    stayed healthy for `forget_after`."""
+    since = now if h.healthy_since is None else h.healthy_since
+    h = dataclasses.replace(h, healthy_since=since)
+    if h.failed_since is not None:
+        commands.append(Recovered(state.name, since - h.failed_since))
+        h = dataclasses.replace(h, failed_since=None)
+    if not (h.streak or h.quarantined):
+        return h, commands, wake
+    forget = since + policy.forget_after
+    if now >= forget:
+        if h.quarantined:
+            commands.append(QuarantineLifted(state.name, "healthy"))
+        return dataclasses.replace(h, streak=0, attempts=(), next_at=0.0, quarantined_until=None), \
+            commands, None
+    wakes = [t for t in (wake, forget, h.quarantined_until) if t is not None]
+    return h, commands, min(wakes)
+
+
+def _decide_unhealthy(state: UnitState, h: UnitHealth, held: bool, now: float, policy: HealPolicy,
+                      rand: float, wake: float | None,
+                      commands: list[Command]) -> tuple[UnitHealth, list[Command], float | None]:
+    """A loaded unit that is not healthy: healed, within its backoff and budget, if it failed and is
+    not someone else's business; quarantined once its budget is spent."""
     h = dataclasses.replace(h, healthy_since=None)
     if held or h.in_flight or state.systemd_will_restart or state.in_transition or not state.failed:
         # Held on purpose, being healed, systemd's own business, or stopped cleanly: not ours.
@@ -199,8 +213,8 @@ def heal_finished(history: Mapping[str, UnitHealth], unit: str) -> dict[str, Uni
     return out
 
 
-def release(history: Mapping[str, UnitHealth], unit: str) -> tuple[dict[str, UnitHealth], bool]:
-    """An operator releases `unit`: quarantine lifted, budget and backoff forgotten. Returns whether
+def lift(history: Mapping[str, UnitHealth], unit: str) -> tuple[dict[str, UnitHealth], bool]:
+    """An operator lifts `unit`'s quarantine: budget and backoff forgotten too. Returns whether
     it was quarantined."""
     out = dict(history)
     h = out.get(unit, UnitHealth())

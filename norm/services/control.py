@@ -4,9 +4,9 @@
   purpose, never healed); putting it stops the unit, deleting it starts the unit again.
 - `<prefix>/control/<machine-id>/start/<unit>`: start the unit again (the CLI writes it as it deletes
   the hold, in one transaction); the agent deletes the key once the unit is started.
-- `<prefix>/control/<machine-id>/release/<unit>`: release a quarantined unit; the agent deletes the
-  key once done (the release written to the healing state file first), which is the CLI's
-  acknowledgement.
+- `<prefix>/control/<machine-id>/release/<unit>`: lift a unit's quarantine (`norm heal lift`); the
+  agent deletes the key once done (the lift written to the healing state file first), which is the
+  CLI's acknowledgement. The key keeps its name `release/` (what is in etcd does not change).
 
 Requests travel through etcd (authenticated, audited, visible) rather than a local socket, and a
 request made while the agent was down is carried out when it comes back.
@@ -22,25 +22,30 @@ and leaves the unit failed hands the unit to healing, whose regimen, budget and 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from norm.adapters.etcd import Etcd, EtcdError, Event, Resync
+from norm.adapters.etcd import EtcdError, Event, KeyValue, Resync
 from norm.adapters.systemd import JobFailed, Systemd, SystemdError
 from norm.core.backoff import Backoff
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix
 from norm.core.units import matches, parse_unit_name
 from norm.services.base import Retry, first_of, wake_or_deadline
+from norm.services.context import HostContext
 from norm.services.healer import Healer
-from norm.services.holds import OPERATOR, Holds
-from norm.services.metrics import Metrics
+from norm.services.holds import OPERATOR
 
 log = structlog.get_logger("norm.control")
 
 __all__ = ["OPERATOR", "Control", "control_prefix"]
-KINDS = ("hold", "start", "release")
+# The requests' kinds as their keys name them (`<prefix>/control/<machine-id>/<kind>/<unit>`): names on
+# the wire, kept as they are. A quarantine's lift is asked under `release/`, and a pending one is shown
+# in the unit summary as the action "release".
+HOLD, START, LIFT = "hold", "start", "release"
+KINDS = (HOLD, START, LIFT)
 RETRY = Backoff(first=0.5, factor=2.0, cap=30.0, jitter=0.2)
 
 
@@ -48,31 +53,35 @@ RETRY = Backoff(first=0.5, factor=2.0, cap=30.0, jitter=0.2)
 class _Action:
     """An operator's request for one unit that is not carried out yet."""
 
-    action: str  # "stop", "start" or "release"
+    action: str  # "stop", START or LIFT
     unit: str
-    key: str | None = None  # the request's key, deleted once done (start and release)
+    key: str | None = None  # the request's key, deleted once done (start and lift)
     retry: Retry = field(default_factory=lambda: Retry(RETRY))  # its failed tries so far
     next_at: float = 0.0  # no try before this time (the loop's clock)
     error: str | None = None  # the last failure
-    released: bool = False  # release: the healer has lifted the quarantine
+    lifted: bool = False  # lift: the healer has lifted the quarantine
 
     @property
     def attempts(self) -> int:
         return self.retry.failures
 
+    @property
+    def slot(self) -> tuple[str, str]:
+        """At most one action is pending per slot: a unit's stop or start, and its quarantine's lift."""
+        return ("lift" if self.action == LIFT else "unit", self.unit)
+
 
 class Control:
     name = "control"
 
-    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, healer: Healer,
-                 holds: Holds, metrics: Metrics) -> None:
-        self._etcd = etcd
-        self.prefix = control_prefix(prefix, machine_id)
+    def __init__(self, host: HostContext, systemd: Systemd, healer: Healer) -> None:
+        self._etcd = host.etcd
+        self.prefix = host.control_prefix
         self._systemd = systemd
         self._healer = healer
-        self._holds = holds
-        self._metrics = metrics
-        # At most one pending action per unit for stop/start ("unit") and one release ("release").
+        self._holds = host.holds
+        self._metrics = host.metrics
+        # At most one pending action per unit for stop/start ("unit") and one lift ("lift").
         self._pending: dict[tuple[str, str], _Action] = {}
         self._kick = asyncio.Event()
 
@@ -85,41 +94,48 @@ class Control:
         async with self._etcd.watch(self.prefix, prefix=True) as w:
             async for item in w:
                 if isinstance(item, Resync):
-                    wanted = set()
-                    for kv in item.snapshot.kvs:
-                        request = self._parse(kv.key)
-                        if request and request[0] == "hold":
-                            wanted.add(request[1])
-                        elif request and request[0] == "start":
-                            self._start(request[1], kv.key)
-                        elif request:
-                            self._release(request[1], kv.key)
-                    current = {u for u in self._holds.held() if OPERATOR in self._holds.owners(u)}
-                    for unit in sorted(wanted - current):
-                        self._hold(unit)
-                    for unit in sorted(current - wanted):
-                        self._unhold(unit)
-                    self._holds.operator_known.set()
+                    self._resync(item.snapshot.kvs)
                 elif isinstance(item, Event):
-                    request = self._parse(item.kv.key)
-                    if request is None:
-                        continue
-                    kind, unit = request
-                    if kind == "hold" and item.kind == "put":
-                        self._hold(unit)
-                    elif kind == "hold":
-                        self._unhold(unit)
-                    elif item.kind == "put" and kind == "start":
-                        self._start(unit, item.kv.key)
-                    elif item.kind == "put":
-                        self._release(unit, item.kv.key)
+                    self._on_event(item)
+
+    def _resync(self, kvs: Sequence[KeyValue]) -> None:
+        """Every request there is, after a (re-)list: the operator's holds become those listed."""
+        wanted = set()
+        for kv in kvs:
+            request = self._parse(kv.key)
+            if request and request[0] == HOLD:
+                wanted.add(request[1])
+            elif request and request[0] == START:
+                self._start(request[1], kv.key)
+            elif request:
+                self._lift(request[1], kv.key)
+        current = {u for u in self._holds.held() if OPERATOR in self._holds.owners(u)}
+        for unit in sorted(wanted - current):
+            self._hold(unit)
+        for unit in sorted(current - wanted):
+            self._unhold(unit)
+        self._holds.operator_known.set()
+
+    def _on_event(self, event: Event) -> None:
+        request = self._parse(event.kv.key)
+        if request is None:
+            return
+        kind, unit = request
+        if kind == HOLD and event.kind == "put":
+            self._hold(unit)
+        elif kind == HOLD:
+            self._unhold(unit)
+        elif event.kind == "put" and kind == START:
+            self._start(unit, event.kv.key)
+        elif event.kind == "put":
+            self._lift(unit, event.kv.key)
 
     def _parse(self, key: str) -> tuple[str, str] | None:
         kind, _, unit = key[len(self.prefix):].partition("/")
         try:
             if kind not in KINDS:
-                raise InvalidValue(key, "not a request Norm knows (hold/<unit>, start/<unit> or "
-                                        "release/<unit>)")
+                raise InvalidValue(key, f"not a request Norm knows ({HOLD}/<unit>, {START}/<unit> or "
+                                        f"{LIFT}/<unit>)")
             parse_unit_name(unit, key)
             if not matches(unit, self._healer.patterns):
                 raise InvalidValue(key, "not a unit this agent manages (see units.patterns)")
@@ -130,11 +146,10 @@ class Control:
         return kind, unit
 
     def _want(self, action: _Action) -> None:
-        kind = "release" if action.action == "release" else "unit"
-        old = self._pending.get((kind, action.unit))
+        old = self._pending.get(action.slot)
         if old is not None and old.action == action.action and old.key == action.key:
             return  # the same request seen again (a re-list): its retries go on as they were
-        self._pending[(kind, action.unit)] = action
+        self._pending[action.slot] = action
         self._report(action.unit)
         self._kick.set()
 
@@ -144,7 +159,7 @@ class Control:
         self._want(_Action("stop", unit))
 
     def _unhold(self, unit: str) -> None:
-        self._holds.release(unit, OPERATOR)
+        self._holds.unhold(unit, OPERATOR)
         log.info("unit.unheld", unit=unit, by=OPERATOR)
         pending = self._pending.get(("unit", unit))
         if self._holds.owners(unit):
@@ -153,19 +168,20 @@ class Control:
             if pending is not None and pending.action == "stop":
                 self._done(pending)
             return
-        if pending is not None and pending.action == "start":
+        if pending is not None and pending.action == START:
             return  # a start request (start/<unit>) is on its way already
-        self._want(_Action("start", unit))
+        self._want(_Action(START, unit))
 
     def _start(self, unit: str, key: str) -> None:
         """A start request: the operator's hold ends and the unit starts; the key goes once it has."""
         if OPERATOR in self._holds.owners(unit):
-            self._holds.release(unit, OPERATOR)
+            self._holds.unhold(unit, OPERATOR)
             log.info("unit.unheld", unit=unit, by=OPERATOR)
-        self._want(_Action("start", unit, key=key))
+        self._want(_Action(START, unit, key=key))
 
-    def _release(self, unit: str, key: str) -> None:
-        self._want(_Action("release", unit, key=key))
+    def _lift(self, unit: str, key: str) -> None:
+        """A request to lift the unit's quarantine: the key goes once the lift is saved."""
+        self._want(_Action(LIFT, unit, key=key))
 
     # -- carrying them out
 
@@ -181,28 +197,12 @@ class Control:
                                                    default=None))
 
     def _current(self, action: _Action) -> bool:
-        kind = "release" if action.action == "release" else "unit"
-        return self._pending.get((kind, action.unit)) is action
+        return self._pending.get(action.slot) is action
 
     async def _try(self, action: _Action) -> None:
         unit = action.unit
         try:
-            if action.action == "stop":
-                await self._systemd.stop(unit)
-            elif action.action == "start":
-                if self._holds.owners(unit):
-                    log.info("control.start_skipped", unit=unit, reason="held by an update",
-                             owners=sorted(self._holds.owners(unit)))
-                else:
-                    await self._start_unit(action)
-            else:
-                if not action.released:
-                    was = self._healer.release(unit)
-                    action.released = True
-                    log.info("heal.release", unit=unit, was_quarantined=was)
-                # The release lasts (a restarted agent must not take the quarantine up again)
-                # before the operator is told it is done.
-                await self._healer.save_state()
+            await self._carry_out(action)
             if action.key is not None and self._current(action):
                 await self._etcd.delete(action.key)
         except asyncio.CancelledError:
@@ -216,6 +216,25 @@ class Control:
                 log.info("control.action_done", unit=unit, action=action.action,
                          after_failures=action.attempts)
             self._done(action)
+
+    async def _carry_out(self, action: _Action) -> None:
+        unit = action.unit
+        if action.action == "stop":
+            await self._systemd.stop(unit)
+        elif action.action == START:
+            if self._holds.owners(unit):
+                log.info("control.start_skipped", unit=unit, reason="held by an update",
+                         owners=sorted(self._holds.owners(unit)))
+            else:
+                await self._start_unit(action)
+        else:
+            if not action.lifted:
+                was = self._healer.lift(unit)
+                action.lifted = True
+                log.info("heal.lift", unit=unit, was_quarantined=was)
+            # The lift lasts (a restarted agent must not take the quarantine up again) before the
+            # operator is told it is done.
+            await self._healer.save_state()
 
     async def _start_unit(self, action: _Action) -> None:
         unit = action.unit
@@ -238,9 +257,8 @@ class Control:
         self._report(action.unit)
 
     def _done(self, action: _Action) -> None:
-        kind = "release" if action.action == "release" else "unit"
-        if self._pending.get((kind, action.unit)) is action:
-            del self._pending[(kind, action.unit)]
+        if self._pending.get(action.slot) is action:
+            del self._pending[action.slot]
         self._report(action.unit)
 
     def _report(self, unit: str) -> None:

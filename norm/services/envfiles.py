@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -38,8 +38,7 @@ from norm.core.config import EnvFileConfig
 from norm.core.envfile import EnvFile, EnvFileError, Source, object_key, parse_env_file, render, source_of
 from norm.core.units import UnitState
 from norm.services.base import Retry, first_of
-from norm.services.holds import Holds
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
 from norm.services.watcher import DesiredStateWatcher
 
 log = structlog.get_logger("norm.envfiles")
@@ -51,21 +50,24 @@ FILE_MODE = 0o600
 class EnvFiles:
     name = "envfiles"
 
-    def __init__(self, config: EnvFileConfig, store: ObjectStore, watcher: DesiredStateWatcher,
-                 host_environment: str, metrics: Metrics, set_etag: Callable[[str | None], Awaitable[None]],
-                 *, systemd: Systemd | None = None, holds: Holds | None = None,
-                 patterns: Sequence[str] = ()) -> None:
+    def __init__(self, host: HostContext, config: EnvFileConfig, store: ObjectStore,
+                 watcher: DesiredStateWatcher, host_environment: str,
+                 set_etag: Callable[[str | None], Awaitable[None]], *,
+                 systemd: Systemd | None = None) -> None:
+        """`host_environment`: this host's environment (the object's key may name it); `set_etag`:
+        shows the file's ETag in the host record; `systemd`: restarts the units using the file when
+        env.on_change says so."""
         assert config.bucket is not None
         self._config = config
         self.bucket: str = config.bucket
         self._store = store
         self._watcher = watcher
         self._host_environment = host_environment
-        self._metrics = metrics
+        self._metrics = host.metrics
         self._set_etag = set_etag
         self._systemd = systemd
-        self._holds = holds or Holds()
-        self._patterns = tuple(patterns)
+        self._holds = host.holds
+        self._patterns = host.units
         self.running: Source | None = None  # what the file on disk was made from
         self._refused: Source | None = None  # the object's content last refused (not written)
         self.checks = 0  # checks done (for tests and the readiness of whoever waits on a first one)
@@ -233,7 +235,7 @@ class EnvFiles:
                     await self._systemd_restart(unit)
                     state = await self._systemd_unit(unit)
                 finally:
-                    self._holds.release(unit, HOLD_OWNER)
+                    self._holds.unhold(unit, HOLD_OWNER)
             except SystemdError as e:
                 log.error("env.restart_failed", error=str(e))
                 return "failed"

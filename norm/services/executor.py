@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -36,7 +35,7 @@ from norm.adapters.docker import (
     DockerRejected,
     RunTimeout,
 )
-from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
+from norm.adapters.etcd import Compare, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import release as rel
@@ -48,8 +47,8 @@ from norm.core.errors import InvalidValue, Temporary
 from norm.core.rollout import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
-from norm.services.holds import OPERATOR, Holds
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
+from norm.services.holds import OPERATOR
 from norm.services.updater import PHASE_CODES
 
 log = structlog.get_logger("norm.executor")
@@ -67,28 +66,33 @@ class StopStartHooks(Protocol):
         """After the units were started (whether or not they came up)."""
 
 
+# A step's run as the executor reports it: its outcome, exit code, the reason it did not end well, and
+# how long it ran.
+_StepRun = tuple[rel.StepOutcome, int | None, str | None, float]
+
+
 class Executor:
     name = "executor"
 
-    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, systemd: Systemd, docker: Docker,
-                 holds: Holds, metrics: Metrics, update: UpdateConfig, patterns: tuple[str, ...],
+    def __init__(self, host: HostContext, systemd: Systemd, docker: Docker, update: UpdateConfig,
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 clock: Callable[[], float] = time.monotonic, presence: StopStartHooks | None = None,
-                 secret_files: tuple[str, ...] = ()) -> None:
+                 presence: StopStartHooks | None = None, secret_files: tuple[str, ...] = ()) -> None:
+        """`set_release`: shows the release this host runs (in its host record); `leading`: whether
+        this agent leads (the updater then shows the rollout's phase); `secret_files`: files whose
+        values a failed step's output must not show."""
         assert update.image is not None
-        self._etcd = etcd
-        self._prefix = prefix
-        self._me = machine_id
+        self._etcd = host.etcd
+        self._prefix = host.prefix
+        self._me = host.machine_id
         self._systemd = systemd
         self._docker = docker
-        self._holds = holds
-        self._metrics = metrics
+        self._holds = host.holds
+        self._metrics = host.metrics
         self._update = update
         self._image: str = update.image
-        self._patterns = patterns
+        self._patterns = host.units
         self._set_release = set_release
         self._leading = leading
-        self._clock = clock
         self._presence = presence
         # Files whose values a failed step's output must not show (the host's environment file); the
         # steps' own environment file is one of them.
@@ -214,36 +218,36 @@ class Executor:
                                           *(Get(rel.report_key(p, rev, k, self._me)) for k in kinds),
                                           Get(f"{rel.rollout_prefix(p, rev)}migrated/", prefix=True)])
         hosts_kv, *mine = result.gets
-        hosts: list[str] = []
-        if hosts_kv:
-            try:
-                loaded = json.loads(hosts_kv[0].value)
-                if not isinstance(loaded, list) or not all(
-                        isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
-                    raise ValueError("not a list of machine ids")
-                hosts = loaded
-            except (ValueError, RecursionError):  # nested past the parser's depth: refused, not fatal
-                hosts = []
-                self._metrics.rejected_values.labels("rollout hosts").inc()
-                log.error("executor.hosts_refused", key=hosts_kv[0].key, reason="not a list of machine ids")
+        hosts = self._participants_in(hosts_kv[0]) if hosts_kv else []
         self._participant = self._me in hosts and self._me not in h.excluded
-        reported: set[str] = set()
-        for kind, kvs in zip(kinds, mine[:3], strict=True):
-            if not kvs:
-                continue
-            if kind == "started":
-                try:
-                    report = rel.parse_report(p, rev, kvs[0].key, kvs[0].value)
-                except InvalidValue:
-                    continue
-                target = h.target
-                if report is None or target is None or report.value.get("digest") != target.digest:
-                    continue
-            reported.add(kind)
+        reported = {kind for kind, kvs in zip(kinds, mine[:3], strict=True)
+                    if kvs and (kind != "started" or self._started_on_target(h, kvs[0]))}
         for kv in mine[3]:
             reported.add("migrated:" + kv.key.rsplit("/", 1)[1])
         self._reported = reported
         self._rev = rev
+
+    def _participants_in(self, kv: KeyValue) -> list[str]:
+        """The rollout's participant list; an unreadable one is refused (counted), and names none."""
+        try:
+            loaded = json.loads(kv.value)
+            if not isinstance(loaded, list) or not all(
+                    isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
+                raise ValueError("not a list of machine ids")
+            return loaded
+        except (ValueError, RecursionError):  # nested past the parser's depth: refused, not fatal
+            self._metrics.rejected_values.labels("rollout hosts").inc()
+            log.error("executor.hosts_refused", key=kv.key, reason="not a list of machine ids")
+            return []
+
+    def _started_on_target(self, h: rel.Header, kv: KeyValue) -> bool:
+        """Whether this host's started report (read back after a restart) is for the rollout's target."""
+        try:
+            report = rel.parse_report(self._prefix, h.revision, kv.key, kv.value)
+        except InvalidValue:
+            return False
+        target = h.target
+        return report is not None and target is not None and report.value.get("digest") == target.digest
 
     def _apply_holds(self) -> None:
         held = self._catching_up or rel.holds_units(self.header, self._participant,
@@ -252,7 +256,7 @@ class Executor:
             if held:
                 self._holds.hold(unit, HOLD_OWNER)
         if not held:
-            self._holds.release_all(HOLD_OWNER)
+            self._holds.unhold_all(HOLD_OWNER)
 
     async def _out_while_behind(self) -> None:
         """Out of the load balancer while this host, outside the rollout, runs an older release than
@@ -333,7 +337,8 @@ class Executor:
 
     async def _pull(self, h: rel.Header, digest: str) -> None:
         ref = f"{self._image}@{digest}"
-        started = self._clock()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         retry = Retry(Backoff(first=0.5, cap=10.0))
         told = False
         while True:
@@ -351,7 +356,7 @@ class Executor:
                 delay = retry.next_delay()
                 log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
                 await pause(delay)
-        self._metrics.pull_seconds.observe(self._clock() - started)
+        self._metrics.pull_seconds.observe(loop.time() - started)
         await self._report(h, "pulled", rel.pulled_ok(digest))
 
     async def _stop_units(self) -> None:
@@ -432,6 +437,17 @@ class Executor:
             self._reported.add(f"migrated:{step}")
             return
         log.info("executor.step_running", step=step, container=name, claimed_before=holder is not None)
+        outcome, code, reason, seconds = await self._run_step(step, name, image, command, mounts)
+        self._metrics.migrations.labels(outcome).inc()
+        await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
+                                                       unknown=outcome == "unknown"), name=step)
+        if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
+            await self._docker.remove_container(name)
+
+    async def _run_step(self, step: str, name: str, image: str, command: str | None,
+                        mounts: list[tuple[str, str]]) -> _StepRun:
+        """Start the claimed step's container (adopt it, after a restart) and wait for it: its outcome,
+        exit code, the reason it did not end well, and how long it ran."""
         outcome: rel.StepOutcome
         try:
             run = await self._docker.run_named(
@@ -456,11 +472,7 @@ class Executor:
             reason = f"killed after {self._update.migration_timeout:g} s"
         except DockerRejected as e:  # refused while adopting: the step may have run
             outcome, code, reason, seconds = "unknown", None, str(e), 0.0
-        self._metrics.migrations.labels(outcome).inc()
-        await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
-                                                       unknown=outcome == "unknown"), name=step)
-        if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
-            await self._docker.remove_container(name)
+        return outcome, code, reason, seconds
 
     async def _claim(self, h: rel.Header, claim: str, step: str) -> bool:
         """Claim the step, in a transaction fenced on the header that asks this host to run it (as a

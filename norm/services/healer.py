@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +45,12 @@ from norm.core.healing import (
     from_record,
     heal_finished,
     lasting,
-    release,
+    lift,
     to_record,
 )
 from norm.core.units import UnitState, matches
 from norm.services.base import OwnedTasks, Retry, first_of, pause, wake_or_deadline
-from norm.services.holds import Holds
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
 
 log = structlog.get_logger("norm.healer")
 
@@ -72,23 +71,22 @@ class HealTrace:
 class Healer:
     name = "healer"
 
-    def __init__(self, systemd: Systemd, patterns: Sequence[str], policy: HealPolicy, metrics: Metrics,
-                 holds: Holds, *, resync_interval: float = 60.0,
-                 publish: Callable[[bytes], Awaitable[None]] | None = None,
+    def __init__(self, host: HostContext, systemd: Systemd, policy: HealPolicy, *,
+                 resync_interval: float = 60.0, publish: Callable[[bytes], Awaitable[None]] | None = None,
                  gate: asyncio.Event | None = None, state_file: str | Path | None = None) -> None:
         self._gate = gate  # set once units an update holds are known to be held
         self._systemd = systemd
-        self.patterns = tuple(patterns)
+        self.patterns = host.units
         self.policy = policy
-        self._metrics = metrics
-        self.holds = holds
+        self._metrics = host.metrics
+        self.holds = host.holds
         self._resync_interval = resync_interval
         self._publish = publish
         self.states: dict[str, UnitState] = {}
         self.history: dict[str, UnitHealth] = {}
         self._seen: dict[str, float] = {}  # unit -> when the latest change of it was handled
         self._wake = asyncio.Event()
-        holds.subscribe(self._wake.set)
+        self.holds.subscribe(self._wake.set)
         self._regimens = OwnedTasks()  # one a unit, named heal:<unit>
         self._wake_at: float | None = None
         self.synced = asyncio.Event()
@@ -106,11 +104,11 @@ class Healer:
 
     # -- operator actions
 
-    def release(self, unit: str) -> bool:
+    def lift(self, unit: str) -> bool:
         """Lift `unit`'s quarantine and forget its budget; `save_state` makes it last."""
-        self.history, was = release(self.history, unit)
+        self.history, was = lift(self.history, unit)
         if was:
-            self._on_command(QuarantineLifted(unit, "released"))
+            self._on_command(QuarantineLifted(unit, "operator"))
         self._history_changed()
         self._wake.set()
         return was

@@ -1,5 +1,5 @@
 """Units held on purpose: stopped by an update, or by an operator through Norm. The healer leaves a
-held unit alone. Each hold has an owner, so an update releasing its holds does not release an
+held unit alone. Each hold has an owner, so an update ending its holds (`unhold`) does not end an
 operator's."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Holds:
             owners.add(owner)
             self._changed()
 
-    def release(self, unit: str, owner: str) -> None:
+    def unhold(self, unit: str, owner: str) -> None:
         owners = self._holds.get(unit)
         if owners and owner in owners:
             owners.discard(owner)
@@ -44,9 +44,9 @@ class Holds:
                 del self._holds[unit]
             self._changed()
 
-    def release_all(self, owner: str) -> None:
+    def unhold_all(self, owner: str) -> None:
         for unit in [u for u, owners in self._holds.items() if owner in owners]:
-            self.release(unit, owner)
+            self.unhold(unit, owner)
 
     def held(self) -> frozenset[str]:
         return frozenset(self._holds)

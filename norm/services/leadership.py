@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import structlog
 
-from norm.adapters.etcd import Compare, Etcd, EtcdError, Leadership, NotLeader, Op, TxnResult
+from norm.adapters.etcd import Compare, EtcdError, Leadership, NotLeader, Op, TxnResult
 from norm.core.backoff import Backoff
 from norm.core.host import leader_key
 from norm.services.base import Retry, first_of, pause
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
 from norm.services.registration import Registration
 
 log = structlog.get_logger("norm.leadership")
@@ -25,13 +25,12 @@ log = structlog.get_logger("norm.leadership")
 class LeaderElection:
     name = "leadership"
 
-    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, registration: Registration,
-                 metrics: Metrics, *, eligible: bool = True) -> None:
-        self._etcd = etcd
+    def __init__(self, host: HostContext, registration: Registration, *, eligible: bool = True) -> None:
+        self._etcd = host.etcd
         self.eligible = eligible  # False: this host's etcd user may not hold the leader key
-        self._election = etcd.election(leader_key(prefix), machine_id.encode())
+        self._election = host.etcd.election(leader_key(host.prefix), host.machine_id.encode())
         self._registration = registration
-        self._metrics = metrics
+        self._metrics = host.metrics
         self.leadership: Leadership | None = None
         self.elected = asyncio.Event()  # set while this agent leads
         self.deposed = asyncio.Event()  # set while it does not

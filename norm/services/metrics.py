@@ -36,7 +36,7 @@ class Metrics:
         self.units_quarantined = Gauge("norm_units_quarantined",
                                        "Managed units Norm has stopped trying to heal.", registry=r)
         self.control_pending = Gauge(
-            "norm_control_pending", "Operator requests (units stop/start, heal release) this agent has "
+            "norm_control_pending", "Operator requests (units stop/start, heal lift) this agent has "
             "not carried out yet; above 0 for long, see `norm units` and control.action_failed.", registry=r)
         self.rollout_phase = Gauge(
             "norm_rollout_phase", "Phase of the current rollout as this agent last saw it: 0 none, "

@@ -11,7 +11,7 @@ An update takes the host out first: the executor calls `before_stop()` before it
 (deregister from every group, then wait for the targets to drain, bounded by lb.drain_timeout), and
 `after_start()` once it has started them again. In between, nothing registers the host, and the
 unit's run that was stopped is never registered again: only a new run, once healthy. Should an update
-release its hold on the units without starting them, presence resumes as after a start.
+end its hold on the units without starting them, presence resumes as after a start.
 """
 
 from __future__ import annotations
@@ -44,9 +44,12 @@ def invocation_of(state: UnitState | None) -> str | None:
 class Presence:
     name = "presence"
 
+    # How calls to the load balancer are retried, and how soon the health URL is asked again.
+    RETRY = Backoff(first=0.5, factor=2.0, cap=60.0)
+    HEALTH_BACKOFF = Backoff(first=0.05, factor=2.0, cap=1.0)
+
     def __init__(self, systemd: Systemd, elb: Elb, lb: LbConfig, metrics: Metrics, *,
-                 instance_id: str, holds: Holds | None = None, hold_owner: str = "update",
-                 retry: Backoff | None = None, health_backoff: Backoff | None = None) -> None:
+                 instance_id: str, holds: Holds | None = None, hold_owner: str = "update") -> None:
         """`instance_id`: the host's EC2 instance id. `holds`/`hold_owner`: the update's holds on the
         units, watched to resume should an update end without starting the units."""
         self._systemd = systemd
@@ -56,8 +59,8 @@ class Presence:
         self.instance_id = instance_id
         self._holds = holds
         self._hold_owner = hold_owner
-        self._retry = retry or Backoff(first=0.5, factor=2.0, cap=60.0)
-        self._health_backoff = health_backoff or Backoff(first=0.05, factor=2.0, cap=1.0)
+        self._retry = self.RETRY
+        self._health_backoff = self.HEALTH_BACKOFF
         self.unit: UnitState | None = None
         self.registered: dict[str, bool | None] = dict.fromkeys(lb.target_groups)
         self._invocation: str | None = None

@@ -14,11 +14,11 @@ import dataclasses
 
 import structlog
 
-from norm.adapters.etcd import Etcd, EtcdError, Lease
+from norm.adapters.etcd import EtcdError, Lease
 from norm.core.backoff import Backoff
 from norm.core.host import HostRecord, hosts_key
 from norm.services.base import Retry, first_of, pause
-from norm.services.metrics import Metrics
+from norm.services.context import HostContext
 
 log = structlog.get_logger("norm.registration")
 
@@ -26,11 +26,12 @@ log = structlog.get_logger("norm.registration")
 class Registration:
     name = "registration"
 
-    def __init__(self, etcd: Etcd, prefix: str, record: HostRecord, metrics: Metrics) -> None:
-        self._etcd = etcd
-        self.key = hosts_key(prefix, record.machine_id)
+    def __init__(self, host: HostContext, record: HostRecord) -> None:
+        """`record`: this host's record (its machine id is the host's)."""
+        self._etcd = host.etcd
+        self.key = hosts_key(host.prefix, record.machine_id)
         self.record = record
-        self._metrics = metrics
+        self._metrics = host.metrics
         self.registered = asyncio.Event()
         self._lease: Lease | None = None
         self._lease_ready = asyncio.Condition()

@@ -20,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from norm.adapters.docker import DockerError, DockerRejected
-from norm.adapters.etcd import Delete, Etcd, EtcdError, KeyValue, NotLeader, Op, Put, Resync
+from norm.adapters.etcd import Delete, EtcdError, KeyValue, NotLeader, Op, Put, Resync
 from norm.core import release as rel
 from norm.core.backoff import Backoff
+from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
@@ -51,7 +51,6 @@ from norm.core.rollout import (
     ResolveTag,
     Resumed,
     Rollout,
-    RolloutPolicy,
     RunMigration,
     barrier_state,
     decode_ledger_entry,
@@ -59,14 +58,15 @@ from norm.core.rollout import (
     ledger_summary,
     migrator_for,
     participants,
+    policy_of,
     refused_rollout,
     start_rollout,
     step,
 )
 from norm.core.rollout import Event as RolloutEvent
 from norm.services.base import OwnedTasks, Retry, first_of, pause
+from norm.services.context import HostContext
 from norm.services.leadership import LeaderElection
-from norm.services.metrics import Metrics
 from norm.services.watcher import DesiredStateWatcher
 
 log = structlog.get_logger("norm.updater")
@@ -84,24 +84,25 @@ def _persisted(r: Rollout) -> Rollout:
 class Updater:
     name = "updater"
 
-    def __init__(self, etcd: Etcd, prefix: str, machine_id: str, environment: str,
-                 roles: frozenset[str] | None, image: str, policy: RolloutPolicy,
-                 leadership: LeaderElection, watcher: DesiredStateWatcher, metrics: Metrics,
-                 resolve: Callable[[str], Awaitable[str]], history: int = 20,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._etcd = etcd
-        self._prefix = prefix
-        self._me = machine_id
+    def __init__(self, host: HostContext, update: UpdateConfig, environment: str,
+                 leadership: LeaderElection, watcher: DesiredStateWatcher,
+                 resolve: Callable[[str], Awaitable[str]]) -> None:
+        """`update`: the [update] section (image, roles, policy, history); `environment`: this host's,
+        whose hosts take part in rollouts; `resolve`: a tag's image reference to it pinned by digest."""
+        assert update.image is not None
+        self._etcd = host.etcd
+        self._prefix = host.prefix
+        self._me = host.machine_id
         self._environment = environment
-        self._roles = roles
-        self._image = image
-        self._policy = policy
+        self._roles = frozenset(update.roles) or None
+        self._image: str = update.image
+        self._policy = policy_of(update)
         self._leadership = leadership
         self._watcher = watcher
-        self._metrics = metrics
+        self._metrics = host.metrics
         self._resolve = resolve
-        self._history = history
-        self._clock = clock
+        self._history = update.history
+        self._clock = host.clock
         self.record: Rollout | None = None
         self._queue: asyncio.Queue[RolloutEvent | Desired | _ReportOf | _ResolvedOf | BaseException] = \
             asyncio.Queue()

@@ -5,7 +5,7 @@ fleet and bringing it back to the same release between runs.
 A run: the fleet serves the compatible release `c0`; the recorder starts watching etcd from the next
 revision and the monitor starts sampling every engine's containers; the schedule's steps run at their
 moments (faults undone after their hold); then everything is brought back (agents running, etcd
-members up, registry up, holds released), the fleet is given time to converge on the last desired
+members up, registry up, holds ended), the fleet is given time to converge on the last desired
 version, and sandbox.chaos.check judges what was recorded.
 """
 

@@ -1,5 +1,5 @@
 """A real `norm agent` healing the units of a real systemd manager, seen the way an operator sees
-it: /metrics, `norm units`, `norm units stop/start`, `norm heal release`."""
+it: /metrics, `norm units`, `norm units stop/start`, `norm heal lift`."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_an_operator_hold_stops_the_unit_and_keeps_it_from_healing(
     assert metric(agent, "norm_heal_attempts_total", unit="djed-api.service", result="started") == 0
 
 
-def test_a_crash_loop_is_quarantined_and_released_by_the_operator(
+def test_a_crash_loop_is_quarantined_and_lifted_by_the_operator(
         healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
     agent = healing_agent
     systemd_manager.systemctl("start", "djed-crash.service", check=False)
@@ -96,9 +96,9 @@ def test_a_crash_loop_is_quarantined_and_released_by_the_operator(
     assert metric(agent, "norm_heal_attempts_total", unit="djed-crash.service", result="started") == 2
     wait_for(lambda: units_table(agent).get("djed-crash.service", ["", "", "", ""])[3] == "quarantined",
              timeout=10, what="the quarantine published")
-    r = norm(agent, "heal", "release", "djed-crash.service")
+    r = norm(agent, "heal", "lift", "djed-crash.service")
     assert r.returncode == 0, r.stderr
-    assert "released" in r.stdout
+    assert "quarantine lifted" in r.stdout
     wait_for(lambda: metric(agent, "norm_heal_attempts_total", unit="djed-crash.service",
                             result="started") > 2, timeout=20, what="healing resumed")
     assert agent.logs().count('"event": "heal.quarantined"') >= 1

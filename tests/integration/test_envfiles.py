@@ -27,6 +27,7 @@ from norm.adapters.s3 import ObjectStore
 from norm.adapters.systemd import Systemd
 from norm.core.config import EnvFileConfig, EtcdConfig
 from norm.core.envfile import parse_env_file, source_of
+from norm.services.context import HostContext
 from norm.services.envfiles import EnvFiles
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -150,8 +151,8 @@ async def rig(etcd_member: EtcdMember, config: EnvFileConfig, store: ObjectStore
         async def set_etag(etag: str | None) -> None:
             etags.append(etag)
 
-        service = EnvFiles(config, store, watcher, "prod", metrics, set_etag, systemd=systemd, holds=holds,
-                           patterns=("app-*.service",))
+        host = HostContext(etcd, "/norm", "a" * 32, metrics, holds or Holds(), units=("app-*.service",))
+        service = EnvFiles(host, config, store, watcher, "prod", set_etag, systemd=systemd)
         stopping = asyncio.Event()
         tasks = [asyncio.create_task(watcher.run(stopping), name="watcher"),
                  asyncio.create_task(service.run(stopping), name="envfiles")]

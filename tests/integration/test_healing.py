@@ -15,6 +15,7 @@ import pytest
 from norm.adapters.systemd import Systemd
 from norm.core.backoff import Backoff
 from norm.core.healing import HealPolicy
+from norm.services.context import HostContext
 from norm.services.healer import Healer
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -82,8 +83,9 @@ async def rig_for(manager: SystemdManager, units: dict[str, str], policy: HealPo
         manager.systemctl("start", name, check=name != "app-crash.service")
     metrics, holds, progress = Metrics(), Holds(), asyncio.Event()
     async with Systemd(manager.bus_address, call_timeout=10) as systemd:
-        healer = Healer(systemd, ["app-*.service"], policy, metrics, holds,
-                        resync_interval=resync_interval, state_file=state_file)
+        # The healer needs no etcd: its summary goes nowhere here.
+        host = HostContext(None, "/norm", "a" * 32, metrics, holds, units=("app-*.service",))  # type: ignore[arg-type]
+        healer = Healer(host, systemd, policy, resync_interval=resync_interval, state_file=state_file)
         original = healer._decide_now
 
         def decide_and_tell(now: float) -> None:
@@ -137,7 +139,7 @@ async def test_a_crash_loop_is_quarantined_within_its_budget_until_released(rig:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(2):
             await rig.until("an attempt while quarantined", lambda: len(rig.traces(unit)) > 3, timeout=3)
-    assert rig.healer.release(unit) is True
+    assert rig.healer.lift(unit) is True
     await rig.until("healing resumed", lambda: len(rig.traces(unit)) > 3)
     summary = {u["unit"]: u for u in rig.healer.summary(0.0, 0.0)}
     assert summary["app-web.service"]["heal"] == "ok"
@@ -163,13 +165,13 @@ async def test_a_held_unit_is_not_healed_and_releasing_the_hold_resumes_healing(
     await rig.kill(unit)
     await rig.until("failure seen", lambda: rig.healer.states[unit].failed)
     # Make the healer decide again, twice, with the failure in view: a hold change wakes it.
-    for change in (rig.holds.hold, rig.holds.release):
+    for change in (rig.holds.hold, rig.holds.unhold):
         rig.progress.clear()
         change("app-api.service", "test")
         async with asyncio.timeout(5):
             await rig.progress.wait()
     assert rig.traces(unit) == []
-    rig.holds.release(unit, "operator")
+    rig.holds.unhold(unit, "operator")
     await rig.until("healed after release", lambda: rig.traces(unit) == ["started"] and rig.active(unit))
 
 
@@ -279,7 +281,7 @@ async def test_a_quarantine_outlives_the_healer_and_a_release_does_too(
         await rig.until("the quarantine taken up", lambda: unit in rig.healer.history
                         and rig.healer.history[unit].quarantined)
         assert rig.traces(unit) == [] and len(rig.healer.history[unit].attempts) == 3
-        rig.healer.release(unit)
+        rig.healer.lift(unit)
         await rig.healer.save_state()
         await rig.until("healing resumed", lambda: len(rig.traces(unit)) >= 1)
     finally:

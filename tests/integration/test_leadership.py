@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from norm.adapters.etcd import Etcd
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, leader_key
+from norm.services.context import HostContext
 from norm.services.leadership import LeaderElection
 from norm.services.metrics import Metrics
 from norm.services.registration import Registration
@@ -32,8 +33,9 @@ class Agent:
     def __post_init__(self) -> None:
         machine_id = self.name * 32
         record = HostRecord(machine_id, self.name, "test", "web", "0")
-        self.registration = Registration(self.etcd, PREFIX, record, self.metrics)
-        self.leadership = LeaderElection(self.etcd, PREFIX, machine_id, self.registration, self.metrics)
+        host = HostContext(self.etcd, PREFIX, machine_id, self.metrics)
+        self.registration = Registration(host, record)
+        self.leadership = LeaderElection(host, self.registration)
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self.registration.run(self.stopping), name=f"{self.name}-reg"),

@@ -18,9 +18,9 @@ from norm.adapters.etcd import Compare, Etcd, NotLeader, Op, TxnResult
 from norm.core import release as rel
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.host import HostRecord, hosts_key
-from norm.core.rollout import LedgerEntry, Phase, Release, Rollout, RolloutPolicy
+from norm.core.rollout import LedgerEntry, Phase, Release, Rollout
+from norm.services.context import HostContext
 from norm.services.executor import Executor
-from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.updater import Updater
 from norm.services.watcher import DesiredStateWatcher
@@ -100,8 +100,8 @@ async def test_a_setback_halts_with_the_header_gone_and_hundreds_of_rollouts_sin
         await client.put(f"{hosts_key(P)}{ME}", host.encode())
 
         watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
-        updater = Updater(client, P, ME, "test", None, "127.0.0.1:5000/djed/app", RolloutPolicy(),
-                          Leading(client), watcher, metrics, resolve)  # type: ignore[arg-type]
+        updater = Updater(HostContext(client, P, ME, metrics), UpdateConfig(image="127.0.0.1:5000/djed/app"),
+                          "test", Leading(client), watcher, resolve)  # type: ignore[arg-type]
         with capture_logs() as logs:
             watching = asyncio.create_task(watcher.run(stopping), name="watcher-under-test")
             updating = asyncio.create_task(updater.run(stopping), name="updater-under-test")
@@ -160,7 +160,7 @@ async def test_a_migrator_acting_on_a_stale_header_claims_nothing_and_runs_nothi
         async def set_release(text: str | None) -> None:
             pass
 
-        executor = Executor(client, P, ME, None, docker, Holds(), Metrics(), update, (),  # type: ignore[arg-type]
+        executor = Executor(HostContext(client, P, ME, Metrics()), None, docker, update,  # type: ignore[arg-type]
                             set_release, leading=lambda: False)
         executor._take_header(await client.get(rel.header_key(P)))  # what this host acts on
         # Meanwhile the rollout moved on (here: halted by its leader); this host has not seen it yet.

@@ -28,6 +28,7 @@ from norm.adapters.systemd import Systemd
 from norm.core import release as rel
 from norm.core.config import EtcdConfig, LbConfig, UpdateConfig
 from norm.core.rollout import Phase, Release
+from norm.services.context import HostContext
 from norm.services.executor import HOLD_OWNER, Executor
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -215,7 +216,7 @@ async def test_an_update_that_releases_its_hold_without_a_start_puts_the_host_ba
         assert await rig.site.states() == ["unused"]
         # The update moved on without stopping or starting the unit: its hold goes, the host comes back
         # once the unit (still the same run) has passed its health check again.
-        rig.holds.release_all(HOLD_OWNER)
+        rig.holds.unhold_all(HOLD_OWNER)
         await rig.until("registered again", rig.registered(True))
         assert await rig.site.states() == ["healthy"]
         assert rig.events("lb.suspended", "lb.drained", "lb.resumed", "lb.healthy", "lb.registered")[-5:] == [
@@ -312,8 +313,8 @@ async def executor_for(rig: Rig, client: Etcd, docker: Docker, me: str, update: 
     async def set_release(text: str | None) -> None:
         pass
 
-    executor = Executor(client, "/norm", me, rig.systemd, docker, rig.holds, rig.metrics, update, PATTERNS,
-                        set_release, leading=lambda: False, presence=rig.presence)
+    executor = Executor(HostContext(client, "/norm", me, rig.metrics, rig.holds, units=PATTERNS), rig.systemd,
+                        docker, update, set_release, leading=lambda: False, presence=rig.presence)
     stopping = asyncio.Event()
     task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
     try:

@@ -24,6 +24,7 @@ from norm.core import release as rel
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.healing import HealPolicy
 from norm.core.rollout import Phase, Release
+from norm.services.context import HostContext
 from norm.services.control import OPERATOR, Control
 from norm.services.executor import Executor
 from norm.services.healer import Healer
@@ -125,8 +126,9 @@ async def host_rig(etcd_member: EtcdMember, manager: SystemdManager, tmp_path: P
     with capture_logs() as logs:
         async with Etcd(EtcdConfig(endpoints=(etcd_member.endpoint,), request_timeout=5.0)) as client, \
                 Systemd(manager.bus_address, call_timeout=10) as systemd:
-            executor = Executor(client, P, me, systemd, Docker("unix:///nonexistent.sock"), holds, metrics,
-                                config, PATTERNS, set_release, leading=lambda: False)
+            host = HostContext(client, P, me, metrics, holds, units=PATTERNS)
+            executor = Executor(host, systemd, Docker("unix:///nonexistent.sock"), config, set_release,
+                                leading=lambda: False)
             stopping = asyncio.Event()
             task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
             try:
@@ -196,7 +198,7 @@ async def test_an_update_leaves_a_unit_the_operator_stopped_stopped_and_says_so(
         # stopped and held by the operator only; the host's report and the log say why.
         assert rel.parse_release(rig.release_file.read_bytes()) == NEW
         assert rig.active_state() == "inactive"
-        await rig.until("the update's holds released", lambda: rig.holds.owners(WEB) == {OPERATOR})
+        await rig.until("the update's holds ended", lambda: rig.holds.owners(WEB) == {OPERATOR})
         assert rig.active_state() == "inactive"
         assert report["ok"] is True
         assert report["reason"] == f"{WEB}: held by the operator, left stopped"
@@ -217,8 +219,9 @@ async def test_a_restarted_agent_knows_the_operators_holds_before_it_starts_a_un
         await rig.until("the executor waiting for the operator's holds",
                         lambda: "executor.awaiting_operator_holds" in rig.events())
         # The control service comes up (after the executor, as it may on a loaded machine).
-        healer = Healer(rig.systemd, PATTERNS, HealPolicy(), rig.metrics, holds)
-        control = Control(rig.etcd, P, rig.me, rig.systemd, healer, holds, rig.metrics)
+        host = HostContext(rig.etcd, P, rig.me, rig.metrics, holds, units=PATTERNS)
+        healer = Healer(host, rig.systemd, HealPolicy())
+        control = Control(host, rig.systemd, healer)
         stopping = asyncio.Event()
         task = asyncio.create_task(control.run(stopping), name="control-under-test")
         try:

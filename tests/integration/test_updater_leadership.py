@@ -11,12 +11,14 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from norm.adapters.etcd import Compare, Delete, Etcd, NotLeader, Op, TxnResult
-from norm.core.config import EtcdConfig
-from norm.core.rollout import RolloutPolicy
+from norm.core.config import EtcdConfig, UpdateConfig
+from norm.services.context import HostContext
 from norm.services.metrics import Metrics
 from norm.services.updater import Updater
 from norm.services.watcher import DesiredStateWatcher
 from sandbox.etcd import EtcdMember
+
+UPDATE = UpdateConfig(image="127.0.0.1:5000/djed/app")
 
 
 class LeaseGoneAtFirstWrite:
@@ -60,8 +62,8 @@ async def test_a_refused_leader_write_stands_the_updater_down_without_killing_it
     with capture_logs(processors=[signal_on("updater.not_leader", stood_down)]) as logs:
         async with Etcd(config) as client:
             watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
-            updater = Updater(client, "/norm", "a" * 32, "test", None, "127.0.0.1:5000/djed/app",
-                              RolloutPolicy(), leadership, watcher, metrics, resolve)  # type: ignore[arg-type]
+            updater = Updater(HostContext(client, "/norm", "a" * 32, metrics), UPDATE, "test",
+                              leadership, watcher, resolve)  # type: ignore[arg-type]
             watching = asyncio.create_task(watcher.run(stopping), name="watcher-under-test")
             updating = asyncio.create_task(updater.run(stopping), name="updater-under-test")
             try:
@@ -116,8 +118,8 @@ async def test_a_refused_trim_stands_the_updater_down(etcd: EtcdMember) -> None:
             leadership = LostBeforeTrim(client)
             await client.put("/norm/rollouts/1/record", b"{}")  # an earlier rollout's keys: trimmed
             watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
-            updater = Updater(client, "/norm", "a" * 32, "test", None, "127.0.0.1:5000/djed/app",
-                              RolloutPolicy(), leadership, watcher, metrics, resolve)  # type: ignore[arg-type]
+            updater = Updater(HostContext(client, "/norm", "a" * 32, metrics), UPDATE, "test",
+                              leadership, watcher, resolve)  # type: ignore[arg-type]
             watching = asyncio.create_task(watcher.run(stopping), name="watcher-under-test")
             updating = asyncio.create_task(updater.run(stopping), name="updater-under-test")
             try:

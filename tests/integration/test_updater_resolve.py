@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from norm.adapters.docker import DockerUnavailable
 from norm.adapters.etcd import Compare, Etcd, Op, Put, Resync, TxnResult
 from norm.core import release as rel
-from norm.core.config import EtcdConfig
+from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.host import HostRecord, hosts_key
-from norm.core.rollout import Phase, Resolved, RolloutPolicy
+from norm.core.rollout import Phase, Resolved
+from norm.services.context import HostContext
 from norm.services.metrics import Metrics
 from norm.services.updater import Updater
 from norm.services.watcher import DesiredStateWatcher
@@ -31,9 +32,9 @@ async def test_a_wall_clock_stepped_forward_does_not_fail_a_resolve() -> None:
         return answer
 
     stepped = itertools.count(1_000_000.0, 3600.0)  # every read of the wall clock is an hour later
-    updater = Updater(None, "/norm", "a" * 32, "test", None,  # type: ignore[arg-type]
-                      "127.0.0.1:5000/djed/app", RolloutPolicy(pull_timeout=60.0), None,  # type: ignore[arg-type]
-                      None, Metrics(), resolve, clock=lambda: next(stepped))  # type: ignore[arg-type]
+    host = HostContext(None, "/norm", "a" * 32, Metrics(), clock=lambda: next(stepped))  # type: ignore[arg-type]
+    updater = Updater(host, UpdateConfig(image="127.0.0.1:5000/djed/app", pull_timeout=60.0), "test",
+                      None, None, resolve)  # type: ignore[arg-type]
     async with asyncio.timeout(30):
         await updater._resolving(7, "v2")
     queued = updater._queue.get_nowait()
@@ -92,8 +93,9 @@ async def test_a_superseded_rollouts_resolve_result_is_not_taken_for_the_next_on
 
         metrics, stopping = Metrics(), asyncio.Event()
         watcher = DesiredStateWatcher(client, "/djed-version", "/djed-environment", metrics, 300.0)
-        updater = Updater(client, "/norm", "a" * 32, "test", None, "127.0.0.1:5000/djed/app",
-                          RolloutPolicy(), leadership, watcher, metrics, resolve)  # type: ignore[arg-type]
+        updater = Updater(HostContext(client, "/norm", "a" * 32, metrics),
+                          UpdateConfig(image="127.0.0.1:5000/djed/app"), "test", leadership,  # type: ignore[arg-type]
+                          watcher, resolve)
         tasks = [asyncio.create_task(watcher.run(stopping), name="watcher-under-test"),
                  asyncio.create_task(updater.run(stopping), name="updater-under-test")]
         try:

@@ -458,6 +458,14 @@ def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
     assert e.value.code == cli.EXIT_USAGE
 
 
+@pytest.mark.parametrize("verb", ["lift", "release"])
+def test_lifting_a_quarantine_is_heal_lift_and_still_heal_release(verb: str) -> None:
+    from norm.app.commands.hosts import lift_quarantine
+
+    args = cli.parser().parse_args(["heal", verb, "djed-web.service", "--timeout", "5"])
+    assert args.run is lift_quarantine and args.unit == "djed-web.service"
+
+
 def test_status_shows_the_environment_file_only_where_one_is_used() -> None:
     rows = _rows(False)
     rows[0] = views.HostRow(A, "web-1", "prod", "django", "v1", "3 ok", True, None,

@@ -1,7 +1,7 @@
 """The healing policy: which units get healed, when, how often, and what is reported about them.
 
 Scenario tests drive `decide` the way the healer does (history carried over, `heal_finished` after a
-Heal); hypothesis drives it through arbitrary sequences of observations, holds, releases and times
+Heal); hypothesis drives it through arbitrary sequences of observations, holds, lifts and times
 and checks the design's invariants and a model of the documented behaviour. Times in the generated
 sequences are sums of dyadic fractions, so that float arithmetic is exact and the properties test
 the policy, not rounding (rounding gets its own tests at the end).
@@ -35,7 +35,7 @@ from norm.core.healing import (
     from_record,
     heal_finished,
     lasting,
-    release,
+    lift,
     to_record,
 )
 from norm.core.units import UnitState
@@ -284,30 +284,30 @@ def test_the_window_is_half_open(now: float, quarantined: bool) -> None:
 
 
 @pytest.mark.parametrize(("quarantine_first", "expected"), [(True, True), (False, False)])
-def test_release_forgets_budget_and_backoff(quarantine_first: bool, expected: bool) -> None:
+def test_lift_forgets_budget_and_backoff(quarantine_first: bool, expected: bool) -> None:
     shell = Shell(dataclasses.replace(POLICY, budget=2))
     shell.decide(0.0, FAILED)
     shell.decide(1.0, FAILED)
     if quarantine_first:
         assert isinstance(shell.decide(1.0, FAILED).commands[0], Quarantine)
-    shell.history, was = release(shell.history, U)
+    shell.history, was = lift(shell.history, U)
     assert was is expected
     h = shell.history[U]
     assert (h.quarantined_until, h.attempts, h.streak, h.next_at) == (None, (), 0, 0.0)
     assert shell.decide(1.0, FAILED).commands == (Heal(U, 0, reload=False),)
 
 
-def test_release_of_an_unknown_unit_is_harmless() -> None:
-    history, was = release({}, U)
+def test_lift_of_an_unknown_unit_is_harmless() -> None:
+    history, was = lift({}, U)
     assert not was
     assert history == {U: UnitHealth()}
     assert decide({}, history, NOBODY, 0.0, POLICY).history == {}
 
 
-def test_release_does_not_end_a_regimen_in_flight() -> None:
+def test_lift_does_not_end_a_regimen_in_flight() -> None:
     shell = Shell(finish=False)
     shell.decide(0.0, FAILED)
-    shell.history, _ = release(shell.history, U)
+    shell.history, _ = lift(shell.history, U)
     assert shell.history[U].in_flight
     assert shell.decide(5.0, FAILED).commands == ()
 
@@ -626,7 +626,7 @@ class Model:
 
 
 class HealingMachine(RuleBasedStateMachine):
-    """The healer's view of two units, driven through arbitrary observations, holds, releases,
+    """The healer's view of two units, driven through arbitrary observations, holds, lifts,
     regimens ending and time passing."""
 
     def __init__(self) -> None:
@@ -638,7 +638,7 @@ class HealingMachine(RuleBasedStateMachine):
         self.held: set[str] = set()
         self.history: dict[str, UnitHealth] = {}
         self.models: dict[str, Model] = {}
-        self.budget_log: dict[str, list[float]] = {}  # Heals since a release or a forgetting
+        self.budget_log: dict[str, list[float]] = {}  # Heals since a lift or a forgetting
         self.last: Decision | None = None
         self.last_now = 0.0
         self.changed = True
@@ -691,8 +691,8 @@ class HealingMachine(RuleBasedStateMachine):
         self._changed(rand)
 
     @rule(name=names, rand=maybe_rands)
-    def operator_releases(self, name: str, rand: float | None) -> None:
-        self.history, was = release(self.history, name)
+    def operator_lifts(self, name: str, rand: float | None) -> None:
+        self.history, was = lift(self.history, name)
         m = self.models.setdefault(name, Model())
         assert was == (m.quarantined_until is not None)
         m.quarantined_until = None
@@ -954,11 +954,11 @@ def test_the_lasting_part_ignores_what_only_this_agent_needs() -> None:
     moved = {u: dataclasses.replace(h, in_flight=True, healthy_since=None, failed_since=2.0)
              for u, h in history.items()}
     assert lasting(moved) == lasting(history)
-    assert lasting(release(history, U)[0]) != lasting(history)
+    assert lasting(lift(history, U)[0]) != lasting(history)
 
 
-def test_a_released_unit_is_recorded_free() -> None:
-    history, _ = release(_spent(), U)
+def test_a_lifted_unit_is_recorded_free() -> None:
+    history, _ = lift(_spent(), U)
     after, _ = from_record(to_record(history, 50.0, 1_000_050.0), 50.0, 1_000_050.0, POLICY)
     assert U not in after
     assert decide({U: FAILED}, after, NOBODY, 50.0, POLICY).commands == (Heal(U, 0, reload=False),)

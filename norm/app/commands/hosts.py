@@ -1,5 +1,8 @@
-"""`norm hosts`, `norm units [stop|start]`, `norm heal release`: the registered hosts, and this host's
-units and the operator's requests for them (which the host's agent carries out)."""
+"""`norm hosts`, `norm units [stop|start]`, `norm heal lift`: the registered hosts, and this host's
+units and the operator's requests for them (which the host's agent carries out).
+
+`norm heal release` is the earlier name of `norm heal lift`, still accepted; its request keeps its key,
+`<prefix>/control/<machine-id>/release/<unit>`."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def register(sub: cli.Subparsers) -> None:
     units.set_defaults(run=list_units)
     usub = units.add_subparsers(dest="units_command", metavar="ACTION")
     for action, text in (("stop", "hold a unit: stop it and keep Norm from healing it"),
-                         ("start", "release an operator's hold and start the unit again")):
+                         ("start", "end an operator's hold and start the unit again")):
         a = usub.add_parser(action, help=text)
         cli.config_args(a)
         a.add_argument("unit")
@@ -37,11 +40,12 @@ def register(sub: cli.Subparsers) -> None:
 
     heal = sub.add_parser("heal", help="healing controls")
     hsub = heal.add_subparsers(dest="heal_command", required=True, metavar="ACTION")
-    rel = hsub.add_parser("release", help="release a quarantined unit: Norm heals it again")
-    cli.config_args(rel)
-    rel.add_argument("unit")
-    rel.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
-    rel.set_defaults(run=release)
+    lift = hsub.add_parser("lift", aliases=["release"],
+                           help="lift a unit's quarantine: Norm heals it again")
+    cli.config_args(lift)
+    lift.add_argument("unit")
+    lift.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent")
+    lift.set_defaults(run=lift_quarantine)
 
 
 def list_hosts(args: argparse.Namespace) -> int:
@@ -100,12 +104,12 @@ def list_units(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def release(args: argparse.Namespace) -> int:
+def lift_quarantine(args: argparse.Namespace) -> int:
     from norm.core.units import parse_unit_name
 
     unit = parse_unit_name(args.unit, "unit")
     config, machine_id = cli.load_host(args)
-    key = f"{config.keys.prefix}/control/{machine_id}/release/{unit}"
+    key = f"{config.keys.prefix}/control/{machine_id}/release/{unit}"  # the key's name is on the wire
 
     async def go() -> bool:
         async with cli.connect(config, machine_id) as etcd:
@@ -113,10 +117,10 @@ def release(args: argparse.Namespace) -> int:
             return await _await_key(etcd, key, present=False, seconds=args.timeout)
 
     if not asyncio.run(go()):
-        print(f"norm: the agent did not take the release of {unit} within {args.timeout:g}s; the request "
+        print(f"norm: the agent did not lift the quarantine of {unit} within {args.timeout:g}s; the request "
               f"stays in etcd and is carried out when the agent runs", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{unit}: released; Norm heals it again")
+    print(f"{unit}: quarantine lifted; Norm heals it again")
     return EXIT_OK
 
 
@@ -139,7 +143,7 @@ def hold(args: argparse.Namespace) -> int:
         for problem in views.request_errors(_summary(last[0] if last else b""), unit):
             print(f"norm: {unit}: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{unit}: {'held and stopped' if stop else 'released and started'}")
+    print(f"{unit}: {'held and stopped' if stop else 'unheld and started'}")
     return EXIT_OK
 
 
