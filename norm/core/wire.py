@@ -82,8 +82,14 @@ ANY_NUMBER = _AnyNumber()
 AnyNumber: TypeAlias = Annotated[float, ANY_NUMBER]
 
 
-def _reason(v: object, name: str) -> str:
-    return values.text(v, name, values.MAX_REASON)
+def matching(pattern: re.Pattern[str]) -> Check:
+    """A string that `pattern` matches whole."""
+    return Check(functools.partial(values.matching, pattern=pattern))
+
+
+def text(limit: int) -> Check:
+    """Free text of at most `limit` characters (see values.text)."""
+    return Check(functools.partial(values.text, limit=limit))
 
 
 Digest: TypeAlias = Annotated[str, Check(values.digest)]
@@ -91,25 +97,7 @@ MachineId: TypeAlias = Annotated[str, Check(values.machine_id)]
 Tag: TypeAlias = Annotated[str, Check(values.tag)]
 StepName: TypeAlias = Annotated[str, Check(values.step)]
 Text: TypeAlias = Annotated[str, Check(values.text)]  # free text, up to values.MAX_TEXT
-Reason: TypeAlias = Annotated[str, Check(_reason)]  # a host's report's text, up to values.MAX_REASON
-
-
-def matching(pattern: re.Pattern[str]) -> Check:
-    """A string that `pattern` matches whole."""
-    return Check(functools.partial(_matching, pattern=pattern))
-
-
-def text(limit: int) -> Check:
-    """Free text of at most `limit` characters (see values.text)."""
-    return Check(functools.partial(_text, limit=limit))
-
-
-def _matching(v: object, name: str, pattern: re.Pattern[str]) -> str:
-    return values.matching(v, name, pattern)
-
-
-def _text(v: object, name: str, limit: int) -> str:
-    return values.text(v, name, limit)
+Reason: TypeAlias = Annotated[str, text(values.MAX_REASON)]  # what a host's report says
 
 
 # ---------------------------------------------------------------------------------------------------
