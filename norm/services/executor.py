@@ -1,6 +1,6 @@
 """The executor: what one host does in a fleet update, read from the rollout header it watches.
 
-Its duties (norm.core.release.host_duties): pull the image by digest and report it; hold and stop
+Its duties (norm.core.protocol.host_duties): pull the image by digest and report it; hold and stop
 the application units and report it; run a one-off step when this host is the migrator (in a named
 container that a restarted agent adopts, so the step runs once: made before the step is claimed,
 in a transaction fenced on the header that asks for it, and started only once claimed; a claimed
@@ -21,7 +21,6 @@ small header is watched.
 from __future__ import annotations
 
 import asyncio
-import json
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -39,13 +38,12 @@ from norm.adapters.docker import (
 from norm.adapters.etcd import Compare, Etcd, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
-from norm.core import release as rel
-from norm.core import values
+from norm.core import protocol as rel
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue, Temporary
-from norm.core.rollout import Phase, Release
+from norm.core.record import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
 from norm.services.holds import OPERATOR, Holds
@@ -217,12 +215,8 @@ class Executor:
         hosts: list[str] = []
         if hosts_kv:
             try:
-                loaded = json.loads(hosts_kv[0].value)
-                if not isinstance(loaded, list) or not all(
-                        isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
-                    raise ValueError("not a list of machine ids")
-                hosts = loaded
-            except (ValueError, RecursionError):  # nested past the parser's depth: refused, not fatal
+                hosts = list(rel.decode_hosts(hosts_kv[0].value, hosts_kv[0].key))
+            except InvalidValue:
                 hosts = []
                 self._metrics.rejected_values.labels("rollout hosts").inc()
                 log.error("executor.hosts_refused", key=hosts_kv[0].key, reason="not a list of machine ids")
