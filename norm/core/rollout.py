@@ -1,4 +1,5 @@
-"""The fleet update as a state machine: pure, table-driven, over a rollout record that lives in etcd.
+"""The fleet update as a state machine: pure, table-driven, over a rollout record that lives in etcd
+(norm.core.record; how it is laid out there, with the header and the hosts' reports: norm.core.protocol).
 
 A rollout starts when the desired version key changes and is named by that key's mod revision. The
 leader drives it; every participating host acts on it. Phases, in order:
