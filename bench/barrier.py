@@ -71,7 +71,7 @@ from norm.adapters.docker import RunResult
 from norm.adapters.etcd import Etcd, EtcdError, Op, Put, Resync, TxnResult, Watch
 from norm.app.agent import Agent
 from norm.app.settings import Identity
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import (
     Config,
     EtcdConfig,
@@ -83,7 +83,7 @@ from norm.core.config import (
 )
 from norm.core.errors import InvalidValue
 from norm.core.host import hosts_key, leader_key
-from norm.core.rollout import Phase, Rollout
+from norm.core.record import Phase, Rollout
 from norm.core.units import UnitState
 from norm.services.base import Service
 from sandbox.etcd import EtcdMember
@@ -225,9 +225,9 @@ class CountingEtcd(Etcd):
             for op in success:
                 if not isinstance(op, Put):
                     continue
-                if op.key == rel.header_key(PREFIX):
+                if op.key == proto.header_key(PREFIX):
                     with contextlib.suppress(InvalidValue):
-                        h = rel.Header.decode(op.value, op.key)
+                        h = proto.Header.decode(op.value, op.key)
                         self.phases.setdefault((h.revision, h.phase.value), t)
                 else:
                     self._note_report(op.key, t)
@@ -348,7 +348,7 @@ async def _child(conn: Connection, spec: ChildSpec) -> None:
         # And every agent's watches open: the operator's keys and the header, plus the leader key for
         # those campaigning, or the hosts' prefix for the leader.
         keys = agents[0].config.keys
-        want = {(keys.version, False), (keys.environment, False), (rel.header_key(PREFIX), False),
+        want = {(keys.version, False), (keys.environment, False), (proto.header_key(PREFIX), False),
                 (hosts_key(PREFIX), True) if spec.lead else (leader_key(PREFIX), False)}
         async with etcd.opened:
             await etcd.opened.wait_for(lambda: all(etcd.watches[w] >= len(agents) for w in want))
@@ -487,12 +487,12 @@ class Observer:
     them (delivery comes in revision order, at the same small delay for both)."""
 
     def __init__(self) -> None:
-        self.header: rel.Header | None = None
+        self.header: proto.Header | None = None
         self.changed = asyncio.Event()
         self.seen: dict[int, Seen] = {}
 
     async def follow(self, etcd: Etcd) -> None:
-        key = rel.header_key(PREFIX)
+        key = proto.header_key(PREFIX)
         async with etcd.watch(key, prefix=True) as w:
             async for item in w:
                 t = time.time()
@@ -507,7 +507,7 @@ class Observer:
                         self._report(int(m[1]), m[2], t)
 
     def _header(self, raw: bytes, t: float) -> None:
-        h = rel.Header.decode(raw, rel.header_key(PREFIX))
+        h = proto.Header.decode(raw, proto.header_key(PREFIX))
         self.seen.setdefault(h.revision, Seen()).phases.setdefault(h.phase.value, t)
         self.header = h
         self.changed.set()
@@ -522,7 +522,7 @@ class Observer:
             seen.stopped += 1
             seen.stopped_last = t
 
-    async def ended(self, revision: int) -> rel.Header:
+    async def ended(self, revision: int) -> proto.Header:
         while True:
             h = self.header
             if h is not None and h.revision == revision and h.terminal:
@@ -578,7 +578,7 @@ async def drive(member: EtcdMember, children: list[Child], n: int, warmup: int,
                 if h.phase is not Phase.DONE or h.hosts_count != n:
                     why: Counter[str] = Counter()
                     with contextlib.suppress(EtcdError, InvalidValue):
-                        kv = await etcd.get(rel.record_key(PREFIX, revision))
+                        kv = await etcd.get(proto.record_key(PREFIX, revision))
                         if kv is not None:
                             why.update(e.reason for e in Rollout.decode(kv.value, kv.key).excluded)
                     raise RuntimeError(f"rollout {revision} ended {h.phase.value} with {h.hosts_count} "

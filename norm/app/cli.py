@@ -30,7 +30,7 @@ from norm.core.errors import ConfigError, InvalidValue, NormError
 if TYPE_CHECKING:
     from norm.adapters.etcd import Etcd, KeyValue
     from norm.core.host import HostRecord
-    from norm.core.release import Header
+    from norm.core.protocol import Header
 
 DESCRIPTION = ("The `norm` command: the agent, configuration checks, operator views of the fleet, "
                "and its updates.")

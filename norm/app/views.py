@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from norm.core.host import HostRecord
-from norm.core.release import Header, Report, release_text
-from norm.core.rollout import HostStatus, Phase, Rollout
+from norm.core.protocol import Header, Report, release_text
+from norm.core.record import HostStatus, Phase, Rollout
 from norm.core.tracker import ENDED, Skipped, Tracker, Verdict, verdict
 
 # A rollout's state is the tracker's (norm.core.tracker): named here too, with what it means.

@@ -30,7 +30,7 @@ from typing import Literal
 
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, parse_machine_id, units_key
-from norm.core.release import header_key
+from norm.core.protocol import header_key
 
 Kind = Literal["read", "write", "readwrite"]
 

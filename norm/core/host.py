@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
-from norm.core import values
+from norm.core import values, wire
 from norm.core.errors import InvalidValue
+from norm.core.wire import MachineId
 
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -53,48 +54,35 @@ def host_metadata(configured: dict[str, str], given: frozenset[str],
     return out, refused
 
 
+_Text = Annotated[str, wire.text(255)]
+_Label = Annotated[str, wire.matching(values.LABEL)]
+
+
 @dataclass(frozen=True)
 class HostRecord:
     """What `<prefix>/hosts/<machine-id>` holds while the host's agent is alive."""
 
-    machine_id: str
-    name: str
-    environment: str
-    role: str
-    agent_version: str
-    release: str | None = None
-    http: str | None = None
-    started_at: float = 0.0
-    instance_id: str | None = None  # from instance metadata, when read
-    env_etag: str | None = None  # the ETag of the object the running environment file was made from
+    # A newer agent may add fields; an older one still reads the record.
+    wire_tolerant: ClassVar[bool] = True
+
+    machine_id: MachineId
+    name: _Text
+    environment: _Label
+    role: _Label
+    agent_version: _Text
+    release: Annotated[str, wire.matching(values.RELEASE_TEXT)] | None = None
+    http: _Text | None = None
+    started_at: wire.AnyNumber = 0.0  # any number: what the record has always taken
+    instance_id: Annotated[str, wire.matching(values.INSTANCE_ID)] | None = None  # from instance metadata
+    env_etag: _Text | None = None  # the ETag of the object the running environment file was made from
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return wire.encode(self, compact=False)
 
     @classmethod
     def decode(cls, raw: bytes, where: str) -> HostRecord:
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise TypeError("not an object")
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-            record = cls(**fields)
-            values.machine_id(record.machine_id, "machine_id")
-            values.matching(record.environment, "environment", values.LABEL)
-            values.matching(record.role, "role", values.LABEL)
-            for name in ("name", "agent_version"):
-                values.text(getattr(record, name), name, 255)
-            for name, pattern in (("release", values.RELEASE_TEXT), ("instance_id", values.INSTANCE_ID)):
-                if getattr(record, name) is not None:
-                    values.matching(getattr(record, name), name, pattern)
-            for name in ("http", "env_etag"):
-                if getattr(record, name) is not None:
-                    values.text(getattr(record, name), name, 255)
-            if isinstance(record.started_at, bool) or not isinstance(record.started_at, int | float):
-                raise TypeError("started_at")
-            return record
-        except (ValueError, TypeError, KeyError, RecursionError) as e:
-            raise InvalidValue(where, f"not a host record ({type(e).__name__})") from None
+        """The record `raw` holds, strictly; InvalidValue naming the field at fault, never its value."""
+        return wire.read(cls, raw, where, "host record")
 
 
 def hosts_key(prefix: str, machine_id: str = "") -> str:

@@ -1,4 +1,5 @@
-"""The fleet update as a state machine: pure, table-driven, over a rollout record that lives in etcd.
+"""The fleet update as a state machine: pure, table-driven, over a rollout record that lives in etcd
+(norm.core.record; how it is laid out there, with the header and the hosts' reports: norm.core.protocol).
 
 A rollout starts when the desired version key changes and is named by that key's mod revision. The
 leader drives it; every participating host acts on it. Phases, in order:
@@ -43,9 +44,6 @@ when the barrier begins, and again in full when a leader resumes the record.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import json
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,30 +53,20 @@ from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag, parse_version
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
+from norm.core.record import (
+    TERMINAL,
+    Deadline,
+    Excluded,
+    HostProgress,
+    HostStatus,
+    LedgerEntry,
+    Pending,
+    Phase,
+    Release,
+    Rollout,
+)
 
-
-class Phase(enum.StrEnum):
-    RESOLVE = "resolve"
-    PULL = "pull"
-    STOP = "stop"
-    MIGRATE = "migrate"
-    START = "start"
-    DONE = "done"
-    FAILED = "failed"
-    SUPERSEDED = "superseded"
-    HALTED = "halted"
-
-
-TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED})
 BEFORE_CUTOVER = frozenset({Phase.RESOLVE, Phase.PULL})  # nothing stopped yet: may be superseded
-
-
-class HostStatus(enum.StrEnum):
-    PENDING = "pending"  # asked to pull
-    PULLED = "pulled"  # has the image by `digest`
-    STOPPED = "stopped"  # units stopped; awaiting the start report
-    ACTIVE = "active"
-    FAILED = "failed"  # units did not start
 
 
 class IllegalTransition(NormError):
@@ -116,115 +104,13 @@ class RolloutPolicy:
             raise ValueError("migration steps must be distinct, non-empty names")
 
 
-# ---------------------------------------------------------------------------------------------------
-# The record
-
-
-@dataclass(frozen=True)
-class Release:
-    tag: str
-    digest: str
-
-
-@dataclass(frozen=True)
-class HostProgress:
-    host: str
-    status: HostStatus = HostStatus.PENDING
-    digest: str | None = None  # what the host reported pulling; kept once set
-    reason: str | None = None  # last trouble reported
-    at: float = 0.0  # when the status last changed
-
-
-@dataclass(frozen=True)
-class Excluded:
-    host: str
-    reason: str
-    phase: Phase
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One run of one step for one image. Carried from record to record: the ledger is what makes a
-    step run once per digest, and what tells a setback from a new version."""
-
-    digest: str
-    tag: str
-    step: str
-    ok: bool
-    revision: int
-    at: float
-    unknown: bool = False  # not ok, and whether it ran (wholly, in part, at all) cannot be known
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """How long the current barrier may last, and which barrier it is. A duration, never a time of
-    day: the leader arms it on its monotonic clock when the barrier begins, and a leader that resumes
-    the record arms it again, in full."""
-
-    barrier: str  # "pull", "stop", "migrate:<step>", "start" or "rollback": unique within a rollout
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A newer desired version waiting for this rollout to finish (it had cut over)."""
-
-    tag: str
-    revision: int
-
-
-@dataclass(frozen=True)
-class Rollout:
-    revision: int  # mod revision of the desired version key: the rollout's identity
-    tag: str
-    hosts: tuple[str, ...]  # participating machine ids, sorted
-    phase: Phase
-    started_at: float
-    updated_at: float
-    previous: Release | None = None  # what ran before: the rollback target
-    digest: str | None = None  # resolved once, in RESOLVE
-    progress: tuple[HostProgress, ...] = ()  # one per participating host, same order as `hosts`
-    excluded: tuple[Excluded, ...] = ()
-    deadline: Deadline | None = None  # the current barrier's
-    steps: tuple[str, ...] = ()  # steps this rollout must run, fixed when resolved
-    migrating: str | None = None  # step issued and not yet reported
-    migrator: str | None = None  # the host running it: the leader that issued it (set by the shell)
-    ledger: tuple[LedgerEntry, ...] = ()
-    rollback: bool = False  # START is restarting `previous`
-    outcome: Phase | None = None  # decided outcome (terminal phase), also during a rollback
-    reason: str | None = None
-    newer: Pending | None = None
-    abort_by: str | None = None  # abort asked while a step ran
-    ended_at: float | None = None
-
-    @property
-    def release(self) -> Release | None:
-        return None if self.digest is None else Release(self.tag, self.digest)
-
-    @property
-    def terminal(self) -> bool:
-        return self.phase in TERMINAL
-
-    def host(self, machine_id: str) -> HostProgress | None:
-        for p in self.progress:
-            if p.host == machine_id:
-                return p
-        return None
-
-    def encode(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes, where: str) -> Rollout:
-        try:
-            data = json.loads(raw)
-            record = _decode_rollout(_obj(data))
-            _check_consistent(record)
-            _check_values(record)
-            return record
-        except (ValueError, TypeError, KeyError, RecursionError) as e:
-            raise InvalidValue(where, f"not a rollout record ({type(e).__name__}: {_safe(e)})") from None
+def policy_of(update: UpdateConfig) -> RolloutPolicy:
+    """The rollout policy the [update] section of the config describes."""
+    return RolloutPolicy(
+        pull_timeout=update.pull_timeout, stop_timeout=update.stop_timeout,
+        start_timeout=update.start_timeout, migration_timeout=update.migration_timeout,
+        on_trouble=update.on_trouble, steps=tuple(step_name(c) for c in update.steps),
+        compatible=frozenset(update.compatible))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,8 +290,6 @@ Result = tuple[Rollout, tuple[Command, ...]]
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
 
 
 def participants(hosts: Iterable[HostRecord], environment: str,
@@ -924,66 +808,63 @@ def _rule(apply: Callable[[Rollout, Any, float, RolloutPolicy], Result], *to: Ph
     return Rule(apply, frozenset(to))
 
 
-R, P, S, M, T = Phase.RESOLVE, Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START
-DONE, FAILED, SUPERSEDED, HALTED = Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED
-
 TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
-    (R, Resolved): _rule(_on_resolved, P, DONE, FAILED, HALTED),
-    (R, ResolveFailed): _rule(_on_resolve_failed, FAILED),
-    (R, HostLost): _rule(_on_lost, R, FAILED),
-    (R, NewerVersion): _rule(_on_newer, R, SUPERSEDED),
-    (R, Abort): _rule(_on_abort, FAILED),
-    (R, Resumed): _rule(_on_resumed, R),
+    (Phase.RESOLVE, Resolved): _rule(_on_resolved, Phase.PULL, Phase.DONE, Phase.FAILED, Phase.HALTED),
+    (Phase.RESOLVE, ResolveFailed): _rule(_on_resolve_failed, Phase.FAILED),
+    (Phase.RESOLVE, HostLost): _rule(_on_lost, Phase.RESOLVE, Phase.FAILED),
+    (Phase.RESOLVE, NewerVersion): _rule(_on_newer, Phase.RESOLVE, Phase.SUPERSEDED),
+    (Phase.RESOLVE, Abort): _rule(_on_abort, Phase.FAILED),
+    (Phase.RESOLVE, Resumed): _rule(_on_resumed, Phase.RESOLVE),
 
-    (P, Resolved): _rule(_on_late_resolved, P),
-    (P, HostPulled): _rule(_on_pulled, P, S, FAILED),
-    (P, HostPullFailed): _rule(_on_pull_failed, P, S, FAILED),
-    (P, HostLost): _rule(_on_lost, P, S, FAILED),
-    (P, BarrierDeadline): _rule(_on_deadline, P, S, FAILED),
-    (P, NewerVersion): _rule(_on_newer, P, SUPERSEDED),
-    (P, Abort): _rule(_on_abort, FAILED),
-    (P, Resumed): _rule(_on_resumed, P),
+    (Phase.PULL, Resolved): _rule(_on_late_resolved, Phase.PULL),
+    (Phase.PULL, HostPulled): _rule(_on_pulled, Phase.PULL, Phase.STOP, Phase.FAILED),
+    (Phase.PULL, HostPullFailed): _rule(_on_pull_failed, Phase.PULL, Phase.STOP, Phase.FAILED),
+    (Phase.PULL, HostLost): _rule(_on_lost, Phase.PULL, Phase.STOP, Phase.FAILED),
+    (Phase.PULL, BarrierDeadline): _rule(_on_deadline, Phase.PULL, Phase.STOP, Phase.FAILED),
+    (Phase.PULL, NewerVersion): _rule(_on_newer, Phase.PULL, Phase.SUPERSEDED),
+    (Phase.PULL, Abort): _rule(_on_abort, Phase.FAILED),
+    (Phase.PULL, Resumed): _rule(_on_resumed, Phase.PULL),
 
-    (S, HostPulled): _rule(_on_late_pulled, S),
-    (S, HostPullFailed): _rule(_on_late_host_report, S),
-    (S, HostStopped): _rule(_on_stopped, S, M, T),
-    (S, HostLost): _rule(_on_lost, S, M, T),
-    (S, BarrierDeadline): _rule(_on_deadline, S, T, FAILED),
-    (S, NewerVersion): _rule(_on_newer, S),
-    (S, Abort): _rule(_on_abort, T, FAILED),
-    (S, Resumed): _rule(_on_resumed, S),
+    (Phase.STOP, HostPulled): _rule(_on_late_pulled, Phase.STOP),
+    (Phase.STOP, HostPullFailed): _rule(_on_late_host_report, Phase.STOP),
+    (Phase.STOP, HostStopped): _rule(_on_stopped, Phase.STOP, Phase.MIGRATE, Phase.START),
+    (Phase.STOP, HostLost): _rule(_on_lost, Phase.STOP, Phase.MIGRATE, Phase.START),
+    (Phase.STOP, BarrierDeadline): _rule(_on_deadline, Phase.STOP, Phase.START, Phase.FAILED),
+    (Phase.STOP, NewerVersion): _rule(_on_newer, Phase.STOP),
+    (Phase.STOP, Abort): _rule(_on_abort, Phase.START, Phase.FAILED),
+    (Phase.STOP, Resumed): _rule(_on_resumed, Phase.STOP),
 
-    (M, HostPulled): _rule(_on_late_pulled, M),
-    (M, HostPullFailed): _rule(_on_late_host_report, M),
-    (M, HostStopped): _rule(_on_late_host_report, M),
-    (M, HostLost): _rule(_on_lost, M),
-    (M, BarrierDeadline): _rule(_on_deadline, M, HALTED),
-    (M, MigrationSucceeded): _rule(_on_migrated, M, T, HALTED),
-    (M, MigrationFailed): _rule(_on_migration_failed, T, FAILED),
-    (M, MigrationUnknown): _rule(_on_migration_unknown, M, HALTED),
-    (M, NewerVersion): _rule(_on_newer, M),
-    (M, Abort): _rule(_on_abort, M),
-    (M, Resumed): _rule(_on_resumed, M, T),
+    (Phase.MIGRATE, HostPulled): _rule(_on_late_pulled, Phase.MIGRATE),
+    (Phase.MIGRATE, HostPullFailed): _rule(_on_late_host_report, Phase.MIGRATE),
+    (Phase.MIGRATE, HostStopped): _rule(_on_late_host_report, Phase.MIGRATE),
+    (Phase.MIGRATE, HostLost): _rule(_on_lost, Phase.MIGRATE),
+    (Phase.MIGRATE, BarrierDeadline): _rule(_on_deadline, Phase.MIGRATE, Phase.HALTED),
+    (Phase.MIGRATE, MigrationSucceeded): _rule(_on_migrated, Phase.MIGRATE, Phase.START, Phase.HALTED),
+    (Phase.MIGRATE, MigrationFailed): _rule(_on_migration_failed, Phase.START, Phase.FAILED),
+    (Phase.MIGRATE, MigrationUnknown): _rule(_on_migration_unknown, Phase.MIGRATE, Phase.HALTED),
+    (Phase.MIGRATE, NewerVersion): _rule(_on_newer, Phase.MIGRATE),
+    (Phase.MIGRATE, Abort): _rule(_on_abort, Phase.MIGRATE),
+    (Phase.MIGRATE, Resumed): _rule(_on_resumed, Phase.MIGRATE, Phase.START),
 
-    (T, HostPulled): _rule(_on_late_pulled, T),
-    (T, HostPullFailed): _rule(_on_late_host_report, T),
-    (T, HostStopped): _rule(_on_late_host_report, T),
-    (T, MigrationSucceeded): _rule(_on_late_migration, T),
-    (T, MigrationFailed): _rule(_on_late_migration, T),
-    (T, MigrationUnknown): _rule(_on_late_migration, T),
-    (T, HostActive): _rule(_on_started, T, DONE, FAILED),
-    (T, HostFailed): _rule(_on_started, T, DONE, FAILED),
-    (T, HostLost): _rule(_on_lost, T, DONE, FAILED),
-    (T, BarrierDeadline): _rule(_on_deadline, T, DONE, FAILED),
-    (T, NewerVersion): _rule(_on_newer, T),
-    (T, Abort): _rule(_on_abort, T, HALTED),
-    (T, Resumed): _rule(_on_resumed, T),
+    (Phase.START, HostPulled): _rule(_on_late_pulled, Phase.START),
+    (Phase.START, HostPullFailed): _rule(_on_late_host_report, Phase.START),
+    (Phase.START, HostStopped): _rule(_on_late_host_report, Phase.START),
+    (Phase.START, MigrationSucceeded): _rule(_on_late_migration, Phase.START),
+    (Phase.START, MigrationFailed): _rule(_on_late_migration, Phase.START),
+    (Phase.START, MigrationUnknown): _rule(_on_late_migration, Phase.START),
+    (Phase.START, HostActive): _rule(_on_started, Phase.START, Phase.DONE, Phase.FAILED),
+    (Phase.START, HostFailed): _rule(_on_started, Phase.START, Phase.DONE, Phase.FAILED),
+    (Phase.START, HostLost): _rule(_on_lost, Phase.START, Phase.DONE, Phase.FAILED),
+    (Phase.START, BarrierDeadline): _rule(_on_deadline, Phase.START, Phase.DONE, Phase.FAILED),
+    (Phase.START, NewerVersion): _rule(_on_newer, Phase.START),
+    (Phase.START, Abort): _rule(_on_abort, Phase.START, Phase.HALTED),
+    (Phase.START, Resumed): _rule(_on_resumed, Phase.START),
 }
 # Terminal phases never change: every event is late there. NewerVersion still starts the next rollout.
 for _phase in TERMINAL:
     for _event in EVENT_TYPES:
         TRANSITIONS[_phase, _event] = _rule(_on_newer if _event is NewerVersion else _late, _phase)
-del R, P, S, M, T, DONE, FAILED, SUPERSEDED, HALTED, _phase, _event
+del _phase, _event
 
 
 def step(record: Rollout, event: Event, now: float, policy: RolloutPolicy) -> Result:
@@ -996,216 +877,3 @@ def step(record: Rollout, event: Event, now: float, policy: RolloutPolicy) -> Re
     if new.phase not in rule.to:  # a bug in a rule, not in the input
         raise AssertionError(f"{record.phase} + {type(event).__name__} led to {new.phase}")
     return new, commands
-
-
-# ---------------------------------------------------------------------------------------------------
-# Decoding, strictly: a record comes from etcd, which anyone with access can write
-
-
-def _safe(e: Exception) -> str:
-    # Messages below are ours (field names, never values); json's own messages quote positions only.
-    return values.describe(e)
-
-
-def _obj(value: object) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TypeError("expected an object")
-    return value
-
-
-def _fields(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise KeyError(f"unknown field in {cls.__name__}")
-    return data
-
-
-def _str(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected a string")
-    return value
-
-
-def _opt_str(value: object, name: str) -> str | None:
-    return None if value is None else _str(value, name)
-
-
-def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an integer")
-    return value
-
-
-def _float(value: object, name: str) -> float:
-    """A time or a duration: a finite float (JSON's NaN and Infinity, and integers past a float's
-    range, are not one)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name}: expected a number")
-    try:
-        f = float(value)
-    except OverflowError:
-        raise ValueError(f"{name}: a number out of range") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name}: expected a finite number")
-    return f
-
-
-def _opt_float(value: object, name: str) -> float | None:
-    return None if value is None else _float(value, name)
-
-
-def _bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected true or false")
-    return value
-
-
-def _list(value: object, name: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"{name}: expected a list")
-    return value
-
-
-_digest = values.digest
-
-
-def _opt_digest(value: object, name: str) -> str | None:
-    return None if value is None else _digest(value, name)
-
-
-def _deadline_of(value: object) -> Deadline | None:
-    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-        # A number is the absolute time an earlier version kept: meaningless on another clock. The
-        # leader that resumes the record gives the barrier its timeout afresh.
-        return None
-    d = _fields(Deadline, _obj(value))
-    seconds = _float(d["seconds"], "deadline.seconds")
-    if not 0 < seconds < math.inf:
-        raise ValueError("deadline.seconds: must be a positive number")
-    return Deadline(_str(d["barrier"], "deadline.barrier"), seconds)
-
-
-def _release(value: object, name: str) -> Release | None:
-    if value is None:
-        return None
-    d = _fields(Release, _obj(value))
-    return Release(_str(d["tag"], f"{name}.tag"), _digest(d["digest"], f"{name}.digest"))
-
-
-def _ledger_entry(item: object) -> LedgerEntry:
-    e = _fields(LedgerEntry, _obj(item))
-    return LedgerEntry(_digest(e["digest"], "ledger.digest"), _str(e["tag"], "ledger.tag"),
-                       _str(e["step"], "ledger.step"), _bool(e["ok"], "ledger.ok"),
-                       _int(e["revision"], "ledger.revision"), _float(e["at"], "ledger.at"),
-                       _bool(e.get("unknown", False), "ledger.unknown"))
-
-
-def decode_ledger_entry(raw: bytes, where: str) -> LedgerEntry:
-    """A ledger entry as its own key holds it (JSON of the entry's fields), strictly."""
-    try:
-        return _ledger_entry(json.loads(raw))
-    except (ValueError, TypeError, KeyError, RecursionError) as e:
-        raise InvalidValue(where, f"not a ledger entry ({type(e).__name__}: {_safe(e)})") from None
-
-
-def _decode_rollout(d: dict[str, Any]) -> Rollout:
-    _fields(Rollout, d)
-    progress = []
-    for item in _list(d.get("progress", []), "progress"):
-        p = _fields(HostProgress, _obj(item))
-        progress.append(HostProgress(
-            _str(p["host"], "progress.host"), HostStatus(p.get("status", "pending")),
-            _opt_digest(p.get("digest"), "progress.digest"), _opt_str(p.get("reason"), "progress.reason"),
-            _float(p.get("at", 0.0), "progress.at")))
-    excluded = []
-    for item in _list(d.get("excluded", []), "excluded"):
-        x = _fields(Excluded, _obj(item))
-        excluded.append(Excluded(_str(x["host"], "excluded.host"), _str(x["reason"], "excluded.reason"),
-                                 Phase(x["phase"])))
-    ledger = [_ledger_entry(item) for item in _list(d.get("ledger", []), "ledger")]
-    newer = None
-    if d.get("newer") is not None:
-        n = _fields(Pending, _obj(d["newer"]))
-        newer = Pending(_str(n["tag"], "newer.tag"), _int(n["revision"], "newer.revision"))
-    outcome = d.get("outcome")
-    return Rollout(
-        revision=_int(d["revision"], "revision"),
-        tag=_str(d["tag"], "tag"),
-        hosts=tuple(_str(h, "hosts") for h in _list(d["hosts"], "hosts")),
-        phase=Phase(d["phase"]),
-        started_at=_float(d["started_at"], "started_at"),
-        updated_at=_float(d["updated_at"], "updated_at"),
-        previous=_release(d.get("previous"), "previous"),
-        digest=_opt_digest(d.get("digest"), "digest"),
-        progress=tuple(progress),
-        excluded=tuple(excluded),
-        deadline=_deadline_of(d.get("deadline")),
-        steps=tuple(_str(s, "steps") for s in _list(d.get("steps", []), "steps")),
-        migrating=_opt_str(d.get("migrating"), "migrating"),
-        migrator=_opt_str(d.get("migrator"), "migrator"),
-        ledger=tuple(ledger),
-        rollback=_bool(d.get("rollback", False), "rollback"),
-        outcome=None if outcome is None else Phase(outcome),
-        reason=_opt_str(d.get("reason"), "reason"),
-        newer=newer,
-        abort_by=_opt_str(d.get("abort_by"), "abort_by"),
-        ended_at=_opt_float(d.get("ended_at"), "ended_at"),
-    )
-
-
-def _check_consistent(r: Rollout) -> None:
-    """What step() relies on; a record breaking it would crash a leader instead of being refused."""
-    if r.revision < 1:
-        raise ValueError("revision: must be positive")
-    if list(r.hosts) != sorted(set(r.hosts)):
-        raise ValueError("hosts: must be sorted and distinct")
-    if r.phase is not Phase.RESOLVE and not r.terminal and r.digest is None:
-        raise ValueError("digest: needed past resolve")
-    if r.phase not in (Phase.RESOLVE, *TERMINAL) and tuple(p.host for p in r.progress) != r.hosts:
-        raise ValueError("progress: one entry per participating host")
-    if r.phase is Phase.MIGRATE and r.migrating is None:
-        raise ValueError("migrating: a step runs in the migrate phase")
-    if r.rollback and (r.previous is None or r.outcome is not Phase.FAILED):
-        raise ValueError("rollback: needs the previous release and a failed outcome")
-
-
-def _check_values(r: Rollout) -> None:
-    """Every value in the grammar it was written with (norm.core.values): a record is read by every
-    leader to come, and its tags and digests end up in the hosts' release files."""
-    if r.tag or not r.terminal or r.digest is not None:  # a refused desired value is recorded as ""
-        values.tag(r.tag, "tag")
-    for h in r.hosts:
-        values.machine_id(h, "hosts")
-    if r.previous is not None:
-        values.tag(r.previous.tag, "previous.tag")
-    for p in r.progress:
-        values.machine_id(p.host, "progress.host")
-        if p.reason is not None:
-            values.text(p.reason, "progress.reason")
-    for x in r.excluded:
-        values.machine_id(x.host, "excluded.host")
-        values.text(x.reason, "excluded.reason")
-    for s in r.steps:
-        values.step(s, "steps")
-    if r.migrating is not None:
-        values.step(r.migrating, "migrating")
-    if r.migrator is not None:
-        values.machine_id(r.migrator, "migrator")
-    for e in r.ledger:
-        values.tag(e.tag, "ledger.tag")
-        values.step(e.step, "ledger.step")
-    if r.newer is not None and r.newer.tag:
-        values.tag(r.newer.tag, "newer.tag")
-    for name, text in (("reason", r.reason), ("abort_by", r.abort_by)):
-        if text is not None:
-            values.text(text, name)
-
-
-def policy_of(update: UpdateConfig) -> RolloutPolicy:
-    """The rollout policy the [update] section of the config describes."""
-    return RolloutPolicy(
-        pull_timeout=update.pull_timeout, stop_timeout=update.stop_timeout,
-        start_timeout=update.start_timeout, migration_timeout=update.migration_timeout,
-        on_trouble=update.on_trouble, steps=tuple(step_name(c) for c in update.steps),
-        compatible=frozenset(update.compatible))

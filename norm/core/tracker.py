@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from norm.core import release as rel
+from norm.core import protocol as proto
+from norm.core import wire
 from norm.core.errors import InvalidValue
 from norm.core.host import HostRecord, parse_machine_id
-from norm.core.release import Header
-from norm.core.rollout import TERMINAL, Rollout
+from norm.core.protocol import Header
+from norm.core.record import TERMINAL, Rollout
 
 
 class Verdict(enum.StrEnum):
@@ -152,7 +152,7 @@ def rollout_listed(t: Tracker, entries: Sequence[Entry]) -> Tracker:
 
 def rollout_changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
     """One of the followed rollout's keys, written (or deleted)."""
-    rest = entry.key.removeprefix(rel.rollout_prefix(t.prefix, t.want))
+    rest = entry.key.removeprefix(proto.rollout_prefix(t.prefix, t.want))
     if deleted:
         if rest == "record":
             return dataclasses.replace(t, record=None)
@@ -166,11 +166,12 @@ def rollout_changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
             record = Rollout.decode(entry.value, entry.key)
             return dataclasses.replace(t, record=record) if record.revision == t.want else t
         if rest == "hosts":
-            listed = json.loads(entry.value)
-            if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
-                raise InvalidValue(entry.key, "not a list of machine ids")
+            try:
+                listed = wire.decode(tuple[str, ...], wire.parse(entry.value, entry.key))
+            except ValueError:
+                raise InvalidValue(entry.key, "not a list of machine ids") from None
             return dataclasses.replace(t, listed=tuple(parse_machine_id(m, entry.key) for m in listed))
-        if (report := rel.parse_report(t.prefix, t.want, entry.key, entry.value)) is not None:
+        if (report := proto.parse_report(t.prefix, t.want, entry.key, entry.value)) is not None:
             return dataclasses.replace(t, reports={**t.reports, (report.kind, report.name): report.value})
     except InvalidValue as e:
         return dataclasses.replace(t, skipped=(*t.skipped, Skipped(entry.key, e.reason)))
@@ -187,16 +188,16 @@ def rollout_changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
 
 def resynced(t: Tracker, entries: Sequence[Entry]) -> Tracker:
     """Everything under <prefix>/rollout*, as a listing (or a watch's re-listing) found it."""
-    header, mine = rel.header_key(t.prefix), rel.rollout_prefix(t.prefix, t.want)
+    header, mine = proto.header_key(t.prefix), proto.rollout_prefix(t.prefix, t.want)
     t = headers_listed(t, [e for e in entries if e.key == header])
     return rollout_listed(t, [e for e in entries if e.key.startswith(mine)])
 
 
 def changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
     """One key under <prefix>/rollout*, written (or deleted)."""
-    if entry.key == rel.header_key(t.prefix):
+    if entry.key == proto.header_key(t.prefix):
         return header_changed(t, None if deleted else entry)
-    if entry.key.startswith(rel.rollout_prefix(t.prefix, t.want)):
+    if entry.key.startswith(proto.rollout_prefix(t.prefix, t.want)):
         return rollout_changed(t, entry, deleted=deleted)
     return t
 
@@ -234,7 +235,7 @@ def outcome_keys(t: Tracker) -> tuple[str, ...]:
     cur = t.current
     if t.verdict in ENDED or cur is None or cur.revision <= t.want:
         return ()
-    return rel.history_key(t.prefix, t.want), rel.record_key(t.prefix, t.want)
+    return proto.history_key(t.prefix, t.want), proto.record_key(t.prefix, t.want)
 
 
 def outcome_read(t: Tracker, values: Sequence[tuple[str, bytes | None]]) -> Tracker:

@@ -5,7 +5,7 @@ rollout header ends up in every application unit's environment (the release file
 read back is held to the grammar it was written with: a tag to the desired version's (norm.core.desired),
 digests, machine ids and step names to theirs, free text (reasons, who asked) to a bound and to
 printable characters. The checks raise ValueError or TypeError naming the field, never quoting the
-value: the decoders turn them into InvalidValue.
+value: the decoder (norm.core.wire) turns them into InvalidValue.
 """
 
 from __future__ import annotations
@@ -84,12 +84,3 @@ def clean(reason: str, limit: int = MAX_REASON) -> str:
     """A reason as a writer puts it in etcd: cut to `limit`, control characters made "?" (as the CLI
     shows them), so that what Norm writes always passes `text` on the way back."""
     return _CONTROL.sub("?", reason[:limit])
-
-
-def describe(e: Exception) -> str:
-    """What a decoder's error says, safe to log: the messages of the checks here and of the decoders
-    name fields, never values; json's name positions; an enum's would quote the value."""
-    text = str(e)
-    if isinstance(e, ValueError) and " is not a valid " in text:
-        return "not a value Norm knows"
-    return text[:120]

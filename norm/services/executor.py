@@ -1,6 +1,6 @@
 """The executor: what one host does in a fleet update, read from the rollout header it watches.
 
-Its duties (norm.core.release.host_duties): pull the image by digest and report it; hold and stop
+Its duties (norm.core.protocol.host_duties): pull the image by digest and report it; hold and stop
 the application units and report it; run a one-off step when this host is the migrator (in a named
 container that a restarted agent adopts, so the step runs once: made before the step is claimed,
 in a transaction fenced on the header that asks for it, and started only once claimed; a claimed
@@ -21,7 +21,6 @@ small header is watched.
 from __future__ import annotations
 
 import asyncio
-import json
 import shlex
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
@@ -38,13 +37,12 @@ from norm.adapters.docker import (
 from norm.adapters.etcd import Compare, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
-from norm.core import release as rel
-from norm.core import values
+from norm.core import protocol as rel
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue, Temporary
-from norm.core.rollout import Phase, Release
+from norm.core.record import Phase, Release
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
 from norm.services.context import HostContext
@@ -230,12 +228,8 @@ class Executor:
     def _participants_in(self, kv: KeyValue) -> list[str]:
         """The rollout's participant list; an unreadable one is refused (counted), and names none."""
         try:
-            loaded = json.loads(kv.value)
-            if not isinstance(loaded, list) or not all(
-                    isinstance(h, str) and values.MACHINE_ID.fullmatch(h) for h in loaded):
-                raise ValueError("not a list of machine ids")
-            return loaded
-        except (ValueError, RecursionError):  # nested past the parser's depth: refused, not fatal
+            return list(rel.decode_hosts(kv.value, kv.key))
+        except InvalidValue:
             self._metrics.rejected_values.labels("rollout hosts").inc()
             log.error("executor.hosts_refused", key=kv.key, reason="not a list of machine ids")
             return []

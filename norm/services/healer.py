@@ -10,7 +10,6 @@ a restart of the agent, or of the host, does not give a crash-looping unit a fre
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from norm.adapters.systemd import (
     UnitNotLoadable,
     UnitsResync,
 )
+from norm.core import wire
 from norm.core.backoff import Backoff
 from norm.core.errors import InvalidValue, NormError
 from norm.core.healing import (
@@ -150,10 +150,7 @@ class Healer:
             return
         now, wall = asyncio.get_running_loop().time(), time.time()
         try:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                raise InvalidValue(f"healing state {self.state_file}", "not JSON") from None
+            record = wire.parse(raw, f"healing state {self.state_file}")
             history, problems = from_record(record, now, wall, self.policy)
         except InvalidValue as e:
             self._metrics.rejected_values.labels("healing-state").inc()
@@ -181,7 +178,7 @@ class Healer:
                 return
             record = to_record(self.history, asyncio.get_running_loop().time(), time.time())
             try:
-                await write_atomic(self.state_file, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+                await write_atomic(self.state_file, wire.encode(record, compact=False), mode=0o600)
             except OSError:
                 self._state_dirty.set()
                 raise
@@ -386,7 +383,7 @@ class Healer:
         while True:
             await self._summary_dirty.wait()
             self._summary_dirty.clear()
-            body = json.dumps(self.summary(loop.time(), time.time()), sort_keys=True).encode()
+            body = wire.encode(self.summary(loop.time(), time.time()), compact=False)
             if body != last:
                 try:
                     await self._publish(body)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 
 import structlog
@@ -44,8 +43,7 @@ class HttpEndpoint:
     async def _readyz(self, request: web.Request) -> web.Response:
         checks = self._readiness()
         ready = all(checks.values())
-        return web.Response(status=200 if ready else 503, content_type="application/json",
-                            text=json.dumps({"ready": ready, "checks": checks}))
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def run(self, stopping: asyncio.Event) -> None:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)

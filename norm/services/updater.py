@@ -19,41 +19,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from norm.adapters.docker import DockerError, DockerRejected
 from norm.adapters.etcd import Delete, EtcdError, KeyValue, NotLeader, Op, Put, Resync
-from norm.core import release as rel
+from norm.core import protocol as rel
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
+from norm.core.record import TERMINAL, Deadline, LedgerEntry, Phase, Release, Rollout, decode_ledger_entry
 from norm.core.rollout import (
-    TERMINAL,
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
-    Deadline,
     HostLost,
     HostsExcluded,
     IllegalTransition,
-    LedgerEntry,
     NewerVersion,
-    Phase,
     RecordOutcome,
-    Release,
     Resolved,
     ResolveFailed,
     ResolveTag,
     Resumed,
-    Rollout,
     RunMigration,
     barrier_state,
-    decode_ledger_entry,
     ledger_order,
     ledger_summary,
     migrator_for,
@@ -374,12 +367,11 @@ class Updater:
         ops: list[Op] = [Put(rel.header_key(p), rel.Header.of(new).encode()),
                          Put(rel.record_key(p, rev), new.encode())]
         if new.phase is Phase.PULL and (old is None or old.revision != rev or old.phase is Phase.RESOLVE):
-            ops.append(Put(rel.hosts_list_key(p, rev), json.dumps(list(new.hosts)).encode()))
+            ops.append(Put(rel.hosts_list_key(p, rev), rel.hosts_list(new.hosts)))
         known = set() if old is None else set(old.ledger)
         for entry in new.ledger:
             if entry not in known and entry.revision == rev:
-                ops.append(Put(rel.ledger_key(p, rev, entry.step),
-                               json.dumps(dataclasses.asdict(entry), sort_keys=True).encode()))
+                ops.append(Put(rel.ledger_key(p, rev, entry.step), entry.encode()))
         if new.terminal:
             # Kept small: without the per-host progress (hundreds of kB with a thousand hosts) and the
             # ledger (which has keys of its own); the full record stays with the rollout's keys.

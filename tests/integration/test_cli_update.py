@@ -24,10 +24,10 @@ import pytest
 from norm.adapters.etcd import Etcd, Event, Resync
 from norm.app import cli
 from norm.app.commands import rollout as follow
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, hosts_key, leader_key, units_key
-from norm.core.rollout import Excluded, HostProgress, HostStatus, LedgerEntry, Phase, Release, Rollout
+from norm.core.record import Excluded, HostProgress, HostStatus, LedgerEntry, Phase, Release, Rollout
 from norm.core.tracker import Tracker, header_changed
 from sandbox.etcd import EtcdMember
 from sandbox.procs import free_port
@@ -99,7 +99,7 @@ def read(config: EtcdConfig, key: str) -> bytes | None:
 
 def host(mid: str, name: str, release: Release | None = OLD, role: str = "django") -> HostRecord:
     return HostRecord(machine_id=mid, name=name, environment="prod", role=role, agent_version="0.1",
-                      release=rel.release_text(release), started_at=T0)
+                      release=proto.release_text(release), started_at=T0)
 
 
 def record(revision: int, phase: Phase, **kw: object) -> Rollout:
@@ -118,15 +118,15 @@ def finished(revision: int, phase: Phase, reason: str | None = None, **kw: objec
 def rollout_keys(r: Rollout) -> dict[str, bytes]:
     """What the leader writes at a phase change: header, record, the participants (and the history
     when it ends)."""
-    keys = {rel.header_key(P): rel.Header.of(r).encode(), rel.record_key(P, r.revision): r.encode(),
-            rel.hosts_list_key(P, r.revision): json.dumps(list(r.hosts)).encode()}
+    keys = {proto.header_key(P): proto.Header.of(r).encode(), proto.record_key(P, r.revision): r.encode(),
+            proto.hosts_list_key(P, r.revision): json.dumps(list(r.hosts)).encode()}
     if r.terminal:
-        keys[rel.history_key(P, r.revision)] = r.encode()
+        keys[proto.history_key(P, r.revision)] = r.encode()
     return keys
 
 
 def report(revision: int, kind: str, name: str, value: bytes) -> dict[str, bytes]:
-    return {rel.report_key(P, revision, kind, name): value}
+    return {proto.report_key(P, revision, kind, name): value}
 
 
 def fleet(config: EtcdConfig) -> None:
@@ -191,20 +191,20 @@ async def put_all(etcd: Etcd, *groups: dict[str, bytes]) -> None:
 
 async def a_whole_rollout(etcd: Etcd, rev: int) -> None:
     r = record(rev, Phase.PULL)
-    await put_all(etcd, rollout_keys(r), report(rev, "pulled", A, rel.pulled_ok(D2)),
-                  report(rev, "pulled", B, rel.pulled_ok(D2)))
+    await put_all(etcd, rollout_keys(r), report(rev, "pulled", A, proto.pulled_ok(D2)),
+                  report(rev, "pulled", B, proto.pulled_ok(D2)))
     r = dataclasses.replace(r, phase=Phase.STOP)
-    await put_all(etcd, rollout_keys(r), report(rev, "stopped", A, rel.stopped()),
-                  report(rev, "stopped", B, rel.stopped()))
+    await put_all(etcd, rollout_keys(r), report(rev, "stopped", A, proto.stopped()),
+                  report(rev, "stopped", B, proto.stopped()))
     r = dataclasses.replace(r, phase=Phase.MIGRATE, migrating="migrate", migrator=A)
-    await put_all(etcd, rollout_keys(r), report(rev, "claim", "migrate", rel.claim(A)),
-                  report(rev, "migrated", "migrate", rel.migrated(True, 0, None, 12.5, A)))
+    await put_all(etcd, rollout_keys(r), report(rev, "claim", "migrate", proto.claim(A)),
+                  report(rev, "migrated", "migrate", proto.migrated(True, 0, None, 12.5, A)))
     r = dataclasses.replace(r, migrating="collectstatic")
     await put_all(etcd, rollout_keys(r),
-                  report(rev, "migrated", "collectstatic", rel.migrated(True, 0, None, 3.0, A)))
+                  report(rev, "migrated", "collectstatic", proto.migrated(True, 0, None, 3.0, A)))
     r = dataclasses.replace(r, phase=Phase.START, migrating=None, migrator=None)
-    await put_all(etcd, rollout_keys(r), report(rev, "started", A, rel.started(D2, True)),
-                  report(rev, "started", B, rel.started(D2, True)))
+    await put_all(etcd, rollout_keys(r), report(rev, "started", A, proto.started(D2, True)),
+                  report(rev, "started", B, proto.started(D2, True)))
     await put_all(etcd, rollout_keys(finished(rev, Phase.DONE)))
 
 
@@ -259,8 +259,8 @@ def test_deploy_wait_follows_the_rollout_to_done(run: Run, etcd_conf: EtcdConfig
 
 async def _failing(etcd: Etcd, rev: int) -> None:
     r = record(rev, Phase.PULL)
-    await put_all(etcd, rollout_keys(r), report(rev, "pulled", A, rel.pulled_ok(D2)),
-                  report(rev, "pulled", B, rel.pulled_error("manifest unknown", permanent=True)))
+    await put_all(etcd, rollout_keys(r), report(rev, "pulled", A, proto.pulled_ok(D2)),
+                  report(rev, "pulled", B, proto.pulled_error("manifest unknown", permanent=True)))
     await put_all(etcd, rollout_keys(finished(rev, Phase.FAILED, f"cannot pull on {B}: manifest unknown")))
 
 
@@ -320,7 +320,7 @@ def test_deploy_wait_reads_the_outcome_from_history_once_a_later_rollout_began(e
     tracker = Tracker(P, rev)
 
     async def judge(etcd: Etcd) -> Tracker:
-        return await follow.read_more(etcd, header_changed(tracker, await etcd.get(rel.header_key(P))))
+        return await follow.read_more(etcd, header_changed(tracker, await etcd.get(proto.header_key(P))))
 
     tracker = in_etcd(etcd_conf, judge)
     assert tracker.verdict == "done"
@@ -363,9 +363,9 @@ def test_status_shows_hosts_releases_healing_leader_and_the_rollout(run: Run, et
     fleet(etcd_conf)
     rev = 41
     r = record(rev, Phase.STOP, hosts=(A, B, C))
-    write(etcd_conf, {**rollout_keys(r), **report(rev, "pulled", A, rel.pulled_ok(D2)),
-                      **report(rev, "stopped", A, rel.stopped()),
-                      **report(rev, "pulled", B, rel.pulled_ok(D2)),
+    write(etcd_conf, {**rollout_keys(r), **report(rev, "pulled", A, proto.pulled_ok(D2)),
+                      **report(rev, "stopped", A, proto.stopped()),
+                      **report(rev, "pulled", B, proto.pulled_ok(D2)),
                       hosts_key(P, "d" * 32): b"{not json"})
     code, out, err = run("status")
     assert code == cli.EXIT_OK, err
@@ -424,11 +424,12 @@ def test_a_hostile_host_name_does_not_reach_the_terminal(run: Run, etcd_conf: Et
 
 def test_history_lists_finished_rollouts_newest_first(run: Run, etcd_conf: EtcdConfig) -> None:
     long_reason = "the migration step migrate failed: " + "x" * 200
-    write(etcd_conf, {rel.history_key(P, 5): finished(5, Phase.DONE).encode(),
-                      rel.history_key(P, 12): finished(12, Phase.SUPERSEDED, "a newer version came").encode(),
-                      rel.history_key(P, 9): finished(9, Phase.FAILED, long_reason, hosts=(A,),
+    write(etcd_conf, {proto.history_key(P, 5): finished(5, Phase.DONE).encode(),
+                      proto.history_key(P, 12): finished(12, Phase.SUPERSEDED,
+                                                         "a newer version came").encode(),
+                      proto.history_key(P, 9): finished(9, Phase.FAILED, long_reason, hosts=(A,),
                                                       excluded=(Excluded(B, "lost", Phase.PULL),)).encode(),
-                      rel.history_key(P, 7): b"garbage"})
+                      proto.history_key(P, 7): b"garbage"})
     code, out, err = run("history")
     assert code == cli.EXIT_OK
     lines = out.splitlines()
@@ -464,9 +465,9 @@ def test_abort_writes_the_request_for_the_running_rollout(run: Run, etcd_conf: E
     code, out, _ = run("abort", "--by", "alice@ops")
     assert code == cli.EXIT_OK
     assert out == "abort requested for rollout 33\n"
-    raw = read(etcd_conf, rel.abort_key(P, 33))
+    raw = read(etcd_conf, proto.abort_key(P, 33))
     assert raw is not None
-    parsed = rel.parse_report(P, 33, rel.abort_key(P, 33), raw)
+    parsed = proto.parse_report(P, 33, proto.abort_key(P, 33), raw)
     assert parsed is not None and parsed.kind == "abort" and parsed.value == {"by": "alice@ops"}
 
 
@@ -475,7 +476,7 @@ def test_abort_names_the_operator_by_default(run: Run, etcd_conf: EtcdConfig,
     monkeypatch.setenv("USER", "bob")
     write(etcd_conf, rollout_keys(record(33, Phase.MIGRATE, migrating="migrate", migrator=A)))
     assert run("abort")[0] == cli.EXIT_OK
-    raw = read(etcd_conf, rel.abort_key(P, 33))
+    raw = read(etcd_conf, proto.abort_key(P, 33))
     assert raw is not None and json.loads(raw)["by"].startswith("bob@")
 
 
@@ -487,14 +488,14 @@ def test_abort_refuses_when_nothing_runs(run: Run, etcd_conf: EtcdConfig) -> Non
     code, _, err = run("abort", "--by", "alice")
     assert code == cli.EXIT_FAILED
     assert "no rollout is running (the last, rollout 34 v2: done)" in err
-    assert read(etcd_conf, rel.abort_key(P, 34)) is None
+    assert read(etcd_conf, proto.abort_key(P, 34)) is None
 
 
 def test_abort_refuses_a_hostile_name(run: Run, etcd_conf: EtcdConfig) -> None:
     write(etcd_conf, rollout_keys(record(33, Phase.PULL)))
     code, _, err = run("abort", "--by", "x\x1b[2J")
     assert code == cli.EXIT_USAGE and "--by" in err
-    assert read(etcd_conf, rel.abort_key(P, 33)) is None
+    assert read(etcd_conf, proto.abort_key(P, 33)) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,13 +510,13 @@ def running(etcd_conf: EtcdConfig) -> Iterator[int]:
                ledger=(LedgerEntry(D2, "v2", "migrate", True, rev, T0 + 3),))
     r = dataclasses.replace(r, progress=tuple(dataclasses.replace(p, status=HostStatus.STOPPED)
                                               for p in r.progress))
-    write(etcd_conf, {**rollout_keys(r), **report(rev, "pulled", A, rel.pulled_ok(D2)),
-                      **report(rev, "stopped", A, rel.stopped()),
-                      **report(rev, "pulled", B, rel.pulled_ok(D2)),
-                      **report(rev, "stopped", B, rel.stopped()),
-                      **report(rev, "migrated", "migrate", rel.migrated(True, 0, None, 61.0, A)),
-                      **report(rev, "claim", "collectstatic", rel.claim(A)),
-                      rel.report_key(P, rev, "pulled", "not-a-machine-id"): b"{}"})
+    write(etcd_conf, {**rollout_keys(r), **report(rev, "pulled", A, proto.pulled_ok(D2)),
+                      **report(rev, "stopped", A, proto.stopped()),
+                      **report(rev, "pulled", B, proto.pulled_ok(D2)),
+                      **report(rev, "stopped", B, proto.stopped()),
+                      **report(rev, "migrated", "migrate", proto.migrated(True, 0, None, 61.0, A)),
+                      **report(rev, "claim", "collectstatic", proto.claim(A)),
+                      proto.report_key(P, rev, "pulled", "not-a-machine-id"): b"{}"})
     yield rev
 
 
@@ -559,9 +560,10 @@ def test_rollout_once_json(run: Run, running: int) -> None:
 def test_rollout_follows_until_the_end(run: Run, etcd_conf: EtcdConfig, running: int) -> None:
     async def finish(etcd: Etcd, _: int) -> None:
         # Whether the CLI lists these or sees them come through its watches, it ends the same way.
-        await put_all(etcd, report(running, "migrated", "collectstatic", rel.migrated(True, 0, None, 2.0, A)),
-                      report(running, "started", A, rel.started(D2, True)),
-                      report(running, "started", B, rel.started(D2, False, "djed-web.service failed")))
+        await put_all(etcd,
+                      report(running, "migrated", "collectstatic", proto.migrated(True, 0, None, 2.0, A)),
+                      report(running, "started", A, proto.started(D2, True)),
+                      report(running, "started", B, proto.started(D2, False, "djed-web.service failed")))
         await put_all(etcd, rollout_keys(finished(running, Phase.FAILED, "host web-2 did not start")))
 
     write(etcd_conf, {VERSION_KEY: b"v2"})

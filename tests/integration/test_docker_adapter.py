@@ -21,7 +21,7 @@ from norm.adapters.docker import (
     PullProgress,
     RunTimeout,
 )
-from norm.core.release import step_outcome
+from norm.core.protocol import step_outcome
 from sandbox.docker import DOCKER, DockerEngine
 from sandbox.registry import Registry
 

@@ -24,10 +24,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from norm.adapters.etcd import Compare, Etcd, EtcdRejected, Get, Put
 from norm.app import cli
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
-from norm.core.rollout import Phase
+from norm.core.record import Phase
 from norm.core.secret import Secret
 from sandbox import app, updates
 from sandbox.etcd import EtcdMember
@@ -187,9 +187,9 @@ def test_a_host_cannot_write_another_hosts_keys(secured: Secured) -> None:
 
 def test_an_ordinary_host_cannot_write_the_header_nor_lead(secured: Secured) -> None:
     b = secured.config(HOST_B)
-    refused(b, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
-    refused(b, lambda etcd: etcd.put(rel.ledger_key(P, 7, "migrate"), b"{}"))
-    refused(b, lambda etcd: etcd.put(rel.history_key(P, 7), b"{}"))
+    refused(b, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
+    refused(b, lambda etcd: etcd.put(proto.ledger_key(P, 7, "migrate"), b"{}"))
+    refused(b, lambda etcd: etcd.put(proto.history_key(P, 7), b"{}"))
 
     async def campaign(etcd: Etcd) -> None:
         async with etcd.lease() as lease:
@@ -210,7 +210,7 @@ def test_agents_cannot_write_the_operators_keys(secured: Secured) -> None:
     as_user(ops, lambda etcd: etcd.put(VERSION, b"v2"))
     as_user(ops, lambda etcd: etcd.get_prefix(P + "/"))
     refused(ops, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
-    refused(ops, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    refused(ops, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
 
 
 def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
@@ -231,9 +231,9 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
     code, out, err = norm(OPS, "deploy", "v2")
     assert code == 0, err
     # A leader (played here by A's user) has begun the rollout: the operator follows and aborts it.
-    header = rel.Header(revision=int(out.split("rollout ")[1].rstrip(")\n")), tag="v2", phase=Phase.PULL,
+    header = proto.Header(revision=int(out.split("rollout ")[1].rstrip(")\n")), tag="v2", phase=Phase.PULL,
                         digest="sha256:" + "2" * 64)
-    as_user(secured.config(HOST_A), lambda etcd: etcd.put(rel.header_key(P), header.encode()))
+    as_user(secured.config(HOST_A), lambda etcd: etcd.put(proto.header_key(P), header.encode()))
     for command in (["status"], ["hosts"], ["history"], ["rollout", "--once"]):
         code, _, err = norm(OPS, *command)
         assert code in (0, 5), (command, err)  # 5: `rollout --once` while it runs
@@ -251,17 +251,17 @@ def test_a_host_does_its_own_work_with_its_grants(secured: Secured) -> None:
 
     async def host_work(etcd: Etcd) -> None:
         assert (await etcd.get_one(VERSION)).kvs == ()
-        await etcd.get(rel.header_key(P))
+        await etcd.get(proto.header_key(P))
         async with etcd.lease() as lease:
             await etcd.put(hosts_key(P, B), HostRecord(B, "b", "test", "web", "0").encode(), lease=lease.id)
             await etcd.put(units_key(P, B), b"[]", lease=lease.id)
             await etcd.put(control_prefix(P, B) + "release/djed-web.service", b"{}")
             await etcd.delete(control_prefix(P, B) + "release/djed-web.service")
-            report = Put(rel.report_key(P, 7, "pulled", B), rel.pulled_ok("sha256:" + "1" * 64))
-            result = await etcd.txn([Compare(rel.header_key(P), "mod", "==", 0)], [report],
-                                    [Get(rel.header_key(P))])
+            report = Put(proto.report_key(P, 7, "pulled", B), proto.pulled_ok("sha256:" + "1" * 64))
+            result = await etcd.txn([Compare(proto.header_key(P), "mod", "==", 0)], [report],
+                                    [Get(proto.header_key(P))])
             assert result.succeeded
-            await etcd.txn([], [Get(rel.hosts_list_key(P, 7)), Get(rel.rollout_prefix(P, 7) + "migrated/",
+            await etcd.txn([], [Get(proto.hosts_list_key(P, 7)), Get(proto.rollout_prefix(P, 7) + "migrated/",
                                                                    prefix=True)])
             async with etcd.watch(control_prefix(P, B), prefix=True) as w:
                 await anext(w)
@@ -276,10 +276,10 @@ def test_a_leader_eligible_host_leads_with_its_grants(secured: Secured) -> None:
         async with etcd.lease() as lease:
             election = etcd.election(leader_key(P), A.encode())
             leadership = await election.campaign(lease)
-            await election.fenced(leadership, [Put(rel.header_key(P), b"{}"),
-                                               Put(rel.record_key(P, 7), b"{}"),
-                                               Put(rel.ledger_key(P, 7, "migrate"), b"{}"),
-                                               Put(rel.history_key(P, 7), b"{}")])
+            await election.fenced(leadership, [Put(proto.header_key(P), b"{}"),
+                                               Put(proto.record_key(P, 7), b"{}"),
+                                               Put(proto.ledger_key(P, 7, "migrate"), b"{}"),
+                                               Put(proto.history_key(P, 7), b"{}")])
             await etcd.get_prefix(hosts_key(P))
             await election.fenced(leadership, [])
             await election.resign(leadership)
@@ -328,9 +328,9 @@ def test_users_from_client_certificate_names(
     web2 = tls("web-2.internal")
     as_user(web2, lambda etcd: etcd.put(hosts_key(P, B), b"{}"))
     refused(web2, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
-    refused(web2, lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    refused(web2, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
     refused(web2, lambda etcd: etcd.put(VERSION, b"v2"))
-    as_user(tls("web-1.internal"), lambda etcd: etcd.put(rel.header_key(P), b"{}"))
+    as_user(tls("web-1.internal"), lambda etcd: etcd.put(proto.header_key(P), b"{}"))
     as_user(tls("alice"), lambda etcd: etcd.put(VERSION, b"v2"))
     # A certificate whose name is no user reads nothing.
     refused(tls("mallory"), lambda etcd: etcd.get(VERSION))

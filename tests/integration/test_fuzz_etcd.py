@@ -44,12 +44,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from norm.adapters.etcd import Etcd, KeyValue
 from norm.app import cli
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.desired import parse_environment_name, parse_version
 from norm.core.errors import InvalidValue
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
-from norm.core.rollout import Phase, Release, Resolved, Rollout, policy_of, start_rollout, step
+from norm.core.record import Phase, Release, Rollout
+from norm.core.rollout import Resolved, policy_of, start_rollout, step
 from norm.core.units import matches, parse_unit_name
 from norm.core.values import MACHINE_ID
 from sandbox.docker import DockerEngine
@@ -259,7 +260,7 @@ class Scene:
     ghost: str
     revision: int
     record: Rollout
-    header: rel.Header
+    header: proto.Header
 
     def targets(self) -> list[Target]:
         p, r, me, ghost = P, self.revision, self.me, self.ghost
@@ -275,12 +276,12 @@ class Scene:
 
         def report_key(kind: str) -> st.SearchStrategy[str]:
             if kind == "abort":
-                return st.just(rel.abort_key(p, r))
+                return st.just(proto.abort_key(p, r))
             good = st.sampled_from(["migrate", "collectstatic"]) if kind in ("migrated", "claim") else mids
-            return st.one_of(good, good, good, bad_names).map(lambda n: rel.report_key(p, r, kind, n))
+            return st.one_of(good, good, good, bad_names).map(lambda n: proto.report_key(p, r, kind, n))
 
         reports = [Target(f"report:{kind}", report_key(kind), json_values(template),
-                          _refuses(lambda k, v: rel.parse_report(p, r, k, v)), "rollout report")
+                          _refuses(lambda k, v: proto.parse_report(p, r, k, v)), "rollout report")
                    for kind, template in report_templates.items()]
         record = json.loads(self.record.encode())
         ledger = {"digest": D1, "tag": "v1", "step": "migrate", "ok": True, "revision": 7, "at": 1.0}
@@ -309,11 +310,11 @@ class Scene:
                    _refuses(lambda k, v: parse_version(v, k)), VERSION_KEY),
             Target("environment", st.just(ENV_KEY), plain_values(),
                    _refuses(lambda k, v: parse_environment_name(v, k)), ENV_KEY),
-            Target("header", st.just(rel.header_key(p)), json_values(json.loads(self.header.encode())),
-                   _refuses(lambda k, v: rel.Header.decode(v, k)), rel.header_key(p)),
-            Target("record", st.just(rel.record_key(p, r)), json_values(record),
+            Target("header", st.just(proto.header_key(p)), json_values(json.loads(self.header.encode())),
+                   _refuses(lambda k, v: proto.Header.decode(v, k)), proto.header_key(p)),
+            Target("record", st.just(proto.record_key(p, r)), json_values(record),
                    _refuses(lambda k, v: Rollout.decode(v, k))),
-            Target("participants", st.just(rel.hosts_list_key(p, r)), json_values([ghost]),
+            Target("participants", st.just(proto.hosts_list_key(p, r)), json_values([ghost]),
                    _refuses(_machine_ids)),
             *reports,
             Target("host", mids.filter(lambda m: m != me).map(lambda m: hosts_key(p, m)),
@@ -322,9 +323,9 @@ class Scene:
             Target("units", mids.map(lambda m: units_key(p, m)), json_values(summary), _anything),
             Target("control", control, plain_values(), control_refused,
                    control_prefix(p, me)),
-            Target("ledger", st.integers(1, 10**6).map(lambda n: rel.ledger_key(p, n, "migrate")),
+            Target("ledger", st.integers(1, 10**6).map(lambda n: proto.ledger_key(p, n, "migrate")),
                    json_values(ledger), _anything),
-            Target("history", st.integers(1, 10**6).map(lambda n: rel.history_key(p, n)),
+            Target("history", st.integers(1, 10**6).map(lambda n: proto.history_key(p, n)),
                    json_values(json.loads(dataclasses.replace(self.record, progress=()).encode())),
                    _refuses(lambda k, v: Rollout.decode(v, k))),
         ]
@@ -381,7 +382,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
     began = time.monotonic()
     release_file = tmp_path / "run" / "release.env"
     release_file.parent.mkdir()
-    release_text = rel.render_release(OLD, IMAGE, 1)
+    release_text = proto.render_release(OLD, IMAGE, 1)
     release_file.write_bytes(release_text)
     for unit in UNITS:
         systemd_manager.write_unit(unit, SLEEPER.format(env=release_file))
@@ -399,11 +400,11 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         record, _ = start_rollout(revision, "v2", [ghost], now, OLD)
         record, _ = step(record, Resolved(D2), now, policy_of(update))
         assert record.phase is Phase.PULL
-        header = rel.Header.of(record)
+        header = proto.Header.of(record)
         writer.put(hosts_key(P, ghost), HostRecord(ghost, "ghost", "test", "web", "0.1.0").encode())
-        writer.put(rel.hosts_list_key(P, revision), json.dumps([ghost]).encode())
-        writer.put(rel.record_key(P, revision), record.encode())
-        writer.put(rel.header_key(P), header.encode())
+        writer.put(proto.hosts_list_key(P, revision), json.dumps([ghost]).encode())
+        writer.put(proto.record_key(P, revision), record.encode())
+        writer.put(proto.header_key(P), header.encode())
         scene = Scene(me, ghost, revision, record, header)
 
         # Its role is web and updates are for workers: the last valid version written (the sentinel)
@@ -443,12 +444,12 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
 
         # Each watch proven live before the campaign: a first refusal of each counted (by the watch:
         # the agent is ready, its start-up reads are done).
-        probes = {VERSION_KEY: b"probe\n", ENV_KEY: b"probe\n", rel.header_key(P): b"{",
-                  rel.report_key(P, revision, "pulled", "probe"): b"{}",
+        probes = {VERSION_KEY: b"probe\n", ENV_KEY: b"probe\n", proto.header_key(P): b"{",
+                  proto.report_key(P, revision, "pulled", "probe"): b"{}",
                   control_prefix(P, me) + "probe/djed-web.service": b""}
         for key, value in probes.items():
             writer.put(key, value)
-        probe_labels = (VERSION_KEY, ENV_KEY, rel.header_key(P), "rollout report", control_prefix(P, me))
+        probe_labels = (VERSION_KEY, ENV_KEY, proto.header_key(P), "rollout report", control_prefix(P, me))
         wait_for(lambda: all(rejected(agent).get(label) == 1 for label in probe_labels), timeout=60,
                  what="the probes refused")
         expected.update(probe_labels)
@@ -475,11 +476,11 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
 
         def sentinel_done() -> bool:
             rejected(agent)  # alive
-            kv = writer.get(rel.header_key(P))
+            kv = writer.get(proto.header_key(P))
             if kv is None:
                 return False
             try:
-                h = rel.Header.decode(kv.value, kv.key)
+                h = proto.Header.decode(kv.value, kv.key)
             except InvalidValue:
                 return False
             return h.revision == sentinel and h.terminal
@@ -489,7 +490,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         expected["host record"] = len(host_keys)
         for label, n in expected.items():
             assert seen.get(label, 0) == n, (label, seen.get(label), n)
-        final = rel.Header.decode(writer.get(rel.header_key(P)).value, "header")  # type: ignore[union-attr]
+        final = proto.Header.decode(writer.get(proto.header_key(P)).value, "header")  # type: ignore[union-attr]
         assert final.phase is Phase.FAILED and final.reason == "no participating host"
         assert final.previous == OLD
 
@@ -514,8 +515,8 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                                                                                    "control")]))
             if target.name == "participants":
                 rollout = dataclasses.replace(header, revision=revision + 1_000_000 + lists[0])
-                write(target, rel.hosts_list_key(P, rollout.revision), data.draw(target.values))
-                writer.put(rel.header_key(P), rollout.encode())
+                write(target, proto.hosts_list_key(P, rollout.revision), data.draw(target.values))
+                writer.put(proto.header_key(P), rollout.encode())
                 lists[0] += 1
                 wait_for(lambda: rejected(agent).get("rollout hosts") == lists[0], timeout=60,
                          what="the participant list refused")
@@ -523,7 +524,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                 if target.name != "header":
                     # The header back on the rollout, so that the readers go through its record,
                     # participants and reports.
-                    writer.put(rel.header_key(P), header.encode())
+                    writer.put(proto.header_key(P), header.encode())
                 write(target, data.draw(target.keys), data.draw(target.values))
             read_all()
 
@@ -547,20 +548,21 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         # Started again over the hostile store: what it reads once at start (the header, the rollout's
         # participants, its record) is refused and counted, and it runs on. No desired version: the
         # leader has nothing to begin, and the header stays the rollout's.
-        nasty = {rel.hosts_list_key(P, revision): ("[" * 5000 + _json(token) + "]" * 5000).encode(),
-                 rel.record_key(P, revision): record.encode().replace(b'"tag":"v2"',
+        nasty = {proto.hosts_list_key(P, revision): ("[" * 5000 + _json(token) + "]" * 5000).encode(),
+                 proto.record_key(P, revision): record.encode().replace(b'"tag":"v2"',
                                                                       f'"tag":"v2\\n{token}=1"'.encode())}
-        assert _refuses(_machine_ids)(rel.hosts_list_key(P, revision), nasty[rel.hosts_list_key(P, revision)])
-        assert _refuses(lambda k, v: Rollout.decode(v, k))(rel.record_key(P, revision),
-                                                           nasty[rel.record_key(P, revision)])
+        assert _refuses(_machine_ids)(proto.hosts_list_key(P, revision),
+                                      nasty[proto.hosts_list_key(P, revision)])
+        assert _refuses(lambda k, v: Rollout.decode(v, k))(proto.record_key(P, revision),
+                                                           nasty[proto.record_key(P, revision)])
         writer.delete(VERSION_KEY)
         for key, value in nasty.items():
             writer.put(key, value)
-        writer.put(rel.header_key(P), header.encode())
+        writer.put(proto.header_key(P), header.encode())
         agent.start()
         agent.wait_notify("READY=1", timeout=60)
         wait_for(lambda: rejected(agent).get("rollout hosts") == 1
-                 and rejected(agent).get(rel.record_key(P, revision)) == 1,
+                 and rejected(agent).get(proto.record_key(P, revision)) == 1,
                  timeout=60, what="the participants and the record refused at start")
 
         # Last, the leader key: a value written over it is no longer on the leader's lease, so the

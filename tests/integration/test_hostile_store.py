@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from norm.app import cli
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.host import units_key
-from norm.core.rollout import Phase, Release
+from norm.core.record import Phase, Release
 from sandbox.etcd import EtcdMember
 from sandbox.procs import wait_for
 from sandbox.systemd import SystemdManager
@@ -75,10 +75,10 @@ def test_an_agent_over_a_participant_list_nested_too_deep_refuses_it_and_runs(
         tmp_path: Path) -> None:
     systemd_manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
     systemd_manager.systemctl("start", "djed-web.service")
-    header = rel.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
+    header = proto.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
                         previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1)
-    etcd.ctl("put", rel.hosts_list_key(P, 7), "[" * 50_000 + "]" * 50_000)
-    etcd.ctl("put", rel.header_key(P), header.encode().decode())
+    etcd.ctl("put", proto.hosts_list_key(P, 7), "[" * 50_000 + "]" * 50_000)
+    etcd.ctl("put", proto.header_key(P), header.encode().decode())
     agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
                    extra_toml=('[docker]\nhost = "unix:///nonexistent/docker.sock"\n'
                                f'[update]\nimage = "127.0.0.1:5000/djed/app"\n'
@@ -105,20 +105,21 @@ def test_an_agent_over_headers_with_times_past_a_float_refuses_them_and_runs(
         tmp_path: Path) -> None:
     systemd_manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
     systemd_manager.systemctl("start", "djed-web.service")
-    header = rel.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
+    header = proto.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
                         previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1, started_at=1.5)
     huge = header.encode().replace(b'"started_at":1.5', b'"started_at":' + b"9" * 400)
-    etcd.ctl("put", rel.header_key(P), huge.decode())
+    etcd.ctl("put", proto.header_key(P), huge.decode())
     agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
                    extra_toml=('[docker]\nhost = "unix:///nonexistent/docker.sock"\n'
                                f'[update]\nimage = "127.0.0.1:5000/djed/app"\n'
                                f'release_file = "{tmp_path / "release.env"}"\n'))
     agent.wait_notify("READY=1", timeout=60)  # read at start by the executor and the leader
-    wait_for(lambda: rejected(agent, rel.header_key(P)) >= 2, timeout=30, what="the header refused at start")
-    before = rejected(agent, rel.header_key(P))
+    wait_for(lambda: rejected(agent, proto.header_key(P)) >= 2, timeout=30,
+             what="the header refused at start")
+    before = rejected(agent, proto.header_key(P))
     infinite = header.encode().replace(b'"started_at":1.5', b'"started_at":1e400')
-    etcd.ctl("put", rel.header_key(P), infinite.decode())
-    wait_for(lambda: rejected(agent, rel.header_key(P)) > before, timeout=30,
+    etcd.ctl("put", proto.header_key(P), infinite.decode())
+    wait_for(lambda: rejected(agent, proto.header_key(P)) > before, timeout=30,
              what="the header refused as it was written")
     assert agent.proc is not None and agent.proc.alive
     assert "Traceback" not in agent.logs()

@@ -15,10 +15,10 @@ from structlog.testing import capture_logs
 
 from norm.adapters.docker import RunResult
 from norm.adapters.etcd import Compare, Etcd, NotLeader, Op, TxnResult
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.host import HostRecord, hosts_key
-from norm.core.rollout import LedgerEntry, Phase, Release, Rollout
+from norm.core.record import LedgerEntry, Phase, Release, Rollout
 from norm.services.context import HostContext
 from norm.services.executor import Executor
 from norm.services.metrics import Metrics
@@ -53,14 +53,14 @@ class Leading:
         return result
 
 
-async def wait_header(client: Etcd, ok: Any) -> rel.Header:
+async def wait_header(client: Etcd, ok: Any) -> proto.Header:
     """The rollout header once `ok(header)` holds (watched, with a generous deadline)."""
     async with asyncio.timeout(DEADLINE):
         while True:
-            kv = await client.get(rel.header_key(P))
+            kv = await client.get(proto.header_key(P))
             if kv is not None:
                 try:
-                    h = rel.Header.decode(kv.value, kv.key)
+                    h = proto.Header.decode(kv.value, kv.key)
                 except Exception:
                     h = None
                 if h is not None and ok(h):
@@ -86,16 +86,16 @@ async def test_a_setback_halts_with_the_header_gone_and_hundreds_of_rollouts_sin
         for i, (tag, d) in enumerate(versions):
             for step in ("migrate", "collectstatic"):
                 entry = LedgerEntry(d, tag, step, True, i + 1, float(i))
-                await client.put(rel.ledger_key(P, i + 1, step),
+                await client.put(proto.ledger_key(P, i + 1, step),
                                  json.dumps(dataclasses.asdict(entry), sort_keys=True).encode())
         last = Rollout(revision=251, tag=last_tag, hosts=(ME,), phase=Phase.DONE, started_at=250.0,
                        updated_at=251.0, previous=Release(*versions[-2]), digest=last_digest,
                        outcome=Phase.DONE, ended_at=251.0)
-        await client.put(rel.history_key(P, 251), last.encode())
+        await client.put(proto.history_key(P, 251), last.encode())
         if header == "corrupt":
-            await client.put(rel.header_key(P), b"{not a header")
+            await client.put(proto.header_key(P), b"{not a header")
         if header == "deleted-and-newest-record-corrupt":  # a rollout after 251 whose record is lost
-            await client.put(rel.record_key(P, 300), b"{not a record")
+            await client.put(proto.record_key(P, 300), b"{not a record")
         host = HostRecord(ME, "host1", "test", "django", "0")
         await client.put(f"{hosts_key(P)}{ME}", host.encode())
 
@@ -150,10 +150,10 @@ class RecordingDocker:
 async def test_a_migrator_acting_on_a_stale_header_claims_nothing_and_runs_nothing(etcd: EtcdMember) -> None:
     config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
     d = digest(2)
-    asked = rel.Header(revision=7, tag="v2", phase=Phase.MIGRATE, digest=d, previous=Release("v1", digest(1)),
-                       migrating="migrate", migrator=ME, hosts_count=1)
+    asked = proto.Header(revision=7, tag="v2", phase=Phase.MIGRATE, digest=d,
+                         previous=Release("v1", digest(1)), migrating="migrate", migrator=ME, hosts_count=1)
     async with Etcd(config) as client:
-        await client.put(rel.header_key(P), asked.encode())
+        await client.put(proto.header_key(P), asked.encode())
         docker = RecordingDocker()
         update = UpdateConfig(image="127.0.0.1:5000/djed/app", steps=("migrate",))
 
@@ -162,20 +162,20 @@ async def test_a_migrator_acting_on_a_stale_header_claims_nothing_and_runs_nothi
 
         executor = Executor(HostContext(client, P, ME, Metrics()), None, docker, update,  # type: ignore[arg-type]
                             set_release, leading=lambda: False)
-        executor._take_header(await client.get(rel.header_key(P)))  # what this host acts on
+        executor._take_header(await client.get(proto.header_key(P)))  # what this host acts on
         # Meanwhile the rollout moved on (here: halted by its leader); this host has not seen it yet.
-        await client.put(rel.header_key(P), dataclasses.replace(asked, phase=Phase.HALTED, migrating=None,
+        await client.put(proto.header_key(P), dataclasses.replace(asked, phase=Phase.HALTED, migrating=None,
                                                                 outcome=Phase.HALTED).encode())
         with capture_logs() as logs:
             await executor._migrate(asked, "migrate", d)
-        assert await client.get(rel.report_key(P, 7, "claim", "migrate")) is None
+        assert await client.get(proto.report_key(P, 7, "claim", "migrate")) is None
         assert docker.runs == [] and docker.made == docker.removed  # made, never started, removed
         assert [e["event"] for e in logs] == ["executor.claim_dropped"]
 
         # Against the header that asks it, the claim is made once and the step run.
-        await client.put(rel.header_key(P), asked.encode())
-        executor._take_header(await client.get(rel.header_key(P)))
+        await client.put(proto.header_key(P), asked.encode())
+        executor._take_header(await client.get(proto.header_key(P)))
         await executor._migrate(asked, "migrate", d)
-        claim = await client.get(rel.report_key(P, 7, "claim", "migrate"))
-        assert claim is not None and claim.value == rel.claim(ME)
-        assert docker.runs == [rel.migration_container(7, "migrate")]
+        claim = await client.get(proto.report_key(P, 7, "claim", "migrate"))
+        assert claim is not None and claim.value == proto.claim(ME)
+        assert docker.runs == [proto.migration_container(7, "migrate")]

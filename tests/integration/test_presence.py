@@ -25,9 +25,9 @@ from norm.adapters.docker import Docker
 from norm.adapters.elb import Elb
 from norm.adapters.etcd import Etcd, Event, Resync
 from norm.adapters.systemd import Systemd
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, LbConfig, UpdateConfig
-from norm.core.rollout import Phase, Release
+from norm.core.record import Phase, Release
 from norm.services.context import HostContext
 from norm.services.executor import HOLD_OWNER, Executor
 from norm.services.holds import Holds
@@ -334,18 +334,18 @@ async def test_an_update_deregisters_drains_stops_starts_checks_and_registers_in
             Etcd(config) as client, \
             executor_for(rig, client, Docker("unix:///nonexistent.sock"), me, update):
         # What the leader writes: the participants, then the header at STOP, later at START.
-        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me]).encode())
-        header = rel.Header(revision=revision, tag="v2", phase=Phase.STOP, digest=DIGEST_2,
+        await client.put(proto.hosts_list_key(prefix, revision), json.dumps([me]).encode())
+        header = proto.Header(revision=revision, tag="v2", phase=Phase.STOP, digest=DIGEST_2,
                             previous=Release("v1", DIGEST_1), hosts_count=1)
-        await client.put(rel.header_key(prefix), header.encode())
-        await wait_put(client, rel.report_key(prefix, revision, "stopped", me))
+        await client.put(proto.header_key(prefix), header.encode())
+        await wait_put(client, proto.report_key(prefix, revision, "stopped", me))
         assert rig.holds.owners(WEB) == {HOLD_OWNER}
         assert rig.presence.registered == dict.fromkeys(rig.site.groups, False)
         assert await rig.site.states() == ["unused", "unused"]
 
         start = dataclasses.replace(header, phase=Phase.START)
-        await client.put(rel.header_key(prefix), start.encode())
-        report = json.loads(await wait_put(client, rel.report_key(prefix, revision, "started", me)))
+        await client.put(proto.header_key(prefix), start.encode())
+        report = json.loads(await wait_put(client, proto.report_key(prefix, revision, "started", me)))
         assert report["ok"] is True and report["digest"] == DIGEST_2
         await rig.until("registered again", rig.registered(True))
     assert_in_order(rig, Release("v2", DIGEST_2), tmp_path / "release.env")
@@ -370,7 +370,7 @@ def assert_in_order(rig: Rig, release: Release, release_file: Path) -> None:
     assert [m for s, _, m, _ in steps if s in ("drained", "stop", "start")] == [out] * 4
     assert steps[-2][2] in (("healthy", "unused"), ("unused", "healthy")) and steps[-1][2] == both_in
     assert steps[5] == ("stopped", WEB, None, "inactive")
-    assert rel.parse_release(release_file.read_bytes()) == release
+    assert proto.parse_release(release_file.read_bytes()) == release
     assert [rig.gauge(g) for g in rig.site.groups] == [1, 1]
 
 
@@ -389,9 +389,9 @@ async def test_a_host_catching_up_leaves_and_rejoins_in_the_same_order(
         released = asyncio.Event()
         rig.holds.subscribe(lambda: None if rig.holds.owners(WEB) else released.set())
         # A rollout this host took no part in ended with v2 as the fleet's release.
-        header = rel.Header(revision=2000, tag="v2", phase=Phase.DONE, digest=digest,
+        header = proto.Header(revision=2000, tag="v2", phase=Phase.DONE, digest=digest,
                             previous=Release("v1", DIGEST_1), hosts_count=1, outcome=Phase.DONE)
-        await client.put(rel.header_key("/norm"), header.encode())
+        await client.put(proto.header_key("/norm"), header.encode())
         async with executor_for(rig, client, docker, secrets.token_hex(16), update) as executor:
             await rig.until("registered again", lambda: "lb.resumed" in rig.events()
                             and rig.registered(True)(), timeout=60)
@@ -409,23 +409,23 @@ async def test_a_host_left_out_of_a_rollout_leaves_the_load_balancer_once_the_mi
     again, and the same run is registered again."""
     prefix, me, other, revision = "/norm", secrets.token_hex(16), "f" * 32, 3000
     release_file = tmp_path / "release.env"
-    release_file.write_bytes(rel.render_release(Release("v1", DIGEST_1), "127.0.0.1:5000/djed/app", 1))
+    release_file.write_bytes(proto.render_release(Release("v1", DIGEST_1), "127.0.0.1:5000/djed/app", 1))
     update = UpdateConfig(image="127.0.0.1:5000/djed/app", release_file=str(release_file))
     config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
     async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
             Etcd(config) as client, \
             executor_for(rig, client, Docker("unix:///nonexistent.sock"), me, update) as executor:
         run = invocation_of(rig.presence.unit)
-        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
-        pulling = rel.Header(revision=revision, tag="v2", phase=Phase.PULL, digest=DIGEST_2,
+        await client.put(proto.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
+        pulling = proto.Header(revision=revision, tag="v2", phase=Phase.PULL, digest=DIGEST_2,
                              previous=Release("v1", DIGEST_1), hosts_count=2, excluded=(me,))
-        await client.put(rel.header_key(prefix), pulling.encode())
+        await client.put(proto.header_key(prefix), pulling.encode())
         # Excluded at the pull barrier, then the others stop: this host still serves the old release.
         stopping = dataclasses.replace(pulling, phase=Phase.STOP)
-        await client.put(rel.header_key(prefix), stopping.encode())
+        await client.put(proto.header_key(prefix), stopping.encode())
         migrating = dataclasses.replace(pulling, phase=Phase.MIGRATE, migrating="migrate", migrator=other)
         assert rig.presence.registered == dict.fromkeys(rig.site.groups, True)
-        await client.put(rel.header_key(prefix), migrating.encode())
+        await client.put(proto.header_key(prefix), migrating.encode())
         await rig.until("out of the load balancer", rig.registered(False))
         assert await rig.site.states() == ["unused", "unused"]
         assert invocation_of(await rig.systemd.unit(WEB)) == run  # still running: not this host's to stop
@@ -435,10 +435,10 @@ async def test_a_host_left_out_of_a_rollout_leaves_the_load_balancer_once_the_mi
         # The step fails and the old release is started again everywhere: back in, the same run.
         rolling_back = dataclasses.replace(migrating, phase=Phase.START, migrating=None, migrator=None,
                                            rollback=True, outcome=Phase.FAILED)
-        await client.put(rel.header_key(prefix), rolling_back.encode())
+        await client.put(proto.header_key(prefix), rolling_back.encode())
         await rig.until("registered again", rig.registered(True))
         assert invocation_of(await rig.systemd.unit(WEB)) == run
-        assert rel.parse_release(release_file.read_bytes()) == Release("v1", DIGEST_1)
+        assert proto.parse_release(release_file.read_bytes()) == Release("v1", DIGEST_1)
 
 
 @pytest.mark.slow
@@ -450,24 +450,24 @@ async def test_a_host_left_out_of_a_rollout_stays_out_until_it_has_caught_up(
     image, digest = (await asyncio.to_thread(demo_app_digest, "v2")).split("@")
     prefix, me, other, revision = "/norm", secrets.token_hex(16), "f" * 32, 3100
     release_file = tmp_path / "release.env"
-    release_file.write_bytes(rel.render_release(Release("v1", DIGEST_1), image, 1))
+    release_file.write_bytes(proto.render_release(Release("v1", DIGEST_1), image, 1))
     update = UpdateConfig(image=image, release_file=str(release_file))
     config = EtcdConfig(endpoints=(etcd.endpoint,), request_timeout=5.0, lease_ttl=5)
     async with serving_and_recorded(moto_server, systemd_manager, tmp_path) as rig, \
             Etcd(config) as client, Docker(docker_engine.host, call_timeout=30) as docker, \
             executor_for(rig, client, docker, me, update) as executor:
         run = invocation_of(rig.presence.unit)
-        await client.put(rel.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
-        migrating = rel.Header(revision=revision, tag="v2", phase=Phase.MIGRATE, digest=digest,
+        await client.put(proto.hosts_list_key(prefix, revision), json.dumps([me, other]).encode())
+        migrating = proto.Header(revision=revision, tag="v2", phase=Phase.MIGRATE, digest=digest,
                                previous=Release("v1", DIGEST_1), hosts_count=2, excluded=(me,),
                                migrating="migrate", migrator=other)
-        await client.put(rel.header_key(prefix), migrating.encode())
+        await client.put(proto.header_key(prefix), migrating.encode())
         await rig.until("out of the load balancer", rig.registered(False))
         starting = dataclasses.replace(migrating, phase=Phase.START, migrating=None, migrator=None)
-        await client.put(rel.header_key(prefix), starting.encode())
+        await client.put(proto.header_key(prefix), starting.encode())
         rig.logs.clear()
         done = dataclasses.replace(starting, phase=Phase.DONE, outcome=Phase.DONE)
-        await client.put(rel.header_key(prefix), done.encode())
+        await client.put(proto.header_key(prefix), done.encode())
         await rig.until("registered again", lambda: executor.running == Release("v2", digest)
                         and rig.registered(True)(), timeout=60)
         assert invocation_of(await rig.systemd.unit(WEB)) != run  # a new run, on the new release

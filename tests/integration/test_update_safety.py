@@ -20,10 +20,10 @@ from structlog.testing import capture_logs
 from norm.adapters.docker import Docker
 from norm.adapters.etcd import Etcd, Event, Resync
 from norm.adapters.systemd import Systemd
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.healing import HealPolicy
-from norm.core.rollout import Phase, Release
+from norm.core.record import Phase, Release
 from norm.services.context import HostContext
 from norm.services.control import OPERATOR, Control
 from norm.services.executor import Executor
@@ -84,16 +84,16 @@ class Rig:
     def events(self, *names: str) -> list[str]:
         return [e["event"] for e in self.logs if not names or e["event"] in names]
 
-    async def begin(self, header: rel.Header | dict[str, Any], hosts: list[str] | None = None) -> None:
+    async def begin(self, header: proto.Header | dict[str, Any], hosts: list[str] | None = None) -> None:
         """Write the participants of the header's rollout, then the header (as the leader does)."""
-        revision = header.revision if isinstance(header, rel.Header) else header["revision"]
-        raw = header.encode() if isinstance(header, rel.Header) else json.dumps(header).encode()
-        await self.etcd.put(rel.hosts_list_key(P, revision), json.dumps(hosts or [self.me]).encode())
-        await self.etcd.put(rel.header_key(P), raw)
+        revision = header.revision if isinstance(header, proto.Header) else header["revision"]
+        raw = header.encode() if isinstance(header, proto.Header) else json.dumps(header).encode()
+        await self.etcd.put(proto.hosts_list_key(P, revision), json.dumps(hosts or [self.me]).encode())
+        await self.etcd.put(proto.header_key(P), raw)
 
     async def started(self, revision: int) -> dict[str, Any]:
         """This host's start report for `revision` (waits for it)."""
-        value = json.loads(await wait_put(self.etcd, rel.report_key(P, revision, "started", self.me)))
+        value = json.loads(await wait_put(self.etcd, proto.report_key(P, revision, "started", self.me)))
         assert isinstance(value, dict)
         return value
 
@@ -139,8 +139,8 @@ async def host_rig(etcd_member: EtcdMember, manager: SystemdManager, tmp_path: P
                     await task
 
 
-def header(revision: int, phase: Phase = Phase.START, **kw: Any) -> rel.Header:
-    return rel.Header(revision=revision, tag=kw.pop("tag", "v2"), phase=phase, digest=kw.pop("digest", D2),
+def header(revision: int, phase: Phase = Phase.START, **kw: Any) -> proto.Header:
+    return proto.Header(revision=revision, tag=kw.pop("tag", "v2"), phase=phase, digest=kw.pop("digest", D2),
                       previous=kw.pop("previous", OLD), hosts_count=1, **kw)
 
 
@@ -155,7 +155,7 @@ async def test_a_hostile_header_is_refused_counted_and_changes_nothing(
         await rig.begin(header(1000))
         assert (await rig.started(1000))["ok"] is True
         written = rig.release_file.read_bytes()
-        assert rel.parse_release(written) == NEW
+        assert proto.parse_release(written) == NEW
         assert rig.seen.read_text() == f"{IMAGE}@{D2}|"
         run = rig.invocation()
 
@@ -164,13 +164,13 @@ async def test_a_hostile_header_is_refused_counted_and_changes_nothing(
         hostile = json.loads(header(1001, tag="v3").encode())
         hostile["tag"] = f"v3\nNORM_IMAGE=evil.example/app@{D1}\nNORM_EVIL=1"
         await rig.begin(hostile)
-        await rig.until("the header refused", lambda: rig.rejected(rel.header_key(P)) == 1)
+        await rig.until("the header refused", lambda: rig.rejected(proto.header_key(P)) == 1)
 
         assert rig.executor.header is not None and rig.executor.header.revision == 1000
         assert rig.release_file.read_bytes() == written
         assert rig.invocation() == run and rig.active_state() == "active"
         assert rig.seen.read_text() == f"{IMAGE}@{D2}|"
-        assert await rig.etcd.get(rel.report_key(P, 1001, "started", rig.me)) is None
+        assert await rig.etcd.get(proto.report_key(P, 1001, "started", rig.me)) is None
         refused = [e for e in rig.logs if e["event"] == "executor.header_refused"]
         assert len(refused) == 1 and "tag" in refused[0]["reason"]
         assert "evil" not in repr(rig.logs)
@@ -190,13 +190,13 @@ async def test_an_update_leaves_a_unit_the_operator_stopped_stopped_and_says_so(
         assert rig.active_state() == "inactive"
 
         await rig.begin(header(1000, Phase.STOP))
-        await wait_put(rig.etcd, rel.report_key(P, 1000, "stopped", rig.me))
-        await rig.etcd.put(rel.header_key(P), header(1000, Phase.START).encode())
+        await wait_put(rig.etcd, proto.report_key(P, 1000, "stopped", rig.me))
+        await rig.etcd.put(proto.header_key(P), header(1000, Phase.START).encode())
         report = await rig.started(1000)
 
         # The release is written (the unit gets it when the operator starts it again); the unit stays
         # stopped and held by the operator only; the host's report and the log say why.
-        assert rel.parse_release(rig.release_file.read_bytes()) == NEW
+        assert proto.parse_release(rig.release_file.read_bytes()) == NEW
         assert rig.active_state() == "inactive"
         await rig.until("the update's holds ended", lambda: rig.holds.owners(WEB) == {OPERATOR})
         assert rig.active_state() == "inactive"

@@ -10,10 +10,11 @@ from collections.abc import Callable, Sequence
 
 from norm.adapters.docker import DockerUnavailable
 from norm.adapters.etcd import Compare, Etcd, Op, Put, Resync, TxnResult
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.host import HostRecord, hosts_key
-from norm.core.rollout import Phase, Resolved
+from norm.core.record import Phase
+from norm.core.rollout import Resolved
 from norm.services.context import HostContext
 from norm.services.metrics import Metrics
 from norm.services.updater import Updater
@@ -55,20 +56,20 @@ class SlowHeaderWrite:
     async def fenced(self, success: Sequence[Op], compare: Sequence[Compare] = (),
                      failure: Sequence[Op] = ()) -> TxnResult:
         for op in success:
-            if isinstance(op, Put) and op.key == rel.header_key("/norm") \
+            if isinstance(op, Put) and op.key == proto.header_key("/norm") \
                     and json.loads(op.value)["tag"] == self._slow:
                 self.writing.set()
                 await self.release.wait()
         return await self._client.txn(list(compare), list(success), list(failure))
 
 
-async def header_where(client: Etcd, ok: Callable[[rel.Header], bool]) -> rel.Header:
+async def header_where(client: Etcd, ok: Callable[[proto.Header], bool]) -> proto.Header:
     """The rollout header, once the leader has written one for which `ok` holds (watched)."""
-    async with asyncio.timeout(30), client.watch(rel.header_key("/norm")) as w:
+    async with asyncio.timeout(30), client.watch(proto.header_key("/norm")) as w:
         async for item in w:
             kvs = item.snapshot.kvs if isinstance(item, Resync) else (item.kv,) if item.kind == "put" else ()
             for kv in kvs:
-                h = rel.Header.decode(kv.value, kv.key)
+                h = proto.Header.decode(kv.value, kv.key)
                 if ok(h):
                     return h
     raise AssertionError("the header watch ended")

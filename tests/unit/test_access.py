@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from norm.core import access
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.access import (
     LEADER_ROLE,
     OPERATOR_ROLE,
@@ -51,7 +51,7 @@ def test_prefix_end_is_etcds() -> None:
 def test_a_host_writes_its_own_keys_and_not_another_hosts() -> None:
     mine, other = roles_of(B), A
     for key in (hosts_key(P, B), units_key(P, B), control_prefix(P, B) + "release/djed-web.service",
-                rel.report_key(P, 9, "pulled", B)):
+                proto.report_key(P, 9, "pulled", B)):
         assert allowed(mine, key, "write"), key
     for key in (hosts_key(P, other), units_key(P, other), control_prefix(P, other) + "hold/x.service"):
         assert not allowed(mine, key, "write"), key
@@ -62,13 +62,15 @@ def test_a_host_writes_its_own_keys_and_not_another_hosts() -> None:
 
 def test_an_ordinary_host_neither_leads_nor_writes_the_leaders_keys() -> None:
     ordinary = roles_of(B)
-    for key in (rel.header_key(P), leader_key(P), rel.ledger_key(P, 9, "migrate"), rel.history_key(P, 9)):
+    for key in (proto.header_key(P), leader_key(P), proto.ledger_key(P, 9, "migrate"),
+                proto.history_key(P, 9)):
         assert not allowed(ordinary, key, "write"), key
-    assert allowed(ordinary, rel.header_key(P), "read")
+    assert allowed(ordinary, proto.header_key(P), "read")
     assert not allowed(ordinary, hosts_key(P, A), "read")
     leader = roles_of(A, leader=True)
-    for key in (rel.header_key(P), leader_key(P), rel.ledger_key(P, 9, "migrate"), rel.history_key(P, 9),
-                rel.record_key(P, 9), rel.hosts_list_key(P, 9), rel.report_key(P, 9, "claim", "migrate")):
+    for key in (proto.header_key(P), leader_key(P), proto.ledger_key(P, 9, "migrate"),
+                proto.history_key(P, 9), proto.record_key(P, 9), proto.hosts_list_key(P, 9),
+                proto.report_key(P, 9, "claim", "migrate")):
         assert allowed(leader, key, "write"), key
     assert allowed(leader, hosts_key(P, B), "read") and not allowed(leader, hosts_key(P, B), "write")
 
@@ -76,8 +78,8 @@ def test_an_ordinary_host_neither_leads_nor_writes_the_leaders_keys() -> None:
 def test_the_rollouts_range_is_the_layouts_limit() -> None:
     """A host's reports come after the rollout's revision: the narrowest grant that holds them is the
     whole rollouts range, so a host can write what is in it (said in the module and the docs)."""
-    assert allowed(roles_of(B), rel.report_key(P, 9, "pulled", A), "write")
-    assert allowed(roles_of(B), rel.record_key(P, 9), "write")
+    assert allowed(roles_of(B), proto.report_key(P, 9, "pulled", A), "write")
+    assert allowed(roles_of(B), proto.record_key(P, 9), "write")
 
 
 def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> None:
@@ -87,11 +89,11 @@ def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> N
         assert not allowed(roles, "/djed-environment", "write")
     ops = [access.operator_role(KEYS)]
     for key in ("/djed-version", "/djed-environment", control_prefix(P, A) + "hold/djed-web.service",
-                rel.abort_key(P, 9)):
+                proto.abort_key(P, 9)):
         assert allowed(ops, key, "write"), key
-    for key in (hosts_key(P, A), units_key(P, A), leader_key(P), rel.history_key(P, 1), "/djed-version"):
+    for key in (hosts_key(P, A), units_key(P, A), leader_key(P), proto.history_key(P, 1), "/djed-version"):
         assert allowed(ops, key, "read"), key
-    for key in (hosts_key(P, A), rel.header_key(P), leader_key(P), rel.ledger_key(P, 1, "m")):
+    for key in (hosts_key(P, A), proto.header_key(P), leader_key(P), proto.ledger_key(P, 1, "m")):
         assert not allowed(ops, key, "write"), key
 
 

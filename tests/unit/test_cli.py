@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import norm
 from norm.app import cli, views
 from norm.core import config as cfg
-from norm.core import release as rel
-from norm.core.rollout import Excluded, HostProgress, HostStatus, LedgerEntry, Phase, Release, Rollout
+from norm.core import protocol as proto
+from norm.core.record import Excluded, HostProgress, HostStatus, LedgerEntry, Phase, Release, Rollout
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -192,8 +192,8 @@ T0 = 1_700_000_000.0
 NAMES = {A: "web-1", B: "web-2"}
 
 
-def header(phase: Phase, **kw: object) -> rel.Header:
-    base = rel.Header(revision=7, tag="v2", phase=phase, digest=D2, previous=OLD, hosts_count=2,
+def header(phase: Phase, **kw: object) -> proto.Header:
+    base = proto.Header(revision=7, tag="v2", phase=phase, digest=D2, previous=OLD, hosts_count=2,
                       started_at=T0, updated_at=T0 + 10)
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
@@ -258,35 +258,36 @@ def test_heal_summary(units: object, text: str) -> None:
 def test_host_state_follows_the_reports() -> None:
     h = header(Phase.START)
     assert views.host_state(h, A, {}) == views.HostState("pending", 0)
-    r = reports(("pulled", A, rel.pulled_ok(D2)))
+    r = reports(("pulled", A, proto.pulled_ok(D2)))
     assert views.host_state(h, A, r) == views.HostState("pulled", 1)
-    assert views.host_state(h, A, reports(("pulled", A, rel.pulled_ok(D1)))).state == "pending"  # other image
-    r |= reports(("stopped", A, rel.stopped()))
+    other_image = reports(("pulled", A, proto.pulled_ok(D1)))
+    assert views.host_state(h, A, other_image).state == "pending"
+    r |= reports(("stopped", A, proto.stopped()))
     assert views.host_state(h, A, r) == views.HostState("stopped", 2)
-    assert views.host_state(h, A, r | reports(("started", A, rel.started(D2, True)))) == views.HostState(
+    assert views.host_state(h, A, r | reports(("started", A, proto.started(D2, True)))) == views.HostState(
         "started", 3)
-    failed = views.host_state(h, A, r | reports(("started", A, rel.started(D2, False, "web\x1b failed"))))
+    failed = views.host_state(h, A, r | reports(("started", A, proto.started(D2, False, "web\x1b failed"))))
     assert failed == views.HostState("failed", 2, "web? failed")
-    assert views.host_state(h, A, reports(("pulled", A, rel.pulled_error("no space", False)))) == \
+    assert views.host_state(h, A, reports(("pulled", A, proto.pulled_error("no space", False)))) == \
         views.HostState("pulling", 0, "no space")
-    assert views.host_state(h, A, reports(("pulled", A, rel.pulled_error("manifest unknown", True)))) == \
+    assert views.host_state(h, A, reports(("pulled", A, proto.pulled_error("manifest unknown", True)))) == \
         views.HostState("pull failed", 0, "manifest unknown")
 
 
 def test_host_state_in_a_rollback_waits_for_the_old_release() -> None:
     h = header(Phase.START, rollback=True, outcome=Phase.FAILED, reason="step failed")
-    r = reports(("pulled", A, rel.pulled_ok(D2)), ("stopped", A, rel.stopped()),
-                ("started", A, rel.started(D2, True)))
+    r = reports(("pulled", A, proto.pulled_ok(D2)), ("stopped", A, proto.stopped()),
+                ("started", A, proto.started(D2, True)))
     assert views.host_state(h, A, r).state == "stopped"  # started the new release: not what counts now
-    r |= reports(("started", A, rel.started(D1, True)))
+    r |= reports(("started", A, proto.started(D1, True)))
     assert views.host_state(h, A, r).state == "started"
 
 
 def test_host_state_of_excluded_hosts_and_from_the_record() -> None:
     record = rollout(Phase.STOP, hosts=(A,), progress=(HostProgress(A, HostStatus.STOPPED),),
                      excluded=(Excluded(B, "lost its lease", Phase.PULL),))
-    h = rel.Header.of(record)
-    assert views.host_state(h, B, reports(("pulled", B, rel.pulled_ok(D2))), record) == views.HostState(
+    h = proto.Header.of(record)
+    assert views.host_state(h, B, reports(("pulled", B, proto.pulled_ok(D2))), record) == views.HostState(
         "excluded", 1, "lost its lease")
     assert views.host_state(h, A, {}, record) == views.HostState("stopped", 2)  # reports gone: the record
     assert views.participants(h, (), record) == (A, B)
@@ -303,10 +304,10 @@ def test_rollout_frame_while_waiting_and_without_rollout() -> None:
 def test_rollout_frame_during_the_migration() -> None:
     record = rollout(Phase.MIGRATE, migrating="collectstatic", migrator=A,
                      ledger=(LedgerEntry(D2, "v2", "migrate", True, 7, T0),))
-    r = reports(("pulled", A, rel.pulled_ok(D2)), ("pulled", B, rel.pulled_ok(D2)),
-                ("stopped", A, rel.stopped()), ("stopped", B, rel.stopped()),
-                ("migrated", "migrate", rel.migrated(True, 0, None, 61.2, A)))
-    p = views.Progress(want=7, header=rel.Header.of(record), listed=(A, B), reports=r, names=NAMES,
+    r = reports(("pulled", A, proto.pulled_ok(D2)), ("pulled", B, proto.pulled_ok(D2)),
+                ("stopped", A, proto.stopped()), ("stopped", B, proto.stopped()),
+                ("migrated", "migrate", proto.migrated(True, 0, None, 61.2, A)))
+    p = views.Progress(want=7, header=proto.Header.of(record), listed=(A, B), reports=r, names=NAMES,
                        record=record)
     assert [text for _, text in views.rollout_frame(p)] == [
         "rollout 7 v2@sha256:222222222222: migrate: step collectstatic (2/2)",
@@ -319,7 +320,8 @@ def test_rollout_frame_during_the_migration() -> None:
 
 def test_rollout_frame_of_pull_and_failure() -> None:
     h = header(Phase.PULL)
-    r = reports(("pulled", A, rel.pulled_ok(D2)), ("pulled", C, rel.pulled_error("manifest unknown", True)))
+    r = reports(("pulled", A, proto.pulled_ok(D2)),
+                ("pulled", C, proto.pulled_error("manifest unknown", True)))
     p = views.Progress(want=7, header=h, listed=(A, B, C), reports=r, names=NAMES)
     assert [text for _, text in views.rollout_frame(p)] == [
         "rollout 7 v2@sha256:222222222222: pull: 1/3 pulled",
@@ -343,7 +345,7 @@ def test_rollout_frame_counts_from_the_header_until_the_hosts_are_read() -> None
 
 def test_progress_json() -> None:
     p = views.Progress(want=7, header=header(Phase.STOP), listed=(A,), names=NAMES,
-                       reports=reports(("stopped", A, rel.stopped())))
+                       reports=reports(("stopped", A, proto.stopped())))
     data = views.progress_json(p, views.Verdict.RUNNING)
     assert json.loads(json.dumps(data))["hosts"] == [
         {"machine_id": A, "name": "web-1", "state": "stopped", "done": 2, "note": None}]
@@ -480,6 +482,7 @@ def test_status_shows_the_environment_file_only_where_one_is_used() -> None:
 
 
 def test_a_start_that_left_an_operator_held_unit_stopped_says_so() -> None:
-    r = reports(("started", A, rel.started(D2, True, "djed-web.service: held by the operator, left stopped")))
+    r = reports(("started", A,
+                 proto.started(D2, True, "djed-web.service: held by the operator, left stopped")))
     assert views.host_state(header(Phase.START), A, r) == views.HostState(
         "started", 3, "djed-web.service: held by the operator, left stopped")

@@ -15,19 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
+from norm.core.record import TERMINAL, Deadline, HostStatus, LedgerEntry, Phase, Release, Rollout
 from norm.core.rollout import (
     EVENT_TYPES,
-    TERMINAL,
     TRANSITIONS,
     Abort,
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
     Command,
-    Deadline,
     Event,
     HostActive,
     HostFailed,
@@ -35,24 +34,19 @@ from norm.core.rollout import (
     HostPulled,
     HostPullFailed,
     HostsExcluded,
-    HostStatus,
     HostStopped,
     IllegalTransition,
-    LedgerEntry,
     MigrationFailed,
     MigrationSucceeded,
     MigrationUnknown,
     NewerVersion,
-    Phase,
     PullOnHosts,
     RecordOutcome,
-    Release,
     Resolved,
     ResolveFailed,
     ResolveTag,
     RestartOldRelease,
     Resumed,
-    Rollout,
     RolloutPolicy,
     RunMigration,
     StartOnHosts,
@@ -477,7 +471,7 @@ def test_the_ledger_summary_decides_as_the_whole_ledger(entries: list[LedgerEntr
 
 
 def test_ledger_entries_round_trip_through_their_keys() -> None:
-    from norm.core.rollout import decode_ledger_entry
+    from norm.core.record import decode_ledger_entry
     for e in (LedgerEntry(D1, "v1", "migrate", True, 3, 1.5),
               LedgerEntry(D1, "v1", "migrate", False, 3, 1.5, unknown=True)):
         assert decode_ledger_entry(json.dumps(dataclasses.asdict(e)).encode(), "k") == e
@@ -933,10 +927,10 @@ class RolloutMachine(RuleBasedStateMachine):
         the step being migrated; a step's claim, once made by a host, is never asked of another; and
         no host is asked to run a step its image already ran."""
         r = self.record
-        h = rel.Header.of(r)
+        h = proto.Header.of(r)
         for host in MACHINE_HOSTS:
-            for d in rel.host_duties(h, host, host in r.hosts, frozenset(), None):
-                if not isinstance(d, rel.Migrate):
+            for d in proto.host_duties(h, host, host in r.hosts, frozenset(), None):
+                if not isinstance(d, proto.Migrate):
                     continue
                 assert host == r.migrator and d.step == r.migrating and d.digest == r.digest
                 claimant = self.claims.setdefault((r.revision, d.step), host)

@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from norm.app import views
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core import tracker as trk
 from norm.core.host import HostRecord, hosts_key
-from norm.core.rollout import HostProgress, Phase, Release, Rollout
+from norm.core.record import HostProgress, Phase, Release, Rollout
 from norm.core.tracker import Skipped, Tracker, Verdict
 
 P = "/norm"
@@ -42,11 +42,11 @@ def finished(revision: int = WANT, phase: Phase = Phase.DONE, reason: str | None
 
 
 def header_kv(r: Rollout) -> KV:
-    return KV(rel.header_key(P), rel.Header.of(r).encode())
+    return KV(proto.header_key(P), proto.Header.of(r).encode())
 
 
 def report_kv(kind: str, name: str, raw: bytes, revision: int = WANT) -> KV:
-    return KV(rel.report_key(P, revision, kind, name), raw)
+    return KV(proto.report_key(P, revision, kind, name), raw)
 
 
 def host_kv(mid: str, name: str) -> KV:
@@ -86,21 +86,21 @@ def test_a_later_header_keeps_the_followed_one() -> None:
 
 def test_a_header_that_does_not_decode_is_skipped_and_changes_nothing() -> None:
     t = trk.header_changed(fresh(), header_kv(record(5)))
-    bad = trk.header_changed(t, KV(rel.header_key(P), b"{not json"))
+    bad = trk.header_changed(t, KV(proto.header_key(P), b"{not json"))
     assert bad.current == t.current and bad.header is None
-    assert [s.key for s in bad.skipped] == [rel.header_key(P)]
+    assert [s.key for s in bad.skipped] == [proto.header_key(P)]
     assert bad.said().skipped == () and bad.said().current == t.current
 
 
 def test_a_deleted_header_leaves_no_current() -> None:
     t = trk.header_changed(fresh(), header_kv(record()))
-    gone = trk.changed(t, KV(rel.header_key(P), b""), deleted=True)
+    gone = trk.changed(t, KV(proto.header_key(P), b""), deleted=True)
     assert gone.current is None and gone.header == t.header
 
 
 def test_functions_return_a_new_model_and_leave_the_old_one() -> None:
     t = fresh()
-    t2 = trk.changed(t, report_kv("pulled", A, rel.pulled_ok(D2)))
+    t2 = trk.changed(t, report_kv("pulled", A, proto.pulled_ok(D2)))
     assert t.reports == {} and t2.reports == {("pulled", A): {"digest": D2}}
 
 
@@ -109,56 +109,56 @@ def test_functions_return_a_new_model_and_leave_the_old_one() -> None:
 
 
 def test_record_participants_and_reports() -> None:
-    t = trk.changed(fresh(), KV(rel.record_key(P, WANT), record().encode()))
-    t = trk.changed(t, KV(rel.hosts_list_key(P, WANT), json.dumps([A, B]).encode()))
-    t = trk.changed(t, report_kv("pulled", A, rel.pulled_ok(D2)))
-    t = trk.changed(t, report_kv("stopped", B, rel.stopped()))
+    t = trk.changed(fresh(), KV(proto.record_key(P, WANT), record().encode()))
+    t = trk.changed(t, KV(proto.hosts_list_key(P, WANT), json.dumps([A, B]).encode()))
+    t = trk.changed(t, report_kv("pulled", A, proto.pulled_ok(D2)))
+    t = trk.changed(t, report_kv("stopped", B, proto.stopped()))
     assert t.record == record() and t.listed == (A, B)
     assert set(t.reports) == {("pulled", A), ("stopped", B)}
     t = trk.changed(t, report_kv("stopped", B, b""), deleted=True)
-    t = trk.changed(t, KV(rel.hosts_list_key(P, WANT), b""), deleted=True)
-    t = trk.changed(t, KV(rel.record_key(P, WANT), b""), deleted=True)
+    t = trk.changed(t, KV(proto.hosts_list_key(P, WANT), b""), deleted=True)
+    t = trk.changed(t, KV(proto.record_key(P, WANT), b""), deleted=True)
     assert set(t.reports) == {("pulled", A)} and t.listed == () and t.record is None
     assert t.skipped == ()
 
 
 def test_another_rollouts_keys_are_ignored() -> None:
     t = fresh()
-    assert trk.changed(t, report_kv("pulled", A, rel.pulled_ok(D2), revision=8)) == t
-    assert trk.changed(t, report_kv("pulled", A, rel.pulled_ok(D2), revision=70)) == t
+    assert trk.changed(t, report_kv("pulled", A, proto.pulled_ok(D2), revision=8)) == t
+    assert trk.changed(t, report_kv("pulled", A, proto.pulled_ok(D2), revision=70)) == t
     # a record under this rollout's prefix that names another revision is not this rollout's
-    assert trk.changed(t, KV(rel.record_key(P, WANT), record(8).encode())).record is None
+    assert trk.changed(t, KV(proto.record_key(P, WANT), record(8).encode())).record is None
 
 
 def test_values_that_do_not_decode_are_skipped() -> None:
-    t = trk.changed(fresh(), KV(rel.hosts_list_key(P, WANT), b"[1, 2]"))
-    t = trk.changed(t, KV(rel.hosts_list_key(P, WANT), b"{"))
+    t = trk.changed(fresh(), KV(proto.hosts_list_key(P, WANT), b"[1, 2]"))
+    t = trk.changed(t, KV(proto.hosts_list_key(P, WANT), b"{"))
     t = trk.changed(t, report_kv("pulled", "not-a-machine-id", b"{}"))
-    t = trk.changed(t, KV(rel.record_key(P, WANT), b"[]"))
+    t = trk.changed(t, KV(proto.record_key(P, WANT), b"[]"))
     assert t.listed == () and t.reports == {} and t.record is None
     assert [s.reason for s in t.skipped][:2] == ["not a list of machine ids", "not JSON"]
     assert len(t.skipped) == 4
-    assert views.skipped(t.skipped[0]) == (f"norm: skipping {rel.hosts_list_key(P, WANT)}: "
+    assert views.skipped(t.skipped[0]) == (f"norm: skipping {proto.hosts_list_key(P, WANT)}: "
                                            "not a list of machine ids")
 
 
 def test_a_resync_replaces_what_was_known() -> None:
-    t = trk.changed(fresh(), report_kv("stopped", B, rel.stopped()))
+    t = trk.changed(fresh(), report_kv("stopped", B, proto.stopped()))
     t = trk.changed(t, header_kv(record(5)))
-    t = trk.resynced(t, [header_kv(record()), report_kv("pulled", A, rel.pulled_ok(D2)),
-                         report_kv("pulled", B, rel.pulled_ok(D2), revision=8)])
+    t = trk.resynced(t, [header_kv(record()), report_kv("pulled", A, proto.pulled_ok(D2)),
+                         report_kv("pulled", B, proto.pulled_ok(D2), revision=8)])
     assert t.current is not None and t.current.revision == WANT and t.verdict is Verdict.RUNNING
     assert set(t.reports) == {("pulled", A)}
     assert trk.resynced(t, []).current is None  # the header is gone
 
 
-KEYS = st.sampled_from([rel.header_key(P), rel.record_key(P, WANT), rel.hosts_list_key(P, WANT),
-                        rel.report_key(P, WANT, "pulled", A), rel.report_key(P, WANT, "started", B),
-                        rel.report_key(P, WANT, "migrated", "migrate"), rel.abort_key(P, WANT),
-                        rel.report_key(P, 8, "pulled", A), f"{P}/rollouts/{WANT}/x/y"])
+KEYS = st.sampled_from([proto.header_key(P), proto.record_key(P, WANT), proto.hosts_list_key(P, WANT),
+                        proto.report_key(P, WANT, "pulled", A), proto.report_key(P, WANT, "started", B),
+                        proto.report_key(P, WANT, "migrated", "migrate"), proto.abort_key(P, WANT),
+                        proto.report_key(P, 8, "pulled", A), f"{P}/rollouts/{WANT}/x/y"])
 VALUES = st.one_of(st.binary(max_size=40), st.sampled_from([
-    rel.Header.of(record()).encode(), record().encode(), finished().encode(), json.dumps([A, B]).encode(),
-    rel.pulled_ok(D2), rel.started(D2, True), rel.stopped(), b"null", b"[[[[]]]]"]))
+    proto.Header.of(record()).encode(), record().encode(), finished().encode(), json.dumps([A, B]).encode(),
+    proto.pulled_ok(D2), proto.started(D2, True), proto.stopped(), b"null", b"[[[[]]]]"]))
 CHANGES = st.lists(st.tuples(KEYS, VALUES, st.booleans()), max_size=20)
 
 
@@ -184,12 +184,12 @@ def test_names_are_read_once_then_again_only_for_new_participants() -> None:
     t = trk.names_read(t, [host_kv(A, "web-1"), KV(f"{hosts_key(P)}{B}", b"{")])
     assert t.names == {A: "web-1"} and [s.key for s in t.skipped] == [f"{hosts_key(P)}{B}"]
     assert not trk.wants_names(t)
-    t = trk.changed(t, KV(rel.hosts_list_key(P, WANT), json.dumps([A, B]).encode()))
+    t = trk.changed(t, KV(proto.hosts_list_key(P, WANT), json.dumps([A, B]).encode()))
     assert trk.wants_names(t)  # B has no name: looked for once
     t = trk.names_read(t, [host_kv(A, "web-1")])
     assert not trk.wants_names(t) and t.tried == {B}
     three = record(hosts=(A, B, C), progress=tuple(HostProgress(h) for h in (A, B, C)))
-    t = trk.changed(t, KV(rel.record_key(P, WANT), three.encode()))
+    t = trk.changed(t, KV(proto.record_key(P, WANT), three.encode()))
     assert trk.wants_names(t)  # C takes part too
     t = trk.names_read(t, [host_kv(C, "web-3")])
     assert t.names == {A: "web-1", C: "web-3"} and not trk.wants_names(t)
@@ -203,7 +203,7 @@ def test_nothing_more_to_read_while_the_followed_rollout_holds_the_header() -> N
     assert trk.outcome_keys(fresh()) == ()
     t = trk.header_changed(fresh(), header_kv(record()))
     assert trk.outcome_keys(t) == ()
-    assert trk.outcome_read(t, [(rel.history_key(P, WANT), finished().encode())]) == t
+    assert trk.outcome_read(t, [(proto.history_key(P, WANT), finished().encode())]) == t
     ended = trk.header_changed(t, header_kv(finished()))
     assert trk.outcome_keys(trk.header_changed(ended, header_kv(record(9)))) == ()  # already known
 
@@ -211,7 +211,7 @@ def test_nothing_more_to_read_while_the_followed_rollout_holds_the_header() -> N
 def test_a_later_rollout_sends_it_to_the_history_then_the_record() -> None:
     t = trk.header_changed(trk.header_changed(fresh(), header_kv(record())), header_kv(record(9, tag="v3")))
     keys = trk.outcome_keys(t)
-    assert keys == (rel.history_key(P, WANT), rel.record_key(P, WANT))
+    assert keys == (proto.history_key(P, WANT), proto.record_key(P, WANT))
     failed = finished(phase=Phase.FAILED, reason="x").encode()
     done = trk.outcome_read(t, [(keys[0], failed), (keys[1], None)])
     assert done.verdict is Verdict.FAILED and done.header is not None and done.header.reason == "x"
@@ -235,8 +235,9 @@ def test_without_an_outcome_recorded_it_was_superseded() -> None:
 
 
 def test_what_the_live_view_shows_is_the_model() -> None:
-    t = trk.resynced(fresh(), [header_kv(record()), KV(rel.hosts_list_key(P, WANT), json.dumps([A]).encode()),
-                               report_kv("pulled", A, rel.pulled_ok(D2))])
+    t = trk.resynced(fresh(), [header_kv(record()),
+                               KV(proto.hosts_list_key(P, WANT), json.dumps([A]).encode()),
+                               report_kv("pulled", A, proto.pulled_ok(D2))])
     t = trk.names_read(t, [host_kv(A, "web-1")])
     p = views.progress_of(t)
     assert (p.want, p.header, p.listed, p.names, p.verdict_note) == (WANT, t.header, (A,), {A: "web-1"}, None)
@@ -245,6 +246,6 @@ def test_what_the_live_view_shows_is_the_model() -> None:
 
 
 def test_skipped_is_said_once() -> None:
-    t = trk.changed(fresh(), KV(rel.hosts_list_key(P, WANT), b"{"))
-    assert t.skipped == (Skipped(rel.hosts_list_key(P, WANT), "not JSON"),)
+    t = trk.changed(fresh(), KV(proto.hosts_list_key(P, WANT), b"{"))
+    assert t.skipped == (Skipped(proto.hosts_list_key(P, WANT), "not JSON"),)
     assert t.said().skipped == () and t.said().said() == t.said()

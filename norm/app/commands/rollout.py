@@ -19,7 +19,7 @@ from norm.app import cli, views
 from norm.app.screen import Screen
 from norm.app.views import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from norm.core import config as cfg
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core import tracker as trk
 from norm.core.errors import InvalidValue
 from norm.core.tracker import Tracker
@@ -169,7 +169,7 @@ async def _changes(etcd: Etcd, t: Tracker) -> AsyncIterator[asyncio.Queue[WatchI
     from norm.adapters.etcd import EtcdUnavailable
 
     queue: asyncio.Queue[WatchItem | Exception] = asyncio.Queue()
-    key = rel.header_key(t.prefix)  # as a prefix: the header and <prefix>/rollouts/...
+    key = proto.header_key(t.prefix)  # as a prefix: the header and <prefix>/rollouts/...
 
     async def pump() -> None:
         try:
@@ -230,8 +230,8 @@ async def follow_rollout(args: argparse.Namespace, config: cfg.Config, etcd: Etc
     prefix = config.keys.prefix
     notes: list[str] = []
     # One read of <prefix>/rollout*: the header and the rollout's keys as they stood together.
-    snap = await etcd.get_prefix(rel.header_key(prefix))
-    head = next((kv for kv in snap.kvs if kv.key == rel.header_key(prefix)), None)
+    snap = await etcd.get_prefix(proto.header_key(prefix))
+    head = next((kv for kv in snap.kvs if kv.key == proto.header_key(prefix)), None)
     header = cli.header_of(head, notes)
     cli.tell(notes)
     if header is None:
@@ -262,11 +262,11 @@ async def fleet_status(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
             units[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
         except (ValueError, RecursionError):
             notes.append(cli.skip(kv.key, "not a unit summary"))
-    snap = await etcd.get_prefix(rel.header_key(prefix))  # the header and the rollout's keys, together
-    header = cli.header_of(next((kv for kv in snap.kvs if kv.key == rel.header_key(prefix)), None), notes)
-    running: tuple[rel.Header, Tracker] | None = None
+    snap = await etcd.get_prefix(proto.header_key(prefix))  # the header and the rollout's keys, together
+    header = cli.header_of(next((kv for kv in snap.kvs if kv.key == proto.header_key(prefix)), None), notes)
+    running: tuple[proto.Header, Tracker] | None = None
     if header is not None and not header.terminal:
-        mine = rel.rollout_prefix(prefix, header.revision)
+        mine = proto.rollout_prefix(prefix, header.revision)
         t = trk.rollout_listed(Tracker(prefix, header.revision),
                                [kv for kv in snap.kvs if kv.key.startswith(mine)])
         notes += [views.skipped(s) for s in t.skipped]
@@ -281,7 +281,7 @@ async def fleet_status(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
 
 
 async def list_history(args: argparse.Namespace, config: cfg.Config, etcd: Etcd) -> int:
-    from norm.core.rollout import Rollout
+    from norm.core.record import Rollout
 
     records = []
     for kv in (await etcd.get_prefix(f"{config.keys.prefix}/history/")).kvs:
@@ -314,7 +314,7 @@ async def abort(etcd: Etcd, prefix: str, by: str) -> int:
 
     for _ in range(10):
         notes: list[str] = []
-        kv = await etcd.get(rel.header_key(prefix))
+        kv = await etcd.get(proto.header_key(prefix))
         header = cli.header_of(kv, notes)
         cli.tell(notes)
         if kv is None or header is None or header.terminal:
@@ -322,8 +322,8 @@ async def abort(etcd: Etcd, prefix: str, by: str) -> int:
             print(f"norm: no rollout is running{last}", file=sys.stderr)
             return EXIT_FAILED
         # Written only while the header is the one read: never for a rollout that has ended since.
-        result = await etcd.txn([Compare(rel.header_key(prefix), "mod", "==", kv.mod_revision)],
-                                [Put(rel.abort_key(prefix, header.revision), rel.abort_request(by))])
+        result = await etcd.txn([Compare(proto.header_key(prefix), "mod", "==", kv.mod_revision)],
+                                [Put(proto.abort_key(prefix, header.revision), proto.abort_request(by))])
         if result.succeeded:
             print(f"abort requested for rollout {header.revision}")
             return EXIT_OK

@@ -1,7 +1,7 @@
-"""What every host reads and writes during a fleet update, as pure data: the rollout header it watches,
-the reports it writes, the duty it has, and the release file it hands its units.
+"""The rollout's protocol in etcd, as pure data: the keys, the rollout header every host watches, the
+reports hosts write, the duty each host has, and the release file it hands its units.
 
-The leader keeps the whole rollout record (rollout.Rollout) under the rollout's own prefix. Every
+The leader keeps the whole rollout record (record.Rollout) under the rollout's own prefix. Every
 host watches only the header: a few hundred bytes (the participant list is fetched once per rollout),
 so a phase change costs the fleet one small event per host however big the fleet is. Per-host
 progress lives in the hosts' own report keys, which only the leader watches:
@@ -17,40 +17,34 @@ progress lives in the hosts' own report keys, which only the leader watches:
     <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...,
                                               "unknown": true when the outcome cannot be known}
     <prefix>/rollouts/<rev>/abort             {"by": ...}: an operator's request
-    <prefix>/ledger/<rev>-<step>              a ledger entry (rollout.LedgerEntry), once per step run;
+    <prefix>/ledger/<rev>-<step>              a ledger entry (record.LedgerEntry), once per step run;
                                               never trimmed: the ledger's source of truth
     <prefix>/history/<rev>                    the record of a finished rollout (the last N kept)
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from norm.core import values
+from norm.core import values, wire
 from norm.core.desired import is_tag
 from norm.core.errors import InvalidValue
+from norm.core.record import TERMINAL, HostStatus, Phase, Release, Rollout
 from norm.core.rollout import (
-    TERMINAL,
     Abort,
     Event,
     HostActive,
     HostFailed,
     HostPulled,
     HostPullFailed,
-    HostStatus,
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
     MigrationUnknown,
-    Phase,
-    Release,
-    Rollout,
 )
+from norm.core.wire import Digest, MachineId, Reason, StepName, Text
 
 _DIGEST = values.DIGEST
 _MID = values.MACHINE_ID
@@ -77,6 +71,20 @@ def record_key(prefix: str, revision: int) -> str:
 
 def hosts_list_key(prefix: str, revision: int) -> str:
     return f"{prefix}/rollouts/{revision}/hosts"
+
+
+def hosts_list(hosts: tuple[str, ...]) -> bytes:
+    """What the hosts list key holds: the participating machine ids, as a JSON list."""
+    return wire.encode(list(hosts), compact=False)
+
+
+def decode_hosts(raw: bytes, where: str) -> tuple[str, ...]:
+    """The machine ids a hosts list key holds; InvalidValue for anything but a list of them."""
+    data = wire.parse(raw, where)
+    try:
+        return wire.decode(tuple[MachineId, ...], data)
+    except ValueError:
+        raise InvalidValue(where, "not a list of machine ids") from None
 
 
 def report_key(prefix: str, revision: int, kind: str, name: str) -> str:
@@ -107,17 +115,17 @@ def migration_container(revision: int, step: str) -> str:
 @dataclass(frozen=True)
 class Header:
     revision: int
-    tag: str
+    tag: str  # "" for a refused desired value (see _check_header)
     phase: Phase
-    digest: str | None = None
+    digest: Digest | None = None
     previous: Release | None = None
     rollback: bool = False
-    migrating: str | None = None
-    migrator: str | None = None
-    excluded: tuple[str, ...] = ()
+    migrating: StepName | None = None
+    migrator: MachineId | None = None
+    excluded: tuple[MachineId, ...] = ()
     hosts_count: int = 0
     outcome: Phase | None = None
-    reason: str | None = None
+    reason: Text | None = None
     started_at: float = 0.0
     updated_at: float = 0.0
     ended_at: float | None = None
@@ -157,43 +165,20 @@ class Header:
         return self.previous
 
     def encode(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return wire.encode(self)
 
     @classmethod
     def decode(cls, raw: bytes, where: str) -> Header:
-        try:
-            d = json.loads(raw)
-            if not isinstance(d, dict) or set(d) - {f.name for f in dataclasses.fields(cls)}:
-                raise ValueError("not a header object")
-            prev = d.get("previous")
-            if prev is not None and (not isinstance(prev, dict) or set(prev) != {"tag", "digest"}):
-                raise ValueError("previous: not a release")
-            previous = None if prev is None else Release(values.tag(prev["tag"], "previous.tag"),
-                                                         _digest(prev["digest"]))
-            outcome = d.get("outcome")
-            migrating, migrator = d.get("migrating"), d.get("migrator")
-            phase = Phase(d["phase"])
-            # A refused desired value is recorded as "": it never reaches a release file.
-            refused = d["tag"] == "" and phase in TERMINAL and d.get("digest") is None
-            tag = "" if refused else values.tag(d["tag"], "tag")
-            h = cls(revision=_i(d["revision"]), tag=tag, phase=phase,
-                    digest=None if d.get("digest") is None else _digest(d["digest"]),
-                    previous=previous, rollback=_b(d.get("rollback", False)),
-                    migrating=None if migrating is None else values.step(migrating, "migrating"),
-                    migrator=None if migrator is None else values.machine_id(migrator, "migrator"),
-                    excluded=tuple(values.machine_id(x, "excluded") for x in _l(d.get("excluded", []))),
-                    hosts_count=_i(d.get("hosts_count", 0)),
-                    outcome=None if outcome is None else Phase(outcome),
-                    reason=None if d.get("reason") is None else values.text(d["reason"], "reason"),
-                    started_at=_f(d.get("started_at", 0.0)), updated_at=_f(d.get("updated_at", 0.0)),
-                    ended_at=None if d.get("ended_at") is None else _f(d["ended_at"]),
-                    released=_b(d.get("released", False)))
-            if h.revision < 1 or h.hosts_count < 0 or (h.rollback and h.previous is None):
-                raise ValueError("inconsistent header")
-            return h
-        except (ValueError, TypeError, KeyError, RecursionError) as e:
-            raise InvalidValue(where, f"not a rollout header ({type(e).__name__}: {values.describe(e)})"
-                               ) from None
+        """The header `raw` holds, strictly; InvalidValue naming the field at fault, never its value."""
+        return wire.read(cls, raw, where, "rollout header", check=_check_header)
+
+
+def _check_header(h: Header) -> None:
+    # A refused desired value is recorded as "": it never reaches a release file.
+    if h.tag != "" or h.phase not in TERMINAL or h.digest is not None:
+        values.tag(h.tag, "tag")
+    if h.revision < 1 or h.hosts_count < 0 or (h.rollback and h.previous is None):
+        raise ValueError("inconsistent header")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,11 +186,11 @@ class Header:
 
 
 def pulled_ok(digest: str) -> bytes:
-    return _json({"digest": digest})
+    return wire.encode({"digest": digest})
 
 
 def pulled_error(reason: str, permanent: bool) -> bytes:
-    return _json({"error": values.clean(reason), "permanent": permanent})
+    return wire.encode({"error": values.clean(reason), "permanent": permanent})
 
 
 def stopped() -> bytes:
@@ -213,7 +198,8 @@ def stopped() -> bytes:
 
 
 def started(digest: str, ok: bool, reason: str | None = None) -> bytes:
-    return _json({"digest": digest, "ok": ok, "reason": None if reason is None else values.clean(reason)})
+    return wire.encode({"digest": digest, "ok": ok,
+                        "reason": None if reason is None else values.clean(reason)})
 
 
 def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float, host: str,
@@ -222,7 +208,7 @@ def migrated(ok: bool, exit_code: int | None, reason: str | None, seconds: float
              "seconds": round(seconds, 3), "host": host}
     if unknown:
         value["unknown"] = True
-    return _json(value)
+    return wire.encode(value)
 
 
 StepOutcome = Literal["ok", "failed", "unknown"]
@@ -241,11 +227,11 @@ def step_outcome(exit_code: int, killed_by_norm: bool) -> StepOutcome:
 
 
 def claim(host: str) -> bytes:
-    return _json({"host": host})
+    return wire.encode({"host": host})
 
 
 def abort_request(by: str) -> bytes:
-    return _json({"by": values.clean(by)})
+    return wire.encode({"by": values.clean(by)})
 
 
 @dataclass(frozen=True)
@@ -271,55 +257,75 @@ def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | N
             raise InvalidValue(key, "not a step name")
     elif not _MID.fullmatch(name):
         raise InvalidValue(key, "not a machine id")
+    value = wire.parse(raw, key)
     try:
-        value = json.loads(raw)
-        if not isinstance(value, dict):
-            raise TypeError("not an object")
         _check_report(kind, value)
-    except (ValueError, TypeError, KeyError, RecursionError) as e:
-        raise InvalidValue(key, f"not a valid {kind} report ({type(e).__name__}: {values.describe(e)})"
-                           ) from None
+    except (ValueError, TypeError) as e:
+        raise InvalidValue(key, f"not a valid {kind} report ({e})") from None
+    assert isinstance(value, dict)
     return Report(kind, name, value)  # type: ignore[arg-type]
 
 
-_REPORT_FIELDS = {"pulled": {"digest", "error", "permanent"}, "stopped": set(),
-                  "started": {"digest", "ok", "reason"},
-                  "migrated": {"ok", "exit_code", "reason", "seconds", "host", "unknown"},
-                  "claim": {"host"}, "abort": {"by"}}
+# What each kind of report holds, as the wire reads it back (a Report keeps the plain value).
 
 
-def _check_report(kind: str, v: dict[str, Any]) -> None:
-    if set(v) - _REPORT_FIELDS[kind]:
-        raise ValueError("unknown field")
-    if kind == "pulled":
-        if "digest" in v:
-            _digest(v["digest"])
-        else:
-            values.text(v["error"], "error", MAX_REASON)
-            _b(v["permanent"])
-    elif kind == "started":
-        _digest(v["digest"])
-        _b(v["ok"])
-        _reason(v.get("reason"))
-    elif kind == "migrated":
-        _b(v["ok"])
-        _reason(v.get("reason"))
-        values.machine_id(v["host"], "host")
-        if v.get("exit_code") is not None:
-            _i(v["exit_code"])
-        if "seconds" in v:
-            _f(v["seconds"])
-        if _b(v.get("unknown", False)) and v["ok"]:
-            raise ValueError("a step cannot both succeed and have an unknown outcome")
-    elif kind == "claim":
-        values.machine_id(v["host"], "host")
-    elif kind == "abort":
-        values.text(v["by"], "by", MAX_REASON)
+@dataclass(frozen=True)
+class _Pulled:
+    digest: Digest
 
 
-def _reason(v: object) -> None:
-    if v is not None:
-        values.text(v, "reason", MAX_REASON)
+@dataclass(frozen=True)
+class _PullFailed:
+    error: Reason
+    permanent: bool
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    pass
+
+
+@dataclass(frozen=True)
+class _Started:
+    digest: Digest
+    ok: bool
+    reason: Reason | None = None
+
+
+@dataclass(frozen=True)
+class _Migrated:
+    ok: bool
+    host: MachineId
+    exit_code: int | None = None
+    reason: Reason | None = None
+    seconds: float = 0.0
+    unknown: bool = False
+
+
+@dataclass(frozen=True)
+class _Claim:
+    host: MachineId
+
+
+@dataclass(frozen=True)
+class _Abort:
+    by: Reason
+
+
+_REPORTS: dict[str, type[Any]] = {"pulled": _PullFailed, "stopped": _Stopped, "started": _Started,
+                                  "migrated": _Migrated, "claim": _Claim, "abort": _Abort}
+
+
+def _check_report(kind: str, v: object) -> None:
+    if kind == "pulled" and isinstance(v, dict) and "digest" in v:
+        # The pulled form: what it may hold of the failed form besides is not read.
+        if set(v) - {"digest", "error", "permanent"}:
+            raise wire.DecodeError("a field pulled reports do not have")
+        wire.decode(_Pulled, {"digest": v["digest"]})
+        return
+    report = wire.decode(_REPORTS[kind], v)
+    if isinstance(report, _Migrated) and report.unknown and report.ok:
+        raise ValueError("a step cannot both succeed and have an unknown outcome")
 
 
 def report_event(record: Rollout, report: Report) -> Event | None:
@@ -334,21 +340,29 @@ def report_event(record: Rollout, report: Report) -> Event | None:
         case "stopped":
             return HostStopped(report.name)
         case "started":
-            target = record.previous if record.rollback else record.release
-            if record.phase is not Phase.START or target is None or v["digest"] != target.digest:
-                return None
-            if v["ok"]:
-                return HostActive(report.name)
-            return HostFailed(report.name, v.get("reason") or "failed")
+            return _started_event(record, report.name, v)
         case "migrated":
-            if v.get("unknown", False):
-                return MigrationUnknown(report.name, v.get("reason") or "its container was lost")
-            if v["ok"]:
-                return MigrationSucceeded(report.name)
-            return MigrationFailed(report.name, v.get("reason") or f"exit code {v.get('exit_code')}")
+            return _migrated_event(report.name, v)
         case "abort":
             return Abort(v["by"])
     return None
+
+
+def _started_event(record: Rollout, host: str, v: dict[str, Any]) -> Event | None:
+    target = record.previous if record.rollback else record.release
+    if record.phase is not Phase.START or target is None or v["digest"] != target.digest:
+        return None  # a start of another release: an older rollout's, or before a rollback
+    if v["ok"]:
+        return HostActive(host)
+    return HostFailed(host, v.get("reason") or "failed")
+
+
+def _migrated_event(step: str, v: dict[str, Any]) -> Event:
+    if v.get("unknown", False):
+        return MigrationUnknown(step, v.get("reason") or "its container was lost")
+    if v["ok"]:
+        return MigrationSucceeded(step)
+    return MigrationFailed(step, v.get("reason") or f"exit code {v.get('exit_code')}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,7 +467,7 @@ def render_release(release: Release, image: str, revision: int) -> bytes:
         values.tag(release.tag, "tag")
         values.digest(release.digest, "digest")
         values.matching(image, "image", _IMAGE)
-        _i(revision)
+        wire.decode(int, revision, "revision")
     except (ValueError, TypeError) as e:
         raise InvalidValue("release file", f"not written: {e}") from None
     if revision < 1:
@@ -482,60 +496,3 @@ def parse_release(raw: bytes) -> Release | None:
 def release_text(release: Release | None) -> str | None:
     """How a release shows in the host record and the CLI: tag@sha256:<first 12>."""
     return None if release is None else f"{release.tag}@{release.digest[:19]}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Strict little readers (values come from etcd, which anyone with access can write)
-
-
-def _json(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _s(v: object) -> str:
-    if not isinstance(v, str):
-        raise TypeError("expected a string")
-    return v
-
-
-def _os(v: object) -> str | None:
-    return None if v is None else _s(v)
-
-
-def _i(v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError("expected an integer")
-    return v
-
-
-def _f(v: object) -> float:
-    """A time or a duration: a finite float (JSON's NaN and Infinity, and integers past a float's
-    range, are not one)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise TypeError("expected a number")
-    try:
-        f = float(v)
-    except OverflowError:
-        raise ValueError("a number out of range") from None
-    if not math.isfinite(f):
-        raise ValueError("expected a finite number")
-    return f
-
-
-def _b(v: object) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError("expected true or false")
-    return v
-
-
-def _l(v: object) -> list[Any]:
-    if not isinstance(v, list):
-        raise TypeError("expected a list")
-    return v
-
-
-def _digest(v: object) -> str:
-    s = _s(v)
-    if not _DIGEST.fullmatch(s):
-        raise ValueError("not a sha256 digest")
-    return s

@@ -8,22 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from norm.core import release as rel
+from norm.core import protocol as proto
 from norm.core.errors import InvalidValue
+from norm.core.record import HostProgress, HostStatus, Phase, Release, Rollout
 from norm.core.rollout import (
     HostActive,
     HostFailed,
-    HostProgress,
     HostPulled,
     HostPullFailed,
-    HostStatus,
     HostStopped,
     MigrationFailed,
     MigrationSucceeded,
     MigrationUnknown,
-    Phase,
-    Release,
-    Rollout,
 )
 
 A, B = "a" * 32, "b" * 32
@@ -32,8 +28,8 @@ OLD, NEW = Release("v1", D1), Release("v2", D2)
 P = "/norm"
 
 
-def header(phase: Phase, **kw: object) -> rel.Header:
-    base = rel.Header(revision=7, tag="v2", phase=phase, digest=D2, previous=OLD, hosts_count=2)
+def header(phase: Phase, **kw: object) -> proto.Header:
+    base = proto.Header(revision=7, tag="v2", phase=phase, digest=D2, previous=OLD, hosts_count=2)
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -45,8 +41,8 @@ def record(phase: Phase, **kw: object) -> Rollout:
 
 def test_header_round_trip_and_small() -> None:
     r = record(Phase.MIGRATE, migrating="migrate", migrator=A, hosts=tuple(f"{i:032x}" for i in range(1000)))
-    h = rel.Header.of(r)
-    assert rel.Header.decode(h.encode(), "k") == h
+    h = proto.Header.of(r)
+    assert proto.Header.decode(h.encode(), "k") == h
     assert h.hosts_count == 1000 and len(h.encode()) < 600  # the participant list is not in it
 
 
@@ -57,7 +53,7 @@ def test_header_round_trip_and_small() -> None:
                                  b'{"revision": 1, "tag": "v", "phase": "start", "rollback": true}'])
 def test_bad_headers_are_refused_without_quoting(raw: bytes) -> None:
     with pytest.raises(InvalidValue) as e:
-        rel.Header.decode(raw, "/norm/rollout")
+        proto.Header.decode(raw, "/norm/rollout")
     assert "md5" not in str(e.value)
 
 
@@ -68,9 +64,9 @@ def test_fleet_release_after_each_outcome() -> None:
     # Failed in START, on some hosts only: the new release stays (its steps ran).
     assert header(Phase.FAILED, released=True).fleet_release() == NEW
     started = (HostProgress(A, HostStatus.ACTIVE), HostProgress(B, HostStatus.FAILED))
-    assert rel.Header.of(record(Phase.FAILED, progress=started)).released
-    assert not rel.Header.of(record(Phase.FAILED, progress=started, rollback=True)).released
-    assert not rel.Header.of(record(Phase.FAILED)).released
+    assert proto.Header.of(record(Phase.FAILED, progress=started)).released
+    assert not proto.Header.of(record(Phase.FAILED, progress=started, rollback=True)).released
+    assert not proto.Header.of(record(Phase.FAILED)).released
     assert header(Phase.SUPERSEDED).fleet_release() == OLD
     assert header(Phase.HALTED).fleet_release() is None
     assert header(Phase.START, rollback=True).target == OLD
@@ -79,74 +75,74 @@ def test_fleet_release_after_each_outcome() -> None:
 
 def test_reports_become_events() -> None:
     def ev(key: str, raw: bytes, r: Rollout | None = None) -> object:
-        report = rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+        report = proto.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
         assert report is not None
-        return rel.report_event(r or record(Phase.START, progress=()), report)
+        return proto.report_event(r or record(Phase.START, progress=()), report)
 
-    assert ev(f"pulled/{A}", rel.pulled_ok(D2)) == HostPulled(A, D2)
-    assert ev(f"pulled/{A}", rel.pulled_error("registry down", False)) == \
+    assert ev(f"pulled/{A}", proto.pulled_ok(D2)) == HostPulled(A, D2)
+    assert ev(f"pulled/{A}", proto.pulled_error("registry down", False)) == \
         HostPullFailed(A, "registry down", False)
-    assert ev(f"stopped/{B}", rel.stopped()) == HostStopped(B)
-    assert ev(f"started/{A}", rel.started(D2, True)) == HostActive(A)
-    assert ev(f"started/{A}", rel.started(D2, False, "web: failed")) == HostFailed(A, "web: failed")
-    assert ev(f"started/{A}", rel.started(D1, True)) is None  # another release's start
-    assert ev(f"started/{A}", rel.started(D1, True), record(Phase.START, rollback=True,
+    assert ev(f"stopped/{B}", proto.stopped()) == HostStopped(B)
+    assert ev(f"started/{A}", proto.started(D2, True)) == HostActive(A)
+    assert ev(f"started/{A}", proto.started(D2, False, "web: failed")) == HostFailed(A, "web: failed")
+    assert ev(f"started/{A}", proto.started(D1, True)) is None  # another release's start
+    assert ev(f"started/{A}", proto.started(D1, True), record(Phase.START, rollback=True,
                                                              outcome=Phase.FAILED)) == HostActive(A)
-    assert ev("migrated/migrate", rel.migrated(True, 0, None, 1.0, A)) == MigrationSucceeded("migrate")
-    assert ev("migrated/migrate", rel.migrated(False, 3, "exit code 3", 1.0, A)) == \
+    assert ev("migrated/migrate", proto.migrated(True, 0, None, 1.0, A)) == MigrationSucceeded("migrate")
+    assert ev("migrated/migrate", proto.migrated(False, 3, "exit code 3", 1.0, A)) == \
         MigrationFailed("migrate", "exit code 3")
-    assert ev("claim/migrate", rel.claim(A)) is None
-    assert rel.parse_report(P, 7, f"{P}/rollouts/7/record", b"{}") is None
+    assert ev("claim/migrate", proto.claim(A)) is None
+    assert proto.parse_report(P, 7, f"{P}/rollouts/7/record", b"{}") is None
 
 
 @pytest.mark.parametrize("key,raw", [
     (f"pulled/{A}", b'{"digest": "sha256:short"}'),
     (f"pulled/{A}", b"not json"),
-    ("pulled/x;reboot", rel.pulled_ok(D2)),
+    ("pulled/x;reboot", proto.pulled_ok(D2)),
     (f"started/{A}", b'{"digest": "' + D2.encode() + b'", "ok": "yes"}'),
-    ("migrated/../x", rel.migrated(True, 0, None, 1.0, A)),
+    ("migrated/../x", proto.migrated(True, 0, None, 1.0, A)),
     (f"unknown/{A}", b"{}"),
     (f"stopped/{A}", b"[]"),
 ])
 def test_malformed_reports_are_refused(key: str, raw: bytes) -> None:
     with pytest.raises(InvalidValue) as e:
-        rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+        proto.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
     assert "reboot" not in e.value.reason and "yes" not in e.value.reason
 
 
 def test_duties_through_a_rollout() -> None:
     none: frozenset[str] = frozenset()
-    assert rel.host_duties(None, A, True, none, OLD) == ()
-    assert rel.host_duties(header(Phase.RESOLVE, digest=None), A, True, none, OLD) == ()
-    assert rel.host_duties(header(Phase.PULL), A, True, none, OLD) == (rel.Pull(D2),)
-    assert rel.host_duties(header(Phase.PULL), A, False, none, OLD) == ()  # not taking part
-    assert rel.host_duties(header(Phase.PULL), A, True, frozenset({"pulled"}), OLD) == ()
-    assert rel.host_duties(header(Phase.STOP), A, True, frozenset({"pulled"}), OLD) == (rel.Stop(),)
+    assert proto.host_duties(None, A, True, none, OLD) == ()
+    assert proto.host_duties(header(Phase.RESOLVE, digest=None), A, True, none, OLD) == ()
+    assert proto.host_duties(header(Phase.PULL), A, True, none, OLD) == (proto.Pull(D2),)
+    assert proto.host_duties(header(Phase.PULL), A, False, none, OLD) == ()  # not taking part
+    assert proto.host_duties(header(Phase.PULL), A, True, frozenset({"pulled"}), OLD) == ()
+    assert proto.host_duties(header(Phase.STOP), A, True, frozenset({"pulled"}), OLD) == (proto.Stop(),)
     mig = header(Phase.MIGRATE, migrating="migrate", migrator=A)
-    assert rel.host_duties(mig, A, True, frozenset({"pulled", "stopped"}), OLD) == \
-        (rel.Migrate("migrate", D2),)
-    assert rel.host_duties(mig, B, True, frozenset({"pulled", "stopped"}), OLD) == ()
+    assert proto.host_duties(mig, A, True, frozenset({"pulled", "stopped"}), OLD) == \
+        (proto.Migrate("migrate", D2),)
+    assert proto.host_duties(mig, B, True, frozenset({"pulled", "stopped"}), OLD) == ()
     # The migrator excluded meanwhile (its agent came back late) still finishes its step.
-    assert rel.host_duties(mig, A, False, none, OLD) == (rel.Migrate("migrate", D2),)
-    assert rel.host_duties(header(Phase.START), A, True, frozenset({"stopped"}), OLD) == (rel.Start(NEW),)
-    assert rel.host_duties(header(Phase.START, rollback=True), A, True, none, OLD) == (rel.Start(OLD),)
-    assert rel.host_duties(header(Phase.START), A, True, frozenset({"started"}), NEW) == ()
+    assert proto.host_duties(mig, A, False, none, OLD) == (proto.Migrate("migrate", D2),)
+    assert proto.host_duties(header(Phase.START), A, True, frozenset({"stopped"}), OLD) == (proto.Start(NEW),)
+    assert proto.host_duties(header(Phase.START, rollback=True), A, True, none, OLD) == (proto.Start(OLD),)
+    assert proto.host_duties(header(Phase.START), A, True, frozenset({"started"}), NEW) == ()
     # After the end: whoever does not run the fleet's release catches up; a halted rollout moves nobody.
-    assert rel.host_duties(header(Phase.DONE), A, False, none, OLD) == (rel.CatchUp(NEW),)
-    assert rel.host_duties(header(Phase.DONE), A, True, none, NEW) == ()
-    assert rel.host_duties(header(Phase.FAILED), A, False, none, None) == (rel.CatchUp(OLD),)
-    assert rel.host_duties(header(Phase.HALTED), A, False, none, None) == ()
+    assert proto.host_duties(header(Phase.DONE), A, False, none, OLD) == (proto.CatchUp(NEW),)
+    assert proto.host_duties(header(Phase.DONE), A, True, none, NEW) == ()
+    assert proto.host_duties(header(Phase.FAILED), A, False, none, None) == (proto.CatchUp(OLD),)
+    assert proto.host_duties(header(Phase.HALTED), A, False, none, None) == ()
 
 
 def test_holds_from_stop_until_started() -> None:
-    assert not rel.holds_units(header(Phase.PULL), True, frozenset())
-    assert not rel.holds_units(header(Phase.STOP), True, frozenset({"pulled"}))
-    assert rel.holds_units(header(Phase.STOP), True, frozenset({"pulled", "stopped"}))
-    assert rel.holds_units(header(Phase.MIGRATE), True, frozenset({"stopped"}))
-    assert rel.holds_units(header(Phase.START), True, frozenset({"stopped"}))
-    assert not rel.holds_units(header(Phase.START), True, frozenset({"stopped", "started"}))
-    assert not rel.holds_units(header(Phase.START), False, frozenset())
-    assert not rel.holds_units(header(Phase.DONE), True, frozenset({"stopped"}))
+    assert not proto.holds_units(header(Phase.PULL), True, frozenset())
+    assert not proto.holds_units(header(Phase.STOP), True, frozenset({"pulled"}))
+    assert proto.holds_units(header(Phase.STOP), True, frozenset({"pulled", "stopped"}))
+    assert proto.holds_units(header(Phase.MIGRATE), True, frozenset({"stopped"}))
+    assert proto.holds_units(header(Phase.START), True, frozenset({"stopped"}))
+    assert not proto.holds_units(header(Phase.START), True, frozenset({"stopped", "started"}))
+    assert not proto.holds_units(header(Phase.START), False, frozenset())
+    assert not proto.holds_units(header(Phase.DONE), True, frozenset({"stopped"}))
 
 
 TAGS = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", fullmatch=True)
@@ -154,15 +150,15 @@ TAGS = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", fullmatch=True)
 
 @given(TAGS)
 def test_release_file_round_trip(tag: str) -> None:
-    text = rel.render_release(Release(tag, D2), "127.0.0.1:5000/djed/app", 7)
-    assert rel.parse_release(text) == Release(tag, D2)
+    text = proto.render_release(Release(tag, D2), "127.0.0.1:5000/djed/app", 7)
+    assert proto.parse_release(text) == Release(tag, D2)
     assert b"NORM_IMAGE=127.0.0.1:5000/djed/app@" + D2.encode() + b"\n" in text
 
 
 def assert_exactly_the_release_lines(text: bytes, release: Release) -> None:
     lines = text.decode().split("\n")
-    assert lines[-1] == "" and [line.partition("=")[0] for line in lines[:-1]] == list(rel.RELEASE_KEYS)
-    assert rel.parse_release(text) == release
+    assert lines[-1] == "" and [line.partition("=")[0] for line in lines[:-1]] == list(proto.RELEASE_KEYS)
+    assert proto.parse_release(text) == release
 
 
 HOSTILE = st.one_of(
@@ -180,7 +176,7 @@ def test_a_release_file_is_exactly_its_four_lines_or_not_written(tag: str, diges
                                                                   revision: int) -> None:
     release = Release(tag, digest)
     try:
-        text = rel.render_release(release, image, revision)
+        text = proto.render_release(release, image, revision)
     except InvalidValue as e:
         assert "evil" not in str(e) and "reboot" not in str(e)
         return
@@ -203,13 +199,13 @@ def test_any_header_accepted_renders_exactly_the_release_lines(tag: str, previou
     raw = json.dumps(header_dict(tag=tag, previous={"tag": previous_tag, "digest": D1}, rollback=rollback,
                                  phase=phase)).encode()
     try:
-        h = rel.Header.decode(raw, "/norm/rollout")
+        h = proto.Header.decode(raw, "/norm/rollout")
     except InvalidValue as e:
         assert "evil" not in str(e) and "reboot" not in str(e)
         return
     for release in (h.release, h.previous, h.target, h.fleet_release()):
         if release is not None:
-            text = rel.render_release(release, "127.0.0.1:5000/djed/app", h.revision)
+            text = proto.render_release(release, "127.0.0.1:5000/djed/app", h.revision)
             assert_exactly_the_release_lines(text, release)
 
 
@@ -235,7 +231,7 @@ def test_hostile_values_in_a_header_are_refused_without_quoting(field: str, valu
     import json
 
     with pytest.raises(InvalidValue) as e:
-        rel.Header.decode(json.dumps(header_dict(**{field: value})).encode(), "/norm/rollout")
+        proto.Header.decode(json.dumps(header_dict(**{field: value})).encode(), "/norm/rollout")
     assert e.value.where == "/norm/rollout"
     assert "evil" not in str(e.value) and "X=1" not in str(e.value) and "cleared" not in str(e.value)
 
@@ -252,28 +248,28 @@ def test_hostile_values_in_a_header_are_refused_without_quoting(field: str, valu
 ])
 def test_hostile_values_in_reports_are_refused(key: str, raw: bytes) -> None:
     with pytest.raises(InvalidValue) as e:
-        rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+        proto.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
     assert "reboot" not in str(e.value)
 
 
 def test_what_hosts_write_reads_back_whatever_the_reason() -> None:
     nasty = "\x1b[2J" + "line\nnext\ttab\x00" * 40
-    for key, raw in ((f"pulled/{A}", rel.pulled_error(nasty, False)),
-                     (f"started/{A}", rel.started(D2, False, nasty)),
-                     ("migrated/migrate", rel.migrated(False, 3, nasty, 1.0, A)),
-                     ("abort", rel.abort_request(nasty))):
-        report = rel.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
+    for key, raw in ((f"pulled/{A}", proto.pulled_error(nasty, False)),
+                     (f"started/{A}", proto.started(D2, False, nasty)),
+                     ("migrated/migrate", proto.migrated(False, 3, nasty, 1.0, A)),
+                     ("abort", proto.abort_request(nasty))):
+        report = proto.parse_report(P, 7, f"{P}/rollouts/7/{key}", raw)
         assert report is not None and "\x1b" not in str(report.value) and "\x00" not in str(report.value)
 
 
 def test_release_file_that_is_not_ours() -> None:
-    assert rel.parse_release(b"") is None
-    assert rel.parse_release(b"NORM_RELEASE=v1\nNORM_DIGEST=latest\n") is None
+    assert proto.parse_release(b"") is None
+    assert proto.parse_release(b"NORM_RELEASE=v1\nNORM_DIGEST=latest\n") is None
 
 
 def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catches_up() -> None:
-    def behind(h: rel.Header, participant: bool = False, running: Release | None = OLD) -> bool:
-        return rel.behind_migration(h, participant, running)
+    def behind(h: proto.Header, participant: bool = False, running: Release | None = OLD) -> bool:
+        return proto.behind_migration(h, participant, running)
 
     # Before the cut-over nothing has changed; the participants are stopped or starting anyway.
     assert not any(behind(header(p)) for p in (Phase.RESOLVE, Phase.PULL, Phase.STOP))
@@ -291,13 +287,13 @@ def test_a_host_outside_the_rollout_is_behind_from_the_migration_until_it_catche
 
 
 def test_an_unknown_step_outcome_is_its_own_event() -> None:
-    report = rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
-                              rel.migrated(False, None, "the container vanished", 0.0, A, unknown=True))
+    report = proto.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
+                              proto.migrated(False, None, "the container vanished", 0.0, A, unknown=True))
     assert report is not None
-    assert rel.report_event(record(Phase.MIGRATE, migrating="migrate"), report) == \
+    assert proto.report_event(record(Phase.MIGRATE, migrating="migrate"), report) == \
         MigrationUnknown("migrate", "the container vanished")
     with pytest.raises(InvalidValue):  # succeeded and unknown at once
-        rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
+        proto.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate",
                          b'{"ok": true, "unknown": true, "host": "' + A.encode() + b'"}')
 
 
@@ -309,7 +305,7 @@ def test_an_unknown_step_outcome_is_its_own_event() -> None:
     (137, True, "failed"),  # Norm's own kill at migration_timeout
 ])
 def test_how_a_step_ended(code: int, killed_by_norm: bool, outcome: str) -> None:
-    assert rel.step_outcome(code, killed_by_norm) == outcome
+    assert proto.step_outcome(code, killed_by_norm) == outcome
 
 
 NUMBERS_OUT_OF_RANGE = ["9" * 400, "-" + "9" * 400, "1e400", "-1e999", "Infinity", "-Infinity", "NaN"]
@@ -322,11 +318,11 @@ def test_a_time_in_a_header_that_is_no_finite_float_is_refused(field: str, numbe
 
     raw = json.dumps(header_dict(**{field: "@N@"})).replace('"@N@"', number).encode()
     with pytest.raises(InvalidValue):
-        rel.Header.decode(raw, "/norm/rollout")
+        proto.Header.decode(raw, "/norm/rollout")
 
 
 @pytest.mark.parametrize("number", NUMBERS_OUT_OF_RANGE)
 def test_a_step_duration_in_a_report_that_is_no_finite_float_is_refused(number: str) -> None:
     raw = b'{"ok": true, "host": "' + A.encode() + b'", "exit_code": 0, "seconds": ' + number.encode() + b"}"
     with pytest.raises(InvalidValue):
-        rel.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate", raw)
+        proto.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate", raw)

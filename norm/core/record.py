@@ -1,0 +1,199 @@
+"""The rollout record: what the leader keeps in etcd of a fleet update, as frozen data.
+
+norm.core.rollout is the state machine that steps it; norm.core.protocol lays it out in etcd with the
+header and the hosts' reports. A record is read back by every leader to come, and the tags and
+digests it holds end up in the hosts' release files: it is decoded strictly (norm.core.wire), every
+value held to the grammar it was written with (norm.core.values), and to what the state machine
+relies on across its fields.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Annotated
+
+from norm.core import values, wire
+from norm.core.wire import Digest, MachineId, StepName, Text
+
+
+class Phase(enum.StrEnum):
+    RESOLVE = "resolve"
+    PULL = "pull"
+    STOP = "stop"
+    MIGRATE = "migrate"
+    START = "start"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    HALTED = "halted"
+
+
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED})
+
+
+class HostStatus(enum.StrEnum):
+    PENDING = "pending"  # asked to pull
+    PULLED = "pulled"  # has the image by `digest`
+    STOPPED = "stopped"  # units stopped; awaiting the start report
+    ACTIVE = "active"
+    FAILED = "failed"  # units did not start
+
+
+def _positive(v: float, name: str) -> float:
+    if not v > 0:
+        raise ValueError(f"{name}: must be a positive number")
+    return v
+
+
+def _tag_or_refused(v: str, name: str) -> str:
+    """A tag, or "": a desired value that was refused (never stored: it may be hostile)."""
+    return v if v == "" else values.tag(v, name)
+
+
+def _absolute_deadline(v: object) -> object:
+    """A number is the absolute time an earlier version kept as the deadline: meaningless on another
+    clock. It reads as no deadline: the leader that resumes the record gives the barrier its timeout
+    afresh."""
+    return None if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+@dataclass(frozen=True)
+class Release:
+    tag: wire.Tag
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class HostProgress:
+    host: MachineId
+    status: HostStatus = HostStatus.PENDING
+    digest: Digest | None = None  # what the host reported pulling; kept once set
+    reason: Text | None = None  # last trouble reported
+    at: float = 0.0  # when the status last changed
+
+
+@dataclass(frozen=True)
+class Excluded:
+    host: MachineId
+    reason: Text
+    phase: Phase
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One run of one step for one image. Carried from record to record: the ledger is what makes a
+    step run once per digest, and what tells a setback from a new version."""
+
+    digest: Digest
+    tag: str  # held to the grammar when carried in a record (Rollout.decode)
+    step: str
+    ok: bool
+    revision: int
+    at: float
+    unknown: bool = False  # not ok, and whether it ran (wholly, in part, at all) cannot be known
+
+    def encode(self) -> bytes:
+        """As its own ledger key holds it."""
+        return wire.encode(self, compact=False)
+
+
+def decode_ledger_entry(raw: bytes, where: str) -> LedgerEntry:
+    """A ledger entry as its own key holds it (JSON of the entry's fields), strictly."""
+    return wire.read(LedgerEntry, raw, where, "ledger entry")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """How long the current barrier may last, and which barrier it is. A duration, never a time of
+    day: the leader arms it on its monotonic clock when the barrier begins, and a leader that resumes
+    the record arms it again, in full."""
+
+    barrier: str  # "pull", "stop", "migrate:<step>", "start" or "rollback": unique within a rollout
+    seconds: Annotated[float, wire.Check(_positive)]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A newer desired version waiting for this rollout to finish (it had cut over)."""
+
+    tag: Annotated[str, wire.Check(_tag_or_refused)]
+    revision: int
+
+
+@dataclass(frozen=True)
+class Rollout:
+    revision: int  # mod revision of the desired version key: the rollout's identity
+    tag: str  # "" for a refused desired value (see _check)
+    hosts: tuple[MachineId, ...]  # participating machine ids, sorted
+    phase: Phase
+    started_at: float
+    updated_at: float
+    previous: Release | None = None  # what ran before: the rollback target
+    digest: Digest | None = None  # resolved once, in RESOLVE
+    progress: tuple[HostProgress, ...] = ()  # one per participating host, same order as `hosts`
+    excluded: tuple[Excluded, ...] = ()
+    deadline: Annotated[Deadline | None, wire.Before(_absolute_deadline)] = None  # the current barrier's
+    steps: tuple[StepName, ...] = ()  # steps this rollout must run, fixed when resolved
+    migrating: StepName | None = None  # step issued and not yet reported
+    migrator: MachineId | None = None  # the host running it: the leader that issued it (set by the shell)
+    ledger: tuple[LedgerEntry, ...] = ()
+    rollback: bool = False  # START is restarting `previous`
+    outcome: Phase | None = None  # decided outcome (terminal phase), also during a rollback
+    reason: Text | None = None
+    newer: Pending | None = None
+    abort_by: Text | None = None  # abort asked while a step ran
+    ended_at: float | None = None
+
+    @property
+    def release(self) -> Release | None:
+        return None if self.digest is None else Release(self.tag, self.digest)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    def host(self, machine_id: str) -> HostProgress | None:
+        for p in self.progress:
+            if p.host == machine_id:
+                return p
+        return None
+
+    def encode(self) -> bytes:
+        return wire.encode(self)
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> Rollout:
+        """The record `raw` holds, strictly; InvalidValue naming the field at fault, never its value."""
+        return wire.read(cls, raw, where, "rollout record", check=_check)
+
+
+def _check(r: Rollout) -> None:
+    _check_consistent(r)
+    _check_values(r)
+
+
+def _check_consistent(r: Rollout) -> None:
+    """What step() relies on; a record breaking it would crash a leader instead of being refused."""
+    if r.revision < 1:
+        raise ValueError("revision: must be positive")
+    if list(r.hosts) != sorted(set(r.hosts)):
+        raise ValueError("hosts: must be sorted and distinct")
+    if r.phase is not Phase.RESOLVE and not r.terminal and r.digest is None:
+        raise ValueError("digest: needed past resolve")
+    if r.phase not in (Phase.RESOLVE, *TERMINAL) and tuple(p.host for p in r.progress) != r.hosts:
+        raise ValueError("progress: one entry per participating host")
+    if r.phase is Phase.MIGRATE and r.migrating is None:
+        raise ValueError("migrating: a step runs in the migrate phase")
+    if r.rollback and (r.previous is None or r.outcome is not Phase.FAILED):
+        raise ValueError("rollback: needs the previous release and a failed outcome")
+
+
+def _check_values(r: Rollout) -> None:
+    """The grammar of what the fields' annotations cannot say alone."""
+    if r.tag or not r.terminal or r.digest is not None:  # a refused desired value is recorded as ""
+        values.tag(r.tag, "tag")
+    for i, e in enumerate(r.ledger):  # a ledger key is read as it was written; a record's, strictly
+        values.tag(e.tag, f"ledger[{i}].tag")
+        values.step(e.step, f"ledger[{i}].step")
+
