@@ -480,6 +480,14 @@ def test_ledger_entries_round_trip_through_their_keys() -> None:
     for raw in (b"nope", b"{}", b'{"digest": "sha256:x"}', b"[]"):
         with pytest.raises(InvalidValue):
             decode_ledger_entry(raw, "k")
+    # A ledger key's tag and step keep their grammar, as in a record: a hostile one is refused when
+    # read, never carried into the next record (which every reader would then refuse).
+    for field, hostile in (("tag", "x\nNORM_IMAGE=evil"), ("step", "rm -rf /")):
+        entry = dict(digest=D1, tag="v1", step="migrate", ok=True, revision=3, at=1.0)
+        entry[field] = hostile
+        with pytest.raises(InvalidValue) as refused:
+            decode_ledger_entry(json.dumps(entry).encode(), "k")
+        assert hostile not in str(refused.value) and field in str(refused.value)
 
 
 def test_an_unknown_step_outcome_halts_naming_the_step_and_restarts_nothing() -> None:
