@@ -37,7 +37,7 @@ from norm.adapters.docker import (
 from norm.adapters.etcd import Compare, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
-from norm.core import protocol as rel
+from norm.core import protocol as proto
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
@@ -66,7 +66,7 @@ class StopStartHooks(Protocol):
 
 # A step's run as the executor reports it: its outcome, exit code, the reason it did not end well, and
 # how long it ran.
-_StepRun = tuple[rel.StepOutcome, int | None, str | None, float]
+_StepRun = tuple[proto.StepOutcome, int | None, str | None, float]
 
 
 class Executor:
@@ -96,7 +96,7 @@ class Executor:
         # steps' own environment file is one of them.
         self._secret_files = tuple(dict.fromkeys((*secret_files, *filter(None, (update.steps_env_file,)))))
         self._steps = {step_name(c): c for c in update.steps}
-        self.header: rel.Header | None = None
+        self.header: proto.Header | None = None
         self._header_mod = 0  # the header's mod revision: reports are written only against it
         self.running: Release | None = None
         self._rev: int | None = None  # the rollout whose participants and reports are loaded
@@ -115,14 +115,14 @@ class Executor:
         update in progress has on this host's units (so that a restarted agent does not 'heal' units
         its update stopped)."""
         raw = await read_file(self._update.release_file)
-        self.running = None if raw is None else rel.parse_release(raw)
-        await self._set_release(rel.release_text(self.running))
+        self.running = None if raw is None else proto.parse_release(raw)
+        await self._set_release(proto.release_text(self.running))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
-        kv = await self._etcd.get(rel.header_key(self._prefix))
+        kv = await self._etcd.get(proto.header_key(self._prefix))
         self._take_header(kv)
         await self._load_rollout()
         self._apply_holds()
-        log.info("executor.primed", running=rel.release_text(self.running),
+        log.info("executor.primed", running=proto.release_text(self.running),
                  rollout=None if self.header is None else self.header.revision,
                  phase=None if self.header is None else self.header.phase.value)
 
@@ -141,7 +141,7 @@ class Executor:
         await first_of(stopping=stopping.wait(), header=self._watch_header(), work=self._work(stopping))
 
     async def _watch_header(self) -> None:
-        async with self._etcd.watch(rel.header_key(self._prefix)) as w:
+        async with self._etcd.watch(proto.header_key(self._prefix)) as w:
             async for item in w:
                 if isinstance(item, Resync):
                     self._take_header(item.snapshot.kvs[0] if item.snapshot.kvs else None, resync=True)
@@ -157,7 +157,7 @@ class Executor:
             return  # older than one a refused report already read
         self._header_mod = kv.mod_revision
         try:
-            header = rel.Header.decode(kv.value, rel.header_key(self._prefix))
+            header = proto.Header.decode(kv.value, proto.header_key(self._prefix))
         except InvalidValue as e:
             self._metrics.rejected_values.labels(e.where).inc()
             log.error("executor.header_refused", reason=e.reason)
@@ -186,15 +186,15 @@ class Executor:
                 log.warning("executor.retry", error=str(e), retry_in=round(delay, 2))
                 await pause(delay, self._wake, stopping)
 
-    def _duties(self) -> tuple[rel.Duty, ...]:
-        duties = rel.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
+    def _duties(self) -> tuple[proto.Duty, ...]:
+        duties = proto.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
                                  self.running)
         rev = None if self.header is None else self.header.revision
 
-        def pending(d: rel.Duty) -> bool:
-            if isinstance(d, rel.CatchUp):
+        def pending(d: proto.Duty) -> bool:
+            if isinstance(d, proto.CatchUp):
                 return (rev, d.release.digest) not in self._gave_up
-            if isinstance(d, rel.Migrate):
+            if isinstance(d, proto.Migrate):
                 return f"migrated:{d.step}" not in self._reported
             return True
 
@@ -212,9 +212,9 @@ class Executor:
             return
         p, rev = self._prefix, h.revision
         kinds = ("pulled", "stopped", "started")
-        result = await self._etcd.txn([], [Get(rel.hosts_list_key(p, rev)),
-                                          *(Get(rel.report_key(p, rev, k, self._me)) for k in kinds),
-                                          Get(f"{rel.rollout_prefix(p, rev)}migrated/", prefix=True)])
+        result = await self._etcd.txn([], [Get(proto.hosts_list_key(p, rev)),
+                                          *(Get(proto.report_key(p, rev, k, self._me)) for k in kinds),
+                                          Get(f"{proto.rollout_prefix(p, rev)}migrated/", prefix=True)])
         hosts_kv, *mine = result.gets
         hosts = self._participants_in(hosts_kv[0]) if hosts_kv else []
         self._participant = self._me in hosts and self._me not in h.excluded
@@ -228,23 +228,23 @@ class Executor:
     def _participants_in(self, kv: KeyValue) -> list[str]:
         """The rollout's participant list; an unreadable one is refused (counted), and names none."""
         try:
-            return list(rel.decode_hosts(kv.value, kv.key))
+            return list(proto.decode_hosts(kv.value, kv.key))
         except InvalidValue:
             self._metrics.rejected_values.labels("rollout hosts").inc()
             log.error("executor.hosts_refused", key=kv.key, reason="not a list of machine ids")
             return []
 
-    def _started_on_target(self, h: rel.Header, kv: KeyValue) -> bool:
+    def _started_on_target(self, h: proto.Header, kv: KeyValue) -> bool:
         """Whether this host's started report (read back after a restart) is for the rollout's target."""
         try:
-            report = rel.parse_report(self._prefix, h.revision, kv.key, kv.value)
+            report = proto.parse_report(self._prefix, h.revision, kv.key, kv.value)
         except InvalidValue:
             return False
         target = h.target
         return report is not None and target is not None and report.value.get("digest") == target.digest
 
     def _apply_holds(self) -> None:
-        held = self._catching_up or rel.holds_units(self.header, self._participant,
+        held = self._catching_up or proto.holds_units(self.header, self._participant,
                                                     frozenset(self._reported))
         for unit in self._units:
             if held:
@@ -257,43 +257,43 @@ class Executor:
         the one whose steps are running or ran (its units keep running: it catches up once the
         rollout has ended, and the catch-up's start puts it back); back in when that is no longer so
         (a rollback, a newer rollout that takes it in)."""
-        behind = rel.behind_migration(self.header, self._participant, self.running)
+        behind = proto.behind_migration(self.header, self._participant, self.running)
         if behind == self.behind:
             return
         self.behind = behind
         h = self.header
         if behind:
-            log.warning("executor.behind_migration", running=rel.release_text(self.running),
-                        migrated=None if h is None else rel.release_text(h.release),
+            log.warning("executor.behind_migration", running=proto.release_text(self.running),
+                        migrated=None if h is None else proto.release_text(h.release),
                         load_balancer="leaving" if self._presence is not None else "none configured")
             if self._presence is not None:
                 await self._presence.before_stop()
         else:
-            log.info("executor.no_longer_behind", running=rel.release_text(self.running))
+            log.info("executor.no_longer_behind", running=proto.release_text(self.running))
             if self._presence is not None:
                 await self._presence.after_start()
 
     # -- duties --------------------------------------------------------------------------------------
-    async def _do(self, duty: rel.Duty) -> None:
+    async def _do(self, duty: proto.Duty) -> None:
         h = self.header
         assert h is not None
         bound = structlog.contextvars.bound_contextvars(rollout=h.revision)
         with bound:
             match duty:
-                case rel.Pull(digest=digest):
+                case proto.Pull(digest=digest):
                     await self._until_moved(h, self._pull(h, digest))
-                case rel.Stop():
+                case proto.Stop():
                     await self._stop_units()
-                    await self._report(h, "stopped", rel.stopped())
-                case rel.Migrate(step=step, digest=digest):
+                    await self._report(h, "stopped", proto.stopped())
+                case proto.Migrate(step=step, digest=digest):
                     await self._until_moved(h, self._migrate(h, step, digest))
-                case rel.Start(release=release):
+                case proto.Start(release=release):
                     ok, reason = await self._switch_to(release, h.revision)
-                    await self._report(h, "started", rel.started(release.digest, ok, reason))
-                case rel.CatchUp(release=release):
+                    await self._report(h, "started", proto.started(release.digest, ok, reason))
+                case proto.CatchUp(release=release):
                     await self._catch_up(h, release)
 
-    async def _until_moved(self, h: rel.Header, work: Coroutine[Any, Any, None]) -> None:
+    async def _until_moved(self, h: proto.Header, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` until done, or until the header leaves `h`'s rollout and phase."""
         async def moved() -> None:
             while True:
@@ -306,13 +306,13 @@ class Executor:
 
         await first_of(work=work, moved=moved())
 
-    async def _report(self, h: rel.Header, kind: str, value: bytes, name: str | None = None,
+    async def _report(self, h: proto.Header, kind: str, value: bytes, name: str | None = None,
                       final: bool = True) -> bool:
         """Write a report while the header is still the one this host acted on (one transaction),
         or, if it changed, still shows the same rollout and phase. Nothing is written once the
         rollout has moved on without this host: False. `final`: the duty is done."""
-        key, header_key = rel.report_key(self._prefix, h.revision, kind, name or self._me), \
-            rel.header_key(self._prefix)
+        key, header_key = proto.report_key(self._prefix, h.revision, kind, name or self._me), \
+            proto.header_key(self._prefix)
         while True:
             result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod)],
                                           [Put(key, value)], [Get(header_key)])
@@ -329,7 +329,7 @@ class Executor:
         log.info("executor.reported", kind=kind, name=name)
         return True
 
-    async def _pull(self, h: rel.Header, digest: str) -> None:
+    async def _pull(self, h: proto.Header, digest: str) -> None:
         ref = f"{self._image}@{digest}"
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -341,17 +341,17 @@ class Executor:
                 break
             except DockerRejected as e:
                 log.error("executor.pull_refused", image=ref, error=str(e))
-                await self._report(h, "pulled", rel.pulled_error(str(e), permanent=True))
+                await self._report(h, "pulled", proto.pulled_error(str(e), permanent=True))
                 return
             except Temporary as e:
                 if not told:  # the leader shows the reason; one report is enough
-                    await self._report(h, "pulled", rel.pulled_error(str(e), permanent=False), final=False)
+                    await self._report(h, "pulled", proto.pulled_error(str(e), permanent=False), final=False)
                     told = True
                 delay = retry.next_delay()
                 log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
                 await pause(delay)
         self._metrics.pull_seconds.observe(loop.time() - started)
-        await self._report(h, "pulled", rel.pulled_ok(digest))
+        await self._report(h, "pulled", proto.pulled_ok(digest))
 
     async def _stop_units(self) -> None:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
@@ -373,14 +373,14 @@ class Executor:
             # undo one. The control service reads them as soon as etcd answers.
             log.info("executor.awaiting_operator_holds")
             await self._holds.operator_known.wait()
-        await write_atomic(self._update.release_file, rel.render_release(release, self._image, revision))
+        await write_atomic(self._update.release_file, proto.render_release(release, self._image, revision))
         self.running = release
-        await self._set_release(rel.release_text(release))
+        await self._set_release(proto.release_text(release))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         held = [u for u in self._units if OPERATOR in self._holds.owners(u)]
         starting = [u for u in self._units if u not in held]
         if held:
-            log.warning("executor.units_held_by_operator", units=held, release=rel.release_text(release))
+            log.warning("executor.units_held_by_operator", units=held, release=proto.release_text(release))
         results = await asyncio.gather(*(self._systemd.start(u) for u in starting), return_exceptions=True)
         if self._presence is not None:
             await self._presence.after_start()  # back in the load balancer once healthy
@@ -394,24 +394,24 @@ class Executor:
                 state = await self._systemd.unit(unit)
                 if state.active_state != "active":
                     failed.append(f"{unit}: {state.active_state}/{state.sub_state}")
-        log.info("executor.units_started", release=rel.release_text(release), failed=failed)
+        log.info("executor.units_started", release=proto.release_text(release), failed=failed)
         notes = failed + [f"{unit}: held by the operator, left stopped" for unit in held]
         return not failed, "; ".join(notes) or None
 
-    async def _migrate(self, h: rel.Header, step: str, digest: str) -> None:
+    async def _migrate(self, h: proto.Header, step: str, digest: str) -> None:
         """Run the step once: its container is made (not started) before the step is claimed, and
         started only by the claim's holder, so that once claimed, a container missing is one that
         vanished (its outcome unknown), never one not made yet. A claimed step is only ever adopted."""
         p, rev = self._prefix, h.revision
-        claim = rel.report_key(p, rev, "claim", step)
+        claim = proto.report_key(p, rev, "claim", step)
         command = self._steps.get(step)
-        name = rel.migration_container(rev, step)
+        name = proto.migration_container(rev, step)
         image = f"{self._image}@{digest}"
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
         holder = await self._etcd.get(claim)
         if holder is None:
             if command is None:
-                await self._report(h, "migrated", rel.migrated(False, None, "the step is not configured on "
+                await self._report(h, "migrated", proto.migrated(False, None, "the step is not configured on "
                                                                "its migrator", 0.0, self._me), name=step)
                 return
             try:
@@ -420,20 +420,21 @@ class Executor:
                     network=self._update.steps_network, mounts=mounts)
             except DockerRejected as e:  # refused before anything ran
                 self._metrics.migrations.labels("failed").inc()
-                await self._report(h, "migrated", rel.migrated(False, None, str(e), 0.0, self._me), name=step)
+                await self._report(h, "migrated", proto.migrated(False, None, str(e), 0.0, self._me),
+                                   name=step)
                 return
             if not await self._claim(h, claim, step):
                 if made:  # never started: only the claim's holder starts it
                     await self._docker.remove_container(name)
                 return
-        elif holder.value != rel.claim(self._me):
+        elif holder.value != proto.claim(self._me):
             log.error("executor.step_claimed_elsewhere", step=step)
             self._reported.add(f"migrated:{step}")
             return
         log.info("executor.step_running", step=step, container=name, claimed_before=holder is not None)
         outcome, code, reason, seconds = await self._run_step(step, name, image, command, mounts)
         self._metrics.migrations.labels(outcome).inc()
-        await self._report(h, "migrated", rel.migrated(outcome == "ok", code, reason, seconds, self._me,
+        await self._report(h, "migrated", proto.migrated(outcome == "ok", code, reason, seconds, self._me,
                                                        unknown=outcome == "unknown"), name=step)
         if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
             await self._docker.remove_container(name)
@@ -442,14 +443,14 @@ class Executor:
                         mounts: list[tuple[str, str]]) -> _StepRun:
         """Start the claimed step's container (adopt it, after a restart) and wait for it: its outcome,
         exit code, the reason it did not end well, and how long it ran."""
-        outcome: rel.StepOutcome
+        outcome: proto.StepOutcome
         try:
             run = await self._docker.run_named(
                 name, image, shlex.split(command or "true"), env_file=self._update.steps_env_file,
                 network=self._update.steps_network, mounts=mounts, timeout=self._update.migration_timeout,
                 adopt_only=True)
             code, seconds = run.exit_code, run.seconds
-            outcome = rel.step_outcome(run.exit_code, killed_by_norm=False)
+            outcome = proto.step_outcome(run.exit_code, killed_by_norm=False)
             reason = None if outcome == "ok" else f"exit code {run.exit_code}"
             if outcome == "unknown":
                 reason = f"exit code {run.exit_code}: killed by a signal Norm did not send"
@@ -468,19 +469,19 @@ class Executor:
             outcome, code, reason, seconds = "unknown", None, str(e), 0.0
         return outcome, code, reason, seconds
 
-    async def _claim(self, h: rel.Header, claim: str, step: str) -> bool:
+    async def _claim(self, h: proto.Header, claim: str, step: str) -> bool:
         """Claim the step, in a transaction fenced on the header that asks this host to run it (as a
         report is): a host acting on a stale header claims nothing. True: the step is this host's."""
-        header_key = rel.header_key(self._prefix)
+        header_key = proto.header_key(self._prefix)
         while True:
             result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
                                            Compare(claim, "version", "==", 0)],
-                                          [Put(claim, rel.claim(self._me))], [Get(claim), Get(header_key)])
+                                          [Put(claim, proto.claim(self._me))], [Get(claim), Get(header_key)])
             if result.succeeded:
                 return True
             holder = result.gets[0][0].value if result.gets and result.gets[0] else None
             if holder is not None:
-                if holder == rel.claim(self._me):
+                if holder == proto.claim(self._me):
                     return True  # a reply lost: the claim applied
                 log.error("executor.step_claimed_elsewhere", step=step)
                 self._reported.add(f"migrated:{step}")
@@ -507,8 +508,8 @@ class Executor:
                 found |= secret_values(raw)
         return redact(output, found)
 
-    async def _catch_up(self, h: rel.Header, release: Release) -> None:
-        log.info("executor.catching_up", release=rel.release_text(release))
+    async def _catch_up(self, h: proto.Header, release: Release) -> None:
+        log.info("executor.catching_up", release=proto.release_text(release))
         try:
             await self._docker.pull(f"{self._image}@{release.digest}")
         except DockerRejected as e:
@@ -522,4 +523,4 @@ class Executor:
         finally:
             self._catching_up = False
             self._apply_holds()
-        log.info("executor.caught_up", release=rel.release_text(release), ok=ok, reason=reason)
+        log.info("executor.caught_up", release=proto.release_text(release), ok=ok, reason=reason)

@@ -25,7 +25,7 @@ import structlog
 
 from norm.adapters.docker import DockerError, DockerRejected
 from norm.adapters.etcd import Delete, EtcdError, KeyValue, NotLeader, Op, Put, Resync
-from norm.core import protocol as rel
+from norm.core import protocol as proto
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
@@ -155,16 +155,16 @@ class Updater:
             await asyncio.sleep(0)  # a backlog of a thousand reports must not starve the lease
 
     async def _load(self) -> None:
-        kv = await self._etcd.get(rel.header_key(self._prefix))
+        kv = await self._etcd.get(proto.header_key(self._prefix))
         self.record = None
-        header: rel.Header | None = None
+        header: proto.Header | None = None
         try:
             if kv is None:
-                raise InvalidValue(rel.header_key(self._prefix), "missing")
-            header = rel.Header.decode(kv.value, kv.key)
-            raw = await self._etcd.get(rel.record_key(self._prefix, header.revision))
+                raise InvalidValue(proto.header_key(self._prefix), "missing")
+            header = proto.Header.decode(kv.value, kv.key)
+            raw = await self._etcd.get(proto.record_key(self._prefix, header.revision))
             if raw is None:
-                raise InvalidValue(rel.record_key(self._prefix, header.revision), "missing")
+                raise InvalidValue(proto.record_key(self._prefix, header.revision), "missing")
             self.record = Rollout.decode(raw.value, raw.key)
         except InvalidValue as e:
             if kv is not None:
@@ -176,14 +176,14 @@ class Updater:
             if header is None:
                 # The hosts follow the header: theirs is written again, from the record found (one
                 # that reads well stays: the hosts act on it already).
-                await self._leadership.fenced([Put(rel.header_key(self._prefix),
-                                                   rel.Header.of(self.record).encode())])
+                await self._leadership.fenced([Put(proto.header_key(self._prefix),
+                                                   proto.Header.of(self.record).encode())])
                 log.warning("updater.header_restored", rollout=self.record.revision,
                             phase=self.record.phase.value)
         self._phase_since = asyncio.get_running_loop().time()
         self._show(self.record)
 
-    async def _recover(self, header: rel.Header | None, refused: str) -> Rollout | None:
+    async def _recover(self, header: proto.Header | None, refused: str) -> Rollout | None:
         """The last rollout's record when the header does not lead to it: the one the header names,
         or with no readable header the newest, from the rollout's own keys or the history. Never an
         older one (None then): hosts sent back to an earlier rollout's release could start it over a
@@ -240,14 +240,14 @@ class Updater:
         self._helpers.start("reports", self._watch_reports(revision), f"updater-reports-{revision}")
 
     async def _watch_reports(self, revision: int) -> None:
-        prefix = rel.rollout_prefix(self._prefix, revision)
+        prefix = proto.rollout_prefix(self._prefix, revision)
         async with self._etcd.watch(prefix, prefix=True) as w:
             async for item in w:
                 kvs = sorted(item.snapshot.kvs, key=lambda kv: kv.mod_revision) if isinstance(item, Resync) \
                     else [item.kv] if item.kind == "put" else []
                 for kv in kvs:
                     try:
-                        report = rel.parse_report(self._prefix, revision, kv.key, kv.value)
+                        report = proto.parse_report(self._prefix, revision, kv.key, kv.value)
                     except InvalidValue as e:
                         self._metrics.rejected_values.labels("rollout report").inc()
                         log.warning("updater.report_refused", key=e.where, reason=e.reason)
@@ -298,7 +298,7 @@ class Updater:
     def _previous(self, record: Rollout | None) -> Release | None:
         if record is None:
             return None
-        header = rel.Header.of(record)
+        header = proto.Header.of(record)
         if not record.terminal:
             return record.previous
         return header.fleet_release() or record.previous
@@ -328,7 +328,7 @@ class Updater:
             record = self.record
             if record is None or record.revision != event.revision:
                 return  # a report of an earlier rollout, still in the queue
-            found = rel.report_event(record, event.report)
+            found = proto.report_event(record, event.report)
             if found is None:
                 return
             event = found
@@ -364,19 +364,19 @@ class Updater:
 
     async def _persist(self, old: Rollout | None, new: Rollout) -> None:
         p, rev = self._prefix, new.revision
-        ops: list[Op] = [Put(rel.header_key(p), rel.Header.of(new).encode()),
-                         Put(rel.record_key(p, rev), new.encode())]
+        ops: list[Op] = [Put(proto.header_key(p), proto.Header.of(new).encode()),
+                         Put(proto.record_key(p, rev), new.encode())]
         if new.phase is Phase.PULL and (old is None or old.revision != rev or old.phase is Phase.RESOLVE):
-            ops.append(Put(rel.hosts_list_key(p, rev), rel.hosts_list(new.hosts)))
+            ops.append(Put(proto.hosts_list_key(p, rev), proto.hosts_list(new.hosts)))
         known = set() if old is None else set(old.ledger)
         for entry in new.ledger:
             if entry not in known and entry.revision == rev:
-                ops.append(Put(rel.ledger_key(p, rev, entry.step), entry.encode()))
+                ops.append(Put(proto.ledger_key(p, rev, entry.step), entry.encode()))
         if new.terminal:
             # Kept small: without the per-host progress (hundreds of kB with a thousand hosts) and the
             # ledger (which has keys of its own); the full record stays with the rollout's keys.
             kept = dataclasses.replace(new, progress=(), ledger=())
-            ops.append(Put(rel.history_key(p, rev), kept.encode()))
+            ops.append(Put(proto.history_key(p, rev), kept.encode()))
         await self._leadership.fenced(ops)
         if new.terminal and (old is None or not old.terminal or old.revision != rev):
             await self._trim_history(rev)
@@ -473,7 +473,7 @@ class _ReportOf:
     is applied."""
 
     revision: int
-    report: rel.Report
+    report: proto.Report
 
 
 
