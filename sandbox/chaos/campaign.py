@@ -126,8 +126,9 @@ class Campaign:
                    NORM_UPDATE__COMPATIBLE=COMPATIBLE_TAG)
         self.fleet = Fleet(self.run_dir / "fleet", size=size, image=f"{registry.address}/djed/app",
                            agent_env=env, isolatable_etcd=True)
-        # Each start of an agent under a skewed clock: host -> [(when, by how many seconds)].
-        self.skews: dict[str, list[tuple[float, float]]] = {}
+        # Each start of an agent under a skewed clock: host -> [(its log's size just before, by how
+        # many seconds)].
+        self.skews: dict[str, list[tuple[int, float]]] = {}
         self.ports: dict[str, tuple[int, int]] = {}
         self.version_writes: set[int] = set()  # every revision the version key was written at
         self.built: dict[str, str] = {}  # tag -> image id
@@ -692,7 +693,8 @@ class Run:
         skew = int(step.arg)
         was_leader = host == self.leader()
         self.fleet.kill_agent(host, signal.SIGTERM)
-        self.c.skews.setdefault(host, []).append((time.time(), float(skew)))
+        log = Path(self.hosts[host]["dir"]) / "agent.log"
+        self.c.skews.setdefault(host, []).append((log_size(log), float(skew)))
         self.fleet.restart_agent(host, env=skewed_env(skew))
         pid = self.fleet.agent_pid(host)
         note = self.note("clock_skew", False, f"agent of {host}{' (leader)' if was_leader else ''} started "

@@ -220,12 +220,13 @@ def entry_time(entry: dict[str, Any]) -> float:
 
 
 def read_log_events(path: Path, offset: int,
-                    skews: Sequence[tuple[float, float]] = ()) -> list[dict[str, Any]]:
+                    skews: Sequence[tuple[int, float]] = ()) -> list[dict[str, Any]]:
     """The JSON log entries of an agent's log from byte `offset` on (lines that are not JSON skipped).
 
-    `skews` are the starts of the agent under a skewed clock: (when, by how many seconds). The
-    entries of such an incarnation (from its `agent.starting` to the next) get their timestamps put
-    back on this machine's clock, so that they compare with everything else the campaign records."""
+    `skews` are the starts of the agent under a skewed clock: (the log's size just before it was
+    started, by how many seconds its clock was off). The entries of such an incarnation (from its
+    `agent.starting`, the first after that size, to the next) get their timestamps put back on this
+    machine's clock, so that they compare with everything else the campaign records."""
     out: list[dict[str, Any]] = []
     try:
         with open(path, "rb") as f:
@@ -233,19 +234,20 @@ def read_log_events(path: Path, offset: int,
             data = f.read()
     except OSError:
         return out
+    lines: list[tuple[int, dict[str, Any]]] = []
     pos = 0 if skews else offset
-    skew = 0.0
     for line in data.splitlines(keepends=True):
         at, pos = pos, pos + len(line)
-        try:
+        with contextlib.suppress(ValueError):
             entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict):
-            continue
-        if skews and entry.get("event") == "agent.starting":
-            t = entry_time(entry)
-            skew = next((by for when, by in skews if abs(t - by - when) < 30.0), 0.0)
+            if isinstance(entry, dict):
+                lines.append((at, entry))
+    starts = [at for at, entry in lines if entry.get("event") == "agent.starting"]
+    skewed_from = {next((at for at in starts if at >= size), -1): by for size, by in skews}
+    skew = 0.0
+    for at, entry in lines:
+        if entry.get("event") == "agent.starting":
+            skew = skewed_from.get(at, 0.0)
         if skew:
             real = datetime.fromtimestamp(entry_time(entry) - skew, tz=UTC)
             entry["timestamp"] = real.isoformat().replace("+00:00", "Z")

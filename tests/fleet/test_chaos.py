@@ -9,13 +9,15 @@ happened, and the command that replays it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from sandbox.chaos import check
 from sandbox.chaos.campaign import Campaign
-from sandbox.chaos.observe import Event
+from sandbox.chaos.observe import Event, log_size, read_log_events
 from sandbox.chaos.schedule import make_schedule
 from sandbox.docker import DockerEngine
 from sandbox.registry import Registry
@@ -101,6 +103,26 @@ def test_the_checker_takes_a_migrator_other_than_the_leader_only_when_the_leader
     events = [_put(10, "/norm/leader", "m1"), *pulls, *leader_pulled, _put(30, "/norm/rollout", header)]
     found = check.check_fenced(_obs(events))
     assert len(found) == 1 and "issued for migrator host2 while host1 led" in found[0], found
+
+
+def test_the_log_of_an_agent_started_with_a_skewed_clock_is_put_back_on_the_machine_s_clock(
+        tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+
+    def entry(event: str, at: str) -> str:
+        return json.dumps({"event": event, "timestamp": f"2026-01-01T{at}Z"}) + "\n"
+
+    log.write_text(entry("agent.starting", "10:00:00") + entry("leader.elected", "10:00:01"))
+    size = log_size(log)  # then started again, 600 s behind; then again on the machine's clock,
+    # at a time that looks like the skewed start's once 600 s are added: only the size tells them apart
+    log.write_text(log.read_text() + entry("agent.starting", "09:50:05") + entry("leader.elected", "09:50:06")
+                   + entry("agent.starting", "10:00:10") + entry("leader.elected", "10:00:11"))
+    events = read_log_events(log, 0, [(size, -600.0)])
+    assert [e["timestamp"] for e in events] == [
+        "2026-01-01T10:00:00Z", "2026-01-01T10:00:01Z", "2026-01-01T10:00:05Z", "2026-01-01T10:00:06Z",
+        "2026-01-01T10:00:10Z", "2026-01-01T10:00:11Z"]
+    later = read_log_events(log, size, [(size, -600.0)])  # from the skewed start on, as a run reads it
+    assert [e["timestamp"] for e in later][:1] == ["2026-01-01T10:00:05Z"]
 
 
 def test_the_checker_sees_an_unfenced_leader_write_and_two_leaders() -> None:
