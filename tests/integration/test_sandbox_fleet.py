@@ -183,18 +183,6 @@ def test_a_fleet_with_docker_engines(run_dir: Path) -> None:
     assert not any(pid_alive(p["pid"]) for p in recorded(state))
 
 
-def test_the_demo_registers_every_host_and_shows_a_unit_healed(run_dir: Path) -> None:
-    try:
-        r = sandbox_cli(run_dir, "demo")
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "3 hosts registered" in r.stdout
-        assert "Norm healed it" in r.stdout
-        assert "djed-web.service  active/running" in r.stdout
-    finally:
-        down = sandbox_cli(run_dir, "down")
-    assert down.returncode == 0, down.stderr
-
-
 def _reads(endpoint: str) -> bool:
     """Whether a linearizable read on this member alone succeeds (it needs the cluster's leader)."""
     r = subprocess.run([ETCDCTL, "--endpoints", endpoint, "--command-timeout", "2s", "get", "/probe"],
