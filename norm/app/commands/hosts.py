@@ -15,6 +15,7 @@ from typing import Any
 
 from norm.app import cli, views
 from norm.app.views import EXIT_FAILED, EXIT_OK
+from norm.core import wire
 from norm.core.errors import InvalidValue
 from norm.core.host import HostRecord
 
@@ -91,10 +92,10 @@ def list_units(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     try:
-        summary = json.loads(raw)
+        summary = wire.parse(raw, "unit summary")
         if not isinstance(summary, list):
-            raise ValueError("not a list")
-    except (ValueError, RecursionError):
+            raise InvalidValue("unit summary", "not a list")
+    except InvalidValue:
         print("norm: the unit summary in etcd is not what the agent writes", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
@@ -173,7 +174,7 @@ async def _hold(etcd: Any, prefix: str, machine_id: str, unit: str, stop: bool, 
 
 
 def _request() -> bytes:
-    return json.dumps({"at": round(time.time(), 3)}).encode()
+    return wire.encode({"at": round(time.time(), 3)}, compact=False)
 
 
 async def _await_key(etcd: Any, key: str, present: bool, seconds: float) -> bool:
@@ -194,15 +195,15 @@ async def _await_key(etcd: Any, key: str, present: bool, seconds: float) -> bool
 
 def _summary(raw: bytes) -> object:
     try:
-        return json.loads(raw) if raw else []
-    except (ValueError, RecursionError):
+        return wire.parse(raw, "unit summary") if raw else []
+    except InvalidValue:
         return []
 
 
 def _unit_settled(raw: bytes, unit: str, stop: bool) -> bool:
     try:
-        summary = json.loads(raw)
-    except (ValueError, RecursionError):
+        summary = wire.parse(raw, "unit summary")
+    except InvalidValue:
         return False
     for u in summary if isinstance(summary, list) else []:
         if isinstance(u, dict) and u.get("unit") == unit:

@@ -21,6 +21,7 @@ from norm.app.views import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from norm.core import config as cfg
 from norm.core import protocol as proto
 from norm.core import tracker as trk
+from norm.core import wire
 from norm.core.errors import InvalidValue
 from norm.core.tracker import Tracker
 
@@ -259,8 +260,8 @@ async def fleet_status(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
     units: dict[str, object] = {}
     for kv in (await etcd.get_prefix(f"{prefix}/units/")).kvs:
         try:
-            units[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
-        except (ValueError, RecursionError):
+            units[kv.key.rsplit("/", 1)[-1]] = wire.parse(kv.value, kv.key)
+        except InvalidValue:
             notes.append(cli.skip(kv.key, "not a unit summary"))
     snap = await etcd.get_prefix(proto.header_key(prefix))  # the header and the rollout's keys, together
     header = cli.header_of(next((kv for kv in snap.kvs if kv.key == proto.header_key(prefix)), None), notes)
