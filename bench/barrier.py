@@ -95,7 +95,7 @@ UNITS = ("djed-api.service", "djed-web.service")
 SETTLE = 0.3  # seconds after DONE before the rollout's etcd figures are read
 ROLLOUT_TIMEOUT = 180.0
 READY_TIMEOUT = 300.0
-_REPORT = re.compile(re.escape(PREFIX) + r"/rollouts/(\d+)/(pulled|stopped|started)/[0-9a-f]{32}")
+_REPORT = re.compile(re.escape(PREFIX) + r"/reports/[0-9a-f]{32}/(\d{12})/(pulled|stopped|started)")
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -202,8 +202,9 @@ class CountingEtcd(Etcd):
         self.by_kind[what.split(" ", 1)[0]] += 1
         return await super()._call(what, fn, retry=retry)
 
-    def watch(self, key: str, *, prefix: bool = False, start_revision: int | None = None) -> Watch:
-        return CountingWatch(self, key, prefix=prefix, start_revision=start_revision)
+    def watch(self, key: str, *, prefix: bool = False, range_end: str | None = None,
+              start_revision: int | None = None) -> Watch:
+        return CountingWatch(self, key, prefix=prefix, range_end=range_end, start_revision=start_revision)
 
     def _note_report(self, key: str, t: float) -> None:
         m = _REPORT.fullmatch(key)
@@ -481,8 +482,8 @@ class Seen:
 
 
 class Observer:
-    """The operator's one watch, on the header key as a prefix: the header itself and every key of
-    the rollouts (`<prefix>/rollout` and `<prefix>/rollouts/...`). This process does nothing else
+    """The operator's one watch, on the range of the hosts' reports, the header and the rollouts' keys
+    (`<prefix>/reports/...`, `<prefix>/rollout`, `<prefix>/rollouts/...`). This process does nothing else
     while a rollout runs, so the moments it receives two writes differ by the time etcd took between
     them (delivery comes in revision order, at the same small delay for both)."""
 
@@ -493,7 +494,8 @@ class Observer:
 
     async def follow(self, etcd: Etcd) -> None:
         key = proto.header_key(PREFIX)
-        async with etcd.watch(key, prefix=True) as w:
+        start, end = proto.progress_range(PREFIX)
+        async with etcd.watch(start, range_end=end) as w:
             async for item in w:
                 t = time.time()
                 if isinstance(item, Resync):

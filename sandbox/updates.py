@@ -55,16 +55,33 @@ def record(fleet: Fleet, revision: int) -> dict[str, Any] | None:
 
 
 def reports(fleet: Fleet, revision: int) -> dict[str, list[dict[str, Any]]]:
-    """The hosts' reports of a rollout by kind: [{name, value (decoded JSON), mod_revision}]."""
-    base = f"{PREFIX}/rollouts/{revision}/"
+    """The reports of a rollout by kind: [{name, value (decoded JSON), mod_revision}], `name` the
+    machine id (pulled, stopped, started) or the step (migrated, claim). From the hosts' own ranges
+    (`reports/<mid>/<rev12>/...`), the claims (`claims/<rev12>/<step>`), and the keys of the previous
+    layout under the rollout's prefix (`rollouts/<rev>/<kind>/<name>`)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for kv in get_kvs(fleet, base, prefix=True):
-        rest = kv["key"].removeprefix(base)
-        kind, _, name = rest.partition("/")
-        if not name:
-            continue
+
+    def add(kind: str, name: str, kv: dict[str, Any]) -> None:
         out.setdefault(kind, []).append({"name": name, "value": json.loads(kv["value"]),
                                          "mod_revision": kv["mod_revision"]})
+
+    rev12 = f"{revision:012d}"
+    for kv in get_kvs(fleet, f"{PREFIX}/reports/", prefix=True):
+        mid, _, rest = kv["key"].removeprefix(f"{PREFIX}/reports/").partition("/")
+        rev, _, rest = rest.partition("/")
+        kind, _, step = rest.partition("/")
+        if rev == rev12 and kind:
+            add(kind, step if kind == "migrated" else mid, kv)
+    claims = f"{PREFIX}/claims/{rev12}/"
+    for kv in get_kvs(fleet, claims, prefix=True):
+        add("claim", kv["key"].removeprefix(claims), kv)
+    base = f"{PREFIX}/rollouts/{revision}/"  # the previous layout
+    for kv in get_kvs(fleet, base, prefix=True):
+        kind, _, name = kv["key"].removeprefix(base).partition("/")
+        if name:
+            add(kind, name, kv)
+    for found in out.values():
+        found.sort(key=lambda r: r["mod_revision"])
     return out
 
 

@@ -208,14 +208,20 @@ class Put:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """Delete `key`, or every key under it (`prefix`), or every key in [key, range_end)."""
+
     key: str
     prefix: bool = False
+    range_end: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Get:
+    """Read `key`, or every key under it (`prefix`), or every key in [key, range_end)."""
+
     key: str
     prefix: bool = False
+    range_end: str | None = None
 
 
 Op = Put | Delete | Get
@@ -229,14 +235,20 @@ def prefix_end(prefix: str) -> bytes:
     return bytes(aetcd.utils.prefix_range_end(prefix.encode()))
 
 
+def _range_end(key: str, prefix: bool, range_end: str | None) -> bytes | None:
+    if range_end is not None:
+        return _raw(range_end)
+    return prefix_end(key) if prefix else None
+
+
 def _build_op(op: Op) -> Any:
     match op:
         case Put(key, value, lease):
             return transactions.Put(key.encode(), value, lease=lease)
-        case Delete(key, prefix):
-            return transactions.Delete(key.encode(), range_end=prefix_end(key) if prefix else None)
-        case Get(key, prefix):
-            return transactions.Get(key.encode(), range_end=prefix_end(key) if prefix else None)
+        case Delete(key, prefix, range_end):
+            return transactions.Delete(key.encode(), range_end=_range_end(key, prefix, range_end))
+        case Get(key, prefix, range_end):
+            return transactions.Get(key.encode(), range_end=_range_end(key, prefix, range_end))
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +562,13 @@ class Etcd:
                                  lambda c: c.get_prefix(prefix.encode(), keys_only=keys_only), retry=True)
         return Snapshot(reply.header.revision, tuple(KeyValue.of(kv) for kv in reply))
 
+    async def get_range(self, key: str, range_end: str) -> Snapshot:
+        """Every key in [key, range_end), with the revision the read is current at."""
+        start, end = _raw(key), _raw(range_end)
+        reply = await self._call(f"reading [{key}, {range_end})", lambda c: c.get_range(start, end),
+                                 retry=True)
+        return Snapshot(reply.header.revision, tuple(KeyValue.of(kv) for kv in reply))
+
     async def get_one(self, key: str) -> Snapshot:
         """One key (none or one in `kvs`) with the revision the read is current at."""
         raw = key.encode()
@@ -611,8 +630,10 @@ class Etcd:
 
     # -- watches
 
-    def watch(self, key: str, *, prefix: bool = False, start_revision: int | None = None) -> Watch:
-        return Watch(self, key, prefix=prefix, start_revision=start_revision)
+    def watch(self, key: str, *, prefix: bool = False, range_end: str | None = None,
+              start_revision: int | None = None) -> Watch:
+        """Watch `key`, or every key under it (`prefix`), or every key in [key, range_end)."""
+        return Watch(self, key, prefix=prefix, range_end=range_end, start_revision=start_revision)
 
     # -- election
 
@@ -831,10 +852,12 @@ class Watch:
     "compacted") and goes on from there. Errors are retried with backoff, resuming from the revision
     after the last one delivered, so nothing is lost or repeated."""
 
-    def __init__(self, etcd: Etcd, key: str, *, prefix: bool, start_revision: int | None) -> None:
+    def __init__(self, etcd: Etcd, key: str, *, prefix: bool, start_revision: int | None,
+                 range_end: str | None = None) -> None:
         self._etcd = etcd
         self.key = key
         self.prefix = prefix
+        self.range_end = range_end
         self.next_revision = start_revision
         self._pending: deque[WatchItem] = deque()
         self._stream: Any = None
@@ -862,7 +885,9 @@ class Watch:
                     await _own_cancel(stream.cancel())
 
     async def _list(self, reason: Literal["start", "compacted"]) -> None:
-        if self.prefix:
+        if self.range_end is not None:
+            snap = await self._etcd.get_range(self.key, self.range_end)
+        elif self.prefix:
             snap = await self._etcd.get_prefix(self.key)
         else:
             # One range read of [key, key + NUL) gives the key alone and the revision it is current at.
@@ -876,7 +901,7 @@ class Watch:
         if self.next_revision is None:
             await self._list("start")
         client = self._stream_client = await self._etcd._get_client()
-        range_end = prefix_end(self.key) if self.prefix else None
+        range_end = _range_end(self.key, self.prefix, self.range_end)
         try:
             self._etcd.requests += 1
             self._stream = await _own_cancel(client.watch(self.key.encode(), range_end=range_end,
@@ -917,7 +942,7 @@ class Watch:
                 await self._recover(e)
                 continue
             kv = KeyValue.of(raw.kv)
-            if not (kv.key.startswith(self.key) if self.prefix else kv.key == self.key):
+            if not self._covers(kv.key):
                 # An event of another watch: the client's shared stream has paired a watch with the
                 # wrong server-side watcher. Nothing of it is delivered; the client is made anew, so
                 # that every watch on it starts again, on a fresh stream, from where it stood.
@@ -934,6 +959,11 @@ class Watch:
             kind: Literal["put", "delete"] = (
                 "delete" if raw.kind == aetcd.rtypes.EventKind.DELETE else "put")
             return Event(kind, kv)
+
+    def _covers(self, key: str) -> bool:
+        if self.range_end is not None:
+            return _raw(self.key) <= _raw(key) < _raw(self.range_end)
+        return key.startswith(self.key) if self.prefix else key == self.key
 
     async def _recover(self, e: Exception) -> None:
         err = _translate(e, f"watching {self.key}")

@@ -4,21 +4,23 @@ bring etcd's users and roles to that, as pure data.
 Three kinds of role, by who writes what:
 
 - `norm-operator` (shared by the operators' users): reads everything; writes the desired version and
-  environment keys, the per-host control requests and the abort requests.
+  environment keys, the per-host control requests and the abort requests (`<prefix>/aborts/`).
 - `norm-host-<machine-id>` (one per host, granted to that host's user): reads the desired keys, the
-  rollout header and the rollouts' keys; writes its own registration, unit summary and control keys,
-  and the rollouts' reports.
+  rollout header and the rollouts' records and participant lists (`<prefix>/rollouts/`); writes its
+  own registration, unit summary and control keys, and its own reports (`<prefix>/reports/<mid>/`);
+  and the migration claims (`<prefix>/claims/`).
 - `norm-leader` (shared, granted in addition to the hosts that may lead): the leader key, the rollout
   header, the rollouts' records and participant lists, the ledger and the history; it reads the host
-  registrations to choose a rollout's participants.
+  registrations to choose a rollout's participants and the hosts' reports to follow a rollout, and
+  deletes finished rollouts' claims and aborts.
 
 etcd grants a role a single key or a key range [key, range_end); it has no patterns and no denials.
-A host's reports live at `<prefix>/rollouts/<rev>/<kind>/<machine-id>`: the rollout's revision comes
-before the machine id, so a host's own reports are no range of their own, and every host role gets
-write on the whole `<prefix>/rollouts/` range (which holds the other hosts' reports, the migrator's
-claims, the operators' abort requests and the leader's records and participant lists too). The
-operators' abort requests (`<prefix>/rollouts/<rev>/abort`) are in that range for the same reason.
-Everything else a role may write is exactly the keys or ranges it needs.
+The key layout (norm.core.protocol) gives each writer a range of its own, so every grant is exactly
+the keys or ranges its role needs, with one shared range: the claims. A step's claim is one key that
+whichever host the leader makes the step's migrator creates, once (exactly-once rests on that single
+key), so every host role writes `<prefix>/claims/`: a host's user could claim a step of a rollout,
+which makes it no migrator (the leader names the migrator in the header, and only the migrator runs a
+step) but keeps the step from running (it halts the rollout once its barrier times out).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Literal
 
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, parse_machine_id, units_key
-from norm.core.protocol import header_key
+from norm.core.protocol import aborts_prefix, claims_prefix, header_key, host_reports_prefix, reports_prefix
 
 Kind = Literal["read", "write", "readwrite"]
 
@@ -130,8 +132,7 @@ def operator_role(keys: Keys) -> Role:
         Permission.one(keys.environment, "readwrite"),
         Permission.under(f"{p}/", "read"),
         Permission.under(f"{p}/control/", "readwrite"),
-        # The abort requests: <prefix>/rollouts/<rev>/abort, no range of their own.
-        Permission.under(f"{p}/rollouts/", "readwrite"),
+        Permission.under(aborts_prefix(p), "readwrite"),
     }), "operators: read everything; write the desired version and environment, control and abort requests")
 
 
@@ -141,8 +142,10 @@ def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
         Permission.one(keys.version, "read"),
         Permission.one(keys.environment, "read"),
         Permission.one(header_key(p), "read"),
-        # The host's reports: <prefix>/rollouts/<rev>/<kind>/<machine-id>, no range of their own.
-        Permission.under(f"{p}/rollouts/", "readwrite"),
+        Permission.under(f"{p}/rollouts/", "read"),
+        Permission.under(host_reports_prefix(p, machine_id), "readwrite"),
+        # Shared: one key per step, created once by the step's migrator (see the module's note).
+        Permission.under(claims_prefix(p), "readwrite"),
         Permission.one(hosts_key(p, machine_id), "readwrite"),
         Permission.one(units_key(p, machine_id), "readwrite"),
         Permission.under(control_prefix(p, machine_id), "readwrite"),
@@ -151,7 +154,8 @@ def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
 
 def make_host_role(keys: Keys, machine_id: str) -> Role:
     return Role(host_role(machine_id), host_permissions(keys, machine_id),
-                f"host {machine_id}: its registration, unit summary, control requests and rollout reports")
+                f"host {machine_id}: its registration, unit summary, control requests, rollout reports "
+                "and migration claims")
 
 
 def leader_role(keys: Keys) -> Role:
@@ -163,6 +167,10 @@ def leader_role(keys: Keys) -> Role:
         Permission.under(f"{p}/ledger/", "readwrite"),
         Permission.under(f"{p}/history/", "readwrite"),
         Permission.under(hosts_key(p), "read"),
+        Permission.under(reports_prefix(p), "read"),
+        # Trimmed when a rollout ends: the claims and aborts of the others.
+        Permission.under(claims_prefix(p), "readwrite"),
+        Permission.under(aborts_prefix(p), "readwrite"),
     }), "leader-eligible hosts: the leader key, the rollout header, records, ledger and history")
 
 

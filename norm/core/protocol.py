@@ -4,22 +4,35 @@ reports hosts write, the duty each host has, and the release file it hands its u
 The leader keeps the whole rollout record (record.Rollout) under the rollout's own prefix. Every
 host watches only the header: a few hundred bytes (the participant list is fetched once per rollout),
 so a phase change costs the fleet one small event per host however big the fleet is. Per-host
-progress lives in the hosts' own report keys, which only the leader watches:
+progress lives in the hosts' own report keys, which only the leader watches. Each kind of writer has
+a key range of its own (what etcd's roles grant: see norm.core.access); `<rev12>` is the rollout's
+revision, 12 digits, zero-padded, so that a host's older reports are one range before its current
+ones:
 
-    <prefix>/rollout                          the header of the current (or last) rollout
-    <prefix>/rollouts/<rev>/record            the leader's full record
-    <prefix>/rollouts/<rev>/hosts             the participating machine ids (JSON list)
-    <prefix>/rollouts/<rev>/pulled/<mid>      {"digest": ...} or {"error": ..., "permanent": ...}
-    <prefix>/rollouts/<rev>/stopped/<mid>     {}
-    <prefix>/rollouts/<rev>/started/<mid>     {"digest": ..., "ok": true|false, "reason": ...}
-    <prefix>/rollouts/<rev>/claim/<step>      {"host": mid}: the migrator's claim, made once, fenced on
-                                              the header that asks it to run the step
-    <prefix>/rollouts/<rev>/migrated/<step>   {"ok": ..., "exit_code": ..., "reason": ..., "seconds": ...,
-                                              "unknown": true when the outcome cannot be known}
-    <prefix>/rollouts/<rev>/abort             {"by": ...}: an operator's request
-    <prefix>/ledger/<rev>-<step>              a ledger entry (record.LedgerEntry), once per step run;
-                                              never trimmed: the ledger's source of truth
-    <prefix>/history/<rev>                    the record of a finished rollout (the last N kept)
+    <prefix>/rollout                                the header of the current (or last) rollout
+    <prefix>/rollouts/<rev>/record                  the leader's full record
+    <prefix>/rollouts/<rev>/hosts                   the participating machine ids (JSON list)
+    <prefix>/reports/<mid>/<rev12>/pulled           {"digest": ...} or {"error": ..., "permanent": ...}
+    <prefix>/reports/<mid>/<rev12>/stopped          {}
+    <prefix>/reports/<mid>/<rev12>/started          {"digest": ..., "ok": true|false, "reason": ...}
+    <prefix>/reports/<mid>/<rev12>/migrated/<step>  {"ok": ..., "exit_code": ..., "reason": ...,
+                                                    "seconds": ..., "host": mid, "unknown": true when
+                                                    the outcome cannot be known}: the migrator's result
+    <prefix>/claims/<rev12>/<step>                  {"host": mid}: the migrator's claim, one shared key
+                                                    per step, made once, fenced on the header that
+                                                    asks it to run the step
+    <prefix>/aborts/<rev12>                         {"by": ...}: an operator's request
+    <prefix>/ledger/<rev12>-<step>                  a ledger entry (record.LedgerEntry), once per step
+                                                    run; never trimmed: the ledger's source of truth
+    <prefix>/history/<rev12>                        the record of a finished rollout (the last N kept)
+
+A host deletes its reports of older rollouts when it writes one of a newer rollout (in the same
+transaction); the leader deletes older rollouts' keys, claims and aborts when a rollout ends.
+
+The previous layout put every report under the rollout's prefix: `rollouts/<rev>/<kind>/<mid>`,
+`rollouts/<rev>/claim/<step>`, `rollouts/<rev>/migrated/<step>`, `rollouts/<rev>/abort`. Agents of the
+previous version write them there while a fleet is being upgraded: `parse_report` still reads them
+(`legacy_*` below), so that a rollout under way goes on.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from norm.core.wire import Digest, MachineId, Reason, StepName, Text
 _DIGEST = values.DIGEST
 _MID = values.MACHINE_ID
 _STEP = values.STEP
+_REV12 = re.compile(r"[0-9]{12}")
 REPORT_KINDS = ("pulled", "stopped", "started", "migrated", "claim", "abort")
 MAX_REASON = values.MAX_REASON  # a report's reason is cut to this many characters
 
@@ -87,11 +101,93 @@ def decode_hosts(raw: bytes, where: str) -> tuple[str, ...]:
         raise InvalidValue(where, "not a list of machine ids") from None
 
 
-def report_key(prefix: str, revision: int, kind: str, name: str) -> str:
-    return f"{prefix}/rollouts/{revision}/{kind}/{name}"
+def rev12(revision: int) -> str:
+    """A rollout's revision as the keys carry it: 12 digits, zero-padded (they sort as numbers)."""
+    return f"{revision:012d}"
+
+
+def reports_prefix(prefix: str) -> str:
+    """Every host's reports (the leader watches this range)."""
+    return f"{prefix}/reports/"
+
+
+def host_reports_prefix(prefix: str, machine_id: str) -> str:
+    """One host's reports: the range its role writes."""
+    return f"{prefix}/reports/{machine_id}/"
+
+
+def rollout_reports_prefix(prefix: str, revision: int, machine_id: str) -> str:
+    """One host's reports of one rollout."""
+    return f"{prefix}/reports/{machine_id}/{rev12(revision)}/"
+
+
+def report_key(prefix: str, revision: int, kind: str, machine_id: str) -> str:
+    """A host's pulled, stopped or started report."""
+    return f"{rollout_reports_prefix(prefix, revision, machine_id)}{kind}"
+
+
+def migrated_key(prefix: str, revision: int, machine_id: str, step: str) -> str:
+    """The outcome of a step, written by the host that ran it (the migrator)."""
+    return f"{rollout_reports_prefix(prefix, revision, machine_id)}migrated/{step}"
+
+
+def older_reports(prefix: str, revision: int, machine_id: str) -> tuple[str, str]:
+    """The range [start, end) of a host's reports of rollouts older than `revision`: what it deletes
+    when it reports for `revision`."""
+    return host_reports_prefix(prefix, machine_id), rollout_reports_prefix(prefix, revision, machine_id)
+
+
+def progress_range(prefix: str) -> tuple[str, str]:
+    """The range [start, end) that holds, in this order, every host's reports, the header, and every
+    rollout's keys (records, participants, reports of the previous layout): what one watch of an
+    operator's follows, in etcd's order (no other key of Norm's lies between them)."""
+    return reports_prefix(prefix), f"{prefix}/rollouu"  # the end of every key starting "<prefix>/rollout"
+
+
+def claims_prefix(prefix: str) -> str:
+    return f"{prefix}/claims/"
+
+
+def claim_key(prefix: str, revision: int, step: str) -> str:
+    """The one key per step that the migrator creates once to run it."""
+    return f"{prefix}/claims/{rev12(revision)}/{step}"
+
+
+def aborts_prefix(prefix: str) -> str:
+    return f"{prefix}/aborts/"
 
 
 def abort_key(prefix: str, revision: int) -> str:
+    return f"{prefix}/aborts/{rev12(revision)}"
+
+
+def _under(prefix: str) -> tuple[str, str]:
+    """The range of every key under `prefix`, which ends with "/" (the next byte is "0")."""
+    assert prefix.endswith("/")
+    return prefix, prefix[:-1] + "0"
+
+
+def stale_ranges(prefix: str, current: int) -> tuple[tuple[str, str], ...]:
+    """The ranges [start, end) holding the claims and aborts of every rollout but `current`: what the
+    leader deletes when a rollout ends."""
+    claims, claims_end = _under(claims_prefix(prefix))
+    mine, mine_end = _under(f"{claims}{rev12(current)}/")
+    aborts, aborts_end = _under(aborts_prefix(prefix))
+    abort = abort_key(prefix, current)
+    return (claims, mine), (mine_end, claims_end), (aborts, abort), (abort + "\0", aborts_end)
+
+
+# The previous layout: every report under the rollout's prefix. Read (never written) while agents of
+# the previous version may still write there, during an upgrade of the fleet.
+
+
+def legacy_report_key(prefix: str, revision: int, kind: str, name: str) -> str:
+    """A report key of the previous layout: `name` is the machine id, or the step for claim and
+    migrated."""
+    return f"{prefix}/rollouts/{revision}/{kind}/{name}"
+
+
+def legacy_abort_key(prefix: str, revision: int) -> str:
     return f"{prefix}/rollouts/{revision}/abort"
 
 
@@ -242,21 +338,15 @@ class Report:
 
 
 def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | None:
-    """A report key under the rollout's prefix, validated; None for the leader's own keys (record,
-    hosts). Raises InvalidValue (naming the key, never quoting the value) for anything malformed."""
-    rest = key.removeprefix(rollout_prefix(prefix, revision))
-    if rest in ("record", "hosts"):
+    """A report of rollout `revision`, validated: a host's (`reports/<mid>/<rev12>/...`), the
+    migrator's claim (`claims/<rev12>/<step>`), an operator's abort (`aborts/<rev12>`), or one of the
+    previous layout (`rollouts/<rev>/...`). None for a key of another rollout, and for the leader's
+    own keys (record, hosts). Raises InvalidValue (naming the key, never quoting the value) for a key
+    in these ranges that is none of them, and for a value that is not its kind's."""
+    found = report_of_key(prefix, revision, key)
+    if found is None:
         return None
-    kind, _, name = rest.partition("/")
-    if rest == "abort":
-        kind, name = "abort", ""
-    elif kind not in REPORT_KINDS or not name:
-        raise InvalidValue(key, "not a rollout report key")
-    elif kind in ("migrated", "claim"):
-        if not _STEP.fullmatch(name):
-            raise InvalidValue(key, "not a step name")
-    elif not _MID.fullmatch(name):
-        raise InvalidValue(key, "not a machine id")
+    kind, name = found
     value = wire.parse(raw, key)
     try:
         _check_report(kind, value)
@@ -264,6 +354,70 @@ def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | N
         raise InvalidValue(key, f"not a valid {kind} report ({e})") from None
     assert isinstance(value, dict)
     return Report(kind, name, value)  # type: ignore[arg-type]
+
+
+def report_of_key(prefix: str, revision: int, key: str) -> tuple[str, str] | None:
+    """The kind and name (as in Report) a report key of rollout `revision` stands for; None for a key
+    of another rollout and for the leader's own keys; InvalidValue for a key in the reports' ranges
+    (or the rollouts') that is none of them."""
+    if key.startswith(reports_prefix(prefix)):
+        return _host_report(prefix, revision, key)
+    if key.startswith(claims_prefix(prefix)):
+        rev, _, name = key.removeprefix(claims_prefix(prefix)).partition("/")
+        if not _REV12.fullmatch(rev) or not _STEP.fullmatch(name):
+            raise InvalidValue(key, "not a claim key")
+        return ("claim", name) if int(rev) == revision else None
+    if key.startswith(aborts_prefix(prefix)):
+        rev = key.removeprefix(aborts_prefix(prefix))
+        if not _REV12.fullmatch(rev):
+            raise InvalidValue(key, "not an abort key")
+        return ("abort", "") if int(rev) == revision else None
+    if key.startswith(f"{prefix}/rollouts/"):
+        return _legacy_report(prefix, revision, key)
+    raise InvalidValue(key, "not a rollout report key")
+
+
+def _host_report(prefix: str, revision: int, key: str) -> tuple[str, str] | None:
+    """A key in the hosts' reports' range: `<mid>/<rev12>/<kind>`, or `<mid>/<rev12>/migrated/<step>`."""
+    mid, _, rest = key.removeprefix(reports_prefix(prefix)).partition("/")
+    rev, _, rest = rest.partition("/")
+    kind, _, name = rest.partition("/")
+    if not _MID.fullmatch(mid):
+        raise InvalidValue(key, "not a machine id")
+    if not _REV12.fullmatch(rev):
+        raise InvalidValue(key, "not a report key")
+    if int(rev) != revision:
+        return None
+    if kind == "migrated":
+        if not _STEP.fullmatch(name):
+            raise InvalidValue(key, "not a step name")
+        return kind, name
+    if kind not in ("pulled", "stopped", "started") or name:
+        raise InvalidValue(key, "not a report key")
+    return kind, mid
+
+
+def _legacy_report(prefix: str, revision: int, key: str) -> tuple[str, str] | None:
+    """The kind and name of a report key of the previous layout (`rollouts/<rev>/<kind>/<name>`,
+    `rollouts/<rev>/abort`), as agents of the previous version write them while the fleet is being
+    upgraded; None for the leader's own keys and for another rollout's keys."""
+    mine = rollout_prefix(prefix, revision)
+    if not key.startswith(mine):
+        return None
+    rest = key.removeprefix(mine)
+    if rest in ("record", "hosts"):
+        return None
+    kind, _, name = rest.partition("/")
+    if rest == "abort":
+        return "abort", ""
+    if kind not in REPORT_KINDS or not name:
+        raise InvalidValue(key, "not a rollout report key")
+    if kind in ("migrated", "claim"):
+        if not _STEP.fullmatch(name):
+            raise InvalidValue(key, "not a step name")
+    elif not _MID.fullmatch(name):
+        raise InvalidValue(key, "not a machine id")
+    return kind, name
 
 
 # What each kind of report holds, as the wire reads it back (a Report keeps the plain value).

@@ -1,11 +1,11 @@
 """What the `norm` command knows of the one rollout it follows (`deploy --wait`, `rollout`, `status`).
 
 A frozen model, built from the values read from etcd: the header (the one etcd holds now, and the
-followed rollout's once it began), the rollout's own keys (record, participants, the hosts' reports),
-the hosts' names, and the outcome once the rollout has ended. The caller does the reading: each
-function here takes what was read and returns the new model; `outcome_keys()` and `wants_names()`
-say what else to read. Values that do not decode are skipped and listed in `skipped`, for the caller
-to say. No I/O here.
+followed rollout's once it began), the rollout's own keys (record, participants), its reports (the
+hosts' own ranges, or the previous layout's keys under the rollout's), the hosts' names, and the
+outcome once the rollout has ended. The caller does the reading: each function here takes what was
+read and returns the new model; `outcome_keys()` and `wants_names()` say what else to read. Values
+that do not decode are skipped and listed in `skipped`, for the caller to say. No I/O here.
 """
 
 from __future__ import annotations
@@ -151,16 +151,12 @@ def rollout_listed(t: Tracker, entries: Sequence[Entry]) -> Tracker:
 
 
 def rollout_changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
-    """One of the followed rollout's keys, written (or deleted)."""
-    rest = entry.key.removeprefix(proto.rollout_prefix(t.prefix, t.want))
+    """One of the followed rollout's keys (its record, its participants, a report of it), written (or
+    deleted); a key of another rollout changes nothing."""
+    mine = proto.rollout_prefix(t.prefix, t.want)
+    rest = entry.key.removeprefix(mine) if entry.key.startswith(mine) else None
     if deleted:
-        if rest == "record":
-            return dataclasses.replace(t, record=None)
-        if rest == "hosts":
-            return dataclasses.replace(t, listed=())
-        kind, _, name = rest.partition("/")
-        gone = ("abort", "") if rest == "abort" else (kind, name)
-        return dataclasses.replace(t, reports={k: v for k, v in t.reports.items() if k != gone})
+        return _rollout_deleted(t, rest, entry.key)
     try:
         if rest == "record":
             record = Rollout.decode(entry.value, entry.key)
@@ -180,26 +176,47 @@ def rollout_changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
     return t
 
 
+def _rollout_deleted(t: Tracker, rest: str | None, key: str) -> Tracker:
+    if rest == "record":
+        return dataclasses.replace(t, record=None)
+    if rest == "hosts":
+        return dataclasses.replace(t, listed=())
+    try:
+        gone = proto.report_of_key(t.prefix, t.want, key)
+    except InvalidValue:
+        return t  # nothing it could have stood for is shown
+    if gone is None:
+        return t
+    return dataclasses.replace(t, reports={k: v for k, v in t.reports.items() if k != gone})
+
+
 # ---------------------------------------------------------------------------------------------------
-# What one watch on <prefix>/rollout* brings: the header, and every rollout's keys (of which only those
-# of `want` matter). One watch keeps them in etcd's order: a header never gets ahead of the reports
-# written before it.
+# What one watch on the range of proto.progress_range brings: the hosts' reports, the header, and every
+# rollout's keys (of which only those of `want` matter). One watch keeps them in etcd's order: a header
+# never gets ahead of the reports written before it.
 
 
 def resynced(t: Tracker, entries: Sequence[Entry]) -> Tracker:
-    """Everything under <prefix>/rollout*, as a listing (or a watch's re-listing) found it."""
-    header, mine = proto.header_key(t.prefix), proto.rollout_prefix(t.prefix, t.want)
+    """Everything in proto.progress_range, as a listing (or a watch's re-listing) found it."""
+    header = proto.header_key(t.prefix)
     t = headers_listed(t, [e for e in entries if e.key == header])
-    return rollout_listed(t, [e for e in entries if e.key.startswith(mine)])
+    return rollout_listed(t, [e for e in entries if e.key != header and _of_rollouts(t, e.key)])
 
 
 def changed(t: Tracker, entry: Entry, deleted: bool = False) -> Tracker:
-    """One key under <prefix>/rollout*, written (or deleted)."""
+    """One key in proto.progress_range, written (or deleted)."""
     if entry.key == proto.header_key(t.prefix):
         return header_changed(t, None if deleted else entry)
-    if entry.key.startswith(proto.rollout_prefix(t.prefix, t.want)):
+    if _of_rollouts(t, entry.key):
         return rollout_changed(t, entry, deleted=deleted)
     return t
+
+
+def _of_rollouts(t: Tracker, key: str) -> bool:
+    """Whether `key` lies where rollouts keep their keys and reports (of whichever rollout)."""
+    p = t.prefix
+    return key.startswith((f"{p}/rollouts/", proto.reports_prefix(p), proto.claims_prefix(p),
+                           proto.aborts_prefix(p)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ host out of its target groups and waiting for it to drain; after the start, pres
 once the web unit answers its health URL.
 
 etcd costs per host and rollout: one transaction reading the participant list and this host's own
-reports, then one transaction per report (written only against the header it answers). Only the
-small header is watched.
+reports, then one transaction per report (written only against the header it answers, and deleting
+this host's reports of older rollouts). Only the small header is watched.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from norm.adapters.docker import (
     DockerRejected,
     RunTimeout,
 )
-from norm.adapters.etcd import Compare, EtcdError, Get, KeyValue, Put, Resync
+from norm.adapters.etcd import Compare, Delete, EtcdError, Get, KeyValue, Put, Resync
 from norm.adapters.files import read_file, write_atomic
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import protocol as proto
@@ -210,20 +210,37 @@ class Executor:
             elif h is not None:  # a rollout not (yet) needing them
                 self._participant, self._reported = False, set()
             return
-        p, rev = self._prefix, h.revision
+        p, rev, me = self._prefix, h.revision, self._me
         kinds = ("pulled", "stopped", "started")
-        result = await self._etcd.txn([], [Get(proto.hosts_list_key(p, rev)),
-                                          *(Get(proto.report_key(p, rev, k, self._me)) for k in kinds),
-                                          Get(f"{proto.rollout_prefix(p, rev)}migrated/", prefix=True)])
-        hosts_kv, *mine = result.gets
+        # This host's reports of the rollout, from its own range; and, in the same read, those its
+        # agent of the previous version may have written before an upgrade (the previous layout):
+        # a step it ran then is not run again.
+        result = await self._etcd.txn([], [
+            Get(proto.hosts_list_key(p, rev)),
+            Get(proto.rollout_reports_prefix(p, rev, me), prefix=True),
+            *(Get(proto.legacy_report_key(p, rev, k, me)) for k in kinds),
+            Get(f"{proto.rollout_prefix(p, rev)}migrated/", prefix=True)])
+        hosts_kv, mine, *legacy = result.gets
         hosts = self._participants_in(hosts_kv[0]) if hosts_kv else []
-        self._participant = self._me in hosts and self._me not in h.excluded
-        reported = {kind for kind, kvs in zip(kinds, mine[:3], strict=True)
-                    if kvs and (kind != "started" or self._started_on_target(h, kvs[0]))}
-        for kv in mine[3]:
-            reported.add("migrated:" + kv.key.rsplit("/", 1)[1])
+        self._participant = me in hosts and me not in h.excluded
+        reported: set[str] = set()
+        for kv in (*mine, *(kv for kvs in legacy for kv in kvs)):
+            kind, name = self._own_report(h, kv)
+            if kind == "migrated":
+                reported.add(f"migrated:{name}")
+            elif kind in kinds and (kind != "started" or self._started_on_target(h, kv)):
+                reported.add(kind)
         self._reported = reported
         self._rev = rev
+
+    def _own_report(self, h: proto.Header, kv: KeyValue) -> tuple[str, str]:
+        """The kind and name (the step, for migrated) of a report this host wrote, read back by key."""
+        mine = proto.rollout_reports_prefix(self._prefix, h.revision, self._me)
+        if kv.key.startswith(mine):
+            kind, _, name = kv.key.removeprefix(mine).partition("/")
+            return kind, name
+        kind, _, name = kv.key.removeprefix(proto.rollout_prefix(self._prefix, h.revision)).partition("/")
+        return kind, name  # the previous layout
 
     def _participants_in(self, kv: KeyValue) -> list[str]:
         """The rollout's participant list; an unreadable one is refused (counted), and names none."""
@@ -311,11 +328,14 @@ class Executor:
         """Write a report while the header is still the one this host acted on (one transaction),
         or, if it changed, still shows the same rollout and phase. Nothing is written once the
         rollout has moved on without this host: False. `final`: the duty is done."""
-        key, header_key = proto.report_key(self._prefix, h.revision, kind, name or self._me), \
-            proto.header_key(self._prefix)
+        p, header_key = self._prefix, proto.header_key(self._prefix)
+        key = proto.report_key(p, h.revision, kind, self._me) if name is None else \
+            proto.migrated_key(p, h.revision, self._me, name)
+        # With it, this host's reports of older rollouts go: each host keeps its own range trimmed.
+        start, end = proto.older_reports(p, h.revision, self._me)
         while True:
             result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod)],
-                                          [Put(key, value)], [Get(header_key)])
+                                          [Put(key, value), Delete(start, range_end=end)], [Get(header_key)])
             if result.succeeded:
                 break
             self._take_header(result.gets[0][0] if result.gets and result.gets[0] else None)
@@ -403,12 +423,15 @@ class Executor:
         started only by the claim's holder, so that once claimed, a container missing is one that
         vanished (its outcome unknown), never one not made yet. A claimed step is only ever adopted."""
         p, rev = self._prefix, h.revision
-        claim = proto.report_key(p, rev, "claim", step)
+        claim = proto.claim_key(p, rev, step)
         command = self._steps.get(step)
         name = proto.migration_container(rev, step)
         image = f"{self._image}@{digest}"
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
-        holder = await self._etcd.get(claim)
+        # A claim made by this host's agent of the previous version, before an upgrade, is in the
+        # previous layout: it holds the step as well.
+        held = await self._etcd.txn([], [Get(claim), Get(proto.legacy_report_key(p, rev, "claim", step))])
+        holder = next((kvs[0] for kvs in held.gets if kvs), None)
         if holder is None:
             if command is None:
                 await self._report(h, "migrated", proto.migrated(False, None, "the step is not configured on "
@@ -473,13 +496,17 @@ class Executor:
         """Claim the step, in a transaction fenced on the header that asks this host to run it (as a
         report is): a host acting on a stale header claims nothing. True: the step is this host's."""
         header_key = proto.header_key(self._prefix)
+        legacy = proto.legacy_report_key(self._prefix, h.revision, "claim", step)
         while True:
             result = await self._etcd.txn([Compare(header_key, "mod", "==", self._header_mod),
-                                           Compare(claim, "version", "==", 0)],
-                                          [Put(claim, proto.claim(self._me))], [Get(claim), Get(header_key)])
+                                           Compare(claim, "version", "==", 0),
+                                           Compare(legacy, "version", "==", 0)],
+                                          [Put(claim, proto.claim(self._me))],
+                                          [Get(claim), Get(header_key), Get(legacy)])
             if result.succeeded:
                 return True
-            holder = result.gets[0][0].value if result.gets and result.gets[0] else None
+            claims = (result.gets[0], result.gets[2]) if len(result.gets) > 2 else ()
+            holder = next((kvs[0].value for kvs in claims if kvs), None)
             if holder is not None:
                 if holder == proto.claim(self._me):
                     return True  # a reply lost: the claim applied

@@ -3,7 +3,8 @@
 Nothing lives only here. On winning leadership it reads the rollout record, replays the hosts' reports
 (in the order etcd took them) and resumes; every change of the record that is not mere per-host
 progress is written before anything acts on it, in a transaction fenced on leadership. Hosts follow
-the small header; the reports come back under the rollout's prefix, which only the leader watches.
+the small header; their reports come back in each host's own range (`<prefix>/reports/<mid>/`), which
+only the leader watches, all hosts' at once.
 
 The ledger of every step ever run is its keys (`<prefix>/ledger/`, never trimmed): read whenever a
 rollout begins, so that a version set back is known for one whose steps ran, however long ago. A
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
 from norm.adapters.docker import DockerError, DockerRejected
-from norm.adapters.etcd import Delete, EtcdError, KeyValue, NotLeader, Op, Put, Resync
+from norm.adapters.etcd import Delete, EtcdError, KeyValue, NotLeader, Op, Put, Resync, Watch
 from norm.core import protocol as proto
 from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig
@@ -240,20 +241,40 @@ class Updater:
         self._helpers.start("reports", self._watch_reports(revision), f"updater-reports-{revision}")
 
     async def _watch_reports(self, revision: int) -> None:
-        prefix = proto.rollout_prefix(self._prefix, revision)
-        async with self._etcd.watch(prefix, prefix=True) as w:
-            async for item in w:
-                kvs = sorted(item.snapshot.kvs, key=lambda kv: kv.mod_revision) if isinstance(item, Resync) \
-                    else [item.kv] if item.kind == "put" else []
-                for kv in kvs:
-                    try:
-                        report = proto.parse_report(self._prefix, revision, kv.key, kv.value)
-                    except InvalidValue as e:
-                        self._metrics.rejected_values.labels("rollout report").inc()
-                        log.warning("updater.report_refused", key=e.where, reason=e.reason)
-                        continue
-                    if report is not None:
-                        self._queue.put_nowait(_ReportOf(revision, report))
+        """Follow rollout `revision`'s reports: one watch on every host's reports (those of other
+        rollouts are passed over by their key), one on the operators' abort request, and one on the
+        rollout's own prefix, where agents of the previous version write theirs (the previous layout,
+        read while a fleet is being upgraded). What each lists first is replayed together, in the order
+        etcd took it; then each change as it comes."""
+        p = self._prefix
+        async with self._etcd.watch(proto.reports_prefix(p), prefix=True) as reports, \
+                self._etcd.watch(proto.abort_key(p, revision)) as aborts, \
+                self._etcd.watch(proto.rollout_prefix(p, revision), prefix=True) as legacy:
+            listed: list[KeyValue] = []
+            for w in (reports, aborts, legacy):
+                first = await anext(w)
+                assert isinstance(first, Resync)  # a watch lists before it follows
+                listed += first.snapshot.kvs
+            self._take_reports(revision, sorted(listed, key=lambda kv: kv.mod_revision))
+            await first_of(**{f"updater-reports-{name}-{revision}": self._pump_reports(revision, w)
+                              for name, w in (("hosts", reports), ("abort", aborts), ("legacy", legacy))})
+
+    async def _pump_reports(self, revision: int, w: Watch) -> None:
+        async for item in w:
+            kvs = sorted(item.snapshot.kvs, key=lambda kv: kv.mod_revision) if isinstance(item, Resync) \
+                else [item.kv] if item.kind == "put" else []
+            self._take_reports(revision, kvs)
+
+    def _take_reports(self, revision: int, kvs: Iterable[KeyValue]) -> None:
+        for kv in kvs:
+            try:
+                report = proto.parse_report(self._prefix, revision, kv.key, kv.value)
+            except InvalidValue as e:
+                self._metrics.rejected_values.labels("rollout report").inc()
+                log.warning("updater.report_refused", key=e.where, reason=e.reason)
+                continue
+            if report is not None:
+                self._queue.put_nowait(_ReportOf(revision, report))
 
     # -- applying -------------------------------------------------------------------------------------
     async def _on_desired(self, desired: Desired) -> None:
@@ -382,15 +403,18 @@ class Updater:
             await self._trim_history(rev)
 
     async def _trim_history(self, current: int) -> None:
-        """Keep the last `history` finished rollouts, and the reports of the current one only."""
+        """Keep the last `history` finished rollouts; of the rollouts' own keys, claims and aborts,
+        those of the current one only. (Each host deletes its own older reports itself.)"""
+        p = self._prefix
         try:
-            snapshot = await self._etcd.get_prefix(f"{self._prefix}/history/", keys_only=True)
+            snapshot = await self._etcd.get_prefix(f"{p}/history/", keys_only=True)
             old = sorted(kv.key for kv in snapshot.kvs)[:-self._history]
-            rollouts = await self._etcd.get_prefix(f"{self._prefix}/rollouts/", keys_only=True)
-            stale = sorted({kv.key.removeprefix(f"{self._prefix}/rollouts/").split("/", 1)[0]
+            rollouts = await self._etcd.get_prefix(f"{p}/rollouts/", keys_only=True)
+            stale = sorted({kv.key.removeprefix(f"{p}/rollouts/").split("/", 1)[0]
                             for kv in rollouts.kvs} - {str(current)})
             ops: list[Op] = [Delete(k) for k in old]
-            ops += [Delete(f"{self._prefix}/rollouts/{r}/", prefix=True) for r in stale]
+            ops += [Delete(f"{p}/rollouts/{r}/", prefix=True) for r in stale]
+            ops += [Delete(start, range_end=end) for start, end in proto.stale_ranges(p, current)]
             for i in range(0, len(ops), 64):
                 await self._leadership.fenced(ops[i:i + 64])
         except NotLeader:

@@ -796,7 +796,7 @@ class Run:
 
     def _stopped_any(self, revision: int) -> bool:
         assert self.recorder is not None
-        return any(e.key.startswith(f"/norm/rollouts/{revision}/stopped/") for e in self.recorder.events)
+        return check.any_stopped(self.recorder.events, revision)
 
     def _observations(self, converged: str) -> check.Observations:
         assert self.recorder is not None and self.monitor is not None

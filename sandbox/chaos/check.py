@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -178,50 +179,81 @@ def check_resolved(obs: Observations) -> list[str]:
     return out
 
 
+def report_of(key: str) -> tuple[int, str, str] | None:
+    """(rollout, kind, name) of a report key: `name` the machine id for pulled, stopped and started,
+    the step for migrated and claim, "" for abort. The hosts' ranges (`reports/<mid>/<rev12>/<kind>`,
+    `.../migrated/<step>`), the claims and the aborts; and the previous layout, every report under the
+    rollout's prefix (`rollouts/<rev>/<kind>/<name>`, `rollouts/<rev>/abort`). None for other keys."""
+    parts = key.split("/")
+    try:
+        match parts[1:]:
+            case ["norm", "reports", mid, rev, "migrated", step]:
+                return int(rev), "migrated", step
+            case ["norm", "reports", mid, rev, ("pulled" | "stopped" | "started") as kind]:
+                return int(rev), kind, mid
+            case ["norm", "claims", rev, step]:
+                return int(rev), "claim", step
+            case ["norm", "aborts", rev] | ["norm", "rollouts", rev, "abort"]:
+                return int(rev), "abort", ""
+            case ["norm", "rollouts", rev, kind, name] if kind not in ("record", "hosts"):
+                return int(rev), kind, name
+    except ValueError:
+        return None
+    return None
+
+
+def any_stopped(events: Iterable[Event], revision: int) -> bool:
+    """Whether a host reported its units stopped for rollout `revision` (the cut-over began)."""
+    return any((found := report_of(e.key)) is not None and found[:2] == (revision, "stopped") for e in events)
+
+
 def check_pulled_before_run(obs: Observations) -> list[str]:
     """2. No host starts version V before every participating host has pulled V with the same digest."""
     out: list[str] = []
-    by_rollout: dict[int, list[Event]] = defaultdict(list)
+    by_rollout: dict[int, list[tuple[Event, str, str]]] = defaultdict(list)  # (event, kind, name)
+    participants_of: dict[int, Event] = {}
     for e in obs.events:
-        if e.key.startswith("/norm/rollouts/") and e.kind == "put":
-            try:
-                rev = int(e.key.split("/")[3])
-            except (IndexError, ValueError):
-                continue
-            by_rollout[rev].append(e)
+        if e.kind != "put":
+            continue
+        parts = e.key.split("/")
+        if len(parts) == 5 and e.key.startswith("/norm/rollouts/") and parts[4] == "hosts":
+            with contextlib.suppress(ValueError):
+                participants_of.setdefault(int(parts[3]), e)
+        elif (found := report_of(e.key)) is not None:
+            by_rollout[found[0]].append((e, found[1], found[2]))
     headers = _headers(obs)
     for rev, evs in sorted(by_rollout.items()):
         hs = [(e, v) for e, v in headers if v.get("revision") == rev]
         digest = next((v.get("digest") for _, v in hs if v.get("digest")), None)
-        hosts_ev = next((e for e in evs if e.key.endswith("/hosts")), None)
+        hosts_ev = participants_of.get(rev)
         if digest is None or hosts_ev is None:
             continue
         participants = hosts_ev.json() or []
         pulled: dict[str, Event] = {}
-        for e in evs:
-            parts = e.key.split("/")
-            if len(parts) == 6 and parts[4] == "pulled":
+        for e, kind, mid in evs:
+            if kind == "pulled":
                 v = e.json() or {}
                 if v.get("digest"):
                     if v["digest"] != digest:
-                        out.append(f"rollout {rev}: {obs.by_machine.get(parts[5], parts[5])} pulled "
+                        out.append(f"rollout {rev}: {obs.by_machine.get(mid, mid)} pulled "
                                    f"{v['digest'][:19]}, not the rollout's {digest[:19]}")
-                    pulled.setdefault(parts[5], e)
-        first_start = next((e for e in evs if e.key.split("/")[4:5] == ["started"]
+                    pulled.setdefault(mid, e)
+        first_start = next(((e, mid) for e, kind, mid in evs if kind == "started"
                             and (e.json() or {}).get("digest") == digest), None)
         if first_start is None:
             continue
+        start, starter = first_start
         excluded: set[str] = set()
         for e, v in hs:
-            if e.revision < first_start.revision:
+            if e.revision < start.revision:
                 excluded |= set(v.get("excluded") or [])
         for mid in participants:
             if mid in excluded:
                 continue
             p = pulled.get(mid)
-            if p is None or p.revision > first_start.revision:
-                out.append(f"rollout {rev}: {obs.by_machine.get(first_start.key.split('/')[5], '?')} started "
-                           f"{digest[:19]} at revision {first_start.revision} before "
+            if p is None or p.revision > start.revision:
+                out.append(f"rollout {rev}: {obs.by_machine.get(starter, '?')} started "
+                           f"{digest[:19]} at revision {start.revision} before "
                            f"{obs.by_machine.get(mid, mid)} had pulled it"
                            + (f" (pulled at {p.revision})" if p else ""))
     return out
@@ -239,23 +271,23 @@ def check_fenced(obs: Observations) -> list[str]:
     last_migrating: dict[int, str | None] = {}
     pulled: dict[int, set[str]] = defaultdict(set)  # rollout -> hosts that reported its image pulled
     for kv in obs.snapshot:
-        parts = kv["key"].split("/")
-        if kv["key"].startswith("/norm/rollouts/") and len(parts) == 6 and parts[4] == "pulled":
-            with contextlib.suppress(ValueError):
-                pulled[int(parts[3])].add(parts[5])
+        if (found := report_of(kv["key"])) is not None and found[1] == "pulled":
+            pulled[found[0]].add(found[2])
     for e in obs.events:
         if e.key == LEADER_KEY:
             leader = (e.value.decode(errors="replace"), e.create_revision) if e.kind == "put" else None
             continue
-        parts = e.key.split("/")
-        if e.key.startswith("/norm/rollouts/") and len(parts) == 6 and parts[4] == "pulled" \
-                and e.kind == "put" and (e.json() or {}).get("digest"):
-            with contextlib.suppress(ValueError):
-                pulled[int(parts[3])].add(parts[5])
+        found = report_of(e.key)
+        if found is not None and found[1] == "pulled" and e.kind == "put" and (e.json() or {}).get("digest"):
+            pulled[found[0]].add(found[2])
+        # The leader's: the header, ledger, history, the rollouts' records and participant lists, and
+        # the deletes of its trim (the rollouts' keys, the claims; not the hosts' own trims of their
+        # reports, nor an abort request going).
         leader_write = (e.key == HEADER_KEY or e.key.startswith(LEADER_PREFIXES)
                         or (e.key.startswith("/norm/rollouts/") and (
-                            e.key.endswith(("/record", "/hosts")) or e.kind == "delete")))
-        if not leader_write or (e.kind == "delete" and e.key.split("/")[4:5] == ["abort"]):
+                            e.key.endswith(("/record", "/hosts")) or e.kind == "delete"))
+                        or (e.key.startswith("/norm/claims/") and e.kind == "delete"))
+        if not leader_write or (e.kind == "delete" and found is not None and found[1] == "abort"):
             continue
         if leader is None:
             out.append(f"leader write without a leader: {e.kind} {e.key} at revision {e.revision}")
@@ -407,7 +439,7 @@ def check_convergence(obs: Observations) -> list[str]:
         return out
     if h.get("phase") in ("failed", "halted") and not h.get("reason"):
         out.append(f"rollout {h.get('revision')} {h.get('phase')} without a reason in the header")
-    stopped = any(e.key.startswith(f"/norm/rollouts/{h.get('revision')}/stopped/") for e in obs.events)
+    stopped = any_stopped(obs.events, int(h.get("revision", 0)))
     expected = expected_release(h, stopped)
     if expected is None:
         return out

@@ -105,6 +105,31 @@ def test_the_checker_takes_a_migrator_other_than_the_leader_only_when_the_leader
     assert len(found) == 1 and "issued for migrator host2 while host1 led" in found[0], found
 
 
+def test_the_checker_reads_reports_in_the_hosts_ranges_and_in_the_previous_layout() -> None:
+    m1, m2 = "1" * 32, "2" * 32
+    header = json.dumps({"revision": 20, "tag": "v1", "phase": "migrate", "migrating": "migrate",
+                         "migrator": m2, "digest": "sha256:aa"})
+    pulls = [_put(21, f"/norm/reports/{m2}/000000000020/pulled", '{"digest": "sha256:aa"}')]
+    leader_pulled = [_put(22, f"/norm/reports/{m1}/000000000020/pulled", '{"digest": "sha256:aa"}')]
+    names = {m1: "host1", m2: "host2"}
+    events = [_put(10, "/norm/leader", m1), *pulls, _put(30, "/norm/rollout", header)]
+    assert check.check_fenced(_obs(events, by_machine=names)) == []
+    events = [_put(10, "/norm/leader", m1), *pulls, *leader_pulled, _put(30, "/norm/rollout", header)]
+    found = check.check_fenced(_obs(events, by_machine=names))
+    assert len(found) == 1 and "issued for migrator host2 while host1 led" in found[0], found
+    # A start before every participant pulled: m1 in its own range, m2 in the previous layout.
+    start = [_put(12, "/norm/rollout", header), _put(13, "/norm/rollouts/20/hosts", f'["{m1}", "{m2}"]'),
+             _put(14, f"/norm/reports/{m1}/000000000020/pulled", '{"digest": "sha256:aa"}'),
+             _put(15, f"/norm/reports/{m1}/000000000020/started", '{"digest": "sha256:aa", "ok": true}')]
+    found = check.check_pulled_before_run(_obs(start, by_machine=names))
+    assert len(found) == 1 and "host2 had pulled it" in found[0], found
+    legacy = [_put(14, f"/norm/rollouts/20/pulled/{m2}", '{"digest": "sha256:aa"}')]
+    assert check.check_pulled_before_run(_obs(start[:2] + legacy + start[2:], by_machine=names)) == []
+    assert check.any_stopped([_put(16, f"/norm/reports/{m1}/000000000020/stopped", "{}")], 20)
+    assert check.any_stopped([_put(16, f"/norm/rollouts/20/stopped/{m1}", "{}")], 20)
+    assert not check.any_stopped([_put(16, f"/norm/reports/{m1}/000000000019/stopped", "{}")], 20)
+
+
 def test_the_log_of_an_agent_started_with_a_skewed_clock_is_put_back_on_the_machine_s_clock(
         tmp_path: Path) -> None:
     log = tmp_path / "agent.log"

@@ -125,7 +125,12 @@ def rollout_keys(r: Rollout) -> dict[str, bytes]:
     return keys
 
 
-def report(revision: int, kind: str, name: str, value: bytes) -> dict[str, bytes]:
+def report(revision: int, kind: str, name: str, value: bytes, host: str = A) -> dict[str, bytes]:
+    """A host's report (`name` its machine id), or `host`'s result of step `name`, or the claim of it."""
+    if kind == "claim":
+        return {proto.claim_key(P, revision, name): value}
+    if kind == "migrated":
+        return {proto.migrated_key(P, revision, host, name): value}
     return {proto.report_key(P, revision, kind, name): value}
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from norm.adapters.etcd import Compare, Etcd, EtcdRejected, Get, Put
+from norm.adapters.etcd import Compare, Delete, Etcd, EtcdRejected, Get, Put
 from norm.app import cli
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
@@ -185,6 +185,33 @@ def test_a_host_cannot_write_another_hosts_keys(secured: Secured) -> None:
     refused(secured.config(HOST_A), lambda etcd: etcd.put(hosts_key(P, B), b"{}"))
 
 
+def test_a_host_cannot_write_another_hosts_reports_nor_a_rollouts_keys(secured: Secured) -> None:
+    """Each host's reports are a range of its own: no host writes (nor deletes, nor reads) another's;
+    the rollouts' records and participant lists are the leader's, the abort requests the operators'."""
+    b = secured.config(HOST_B)
+    for key in (proto.report_key(P, 7, "pulled", A), proto.migrated_key(P, 7, A, "migrate"),
+                proto.record_key(P, 7), proto.hosts_list_key(P, 7), proto.abort_key(P, 7),
+                proto.legacy_report_key(P, 7, "pulled", B)):
+        refused(b, lambda etcd, key=key: etcd.put(key, b"{}"))  # type: ignore[misc]
+    refused(b, lambda etcd: etcd.get(proto.report_key(P, 7, "pulled", A)))
+    refused(b, lambda etcd: etcd.delete(proto.host_reports_prefix(P, A), prefix=True))
+    refused(b, lambda etcd: etcd.delete(f"{P}/rollouts/", prefix=True))
+    # Its own trim is no way into A's range: a range that reaches beyond its own is refused whole.
+    _, end = proto.older_reports(P, 7, B)
+    refused(b, lambda etcd: etcd.txn([], [Put(proto.report_key(P, 7, "pulled", B), b"{}"),
+                                          Delete(proto.reports_prefix(P), range_end=end)]))
+    # Even a host that may lead writes no other host's reports (it reads them, to follow a rollout).
+    a = secured.config(HOST_A)
+    refused(a, lambda etcd: etcd.put(proto.report_key(P, 7, "pulled", B), b"{}"))
+    refused(a, lambda etcd: etcd.delete(proto.host_reports_prefix(P, B), prefix=True))
+    as_user(a, lambda etcd: etcd.get_prefix(proto.reports_prefix(P)))
+    # The operators write the abort requests, and none of the rollouts' own keys nor any report.
+    ops = secured.config(OPS)
+    as_user(ops, lambda etcd: etcd.put(proto.abort_key(P, 7), proto.abort_request("alice")))
+    for key in (proto.record_key(P, 7), proto.report_key(P, 7, "pulled", A), proto.claim_key(P, 7, "m")):
+        refused(ops, lambda etcd, key=key: etcd.put(key, b"{}"))  # type: ignore[misc]
+
+
 def test_an_ordinary_host_cannot_write_the_header_nor_lead(secured: Secured) -> None:
     b = secured.config(HOST_B)
     refused(b, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
@@ -239,10 +266,11 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
         assert code in (0, 5), (command, err)  # 5: `rollout --once` while it runs
     code, out, err = norm(OPS, "abort", "--by", "alice")
     assert (code, out) == (0, f"abort requested for rollout {header.revision}\n"), err
-    # (An abort request lies in the rollouts range every host writes: see the module note of
-    # norm.core.access. The desired version is the operators' alone.)
+    # The abort requests and the desired version are the operators' alone.
     for user in (HOST_A, HOST_B):
         code, _, err = norm(user, "deploy", "v3")
+        assert code == 1 and "permission denied" in err, err
+        code, _, err = norm(user, "abort", "--by", "mallory")
         assert code == 1 and "permission denied" in err, err
 
 
@@ -257,12 +285,24 @@ def test_a_host_does_its_own_work_with_its_grants(secured: Secured) -> None:
             await etcd.put(units_key(P, B), b"[]", lease=lease.id)
             await etcd.put(control_prefix(P, B) + "release/djed-web.service", b"{}")
             await etcd.delete(control_prefix(P, B) + "release/djed-web.service")
+            # A report, fenced on the header, deleting its reports of older rollouts (as the executor).
+            start, end = proto.older_reports(P, 7, B)
             report = Put(proto.report_key(P, 7, "pulled", B), proto.pulled_ok("sha256:" + "1" * 64))
-            result = await etcd.txn([Compare(proto.header_key(P), "mod", "==", 0)], [report],
-                                    [Get(proto.header_key(P))])
+            result = await etcd.txn([Compare(proto.header_key(P), "mod", "==", 0)],
+                                    [report, Delete(start, range_end=end)], [Get(proto.header_key(P))])
             assert result.succeeded
-            await etcd.txn([], [Get(proto.hosts_list_key(P, 7)), Get(proto.rollout_prefix(P, 7) + "migrated/",
-                                                                   prefix=True)])
+            # Reading back its reports of a rollout, its earlier version's, and the participants.
+            await etcd.txn([], [Get(proto.hosts_list_key(P, 7)),
+                                Get(proto.rollout_reports_prefix(P, 7, B), prefix=True),
+                                Get(proto.legacy_report_key(P, 7, "pulled", B)),
+                                Get(proto.rollout_prefix(P, 7) + "migrated/", prefix=True)])
+            # Claiming a step (the shared claims range), fenced on the header as the migrator does.
+            claim = proto.claim_key(P, 7, "migrate")
+            legacy = proto.legacy_report_key(P, 7, "claim", "migrate")
+            result = await etcd.txn([Compare(proto.header_key(P), "mod", "==", 0),
+                                     Compare(claim, "version", "==", 0), Compare(legacy, "version", "==", 0)],
+                                    [Put(claim, proto.claim(B))], [Get(claim), Get(legacy)])
+            assert result.succeeded
             async with etcd.watch(control_prefix(P, B), prefix=True) as w:
                 await anext(w)
         # The lease's keys went with it: the revoke was allowed.
@@ -281,6 +321,15 @@ def test_a_leader_eligible_host_leads_with_its_grants(secured: Secured) -> None:
                                                Put(proto.ledger_key(P, 7, "migrate"), b"{}"),
                                                Put(proto.history_key(P, 7), b"{}")])
             await etcd.get_prefix(hosts_key(P))
+            # Following a rollout's reports: every host's, the abort request, the previous layout's.
+            for key, prefix in ((proto.reports_prefix(P), True), (proto.abort_key(P, 7), False),
+                                (proto.rollout_prefix(P, 7), True)):
+                async with etcd.watch(key, prefix=prefix) as w:
+                    await anext(w)
+            # The trim at a rollout's end: older rollouts' keys, claims and aborts.
+            await election.fenced(leadership, [Delete(f"{P}/rollouts/6/", prefix=True),
+                                               *(Delete(start, range_end=end)
+                                                 for start, end in proto.stale_ranges(P, 7))])
             await election.fenced(leadership, [])
             await election.resign(leadership)
         assert await etcd.get(leader_key(P)) is None

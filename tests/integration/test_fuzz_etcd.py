@@ -278,10 +278,18 @@ class Scene:
             if kind == "abort":
                 return st.just(proto.abort_key(p, r))
             good = st.sampled_from(["migrate", "collectstatic"]) if kind in ("migrated", "claim") else mids
-            return st.one_of(good, good, good, bad_names).map(lambda n: proto.report_key(p, r, kind, n))
+            names = st.one_of(good, good, good, bad_names)
+            if kind == "claim":
+                return names.map(lambda n: proto.claim_key(p, r, n))
+            if kind == "migrated":
+                return st.tuples(mids, names).map(lambda m: proto.migrated_key(p, r, *m))
+            return names.map(lambda n: proto.report_key(p, r, kind, n))
 
+        # The leader follows the hosts' reports and the abort request; a claim is read by the migrator
+        # alone, when it claims (as a whole value, never parsed), so no refusal of one is counted.
         reports = [Target(f"report:{kind}", report_key(kind), json_values(template),
-                          _refuses(lambda k, v: proto.parse_report(p, r, k, v)), "rollout report")
+                          _refuses(lambda k, v: proto.parse_report(p, r, k, v)),
+                          None if kind == "claim" else "rollout report")
                    for kind, template in report_templates.items()]
         record = json.loads(self.record.encode())
         ledger = {"digest": D1, "tag": "v1", "step": "migrate", "ok": True, "revision": 7, "at": 1.0}

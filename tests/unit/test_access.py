@@ -51,9 +51,10 @@ def test_prefix_end_is_etcds() -> None:
 def test_a_host_writes_its_own_keys_and_not_another_hosts() -> None:
     mine, other = roles_of(B), A
     for key in (hosts_key(P, B), units_key(P, B), control_prefix(P, B) + "release/djed-web.service",
-                proto.report_key(P, 9, "pulled", B)):
+                proto.report_key(P, 9, "pulled", B), proto.migrated_key(P, 9, B, "migrate")):
         assert allowed(mine, key, "write"), key
-    for key in (hosts_key(P, other), units_key(P, other), control_prefix(P, other) + "hold/x.service"):
+    for key in (hosts_key(P, other), units_key(P, other), control_prefix(P, other) + "hold/x.service",
+                proto.report_key(P, 9, "pulled", other), proto.migrated_key(P, 9, other, "migrate")):
         assert not allowed(mine, key, "write"), key
         assert not allowed(mine, key, "read"), key
     # The hosts' own keys are single keys, not prefixes: no host can claim a longer name.
@@ -70,16 +71,52 @@ def test_an_ordinary_host_neither_leads_nor_writes_the_leaders_keys() -> None:
     leader = roles_of(A, leader=True)
     for key in (proto.header_key(P), leader_key(P), proto.ledger_key(P, 9, "migrate"),
                 proto.history_key(P, 9), proto.record_key(P, 9), proto.hosts_list_key(P, 9),
-                proto.report_key(P, 9, "claim", "migrate")):
+                proto.claim_key(P, 9, "migrate"), proto.abort_key(P, 9)):
         assert allowed(leader, key, "write"), key
     assert allowed(leader, hosts_key(P, B), "read") and not allowed(leader, hosts_key(P, B), "write")
+    # It follows every host's reports, and writes none but its own host's.
+    assert allowed(leader, proto.report_key(P, 9, "pulled", B), "read")
+    assert not allowed(leader, proto.report_key(P, 9, "pulled", B), "write")
 
 
-def test_the_rollouts_range_is_the_layouts_limit() -> None:
-    """A host's reports come after the rollout's revision: the narrowest grant that holds them is the
-    whole rollouts range, so a host can write what is in it (said in the module and the docs)."""
-    assert allowed(roles_of(B), proto.report_key(P, 9, "pulled", A), "write")
-    assert allowed(roles_of(B), proto.record_key(P, 9), "write")
+def test_each_writer_has_a_range_of_its_own() -> None:
+    """A host writes its own reports and the shared claims; it reads the rollouts' records and
+    participant lists and writes none of them, nor an abort request; the operators write the aborts
+    range and no rollout's keys."""
+    host = roles_of(B)
+    for key in (proto.record_key(P, 9), proto.hosts_list_key(P, 9), proto.abort_key(P, 9),
+                proto.legacy_report_key(P, 9, "pulled", B), proto.report_key(P, 9, "pulled", A)):
+        assert not allowed(host, key, "write"), key
+    for key in (proto.record_key(P, 9), proto.hosts_list_key(P, 9), proto.report_key(P, 9, "started", B)):
+        assert allowed(host, key, "read"), key
+    assert allowed(host, proto.claim_key(P, 9, "migrate"), "write")
+    # What a host deletes with each report: its own older reports, inside its own range.
+    start, end = proto.older_reports(P, 9, B)
+    assert allowed(host, start, "write") and allowed(host, proto.report_key(P, 8, "started", B), "write")
+    assert start == proto.host_reports_prefix(P, B) and end == proto.rollout_reports_prefix(P, 9, B)
+    ops = [access.operator_role(KEYS)]
+    assert allowed(ops, proto.abort_key(P, 9), "write")
+    for key in (proto.record_key(P, 9), proto.hosts_list_key(P, 9), proto.report_key(P, 9, "pulled", A),
+                proto.claim_key(P, 9, "migrate")):
+        assert not allowed(ops, key, "write"), key
+
+
+def test_the_grants_per_role() -> None:
+    """What `norm access` grants, as the operator guide lists it."""
+    def grants(role: access.Role) -> set[str]:
+        return {f"{p.kind} {p.describe()}" for p in role.permissions}
+
+    assert grants(access.operator_role(KEYS)) == {
+        "readwrite /djed-version", "readwrite /djed-environment", "read /norm/*",
+        "readwrite /norm/control/*", "readwrite /norm/aborts/*"}
+    assert grants(access.make_host_role(KEYS, B)) == {
+        "read /djed-version", "read /djed-environment", "read /norm/rollout", "read /norm/rollouts/*",
+        f"readwrite /norm/reports/{B}/*", "readwrite /norm/claims/*", f"readwrite /norm/hosts/{B}",
+        f"readwrite /norm/units/{B}", f"readwrite /norm/control/{B}/*"}
+    assert grants(access.leader_role(KEYS)) == {
+        "readwrite /norm/leader", "readwrite /norm/rollout", "readwrite /norm/rollouts/*",
+        "readwrite /norm/ledger/*", "readwrite /norm/history/*", "read /norm/hosts/*", "read /norm/reports/*",
+        "readwrite /norm/claims/*", "readwrite /norm/aborts/*"}
 
 
 def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> None:

@@ -326,3 +326,112 @@ def test_a_step_duration_in_a_report_that_is_no_finite_float_is_refused(number: 
     raw = b'{"ok": true, "host": "' + A.encode() + b'", "exit_code": 0, "seconds": ' + number.encode() + b"}"
     with pytest.raises(InvalidValue):
         proto.parse_report(P, 7, f"{P}/rollouts/7/migrated/migrate", raw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The key layout: each writer's range
+
+
+def test_the_keys_of_each_writer() -> None:
+    assert proto.report_key(P, 7, "pulled", A) == f"{P}/reports/{A}/000000000007/pulled"
+    assert proto.migrated_key(P, 7, A, "migrate") == f"{P}/reports/{A}/000000000007/migrated/migrate"
+    assert proto.claim_key(P, 7, "migrate") == f"{P}/claims/000000000007/migrate"
+    assert proto.abort_key(P, 7) == f"{P}/aborts/000000000007"
+    assert proto.rollout_reports_prefix(P, 7, A) == f"{P}/reports/{A}/000000000007/"
+    # A host's reports of older rollouts are one range before those of the current one.
+    start, end = proto.older_reports(P, 1000, A)
+    for rev in (1, 7, 999):
+        assert start <= proto.report_key(P, rev, "started", A) < end
+        assert start <= proto.migrated_key(P, rev, A, "migrate") < end
+    for rev in (1000, 1001, 10**11):
+        assert not start <= proto.report_key(P, rev, "pulled", A) < end
+    assert not start <= proto.report_key(P, 7, "pulled", B) < end
+
+
+def test_reports_of_the_new_layout_become_events() -> None:
+    def ev(key: str, raw: bytes) -> object:
+        report = proto.parse_report(P, 7, key, raw)
+        assert report is not None
+        return proto.report_event(record(Phase.START, progress=()), report)
+
+    assert ev(proto.report_key(P, 7, "pulled", A), proto.pulled_ok(D2)) == HostPulled(A, D2)
+    assert ev(proto.report_key(P, 7, "stopped", B), proto.stopped()) == HostStopped(B)
+    assert ev(proto.report_key(P, 7, "started", A), proto.started(D2, True)) == HostActive(A)
+    assert ev(proto.migrated_key(P, 7, A, "migrate"), proto.migrated(True, 0, None, 1.0, A)) == \
+        MigrationSucceeded("migrate")
+    claim = proto.parse_report(P, 7, proto.claim_key(P, 7, "migrate"), proto.claim(A))
+    assert claim == proto.Report("claim", "migrate", {"host": A})
+    abort = proto.parse_report(P, 7, proto.abort_key(P, 7), proto.abort_request("alice"))
+    assert abort == proto.Report("abort", "", {"by": "alice"})
+    # Another rollout's keys are passed over, whatever their value.
+    for key in (proto.report_key(P, 8, "pulled", A), proto.migrated_key(P, 6, A, "migrate"),
+                proto.claim_key(P, 8, "migrate"), proto.abort_key(P, 70), proto.record_key(P, 8),
+                proto.legacy_report_key(P, 8, "pulled", A)):
+        assert proto.parse_report(P, 7, key, b"not json") is None, key
+    assert proto.report_of_key(P, 7, proto.report_key(P, 7, "pulled", A)) == ("pulled", A)
+    assert proto.report_of_key(P, 7, proto.migrated_key(P, 7, A, "migrate")) == ("migrated", "migrate")
+
+
+@pytest.mark.parametrize("key", [
+    f"{P}/reports/{A}/000000000007/unknown",
+    f"{P}/reports/{A}/000000000007/pulled/x",
+    f"{P}/reports/{A}/000000000007/migrated/../x",
+    f"{P}/reports/{A}/000000000007/migrated/",
+    f"{P}/reports/{A}/7/pulled",
+    f"{P}/reports/x;reboot/000000000007/pulled",
+    f"{P}/reports/{A}",
+    f"{P}/claims/000000000007/x;reboot",
+    f"{P}/claims/7/migrate",
+    f"{P}/aborts/7",
+    f"{P}/aborts/000000000007/x",
+    f"{P}/elsewhere/{A}",
+])
+def test_keys_outside_the_layout_are_refused(key: str) -> None:
+    with pytest.raises(InvalidValue) as e:
+        proto.parse_report(P, 7, key, proto.stopped())
+    assert e.value.where == key and "reboot" not in e.value.reason
+
+
+def test_reports_of_the_previous_layout_are_still_read() -> None:
+    """Agents of the previous version, while a fleet is being upgraded, write every report under the
+    rollout's prefix: the same reports, the same events."""
+    for kind, name, raw in (("pulled", A, proto.pulled_ok(D2)), ("stopped", B, proto.stopped()),
+                            ("started", A, proto.started(D2, True)),
+                            ("migrated", "migrate", proto.migrated(True, 0, None, 1.0, A)),
+                            ("claim", "migrate", proto.claim(A))):
+        old = proto.parse_report(P, 7, proto.legacy_report_key(P, 7, kind, name), raw)
+        assert old is not None and (old.kind, old.name) == (kind, name)
+        new_key = proto.claim_key(P, 7, name) if kind == "claim" else proto.migrated_key(P, 7, A, name) \
+            if kind == "migrated" else proto.report_key(P, 7, kind, name)
+        assert proto.parse_report(P, 7, new_key, raw) == old
+    abort = proto.parse_report(P, 7, proto.legacy_abort_key(P, 7), proto.abort_request("alice"))
+    assert abort == proto.parse_report(P, 7, proto.abort_key(P, 7), proto.abort_request("alice"))
+    assert proto.parse_report(P, 7, proto.hosts_list_key(P, 7), b"[]") is None
+    with pytest.raises(InvalidValue):
+        proto.parse_report(P, 7, proto.legacy_report_key(P, 7, "pulled", "x;reboot"), proto.pulled_ok(D2))
+
+
+def test_the_leaders_trim_spares_the_current_rollouts_claims_and_abort() -> None:
+    ranges = proto.stale_ranges(P, 7)
+
+    def trimmed(key: str) -> bool:
+        return any(start <= key < end for start, end in ranges)
+
+    for rev in (1, 6, 8, 10**11):
+        assert trimmed(proto.claim_key(P, rev, "migrate")) and trimmed(proto.abort_key(P, rev))
+    assert not trimmed(proto.claim_key(P, 7, "migrate")) and not trimmed(proto.abort_key(P, 7))
+    assert not trimmed(proto.claim_key(P, 7, "collectstatic"))
+    for key in (proto.report_key(P, 6, "pulled", A), proto.record_key(P, 6), proto.header_key(P),
+                proto.ledger_key(P, 6, "migrate"), proto.history_key(P, 6)):
+        assert not trimmed(key), key
+
+
+def test_the_progress_range_holds_the_reports_the_header_and_the_rollouts_and_nothing_else() -> None:
+    start, end = proto.progress_range(P)
+    for key in (proto.report_key(P, 7, "pulled", A), proto.header_key(P), proto.record_key(P, 7),
+                proto.legacy_report_key(P, 7, "stopped", B), proto.migrated_key(P, 7, B, "migrate")):
+        assert start <= key < end, key
+    for key in (proto.claim_key(P, 7, "migrate"), proto.abort_key(P, 7), proto.ledger_key(P, 7, "m"),
+                proto.history_key(P, 7), f"{P}/hosts/{A}", f"{P}/units/{A}", f"{P}/leader",
+                f"{P}/control/{A}/x"):
+        assert not start <= key < end, key

@@ -130,6 +130,24 @@ def test_another_rollouts_keys_are_ignored() -> None:
     assert trk.changed(t, KV(proto.record_key(P, WANT), record(8).encode())).record is None
 
 
+def test_reports_in_the_hosts_ranges_and_in_the_previous_layout() -> None:
+    """A fleet being upgraded: some hosts report in their own ranges, others (of the previous version)
+    under the rollout's prefix; the model shows both, and a host's trim of its older reports (deletes
+    of another rollout's keys) changes nothing."""
+    t = trk.changed(fresh(), report_kv("pulled", A, proto.pulled_ok(D2)))
+    t = trk.changed(t, KV(proto.legacy_report_key(P, WANT, "pulled", B), proto.pulled_ok(D2)))
+    t = trk.changed(t, KV(proto.migrated_key(P, WANT, A, "migrate"), proto.migrated(True, 0, None, 1.0, A)))
+    t = trk.changed(t, KV(proto.claim_key(P, WANT, "migrate"), proto.claim(A)))
+    assert set(t.reports) == {("pulled", A), ("pulled", B), ("migrated", "migrate"), ("claim", "migrate")}
+    assert trk.changed(t, report_kv("pulled", A, b"", revision=WANT - 1), deleted=True) == t
+    gone = trk.changed(t, KV(proto.migrated_key(P, WANT, A, "migrate"), b""), deleted=True)
+    assert ("migrated", "migrate") not in gone.reports
+    listed = trk.resynced(fresh(), [report_kv("stopped", A, proto.stopped()), header_kv(record()),
+                                    KV(proto.legacy_report_key(P, WANT, "stopped", B), proto.stopped()),
+                                    report_kv("stopped", B, proto.stopped(), revision=WANT - 1)])
+    assert set(listed.reports) == {("stopped", A), ("stopped", B)} and listed.skipped == ()
+
+
 def test_values_that_do_not_decode_are_skipped() -> None:
     t = trk.changed(fresh(), KV(proto.hosts_list_key(P, WANT), b"[1, 2]"))
     t = trk.changed(t, KV(proto.hosts_list_key(P, WANT), b"{"))
@@ -154,8 +172,10 @@ def test_a_resync_replaces_what_was_known() -> None:
 
 KEYS = st.sampled_from([proto.header_key(P), proto.record_key(P, WANT), proto.hosts_list_key(P, WANT),
                         proto.report_key(P, WANT, "pulled", A), proto.report_key(P, WANT, "started", B),
-                        proto.report_key(P, WANT, "migrated", "migrate"), proto.abort_key(P, WANT),
-                        proto.report_key(P, 8, "pulled", A), f"{P}/rollouts/{WANT}/x/y"])
+                        proto.migrated_key(P, WANT, A, "migrate"), proto.abort_key(P, WANT),
+                        proto.report_key(P, 8, "pulled", A), f"{P}/rollouts/{WANT}/x/y",
+                        proto.legacy_report_key(P, WANT, "pulled", A), proto.claim_key(P, WANT, "migrate"),
+                        f"{P}/reports/{A}/x/y"])
 VALUES = st.one_of(st.binary(max_size=40), st.sampled_from([
     proto.Header.of(record()).encode(), record().encode(), finished().encode(), json.dumps([A, B]).encode(),
     proto.pulled_ok(D2), proto.started(D2, True), proto.stopped(), b"null", b"[[[[]]]]"]))

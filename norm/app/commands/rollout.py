@@ -165,22 +165,23 @@ async def follow(etcd: Etcd, t: Tracker, screen: Screen, seconds: float | None) 
 
 @contextlib.asynccontextmanager
 async def _changes(etcd: Etcd, t: Tracker) -> AsyncIterator[asyncio.Queue[WatchItem | Exception]]:
-    """What one watch on <prefix>/rollout* brings (the header and every rollout's keys, in etcd's
-    order), from a task of its own so that it can be taken in batches; its end is an exception."""
+    """What one watch on proto.progress_range brings (the hosts' reports, the header and every
+    rollout's keys, in etcd's order), from a task of its own so that it can be taken in batches; its
+    end is an exception."""
     from norm.adapters.etcd import EtcdUnavailable
 
     queue: asyncio.Queue[WatchItem | Exception] = asyncio.Queue()
-    key = proto.header_key(t.prefix)  # as a prefix: the header and <prefix>/rollouts/...
+    key, end = proto.progress_range(t.prefix)
 
     async def pump() -> None:
         try:
-            async with etcd.watch(key, prefix=True) as w:
+            async with etcd.watch(key, range_end=end) as w:
                 async for item in w:
                     queue.put_nowait(item)
         except Exception as e:  # CancelledError is not an Exception: it goes through
             queue.put_nowait(e)
         else:
-            queue.put_nowait(EtcdUnavailable(f"watching {key}*: the watch ended"))
+            queue.put_nowait(EtcdUnavailable(f"watching [{key}, {end}): the watch ended"))
 
     task = asyncio.create_task(pump(), name=f"cli-watch-rollout-{t.want}")
     try:
@@ -230,8 +231,9 @@ def ended(t: Tracker) -> int:
 async def follow_rollout(args: argparse.Namespace, config: cfg.Config, etcd: Etcd) -> int:
     prefix = config.keys.prefix
     notes: list[str] = []
-    # One read of <prefix>/rollout*: the header and the rollout's keys as they stood together.
-    snap = await etcd.get_prefix(proto.header_key(prefix))
+    # One read of proto.progress_range: the header, the rollout's keys and the reports as they stood
+    # together.
+    snap = await etcd.get_range(*proto.progress_range(prefix))
     head = next((kv for kv in snap.kvs if kv.key == proto.header_key(prefix)), None)
     header = cli.header_of(head, notes)
     cli.tell(notes)
@@ -263,13 +265,12 @@ async def fleet_status(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
             units[kv.key.rsplit("/", 1)[-1]] = wire.parse(kv.value, kv.key)
         except InvalidValue:
             notes.append(cli.skip(kv.key, "not a unit summary"))
-    snap = await etcd.get_prefix(proto.header_key(prefix))  # the header and the rollout's keys, together
+    # The header, the rollout's keys and the reports, together.
+    snap = await etcd.get_range(*proto.progress_range(prefix))
     header = cli.header_of(next((kv for kv in snap.kvs if kv.key == proto.header_key(prefix)), None), notes)
     running: tuple[proto.Header, Tracker] | None = None
     if header is not None and not header.terminal:
-        mine = proto.rollout_prefix(prefix, header.revision)
-        t = trk.rollout_listed(Tracker(prefix, header.revision),
-                               [kv for kv in snap.kvs if kv.key.startswith(mine)])
+        t = trk.resynced(Tracker(prefix, header.revision), snap.kvs)
         notes += [views.skipped(s) for s in t.skipped]
         running = header, t
     rows = views.fleet_rows(records, units, leader, running)
