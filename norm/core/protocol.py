@@ -555,15 +555,18 @@ Duty = Pull | Stop | Migrate | Start | CatchUp
 
 
 def host_duties(h: Header | None, me: str, participant: bool, reported: frozenset[str],
-                running: Release | None) -> tuple[Duty, ...]:
+                running: Release | None, *, stopped: bool = False) -> tuple[Duty, ...]:
     """What this host must do now. `participant`: listed in the rollout's hosts and not excluded;
     `reported`: the report kinds this host has written for this rollout (`started` only if it was
-    for the header's current target); `running`: the release in the host's release file."""
+    for the header's current target); `running`: the release in the host's release file; `stopped`:
+    an update stopped the units and none has started them since (a rollout superseded after its
+    stop): once the rollouts have ended, the fleet's release is started even if it is the one in the
+    release file."""
     if h is None:
         return ()
     if h.terminal:
         want = h.fleet_release()
-        return (CatchUp(want),) if want is not None and running != want else ()
+        return (CatchUp(want),) if want is not None and (running != want or stopped) else ()
     duties: list[Duty] = []
     if h.digest is None:
         return ()

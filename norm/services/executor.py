@@ -104,6 +104,10 @@ class Executor:
         self._reported: set[str] = set()
         self._units: tuple[str, ...] = ()
         self._catching_up = False
+        # The units were stopped by an update, and no update has started them since: they stay held
+        # (a rollout superseded after its stop leaves them to the next one, never to the healer,
+        # which would start the release the steps may have moved past).
+        self._stopped = False
         self.behind = False  # outside the rollout, on a release older than the migrated one
         self._gave_up: set[tuple[int, str]] = set()  # (rollout, release digest) a catch-up cannot pull
         self._wake = asyncio.Event()
@@ -188,7 +192,7 @@ class Executor:
 
     def _duties(self) -> tuple[proto.Duty, ...]:
         duties = proto.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
-                                 self.running)
+                                   self.running, stopped=self._stopped)
         rev = None if self.header is None else self.header.revision
 
         def pending(d: proto.Duty) -> bool:
@@ -261,8 +265,8 @@ class Executor:
         return report is not None and target is not None and report.value.get("digest") == target.digest
 
     def _apply_holds(self) -> None:
-        held = self._catching_up or proto.holds_units(self.header, self._participant,
-                                                    frozenset(self._reported))
+        held = self._catching_up or self._stopped or proto.holds_units(self.header, self._participant,
+                                                                     frozenset(self._reported))
         for unit in self._units:
             if held:
                 self._holds.hold(unit, HOLD_OWNER)
@@ -375,6 +379,7 @@ class Executor:
 
     async def _stop_units(self) -> None:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
+        self._stopped = True
         for unit in self._units:
             self._holds.hold(unit, HOLD_OWNER)
         if self._presence is not None and not self.behind:
@@ -414,6 +419,7 @@ class Executor:
                 state = await self._systemd.unit(unit)
                 if state.active_state != "active":
                     failed.append(f"{unit}: {state.active_state}/{state.sub_state}")
+        self._stopped = False
         log.info("executor.units_started", release=proto.release_text(release), failed=failed)
         notes = failed + [f"{unit}: held by the operator, left stopped" for unit in held]
         return not failed, "; ".join(notes) or None
@@ -538,7 +544,8 @@ class Executor:
     async def _catch_up(self, h: proto.Header, release: Release) -> None:
         log.info("executor.catching_up", release=proto.release_text(release))
         try:
-            await self._docker.pull(f"{self._image}@{release.digest}")
+            if release != self.running:  # the release in the file has its image here already
+                await self._docker.pull(f"{self._image}@{release.digest}")
         except DockerRejected as e:
             log.error("executor.catch_up_refused", error=str(e))
             self._gave_up.add((h.revision, release.digest))

@@ -26,7 +26,7 @@ from norm.core.healing import HealPolicy
 from norm.core.record import Phase, Release
 from norm.services.context import HostContext
 from norm.services.control import OPERATOR, Control
-from norm.services.executor import Executor
+from norm.services.executor import HOLD_OWNER, Executor
 from norm.services.healer import Healer
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -232,3 +232,30 @@ async def test_a_restarted_agent_knows_the_operators_holds_before_it_starts_a_un
                 await task
         assert report["reason"] == f"{WEB}: held by the operator, left stopped"
         assert rig.active_state() == "inactive" and rig.invocation() == before  # never started
+
+
+async def test_units_an_update_stopped_stay_held_until_an_update_starts_them_again(
+        etcd: EtcdMember, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    # A rollout stops the units and is superseded (after its steps ran, say) by one still pulling:
+    # between the two, nothing may start the old release (the healer would, were they let go). When
+    # the newer rollout fails without a release to switch to, the update starts the units itself.
+    async with host_rig(etcd, systemd_manager, tmp_path) as rig:
+        rig.release_file.write_bytes(proto.render_release(OLD, IMAGE, 1999))
+        await rig.systemd.start(WEB)
+        await rig.begin(header(2000, Phase.STOP))
+        await wait_put(rig.etcd, proto.report_key(P, 2000, "stopped", rig.me))
+        assert rig.active_state() == "inactive" and rig.holds.owners(WEB) == {HOLD_OWNER}
+
+        tries = len(rig.events("executor.retry"))
+        await rig.begin(header(2001, Phase.PULL, tag="v3", digest="sha256:" + "3" * 64))
+        # Its pull fails (this host has no Docker engine) and is tried again: the executor has taken
+        # the newer rollout up.
+        await rig.until("the newer rollout's pull tried", lambda: len(rig.events("executor.retry")) > tries)
+        assert rig.holds.owners(WEB) == {HOLD_OWNER}  # still the update's to start
+        assert rig.active_state() == "inactive"
+
+        ended = header(2001, Phase.FAILED, tag="v3", digest="sha256:" + "3" * 64, outcome=Phase.FAILED,
+                       reason="its image could not be pulled")
+        await rig.etcd.put(proto.header_key(P), ended.encode())
+        await rig.until("the units started again", lambda: rig.active_state() == "active")
+        await rig.until("the update's holds ended", lambda: not rig.holds.owners(WEB))

@@ -130,6 +130,10 @@ def test_duties_through_a_rollout() -> None:
     # After the end: whoever does not run the fleet's release catches up; a halted rollout moves nobody.
     assert proto.host_duties(header(Phase.DONE), A, False, none, OLD) == (proto.CatchUp(NEW),)
     assert proto.host_duties(header(Phase.DONE), A, True, none, NEW) == ()
+    # Units an update stopped, and none started since (its rollout superseded after the stop): once
+    # the rollouts end, the fleet's release is started, even the one already in the release file.
+    assert proto.host_duties(header(Phase.DONE), A, True, none, NEW, stopped=True) == (proto.CatchUp(NEW),)
+    assert proto.host_duties(header(Phase.PULL), A, True, none, NEW, stopped=True) == (proto.Pull(D2),)
     assert proto.host_duties(header(Phase.FAILED), A, False, none, None) == (proto.CatchUp(OLD),)
     assert proto.host_duties(header(Phase.HALTED), A, False, none, None) == ()
 
