@@ -283,6 +283,15 @@ class Campaign:
         return result
 
 
+def _done(undo: Callable[[], object]) -> bool:
+    """Whether `undo` went through (False: etcd refused it, try again)."""
+    try:
+        undo()
+    except SandboxError:
+        return False
+    return True
+
+
 def _leader_gauge(host: HostState) -> float | None:
     """The agent's norm_leader gauge (None if it does not answer)."""
     try:
@@ -398,6 +407,7 @@ class Run:
         self.hosts = {h["name"]: h for h in campaign.hosts()}
         self.by_machine = {h["machine_id"]: h["name"] for h in self.hosts.values()}
         self.frozen: dict[str, list[tuple[float, float]]] = {n: [] for n in self.hosts}
+        self.afterwards: list[Callable[[], object]] = []  # undos that need the fleet back first
         self.killed: dict[str, list[float]] = {n: [] for n in self.hosts}
 
     # -- observing ----------------------------------------------------------------------------------
@@ -565,8 +575,11 @@ class Run:
             code, _ = self.cli(host, "units", "start", UNIT, "--timeout", "10")
             note.what += f"; norm units start: exit {code}"
             if code != 0:  # the agent is away: take the hold back in etcd, it acts on it when it runs
-                mid = self.hosts[host]["machine_id"]
-                self.fleet.etcdctl("del", f"/norm/control/{mid}/hold/{UNIT}")
+                key = f"/norm/control/{self.hosts[host]['machine_id']}/hold/{UNIT}"
+                try:
+                    self.fleet.etcdctl("del", key)
+                except SandboxError:  # etcd is away too: once the fleet is back
+                    self.afterwards.append(lambda: self.fleet.etcdctl("del", key))
 
         self._later(step.hold, release, note)
 
@@ -740,6 +753,8 @@ class Run:
         self._run_due(everything=True)
         try:
             self.c._bring_back()
+            for undo in self.afterwards:
+                wait_for(lambda undo=undo: _done(undo), timeout=60, what="an undo etcd refused")
         except (SandboxError, OSError, subprocess.SubprocessError) as e:
             self.errors.append(f"bringing the fleet back failed: {e}"[:400])
         self.ended_faults = time.time()
