@@ -7,6 +7,7 @@ not be undone: printed as a campaign error, not counted as a violation)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import signal
@@ -24,15 +25,20 @@ from sandbox.docker import DockerEngine
 from sandbox.procs import REPO
 from sandbox.registry import Registry
 
+CODE = ("norm", "sandbox", "pyproject.toml", "constraints.txt")  # what a run's outcome depends on
+
 
 def _code_version() -> str:
-    """The commit the campaign runs, with "+changes" when tracked files differ from it."""
+    """The git trees of the code the campaign runs (Norm, the sandbox, the pinned dependencies), with
+    "+changes" when those files differ from the commit: a change elsewhere (docs) keeps the version."""
     def git(*args: str) -> str:
         r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
         return r.stdout.strip()
 
-    head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    trees = git("rev-parse", *(f"HEAD:{path}" for path in CODE)).split()
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
+    return (hashlib.sha256(" ".join(trees).encode()).hexdigest()[:16] if trees else "unknown") + \
+        ("+changes" if changed else "")
 
 
 def _plan(args: argparse.Namespace) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
