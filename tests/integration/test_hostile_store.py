@@ -70,20 +70,32 @@ def rejected(agent: AgentProc, key: str) -> float:
                if s.name == "norm_rejected_values_total" and s.labels.get("key") == key)
 
 
-def test_an_agent_over_a_participant_list_nested_too_deep_refuses_it_and_runs(
-        etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
-        tmp_path: Path) -> None:
+def update_agent(etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
+                 tmp_path: Path) -> AgentProc:
+    """An agent in update mode (no Docker engine) over what the test put in etcd, its web unit
+    running, started and ready."""
     systemd_manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
     systemd_manager.systemctl("start", "djed-web.service")
-    header = proto.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
-                        previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1)
-    etcd.ctl("put", proto.hosts_list_key(P, 7), "[" * 50_000 + "]" * 50_000)
-    etcd.ctl("put", proto.header_key(P), header.encode().decode())
     agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
                    extra_toml=('[docker]\nhost = "unix:///nonexistent/docker.sock"\n'
                                f'[update]\nimage = "127.0.0.1:5000/djed/app"\n'
                                f'release_file = "{tmp_path / "release.env"}"\n'))
     agent.wait_notify("READY=1", timeout=60)
+    return agent
+
+
+def pulling(**kw: float) -> proto.Header:
+    """A header of rollout 7 in its pull barrier."""
+    return proto.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
+                        previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1, **kw)
+
+
+def test_an_agent_over_a_participant_list_nested_too_deep_refuses_it_and_runs(
+        etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
+        tmp_path: Path) -> None:
+    etcd.ctl("put", proto.hosts_list_key(P, 7), "[" * 50_000 + "]" * 50_000)
+    etcd.ctl("put", proto.header_key(P), pulling().encode().decode())
+    agent = update_agent(etcd, systemd_manager, agents, tmp_path)
     wait_for(lambda: rejected(agent, "rollout hosts") == 1, timeout=30, what="the participant list refused")
     assert agent.proc is not None and agent.proc.alive
     assert "Traceback" not in agent.logs()
@@ -103,17 +115,11 @@ def test_norm_units_stop_and_start_over_a_summary_nested_too_deep_time_out_witho
 def test_an_agent_over_headers_with_times_past_a_float_refuses_them_and_runs(
         etcd: EtcdMember, systemd_manager: SystemdManager, agents: Callable[..., AgentProc],
         tmp_path: Path) -> None:
-    systemd_manager.write_unit("djed-web.service", "[Service]\nExecStart=/bin/sleep infinity\n")
-    systemd_manager.systemctl("start", "djed-web.service")
-    header = proto.Header(revision=7, tag="v2", phase=Phase.PULL, digest="sha256:" + "2" * 64,
-                        previous=Release("v1", "sha256:" + "1" * 64), hosts_count=1, started_at=1.5)
+    header = pulling(started_at=1.5)
     huge = header.encode().replace(b'"started_at":1.5', b'"started_at":' + b"9" * 400)
     etcd.ctl("put", proto.header_key(P), huge.decode())
-    agent = agents([etcd.endpoint], systemd_bus=systemd_manager.bus_address,
-                   extra_toml=('[docker]\nhost = "unix:///nonexistent/docker.sock"\n'
-                               f'[update]\nimage = "127.0.0.1:5000/djed/app"\n'
-                               f'release_file = "{tmp_path / "release.env"}"\n'))
-    agent.wait_notify("READY=1", timeout=60)  # read at start by the executor and the leader
+    agent = update_agent(etcd, systemd_manager, agents, tmp_path)
+    # The header is read at start by the executor and by the leader.
     wait_for(lambda: rejected(agent, proto.header_key(P)) >= 2, timeout=30,
              what="the header refused at start")
     before = rejected(agent, proto.header_key(P))
