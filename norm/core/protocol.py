@@ -44,7 +44,7 @@ from typing import Any, Literal
 from norm.core import values, wire
 from norm.core.desired import is_tag
 from norm.core.errors import InvalidValue
-from norm.core.record import TERMINAL, HostStatus, Phase, Release, Rollout
+from norm.core.record import TERMINAL, Gate, HostStatus, Migrations, Phase, Release, Rollout, Strategy
 from norm.core.rollout import (
     Abort,
     Event,
@@ -228,6 +228,13 @@ class Header:
     # The new release started on some hosts (a rollout failed in START, not rolled back): it is the
     # fleet's release from then on, its steps having run; the hosts where it failed are the healer's.
     released: bool = False
+    strategy: Strategy | None = None
+    strategy_reason: Text | None = None
+    gate: Gate = Gate()
+    batch: tuple[MachineId, ...] = ()  # the hosts moving now (a rolling update's current batch)
+    batch_index: int = 0
+    batches: int = 0
+    post: bool = False  # the step migrating runs after the batches (contract)
 
     @classmethod
     def of(cls, r: Rollout) -> Header:
@@ -236,7 +243,10 @@ class Header:
                    excluded=tuple(e.host for e in r.excluded), hosts_count=len(r.hosts),
                    outcome=r.outcome, reason=r.reason, started_at=r.started_at, updated_at=r.updated_at,
                    ended_at=r.ended_at,
-                   released=not r.rollback and any(p.status is HostStatus.ACTIVE for p in r.progress))
+                   released=not r.rollback and any(p.status is HostStatus.ACTIVE for p in r.progress),
+                   strategy=r.strategy, strategy_reason=r.strategy_reason, gate=r.gate, batch=r.batch,
+                   batch_index=r.batch_index, batches=len(r.batches),
+                   post=r.migrating is not None and r.migrating in r.post_steps and r.strategy == "rolling")
 
     @property
     def terminal(self) -> bool:
@@ -256,6 +266,8 @@ class Header:
         halted rollout waits for an operator, a running one for its end)."""
         if not self.terminal or self.phase is Phase.HALTED:
             return None
+        if self.phase is Phase.SUPERSEDED and self.released:
+            return None  # a rolling update cut short between two batches: the newer rollout moves everyone
         if self.phase is Phase.DONE or (self.phase is Phase.FAILED and self.released):
             return self.release
         return self.previous
@@ -281,8 +293,10 @@ def _check_header(h: Header) -> None:
 # Reports: what hosts write, and the events the leader makes of them
 
 
-def pulled_ok(digest: str) -> bytes:
-    return wire.encode({"digest": digest})
+def pulled_ok(digest: str, migrations: Migrations | None = None) -> bytes:
+    """`migrations`: what the image's label declares (None: undeclared, or a label not understood)."""
+    return wire.encode({"digest": digest} if migrations is None else
+                       {"digest": digest, "migrations": migrations})
 
 
 def pulled_error(reason: str, permanent: bool) -> bytes:
@@ -426,6 +440,7 @@ def _legacy_report(prefix: str, revision: int, key: str) -> tuple[str, str] | No
 @dataclass(frozen=True)
 class _Pulled:
     digest: Digest
+    migrations: Migrations | None = None
 
 
 @dataclass(frozen=True)
@@ -473,9 +488,9 @@ _REPORTS: dict[str, type[Any]] = {"pulled": _PullFailed, "stopped": _Stopped, "s
 def _check_report(kind: str, v: object) -> None:
     if kind == "pulled" and isinstance(v, dict) and "digest" in v:
         # The pulled form: what it may hold of the failed form besides is not read.
-        if set(v) - {"digest", "error", "permanent"}:
+        if set(v) - {"digest", "migrations", "error", "permanent"}:
             raise wire.DecodeError("a field pulled reports do not have")
-        wire.decode(_Pulled, {"digest": v["digest"]})
+        wire.decode(_Pulled, {k: v[k] for k in ("digest", "migrations") if k in v})
         return
     report = wire.decode(_REPORTS[kind], v)
     if isinstance(report, _Migrated) and report.unknown and report.ok:
@@ -489,7 +504,7 @@ def report_event(record: Rollout, report: Report) -> Event | None:
     match report.kind:
         case "pulled":
             if "digest" in v:
-                return HostPulled(report.name, v["digest"])
+                return HostPulled(report.name, v["digest"], v.get("migrations"))
             return HostPullFailed(report.name, v["error"], v["permanent"])
         case "stopped":
             return HostStopped(report.name)
@@ -504,7 +519,7 @@ def report_event(record: Rollout, report: Report) -> Event | None:
 
 def _started_event(record: Rollout, host: str, v: dict[str, Any]) -> Event | None:
     target = record.previous if record.rollback else record.release
-    if record.phase is not Phase.START or target is None or v["digest"] != target.digest:
+    if record.phase not in (Phase.START, Phase.ROLL) or target is None or v["digest"] != target.digest:
         return None  # a start of another release: an older rollout's, or before a rollback
     if v["ok"]:
         return HostActive(host)
@@ -542,6 +557,16 @@ class Migrate:
 @dataclass(frozen=True)
 class Start:
     release: Release
+    gate: Gate = Gate()
+
+
+@dataclass(frozen=True)
+class Move:
+    """This host's turn in a rolling batch: out of the load balancer, drained, units stopped, started
+    on `release`, the gate passed, back in the load balancer; then the start report."""
+
+    release: Release
+    gate: Gate = Gate()
 
 
 @dataclass(frozen=True)
@@ -551,7 +576,7 @@ class CatchUp:
     release: Release
 
 
-Duty = Pull | Stop | Migrate | Start | CatchUp
+Duty = Pull | Stop | Migrate | Start | Move | CatchUp
 
 
 def host_duties(h: Header | None, me: str, participant: bool, reported: frozenset[str],
@@ -577,12 +602,14 @@ def host_duties(h: Header | None, me: str, participant: bool, reported: frozense
         return (Migrate(h.migrating, h.digest),) if migrate and h.migrating is not None else ()
     if h.phase is Phase.PULL and "pulled" not in reported:
         duties.append(Pull(h.digest))
-    if h.phase in (Phase.STOP, Phase.MIGRATE) and "stopped" not in reported:
+    if h.strategy != "rolling" and h.phase in (Phase.STOP, Phase.MIGRATE) and "stopped" not in reported:
         duties.append(Stop())
     if migrate and h.migrating is not None:
         duties.append(Migrate(h.migrating, h.digest))
     if h.phase is Phase.START and "started" not in reported and h.target is not None:
-        duties.append(Start(h.target))
+        duties.append(Start(h.target, h.gate))
+    if h.phase is Phase.ROLL and me in h.batch and "started" not in reported and h.target is not None:
+        duties.append(Move(h.target, h.gate))
     return tuple(duties)
 
 
@@ -595,16 +622,20 @@ def behind_migration(h: Header | None, participant: bool, running: Release | Non
         return False
     if h.terminal:
         return h.fleet_release() == h.release
+    if h.strategy == "rolling":  # its `pre` steps are declared safe for older releases; `post` ones not
+        return h.phase is Phase.MIGRATE and h.post
     return h.phase in (Phase.MIGRATE, Phase.START) and not h.rollback
 
 
-def holds_units(h: Header | None, participant: bool, reported: frozenset[str]) -> bool:
+def holds_units(h: Header | None, participant: bool, reported: frozenset[str], me: str = "") -> bool:
     """Whether the update holds this host's units (the healer leaves them alone): from its stop
-    until its start report."""
+    until its start report; in a rolling update, while its batch moves and it has not reported."""
     if h is None or h.terminal or not participant:
         return False
+    if h.phase is Phase.ROLL:
+        return me in h.batch and "started" not in reported
     if h.phase in (Phase.STOP, Phase.MIGRATE):
-        return "stopped" in reported
+        return h.strategy != "rolling" and "stopped" in reported
     return h.phase is Phase.START and "started" not in reported
 
 

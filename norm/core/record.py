@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from norm.core import values, wire
 from norm.core.wire import Digest, MachineId, StepName, Text
@@ -23,13 +23,19 @@ class Phase(enum.StrEnum):
     STOP = "stop"
     MIGRATE = "migrate"
     START = "start"
+    ROLL = "roll"  # a rolling update: batch after batch of hosts moves to the target release
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"
     HALTED = "halted"
+    ROLLED_BACK = "rolled_back"  # a rolling update put every host it had moved back on the previous release
 
 
-TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED})
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED, Phase.ROLLED_BACK})
+
+Strategy = Literal["recreate", "rolling"]
+Migrations = Literal["none", "expand", "breaking"]  # what an image declares its migrations to be
+Stage = Literal["stop", "pre", "post"]  # when a step ran: with the fleet stopped, before or after the batches
 
 
 class HostStatus(enum.StrEnum):
@@ -37,12 +43,19 @@ class HostStatus(enum.StrEnum):
     PULLED = "pulled"  # has the image by `digest`
     STOPPED = "stopped"  # units stopped; awaiting the start report
     ACTIVE = "active"
-    FAILED = "failed"  # units did not start
+    FAILED = "failed"  # units did not start, or did not pass the health gate
+    MOVING = "moving"  # in a rolling batch: leaving the load balancer, restarting, gated; awaiting its report
 
 
 def _positive(v: float, name: str) -> float:
     if not v > 0:
         raise ValueError(f"{name}: must be a positive number")
+    return v
+
+
+def _not_negative(v: float, name: str) -> float:
+    if not v >= 0:
+        raise ValueError(f"{name}: must not be negative")
     return v
 
 
@@ -92,6 +105,10 @@ class LedgerEntry:
     revision: int
     at: float
     unknown: bool = False  # not ok, and whether it ran (wholly, in part, at all) cannot be known
+    # When it ran: "stop" with the fleet stopped (a recreate: it may break the release before), "pre"
+    # while the previous release served (expand: it does not), "post" once every host ran this image
+    # (contract: the previous release may not run on it again; the rollback floor).
+    stage: Stage = "stop"
 
     def encode(self) -> bytes:
         """As its own ledger key holds it."""
@@ -109,8 +126,19 @@ class Deadline:
     day: the leader arms it on its monotonic clock when the barrier begins, and a leader that resumes
     the record arms it again, in full."""
 
-    barrier: str  # "pull", "stop", "migrate:<step>", "start" or "rollback": unique within a rollout
+    # "pull", "stop", "migrate:<step>", "start", "rollback", "batch:<i>" or "rollback:<i>": unique
+    # within a rollout
+    barrier: str
     seconds: Annotated[float, wire.Check(_positive)]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a host counts as started on a release: every unit it restarted active, and its health
+    check passing, continuously for `min_healthy` seconds, within `healthy_deadline` of the start."""
+
+    min_healthy: Annotated[float, wire.Check(_not_negative)] = 0.0
+    healthy_deadline: Annotated[float, wire.Check(_positive)] = 300.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,16 @@ class Rollout:
     newer: Pending | None = None
     abort_by: Text | None = None  # abort asked while a step ran
     ended_at: float | None = None
+    # Chosen once every host pulled: how the hosts move, and why (norm.core.rollout.choose_strategy).
+    strategy: Strategy | None = None
+    strategy_reason: Text | None = None
+    migrations: Migrations | None = None  # what the image declares (its label), as its hosts read it
+    post_steps: tuple[StepName, ...] = ()  # of `steps`, those that run after the batches (contract)
+    gate: Gate = Gate()
+    # A rolling update's batches (of a rollback, once it rolls back) and the one moving now; past the
+    # last one (index == len) once every batch passed.
+    batches: tuple[tuple[MachineId, ...], ...] = ()
+    batch_index: int = 0
 
     @property
     def release(self) -> Release | None:
@@ -152,6 +190,19 @@ class Rollout:
     @property
     def terminal(self) -> bool:
         return self.phase in TERMINAL
+
+    @property
+    def batch(self) -> tuple[str, ...]:
+        """The hosts of the batch moving now (none outside the roll phase)."""
+        if self.phase is not Phase.ROLL or self.batch_index >= len(self.batches):
+            return ()
+        return self.batches[self.batch_index]
+
+    @property
+    def rolled(self) -> bool:
+        """Whether a rolling update moved every batch: its post steps may run."""
+        return self.strategy == "rolling" and bool(self.batches) and not self.rollback \
+            and self.batch_index >= len(self.batches)
 
     def host(self, machine_id: str) -> HostProgress | None:
         for p in self.progress:
@@ -185,8 +236,14 @@ def _check_consistent(r: Rollout) -> None:
         raise ValueError("progress: one entry per participating host")
     if r.phase is Phase.MIGRATE and r.migrating is None:
         raise ValueError("migrating: a step runs in the migrate phase")
-    if r.rollback and (r.previous is None or r.outcome is not Phase.FAILED):
+    if r.rollback and (r.previous is None or r.outcome not in (Phase.FAILED, Phase.ROLLED_BACK)):
         raise ValueError("rollback: needs the previous release and a failed outcome")
+    if r.phase is Phase.ROLL and (r.strategy != "rolling" or r.batch_index >= len(r.batches)):
+        raise ValueError("batches: a rolling update's current batch")
+    if r.batch_index < 0 or r.batch_index > len(r.batches):
+        raise ValueError("batch_index: out of the batches")
+    if not set(r.post_steps) <= set(r.steps):
+        raise ValueError("post_steps: must be among the steps")
 
 
 def _check_values(r: Rollout) -> None:

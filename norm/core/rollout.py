@@ -57,14 +57,20 @@ from norm.core.record import (
     TERMINAL,
     Deadline,
     Excluded,
+    Gate,
     HostProgress,
     HostStatus,
     LedgerEntry,
+    Migrations,
     Pending,
     Phase,
     Release,
     Rollout,
+    Stage,
+    Strategy,
 )
+
+MIGRATIONS_LABEL = "org.norm.migrations"  # the image label declaring what its migrations are
 
 BEFORE_CUTOVER = frozenset({Phase.RESOLVE, Phase.PULL})  # nothing stopped yet: may be superseded
 
@@ -93,15 +99,35 @@ class RolloutPolicy:
     compatible: frozenset[str] = frozenset()  # tags or digests safe to set back to without migrating
     migration_timeout: float = 1800.0  # seconds one step may run; its result is awaited this long
     # and `stop_timeout` more (the migrator's agent may be restarting and adopting the container)
+    strategy: Literal["auto", "rolling", "recreate"] = "recreate"  # auto: as the image declares
+    max_unavailable: str = "1"  # hosts moving at once in a rolling update: a count, or "N%" of them
+    post_steps: frozenset[str] = frozenset()  # steps that run after every batch (contract)
+    gate: Gate = Gate()
+    progress_deadline: float = 600.0  # seconds a batch may take
+    auto_rollback: bool = True  # a batch failing its gate puts the hosts moved back
 
     def __post_init__(self) -> None:
         if not (self.pull_timeout > 0 and self.stop_timeout > 0 and self.start_timeout > 0
-                and self.migration_timeout > 0):
+                and self.migration_timeout > 0 and self.progress_deadline > 0):
             raise ValueError("rollout timeouts must be more than 0")
         if self.on_trouble not in ("exclude", "abort"):
             raise ValueError("on_trouble is 'exclude' or 'abort'")
         if len(set(self.steps)) != len(self.steps) or not all(self.steps):
             raise ValueError("migration steps must be distinct, non-empty names")
+        if not self.post_steps <= set(self.steps):
+            raise ValueError("post steps must be among the steps")
+        batch_size(self.max_unavailable, 1)  # its grammar
+
+
+def batch_size(max_unavailable: str, hosts: int) -> int:
+    """How many of `hosts` move at once: a count (at most all of them), or a percentage of them
+    rounded down, never below one (as Kubernetes rounds maxUnavailable)."""
+    text = max_unavailable.strip()
+    if text.endswith("%") and text[:-1].isdigit() and 1 <= int(text[:-1]) <= 100:
+        return max(1, min(hosts, hosts * int(text[:-1]) // 100))
+    if text.isdigit() and int(text) >= 1:
+        return max(1, min(hosts, int(text)))
+    raise ValueError("max_unavailable is a count of 1 or more, or a percentage from 1% to 100%")
 
 
 def policy_of(update: UpdateConfig) -> RolloutPolicy:
@@ -131,6 +157,7 @@ class ResolveFailed:
 class HostPulled:
     host: str
     digest: str
+    migrations: Migrations | None = None  # what the image's label declares, as the host read it
 
 
 @dataclass(frozen=True)
@@ -248,6 +275,15 @@ class StartOnHosts:
 
 
 @dataclass(frozen=True)
+class MoveHosts:
+    """A rolling batch: each host leaves the load balancer, restarts on `release`, passes its health
+    gate and comes back."""
+
+    hosts: tuple[str, ...]
+    release: Release
+
+
+@dataclass(frozen=True)
 class RestartOldRelease:
     hosts: tuple[str, ...]
     release: Release
@@ -283,7 +319,7 @@ class BeginRollout:
 
 
 Command = (ResolveTag | PullOnHosts | StopOnHosts | RunMigration | StartOnHosts | RestartOldRelease
-           | ArmDeadline | HostsExcluded | RecordOutcome | BeginRollout)
+           | MoveHosts | ArmDeadline | HostsExcluded | RecordOutcome | BeginRollout)
 
 Result = tuple[Rollout, tuple[Command, ...]]
 
@@ -320,16 +356,48 @@ def migrator_for(record: Rollout, leader: str) -> str:
     return next((h for h in pulled if h not in excluded), pulled[0])
 
 
-def is_setback(ledger: Iterable[LedgerEntry], digest: str) -> bool:
-    """Whether `digest` ran its steps before some other image successfully ran its own: going back to
-    it would need a down-migration."""
+def _ran_since(ledger: Iterable[LedgerEntry], digest: str, stages: tuple[Stage, ...]) -> LedgerEntry | None:
+    """The first successful step, of one of `stages`, of another image after `digest` ran its own."""
     seen = False
     for entry in ledger:
         if entry.digest == digest:
             seen = seen or entry.ok
-        elif entry.ok and seen:
-            return True
-    return False
+        elif entry.ok and seen and entry.stage in stages:
+            return entry
+    return None
+
+
+def is_setback(ledger: Iterable[LedgerEntry], digest: str) -> bool:
+    """Whether `digest` ran its steps before some other image successfully ran steps that may break
+    it (with the fleet stopped, or after its batches): going back to it would need a down-migration.
+    Steps that ran while the previous release served (`pre`: expand) do not make it one."""
+    return _ran_since(ledger, digest, ("stop", "post")) is not None
+
+
+def rollback_floor(ledger: Iterable[LedgerEntry], digest: str) -> LedgerEntry | None:
+    """The `post` step (contract) of a newer image that ran after `digest` ran its steps: that image
+    is the floor, and going below it is refused."""
+    return _ran_since(ledger, digest, ("post",))
+
+
+def choose_strategy(policy: RolloutPolicy, migrations: Migrations | None,
+                    previous: Release | None) -> tuple[Strategy, str]:
+    """How a rollout's hosts move, and why: `rolling` only when the previous release may keep serving
+    while the new one's steps run, as the image declares (its label) and the policy allows."""
+    if policy.strategy == "recreate":
+        return "recreate", "the fleet's policy asks for recreate"
+    if previous is None:
+        return "recreate", "no release runs yet: there is nothing to keep serving"
+    fallback = " (the policy asks for rolling: falling back to recreate)" \
+        if policy.strategy == "rolling" else ""
+    if migrations is None:
+        return "recreate", (f"the image does not declare its migrations (label {MIGRATIONS_LABEL}): "
+                            f"recreate is the safe default{fallback}")
+    if migrations == "breaking":
+        return "recreate", ("the image declares breaking migrations: the previous release cannot serve "
+                            f"while they run{fallback}")
+    return "rolling", (f"the image declares its migrations {migrations!r}: the previous release keeps "
+                       "serving while they run")
 
 
 def steps_done(ledger: Iterable[LedgerEntry], digest: str) -> frozenset[str]:
@@ -492,6 +560,10 @@ def _check_pulled(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     _, pending, _ = barrier_state(record)
     if pending:
         return record, ()
+    strategy, why = choose_strategy(policy, record.migrations, record.previous)
+    record = _r(record, now, strategy=strategy, strategy_reason=why, deadline=None)
+    if strategy == "rolling":
+        return _next_step(record, now, policy)  # `pre` steps while the previous release serves
     deadline = _deadline(Phase.STOP, policy)
     return (_r(record, now, phase=Phase.STOP, deadline=deadline),
             (StopOnHosts(record.hosts), ArmDeadline(deadline)))
@@ -503,14 +575,39 @@ def _check_stopped(record: Rollout, now: float, policy: RolloutPolicy) -> Result
     return _next_step(_r(record, now, deadline=None), now, policy)
 
 
+def serving_previous(record: Rollout) -> bool:
+    """A rolling update before its first batch: every host still runs the previous release."""
+    return record.strategy == "rolling" and not record.batches
+
+
+def stage(record: Rollout) -> Stage:
+    """When the record's steps run now: with the fleet stopped, or before or after the batches."""
+    if record.strategy != "rolling":
+        return "stop"
+    return "post" if record.rolled else "pre"
+
+
 def _next_step(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     assert record.digest is not None
+    if serving_previous(record):
+        # Nothing moved yet: an abort or a newer version ends it here, between two steps.
+        if record.abort_by is not None:
+            return _finish(record, Phase.FAILED, f"aborted by {record.abort_by} before the first batch",
+                           now)
+        if record.newer is not None:
+            return _finish(record, Phase.SUPERSEDED, _superseded(record, "before the first batch"), now)
     done = steps_done(record.ledger, record.digest)
-    todo = [s for s in record.steps if s not in done]
+    now_stage = stage(record)
+    todo = [s for s in record.steps if s not in done
+            and (now_stage == "stop" or (s in record.post_steps) == (now_stage == "post"))]
     if todo:
         deadline = _deadline(Phase.MIGRATE, policy, todo[0])
         return (_r(record, now, phase=Phase.MIGRATE, migrating=todo[0], migrator=None, deadline=deadline),
                 (RunMigration(todo[0], record.digest), ArmDeadline(deadline)))
+    if now_stage == "pre":
+        return _begin_batches(record, now, policy)
+    if now_stage == "post":
+        return _finish(_r(record, now, migrating=None), Phase.DONE, None, now)
     deadline = _deadline(Phase.START, policy)
     release = record.release
     assert release is not None
@@ -518,30 +615,130 @@ def _next_step(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
             (StartOnHosts(record.hosts, release), ArmDeadline(deadline)))
 
 
-def _rollback(record: Rollout, reason: str, now: float, policy: RolloutPolicy) -> Result:
-    """After the cut-over and before the new release starts: restart the old release, outcome FAILED."""
+def _rollback(record: Rollout, reason: str, now: float, policy: RolloutPolicy,
+              outcome: Phase = Phase.FAILED) -> Result:
+    """With the fleet stopped (after the cut-over of a recreate): restart the old release everywhere;
+    the rollout ends `outcome`."""
     previous = record.previous
     if previous is None:
         return _finish(record, Phase.FAILED, f"{reason}; no earlier release to restart", now)
     deadline = _deadline(Phase.START, policy, rollback=True)
     progress = tuple(dataclasses.replace(p, status=HostStatus.STOPPED, at=now) for p in record.progress)
-    record = _r(record, now, phase=Phase.START, rollback=True, outcome=Phase.FAILED, reason=reason,
+    record = _r(record, now, phase=Phase.START, rollback=True, outcome=outcome, reason=reason,
                 migrating=None, deadline=deadline, progress=progress)
     return record, (RestartOldRelease(record.hosts, previous), ArmDeadline(deadline))
 
 
-def _check_started(record: Rollout, now: float) -> Result:
+def _check_started(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     if any(p.status is HostStatus.STOPPED for p in record.progress):
         return record, ()
-    failed = [p.host for p in record.progress if p.status is HostStatus.FAILED]
+    failed = [p for p in record.progress if p.status is HostStatus.FAILED]
     if record.rollback:
         reason = record.reason or "rolled back"
         if failed:
-            reason += f"; the old release did not start on: {', '.join(failed)}"
-        return _finish(record, Phase.FAILED, reason, now)
+            reason += f"; the old release did not start on: {', '.join(p.host for p in failed)}"
+        return _finish(record, record.outcome or Phase.FAILED, reason, now)
     if failed:
-        return _finish(record, Phase.FAILED, f"the release did not start on: {', '.join(failed)}", now)
+        why = f"the release did not pass its health gate on {_failures(failed)}"
+        if record.migrations in ("none", "expand") and policy.auto_rollback and record.previous is not None:
+            # Its steps were declared safe to run with the old release: that one starts again.
+            return _rollback(record, f"{why}; rolled back", now, policy, outcome=Phase.ROLLED_BACK)
+        return _finish(record, Phase.HALTED,
+                       f"{why}; its steps ran and the image does not declare them safe for the "
+                       "previous release: an operator decides", now)
     return _finish(record, Phase.DONE, None, now)
+
+
+def _failures(failed: Iterable[HostProgress]) -> str:
+    return "; ".join(f"{p.host} ({p.reason or 'failed'})" for p in failed)
+
+
+def _superseded(record: Rollout, when: str) -> str:
+    assert record.newer is not None
+    newer = record.newer.tag or "a refused version"
+    return f"superseded by {newer} at revision {record.newer.revision} {when}"
+
+
+# A rolling update: batches of hosts move one after the other; each host leaves the load balancer,
+# restarts on the target release, passes its gate and comes back, and reports. The first failure
+# rolls back: the hosts moved so far go back to the previous release, in batches of the same size.
+
+
+def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    if not record.hosts:
+        return _finish(record, Phase.FAILED, "no participating host left", now)
+    size = batch_size(policy.max_unavailable, len(record.hosts))
+    hosts = record.hosts
+    batches = tuple(hosts[i:i + size] for i in range(0, len(hosts), size))
+    return _move_batch(_r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0),
+                       now, policy)
+
+
+def _move_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    """Start moving the current batch (its hosts still taking part)."""
+    target = record.previous if record.rollback else record.release
+    assert target is not None
+    batch = frozenset(record.batch)
+    moving = tuple(h for h in record.batch if record.host(h) is not None)
+    if not moving:
+        return _batch_passed(record, now, policy)
+    barrier = f"{'rollback' if record.rollback else 'batch'}:{record.batch_index}"
+    deadline = Deadline(barrier, policy.progress_deadline)
+    progress = tuple(dataclasses.replace(p, status=HostStatus.MOVING, reason=None, at=now)
+                     if p.host in batch else p for p in record.progress)
+    record = _r(record, now, deadline=deadline, progress=progress)
+    return record, (MoveHosts(moving, target), ArmDeadline(deadline))
+
+
+def _check_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    batch = frozenset(record.batch)
+    if any(p.status is HostStatus.MOVING for p in record.progress if p.host in batch):
+        return record, ()
+    return _batch_passed(record, now, policy)
+
+
+def _batch_passed(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    """Every host of the current batch reported (or left): the next batch, or what follows the last."""
+    record = _r(record, now, batch_index=record.batch_index + 1, deadline=None)
+    more = record.batch_index < len(record.batches)
+    if record.rollback:
+        if more:
+            return _move_batch(record, now, policy)
+        failed = [p for p in record.progress if p.status is HostStatus.FAILED
+                  and any(p.host in b for b in record.batches)]
+        reason = record.reason or "rolled back"
+        if failed:
+            reason += f"; the previous release did not come back on {_failures(failed)}"
+        return _finish(record, Phase.ROLLED_BACK, reason, now)
+    if more and record.newer is not None:
+        return _finish(record, Phase.SUPERSEDED,
+                       _superseded(record, f"after batch {record.batch_index} of {len(record.batches)}"),
+                       now)
+    if more:
+        return _move_batch(record, now, policy)
+    return _next_step(record, now, policy)  # the `post` steps, then done
+
+
+def _gate_failed(record: Rollout, host: str, reason: str, now: float, policy: RolloutPolicy) -> Result:
+    why = f"{host} failed its health gate on {record.tag}: {reason}"
+    if not policy.auto_rollback:
+        return _finish(record, Phase.HALTED, f"{why}; automatic rollback is off: an operator decides", now)
+    return _roll_back_batches(record, why, now, policy)
+
+
+def _roll_back_batches(record: Rollout, reason: str, now: float, policy: RolloutPolicy) -> Result:
+    """Every host moved so far (the current batch's too) back on the previous release: the latest
+    moved first, in batches of the same size; the rollout ends rolled back."""
+    assert record.previous is not None  # a rolling update has a release to keep serving
+    moved = [h for b in record.batches[:record.batch_index + 1] for h in b if record.host(h) is not None]
+    moved.reverse()
+    size = batch_size(policy.max_unavailable, len(record.hosts))
+    batches = tuple(tuple(moved[i:i + size]) for i in range(0, len(moved), size))
+    record = _r(record, now, rollback=True, outcome=Phase.ROLLED_BACK, reason=reason, batches=batches,
+                batch_index=0, deadline=None)
+    if not batches:
+        return _finish(record, Phase.ROLLED_BACK, reason, now)
+    return _move_batch(record, now, policy)
 
 
 # Each rule: (record, event, now, policy) -> (record, commands)
@@ -560,8 +757,15 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
     if record.previous is not None and record.previous.digest == digest:
         return _finish(record, Phase.DONE, f"{record.tag} is the release already running", now)
     steps = policy.steps
+    compatible = record.tag in policy.compatible or digest in policy.compatible
+    floor = rollback_floor(record.ledger, digest)
+    if floor is not None and not compatible:
+        return _finish(record, Phase.FAILED,
+                       f"{record.tag} is below the rollback floor: step {floor.step} of {floor.tag} ran "
+                       "after every host had moved to it (contract), and the release before cannot run "
+                       "on what it left; going back is refused (no down-migrations)", now)
     if is_setback(record.ledger, digest):
-        if record.tag not in policy.compatible and digest not in policy.compatible:
+        if not compatible:
             return _finish(record, Phase.HALTED,
                            f"{record.tag} ran its migrations before a newer version did; going back "
                            "needs an operator (no down-migrations), or the tag configured compatible",
@@ -573,7 +777,8 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
                        f"step {unknown[0]} of {record.tag} ended with an unknown outcome in an earlier "
                        "rollout; an operator checks it and records how it ended in the ledger", now)
     deadline = _deadline(Phase.PULL, policy)
-    record = _r(record, now, phase=Phase.PULL, steps=steps, deadline=deadline,
+    record = _r(record, now, phase=Phase.PULL, steps=steps, deadline=deadline, gate=policy.gate,
+                post_steps=tuple(s for s in steps if s in policy.post_steps),
                 progress=tuple(HostProgress(h, at=now) for h in record.hosts))
     return record, (PullOnHosts(record.hosts, digest), ArmDeadline(deadline))
 
@@ -597,6 +802,8 @@ def _on_pulled(record: Rollout, event: HostPulled, now: float, policy: RolloutPo
     if event.digest != record.digest:
         return _trouble(record, (event.host,), "pulled a different digest", now, policy)
     record = _set_host(record, event.host, now, status=HostStatus.PULLED, digest=event.digest)
+    if record.migrations is None and event.migrations is not None:
+        record = _r(record, now, migrations=event.migrations)  # one image, one label: the first says it
     return _check_pulled(record, now, policy)
 
 
@@ -633,7 +840,9 @@ def _on_lost(record: Rollout, event: HostLost, now: float, policy: RolloutPolicy
     if record.phase is Phase.STOP:
         record, commands = _check_stopped(record, now, policy)
     elif record.phase is Phase.START:
-        record, commands = _check_started(record, now)
+        record, commands = _check_started(record, now, policy)
+    elif record.phase is Phase.ROLL:
+        record, commands = _check_batch(record, now, policy)
     else:
         commands = ()
     return record, (excluded, *commands)
@@ -651,17 +860,30 @@ def _on_deadline(record: Rollout, event: BarrierDeadline, now: float, policy: Ro
         return _rollback(record, f"did not stop in time: {', '.join(slow)}", now, policy)
     if record.phase is Phase.MIGRATE:
         assert record.digest is not None and record.migrating is not None
-        entry = LedgerEntry(record.digest, record.tag, record.migrating, False, record.revision, now,
-                            unknown=True)
+        entry = _ledger_entry(record, record.migrating, False, now, unknown=True)
         return _finish(_r(record, now, ledger=(*record.ledger, entry)), Phase.HALTED,
                        f"step {record.migrating} gave no result in time; it may or may not have run: "
                        "an operator checks", now)
+    if record.phase is Phase.ROLL:
+        return _batch_deadline(record, now, policy)
     # START: whoever has not reported has failed.
     for p in record.progress:
         if p.status is HostStatus.STOPPED:
             record = _set_host(record, p.host, now, status=HostStatus.FAILED,
                                reason="no report in time")
-    return _check_started(record, now)
+    return _check_started(record, now, policy)
+
+
+def _batch_deadline(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    """A batch that made no progress in time: its hosts that have not reported have failed."""
+    batch = frozenset(record.batch)
+    late = [p.host for p in record.progress if p.host in batch and p.status is HostStatus.MOVING]
+    why = f"no report within the progress deadline ({policy.progress_deadline:g} s)"
+    for host in late:
+        record = _set_host(record, host, now, status=HostStatus.FAILED, reason=why)
+    if record.rollback or not late:
+        return _check_batch(record, now, policy)
+    return _gate_failed(record, late[0], why, now, policy)
 
 
 def _on_stopped(record: Rollout, event: HostStopped, now: float, policy: RolloutPolicy) -> Result:
@@ -670,6 +892,12 @@ def _on_stopped(record: Rollout, event: HostStopped, now: float, policy: Rollout
         return record, ()
     record = _set_host(record, event.host, now, status=HostStatus.STOPPED)
     return _check_stopped(record, now, policy)
+
+
+def _ledger_entry(record: Rollout, step: str, ok: bool, now: float, unknown: bool = False) -> LedgerEntry:
+    assert record.digest is not None
+    return LedgerEntry(record.digest, record.tag, step, ok, record.revision, now, unknown=unknown,
+                       stage=stage(record))
 
 
 def _ledger_has(record: Rollout, step: str, ok: bool) -> bool:
@@ -681,9 +909,9 @@ def _on_migrated(record: Rollout, event: MigrationSucceeded, now: float, policy:
     if record.migrating != event.step:
         return _on_late_migration(record, event, now, policy)
     assert record.digest is not None
-    entry = LedgerEntry(record.digest, record.tag, event.step, True, record.revision, now)
+    entry = _ledger_entry(record, event.step, True, now)
     record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
-    if record.abort_by is not None:
+    if record.abort_by is not None and not serving_previous(record):
         return _finish(record, Phase.HALTED,
                        f"aborted by {record.abort_by} while step {event.step} ran; it completed, and "
                        "going back needs an operator", now)
@@ -695,9 +923,15 @@ def _on_migration_failed(record: Rollout, event: MigrationFailed, now: float,
     if record.migrating != event.step:
         return _on_late_migration(record, event, now, policy)
     assert record.digest is not None
-    entry = LedgerEntry(record.digest, record.tag, event.step, False, record.revision, now)
+    entry = _ledger_entry(record, event.step, False, now)
     record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
-    return _rollback(record, f"step {event.step} failed: {event.reason}", now, policy)
+    reason = f"step {event.step} failed: {event.reason}"
+    if serving_previous(record):
+        return _finish(record, Phase.FAILED, f"{reason}; no host had moved", now)
+    if record.rolled:
+        return _finish(record, Phase.FAILED, f"{reason}; every host runs the new release, the step's "
+                       "work is not done: an operator decides", now)
+    return _rollback(record, reason, now, policy)
 
 
 def _on_migration_unknown(record: Rollout, event: MigrationUnknown, now: float,
@@ -707,7 +941,7 @@ def _on_migration_unknown(record: Rollout, event: MigrationUnknown, now: float,
     assert record.digest is not None
     # In the ledger as such: a later rollout of this image halts before touching anything until an
     # operator has checked the step and recorded how it ended.
-    entry = LedgerEntry(record.digest, record.tag, event.step, False, record.revision, now, unknown=True)
+    entry = _ledger_entry(record, event.step, False, now, unknown=True)
     record = _r(record, now, ledger=(*record.ledger, entry), migrating=None, deadline=None)
     return _finish(record, Phase.HALTED,
                    f"step {event.step}: outcome unknown ({event.reason}); it may have run, wholly or in "
@@ -729,7 +963,19 @@ def _on_started(record: Rollout, event: HostActive | HostFailed, now: float, pol
         record = _set_host(record, event.host, now, status=HostStatus.ACTIVE)
     else:
         record = _set_host(record, event.host, now, status=HostStatus.FAILED, reason=event.reason)
-    return _check_started(record, now)
+    return _check_started(record, now, policy)
+
+
+def _on_moved(record: Rollout, event: HostActive | HostFailed, now: float, policy: RolloutPolicy) -> Result:
+    p = _participant(record, event, event.host)
+    if p is None or p.status is not HostStatus.MOVING or event.host not in record.batch:
+        return record, ()  # late: of an earlier batch, or before a rollback
+    if isinstance(event, HostActive):
+        return _check_batch(_set_host(record, event.host, now, status=HostStatus.ACTIVE), now, policy)
+    record = _set_host(record, event.host, now, status=HostStatus.FAILED, reason=event.reason)
+    if record.rollback:
+        return _check_batch(record, now, policy)
+    return _gate_failed(record, event.host, event.reason, now, policy)
 
 
 def _on_newer(record: Rollout, event: NewerVersion, now: float, policy: RolloutPolicy) -> Result:
@@ -754,6 +1000,8 @@ def _on_abort(record: Rollout, event: Abort, now: float, policy: RolloutPolicy) 
         return _rollback(record, reason, now, policy)
     if record.phase is Phase.MIGRATE:
         return (record, ()) if record.abort_by is not None else (_r(record, now, abort_by=event.by), ())
+    if record.phase is Phase.ROLL and not record.rollback:
+        return _roll_back_batches(record, reason, now, policy)
     if record.rollback:
         return record, ()  # already going back
     return _finish(record, Phase.HALTED, f"{reason} while the new release started; an operator decides",
@@ -784,6 +1032,12 @@ def _on_resumed(record: Rollout, event: Resumed, now: float, policy: RolloutPoli
             # deadline written when it was issued.
             return record, arm
         return _next_step(record, now, policy)
+    if record.phase is Phase.ROLL:
+        target = record.previous if record.rollback else record.release
+        assert target is not None
+        batch = frozenset(record.batch)
+        moving = tuple(p.host for p in record.progress if p.host in batch and p.status is HostStatus.MOVING)
+        return record, (MoveHosts(moving, target), *arm)
     left = tuple(p.host for p in record.progress if p.status is HostStatus.STOPPED)
     if record.rollback:
         assert record.previous is not None
@@ -808,6 +1062,17 @@ def _rule(apply: Callable[[Rollout, Any, float, RolloutPolicy], Result], *to: Ph
     return Rule(apply, frozenset(to))
 
 
+# Where the pull barrier's end may lead: the cut-over of a recreate, or a rolling update's `pre` steps
+# or first batch (which may end at once, its hosts all gone).
+_AFTER_PULL = (Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.ROLL, Phase.DONE, Phase.FAILED)
+# Where a step's end may lead: the next step, the start, the batches or the end.
+_AFTER_STEP = (Phase.MIGRATE, Phase.START, Phase.ROLL, Phase.DONE, Phase.FAILED, Phase.SUPERSEDED,
+               Phase.HALTED, Phase.ROLLED_BACK)
+# Where the start's reports may lead (a release failing its gate: a rollback, or a halt).
+_AFTER_START = (Phase.START, Phase.DONE, Phase.FAILED, Phase.HALTED, Phase.ROLLED_BACK)
+# Where a batch's end may lead: the next batch, the post steps, or the rollout's end.
+_AFTER_BATCH = (Phase.ROLL, Phase.MIGRATE, Phase.DONE, Phase.SUPERSEDED, Phase.HALTED, Phase.ROLLED_BACK)
+
 TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (Phase.RESOLVE, Resolved): _rule(_on_resolved, Phase.PULL, Phase.DONE, Phase.FAILED, Phase.HALTED),
     (Phase.RESOLVE, ResolveFailed): _rule(_on_resolve_failed, Phase.FAILED),
@@ -817,10 +1082,10 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (Phase.RESOLVE, Resumed): _rule(_on_resumed, Phase.RESOLVE),
 
     (Phase.PULL, Resolved): _rule(_on_late_resolved, Phase.PULL),
-    (Phase.PULL, HostPulled): _rule(_on_pulled, Phase.PULL, Phase.STOP, Phase.FAILED),
-    (Phase.PULL, HostPullFailed): _rule(_on_pull_failed, Phase.PULL, Phase.STOP, Phase.FAILED),
-    (Phase.PULL, HostLost): _rule(_on_lost, Phase.PULL, Phase.STOP, Phase.FAILED),
-    (Phase.PULL, BarrierDeadline): _rule(_on_deadline, Phase.PULL, Phase.STOP, Phase.FAILED),
+    (Phase.PULL, HostPulled): _rule(_on_pulled, *_AFTER_PULL),
+    (Phase.PULL, HostPullFailed): _rule(_on_pull_failed, *_AFTER_PULL),
+    (Phase.PULL, HostLost): _rule(_on_lost, *_AFTER_PULL),
+    (Phase.PULL, BarrierDeadline): _rule(_on_deadline, *_AFTER_PULL),
     (Phase.PULL, NewerVersion): _rule(_on_newer, Phase.PULL, Phase.SUPERSEDED),
     (Phase.PULL, Abort): _rule(_on_abort, Phase.FAILED),
     (Phase.PULL, Resumed): _rule(_on_resumed, Phase.PULL),
@@ -839,12 +1104,12 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (Phase.MIGRATE, HostStopped): _rule(_on_late_host_report, Phase.MIGRATE),
     (Phase.MIGRATE, HostLost): _rule(_on_lost, Phase.MIGRATE),
     (Phase.MIGRATE, BarrierDeadline): _rule(_on_deadline, Phase.MIGRATE, Phase.HALTED),
-    (Phase.MIGRATE, MigrationSucceeded): _rule(_on_migrated, Phase.MIGRATE, Phase.START, Phase.HALTED),
+    (Phase.MIGRATE, MigrationSucceeded): _rule(_on_migrated, *_AFTER_STEP),
     (Phase.MIGRATE, MigrationFailed): _rule(_on_migration_failed, Phase.START, Phase.FAILED),
     (Phase.MIGRATE, MigrationUnknown): _rule(_on_migration_unknown, Phase.MIGRATE, Phase.HALTED),
     (Phase.MIGRATE, NewerVersion): _rule(_on_newer, Phase.MIGRATE),
     (Phase.MIGRATE, Abort): _rule(_on_abort, Phase.MIGRATE),
-    (Phase.MIGRATE, Resumed): _rule(_on_resumed, Phase.MIGRATE, Phase.START),
+    (Phase.MIGRATE, Resumed): _rule(_on_resumed, *_AFTER_STEP),
 
     (Phase.START, HostPulled): _rule(_on_late_pulled, Phase.START),
     (Phase.START, HostPullFailed): _rule(_on_late_host_report, Phase.START),
@@ -852,13 +1117,27 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (Phase.START, MigrationSucceeded): _rule(_on_late_migration, Phase.START),
     (Phase.START, MigrationFailed): _rule(_on_late_migration, Phase.START),
     (Phase.START, MigrationUnknown): _rule(_on_late_migration, Phase.START),
-    (Phase.START, HostActive): _rule(_on_started, Phase.START, Phase.DONE, Phase.FAILED),
-    (Phase.START, HostFailed): _rule(_on_started, Phase.START, Phase.DONE, Phase.FAILED),
-    (Phase.START, HostLost): _rule(_on_lost, Phase.START, Phase.DONE, Phase.FAILED),
-    (Phase.START, BarrierDeadline): _rule(_on_deadline, Phase.START, Phase.DONE, Phase.FAILED),
+    (Phase.START, HostActive): _rule(_on_started, *_AFTER_START),
+    (Phase.START, HostFailed): _rule(_on_started, *_AFTER_START),
+    (Phase.START, HostLost): _rule(_on_lost, *_AFTER_START),
+    (Phase.START, BarrierDeadline): _rule(_on_deadline, *_AFTER_START),
     (Phase.START, NewerVersion): _rule(_on_newer, Phase.START),
     (Phase.START, Abort): _rule(_on_abort, Phase.START, Phase.HALTED),
     (Phase.START, Resumed): _rule(_on_resumed, Phase.START),
+
+    (Phase.ROLL, HostPulled): _rule(_on_late_pulled, Phase.ROLL),
+    (Phase.ROLL, HostPullFailed): _rule(_on_late_host_report, Phase.ROLL),
+    (Phase.ROLL, HostStopped): _rule(_on_late_host_report, Phase.ROLL),
+    (Phase.ROLL, MigrationSucceeded): _rule(_on_late_migration, Phase.ROLL),
+    (Phase.ROLL, MigrationFailed): _rule(_on_late_migration, Phase.ROLL),
+    (Phase.ROLL, MigrationUnknown): _rule(_on_late_migration, Phase.ROLL),
+    (Phase.ROLL, HostActive): _rule(_on_moved, *_AFTER_BATCH),
+    (Phase.ROLL, HostFailed): _rule(_on_moved, *_AFTER_BATCH),
+    (Phase.ROLL, HostLost): _rule(_on_lost, *_AFTER_BATCH),
+    (Phase.ROLL, BarrierDeadline): _rule(_on_deadline, *_AFTER_BATCH),
+    (Phase.ROLL, NewerVersion): _rule(_on_newer, Phase.ROLL),
+    (Phase.ROLL, Abort): _rule(_on_abort, Phase.ROLL, Phase.ROLLED_BACK),
+    (Phase.ROLL, Resumed): _rule(_on_resumed, Phase.ROLL),
 }
 # Terminal phases never change: every event is late there. NewerVersion still starts the next rollout.
 for _phase in TERMINAL:

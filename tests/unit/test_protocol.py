@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from norm.core import protocol as proto
 from norm.core.errors import InvalidValue
-from norm.core.record import HostProgress, HostStatus, Phase, Release, Rollout
+from norm.core.record import Gate, HostProgress, HostStatus, Phase, Release, Rollout
 from norm.core.rollout import (
     HostActive,
     HostFailed,
@@ -439,3 +439,56 @@ def test_the_progress_range_holds_the_reports_the_header_and_the_rollouts_and_no
                 proto.history_key(P, 7), f"{P}/hosts/{A}", f"{P}/units/{A}", f"{P}/leader",
                 f"{P}/control/{A}/x"):
         assert not start <= key < end, key
+
+
+def test_a_rolling_update_moves_only_its_batch_and_stops_nobody_for_its_steps() -> None:
+    gate = Gate(min_healthy=10.0, healthy_deadline=300.0)
+    pre = header(Phase.MIGRATE, strategy="rolling", migrating="migrate", migrator=A)
+    assert proto.host_duties(pre, B, True, frozenset(), OLD) == ()  # B keeps serving
+    assert proto.host_duties(pre, A, True, frozenset(), OLD) == (proto.Migrate("migrate", D2),)
+    assert not proto.holds_units(pre, True, frozenset(), B)
+    roll = header(Phase.ROLL, strategy="rolling", batch=(A,), batches=2, gate=gate)
+    assert proto.host_duties(roll, A, True, frozenset(), OLD) == (proto.Move(NEW, gate),)
+    assert proto.host_duties(roll, B, True, frozenset(), OLD) == ()
+    assert proto.host_duties(roll, A, True, frozenset({"pulled", "started"}), NEW) == ()
+    assert proto.holds_units(roll, True, frozenset({"pulled"}), A)
+    assert not proto.holds_units(roll, True, frozenset({"pulled", "started"}), A)
+    assert not proto.holds_units(roll, True, frozenset({"pulled"}), B)
+    back = dataclasses.replace(roll, rollback=True, outcome=Phase.ROLLED_BACK)
+    assert proto.host_duties(back, A, True, frozenset(), NEW) == (proto.Move(OLD, gate),)
+
+
+def test_a_host_outside_a_rolling_update_is_behind_only_from_its_post_steps() -> None:
+    rolling = {"strategy": "rolling"}
+    assert not proto.behind_migration(header(Phase.MIGRATE, migrating="migrate", **rolling), False, OLD)
+    assert not proto.behind_migration(header(Phase.ROLL, batch=(A,), **rolling), False, OLD)
+    assert proto.behind_migration(header(Phase.MIGRATE, migrating="collectstatic", post=True, **rolling),
+                                  False, OLD)
+    assert proto.behind_migration(header(Phase.DONE, **rolling), False, OLD)
+    assert not proto.behind_migration(header(Phase.ROLLED_BACK, rollback=True, **rolling), False, OLD)
+
+
+def test_a_rolling_update_cut_short_by_a_newer_one_moves_nobody_back() -> None:
+    assert header(Phase.SUPERSEDED, released=True).fleet_release() is None
+    assert header(Phase.SUPERSEDED).fleet_release() == OLD
+    assert header(Phase.ROLLED_BACK, rollback=True).fleet_release() == OLD
+
+
+def test_the_image_label_a_host_pulled_comes_with_its_report() -> None:
+    r = record(Phase.PULL)
+    report = proto.parse_report(P, 7, proto.report_key(P, 7, "pulled", A), proto.pulled_ok(D2, "expand"))
+    assert report is not None and proto.report_event(r, report) == HostPulled(A, D2, "expand")
+    with pytest.raises(InvalidValue):
+        proto.parse_report(P, 7, proto.report_key(P, 7, "pulled", A),
+                           b'{"digest": "%s", "migrations": "sometimes"}' % D2.encode())
+
+
+def test_a_start_report_in_a_batch_is_an_event_of_its_target_only() -> None:
+    r = record(Phase.ROLL, strategy="rolling", batches=((A,), (B,)),
+               progress=(HostProgress(A, HostStatus.MOVING), HostProgress(B, HostStatus.PULLED)))
+    ok = proto.parse_report(P, 7, proto.report_key(P, 7, "started", A), proto.started(D2, True))
+    old = proto.parse_report(P, 7, proto.report_key(P, 7, "started", A), proto.started(D1, True))
+    assert ok is not None and old is not None
+    assert proto.report_event(r, ok) == HostActive(A) and proto.report_event(r, old) is None
+    back = dataclasses.replace(r, rollback=True, outcome=Phase.ROLLED_BACK)
+    assert proto.report_event(back, old) == HostActive(A) and proto.report_event(back, ok) is None

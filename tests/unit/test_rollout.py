@@ -39,6 +39,7 @@ from norm.core.rollout import (
     MigrationFailed,
     MigrationSucceeded,
     MigrationUnknown,
+    MoveHosts,
     NewerVersion,
     PullOnHosts,
     RecordOutcome,
@@ -52,6 +53,7 @@ from norm.core.rollout import (
     StartOnHosts,
     StopOnHosts,
     barrier_state,
+    batch_size,
     duty,
     is_setback,
     ledger_order,
@@ -72,6 +74,9 @@ OLD = Release("v1", D1)
 POLICY = RolloutPolicy(pull_timeout=100.0, stop_timeout=50.0, start_timeout=80.0)
 ABORT = dataclasses.replace(POLICY, on_trouble="abort")
 NO_STEPS = dataclasses.replace(POLICY, steps=())
+# Rolling when the image declares expand migrations: `migrate` before the batches, `collectstatic` after.
+ROLLING = dataclasses.replace(POLICY, strategy="auto", post_steps=frozenset({"collectstatic"}),
+                              progress_deadline=90.0)
 REV = 10
 
 
@@ -100,8 +105,28 @@ def pulled(record: Rollout, digest: str = D2) -> tuple[HostPulled, ...]:
     return tuple(HostPulled(h, digest) for h in record.hosts)
 
 
+def rolling_at(phase: str) -> Rollout:
+    """A rolling update's record (one host per batch) in the named phase: "pre" (its first step),
+    "roll" (the first batch moving), "post" (its last step), "roll-back" (the first host failed)."""
+    r, _ = run(new(), Resolved(D2), policy=ROLLING)
+    r, _ = run(r, *(HostPulled(h, D2, "expand") for h in r.hosts), policy=ROLLING)
+    if phase == "pre":
+        return r
+    r, _ = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
+    if phase == "roll":
+        return r
+    if phase == "roll-back":
+        return run(r, HostFailed(A, "web: /healthz answered 500"), policy=ROLLING)[0]
+    r, _ = run(r, *(HostActive(h) for h in HOSTS), policy=ROLLING)
+    if phase == "post":
+        return r
+    raise AssertionError(phase)
+
+
 def at(phase: str) -> Rollout:
     """A record in the named phase, reached the way the leader reaches it."""
+    if phase in ("roll", "roll-back", "post"):
+        return rolling_at(phase)
     r = new()
     if phase == "resolve":
         return r
@@ -131,11 +156,14 @@ def terminal(phase: Phase) -> Rollout:
         return run(at("pull"), Abort("ops"))[0]
     if phase is Phase.SUPERSEDED:
         return run(at("pull"), NewerVersion("v3", REV + 1))[0]
+    if phase is Phase.ROLLED_BACK:
+        return run(at("roll-back"), HostActive(A), policy=ROLLING)[0]
     return run(at("start"), Abort("ops"))[0]  # HALTED
 
 
 RECORDS: dict[str, Rollout] = {
-    **{name: at(name) for name in ("resolve", "pull", "stop", "migrate", "start", "rollback")},
+    **{name: at(name) for name in ("resolve", "pull", "stop", "migrate", "start", "rollback", "roll",
+                                   "roll-back", "post")},
     **{p.value: terminal(p) for p in sorted(TERMINAL)},
 }
 
@@ -178,8 +206,10 @@ def test_the_records_are_in_their_phases() -> None:
     assert {name: r.phase.value for name, r in RECORDS.items()} == {
         "resolve": "resolve", "pull": "pull", "stop": "stop", "migrate": "migrate", "start": "start",
         "rollback": "start", "done": "done", "failed": "failed", "superseded": "superseded",
-        "halted": "halted"}
+        "halted": "halted", "roll": "roll", "roll-back": "roll", "post": "migrate",
+        "rolled_back": "rolled_back"}
     assert RECORDS["rollback"].rollback and RECORDS["rollback"].outcome is Phase.FAILED
+    assert RECORDS["roll-back"].rollback and RECORDS["roll-back"].outcome is Phase.ROLLED_BACK
 
 
 CASES = [(name, etype) for name in RECORDS for etype in EVENT_TYPES
@@ -216,6 +246,7 @@ ILLEGAL = {
                  HostActive, HostFailed},
     Phase.MIGRATE: {Resolved, ResolveFailed, HostActive, HostFailed},
     Phase.START: {Resolved, ResolveFailed},
+    Phase.ROLL: {Resolved, ResolveFailed},
     **{p: set() for p in TERMINAL},
 }
 
@@ -386,11 +417,26 @@ def test_a_failed_migration_without_an_old_release_fails() -> None:
     assert r.phase is Phase.FAILED and "no earlier release" in (r.reason or "")
 
 
-def test_hosts_that_do_not_start_fail_the_rollout() -> None:
-    r, _ = run(at("start"), HostActive(A), HostFailed(B, "exit 1"))
-    r, _ = step(r, BarrierDeadline(REV, "start"), 1000.0, POLICY)
-    assert r.phase is Phase.FAILED and r.host(C).reason == "no report in time"  # type: ignore[union-attr]
-    assert "b" * 32 in (r.reason or "") and "c" * 32 in (r.reason or "")
+def test_hosts_that_do_not_pass_their_gate_halt_the_rollout() -> None:
+    r, _ = run(at("start"), HostActive(A), HostFailed(B, "web: /healthz answered 500"))
+    r, cmds = step(r, BarrierDeadline(REV, "start"), 1000.0, POLICY)
+    assert r.phase is Phase.HALTED and r.host(C).reason == "no report in time"  # type: ignore[union-attr]
+    assert B in (r.reason or "") and C in (r.reason or "") and "answered 500" in (r.reason or "")
+    assert "operator" in (r.reason or "") and not any(isinstance(c, RestartOldRelease) for c in cmds)
+    assert proto.Header.of(r).fleet_release() is None  # nobody is moved until an operator decides
+
+
+def test_a_recreate_whose_steps_are_declared_safe_rolls_back_when_the_gate_fails() -> None:
+    r, _ = run(new(), Resolved(D2))
+    r, _ = run(r, *(HostPulled(h, D2, "expand") for h in HOSTS))  # the policy asks for recreate
+    assert r.phase is Phase.STOP and r.strategy == "recreate"
+    r, _ = run(r, *(HostStopped(h) for h in HOSTS), MigrationSucceeded("migrate"),
+               MigrationSucceeded("collectstatic"), HostActive(A))
+    r, cmds = run(r, HostFailed(B, "web: connection refused"), HostActive(C))
+    assert r.phase is Phase.START and r.rollback and r.outcome is Phase.ROLLED_BACK
+    assert RestartOldRelease(HOSTS, OLD) in cmds
+    r, _ = run(r, *(HostActive(h) for h in HOSTS))
+    assert r.phase is Phase.ROLLED_BACK and "connection refused" in (r.reason or "")
 
 
 def test_hosts_lost_after_the_cutover_are_dropped() -> None:
@@ -771,7 +817,9 @@ class RolloutMachine(RuleBasedStateMachine):
     keys' (`ledger_summary` of every entry ever written), as the updater reads it. The events are
     arbitrary, the checks are not: no step runs twice for a digest, and steps never overlap."""
 
-    @initialize(policy=st.sampled_from([POLICY, ABORT, dataclasses.replace(POLICY, steps=("migrate",))]),
+    @initialize(policy=st.sampled_from([POLICY, ABORT, dataclasses.replace(POLICY, steps=("migrate",)),
+                                        ROLLING, dataclasses.replace(ROLLING, max_unavailable="2"),
+                                        dataclasses.replace(ROLLING, auto_rollback=False)]),
                 hosts=st.sets(st.sampled_from(HOSTS), min_size=1))
     def begin(self, policy: RolloutPolicy, hosts: set[str]) -> None:
         self.policy = policy
@@ -828,8 +876,10 @@ class RolloutMachine(RuleBasedStateMachine):
             assert not any(isinstance(c, StopOnHosts) for c in self.commands), "stopped before cut-over"
         if record.phase is Phase.SUPERSEDED:
             assert Phase.START not in self.phases and Phase.STOP not in self.phases
-            assert not any(isinstance(c, StartOnHosts | RestartOldRelease | StopOnHosts | RunMigration)
+            assert not any(isinstance(c, StartOnHosts | RestartOldRelease | StopOnHosts)
                            for c in self.commands)
+            assert record.strategy == "rolling" or not any(isinstance(c, RunMigration) for c in self.commands)
+            assert not any(p.status is HostStatus.MOVING for p in record.progress), "superseded mid-batch"
         for c in cmds:
             if isinstance(c, BeginRollout):
                 self.revision = c.revision
@@ -860,6 +910,14 @@ class RolloutMachine(RuleBasedStateMachine):
             assert set(after.hosts) <= self.pulled_ok
         if isinstance(c, ArmDeadline):
             assert c.deadline == after.deadline, "a timer armed for another barrier than the record's"
+        if isinstance(c, RunMigration) and c.step in after.post_steps and after.strategy == "rolling":
+            assert all(p.status is HostStatus.ACTIVE for p in after.progress) and not after.rollback, \
+                "a post step before every host passed its gate on the new release"
+        if isinstance(c, MoveHosts):
+            assert set(c.hosts) <= self.pulled_ok, "moved before it pulled the digest"
+            assert c.release == (after.previous if after.rollback else after.release)
+            if not after.rollback:
+                self.running_new = True
 
     def settle_migration(self, event: MigrationSucceeded | MigrationFailed | MigrationUnknown) -> None:
         key = (self.record.digest or "", event.step)
@@ -875,13 +933,15 @@ class RolloutMachine(RuleBasedStateMachine):
         waiting = [p.host for p in r.progress if
                    (r.phase is Phase.PULL and p.status is HostStatus.PENDING)
                    or (r.phase is Phase.STOP and p.status is HostStatus.PULLED)
-                   or (r.phase is Phase.START and p.status is HostStatus.STOPPED)]
+                   or (r.phase is Phase.START and p.status is HostStatus.STOPPED)
+                   or (r.phase is Phase.ROLL and p.status is HostStatus.MOVING)]
         options: list[Event] = []
         if r.phase is Phase.RESOLVE:
             options.append(Resolved(TAG_DIGEST.get(r.tag, D3)))
+        label = data.draw(st.sampled_from(["expand", "none", "breaking", None]))
         for h in waiting:
-            options.append({Phase.PULL: HostPulled(h, r.digest or D2), Phase.STOP: HostStopped(h),
-                            Phase.START: HostActive(h)}[r.phase])
+            options.append({Phase.PULL: HostPulled(h, r.digest or D2, label), Phase.STOP: HostStopped(h),
+                            Phase.START: HostActive(h), Phase.ROLL: HostActive(h)}[r.phase])
         if r.migrating:
             options.append(MigrationSucceeded(r.migrating))
         if r.deadline is not None and data.draw(st.integers(0, 9)) == 0:  # the barrier's timer fires
@@ -900,7 +960,7 @@ class RolloutMachine(RuleBasedStateMachine):
         st.builds(HostLost, st.sampled_from(MACHINE_HOSTS)),
         st.builds(BarrierDeadline, st.sampled_from([REV - 1, REV, REV + 1]),
                   st.sampled_from(["pull", "stop", "migrate:migrate", "migrate:collectstatic", "start",
-                                   "rollback"])),
+                                   "rollback", "batch:0", "batch:1", "rollback:0"])),
         st.builds(HostStopped, st.sampled_from(MACHINE_HOSTS)),
         st.builds(MigrationSucceeded, st.sampled_from(["migrate", "collectstatic", "other"])),
         st.builds(MigrationFailed, st.sampled_from(["migrate", "collectstatic"]), st.just("boom")),
@@ -977,9 +1037,10 @@ class RolloutMachine(RuleBasedStateMachine):
     @invariant()
     def a_barrier_has_a_duration_of_its_own(self) -> None:
         r = self.record
-        if r.phase in (Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START):
+        if r.phase in (Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START, Phase.ROLL):
             barrier = {Phase.PULL: "pull", Phase.STOP: "stop", Phase.MIGRATE: f"migrate:{r.migrating}",
-                       Phase.START: "rollback" if r.rollback else "start"}[r.phase]
+                       Phase.START: "rollback" if r.rollback else "start",
+                       Phase.ROLL: f"{'rollback' if r.rollback else 'batch'}:{r.batch_index}"}[r.phase]
             assert r.deadline is not None and r.deadline.barrier == barrier and r.deadline.seconds > 0
 
     @invariant()
@@ -988,7 +1049,22 @@ class RolloutMachine(RuleBasedStateMachine):
         if r.terminal:
             assert r.outcome is r.phase and r.ended_at is not None and r.deadline is None
         if r.rollback:
-            assert r.outcome is Phase.FAILED and r.phase in (Phase.START, Phase.FAILED)
+            assert r.outcome in (Phase.FAILED, Phase.ROLLED_BACK)
+            assert r.phase in (Phase.START, Phase.ROLL, Phase.FAILED, Phase.ROLLED_BACK)
+
+    @invariant()
+    def at_most_a_batch_is_out(self) -> None:
+        """A rolling update never has more than max_unavailable hosts moving at once, and moves only
+        the hosts of its current batch."""
+        r = self.record
+        moving = [p.host for p in r.progress if p.status is HostStatus.MOVING]
+        if r.phase is Phase.ROLL:
+            assert set(moving) <= set(r.batch)
+            assert len(moving) <= batch_size(self.policy.max_unavailable, len(self.hosts))
+        for host in MACHINE_HOSTS:
+            duties = proto.host_duties(proto.Header.of(r), host, host in r.hosts, frozenset(), None)
+            if any(isinstance(d, proto.Move) for d in duties):
+                assert host in r.batch  # asked of no other host (one that reported has its report)
 
 
 REPORTS = (HostPulled, HostPullFailed, HostStopped, MigrationSucceeded, MigrationFailed, MigrationUnknown,
@@ -1030,3 +1106,171 @@ def test_a_time_in_a_record_that_is_no_finite_float_is_refused(field: str, numbe
     raw = json.dumps(data).replace('"@N@"', number).encode()
     with pytest.raises(InvalidValue):
         Rollout.decode(raw, "/norm/rollouts/7/record")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rolling updates
+
+
+def moved(commands: list[Command]) -> list[tuple[tuple[str, ...], str]]:
+    return [(c.hosts, c.release.tag) for c in commands if isinstance(c, MoveHosts)]
+
+
+def test_a_whole_rolling_update() -> None:
+    r, cmds = run(new(), Resolved(D2), policy=ROLLING)
+    r, cmds = run(r, *(HostPulled(h, D2, "expand") for h in HOSTS), policy=ROLLING)
+    assert r.strategy == "rolling" and "expand" in (r.strategy_reason or "")
+    assert r.phase is Phase.MIGRATE and r.migrating == "migrate" and r.post_steps == ("collectstatic",)
+    assert not any(isinstance(c, StopOnHosts) for c in cmds)  # the previous release keeps serving
+    r, cmds = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
+    assert r.phase is Phase.ROLL and r.batches == ((A,), (B,), (C,)) and r.batch == (A,)
+    assert moved(cmds) == [((A,), "v2")] and ArmDeadline(Deadline("batch:0", 90.0)) in cmds
+    r, cmds = run(r, HostActive(A), policy=ROLLING)
+    assert r.batch == (B,) and moved(cmds) == [((B,), "v2")]
+    r, cmds = run(r, HostActive(B), HostActive(C), policy=ROLLING)
+    assert r.phase is Phase.MIGRATE and r.migrating == "collectstatic" and r.rolled
+    assert [c for c in cmds if isinstance(c, RunMigration)] == [RunMigration("collectstatic", D2)]
+    r, cmds = run(r, MigrationSucceeded("collectstatic"), policy=ROLLING)
+    assert r.phase is Phase.DONE
+    assert [(e.step, e.stage) for e in r.ledger] == [("migrate", "pre"), ("collectstatic", "post")]
+
+
+@pytest.mark.parametrize(("max_unavailable", "batches"), [
+    ("2", ((A, B), (C,))), ("50%", ((A,), (B,), (C,))), ("67%", ((A, B), (C,))), ("100%", ((A, B, C),)),
+    ("9", ((A, B, C),))])
+def test_batches_are_max_unavailable_hosts(max_unavailable: str, batches: tuple[tuple[str, ...]]) -> None:
+    policy = dataclasses.replace(ROLLING, max_unavailable=max_unavailable, steps=(), post_steps=frozenset())
+    r, _ = run(new(), Resolved(D2), policy=policy)
+    r, _ = run(r, *(HostPulled(h, D2, "none") for h in HOSTS), policy=policy)
+    assert r.phase is Phase.ROLL and r.batches == batches
+
+
+@pytest.mark.parametrize("bad", ["0", "0%", "101%", "-1", "one", "", "1.5"])
+def test_max_unavailable_has_a_grammar(bad: str) -> None:
+    with pytest.raises(ValueError, match="max_unavailable"):
+        dataclasses.replace(ROLLING, max_unavailable=bad)
+
+
+def test_a_host_failing_its_gate_rolls_back_every_host_moved() -> None:
+    r = rolling_at("roll")
+    r, _ = run(r, HostActive(A), policy=ROLLING)
+    r, cmds = run(r, HostFailed(B, "djed-web.service: GET /healthz answered 500"), policy=ROLLING)
+    assert r.phase is Phase.ROLL and r.rollback and r.outcome is Phase.ROLLED_BACK
+    assert r.batches == ((B,), (A,)) and moved(cmds) == [((B,), "v1")]  # the latest moved first
+    assert "answered 500" in (r.reason or "") and B in (r.reason or "")
+    r, cmds = run(r, HostActive(B), policy=ROLLING)
+    assert moved(cmds) == [((A,), "v1")]
+    r, cmds = run(r, HostActive(A), policy=ROLLING)
+    assert r.phase is Phase.ROLLED_BACK and not any(isinstance(c, RunMigration) for c in cmds)
+    assert proto.Header.of(r).fleet_release() == OLD
+    assert [e.step for e in r.ledger] == ["migrate"]  # no post step: the previous release may run
+
+
+def test_a_late_report_of_the_new_release_during_a_rollback_changes_nothing() -> None:
+    r = rolling_at("roll-back")
+    assert r.batch == (A,)
+    again, cmds = step(r, HostActive(C), 2.0, ROLLING)  # C never moved
+    assert again == r and cmds == ()
+
+
+def test_without_automatic_rollback_a_failing_batch_halts() -> None:
+    policy = dataclasses.replace(ROLLING, auto_rollback=False)
+    r, _ = run(rolling_at("roll"), HostFailed(A, "exit 1"), policy=policy)
+    assert r.phase is Phase.HALTED and "automatic rollback is off" in (r.reason or "")
+
+
+def test_a_batch_without_progress_in_time_rolls_back() -> None:
+    r = rolling_at("roll")
+    r, cmds = run(r, fired(r), policy=ROLLING)
+    assert r.rollback and r.host(A).status is HostStatus.MOVING  # type: ignore[union-attr]
+    assert "progress deadline" in (r.reason or "") and moved(cmds) == [((A,), "v1")]
+
+
+def test_a_newer_version_supersedes_a_rolling_update_at_a_batch_boundary() -> None:
+    r = rolling_at("roll")
+    r, cmds = run(r, NewerVersion("v3", REV + 1), policy=ROLLING)
+    assert r.phase is Phase.ROLL and cmds == []  # A is moving: it finishes first
+    r, cmds = run(r, HostActive(A), policy=ROLLING)
+    assert r.phase is Phase.SUPERSEDED and "after batch 1 of 3" in (r.reason or "")
+    assert BeginRollout("v3", REV + 1) in cmds and not moved(cmds)
+    assert proto.Header.of(r).fleet_release() is None  # the newer rollout moves every host
+
+
+def test_a_newer_version_during_a_pre_step_supersedes_once_it_ends() -> None:
+    r, _ = run(rolling_at("pre"), NewerVersion("v3", REV + 1), policy=ROLLING)
+    assert r.phase is Phase.MIGRATE
+    r, cmds = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
+    assert r.phase is Phase.SUPERSEDED and not moved(cmds) and BeginRollout("v3", REV + 1) in cmds
+
+
+def test_a_failed_pre_step_fails_with_no_host_moved() -> None:
+    r, cmds = run(rolling_at("pre"), MigrationFailed("migrate", "exit 1"), policy=ROLLING)
+    assert r.phase is Phase.FAILED and "no host had moved" in (r.reason or "")
+    assert not any(isinstance(c, RestartOldRelease | MoveHosts) for c in cmds)
+
+
+def test_an_abort_during_the_batches_rolls_back() -> None:
+    r, _ = run(rolling_at("roll"), HostActive(A), policy=ROLLING)
+    r, cmds = run(r, Abort("ops"), policy=ROLLING)
+    assert r.rollback and "aborted by ops" in (r.reason or "")
+    assert moved(cmds) == [((B, A), "v1")] or moved(cmds) == [((B,), "v1")]
+
+
+def test_an_abort_during_a_pre_step_fails_once_it_ends() -> None:
+    r, _ = run(rolling_at("pre"), Abort("ops"), policy=ROLLING)
+    r, cmds = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
+    assert r.phase is Phase.FAILED and "aborted by ops" in (r.reason or "") and not moved(cmds)
+
+
+def test_a_host_lost_in_its_batch_lets_the_next_batch_move() -> None:
+    r, cmds = run(rolling_at("roll"), HostLost(A), policy=ROLLING)
+    assert r.batch == (B,) and moved(cmds) == [((B,), "v2")] and A not in r.hosts
+
+
+def test_a_new_leader_moves_the_batch_on() -> None:
+    r = Rollout.decode(rolling_at("roll").encode(), "etcd")
+    r, cmds = run(r, Resumed(), policy=ROLLING)
+    assert moved(cmds) == [((A,), "v2")] and ArmDeadline(Deadline("batch:0", 90.0)) in cmds
+
+
+@pytest.mark.parametrize(("policy", "migrations", "strategy", "says"), [
+    (ROLLING, "expand", "rolling", "expand"),
+    (ROLLING, "none", "rolling", "'none'"),
+    (ROLLING, None, "recreate", "does not declare"),
+    (ROLLING, "breaking", "recreate", "breaking"),
+    (dataclasses.replace(ROLLING, strategy="rolling"), "breaking", "recreate", "falling back to recreate"),
+    (POLICY, "expand", "recreate", "asks for recreate"),
+])
+def test_the_strategy_and_its_reason(policy: RolloutPolicy, migrations: Any, strategy: str,
+                                     says: str) -> None:
+    r, _ = run(new(), Resolved(D2), policy=policy)
+    r, _ = run(r, *(HostPulled(h, D2, migrations) for h in HOSTS), policy=policy)
+    assert r.strategy == strategy and says in (r.strategy_reason or "")
+    assert proto.Header.of(r).strategy_reason == r.strategy_reason
+
+
+def test_a_first_deploy_recreates() -> None:
+    r, _ = run(new(previous=None), Resolved(D2), policy=ROLLING)
+    r, _ = run(r, *(HostPulled(h, D2, "expand") for h in HOSTS), policy=ROLLING)
+    assert r.strategy == "recreate" and "nothing to keep serving" in (r.strategy_reason or "")
+
+
+def entry(digest: str, tag: str, step: str, rev: int, stage: Any) -> LedgerEntry:
+    return LedgerEntry(digest, tag, step, True, rev, float(rev), stage=stage)
+
+
+def test_setting_back_below_the_rollback_floor_is_refused() -> None:
+    ledger = (entry(D1, "v1", "migrate", 1, "pre"), entry(D2, "v2", "migrate", 2, "pre"),
+              entry(D2, "v2", "collectstatic", 2, "post"))
+    r, cmds = run(new(tag="v1", previous=Release("v2", D2), ledger=ledger), Resolved(D1), policy=ROLLING)
+    assert r.phase is Phase.FAILED and "rollback floor" in (r.reason or "") and "v2" in (r.reason or "")
+    assert not any(isinstance(c, PullOnHosts) for c in cmds)
+
+
+def test_setting_back_above_the_floor_rolls_without_any_step() -> None:
+    ledger = (entry(D1, "v1", "migrate", 1, "pre"), entry(D1, "v1", "collectstatic", 1, "post"),
+              entry(D2, "v2", "migrate", 2, "pre"))
+    r, _ = run(new(tag="v1", previous=Release("v2", D2), ledger=ledger), Resolved(D1), policy=ROLLING)
+    assert r.phase is Phase.PULL
+    r, cmds = run(r, *(HostPulled(h, D1, "expand") for h in HOSTS), policy=ROLLING)
+    assert r.phase is Phase.ROLL and not any(isinstance(c, RunMigration) for c in cmds)
