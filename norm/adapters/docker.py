@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -230,6 +230,7 @@ class ImageInfo:
     repo_tags: tuple[str, ...]
     size: int
     created: str  # RFC 3339, as the engine gives it
+    labels: Mapping[str, str] = field(default_factory=dict)  # the image config's labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +368,7 @@ class Docker:
             repo_tags=tuple(data.get("RepoTags") or ()),
             size=int(data.get("Size") or 0),
             created=str(data.get("Created", "")),
+            labels={str(k): str(v) for k, v in ((data.get("Config") or {}).get("Labels") or {}).items()},
         )
 
     async def has_image(self, ref: str) -> bool:

@@ -226,13 +226,13 @@ class Agent:
         return services
 
     def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
-        from norm.services.executor import Executor
+        from norm.services.executor import Executor, Hooks
         from norm.services.updater import Updater
 
         c = self.config
         assert c.update.image is not None
         self.executor = Executor(self.host, systemd, docker, c.update, self.registration.set_release,
-                                 leading=self.leadership.is_leader, presence=self.presence,
+                                 leading=self.leadership.is_leader, hooks=Hooks(presence=self.presence),
                                  secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
                                docker.resolve)

@@ -171,7 +171,7 @@ def exit_code(v: Verdict) -> int:
     """What `rollout --once` and `deploy --wait` exit with for a rollout in state `v`."""
     if v in (Verdict.NONE, Verdict.DONE):
         return EXIT_OK
-    if v in (Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED):
+    if v in (Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED, Verdict.ROLLED_BACK):
         return EXIT_FAILED
     return EXIT_RUNNING
 
@@ -210,7 +210,7 @@ class HostState:
 
 _RECORD_STATE = {HostStatus.PENDING: ("pending", 0), HostStatus.PULLED: ("pulled", 1),
                  HostStatus.STOPPED: ("stopped", 2), HostStatus.ACTIVE: ("started", 3),
-                 HostStatus.FAILED: ("failed", 2)}
+                 HostStatus.FAILED: ("failed", 2), HostStatus.MOVING: ("moving", 2)}
 
 
 def host_state(header: Header, machine_id: str, reports: Reports, record: Rollout | None = None) -> HostState:
@@ -238,6 +238,8 @@ def _reported_state(header: Header, machine_id: str, reports: Reports) -> HostSt
         if started.get("ok") is True:  # with a reason: a unit the operator holds was left stopped
             return HostState("started", 3, clean(reason, 120) if isinstance(reason, str) else None)
         return HostState("failed", 2, clean(reason, 120) if isinstance(reason, str) else None)
+    if header.phase is Phase.ROLL and machine_id in header.batch:
+        return HostState("moving", 2)
     if ("stopped", machine_id) in reports:
         return HostState("stopped", 2)
     pulled = reports.get(("pulled", machine_id))
@@ -317,6 +319,12 @@ def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None) 
                     + (f" ({clean(h.reason, REASON_WIDTH)})" if h.reason else ""))
         case Phase.START:
             return f"start: {_count(states, 3)}/{active} started"
+        case Phase.ROLL if h.rollback:
+            back = release_text(h.previous) or "the previous release"
+            return (f"roll: rolling back to {clean(back, 80)}, batch {h.batch_index + 1}/{h.batches}"
+                    + (f" ({clean(h.reason, REASON_WIDTH)})" if h.reason else ""))
+        case Phase.ROLL:
+            return f"roll: batch {h.batch_index + 1}/{h.batches}, {_count(states, 3)}/{active} on the release"
         case Phase.DONE:
             ended = h.ended_at if h.ended_at is not None else h.updated_at
             return f"done in {duration(ended - h.started_at)}" if h.started_at else "done"
@@ -372,6 +380,8 @@ def rollout_frame(p: Progress) -> Frame:
     if p.verdict_note:
         text += f" ({p.verdict_note})"
     frame: Frame = [("title", text)]
+    if h.strategy_reason and not h.terminal and h.phase not in (Phase.RESOLVE, Phase.PULL):
+        frame.append(("strategy", f"  {h.strategy}: {clean(h.strategy_reason, REASON_WIDTH)}"))
     width = max((len(host_name(m, p.names)) for m in mids), default=0)
     for mid, s in zip(mids, states, strict=True):
         line = f"  {host_name(mid, p.names).ljust(width)}  {progress_bar(s.done, len(HOST_STEPS))}  {s.state}"

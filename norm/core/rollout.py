@@ -44,7 +44,7 @@ when the barrier begins, and again in full when a leader resumes the record.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +71,19 @@ from norm.core.record import (
 )
 
 MIGRATIONS_LABEL = "org.norm.migrations"  # the image label declaring what its migrations are
+MIGRATIONS: tuple[Migrations, ...] = ("none", "expand", "breaking")
+
+
+def migrations_of(labels: Mapping[str, str]) -> tuple[Migrations | None, str | None]:
+    """What an image's labels declare of its migrations, and the reason a label present is not
+    understood (it then declares nothing: recreate, the safe default)."""
+    value = labels.get(MIGRATIONS_LABEL)
+    if value is None:
+        return None, None
+    for known in MIGRATIONS:
+        if value.strip().lower() == known:
+            return known, None
+    return None, f"label {MIGRATIONS_LABEL} is not one of {', '.join(MIGRATIONS)}"
 
 BEFORE_CUTOVER = frozenset({Phase.RESOLVE, Phase.PULL})  # nothing stopped yet: may be superseded
 

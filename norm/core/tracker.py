@@ -32,9 +32,10 @@ class Verdict(enum.StrEnum):
     FAILED = "failed"
     SUPERSEDED = "superseded"
     HALTED = "halted"
+    ROLLED_BACK = "rolled_back"
 
 
-ENDED = frozenset({Verdict.DONE, Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED})
+ENDED = frozenset({Verdict.DONE, Verdict.FAILED, Verdict.SUPERSEDED, Verdict.HALTED, Verdict.ROLLED_BACK})
 
 
 def verdict(header: Header | None) -> Verdict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -42,7 +43,8 @@ from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue, Temporary
-from norm.core.record import Phase, Release
+from norm.core.record import Gate, Migrations, Phase, Release
+from norm.core.rollout import migrations_of
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
 from norm.services.context import HostContext
@@ -63,6 +65,26 @@ class StopStartHooks(Protocol):
     async def after_start(self) -> None:
         """After the units were started (whether or not they came up)."""
 
+    async def wait_serving(self, within: float) -> bool:
+        """Whether the host is back in the load balancer within `within` seconds."""
+
+
+class Gatekeeper(Protocol):
+    """The health gate (norm.services.gate): whether the units started on a release serve."""
+
+    async def passed(self, units: tuple[str, ...], gate: Gate) -> tuple[bool, str | None]:
+        """Wait for the units to pass `gate` (bounded by its healthy deadline): (passed, why not)."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What else takes part in an update's stop and start: load-balancer presence (none: no load
+    balancer), and the health gate a start must pass before it is reported (none: active is
+    enough)."""
+
+    presence: StopStartHooks | None = None
+    gate: Gatekeeper | None = None
+
 
 # A step's run as the executor reports it: its outcome, exit code, the reason it did not end well, and
 # how long it ran.
@@ -74,10 +96,11 @@ class Executor:
 
     def __init__(self, host: HostContext, systemd: Systemd, docker: Docker, update: UpdateConfig,
                  set_release: Callable[[str | None], Awaitable[None]], *, leading: Callable[[], bool],
-                 presence: StopStartHooks | None = None, secret_files: tuple[str, ...] = ()) -> None:
+                 hooks: Hooks | None = None, secret_files: tuple[str, ...] = ()) -> None:
         """`set_release`: shows the release this host runs (in its host record); `leading`: whether
-        this agent leads (the updater then shows the rollout's phase); `secret_files`: files whose
-        values a failed step's output must not show."""
+        this agent leads (the updater then shows the rollout's phase); `hooks`: the load balancer's
+        presence and the health gate; `secret_files`: files whose values a failed step's output must
+        not show."""
         assert update.image is not None
         self._etcd = host.etcd
         self._prefix = host.prefix
@@ -91,7 +114,8 @@ class Executor:
         self._patterns = host.units
         self._set_release = set_release
         self._leading = leading
-        self._presence = presence
+        self._presence = hooks.presence if hooks is not None else None
+        self._gate = hooks.gate if hooks is not None else None
         # Files whose values a failed step's output must not show (the host's environment file); the
         # steps' own environment file is one of them.
         self._secret_files = tuple(dict.fromkeys((*secret_files, *filter(None, (update.steps_env_file,)))))
@@ -265,8 +289,8 @@ class Executor:
         return report is not None and target is not None and report.value.get("digest") == target.digest
 
     def _apply_holds(self) -> None:
-        held = self._catching_up or self._stopped or proto.holds_units(self.header, self._participant,
-                                                                     frozenset(self._reported))
+        held = self._catching_up or self._stopped or proto.holds_units(
+            self.header, self._participant, frozenset(self._reported), self._me)
         for unit in self._units:
             if held:
                 self._holds.hold(unit, HOLD_OWNER)
@@ -308,9 +332,13 @@ class Executor:
                     await self._report(h, "stopped", proto.stopped())
                 case proto.Migrate(step=step, digest=digest):
                     await self._until_moved(h, self._migrate(h, step, digest))
-                case proto.Start(release=release):
+                case proto.Start(release=release, gate=gate):
                     ok, reason = await self._switch_to(release, h.revision)
+                    if ok:
+                        ok, reason = await self._gated(gate)
                     await self._report(h, "started", proto.started(release.digest, ok, reason))
+                case proto.Move(release=release, gate=gate):
+                    await self._until_retargeted(h, self._move(h, release, gate))
                 case proto.CatchUp(release=release):
                     await self._catch_up(h, release)
 
@@ -326,6 +354,22 @@ class Executor:
                     return
 
         await first_of(work=work, moved=moved())
+
+    async def _until_retargeted(self, h: proto.Header, work: Coroutine[Any, Any, None]) -> None:
+        """Run this host's move in a batch until done, or until the header no longer asks it of this
+        host for the same release (a rollback began, the rollout ended): the work loop then reads
+        what the header asks now."""
+        async def retargeted() -> None:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                now = self.header
+                if (now is None or now.revision != h.revision or now.phase is not h.phase
+                        or now.target != h.target or self._me not in now.batch):
+                    self._wake.set()
+                    return
+
+        await first_of(work=work, retargeted=retargeted())
 
     async def _report(self, h: proto.Header, kind: str, value: bytes, name: str | None = None,
                       final: bool = True) -> bool:
@@ -375,7 +419,20 @@ class Executor:
                 log.warning("executor.pull_retry", image=ref, error=str(e), retry_in=round(delay, 2))
                 await pause(delay)
         self._metrics.pull_seconds.observe(loop.time() - started)
-        await self._report(h, "pulled", proto.pulled_ok(digest))
+        await self._report(h, "pulled", proto.pulled_ok(digest, await self._migrations_of(ref)))
+
+    async def _migrations_of(self, ref: str) -> Migrations | None:
+        """What the image pulled declares of its migrations (its label), for the leader to choose the
+        rollout's strategy; None when it does not say, or says something not understood."""
+        try:
+            labels = (await self._docker.inspect_image(ref)).labels
+        except DockerError as e:
+            log.warning("executor.labels_unread", image=ref, error=str(e))
+            return None
+        declared, problem = migrations_of(labels)
+        if problem is not None:
+            log.warning("executor.migrations_label_refused", image=ref, reason=problem)
+        return declared
 
     async def _stop_units(self) -> None:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
@@ -389,10 +446,34 @@ class Executor:
         await asyncio.gather(*(self._systemd.stop(u) for u in self._units))
         log.info("executor.units_stopped", units=list(self._units))
 
-    async def _switch_to(self, release: Release, revision: int) -> tuple[bool, str | None]:
+    async def _move(self, h: proto.Header, release: Release, gate: Gate) -> None:
+        """This host's turn in a rolling batch: out of the load balancer and drained, units stopped,
+        started on `release`, the gate passed, back in the load balancer; then the report."""
+        log.info("executor.moving", release=proto.release_text(release), batch=h.batch_index + 1,
+                 batches=h.batches)
+        await self._stop_units()
+        ok, reason = await self._switch_to(release, h.revision, rejoin=False)
+        if ok:
+            ok, reason = await self._gated(gate)
+        if ok and self._presence is not None:
+            await self._presence.after_start()
+            if not await self._presence.wait_serving(gate.healthy_deadline):
+                ok, reason = False, "not back in the load balancer within the healthy deadline"
+        log.info("executor.moved", release=proto.release_text(release), ok=ok, reason=reason)
+        await self._report(h, "started", proto.started(release.digest, ok, reason))
+
+    async def _gated(self, gate: Gate) -> tuple[bool, str | None]:
+        if self._gate is None:
+            return True, None
+        held = {u for u in self._units if OPERATOR in self._holds.owners(u)}
+        return await self._gate.passed(tuple(u for u in self._units if u not in held), gate)
+
+    async def _switch_to(self, release: Release, revision: int, *,
+                         rejoin: bool = True) -> tuple[bool, str | None]:
         """Write the release file, start every unit, and say whether all are active. A unit an
         operator holds (`norm units stop`) is left stopped: the operator's stop wins over the update,
-        and the unit runs the new release once the operator starts it again."""
+        and the unit runs the new release once the operator starts it again. `rejoin`: presence puts
+        the host back in the load balancer once healthy (else the caller does, after its gate)."""
         if not self._holds.operator_known.is_set():
             # A restarted agent: the operator's holds are not read yet, and a unit started now would
             # undo one. The control service reads them as soon as etcd answers.
@@ -407,7 +488,7 @@ class Executor:
         if held:
             log.warning("executor.units_held_by_operator", units=held, release=proto.release_text(release))
         results = await asyncio.gather(*(self._systemd.start(u) for u in starting), return_exceptions=True)
-        if self._presence is not None:
+        if self._presence is not None and rejoin:
             await self._presence.after_start()  # back in the load balancer once healthy
         failed: list[str] = []
         for unit, result in zip(starting, results, strict=True):

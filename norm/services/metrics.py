@@ -40,7 +40,8 @@ class Metrics:
             "not carried out yet; above 0 for long, see `norm units` and control.action_failed.", registry=r)
         self.rollout_phase = Gauge(
             "norm_rollout_phase", "Phase of the current rollout as this agent last saw it: 0 none, "
-            "1 resolve, 2 pull, 3 stop, 4 migrate, 5 start, 6 done, 7 failed, 8 superseded, 9 halted.",
+            "1 resolve, 2 pull, 3 stop, 4 migrate, 5 start, 6 done, 7 failed, 8 superseded, 9 halted, "
+            "10 roll, 11 rolled back.",
             registry=r)
         self.rollout_phase_seconds = Histogram(
             "norm_rollout_phase_seconds", "How long each phase of a rollout took (observed by the leader).",
@@ -52,12 +53,18 @@ class Metrics:
         self.barrier_hosts = Gauge("norm_barrier_hosts",
                                    "Hosts of the current pull barrier by state (leader only).",
                                    ["state"], registry=r)
+        self.rollout_batch = Gauge(
+            "norm_rollout_batch", "Batches of the current rolling update (leader only), by state: total, "
+            "passed (the one moving is passed + 1), and hosts moving now.", ["state"], registry=r)
+        self.rollout_rollbacks = Counter(
+            "norm_rollout_rollbacks_total", "Rollouts this agent rolled back as leader (a host failing its "
+            "health gate, a batch without progress in time, or an abort).", registry=r)
         self.migrations = Counter("norm_migrations_total",
                                   "One-off steps (migrations, static files) this host ran, by result.",
                                   ["result"], registry=r)
         self.rollouts = Counter("norm_rollouts_total",
                                 "Rollouts this agent ended as leader, by outcome (done, failed, superseded, "
-                                "halted); an unknown tag or a refused value is a failed one.",
+                                "halted, rolled_back); an unknown tag or a refused value is a failed one.",
                                 ["outcome"], registry=r)
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)

@@ -78,6 +78,7 @@ class Presence:
         self.ready = asyncio.Event()  # the clients are open
         self._closed = False
         self.progress = asyncio.Event()  # set after every pass of the work loop (tests wait on it)
+        self._registrations = asyncio.Event()  # set on every change of `registered`
         for group in lb.target_groups:
             metrics.lb_registered.labels(group).set(0)
         if holds is not None:
@@ -215,6 +216,7 @@ class Presence:
     def _set_registered(self, group: str, registered: bool) -> None:
         was = self.registered.get(group)
         self.registered[group] = registered
+        self._registrations.set()
         self._metrics.lb_registered.labels(group).set(1 if registered else 0)
         if was is not registered:
             log.info("lb.registered" if registered else "lb.deregistered", target_group=group)
@@ -327,6 +329,19 @@ class Presence:
         (by the work loop; this returns at once)."""
         await self._resume("the update started the units")
         self._wake.set()
+
+    async def wait_serving(self, within: float) -> bool:
+        """Whether the host is in every target group, now or within `within` seconds (a rolling
+        update's host reports its move once it serves again)."""
+        try:
+            async with asyncio.timeout(within):
+                while not all(self.registered.values()):
+                    self._registrations.clear()
+                    await self._registrations.wait()
+        except TimeoutError:
+            log.warning("lb.not_back_in_time", bound_s=within)
+            return False
+        return True
 
     def _suspend(self) -> None:
         if not self.suspended:

@@ -32,7 +32,16 @@ from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
-from norm.core.record import TERMINAL, Deadline, LedgerEntry, Phase, Release, Rollout, decode_ledger_entry
+from norm.core.record import (
+    TERMINAL,
+    Deadline,
+    HostStatus,
+    LedgerEntry,
+    Phase,
+    Release,
+    Rollout,
+    decode_ledger_entry,
+)
 from norm.core.rollout import (
     ArmDeadline,
     BarrierDeadline,
@@ -66,7 +75,8 @@ from norm.services.watcher import DesiredStateWatcher
 log = structlog.get_logger("norm.updater")
 
 PHASE_CODES = {None: 0, Phase.RESOLVE: 1, Phase.PULL: 2, Phase.STOP: 3, Phase.MIGRATE: 4, Phase.START: 5,
-               Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9}
+               Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9, Phase.ROLL: 10,
+               Phase.ROLLED_BACK: 11}
 
 
 def _persisted(r: Rollout) -> Rollout:
@@ -373,6 +383,10 @@ class Updater:
             await self._persist(old, new)
         if new.terminal and (old is None or not old.terminal or old.revision != new.revision):
             self._metrics.rollouts.labels(new.phase.value).inc()
+        if new.rollback and new.strategy == "rolling" and (old is None or not old.rollback
+                                                           or old.revision != new.revision):
+            self._metrics.rollout_rollbacks.inc()
+            log.warning("rollout.rolling_back", rollout=new.revision, tag=new.tag, reason=new.reason)
         if old is None or old.phase is not new.phase or old.revision != new.revision:
             now = asyncio.get_running_loop().time()  # a phase's duration, on the monotonic clock
             if old is not None and old.phase not in TERMINAL:
@@ -489,6 +503,11 @@ class Updater:
             pulled, pending, lost = barrier_state(record)
             for state, hosts in (("pulled", pulled), ("pending", pending), ("excluded", lost)):
                 self._metrics.barrier_hosts.labels(state).set(len(hosts))
+        if record.phase is Phase.ROLL:
+            self._metrics.rollout_batch.labels("total").set(len(record.batches))
+            self._metrics.rollout_batch.labels("passed").set(record.batch_index)
+            self._metrics.rollout_batch.labels("moving").set(
+                sum(1 for p in record.progress if p.status is HostStatus.MOVING))
 
 
 @dataclasses.dataclass(frozen=True)

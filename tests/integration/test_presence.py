@@ -29,7 +29,7 @@ from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, LbConfig, UpdateConfig
 from norm.core.record import Phase, Release
 from norm.services.context import HostContext
-from norm.services.executor import HOLD_OWNER, Executor
+from norm.services.executor import HOLD_OWNER, Executor, Hooks
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
 from norm.services.presence import Presence, invocation_of
@@ -314,7 +314,8 @@ async def executor_for(rig: Rig, client: Etcd, docker: Docker, me: str, update: 
         pass
 
     executor = Executor(HostContext(client, "/norm", me, rig.metrics, rig.holds, units=PATTERNS), rig.systemd,
-                        docker, update, set_release, leading=lambda: False, presence=rig.presence)
+                        docker, update, set_release, leading=lambda: False,
+                        hooks=Hooks(presence=rig.presence))
     stopping = asyncio.Event()
     task = asyncio.create_task(executor.run(stopping), name="executor-under-test")
     try:
