@@ -27,6 +27,7 @@ from norm.app import cli
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
+from norm.core.policy import FleetPolicy, policy_key
 from norm.core.record import Phase
 from norm.core.secret import Secret
 from sandbox import app, updates
@@ -232,9 +233,12 @@ def test_agents_cannot_write_the_operators_keys(secured: Secured) -> None:
         config = secured.config(user)
         refused(config, lambda etcd: etcd.put(VERSION, b"v2"))
         refused(config, lambda etcd: etcd.put("/djed-environment", b"prod"))
+        refused(config, lambda etcd: etcd.put(policy_key(P), FleetPolicy().encode()))
+        refused(config, lambda etcd: etcd.delete(policy_key(P)))
     # The operator can, and reads everything, but writes no host's registration nor the header.
     ops = secured.config(OPS)
     as_user(ops, lambda etcd: etcd.put(VERSION, b"v2"))
+    as_user(ops, lambda etcd: etcd.put(policy_key(P), FleetPolicy().encode()))
     as_user(ops, lambda etcd: etcd.get_prefix(P + "/"))
     refused(ops, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
     refused(ops, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
@@ -280,6 +284,9 @@ def test_a_host_does_its_own_work_with_its_grants(secured: Secured) -> None:
     async def host_work(etcd: Etcd) -> None:
         assert (await etcd.get_one(VERSION)).kvs == ()
         await etcd.get(proto.header_key(P))
+        # The fleet's update policy, followed as the policy watcher does.
+        async with etcd.watch(policy_key(P)) as w:
+            await anext(w)
         async with etcd.lease() as lease:
             await etcd.put(hosts_key(P, B), HostRecord(B, "b", "test", "web", "0").encode(), lease=lease.id)
             await etcd.put(units_key(P, B), b"[]", lease=lease.id)
