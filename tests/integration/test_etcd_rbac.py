@@ -254,7 +254,8 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
 
     def norm(user: str, *args: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = cli.main([args[0], "--config", str(conf(user)), *args[1:]])
+        at = 2 if args[0] == "policy" else 1  # after the command (and its action)
+        code = cli.main([*args[:at], "--config", str(conf(user)), *args[at:]])
         out, err = capsys.readouterr()
         assert "Traceback" not in err
         return code, out, err
@@ -270,9 +271,18 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
         assert code in (0, 5), (command, err)  # 5: `rollout --once` while it runs
     code, out, err = norm(OPS, "abort", "--by", "alice")
     assert (code, out) == (0, f"abort requested for rollout {header.revision}\n"), err
-    # The abort requests and the desired version are the operators' alone.
+    # The fleet's update policy too: written by the operator, shown to the operator.
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text('max_unavailable = "50%"\n')
+    code, out, err = norm(OPS, "policy", "apply", str(policy_file))
+    assert code == 0 and out.splitlines()[-1].startswith("written: fleet policy revision"), err
+    code, out, err = norm(OPS, "policy", "show")
+    assert code == 0 and 'max_unavailable = "50%"' in out.splitlines(), err
+    # The abort requests, the desired version and the policy are the operators' alone.
     for user in (HOST_A, HOST_B):
         code, _, err = norm(user, "deploy", "v3")
+        assert code == 1 and "permission denied" in err, err
+        code, _, err = norm(user, "policy", "apply", str(policy_file))
         assert code == 1 and "permission denied" in err, err
         code, _, err = norm(user, "abort", "--by", "mallory")
         assert code == 1 and "permission denied" in err, err
