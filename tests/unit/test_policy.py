@@ -25,6 +25,7 @@ from norm.core.policy import (
     policy_from_update_config,
     policy_key,
     policy_toml,
+    toml_value,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "policy.toml"
@@ -349,3 +350,43 @@ def test_changes_name_each_field_that_differs_in_order() -> None:
         ("steps", '[migrate (pre): "migrate", collectstatic (pre): "collectstatic"]',
          '[migrate (post): "migrate"]'),
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The documentation says what the code does
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| `") and len(cells) > 2:
+            rows.setdefault(cells[0].strip("`"), cells)
+    return rows
+
+
+def test_the_docs_list_every_field_with_its_default() -> None:
+    rows = _rows(DOC.read_text())
+    default = FleetPolicy()
+    for name in (f.name for f in dataclasses.fields(FleetPolicy)):
+        assert name in rows, name
+        if name != "steps":
+            assert rows[name][2] == f"`{toml_value(getattr(default, name))}`", name
+    for name in (f.name for f in dataclasses.fields(StepPolicy)):
+        assert name in rows, name
+    assert rows["when"][2] == '`"pre"`'
+
+
+def test_the_docs_batch_table_is_what_batch_size_gives() -> None:
+    text = DOC.read_text()
+    table = text[text.index("| `max_unavailable` | 1 host"):].split("\n\n")[0].splitlines()
+    hosts = [int(c.split()[0]) for c in table[0].strip("|").split(" | ")[1:]]
+    checked = 0
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        p = FleetPolicy(max_unavailable=cells[0].strip('`"'))
+        assert [p.batch_size(h) for h in hosts] == [int(c) for c in cells[1:]], line
+        checked += 1
+    assert checked == 5
