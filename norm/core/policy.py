@@ -60,13 +60,17 @@ def _wait(v: float, name: str) -> float:
 
 
 def _max_unavailable(v: str, name: str) -> str:
-    if not MAX_UNAVAILABLE.fullmatch(v):
+    if not MAX_UNAVAILABLE.fullmatch(values.string(v, name)):
         raise ValueError(f"{name}: must be a count of hosts (1 or more) or a percentage from 1% to 100%")
     return v
 
 
 def _command(v: str, name: str) -> str:
     values.text(v, name, limit=MAX_COMMAND)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's escapes can carry
+        raise ValueError(f"{name}: not Unicode text") from None
     try:
         words = shlex.split(v)
     except ValueError:
@@ -77,13 +81,13 @@ def _command(v: str, name: str) -> str:
 
 
 def _role(v: str, name: str) -> str:
-    if not values.LABEL.fullmatch(v):
+    if not values.LABEL.fullmatch(values.string(v, name)):
         raise ValueError(f"{name}: must be 1 to 63 letters, digits, '_', '.' or '-'")
     return v
 
 
 def _tag_or_digest(v: str, name: str) -> str:
-    if not (is_tag(v) or values.DIGEST.fullmatch(v)):
+    if not (is_tag(values.string(v, name)) or values.DIGEST.fullmatch(v)):
         raise ValueError(f"{name}: must be an image tag or a sha256 digest")
     return v
 
@@ -94,20 +98,39 @@ Role: TypeAlias = Annotated[str, wire.Check(_role)]
 TagOrDigest: TypeAlias = Annotated[str, wire.Check(_tag_or_digest)]
 
 
-def _checked(obj: object) -> None:
-    """Run the grammar checks the fields' annotations declare on `obj`'s values (items of a tuple
-    each), as the decoder does: for a record made in code."""
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        value, tp = getattr(obj, f.name), hints[f.name]
-        items: list[tuple[str, Any, Any]] = [(f.name, value, tp)]
-        if typing.get_origin(tp) is tuple:
-            item_tp = typing.get_args(tp)[0]
-            items = [(f"{f.name}[{i}]", v, item_tp) for i, v in enumerate(value)]
-        for name, v, t in items:
-            for check in getattr(t, "__metadata__", ()):
-                if isinstance(check, wire.Check):
-                    check.fn(v, name)
+FieldChecks: TypeAlias = tuple[tuple[str, bool, tuple[wire.Check, ...]], ...]
+_CHECKS: dict[str, FieldChecks] = {}  # by class name, made once
+
+
+def _checks(cls: type[Any]) -> FieldChecks:
+    """Each field of `cls` with the grammar checks its annotation declares: (name, whether they
+    apply to each item of a tuple, checks)."""
+    if cls.__qualname__ in _CHECKS:
+        return _CHECKS[cls.__qualname__]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        each = typing.get_origin(tp) is tuple
+        if each:
+            tp = typing.get_args(tp)[0]
+        out.append((f.name, each, tuple(m for m in getattr(tp, "__metadata__", ())
+                                        if isinstance(m, wire.Check))))
+    checks = _CHECKS[cls.__qualname__] = tuple(out)
+    return checks
+
+
+def _checked(obj: StepPolicy | FleetPolicy) -> None:
+    """Run the grammar checks the fields' annotations declare on `obj`'s values (on each item of a
+    tuple), as the decoder does: for a record made in code."""
+    for name, each, checks in _checks(type(obj)):
+        value = getattr(obj, name)
+        if each and not isinstance(value, tuple):
+            raise TypeError(f"{name}: expected a tuple")
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if each else [(name, value)]
+        for path, v in items:
+            for check in checks:
+                check.fn(v, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,12 +177,14 @@ class FleetPolicy:
     on_trouble: OnTrouble = "exclude"
 
     def __post_init__(self) -> None:
-        _checked(self)
         for name in ("min_healthy", "healthy_deadline", "progress_deadline", "pull_timeout",
                      "stop_timeout", "start_timeout", "migration_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"{name}: expected a number")
+                raise ValueError(f"{name}: expected a finite number")
+        if not isinstance(self.auto_rollback, bool):
+            raise TypeError("auto_rollback: expected true or false")
+        _checked(self)
         if self.strategy not in typing.get_args(Strategy):
             raise ValueError("strategy: must be auto, rolling or recreate")
         if self.on_trouble not in typing.get_args(OnTrouble):
@@ -276,7 +301,10 @@ def _steps(steps: object, source: str) -> object:
             if key not in STEP_FIELDS:
                 raise ConfigError(f"steps[{i}].{key}", source,
                                   f"unknown key (known: {', '.join(STEP_FIELDS)})")
-        if "name" not in step and isinstance(step.get("command"), str):
+        if "name" not in step:
+            if not isinstance(step.get("command"), str):
+                reason = "expected a string" if "command" in step else "missing"
+                raise ConfigError(f"steps[{i}].command", source, reason)
             name = step_name(step["command"])
             if not name:
                 raise ConfigError(f"steps[{i}].name", source,

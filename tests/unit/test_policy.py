@@ -105,9 +105,15 @@ def test_batch_size_of_a_negative_fleet_is_refused() -> None:
     ({"steps": (StepPolicy("a", "x"), StepPolicy("a", "y"))}, "steps"),
     ({"strategy": "blue-green"}, "strategy"),
     ({"on_trouble": "ignore"}, "on_trouble"),
+    ({"max_unavailable": 2}, "max_unavailable"),
+    ({"roles": (5,)}, "roles[0]"),
+    ({"compatible": ("v1", None)}, "compatible[1]"),
+    ({"pull_timeout": "600"}, "pull_timeout"),
+    ({"auto_rollback": 1}, "auto_rollback"),
+    ({"roles": ["django"]}, "roles"),
 ])
 def test_a_policy_out_of_its_grammar_cannot_be_made(change: dict[str, object], field: str) -> None:
-    with pytest.raises(ValueError, match="^" + re.escape(f"{field}: ")):
+    with pytest.raises((ValueError, TypeError), match="^" + re.escape(f"{field}: ")):
         FleetPolicy(**change)  # type: ignore[arg-type]
 
 
@@ -224,6 +230,7 @@ def _good() -> dict[str, object]:
     ({"steps": [{"name": "m", "command": SECRET + " '"}]}, "steps[0].command"),
     ({"steps": [{"name": "m", "command": "x"}, {"name": "m", "command": SECRET}]}, "steps"),
     ({"min_healthy": 500.0}, "min_healthy"),
+    ({"steps": [{"name": "m", "command": "x \ud800"}]}, "steps[0].command"),
 ])
 def test_a_bad_value_in_etcd_is_refused_naming_the_field_never_the_value(
         change: dict[str, object], field: str) -> None:
@@ -294,6 +301,8 @@ def _refused(text: str) -> ConfigError:
     ("[[steps]]\ncommand = 'x'\nwhen = 'later'", "steps[0].when", "must be one of pre, post"),
     ("[[steps]]\ncommand = 'x'\nrun = 'y'", "steps[0].run", "unknown key"),
     ("[[steps]]\nname = 'm'", "steps[0].command", "missing"),
+    ("[[steps]]\nwhen = 'pre'", "steps[0].command", "missing"),
+    ("[[steps]]\ncommand = 5", "steps[0].command", "expected a string"),
     ("[[steps]]\ncommand = '!!!'", "steps[0].name", "cannot be derived"),
     ("[[steps]]\ncommand = 'x'\nname = 'Hunter2-secret'", "steps[0].name", "not a step name"),
     ("[[steps]]\ncommand = \"Hunter2-secret 'x\"", "steps[0].command", "not a command line"),
