@@ -177,26 +177,9 @@ class FleetPolicy:
     on_trouble: OnTrouble = "exclude"
 
     def __post_init__(self) -> None:
-        for name in ("min_healthy", "healthy_deadline", "progress_deadline", "pull_timeout",
-                     "stop_timeout", "start_timeout", "migration_timeout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"{name}: expected a finite number")
-        if not isinstance(self.auto_rollback, bool):
-            raise TypeError("auto_rollback: expected true or false")
+        _check_types(self)
         _checked(self)
-        if self.strategy not in typing.get_args(Strategy):
-            raise ValueError("strategy: must be auto, rolling or recreate")
-        if self.on_trouble not in typing.get_args(OnTrouble):
-            raise ValueError("on_trouble: must be exclude or abort")
-        if not self.min_healthy < self.healthy_deadline:
-            raise ValueError("min_healthy: must be less than healthy_deadline")
-        if not self.healthy_deadline < self.progress_deadline:
-            raise ValueError("healthy_deadline: must be less than progress_deadline")
-        if len({s.name for s in self.steps}) != len(self.steps):
-            raise ValueError("steps: each step's name must be distinct")
-        if len(set(self.roles)) != len(self.roles):
-            raise ValueError("roles: a role is named twice")
+        _check_across(self)
 
     def batch_size(self, hosts: int) -> int:
         """How many of `hosts` may be unavailable at once: `max_unavailable` resolved for that many.
@@ -219,6 +202,36 @@ class FleetPolicy:
     def decode(cls, raw: bytes, where: str) -> FleetPolicy:
         """The policy `raw` holds, strictly; InvalidValue naming the field at fault, never its value."""
         return wire.read(cls, raw, where, "fleet policy")
+
+
+def _check_types(p: FleetPolicy) -> None:
+    """What the annotations' grammar checks take for granted, for a policy made in code."""
+    for name in ("min_healthy", "healthy_deadline", "progress_deadline", "pull_timeout",
+                 "stop_timeout", "start_timeout", "migration_timeout"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number")
+    if not isinstance(p.auto_rollback, bool):
+        raise TypeError("auto_rollback: expected true or false")
+    if p.strategy not in typing.get_args(Strategy):
+        raise ValueError("strategy: must be auto, rolling or recreate")
+    if p.on_trouble not in typing.get_args(OnTrouble):
+        raise ValueError("on_trouble: must be exclude or abort")
+    for i, step in enumerate(p.steps if isinstance(p.steps, tuple) else ()):
+        if not isinstance(step, StepPolicy):
+            raise TypeError(f"steps[{i}]: expected a step")
+
+
+def _check_across(p: FleetPolicy) -> None:
+    """The rules across fields."""
+    if not p.min_healthy < p.healthy_deadline:
+        raise ValueError("min_healthy: must be less than healthy_deadline")
+    if not p.healthy_deadline < p.progress_deadline:
+        raise ValueError("healthy_deadline: must be less than progress_deadline")
+    if len({s.name for s in p.steps}) != len(p.steps):
+        raise ValueError("steps: each step's name must be distinct")
+    if len(set(p.roles)) != len(p.roles):
+        raise ValueError("roles: a role is named twice")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def test_batch_size_of_a_negative_fleet_is_refused() -> None:
     ({"pull_timeout": "600"}, "pull_timeout"),
     ({"auto_rollback": 1}, "auto_rollback"),
     ({"roles": ["django"]}, "roles"),
+    ({"steps": ("migrate",)}, "steps[0]"),
 ])
 def test_a_policy_out_of_its_grammar_cannot_be_made(change: dict[str, object], field: str) -> None:
     with pytest.raises((ValueError, TypeError), match="^" + re.escape(f"{field}: ")):
