@@ -4,9 +4,11 @@ bring etcd's users and roles to that, as pure data.
 Three kinds of role, by who writes what:
 
 - `norm-operator` (shared by the operators' users): reads everything; writes the desired version and
-  environment keys, the per-host control requests and the abort requests (`<prefix>/aborts/`).
+  environment keys, the fleet's update policy (`<prefix>/policy`), the per-host control requests and
+  the abort requests (`<prefix>/aborts/`).
 - `norm-host-<machine-id>` (one per host, granted to that host's user): reads the desired keys, the
-  rollout header and the rollouts' records and participant lists (`<prefix>/rollouts/`); writes its
+  fleet's update policy, the rollout header and the rollouts' records and participant lists
+  (`<prefix>/rollouts/`); writes its
   own registration, unit summary and control keys, and its own reports (`<prefix>/reports/<mid>/`);
   and the migration claims (`<prefix>/claims/`).
 - `norm-leader` (shared, granted in addition to the hosts that may lead): the leader key, the rollout
@@ -32,6 +34,7 @@ from typing import Literal
 
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, parse_machine_id, units_key
+from norm.core.policy import policy_key
 from norm.core.protocol import aborts_prefix, claims_prefix, header_key, host_reports_prefix, reports_prefix
 
 Kind = Literal["read", "write", "readwrite"]
@@ -130,10 +133,12 @@ def operator_role(keys: Keys) -> Role:
     return Role(OPERATOR_ROLE, frozenset({
         Permission.one(keys.version, "readwrite"),
         Permission.one(keys.environment, "readwrite"),
+        Permission.one(policy_key(p), "readwrite"),
         Permission.under(f"{p}/", "read"),
         Permission.under(f"{p}/control/", "readwrite"),
         Permission.under(aborts_prefix(p), "readwrite"),
-    }), "operators: read everything; write the desired version and environment, control and abort requests")
+    }), "operators: read everything; write the desired version and environment, the update policy, control "
+        "and abort requests")
 
 
 def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
@@ -141,6 +146,7 @@ def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
     return frozenset({
         Permission.one(keys.version, "read"),
         Permission.one(keys.environment, "read"),
+        Permission.one(policy_key(p), "read"),
         Permission.one(header_key(p), "read"),
         Permission.under(f"{p}/rollouts/", "read"),
         Permission.under(host_reports_prefix(p, machine_id), "readwrite"),

@@ -27,6 +27,7 @@ from norm.app import cli
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
+from norm.core.policy import FleetPolicy, policy_key
 from norm.core.record import Phase
 from norm.core.secret import Secret
 from sandbox import app, updates
@@ -232,9 +233,12 @@ def test_agents_cannot_write_the_operators_keys(secured: Secured) -> None:
         config = secured.config(user)
         refused(config, lambda etcd: etcd.put(VERSION, b"v2"))
         refused(config, lambda etcd: etcd.put("/djed-environment", b"prod"))
+        refused(config, lambda etcd: etcd.put(policy_key(P), FleetPolicy().encode()))
+        refused(config, lambda etcd: etcd.delete(policy_key(P)))
     # The operator can, and reads everything, but writes no host's registration nor the header.
     ops = secured.config(OPS)
     as_user(ops, lambda etcd: etcd.put(VERSION, b"v2"))
+    as_user(ops, lambda etcd: etcd.put(policy_key(P), FleetPolicy().encode()))
     as_user(ops, lambda etcd: etcd.get_prefix(P + "/"))
     refused(ops, lambda etcd: etcd.put(hosts_key(P, A), b"{}"))
     refused(ops, lambda etcd: etcd.put(proto.header_key(P), b"{}"))
@@ -250,7 +254,8 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
 
     def norm(user: str, *args: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = cli.main([args[0], "--config", str(conf(user)), *args[1:]])
+        at = 2 if args[0] == "policy" else 1  # after the command (and its action)
+        code = cli.main([*args[:at], "--config", str(conf(user)), *args[at:]])
         out, err = capsys.readouterr()
         assert "Traceback" not in err
         return code, out, err
@@ -266,9 +271,18 @@ def test_the_operators_commands_work_as_the_operator_and_not_as_a_host(
         assert code in (0, 5), (command, err)  # 5: `rollout --once` while it runs
     code, out, err = norm(OPS, "abort", "--by", "alice")
     assert (code, out) == (0, f"abort requested for rollout {header.revision}\n"), err
-    # The abort requests and the desired version are the operators' alone.
+    # The fleet's update policy too: written by the operator, shown to the operator.
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text('max_unavailable = "50%"\n')
+    code, out, err = norm(OPS, "policy", "apply", str(policy_file))
+    assert code == 0 and out.splitlines()[-1].startswith("written: fleet policy revision"), err
+    code, out, err = norm(OPS, "policy", "show")
+    assert code == 0 and 'max_unavailable = "50%"' in out.splitlines(), err
+    # The abort requests, the desired version and the policy are the operators' alone.
     for user in (HOST_A, HOST_B):
         code, _, err = norm(user, "deploy", "v3")
+        assert code == 1 and "permission denied" in err, err
+        code, _, err = norm(user, "policy", "apply", str(policy_file))
         assert code == 1 and "permission denied" in err, err
         code, _, err = norm(user, "abort", "--by", "mallory")
         assert code == 1 and "permission denied" in err, err
@@ -280,6 +294,9 @@ def test_a_host_does_its_own_work_with_its_grants(secured: Secured) -> None:
     async def host_work(etcd: Etcd) -> None:
         assert (await etcd.get_one(VERSION)).kvs == ()
         await etcd.get(proto.header_key(P))
+        # The fleet's update policy, followed as the policy watcher does.
+        async with etcd.watch(policy_key(P)) as w:
+            await anext(w)
         async with etcd.lease() as lease:
             await etcd.put(hosts_key(P, B), HostRecord(B, "b", "test", "web", "0").encode(), lease=lease.id)
             await etcd.put(units_key(P, B), b"[]", lease=lease.id)

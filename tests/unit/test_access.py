@@ -30,6 +30,7 @@ from norm.core.access import (
 )
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, units_key
+from norm.core.policy import policy_key
 
 KEYS = Keys("/djed-version", "/djed-environment", "/norm")
 P = "/norm"
@@ -107,10 +108,11 @@ def test_the_grants_per_role() -> None:
         return {f"{p.kind} {p.describe()}" for p in role.permissions}
 
     assert grants(access.operator_role(KEYS)) == {
-        "readwrite /djed-version", "readwrite /djed-environment", "read /norm/*",
+        "readwrite /djed-version", "readwrite /djed-environment", "readwrite /norm/policy", "read /norm/*",
         "readwrite /norm/control/*", "readwrite /norm/aborts/*"}
     assert grants(access.make_host_role(KEYS, B)) == {
-        "read /djed-version", "read /djed-environment", "read /norm/rollout", "read /norm/rollouts/*",
+        "read /djed-version", "read /djed-environment", "read /norm/policy", "read /norm/rollout",
+        "read /norm/rollouts/*",
         f"readwrite /norm/reports/{B}/*", "readwrite /norm/claims/*", f"readwrite /norm/hosts/{B}",
         f"readwrite /norm/units/{B}", f"readwrite /norm/control/{B}/*"}
     assert grants(access.leader_role(KEYS)) == {
@@ -259,3 +261,14 @@ def test_applying_the_changes_converges_in_one_step(hosts: list[tuple[str, bool]
         held = after.users[user.name]
         assert held is not None
         assert {r for r in held if r.startswith("norm-")} == user.roles
+
+
+def test_operators_write_the_update_policy_and_hosts_only_read_it() -> None:
+    key = policy_key(P)
+    assert allowed([access.operator_role(KEYS)], key, "write")
+    for roles in (roles_of(A, leader=True), roles_of(B)):
+        assert allowed(roles, key, "read")
+        assert not allowed(roles, key, "write")
+    # A single key: no longer name beside it is granted.
+    assert not allowed([access.operator_role(KEYS)], key + "x", "write")
+    assert not allowed(roles_of(B), key + "/x", "read")

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 ACCESS_DESCRIPTION = """\
 Roles, by who writes what (see the operator guide, "Least-privilege access"):
-  norm-operator            read everything; write the desired version and environment,
-                           control requests and abort requests
-  norm-host-<machine-id>   one per host: read the desired keys and the rollouts; write its own
+  norm-operator            read everything; write the desired version and environment, the
+                           update policy, control requests and abort requests
+  norm-host-<machine-id>   one per host: read the desired keys, the update policy and the
+                           rollouts; write its own
                            registration, unit summary, control keys, and rollout reports
   norm-leader              leader-eligible hosts: the leader key, the rollout header, records,
                            ledger and history; read the host registrations
