@@ -227,16 +227,19 @@ class Agent:
 
     def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
         from norm.services.executor import Executor, Hooks
+        from norm.services.policy import PolicyWatcher
         from norm.services.updater import Updater
 
         c = self.config
         assert c.update.image is not None
+        self.policy = PolicyWatcher(self.host.etcd, c.keys.prefix, c.update, self.metrics,
+                                    c.agent.resync_interval)
         self.executor = Executor(self.host, systemd, docker, c.update, self.registration.set_release,
                                  leading=self.leadership.is_leader, hooks=Hooks(presence=self.presence),
                                  secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
-                               docker.resolve)
-        return [self.executor, self.updater]
+                               docker.resolve, self.policy.current)
+        return [self.policy, self.executor, self.updater]
 
     def _healing_services(self, systemd: Systemd) -> list[Service]:
         from norm.core.backoff import Backoff as BackoffPolicy

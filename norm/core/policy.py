@@ -133,6 +133,21 @@ def _checked(obj: StepPolicy | FleetPolicy) -> None:
                 check.fn(v, path)
 
 
+def batch_size(max_unavailable: str, hosts: int) -> int:
+    """How many of `hosts` may be unavailable at once: `max_unavailable` resolved for that many.
+
+    A percentage rounds down, as Kubernetes does maxUnavailable: the setting is a bound on the
+    capacity lost, and rounding up would take more out than it says (25% of 10 hosts is 2, not
+    3). It is never less than 1, or a small fleet would never move, and never more than `hosts`
+    (but 1 for an empty fleet, so that a batch is never empty)."""
+    _max_unavailable(max_unavailable, "max_unavailable")
+    if hosts < 0:
+        raise ValueError("hosts: must be 0 or more")
+    text = max_unavailable
+    n = hosts * int(text[:-1]) // 100 if text.endswith("%") else int(text)
+    return max(1, min(hosts, n))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The policy
 
@@ -182,17 +197,8 @@ class FleetPolicy:
         _check_across(self)
 
     def batch_size(self, hosts: int) -> int:
-        """How many of `hosts` may be unavailable at once: `max_unavailable` resolved for that many.
-
-        A percentage rounds down, as Kubernetes does maxUnavailable: the setting is a bound on the
-        capacity lost, and rounding up would take more out than it says (25% of 10 hosts is 2, not
-        3). It is never less than 1, or a small fleet would never move, and never more than `hosts`
-        (but 1 for an empty fleet, so that a batch is never empty)."""
-        if hosts < 0:
-            raise ValueError("hosts: must be 0 or more")
-        text = self.max_unavailable
-        n = hosts * int(text[:-1]) // 100 if text.endswith("%") else int(text)
-        return max(1, min(hosts, n))
+        """How many of `hosts` may be unavailable at once (`batch_size`)."""
+        return batch_size(self.max_unavailable, hosts)
 
     def encode(self) -> bytes:
         """As the policy key holds it."""
@@ -255,7 +261,7 @@ def policy_from_update_config(update: UpdateConfig) -> FleetPolicy:
     compatible = tuple(c for c in dict.fromkeys(update.compatible)
                        if is_tag(c) or values.DIGEST.fullmatch(c))
     return FleetPolicy(
-        strategy="recreate", roles=tuple(dict.fromkeys(update.roles)), steps=tuple(steps),
+        strategy="recreate", min_healthy=0.0, roles=tuple(dict.fromkeys(update.roles)), steps=tuple(steps),
         compatible=compatible, pull_timeout=update.pull_timeout, stop_timeout=update.stop_timeout,
         start_timeout=update.start_timeout, migration_timeout=update.migration_timeout,
         on_trouble=update.on_trouble)

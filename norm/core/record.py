@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from norm.core import values, wire
+from norm.core.policy import FleetPolicy
 from norm.core.wire import Digest, MachineId, StepName, Text
 
 
@@ -182,6 +183,7 @@ class Rollout:
     # last one (index == len) once every batch passed.
     batches: tuple[tuple[MachineId, ...], ...] = ()
     batch_index: int = 0
+    policy: FleetPolicy | None = None  # the fleet's policy when it began (None: written before policies)
 
     @property
     def release(self) -> Release | None:

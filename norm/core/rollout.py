@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from norm.core import values
-from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag, parse_version
 from norm.core.errors import InvalidValue, NormError
 from norm.core.host import HostRecord
+from norm.core.policy import FleetPolicy, batch_size
 from norm.core.record import (
     TERMINAL,
     Deadline,
@@ -129,27 +129,21 @@ class RolloutPolicy:
             raise ValueError("migration steps must be distinct, non-empty names")
         if not self.post_steps <= set(self.steps):
             raise ValueError("post steps must be among the steps")
-        batch_size(self.max_unavailable, 1)  # its grammar
+        batch_size(self.max_unavailable, 1)  # its grammar (ValueError naming max_unavailable)
 
 
-def batch_size(max_unavailable: str, hosts: int) -> int:
-    """How many of `hosts` move at once: a count (at most all of them), or a percentage of them
-    rounded down, never below one (as Kubernetes rounds maxUnavailable)."""
-    text = max_unavailable.strip()
-    if text.endswith("%") and text[:-1].isdigit() and 1 <= int(text[:-1]) <= 100:
-        return max(1, min(hosts, hosts * int(text[:-1]) // 100))
-    if text.isdigit() and int(text) >= 1:
-        return max(1, min(hosts, int(text)))
-    raise ValueError("max_unavailable is a count of 1 or more, or a percentage from 1% to 100%")
-
-
-def policy_of(update: UpdateConfig) -> RolloutPolicy:
-    """The rollout policy the [update] section of the config describes."""
+def policy_of(fleet: FleetPolicy) -> RolloutPolicy:
+    """What the state machine reads of the fleet's policy (norm.core.policy). With the fleet
+    stopped (a recreate), every `pre` step runs before any `post` one."""
+    ordered = sorted(fleet.steps, key=lambda s: s.when == "post")  # stable: the file's order within
     return RolloutPolicy(
-        pull_timeout=update.pull_timeout, stop_timeout=update.stop_timeout,
-        start_timeout=update.start_timeout, migration_timeout=update.migration_timeout,
-        on_trouble=update.on_trouble, steps=tuple(step_name(c) for c in update.steps),
-        compatible=frozenset(update.compatible))
+        pull_timeout=fleet.pull_timeout, stop_timeout=fleet.stop_timeout,
+        start_timeout=fleet.start_timeout, migration_timeout=fleet.migration_timeout,
+        on_trouble=fleet.on_trouble, steps=tuple(s.name for s in ordered),
+        post_steps=frozenset(s.name for s in fleet.steps if s.when == "post"),
+        compatible=frozenset(fleet.compatible), strategy=fleet.strategy,
+        max_unavailable=fleet.max_unavailable, gate=Gate(fleet.min_healthy, fleet.healthy_deadline),
+        progress_deadline=fleet.progress_deadline, auto_rollback=fleet.auto_rollback)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,11 +474,13 @@ def duty(record: Rollout, machine_id: str) -> PullOnHosts | StopOnHosts | StartO
 
 
 def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
-                  previous: Release | None = None, ledger: tuple[LedgerEntry, ...] = ()) -> Result:
+                  previous: Release | None = None, ledger: tuple[LedgerEntry, ...] = (),
+                  policy: FleetPolicy | None = None) -> Result:
     """A new rollout for the desired `tag` written at `revision`. `ledger`: every step ever run, from
-    the ledger's own keys (`ledger_summary` of them will do)."""
+    the ledger's own keys (`ledger_summary` of them will do); `policy`: the fleet's policy now, kept
+    in the record so that the whole rollout follows it, whoever leads and whatever changes."""
     record = Rollout(revision=revision, tag=tag, hosts=tuple(sorted(set(hosts))), phase=Phase.RESOLVE,
-                     started_at=now, updated_at=now, previous=previous, ledger=ledger)
+                     started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy)
     try:
         parse_version(tag.encode("utf-8", "replace"), "desired version")
     except InvalidValue as e:  # the refused value is not stored (see refused_rollout)

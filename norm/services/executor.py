@@ -43,7 +43,7 @@ from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue, Temporary
-from norm.core.record import Gate, Migrations, Phase, Release
+from norm.core.record import Gate, Migrations, Phase, Release, Rollout
 from norm.core.rollout import migrations_of
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
@@ -511,7 +511,7 @@ class Executor:
         vanished (its outcome unknown), never one not made yet. A claimed step is only ever adopted."""
         p, rev = self._prefix, h.revision
         claim = proto.claim_key(p, rev, step)
-        command = self._steps.get(step)
+        command, timeout = await self._step_of(rev, step)
         name = proto.migration_container(rev, step)
         image = f"{self._image}@{digest}"
         mounts = [(src, dst) for src, _, dst in (m.partition(":") for m in self._update.steps_mounts)]
@@ -542,22 +542,37 @@ class Executor:
             self._reported.add(f"migrated:{step}")
             return
         log.info("executor.step_running", step=step, container=name, claimed_before=holder is not None)
-        outcome, code, reason, seconds = await self._run_step(step, name, image, command, mounts)
+        outcome, code, reason, seconds = await self._run_step(step, name, image, command, mounts, timeout)
         self._metrics.migrations.labels(outcome).inc()
         await self._report(h, "migrated", proto.migrated(outcome == "ok", code, reason, seconds, self._me,
                                                        unknown=outcome == "unknown"), name=step)
         if outcome != "unknown":  # an unknown outcome's container is left for the operator to look at
             await self._docker.remove_container(name)
 
+    async def _step_of(self, revision: int, step: str) -> tuple[str | None, float]:
+        """The step's command and timeout, as the rollout's record keeps the fleet's policy from its
+        beginning (a record written before rollouts kept it: this host's [update] section)."""
+        kv = await self._etcd.get(proto.record_key(self._prefix, revision))
+        policy = None
+        if kv is not None:
+            try:
+                policy = Rollout.decode(kv.value, kv.key).policy
+            except InvalidValue as e:
+                self._metrics.rejected_values.labels("rollout record").inc()
+                log.error("executor.record_refused", key=e.where, reason=e.reason)
+        if policy is None:
+            return self._steps.get(step), self._update.migration_timeout
+        return next((s.command for s in policy.steps if s.name == step), None), policy.migration_timeout
+
     async def _run_step(self, step: str, name: str, image: str, command: str | None,
-                        mounts: list[tuple[str, str]]) -> _StepRun:
+                        mounts: list[tuple[str, str]], limit: float) -> _StepRun:
         """Start the claimed step's container (adopt it, after a restart) and wait for it: its outcome,
         exit code, the reason it did not end well, and how long it ran."""
         outcome: proto.StepOutcome
         try:
             run = await self._docker.run_named(
                 name, image, shlex.split(command or "true"), env_file=self._update.steps_env_file,
-                network=self._update.steps_network, mounts=mounts, timeout=self._update.migration_timeout,
+                network=self._update.steps_network, mounts=mounts, timeout=limit,
                 adopt_only=True)
             code, seconds = run.exit_code, run.seconds
             outcome = proto.step_outcome(run.exit_code, killed_by_norm=False)
@@ -574,7 +589,7 @@ class Executor:
             log.error("executor.step_lost", step=step, error=str(e))
         except RunTimeout:
             outcome, code, seconds = "failed", None, 0.0
-            reason = f"killed after {self._update.migration_timeout:g} s"
+            reason = f"killed after {limit:g} s"
         except DockerRejected as e:  # refused while adopting: the step may have run
             outcome, code, reason, seconds = "unknown", None, str(e), 0.0
         return outcome, code, reason, seconds

@@ -18,11 +18,12 @@ import asyncio
 
 import structlog
 
-from norm.adapters.etcd import Etcd, EtcdError, Resync
+from norm.adapters.etcd import Etcd, EtcdError, EtcdRejected, Resync
+from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig
 from norm.core.errors import InvalidValue
 from norm.core.policy import FleetPolicy, policy_from_update_config, policy_key
-from norm.services.base import first_of, wait_or_stop
+from norm.services.base import Retry, first_of, pause, wait_or_stop
 from norm.services.metrics import Metrics
 
 log = structlog.get_logger("norm.policy")
@@ -60,7 +61,21 @@ class PolicyWatcher:
             return self._policy, self.revision
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await first_of(stopping=stopping.wait(), follow=self._follow(), safety_net=self._safety_net(stopping))
+        retry = Retry(Backoff(first=1.0, cap=60.0))
+        while not stopping.is_set():
+            try:
+                await first_of(stopping=stopping.wait(), follow=self._follow(),
+                               safety_net=self._safety_net(stopping))
+                return
+            except EtcdRejected as e:
+                # Roles made before the policy key existed do not let hosts read it: the [update]
+                # section's policy stays in effect, and the operator is told how to fix it.
+                delay = retry.next_delay()
+                log.error("policy.unreadable", key=self.key, error=str(e), retry_in=round(delay, 1),
+                          fix="norm access apply (hosts may read the policy key)")
+                self.synced.set()
+                if await pause(delay, stopping):
+                    return
 
     async def _follow(self) -> None:
         async with self._etcd.watch(self.key) as w:

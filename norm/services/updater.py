@@ -32,6 +32,7 @@ from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
+from norm.core.policy import FleetPolicy
 from norm.core.record import (
     TERMINAL,
     Deadline,
@@ -55,6 +56,7 @@ from norm.core.rollout import (
     ResolveFailed,
     ResolveTag,
     Resumed,
+    RolloutPolicy,
     RunMigration,
     barrier_state,
     ledger_order,
@@ -90,17 +92,17 @@ class Updater:
 
     def __init__(self, host: HostContext, update: UpdateConfig, environment: str,
                  leadership: LeaderElection, watcher: DesiredStateWatcher,
-                 resolve: Callable[[str], Awaitable[str]]) -> None:
-        """`update`: the [update] section (image, roles, policy, history); `environment`: this host's,
-        whose hosts take part in rollouts; `resolve`: a tag's image reference to it pinned by digest."""
+                 resolve: Callable[[str], Awaitable[str]], policy: Callable[[], FleetPolicy]) -> None:
+        """`update`: the [update] section (image, history); `environment`: this host's, whose hosts
+        take part in rollouts; `resolve`: a tag's image reference to it pinned by digest; `policy`:
+        the fleet's policy now (norm.services.policy), which a rollout keeps from its beginning."""
         assert update.image is not None
         self._etcd = host.etcd
         self._prefix = host.prefix
         self._me = host.machine_id
         self._environment = environment
-        self._roles = frozenset(update.roles) or None
         self._image: str = update.image
-        self._policy = policy_of(update)
+        self._fleet_policy = policy
         self._leadership = leadership
         self._watcher = watcher
         self._metrics = host.metrics
@@ -316,15 +318,21 @@ class Updater:
             except InvalidValue as e:
                 self._metrics.rejected_values.labels("host record").inc()
                 log.warning("updater.host_refused", key=e.where, reason=e.reason)
-        chosen = participants(hosts, self._environment, self._roles)
+        policy = self._fleet_policy()
+        chosen = participants(hosts, self._environment, frozenset(policy.roles) or None)
         record = self.record
         new, commands = start_rollout(revision, tag, chosen, self._clock(), self._previous(record),
-                                      await self._ledger(record))
+                                      await self._ledger(record), policy)
         log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen))
         await self._adopt(record, new)
         if not new.terminal:
             self._follow_reports(revision)
         await self._carry_out(new, commands)
+
+    def _policy(self, record: Rollout) -> RolloutPolicy:
+        """The policy the rollout began with; the fleet's now for a record written before rollouts
+        kept theirs."""
+        return policy_of(record.policy if record.policy is not None else self._fleet_policy())
 
     def _previous(self, record: Rollout | None) -> Release | None:
         if record is None:
@@ -367,7 +375,7 @@ class Updater:
         if record is None:
             return
         try:
-            new, commands = step(record, event, self._clock(), self._policy)
+            new, commands = step(record, event, self._clock(), self._policy(record))
         except IllegalTransition as e:
             self._metrics.rejected_values.labels("rollout event").inc()
             log.warning("rollout.event_refused", rollout=record.revision, error=str(e))
@@ -474,7 +482,9 @@ class Updater:
     async def _resolving(self, revision: int, tag: str) -> None:
         ref = f"{self._image}:{tag}"
         loop = asyncio.get_running_loop()  # a duration: timed on the monotonic clock, not the wall's
-        deadline = loop.time() + self._policy.pull_timeout
+        record = self.record
+        deadline = loop.time() + (self._policy(record) if record is not None
+                                  else policy_of(self._fleet_policy())).pull_timeout
         retry = Retry(Backoff(first=0.5, cap=10.0))
         while True:
             try:

@@ -49,6 +49,7 @@ from norm.core.config import EtcdConfig, UpdateConfig
 from norm.core.desired import parse_environment_name, parse_version
 from norm.core.errors import InvalidValue
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
+from norm.core.policy import policy_from_update_config
 from norm.core.record import Phase, Release, Rollout
 from norm.core.rollout import Resolved, policy_of, start_rollout, step
 from norm.core.units import matches, parse_unit_name
@@ -406,7 +407,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
         revision = writer.put(VERSION_KEY, b"v2")
         now = time.time()
         record, _ = start_rollout(revision, "v2", [ghost], now, OLD)
-        record, _ = step(record, Resolved(D2), now, policy_of(update))
+        record, _ = step(record, Resolved(D2), now, policy_of(policy_from_update_config(update)))
         assert record.phase is Phase.PULL
         header = proto.Header.of(record)
         writer.put(hosts_key(P, ghost), HostRecord(ghost, "ghost", "test", "web", "0.1.0").encode())

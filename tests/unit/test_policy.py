@@ -332,7 +332,8 @@ def test_without_a_policy_key_the_fleet_does_as_the_update_section_says() -> Non
                           start_timeout=45.0, migration_timeout=900.0, on_trouble="abort")
     p = policy_from_update_config(update)
     assert p == dataclasses.replace(
-        FleetPolicy(), strategy="recreate", roles=("django", "celery"), compatible=("v1", D1),
+        FleetPolicy(), strategy="recreate", min_healthy=0.0, roles=("django", "celery"),
+        compatible=("v1", D1),
         steps=(StepPolicy("python-manage-py-migrate", "python manage.py migrate", "pre"),
                StepPolicy("flush-cache", "flush cache", "pre")),
         pull_timeout=60.0, stop_timeout=30.0, start_timeout=45.0, migration_timeout=900.0, on_trouble="abort")
