@@ -13,7 +13,8 @@ What this adds to writing commands to a socket:
   state decoded from its bit mask the way HAProxy itself does (maintenance wins over drain);
 - `current_sessions()`: the server's `scur` in `show stat`;
 - `wait_drained()`: drain, wait (polling with a backoff, within a bound) for the server's sessions to
-  end, then maintenance.
+  end, then maintenance. A server already in maintenance is not drained: HAProxy's `state drain`
+  takes a server out of maintenance into drain.
 
 Backend and server names are checked before they go into a command: a name with a space or a newline
 would change the command.
@@ -211,10 +212,19 @@ class Haproxy:
                     raise HaproxyRejected(f"{command}: scur is not a number", command=command) from None
         raise HaproxyRejected(f"{command}: No such server: {server}", command=command)
 
+    async def drain(self, backend: str, server: str) -> AdminState:
+        """Put the server in drain unless it is in maintenance already (which `state drain` would take
+        it out of); the state it was in."""
+        was = (await self.server(backend, server)).admin
+        if was != "maint":
+            await self.set_state(backend, server, "drain")
+        return was
+
     async def wait_drained(self, backend: str, server: str, *, within: float) -> bool:
-        """Put the server in drain, wait until its sessions have ended, then put it in maintenance:
-        True. False when `within` seconds passed first (the server is left draining). A HAProxy that
-        does not answer meanwhile is asked again until then; a refusal is raised."""
+        """Put the server in drain (unless it is in maintenance), wait until its sessions have ended,
+        then put it in maintenance: True. False when `within` seconds passed first (the server is left
+        draining). A HAProxy that does not answer meanwhile is asked again until then; a refusal is
+        raised."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         attempt = 0
@@ -224,7 +234,7 @@ class Haproxy:
                 # The first try has its whole call timeout, even with no time left to wait.
                 async with asyncio.timeout_at(None if attempt == 0 else deadline):
                     if not drained_set:
-                        await self.set_state(backend, server, "drain")
+                        await self.drain(backend, server)
                         drained_set = True
                     sessions = await self.current_sessions(backend, server)
                     if sessions == 0:

@@ -8,8 +8,9 @@ waits until it has drained.
 - `ElbTargets`: ELBv2, through norm.adapters.elb. Registered means in the target group and not
   draining; deregister starts the group's deregistration delay; drained means out of the group.
 - `HaproxyBackends`: HAProxy, through norm.adapters.haproxy. Registered means the server's
-  administrative state is ready; deregister puts it in drain (no new sessions; those it has go on);
-  waiting until drained waits for its sessions to end, then puts it in maintenance.
+  administrative state is ready; deregister puts it in drain (no new sessions; those it has go on),
+  unless it is in maintenance already; waiting until drained waits for its sessions to end, then puts
+  it in maintenance.
 
 Every call raises a Temporary error (retry later) or a Permanent one (refused) when it fails.
 """
@@ -118,7 +119,7 @@ class HaproxyBackends:
         await self.haproxy.set_state(group, self.member, "ready")
 
     async def deregister(self, group: str) -> None:
-        await self.haproxy.set_state(group, self.member, "drain")
+        await self.haproxy.drain(group, self.member)
 
     async def wait_drained(self, group: str, *, within: float) -> bool:
         return await self.haproxy.wait_drained(group, self.member, within=within)

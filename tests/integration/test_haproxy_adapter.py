@@ -228,3 +228,16 @@ async def test_draining_is_bounded_while_a_session_stays_open(
             # Nothing held: drained at once.
             assert await h.wait_drained("web", "host1", within=5) is True
             assert (await h.server("web", "host1")).admin == "maint"
+
+
+async def test_a_server_in_maintenance_is_not_drained_out_of_it(
+        haproxy: Callable[..., HaproxyServer]) -> None:
+    lb = haproxy([("host1", free_port())])  # disabled: in maintenance
+    async with Watched(str(lb.socket_path), call_timeout=5) as h:
+        # HAProxy's own `state drain` would take it out of maintenance into drain.
+        assert await h.drain("web", "host1") == "maint"
+        assert await h.wait_drained("web", "host1", within=5) is True
+        assert h.states == ["maint"] and (await h.server("web", "host1")).admin == "maint"
+        await h.set_state("web", "host1", "ready")
+        assert await h.drain("web", "host1") == "ready"
+        assert (await h.server("web", "host1")).admin == "drain"

@@ -75,7 +75,8 @@ class Rig:
 
 @asynccontextmanager
 async def rig_for(haproxy: Callable[..., HaproxyServer], manager: SystemdManager, tmp_path: Path, *,
-                  drain_timeout: float = 5.0, recheck_interval: float = 0.0) -> AsyncIterator[Rig]:
+                  drain_timeout: float = 5.0, recheck_interval: float = 0.0, start: bool = True
+                  ) -> AsyncIterator[Rig]:
     port = free_port()
     root = tmp_path / "www"
     root.mkdir(exist_ok=True)
@@ -89,7 +90,8 @@ async def rig_for(haproxy: Callable[..., HaproxyServer], manager: SystemdManager
     client = Haproxy(str(lb.socket_path), call_timeout=5, poll_interval=0.1)
     with capture_logs() as logs:
         async with Systemd(manager.bus_address, call_timeout=10) as systemd:
-            await systemd.start(WEB)
+            if start:
+                await systemd.start(WEB)
             presence = Presence(systemd, HaproxyBackends(client, "host1"), config, metrics, holds=holds,
                                 hold_owner=HOLD_OWNER)
             stopping = asyncio.Event()
@@ -184,3 +186,15 @@ async def test_draining_before_a_stop_waits_for_a_session_within_the_drain_timeo
         await writer.wait_closed()
         assert received > 0
         assert await rig.haproxy.current_sessions("web", "host1") == 0
+
+
+async def test_a_unit_that_is_down_leaves_the_server_in_maintenance_until_it_serves(
+        haproxy: Callable[..., HaproxyServer], systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    async with rig_for(haproxy, systemd_manager, tmp_path, start=False) as rig:
+        # The registration is unknown at the start and made sure of: out, and left in maintenance
+        # (not drained out of it).
+        await rig.until("known to be out", rig.registered(False))
+        assert await rig.admin() == "maint" and rig.transitions() == []
+        await rig.systemd.start(WEB)
+        await rig.until("registered", rig.registered(True))
+        assert rig.transitions() == ["ready"]
