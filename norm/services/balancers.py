@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
-from norm.adapters.elb import Elb
-from norm.adapters.haproxy import Haproxy
+if TYPE_CHECKING:  # a host pays only for the client library of the load balancer it uses
+    from norm.adapters.elb import Elb
+    from norm.adapters.haproxy import Haproxy
 
 
 @dataclass(frozen=True)
