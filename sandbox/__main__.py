@@ -1,7 +1,8 @@
 """`python -m sandbox up|down|status|demo`: a whole Norm fleet on this machine.
 
     up [--hosts N]   start a 3-member etcd cluster, a local image registry with the Docker engine that
-                     builds its images, and N simulated hosts (or reuse a healthy fleet)
+                     builds its images, and N simulated hosts (or reuse a healthy fleet); with
+                     --haproxy, also HAProxy in front of the hosts' web units, kept by the agents
     down             stop everything the fleet started, by pid (harmless when nothing runs)
     status           what runs, where its logs are; exit 0 healthy, 1 degraded, 3 not running
     demo             the whole story: up, the demo app's v1 and v2 in the registry, its units on every
@@ -41,7 +42,7 @@ def _fleet(args: argparse.Namespace) -> Fleet:
     docker = not getattr(args, "no_docker", False)
     return Fleet(run_dir=args.run_dir, size=getattr(args, "hosts", 3), docker=docker,
                  agents=not getattr(args, "no_agents", False), registry=docker, agent_env=dict(AGENT_ENV),
-                 say=_say)
+                 haproxy=getattr(args, "haproxy", False), say=_say)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -409,6 +410,10 @@ def _print_state(state: State) -> None:
         print(f"    registry {_status_word(reg['proc']):<22} log {reg['proc']['log']}")
     if images is not None:
         print(f"    builder  {_status_word(images['proc']):<22} {images['docker_host']}")
+    lb = state.get("haproxy")
+    if lb is not None:
+        print(f"  haproxy: {lb['url']} (backend {lb['backend']}, Runtime API {lb['socket']})")
+        print(f"    haproxy  {_status_word(lb['proc']):<22} log {lb['proc']['log']}")
     for h in state["hosts"]:
         print(f"  {h['name']}  machine-id {h['machine_id']}")
         print(f"    systemd  {_status_word(h['systemd']):<22} bus {h['bus_address']}")
@@ -442,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--hosts", type=int, default=3, help="simulated hosts (default 3)")
         p.add_argument("--no-docker", action="store_true", help="no Docker engine on the hosts")
         p.add_argument("--timeout", type=float, default=60.0, help="seconds each component may take to start")
+        p.add_argument("--haproxy", action="store_true",
+                       help="HAProxy in front of the web units; the agents keep their servers in it")
         if name == "up":
             p.add_argument("--no-agents", action="store_true", help="do not start the norm agents")
         else:

@@ -23,7 +23,7 @@ leave it running).
   directory, fsync, rename), for tests and for a first deploy by hand; Norm writes it in update mode.
 - `install_app(state)`: writes both units into every host of a sandbox fleet (sandbox.fleet.State) and
   reloads its manager, without starting them; picks free ports once and keeps them in
-  `<host dir>/app-ports.json`, so that calling it again changes nothing.
+  `<host dir>/app-ports.json` (`reserve_ports`), so that calling it again changes nothing.
 - `fetch(port)`: GET http://127.0.0.1:<port>/version, what a unit serves.
 - `demo_images(engine, registry)`: builds and pushes the demo app's versions, returns their digest refs.
 """
@@ -178,13 +178,13 @@ def _pick_ports(taken: set[int]) -> tuple[int, int]:
     return picked[0], picked[1]
 
 
-def install_app(
-    state: State, *, ports: dict[str, tuple[int, int]] | None = None
+def reserve_ports(
+    hosts: Iterable[HostState], *, ports: dict[str, tuple[int, int]] | None = None
 ) -> dict[str, tuple[int, int]]:
-    """Write djed-web.service and djed-api.service into every host's systemd manager, and reload it if
-    it runs, without starting them. Ports come from `ports`, else from `<host dir>/app-ports.json`,
-    else are picked free (distinct across the fleet) and saved there. Returns {host: (web, api)}."""
-    hosts = list(state["hosts"])
+    """The web and api ports of every host: from `ports`, else from `<host dir>/app-ports.json`, else
+    picked free (distinct across the fleet); saved there, so that the units installed later (and a
+    load balancer configured before them) agree. Returns {host: (web, api)}."""
+    hosts = list(hosts)
     chosen: dict[str, tuple[int, int]] = {}
     for h in hosts:
         given = (ports or {}).get(h["name"]) or _saved_ports(h)
@@ -196,10 +196,21 @@ def install_app(
             chosen[h["name"]] = _pick_ports(taken)
             taken.update(chosen[h["name"]])
     _check_distinct(chosen)
+    for h in hosts:
+        _save_ports(h, *chosen[h["name"]])
+    return {h["name"]: chosen[h["name"]] for h in hosts}
 
+
+def install_app(
+    state: State, *, ports: dict[str, tuple[int, int]] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Write djed-web.service and djed-api.service into every host's systemd manager, and reload it if
+    it runs, without starting them. Ports come from `ports`, else from `<host dir>/app-ports.json`,
+    else are picked free (distinct across the fleet) and saved there. Returns {host: (web, api)}."""
+    hosts = list(state["hosts"])
+    chosen = reserve_ports(hosts, ports=ports)
     for h in hosts:
         web, api = chosen[h["name"]]
-        _save_ports(h, web, api)
         units = app_units(docker_host=h["docker_host"], release_file=str(release_path(h)), web_port=web,
                           api_port=api, docker_config=str(Path(h["docker_dir"]) / "client"),
                           log_dir=h["dir"])

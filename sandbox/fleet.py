@@ -1,7 +1,8 @@
 """A whole sandbox fleet on one machine: a 3-member etcd cluster and N simulated hosts, each with its
 own machine id, systemd manager, Docker engine and `norm agent` process; with `registry=True`, also a
 local image registry and a Docker engine that builds the images pushed there, and the agents in update
-mode on `<registry>/djed/app`.
+mode on `<registry>/djed/app`; with `haproxy=True`, also a real HAProxy in front of the hosts' web
+units (sandbox.haproxy), its servers put in and taken out by the agents' load-balancer presence.
 
 Everything the fleet starts is recorded in `<run dir>/state.json` as soon as it is started (pid, argv,
 start time, log), so that `down` in another process stops it by pid. Before signalling a recorded
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = REPO / ".run" / "sandbox"
 STATE_VERSION = 1
 HOSTS_PREFIX = "/norm/hosts/"
+HAPROXY_DRAIN_TIMEOUT = 10  # seconds an agent waits for its server's sessions to end before a stop
 APP_REPOSITORY = "djed/app"  # the demo application's repository in the fleet's registry
 
 
@@ -81,6 +83,15 @@ class RegistryState(TypedDict):
     proc: ProcState
 
 
+class HaproxyState(TypedDict):
+    url: str  # the frontend: http://127.0.0.1:PORT
+    port: int
+    socket: str  # its Runtime API (level admin)
+    backend: str  # one server per host, named after the host, on the host's web unit port
+    dir: str  # its config, socket and log
+    proc: ProcState
+
+
 class ImageEngineState(TypedDict):
     name: str
     dir: str  # its data root is kept across restarts of the fleet: builds hit the layer cache
@@ -105,6 +116,8 @@ class State(TypedDict):
     image_engine: NotRequired[ImageEngineState | None]
     # With `isolatable_etcd`: the network namespace etcd0 runs in (NetNs.saved()).
     netns: NotRequired[dict[str, str] | None]
+    # With `haproxy`: the load balancer in front of the hosts' web units.
+    haproxy: NotRequired[HaproxyState | None]
 
 
 # -- processes by pid ---------------------------------------------------------------------------
@@ -208,11 +221,15 @@ def _toml_str(value: str) -> str:
 def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_listen: str, bus_address: str,
                  docker_host: str, environment: str = "sandbox", role: str = "web",
                  image: str | None = None, release_file: str | None = None,
-                 data_dir: str | None = None, state_dir: str | None = None) -> str:
+                 data_dir: str | None = None, state_dir: str | None = None,
+                 haproxy_socket: str | None = None, haproxy_backend: str = "web",
+                 web_port: int | None = None) -> str:
     """The `norm agent` config file of one simulated host. With `image` (a repository), update mode is
     on: the release file is `release_file`, the one-off steps get `data_dir` mounted on /data (one
     directory for the whole fleet: what they record there shows every run on any host). The agent
-    keeps its state (healing) in `state_dir`, the host's own."""
+    keeps its state (healing) in `state_dir`, the host's own. With `haproxy_socket`, load-balancer
+    presence keeps the host's server (named after the host) in `haproxy_backend` while its web unit
+    (on `web_port`) answers /health."""
     eps = ", ".join(_toml_str(e) for e in endpoints)
     text = (
         f"[etcd]\nendpoints = [{eps}]\n\n"
@@ -229,6 +246,12 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
                  f"[update]\nimage = {_toml_str(image)}\nrelease_file = {_toml_str(release_file or '')}\n")
         if data_dir is not None:
             text += f"steps_mounts = [{_toml_str(data_dir + ':/data')}]\n"
+    if haproxy_socket is not None:
+        text += (f"\n[lb]\nbackend = \"haproxy\"\nhaproxy_backends = [{_toml_str(haproxy_backend)}]\n"
+                 f"haproxy_server = {_toml_str(name)}\nhaproxy_socket = {_toml_str(haproxy_socket)}\n"
+                 f"drain_timeout = {HAPROXY_DRAIN_TIMEOUT}\nhealth_timeout = 1\n")
+        if web_port is not None:
+            text += f"health_url = {_toml_str(f'http://127.0.0.1:{web_port}/health')}\n"
     return text
 
 
@@ -253,6 +276,8 @@ class Fleet:
     # A registry and an image-building engine of the fleet's own (with docker only); the agents run in
     # update mode on <registry>/djed/app unless `image` names another repository.
     registry: bool = False
+    # A real HAProxy in front of the hosts' web units; the agents keep their servers in its backend.
+    haproxy: bool = False
     agent_env: dict[str, str] = field(default_factory=dict)  # NORM_* settings for every agent
     say: Callable[[str], None] = _quiet
     # Objects for what this process started itself: used to stop (and reap) its own children.
@@ -284,6 +309,10 @@ class Fleet:
     @property
     def image_engine_dir(self) -> Path:
         return self.run_dir / "images"
+
+    @property
+    def haproxy_dir(self) -> Path:
+        return self.run_dir / "haproxy"
 
     @property
     def data_dir(self) -> Path:
@@ -356,6 +385,7 @@ class Fleet:
                 except OSError as e:
                     out.append(f"etcd {m['name']} does not answer: {e}")
         out += self._registry_problems(state)
+        out += self._haproxy_problems(state)
         for h in state["hosts"]:
             parts = [("systemd", h["systemd"], True), ("docker", h["docker"], state["docker"]),
                      ("agent", h["agent"], state["agents"])]
@@ -409,12 +439,32 @@ class Fleet:
                     out.append(f"image engine does not answer: {e}")
         return out
 
+    @staticmethod
+    def _haproxy_problems(state: State) -> list[str]:
+        lb = state.get("haproxy")
+        if lb is None:
+            return []
+        if not owned(lb["proc"]):
+            return [f"haproxy (pid {lb['proc']['pid']}) is not running; see {lb['proc']['log']}"]
+        from sandbox.haproxy import HaproxyServer
+
+        server = HaproxyServer(Path(lb["dir"]), port=lb["port"])
+        try:
+            if not server.command("show info").startswith("Name: HAProxy"):
+                return [f"haproxy's Runtime API on {lb['socket']} does not answer as HAProxy"]
+        except OSError as e:
+            return [f"haproxy's Runtime API on {lb['socket']} does not answer: {e}"]
+        return []
+
     def _mismatch(self, state: State) -> str | None:
         """Why a healthy recorded fleet is not the one asked for (None: it is), for what reuse cannot
         fix in place: a registry the agents' config would have to name."""
         if self.registry and self.docker and state.get("registry") is None \
                 and self._engine_class(quiet=True) is not None:
             return "it has no image registry (its agents are not in update mode)"
+        if self.haproxy != (state.get("haproxy") is not None):
+            return ("it has no HAProxy (its agents keep no load-balancer presence)" if self.haproxy
+                    else "it has an HAProxy (its agents keep their servers in it)")
         return None
 
     def healthy(self) -> bool:
@@ -461,7 +511,7 @@ class Fleet:
         # A fresh fleet: old etcd data would clash with the new members' ports and cluster token; the
         # steps' data dir goes with it (a new etcd has no record of the migrations run on it). The
         # registry's storage and the image engine's data stay: the images in them are still good.
-        for d in (self.etcd_dir, self.hosts_dir, self.data_dir):
+        for d in (self.etcd_dir, self.hosts_dir, self.data_dir, self.haproxy_dir):
             shutil.rmtree(d, ignore_errors=True)
         state = State(version=STATE_VERSION, run_dir=str(self.run_dir), owner_pid=os.getpid(),
                       started_at=time.time(), complete=False, size=self.size, docker=self.docker,
@@ -509,12 +559,20 @@ class Fleet:
             self.say(f"{name}: systemd --user on {mgr.bus_address}")
             if engine is not None:
                 engines.append((functools.partial(self._set_host_engine, host), engine, name))
+        haproxy: HaproxyState | None = None
+        haproxy_ports: dict[str, int] = {}
+        if self.haproxy:
+            haproxy, haproxy_ports = self._start_haproxy(state, ready_timeout)
+        for host in state["hosts"]:
+            hdir = Path(host["dir"])
             Path(host["config"]).write_text(agent_config(
-                endpoints=state["endpoints"], machine_id=machine_id, name=name,
+                endpoints=state["endpoints"], machine_id=host["machine_id"], name=host["name"],
                 http_listen=host["http_listen"], bus_address=host["bus_address"],
                 docker_host=host["docker_host"], image=image,
                 release_file=str(hdir / "release.env"), data_dir=str(self.data_dir),
-                state_dir=str(hdir / "state")))
+                state_dir=str(hdir / "state"),
+                haproxy_socket=None if haproxy is None else haproxy["socket"],
+                web_port=haproxy_ports.get(host["name"])))
 
         # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
         # start forks with a pre-exec hook, which must not happen while other threads run.)
@@ -558,6 +616,25 @@ class Fleet:
         assert images is not None
         images["proc"] = rec
 
+    def _start_haproxy(self, state: State, ready_timeout: float) -> tuple[HaproxyState, dict[str, int]]:
+        """Start HAProxy in front of the hosts' web units (their ports reserved now, kept in each host's
+        app-ports.json for sandbox.app.install_app), every server in maintenance, and record it.
+        Returns its state and {host: web port}."""
+        from sandbox.app import reserve_ports
+        from sandbox.haproxy import BACKEND, HaproxyServer
+
+        web = {name: pair[0] for name, pair in reserve_ports(state["hosts"]).items()}
+        lb = HaproxyServer(self.haproxy_dir, servers=[(h["name"], web[h["name"]]) for h in state["hosts"]])
+        lb.start(timeout=ready_timeout)
+        assert lb.proc is not None
+        self._own(lb.proc)
+        rec = HaproxyState(url=lb.url, port=lb.port, socket=str(lb.socket_path), backend=BACKEND,
+                           dir=str(self.haproxy_dir), proc=_record(lb.proc, lb.stop))
+        state["haproxy"] = rec
+        self._save(state)
+        self.say(f"haproxy: {lb.url} in front of the web units, Runtime API on {lb.socket_path}")
+        return rec, web
+
     def _start_registry(self, state: State, ready_timeout: float) -> str:
         """Start the fleet's registry (its storage kept from an earlier fleet) and record it; the
         repository the agents update from."""
@@ -595,6 +672,14 @@ class Fleet:
             if h["name"] == name:
                 return h
         raise SandboxError(f"no host {name} in the sandbox fleet")
+
+    def haproxy_url(self) -> str:
+        """The URL of the fleet's HAProxy frontend (fleets with `haproxy` only)."""
+        state = self.load_state()
+        lb = state.get("haproxy") if state is not None else None
+        if lb is None:
+            raise SandboxError("this fleet has no HAProxy (start it with haproxy=True)")
+        return lb["url"]
 
     def agent_pid(self, name: str) -> int | None:
         rec = self.host(name)["agent"]
@@ -818,6 +903,9 @@ class Fleet:
         reg = state.get("registry")
         if reg is not None:
             self._stop(reg["proc"], note, timeout=15)
+        lb = state.get("haproxy")
+        if lb is not None:
+            self._stop(lb["proc"], note, timeout=15)
         if errors:
             self._save(state)
             raise SandboxError("could not stop everything:\n" + "\n".join(errors))

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client docker.io docker-registry busybox-static debootstrap
-              systemd dbus iproute2 iptables openssl python3 util-linux faketime)
+              systemd dbus iproute2 iptables openssl python3 util-linux faketime haproxy)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.plugins.moto",
     "tests.plugins.imds",
     "tests.plugins.docker",
+    "tests.plugins.haproxy",
 ]

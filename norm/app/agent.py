@@ -37,6 +37,7 @@ from norm.services.watcher import DesiredStateWatcher
 if TYPE_CHECKING:
     from norm.adapters.docker import Docker
     from norm.adapters.systemd import Systemd
+    from norm.services.balancers import ElbTargets, HaproxyBackends, LoadBalancer
     from norm.services.envfiles import EnvFiles
     from norm.services.executor import Executor
     from norm.services.healer import Healer
@@ -150,7 +151,7 @@ class Agent:
 
     def _needs_systemd(self) -> bool:
         return (self.config.healing.enabled or self.config.update.image is not None
-                or bool(self.config.lb.target_groups)
+                or bool(self.config.lb.groups)
                 or (self.config.env.bucket is not None and self.config.env.on_change == "restart"))
 
     async def _connect(self, etcd: Etcd) -> bool:
@@ -213,7 +214,9 @@ class Agent:
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
         self._etcd = etcd
         services: list[Service] = [self.registration, self.leadership, self.watcher, self.http]
-        if self._systemd is not None and c.lb.target_groups:
+        if c.lb.backend != "haproxy" and c.lb.haproxy_backends:
+            log.warning("lb.haproxy_backends_ignored", reason='lb.backend is not "haproxy"')
+        if self._systemd is not None and c.lb.groups:
             # Before the executor, which takes the host out of the load balancer before a stop.
             self.presence = self._presence_service(self._systemd)
             services += [self.presence] if self.presence is not None else []
@@ -266,10 +269,20 @@ class Agent:
 
     def _presence_service(self, systemd: Systemd) -> Presence | None:
         """Load-balancer presence; None (with the reason logged) when it cannot work here."""
-        from norm.adapters.elb import Elb
-        from norm.core.presence import arn_region
         from norm.services.executor import HOLD_OWNER
         from norm.services.presence import Presence
+
+        balancer: LoadBalancer | None
+        balancer = self._haproxy_backends() if self.config.lb.backend == "haproxy" else self._elb_targets()
+        if balancer is None:
+            return None
+        return Presence(systemd, balancer, self.config.lb, self.metrics, holds=self.holds,
+                        hold_owner=HOLD_OWNER)
+
+    def _elb_targets(self) -> ElbTargets | None:
+        from norm.adapters.elb import Elb
+        from norm.core.presence import arn_region
+        from norm.services.balancers import ElbTargets
 
         c = self.config
         regions = sorted({arn_region(g) for g in c.lb.target_groups})
@@ -285,8 +298,20 @@ class Agent:
         # ELBv2 calls go to the target groups' own region, whatever aws.region says.
         elb = Elb(regions[0], endpoint_url=c.aws.endpoint_url, call_timeout=c.aws.call_timeout,
                   metadata_url=c.aws.metadata_url)
-        return Presence(systemd, elb, c.lb, self.metrics, instance_id=instance_id, holds=self.holds,
-                        hold_owner=HOLD_OWNER)
+        return ElbTargets(elb, instance_id, c.lb.port)
+
+    def _haproxy_backends(self) -> HaproxyBackends | None:
+        from norm.adapters.haproxy import NAME, Haproxy
+        from norm.services.balancers import HaproxyBackends
+
+        lb = self.config.lb
+        # The configuration's server name, or the host's name (checked here: a hostname need not be one).
+        server = lb.haproxy_server or self.identity.name
+        if not NAME.fullmatch(server):
+            log.error("lb.presence_off", reason="the host's name is not an HAProxy server name: set "
+                      "lb.haproxy_server")
+            return None
+        return HaproxyBackends(Haproxy(lb.haproxy_socket), server)
 
     def _envfile_service(self) -> EnvFiles:
         from norm.adapters.s3 import ObjectStore

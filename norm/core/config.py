@@ -148,6 +148,7 @@ _KEY = re.compile(r"/[\x21-\x7e]*[\x21-\x2e\x30-\x7e]")
 _AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _OWNER = re.compile(r"[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?")
+_HAPROXY_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 _TARGET_GROUP = re.compile(
     r"arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:[0-9]{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
 _IMAGE_REPO = re.compile(
@@ -441,12 +442,28 @@ class EnvFileConfig:
 
 @dataclass(frozen=True)
 class LbConfig:
+    backend: Literal["elbv2", "haproxy"] = _doc(
+        "The load balancer presence keeps this host in: elbv2 (its target_groups) or haproxy (its "
+        "haproxy_backends, through HAProxy's Runtime API).", default="elbv2")
     target_groups: tuple[str, ...] = _doc(
-        "ELBv2 target group ARNs this host joins while its web unit is healthy; presence is off while "
-        "empty.",
+        "ELBv2 target group ARNs this host joins while its web unit is healthy (backend elbv2); "
+        "presence is off while empty.",
         Each(Matches(_TARGET_GROUP, "each must be a target group ARN "
                      "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")),
         default=())
+    haproxy_backends: tuple[str, ...] = _doc(
+        "HAProxy backends this host's server is put in service in while its web unit is healthy "
+        "(backend haproxy); presence is off while empty.",
+        Each(Matches(_HAPROXY_NAME, "each must be an HAProxy backend name: 1 to 255 letters, digits, "
+                     "'-', '_', '.' or ':'")),
+        default=())
+    haproxy_server: str | None = _doc(
+        "This host's server name in those backends; the host's name (host.name) when unset.",
+        Matches(_HAPROXY_NAME, "must be an HAProxy server name: 1 to 255 letters, digits, '-', '_', "
+                "'.' or ':'"), default=None)
+    haproxy_socket: str = _doc(
+        "HAProxy's Runtime API socket, declared with `stats socket PATH level admin` (backend haproxy).",
+        Holds(lambda p: p.startswith("/"), "must be an absolute path"), default="/run/haproxy/admin.sock")
     instance_id: str | None = _doc("The host's EC2 instance id; from instance metadata when unset.",
                                    Matches(values.INSTANCE_ID, "must be an EC2 instance id such as "
                                            "i-0123456789abcdef0"),
@@ -473,6 +490,12 @@ class LbConfig:
         "Seconds between reads of the host's state in each target group, so that a registration "
         "changed by someone else is put back as presence wants it; 0 turns the reads off.",
         Between(1, 86400, off=0), default=60.0)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """What presence keeps the host in: the target groups (elbv2) or the backends (haproxy).
+        Presence is off while there are none."""
+        return self.haproxy_backends if self.backend == "haproxy" else self.target_groups
 
 
 @dataclass(frozen=True)
@@ -748,9 +771,12 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.healing.cooldown < c.healing.window, after="healing.forget_after"),
     Rule("give-up-after-a-try", "lb.health_give_up", "must be from lb.health_timeout to 86400 seconds",
          lambda c: not c.lb.health_timeout <= c.lb.health_give_up <= 86400, after="lb.health_give_up"),
+    Rule("target-groups-are-elbv2", "lb.target_groups",
+         "are ELBv2's: with lb.backend = \"haproxy\", list the backends in lb.haproxy_backends",
+         lambda c: c.lb.backend == "haproxy" and bool(c.lb.target_groups), after="lb.haproxy_socket"),
     Rule("drain-within-stop", "lb.drain_timeout",
          "must be shorter than update.stop_timeout: an update's stop waits for the draining",
-         lambda c: bool(c.lb.target_groups) and c.update.image is not None
+         lambda c: bool(c.lb.groups) and c.update.image is not None
          and c.lb.drain_timeout >= c.update.stop_timeout,
          after="lb.recheck_interval"),
 )

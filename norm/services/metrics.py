@@ -69,7 +69,8 @@ class Metrics:
         self.lease_lost = Counter("norm_lease_lost_total", "Leases this agent could not keep alive.",
                                   registry=r)
         self.lb_registered = Gauge("norm_lb_registered",
-                                   "1 while this host is registered in the ELBv2 target group.",
+                                   "1 while this host is registered in the group (ELBv2 target group, "
+                                   "HAProxy backend).",
                                    ["target_group"], registry=r)
         # Environment files from S3. Never their content, nor anything derived from it.
         self.env_fetches = Counter(

@@ -1,14 +1,15 @@
-"""Load-balancer presence: this host is in its ELBv2 target groups while its web unit serves.
+"""Load-balancer presence: this host is in its load balancer's groups while its web unit serves: its
+ELBv2 target groups, or its HAProxy backends (norm.services.balancers, lb.backend).
 
 It follows the web unit through systemd's D-Bus signals (the systemd adapter's watch, as the healer
 does) and, once the unit is active, checks its health URL until it answers 2xx (bounded); then it
-registers the host in every configured target group. When the unit fails or stops, it deregisters
-the host. Every lb.recheck_interval it reads the host's state in each group, and puts back a
-registration someone else changed. The decisions are norm.core.presence's; this service carries them
+registers the host in every configured group. When the unit fails or stops, it deregisters the host.
+Every lb.recheck_interval it reads the host's state in each group, and puts back a registration
+someone else changed. The decisions are norm.core.presence's; this service carries them
 out.
 
 An update takes the host out first: the executor calls `before_stop()` before it stops the units
-(deregister from every group, then wait for the targets to drain, bounded by lb.drain_timeout), and
+(deregister from every group, then wait for the host to drain, bounded by lb.drain_timeout), and
 `after_start()` once it has started them again. In between, nothing registers the host, and the
 unit's run that was stopped is never registered again: only a new run, once healthy. Should an update
 end its hold on the units without starting them, presence resumes as after a start.
@@ -21,12 +22,13 @@ import asyncio
 import aiohttp
 import structlog
 
-from norm.adapters.elb import Elb, ElbError, ElbRejected
 from norm.adapters.systemd import Systemd, SystemdError, UnitChanged, UnitsResync
 from norm.core.backoff import Backoff
 from norm.core.config import LbConfig
+from norm.core.errors import NormError, Permanent
 from norm.core.presence import CheckHealth, Deregister, Observed, Register, decide
 from norm.core.units import UnitState
+from norm.services.balancers import LoadBalancer
 from norm.services.base import OwnedTasks, Retry, first_of, pause, wake_or_deadline
 from norm.services.holds import Holds
 from norm.services.metrics import Metrics
@@ -48,21 +50,21 @@ class Presence:
     RETRY = Backoff(first=0.5, factor=2.0, cap=60.0)
     HEALTH_BACKOFF = Backoff(first=0.05, factor=2.0, cap=1.0)
 
-    def __init__(self, systemd: Systemd, elb: Elb, lb: LbConfig, metrics: Metrics, *,
-                 instance_id: str, holds: Holds | None = None, hold_owner: str = "update") -> None:
-        """`instance_id`: the host's EC2 instance id. `holds`/`hold_owner`: the update's holds on the
-        units, watched to resume should an update end without starting the units."""
+    def __init__(self, systemd: Systemd, balancer: LoadBalancer, lb: LbConfig, metrics: Metrics, *,
+                 holds: Holds | None = None, hold_owner: str = "update") -> None:
+        """`balancer`: the load balancer whose groups (lb.groups) the host joins. `holds`/`hold_owner`:
+        the update's holds on the units, watched to resume should an update end without starting the
+        units."""
         self._systemd = systemd
-        self._elb = elb
+        self._balancer = balancer
         self._lb = lb
         self._metrics = metrics
-        self.instance_id = instance_id
         self._holds = holds
         self._hold_owner = hold_owner
         self._retry = self.RETRY
         self._health_backoff = self.HEALTH_BACKOFF
         self.unit: UnitState | None = None
-        self.registered: dict[str, bool | None] = dict.fromkeys(lb.target_groups)
+        self.registered: dict[str, bool | None] = dict.fromkeys(lb.groups)
         self._invocation: str | None = None
         self._healthy: str | None = None
         self._gave_up: str | None = None
@@ -70,7 +72,7 @@ class Presence:
         self._stale: str | None = None
         self._seen_held = False
         self._resume_asked = False
-        self._lock = asyncio.Lock()  # one caller of ELB at a time: the work loop, or before_stop
+        self._lock = asyncio.Lock()  # one caller of the load balancer at a time: work loop or before_stop
         self._wake = asyncio.Event()
         self._probe_for: str | None = None  # the run the health probe checks, while there is one
         self._probe = OwnedTasks()
@@ -79,7 +81,7 @@ class Presence:
         self._closed = False
         self.progress = asyncio.Event()  # set after every pass of the work loop (tests wait on it)
         self._registrations = asyncio.Event()  # set on every change of `registered`
-        for group in lb.target_groups:
+        for group in lb.groups:
             metrics.lb_registered.labels(group).set(0)
         if holds is not None:
             holds.subscribe(self._on_holds)
@@ -89,11 +91,11 @@ class Presence:
     async def run(self, stopping: asyncio.Event) -> None:
         structlog.contextvars.bind_contextvars(unit=self._lb.unit)
         try:
-            async with self._elb, aiohttp.ClientSession(trust_env=False) as http:
+            async with self._balancer, aiohttp.ClientSession(trust_env=False) as http:
                 self._http = http
                 self.ready.set()
-                log.info("lb.presence_started", instance_id=self.instance_id,
-                         target_groups=list(self._lb.target_groups))
+                log.info("lb.presence_started", load_balancer=self._balancer.kind,
+                         member=self._balancer.member, target_groups=list(self._lb.groups))
                 try:
                     await first_of(stopping=stopping.wait(), watch=self._follow(), work=self._work())
                 finally:
@@ -187,8 +189,8 @@ class Presence:
                 if registered is None:
                     continue
                 try:
-                    health = await self._elb.target_health(group, self.instance_id, self._lb.port)
-                except ElbError as e:
+                    health = await self._balancer.membership(group)
+                except NormError as e:
                     log.info("lb.recheck_failed", target_group=group, error=str(e))
                     continue
                 if health.registered is not registered and not self.suspended:
@@ -198,16 +200,16 @@ class Presence:
                     self._set_registered(group, health.registered)
 
     async def _apply(self, call: Register | Deregister) -> bool:
-        group, instance = call.target_group, self.instance_id
+        group = call.target_group
         try:
             if isinstance(call, Register):
-                await self._elb.register(group, instance, self._lb.port)
+                await self._balancer.register(group)
             else:
-                await self._elb.deregister(group, instance, self._lb.port)
-        except ElbRejected as e:
+                await self._balancer.deregister(group)
+        except Permanent as e:
             log.error("lb.call_refused", target_group=group, error=str(e))
             return False
-        except ElbError as e:
+        except NormError as e:
             log.warning("lb.call_failed", target_group=group, error=str(e))
             return False
         self._set_registered(group, isinstance(call, Register))
@@ -277,9 +279,9 @@ class Presence:
     # -- the update's hooks
 
     async def before_stop(self) -> None:
-        """Take the host out of every target group and wait for it to drain, within lb.drain_timeout;
-        nothing registers it again until `after_start()`. Never raises: an ELB that does not answer
-        in time is logged, and the update goes on."""
+        """Take the host out of every group and wait for it to drain, within lb.drain_timeout; nothing
+        registers it again until `after_start()`. Never raises: a load balancer that does not answer
+        in time, or refuses, is logged, and the update goes on."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self._lb.drain_timeout
@@ -293,7 +295,6 @@ class Presence:
             except TimeoutError:
                 log.warning("lb.not_ready_before_stop", bound_s=self._lb.drain_timeout)
                 return
-        instance = self.instance_id
         async with self._lock:
             await self._steer_probe(())
             pending = [g for g, registered in self.registered.items() if registered is not False]
@@ -301,8 +302,8 @@ class Presence:
             while pending and not self._closed:
                 for group in list(pending):
                     try:
-                        await self._elb.deregister(group, instance, self._lb.port)
-                    except ElbError as e:
+                        await self._balancer.deregister(group)
+                    except NormError as e:
                         log.warning("lb.call_failed", target_group=group, error=str(e))
                         continue
                     pending.remove(group)
@@ -314,15 +315,21 @@ class Presence:
                     log.error("lb.deregister_gave_up", target_groups=pending, bound_s=self._lb.drain_timeout)
                     break
                 await pause(delay)
-            groups = [g for g in self._lb.target_groups if g not in pending]
-            drained = await asyncio.gather(*(
-                self._elb.wait_drained(g, instance, self._lb.port, within=max(0.0, deadline - loop.time()))
-                for g in groups))
+            groups = [g for g in self._lb.groups if g not in pending]
+            drained = await asyncio.gather(*(self._wait_drained(g, max(0.0, deadline - loop.time()))
+                                             for g in groups))
         late = [g for g, ok in zip(groups, drained, strict=True) if not ok]
         if late:
             log.warning("lb.drain_timeout", target_groups=late, bound_s=self._lb.drain_timeout)
         log.info("lb.drained", seconds=round(loop.time() - started, 3), target_groups=groups)
         self._wake.set()
+
+    async def _wait_drained(self, group: str, within: float) -> bool:
+        try:
+            return await self._balancer.wait_drained(group, within=within)
+        except NormError as e:
+            log.error("lb.drain_check_refused", target_group=group, error=str(e))
+            return False
 
     async def after_start(self) -> None:
         """The update started the units again: a new run of the web unit is registered once healthy

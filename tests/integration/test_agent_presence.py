@@ -9,7 +9,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from norm.adapters.haproxy import parse_servers_state
 from sandbox.etcd import EtcdMember
+from sandbox.haproxy import HaproxyServer
 from sandbox.imds import MetadataServer
 from sandbox.moto import MotoServer
 from sandbox.procs import free_port, wait_for
@@ -64,3 +66,25 @@ def test_without_an_instance_id_presence_is_off_and_says_why(
     agent.wait_notify("READY=1")
     assert '"lb.presence_off"' in agent.logs() and "lb.instance_id" in agent.logs()
     assert metric(agent, "norm_lb_registered", target_group=group) == 0
+
+
+def test_the_agent_puts_its_server_in_haproxy_without_any_instance_id(
+        etcd: EtcdMember, systemd_manager: SystemdManager, haproxy: Callable[..., HaproxyServer],
+        agents: Callable[..., AgentProc], tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "www").mkdir()
+    systemd_manager.write_unit("djed-web.service", web_unit(port, tmp_path / "www"))
+    systemd_manager.systemctl("start", "djed-web.service")
+    lb = haproxy([("host1", port), ("host2", free_port())])
+    # No [aws], no lb.instance_id, no lb.haproxy_server: the server is the host's name.
+    agent = agents([etcd.endpoint], name="host1", systemd_bus=systemd_manager.bus_address,
+                   extra_toml=(f'[lb]\nbackend = "haproxy"\nhaproxy_backends = ["web"]\n'
+                               f'haproxy_socket = "{lb.socket_path}"\nhealth_url = "http://127.0.0.1:{port}/"\n'))
+    agent.wait_notify("READY=1")
+    wait_for(lambda: metric(agent, "norm_lb_registered", target_group="web") == 1, timeout=20,
+             what="in service")
+    states = {s.name: s.admin for s in parse_servers_state(lb.command("show servers state web"), "web")}
+    assert states == {"host1": "ready", "host2": "maint"}
+    logs = agent.logs()
+    assert '"lb.presence_off"' not in logs and '"load_balancer": "haproxy"' in logs
+    assert '"member": "host1"' in logs

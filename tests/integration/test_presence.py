@@ -28,6 +28,7 @@ from norm.adapters.systemd import Systemd
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, LbConfig, UpdateConfig
 from norm.core.record import Phase, Release
+from norm.services.balancers import ElbTargets
 from norm.services.context import HostContext
 from norm.services.executor import HOLD_OWNER, Executor, Hooks
 from norm.services.holds import Holds
@@ -98,7 +99,7 @@ async def rig_for(moto: MotoServer, manager: SystemdManager, tmp_path: Path, *, 
             if start:
                 await systemd.start(WEB)
             elb = elb_class(REGION, endpoint_url=moto.endpoint, call_timeout=5, poll_interval=0.1)
-            presence = Presence(systemd, elb, lb, metrics, instance_id=site.instance_id, holds=holds,
+            presence = Presence(systemd, ElbTargets(elb, site.instance_id, lb.port), lb, metrics, holds=holds,
                                 hold_owner=HOLD_OWNER)
             stopping = asyncio.Event()
             task = asyncio.create_task(presence.run(stopping), name="presence-under-test")

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -210,5 +212,46 @@ def test_an_isolatable_fleet_cuts_etcd0_off_from_its_peers_and_down_removes_its_
         assert down.returncode == 0, down.stdout + down.stderr
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
         assert netns not in names
+    finally:
+        fleet.down()
+
+
+def test_a_fleet_with_haproxy_in_front_of_the_web_units(run_dir: Path) -> None:
+    from sandbox.app import reserve_ports
+    from sandbox.haproxy import HaproxyServer
+
+    fleet = Fleet(run_dir, size=2, docker=False, agents=False, haproxy=True)
+    assert fleet.up() == "started"
+    try:
+        state = fleet.load_state()
+        assert state is not None and state["complete"] and fleet.problems() == []
+        lb = state.get("haproxy")
+        assert lb is not None and owned(lb["proc"])
+        assert fleet.haproxy_url() == lb["url"] == f"http://127.0.0.1:{lb['port']}"
+        # The web ports are reserved before the units are installed; HAProxy has one server per host,
+        # named after it, on that port, every one in maintenance until its agent puts it in.
+        ports = reserve_ports(state["hosts"])
+        runtime = HaproxyServer(Path(lb["dir"]), port=lb["port"])
+        servers = runtime.command(f"show servers state {lb['backend']}")
+        rows = [line.split() for line in servers.splitlines()[2:] if line.strip()]
+        assert [(r[3], r[4], int(r[18]), int(r[6])) for r in rows] == [
+            (h["name"], "127.0.0.1", ports[h["name"]][0], 5) for h in state["hosts"]]
+        for h in state["hosts"]:
+            config = tomllib.loads(Path(h["config"]).read_text())
+            assert config["lb"] == {
+                "backend": "haproxy", "haproxy_backends": ["web"], "haproxy_server": h["name"],
+                "haproxy_socket": lb["socket"], "drain_timeout": 10, "health_timeout": 1,
+                "health_url": f"http://127.0.0.1:{ports[h['name']][0]}/health"}
+        # The frontend answers; with every server out, HAProxy itself answers 503.
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(lb["url"], timeout=10)
+        assert answer.value.code == 503
+        # A fleet without HAProxy is not this one: asked for, it is started again.
+        assert Fleet(run_dir, size=2, docker=False, agents=False)._mismatch(state) is not None
+
+        down = sandbox_cli(run_dir, "down")  # from another process, by pid
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "stopped haproxy" in down.stdout
+        assert not pid_alive(lb["proc"]["pid"])
     finally:
         fleet.down()

@@ -872,6 +872,38 @@ def test_draining_must_fit_in_an_updates_stop() -> None:
           "lb.drain_timeout", "--set lb.drain_timeout", "update.stop_timeout")
 
 
+def test_haproxy_presence_names_its_backends_server_and_socket() -> None:
+    c = from_flags("lb.backend=haproxy", "lb.haproxy_backends=web,api", "lb.haproxy_server=host1",
+                   "lb.haproxy_socket=/run/lb/admin.sock")
+    assert (c.lb.backend, c.lb.haproxy_backends, c.lb.haproxy_server, c.lb.haproxy_socket) == (
+        "haproxy", ("web", "api"), "host1", "/run/lb/admin.sock")
+    assert c.lb.groups == ("web", "api") and c.lb.instance_id is None
+    default = from_flags()
+    assert (default.lb.backend, default.lb.groups, default.lb.haproxy_server) == ("elbv2", (), None)
+    assert default.lb.haproxy_socket == "/run/haproxy/admin.sock"
+    assert from_flags(f"lb.target_groups={TG}").lb.groups == (TG,)
+
+
+@pytest.mark.parametrize("flags, key, says", [
+    (("lb.backend=haproxy", "lb.haproxy_backends=web server"), "lb.haproxy_backends", "HAProxy backend name"),
+    (("lb.backend=haproxy", "lb.haproxy_backends=web", "lb.haproxy_server=host/1"), "lb.haproxy_server",
+     "HAProxy server name"),
+    (("lb.backend=haproxy", "lb.haproxy_socket=admin.sock"), "lb.haproxy_socket", "absolute path"),
+    (("lb.backend=haproxy", f"lb.target_groups={TG}"), "lb.target_groups", "lb.haproxy_backends"),
+    (("lb.backend=nginx",), "lb.backend", "elbv2"),
+])
+def test_haproxy_settings_that_cannot_work_are_refused(flags: tuple[str, ...], key: str, says: str) -> None:
+    fails(lambda: from_flags(*flags), key, f"--set {key}" if any(f.startswith(key + "=") for f in flags)
+          else "--set lb.backend", says)
+
+
+def test_draining_haproxy_backends_must_fit_in_an_updates_stop_too() -> None:
+    fails(lambda: from_flags("lb.backend=haproxy", "lb.haproxy_backends=web",
+                             "update.image=registry.example.com/djed/app",
+                             "lb.drain_timeout=120", "update.stop_timeout=120"),
+          "lb.drain_timeout", "--set lb.drain_timeout", "update.stop_timeout")
+
+
 @pytest.mark.parametrize("key", ["aws.endpoint_url", "aws.metadata_url", "lb.health_url"])
 @pytest.mark.parametrize("value", ["http://[", "http://[::1", "https://h]:80/"])
 def test_a_url_that_cannot_be_split_is_a_config_error(key: str, value: str) -> None:

@@ -179,7 +179,7 @@ def test_a_number_is_taken_exactly_when_its_bounds_admit_it(data: st.DataObject)
 GOOD = {
     "host.machine_id": "0123456789abcdef0123456789abcdef", "host.name": "web-1",
     "update.image": IMAGE, "aws.region": "eu-west-1", "env.bucket": "djed-env", "env.owner": "djed:djed",
-    "lb.instance_id": "i-0123456789abcdef0",
+    "lb.instance_id": "i-0123456789abcdef0", "lb.haproxy_server": "host1",
 }
 MATCHED = [(dotted, c) for dotted, (f, _) in FIELDS.items() for c in cfg.constraints_of(f)
            if isinstance(c, Matches)]
@@ -203,6 +203,7 @@ ITEMS = {
     "update.steps_mounts": ("/srv:/data", "srv:/data"),
     "env.units": ("djed-web.service", "djed web.service"),
     "lb.target_groups": (TG, "djed-web"),
+    "lb.haproxy_backends": ("web", "web/1"),
 }
 
 
@@ -239,6 +240,7 @@ BREAKS = {
     "backoff-within-max": {"healing.backoff_initial": "61"},
     "cooldown-covers-window": {"healing.cooldown": "599"},
     "give-up-after-a-try": {"lb.health_timeout": "10", "lb.health_give_up": "9"},
+    "target-groups-are-elbv2": {"lb.backend": "haproxy", "lb.target_groups": TG},
     "drain-within-stop": {"lb.target_groups": TG, "update.image": IMAGE, "lb.drain_timeout": "120",
                           "update.stop_timeout": "120"},
 }
