@@ -13,7 +13,7 @@ from sandbox.procs import SandboxError, wait_for
 
 PREFIX = "/norm"
 VERSION_KEY = "/djed-version"
-TERMINAL = ("done", "failed", "superseded", "halted")
+TERMINAL = ("done", "failed", "superseded", "halted", "rolled_back")
 
 
 def put(fleet: Fleet, key: str, value: str) -> int:

@@ -333,9 +333,7 @@ class Executor:
                 case proto.Migrate(step=step, digest=digest):
                     await self._until_moved(h, self._migrate(h, step, digest))
                 case proto.Start(release=release, gate=gate):
-                    ok, reason = await self._switch_to(release, h.revision)
-                    if ok:
-                        ok, reason = await self._gated(gate)
+                    ok, reason = await self._start_gated(release, h.revision, gate)
                     await self._report(h, "started", proto.started(release.digest, ok, reason))
                 case proto.Move(release=release, gate=gate):
                     await self._until_retargeted(h, self._move(h, release, gate))
@@ -452,9 +450,7 @@ class Executor:
         log.info("executor.moving", release=proto.release_text(release), batch=h.batch_index + 1,
                  batches=h.batches)
         await self._stop_units()
-        ok, reason = await self._switch_to(release, h.revision, rejoin=False)
-        if ok:
-            ok, reason = await self._gated(gate)
+        ok, reason = await self._start_gated(release, h.revision, gate, rejoin=False)
         if ok and self._presence is not None:
             await self._presence.after_start()
             if not await self._presence.wait_serving(gate.healthy_deadline):
@@ -462,11 +458,16 @@ class Executor:
         log.info("executor.moved", release=proto.release_text(release), ok=ok, reason=reason)
         await self._report(h, "started", proto.started(release.digest, ok, reason))
 
-    async def _gated(self, gate: Gate) -> tuple[bool, str | None]:
-        if self._gate is None:
-            return True, None
+    async def _start_gated(self, release: Release, revision: int, gate: Gate, *,
+                           rejoin: bool = True) -> tuple[bool, str | None]:
+        """Start the units on `release` (`_switch_to`), then wait for them to pass the gate: whether
+        they did, and what the report says (the units an operator holds, or why the gate failed)."""
+        ok, notes = await self._switch_to(release, revision, rejoin=rejoin)
+        if not ok or self._gate is None:
+            return ok, notes
         held = {u for u in self._units if OPERATOR in self._holds.owners(u)}
-        return await self._gate.passed(tuple(u for u in self._units if u not in held), gate)
+        passed, why = await self._gate.passed(tuple(u for u in self._units if u not in held), gate)
+        return (True, notes) if passed else (False, why)
 
     async def _switch_to(self, release: Release, revision: int, *,
                          rejoin: bool = True) -> tuple[bool, str | None]:
