@@ -56,20 +56,24 @@ class HttpCheck:
 @dataclass(frozen=True)
 class ContainerCheck:
     """What the engine said of a unit's container. `found` False: there is no such container (yet).
-    `health` "none": its image has no HEALTHCHECK. `output`/`exit_code`: the health log's last entry."""
+    `health` "none": its image has no HEALTHCHECK. `output`/`exit_code`: the health log's last entry.
+    `error`: the engine could not be asked (then nothing else is known)."""
 
     found: bool
     running: bool = False
     health: DockerHealth = "none"
     output: str = ""
     exit_code: int | None = None
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.found and self.running and self.health in ("healthy", "none")
+        return self.error is None and self.found and self.running and self.health in ("healthy", "none")
 
     @property
     def text(self) -> str:
+        if self.error is not None:
+            return f"docker: {self.error}"
         if not self.found:
             return "no container"
         if not self.running:
