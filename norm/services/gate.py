@@ -31,6 +31,7 @@ from norm.adapters.docker import Docker, DockerError
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import gate
 from norm.core.units import UnitState
+from norm.services.base import pause
 from norm.services.metrics import Metrics
 from norm.services.presence import invocation_of
 
@@ -132,7 +133,7 @@ class HealthGate:
                     # The next round, but one at the deadline at the latest (the last chance to pass).
                     deadline_at = started + spec.healthy_deadline
                     wait = min(self._interval, max(0.0, deadline_at - now)) or self._interval
-                    await asyncio.sleep(wait)
+                    await pause(wait)
             finally:
                 self._http = None
         result = (GateResult(passed=True, seconds=v.seconds) if isinstance(v, gate.Passed) else

@@ -21,6 +21,7 @@ from norm.core.gate import (
     migrations_of,
     observe,
     observe_all,
+    output_of,
     secrets_of_url,
     start,
     verdict,
@@ -156,6 +157,23 @@ def test_docker_health_output_is_cleaned_cut_and_redacted() -> None:
     assert secret not in v.output and secret not in v.reason and "\x1b" not in v.output
     assert v.output.startswith("docker health unhealthy (exit 1): GET /healthz?token=[redacted]?[31m failed")
     assert len(v.output) <= 300 and len(v.reason) <= 300
+
+
+def test_what_each_check_says() -> None:
+    assert HttpCheck(503).text == "HTTP 503" and HttpCheck(None, "timeout").text == "no answer: timeout"
+    assert ContainerCheck(found=False).text == "no container"
+    assert ContainerCheck(found=False, error="DockerUnavailable").text == "docker: DockerUnavailable"
+    assert not ContainerCheck(found=True, running=True, error="x").ok
+    assert ContainerCheck(found=True, running=False).text == "container not running"
+    assert ContainerCheck(found=True, running=True, health="starting").text == "docker health starting"
+    box = ContainerCheck(found=True, running=True, health="unhealthy", output=" bad \n", exit_code=2)
+    obs = Observation(WEB, True, "i1", "active", HttpCheck(200), box)
+    assert output_of(SPEC, obs) == "docker health unhealthy (exit 2): bad"
+    assert output_of(SPEC, ok(WEB)) == "HTTP 200; container running"
+    assert output_of(SPEC, ok(WORKER, http=None, container=None)) == "unit active"
+    assert output_of(SPEC, down(WEB)) == "unit failed (exit-code)"
+    assert output_of(SPEC, Observation(WEB, True, "i1", "active")) == (
+        "health URL not asked yet; container not inspected yet")
 
 
 def test_url_secrets() -> None:
