@@ -30,6 +30,7 @@ import structlog
 from norm.adapters.docker import Docker, DockerError
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import gate
+from norm.core.config import Config, health_containers, health_urls
 from norm.core.units import UnitState
 from norm.services.base import pause
 from norm.services.metrics import Metrics
@@ -104,6 +105,21 @@ class HealthGate:
         self._http: aiohttp.ClientSession | None = None
         self._seen: dict[str, bool] = {}
         self.rounds = 0  # rounds observed so far (tests read it)
+
+    @classmethod
+    def for_update(cls, systemd: Systemd, docker: Docker | None, config: Config, units: Sequence[str], *,
+                   metrics: Metrics | None = None, secrets: Iterable[str] = ()) -> HealthGate:
+        """The gate of an update that started `units`, as the host's configuration sets it:
+        update.health_checks (and lb.health_url for lb.unit), update.health_containers,
+        update.min_healthy and update.healthy_deadline."""
+        return cls(systemd, docker, units=units, health_urls=health_urls(config),
+                   containers=health_containers(config), min_healthy=config.update.min_healthy,
+                   healthy_deadline=config.update.healthy_deadline, metrics=metrics, secrets=secrets)
+
+    @property
+    def health_urls(self) -> Mapping[str, str]:
+        """The health URL asked of each unit that has one."""
+        return dict(self._urls)
 
     @property
     def containers(self) -> Mapping[str, str]:
