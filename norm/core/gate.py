@@ -246,13 +246,17 @@ def verdict(spec: GateSpec, state: GateState, now: float,
     # Report a unit not healthy now first, else the one furthest from healthy long enough.
     down = [u for u in not_ready if clocks[u].healthy_since is None]
     unit = down[0] if down else max(not_ready, key=lambda u: ready_at[u])
-    return _failed(spec, clocks[unit], unit, now - state.started_at, secrets)
+    return _failed(spec, clocks[unit], unit, now - state.started_at, late=long_enough(clocks[unit]),
+                   secrets=secrets)
 
 
-def _failed(spec: GateSpec, clock: UnitClock, unit: str, seconds: float, secrets: Iterable[str]) -> Failed:
+def _failed(spec: GateSpec, clock: UnitClock, unit: str, seconds: float, *, late: bool,
+            secrets: Iterable[str]) -> Failed:
     secrets = tuple(secrets)
     output = cleaned(clock.output, secrets)
-    if clock.healthy_since is None:
+    if late:  # seen healthy long enough only by a round that ended past the deadline
+        reason = f"{unit} seen healthy for {spec.min_healthy:g}s only after {spec.healthy_deadline:g}s"
+    elif clock.healthy_since is None:
         reason = f"{unit} not healthy within {spec.healthy_deadline:g}s: {clock.output}"
     else:
         reason = (f"{unit} not healthy for {spec.min_healthy:g}s without a break within "

@@ -133,6 +133,15 @@ def test_without_any_observation_it_fails_once_the_deadline_has_passed() -> None
     assert isinstance(v, Failed) and v.unit == WEB and v.output == "not observed yet"
 
 
+def test_healthy_long_enough_only_past_the_deadline_is_too_late() -> None:
+    spec = GateSpec(units=(WEB,), min_healthy=1.0, healthy_deadline=3.0, with_url=frozenset({WEB}))
+    s = observe(spec, start(spec, 0.0), ok(WEB), 2.0)
+    assert verdict(spec, s, 2.0) == Pending(pass_at=3.0)
+    s = observe(spec, s, ok(WEB), 4.0)  # a slow round: it ended past the deadline
+    assert verdict(spec, s, 4.0) == Failed(seconds=4.0, unit=WEB, output="HTTP 200",
+                                           reason=f"{WEB} seen healthy for 1s only after 3s")
+
+
 def test_a_flapping_unit_fails_with_its_last_failure() -> None:
     s = start(SPEC, 0.0)
     t, v = 0.0, verdict(SPEC, s, 0.0)
@@ -240,7 +249,9 @@ def test_the_verdict_matches_a_model_of_every_round(
         else:
             assert isinstance(v, Failed)
             assert v.unit in (WEB, API)
-            assert starts[v.unit] is None or t - starts[v.unit] < min_healthy  # type: ignore[operator]
+            # The unit named was not healthy long enough, unless every one was, but too late.
+            start_of = starts[v.unit]
+            assert t > spec.healthy_deadline or start_of is None or t - start_of < min_healthy
             return
 
 
