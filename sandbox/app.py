@@ -230,13 +230,16 @@ def fetch(port: int, path: str = "/version", timeout: float = 2.0) -> str:
 
 
 def demo_images(
-    engine: DockerEngine, registry: Registry, versions: Iterable[str] = ("v1", "v2"), size_mb: int = 0
+    engine: DockerEngine, registry: Registry, versions: Iterable[str] = ("v1", "v2"), size_mb: int = 0,
+    options: images.DemoOptions | None = None,
 ) -> dict[str, str]:
     """Build the demo app at each version on `engine`, push it to `registry`, and return
     {version: "<registry>/djed/app@sha256:..."}. Building again is fine: the tag then names the new
-    build (a new digest, as the image config carries its build time), which is the one returned."""
+    build (a new digest, as the image config carries its build time), which is the one returned.
+    `options` builds them all alike misbehaving (images.DemoOptions)."""
     refs: dict[str, str] = {}
     for version in versions:
-        ref = images.demo_app_image(engine, registry, version, size_mb=size_mb)
+        ref = images.demo_app_image(engine, registry, version, size_mb=size_mb,
+                                    options=options or images.DemoOptions())
         refs[version] = images.repo_digest(engine, ref)
     return refs

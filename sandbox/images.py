@@ -1,7 +1,8 @@
 """Images the sandbox builds offline on one of its engines: nothing is ever pulled from a public registry.
 
 - `demo_app_image`: the stand-in for the Django app, FROM scratch with a static busybox, pushed to the
-  local registry as `<registry>/djed/app:<version>`.
+  local registry as `<registry>/djed/app:<version>`; `DemoOptions` builds one that misbehaves as a
+  test asks (a migrations label, a failing /healthz, a serve that exits, a Docker HEALTHCHECK).
 - `etcd_image`: the host's etcd binary and the libraries it links, `docker import`ed (for testcontainers).
 - `base_image`: Debian 12 with python3, debootstrapped by scripts/build-base-image.sh (cached).
 - `norm_image`: docker/Dockerfile on top of that base, installing Norm from wheels built on the host.
@@ -18,8 +19,10 @@ import subprocess
 import sys
 import tarfile
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
+from norm.core.gate import MIGRATIONS_LABEL
 from sandbox.docker import DockerEngine
 from sandbox.procs import SandboxError, venv_python
 from sandbox.registry import Registry
@@ -83,6 +86,99 @@ echo "$cmd done"
 """
 
 
+# The demo app as a build may ask it to misbehave (see DemoOptions): its own tiny HTTP server, run by
+# `nc -ll -e` for each connection, so that /healthz can answer any status (busybox httpd serves files,
+# and runs CGI only under /cgi-bin/).
+_HTTP = """#!/bin/sh
+# One HTTP request on stdin, its answer on stdout: /healthz answers $NORM_DEMO_HEALTHZ_STATUS, any
+# other path the file of that name under /app/www (/ is index.html).
+read -r method path proto
+while IFS= read -r line; do
+  line=$(printf %s "$line" | tr -d '\\r')
+  [ -z "$line" ] && break
+done
+path=${path%%\\?*}
+answer() {
+  printf 'HTTP/1.0 %s\\r\\nContent-Type: text/plain\\r\\nContent-Length: %s\\r\\n' \\
+    "$1" "$(printf %s "$2" | wc -c)"
+  printf 'Connection: close\\r\\n\\r\\n'
+  printf %s "$2"
+}
+case "$path" in
+  /healthz) answer "${NORM_DEMO_HEALTHZ_STATUS:-200} As built" "healthz: ${NORM_DEMO_HEALTHZ_STATUS:-200}
+" ;;
+  *..*) answer "404 Not Found" "not found
+" ;;
+  *)
+    file="/app/www$path"
+    [ "$path" = / ] && file=/app/www/index.html
+    if [ -f "$file" ]; then answer "200 OK" "$(cat "$file")
+"; else answer "404 Not Found" "not found
+"; fi ;;
+esac
+"""
+
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9 _.:/+-]{0,128}")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """How a build of the demo app differs from a plain one (every default: a plain build).
+
+    - `migrations`: the value of its `org.norm.migrations` label (norm.core.gate.MIGRATIONS_LABEL); any
+      text of letters, digits, blanks and `_.:/+-`, so that a malformed one can be built too.
+    - `healthz_status`: the HTTP status its /healthz answers (a plain build answers 200).
+    - `exit_after`: `serve` exits, status 1, this many seconds after it started.
+    - `healthcheck`: a Docker HEALTHCHECK that GETs /healthz every second (unhealthy after two
+      failures in a row)."""
+
+    migrations: str | None = None
+    healthz_status: int = 200
+    exit_after: float | None = None
+    healthcheck: bool = False
+
+    def __post_init__(self) -> None:
+        if self.migrations is not None and not _LABEL_VALUE.fullmatch(self.migrations):
+            raise ValueError("migrations: letters, digits, blanks and _.:/+- only, at most 128")
+        if not 100 <= self.healthz_status <= 599:
+            raise ValueError("healthz_status must be an HTTP status")
+        if self.exit_after is not None and not 0 <= self.exit_after <= 86400:
+            raise ValueError("exit_after must be from 0 to 86400 seconds")
+
+    @property
+    def plain_server(self) -> bool:
+        return self.healthz_status == 200 and self.exit_after is None
+
+
+def _serve_script(options: DemoOptions) -> str:
+    """The `serve` command: _SERVE itself for a plain build (its behaviour stays that of every build
+    before these options), a variant otherwise."""
+    if options.plain_server:
+        return _SERVE
+    status = options.healthz_status
+    server = (f'NORM_DEMO_HEALTHZ_STATUS={status} nc -ll -p "${{PORT:-8080}}" -e /bin/demo-http'
+              if status != 200 else 'httpd -f -p "${PORT:-8080}" -h /app/www')
+    lines = [
+        "#!/bin/sh",
+        "# The demo app, built to misbehave (sandbox.images.DemoOptions): as _SERVE otherwise.",
+        f"{server} &",
+        "child=$!",
+        """trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT""",
+    ]
+    if options.exit_after is None:
+        lines += ['wait "$child"']
+    else:
+        lines += [
+            f"sleep {options.exit_after:g} &",
+            'wait "$!"',
+            f'echo "serve: exiting after {options.exit_after:g}s, as built to" >&2',
+            'kill -TERM "$child" 2>/dev/null',
+            'wait "$child"',
+            "exit 1",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -112,7 +208,7 @@ def _busybox_applets() -> list[str]:
     return sorted({a for a in out.split() if a and a != "busybox"})
 
 
-def _demo_context(version: str, size_mb: int) -> bytes:
+def _demo_context(version: str, size_mb: int, options: DemoOptions = DemoOptions()) -> bytes:
     """The build context as a tar stream: Dockerfile, the rootfs layer, an optional padding layer."""
     if not BUSYBOX.exists():
         raise SandboxError(f"{BUSYBOX} is missing: install busybox-static (scripts/bootstrap.sh does)")
@@ -125,6 +221,13 @@ def _demo_context(version: str, size_mb: int) -> bytes:
     dockerfile += [
         "ENV PATH=/bin",
         f'LABEL org.opencontainers.image.version="{version}" org.opencontainers.image.title="djed demo app"',
+    ]
+    if options.migrations is not None:
+        dockerfile.append(f'LABEL {MIGRATIONS_LABEL}="{options.migrations}"')
+    if options.healthcheck:
+        dockerfile.append('HEALTHCHECK --interval=1s --timeout=2s --retries=2 '
+                          'CMD wget -q -O /dev/null "http://127.0.0.1:${PORT:-8080}/healthz" || exit 1')
+    dockerfile += [
         'CMD ["serve"]',
     ]
     buf = io.BytesIO()
@@ -135,7 +238,9 @@ def _demo_context(version: str, size_mb: int) -> bytes:
         _add_file(tar, "rootfs/bin/busybox", BUSYBOX.read_bytes(), 0o755)
         for applet in _busybox_applets():
             _add_symlink(tar, f"rootfs/bin/{applet}", "busybox")
-        _add_file(tar, "rootfs/bin/serve", _SERVE.encode(), 0o755)
+        _add_file(tar, "rootfs/bin/serve", _serve_script(options).encode(), 0o755)
+        if options.healthz_status != 200:
+            _add_file(tar, "rootfs/bin/demo-http", _HTTP.encode(), 0o755)
         _add_file(tar, "rootfs/bin/demo-task", _TASK.encode(), 0o755)
         _add_symlink(tar, "rootfs/bin/migrate", "demo-task")
         _add_symlink(tar, "rootfs/bin/collectstatic", "demo-task")
@@ -143,6 +248,7 @@ def _demo_context(version: str, size_mb: int) -> bytes:
         _add_file(tar, "rootfs/app/www/index.html", f"{version}\n".encode())
         _add_file(tar, "rootfs/app/www/version", f"{version}\n".encode())
         _add_file(tar, "rootfs/app/www/health", b"ok\n")
+        _add_file(tar, "rootfs/app/www/healthz", b"ok\n")
         if size_mb > 0:
             _add_dir(tar, "pad")
             # Random bytes: compression gains nothing, every version's padding is its own layer.
@@ -156,14 +262,17 @@ def demo_app_image(
     version: str,
     size_mb: int = 0,
     repository: str = DEMO_REPOSITORY,
+    options: DemoOptions = DemoOptions(),
 ) -> str:
     """Build the demo app at `version` (padded to about `size_mb` MB), push it, return its reference
-    `<registry>/djed/app:<version>`. Its default command serves the version over HTTP; `migrate` and
-    `collectstatic` record themselves (see _TASK)."""
+    `<registry>/djed/app:<version>`. Its default command serves the version over HTTP (/healthz and
+    /health answer ok); `migrate` and `collectstatic` record themselves (see _TASK). `options` builds
+    one that declares its migrations, answers /healthz with another status, exits after a while, or
+    has a Docker HEALTHCHECK (see DemoOptions)."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", version):
         raise ValueError(f"not a valid image tag: {version!r}")
     ref = f"{registry.address}/{repository}:{version}"
-    context = _demo_context(version, size_mb)
+    context = _demo_context(version, size_mb, options)
     engine.docker("build", "--network", "host", "-q", "-t", ref, "-", input=context, timeout=600)
     engine.docker("push", ref, timeout=600)
     return ref

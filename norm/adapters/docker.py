@@ -17,7 +17,9 @@ What this adds to the client library:
   it before) and when the container vanishes while waited for, it raises ContainerGone: whatever ran
   in it, its outcome is unknown. `create_named` makes the container without starting it, for a caller
   that commits to the run only after the container exists. `container_status` says where such a
-  container is.
+  container is;
+- `container_health`: a container's state and, where its image has a HEALTHCHECK, the engine's health
+  status with the last check's output; `inspect_image` gives an image's labels.
 """
 
 from __future__ import annotations
@@ -200,6 +202,13 @@ def _engine_time(value: object) -> float | None:
     return moment.timestamp() + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
 
 
+def _labels(value: object) -> dict[str, str]:
+    """Labels as the engine gives them (a JSON object, or null when there are none)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _image_key(ref: str, action: str) -> str:
     """A reference or an image id, checked (a local image can be named by its id)."""
     if _IMAGE_ID.fullmatch(ref):
@@ -230,7 +239,23 @@ class ImageInfo:
     repo_tags: tuple[str, ...]
     size: int
     created: str  # RFC 3339, as the engine gives it
-    labels: Mapping[str, str] = field(default_factory=dict)  # the image config's labels
+    labels: Mapping[str, str] = field(default_factory=dict)  # the image config's Labels
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerHealth:
+    """A container's state and, when its image has a HEALTHCHECK, its health (State.Health).
+
+    `state`: the engine's status ("running", "exited", ...). `health`: "starting", "healthy",
+    "unhealthy", or "none" without a healthcheck. `output`/`exit_code`: the last health check's
+    output (the engine keeps at most 4 KiB of it) and exit code, "" and None before the first."""
+
+    state: str
+    running: bool
+    health: str = "none"
+    failing_streak: int = 0
+    output: str = ""
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +393,7 @@ class Docker:
             repo_tags=tuple(data.get("RepoTags") or ()),
             size=int(data.get("Size") or 0),
             created=str(data.get("Created", "")),
-            labels={str(k): str(v) for k, v in ((data.get("Config") or {}).get("Labels") or {}).items()},
+            labels=_labels((data.get("Config") or {}).get("Labels")),
         )
 
     async def has_image(self, ref: str) -> bool:
@@ -623,6 +648,27 @@ class Docker:
         there is no such container."""
         data = await self._inspect_container(_container_name(name, "inspecting a container"))
         return None if data is None else str(data["State"]["Status"])
+
+    async def container_health(self, name: str) -> ContainerHealth | None:
+        """The state and health of the container `name`; None when there is no such container."""
+        data = await self._inspect_container(_container_name(name, "inspecting a container"))
+        if data is None:
+            return None
+        state = data.get("State") or {}
+        health = state.get("Health") or {}
+        status = str(health.get("Status") or "none")
+        entries = [e for e in health.get("Log") or () if isinstance(e, dict)]
+        last = entries[-1] if entries else {}
+        code = last.get("ExitCode")
+        streak = health.get("FailingStreak")
+        return ContainerHealth(
+            state=str(state.get("Status", "")),
+            running=state.get("Running") is True,
+            health=status,
+            failing_streak=streak if isinstance(streak, int) else 0,
+            output=str(last.get("Output") or ""),
+            exit_code=code if isinstance(code, int) else None,
+        )
 
     async def _inspect_container(self, name: str) -> dict[str, Any] | None:
         try:

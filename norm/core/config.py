@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from norm.core import values
 from norm.core.errors import ConfigError
 from norm.core.secret import Secret
+from norm.core.units import valid_unit_name
 
 DEFAULT_PATH = "/etc/norm/norm.toml"
 ENV_PREFIX = "NORM_"
@@ -239,6 +240,43 @@ def _object_key(key: str) -> bool:
     return bool(key) and not key.startswith("/") and not key.replace("{environment}", "").count("{")
 
 
+def _unit_entry(entry: str) -> tuple[str, str] | None:
+    """UNIT=VALUE as (unit, value); None when UNIT is not a systemd unit name."""
+    unit, sep, value = entry.partition("=")
+    unit = unit.strip()
+    return (unit, value.strip()) if sep and valid_unit_name(unit) else None
+
+
+def _health_check_problem(entry: str) -> str | None:
+    parsed = _unit_entry(entry)
+    if parsed is None:
+        return "each must be UNIT=URL, UNIT a systemd unit name such as 'djed-web.service'"
+    if not _is_http_url(parsed[1]):
+        return "each must be UNIT=URL, URL an http:// or https:// URL with a host"
+    return None
+
+
+_CONTAINER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,254}")
+
+
+def _health_container_problem(entry: str) -> str | None:
+    parsed = _unit_entry(entry)
+    if parsed is None:
+        return "each must be UNIT=CONTAINER, UNIT a systemd unit name such as 'djed-web.service'"
+    if parsed[1] and not _CONTAINER.fullmatch(parsed[1]):
+        return "each must be UNIT=CONTAINER, CONTAINER a container name (letters, digits, '_.-') or nothing"
+    return None
+
+
+def _one_value_per_unit(entries: tuple[str, ...]) -> bool:
+    # Asked once every entry has passed its own check. The same entry twice is harmless.
+    given: dict[str, str] = {}
+    for unit, value in (p for e in entries if (p := _unit_entry(e)) is not None):
+        if given.setdefault(unit, value) != value:
+            return False
+    return True
+
+
 _TIMEOUT = Between(0, 300, above=True)
 _INTERVAL = Between(1, 86400)
 _PHASE = Between(0, 86400, above=True)
@@ -393,6 +431,29 @@ class UpdateConfig:
         "What happens to a rollout when a host dies, fails to pull or is too slow before the cut-over: "
         "exclude the host (it gets the release later), or abort the rollout.", default="exclude")
     history: int = _doc("Finished rollouts kept in etcd.", Between(1, 1000, unit="rollouts"), default=20)
+    health_checks: tuple[str, ...] = _doc(
+        "Health URLs of this host's units, as UNIT=URL, asked by the health gate once an update started "
+        "the units (ports differ per host). lb.health_url serves for lb.unit when it has none here. A unit "
+        "without a URL needs only to be active, and its container healthy where the image has a Docker "
+        "HEALTHCHECK.",
+        Each(Judged(_health_check_problem, "each must be UNIT=URL: a systemd unit name such as "
+                    "'djed-web.service' and an http:// or https:// URL")),
+        Holds(_one_value_per_unit, "a unit may not be given two different values"), default=())
+    health_containers: tuple[str, ...] = _doc(
+        "The container each unit runs, as UNIT=CONTAINER (UNIT= for a unit that runs none), checked by "
+        "the health gate in Docker; by default a unit's name without .service (djed-web.service runs "
+        "djed-web).",
+        Each(Judged(_health_container_problem, "each must be UNIT=CONTAINER: a systemd unit name and a "
+                    "container name (letters, digits, '_.-'), or nothing")),
+        Holds(_one_value_per_unit, "a unit may not be given two different values"), default=())
+    min_healthy: float = _doc(
+        "Seconds every started unit must be active and healthy without a break for the host to count as "
+        "started (a failure, or a restart of the unit, starts its count again).", Between(0, 3600),
+        default=10.0)
+    healthy_deadline: float = _doc(
+        "Seconds after the units were started by which they must have been healthy for min_healthy; "
+        "otherwise the host fails to start the release, naming the unit and its check's last output.",
+        _PHASE, default=120.0)
 
 
 @dataclass(frozen=True)
@@ -769,6 +830,10 @@ RULES: tuple[Rule, ...] = (
     Rule("cooldown-covers-window", "healing.cooldown",
          "must be at least healing.window (a quarantine starts a fresh budget)",
          lambda c: c.healing.cooldown < c.healing.window, after="healing.forget_after"),
+    Rule("deadline-covers-min-healthy", "update.healthy_deadline",
+         "must be at least update.min_healthy and at most update.start_timeout",
+         lambda c: not c.update.min_healthy <= c.update.healthy_deadline <= c.update.start_timeout,
+         after="update.healthy_deadline"),
     Rule("give-up-after-a-try", "lb.health_give_up", "must be from lb.health_timeout to 86400 seconds",
          lambda c: not c.lb.health_timeout <= c.lb.health_give_up <= 86400, after="lb.health_give_up"),
     Rule("target-groups-are-elbv2", "lb.target_groups",
@@ -780,6 +845,22 @@ RULES: tuple[Rule, ...] = (
          and c.lb.drain_timeout >= c.update.stop_timeout,
          after="lb.recheck_interval"),
 )
+
+
+def health_urls(config: Config) -> dict[str, str]:
+    """{unit: health URL} for the update's health gate: update.health_checks, and lb.health_url for
+    lb.unit when that unit has no entry there."""
+    urls = dict(p for e in config.update.health_checks if (p := _unit_entry(e)) is not None)
+    if config.lb.health_url is not None:
+        urls.setdefault(config.lb.unit, config.lb.health_url)
+    return urls
+
+
+def health_containers(config: Config) -> dict[str, str | None]:
+    """{unit: container, or None for none} as update.health_containers gives them (the units it does
+    not name run the container of their own name: norm.services.gate.container_of)."""
+    return {unit: value or None for e in config.update.health_containers
+            if (p := _unit_entry(e)) is not None for unit, value in (p,)}
 
 
 def _source(tree: RawTree, dotted: str) -> str:

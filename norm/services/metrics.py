@@ -72,6 +72,12 @@ class Metrics:
                                    "1 while this host is registered in the group (ELBv2 target group, "
                                    "HAProxy backend).",
                                    ["target_group"], registry=r)
+        self.update_gate = Counter(
+            "norm_update_gate_total", "Health gates of updates on this host (every updated unit active and "
+            "healthy for update.min_healthy seconds), by outcome: passed, failed.", ["outcome"], registry=r)
+        self.update_gate_seconds = Histogram(
+            "norm_update_gate_seconds", "From the start of a health gate to its outcome.",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
         # Environment files from S3. Never their content, nor anything derived from it.
         self.env_fetches = Counter(
             "norm_env_fetches_total", "Checks of the environment file's object, by result: changed, "

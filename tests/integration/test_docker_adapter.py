@@ -15,14 +15,18 @@ from norm.adapters.docker import (
     NAMED_RUN_LABEL,
     RUN_LABEL,
     ContainerGone,
+    ContainerHealth,
     Docker,
     DockerRejected,
     DockerUnavailable,
     PullProgress,
     RunTimeout,
 )
+from norm.core.gate import MIGRATIONS_LABEL, declared_migrations, migrations_of
 from norm.core.protocol import step_outcome
 from sandbox.docker import DOCKER, DockerEngine
+from sandbox.images import DemoOptions
+from sandbox.procs import free_port
 from sandbox.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -552,3 +556,59 @@ async def test_a_named_run_made_first_is_started_only_by_its_adopter(
     assert result.exit_code == 0
     assert [line.split()[:2] for line in record_lines(data)] == [["v1", "migrate"]]
     assert len(containers(engine)) == 1
+
+
+# -- image labels and container health -------------------------------------------------------------
+
+async def test_inspect_image_gives_the_labels_and_the_declared_migrations(
+    docker: Docker, app: str, demo_app_digest: Callable[..., str]
+) -> None:
+    plain = await docker.inspect_image(app)
+    assert plain.labels["org.opencontainers.image.version"] == "v1"
+    assert MIGRATIONS_LABEL not in plain.labels and migrations_of(plain.labels) is None
+    for version, value, kind in (("v-mig-expand", "expand", "expand"), ("v-mig-bad", "sideways", None)):
+        ref = await asyncio.to_thread(demo_app_digest, version, 0, DemoOptions(migrations=value))
+        await docker.pull(ref)
+        labels = (await docker.inspect_image(ref)).labels
+        assert labels[MIGRATIONS_LABEL] == value and migrations_of(labels) == kind
+    assert declared_migrations(labels).problem == (f"{MIGRATIONS_LABEL} is 'sideways', not one of none, "
+                                                   "expand, breaking")
+
+
+async def wait_health(docker: Docker, name: str, want: str) -> ContainerHealth:
+    """The container's health once it is `want` (bounded: the engine checks every second)."""
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            health = await docker.container_health(name)
+            if health is not None and health.health == want:
+                return health
+            await asyncio.sleep(0.2)
+
+
+async def test_container_health_follows_the_engines_healthcheck(
+    docker: Docker, engine: DockerEngine, demo_app_digest: Callable[..., str]
+) -> None:
+    assert await docker.container_health("no-such-container") is None
+    good = await asyncio.to_thread(demo_app_digest, "v-hc-good", 0, DemoOptions(healthcheck=True))
+    bad = await asyncio.to_thread(demo_app_digest, "v-hc-bad", 0,
+                                  DemoOptions(healthcheck=True, healthz_status=500))
+    plain = await asyncio.to_thread(demo_app_digest, "v1")
+    names = {"hc-good": good, "hc-bad": bad, "hc-plain": plain}
+    try:
+        for name, ref in names.items():
+            await docker.pull(ref)
+            await asyncio.to_thread(engine.docker, "run", "-d", "--name", name, "--network", "host",
+                                    "-e", f"PORT={free_port()}", ref, "serve")
+        healthy = await wait_health(docker, "hc-good", "healthy")
+        assert healthy.running and healthy.state == "running" and healthy.exit_code == 0
+        unhealthy = await wait_health(docker, "hc-bad", "unhealthy")
+        assert unhealthy.running and unhealthy.exit_code == 1 and unhealthy.failing_streak >= 2
+        assert "500" in unhealthy.output, unhealthy
+        none = await docker.container_health("hc-plain")
+        assert none is not None and none.health == "none" and none.running and none.output == ""
+        await asyncio.to_thread(engine.docker, "kill", "hc-plain")
+        stopped = await docker.container_health("hc-plain")
+        assert stopped is not None and not stopped.running and stopped.state == "exited"
+    finally:
+        for name in names:
+            await docker.remove_container(name)

@@ -5,8 +5,9 @@
 - `bridge_docker_engine`: an engine with a bridge of its own and port publishing, for testcontainers;
   `testcontainers_engine` also points testcontainers at it (no ryuk, mapped ports on 127.0.0.1).
 - `registry`: one docker-registry for the session; `image_engine`: the session's builder engine.
-- `demo_app`: `demo_app(version, size_mb=0)` builds and pushes the demo app once per session and
-  returns its reference (`<registry>/djed/app:<version>`); `demo_app_digest(version)` its digest ref.
+- `demo_app`: `demo_app(version, size_mb=0, options=None)` builds and pushes the demo app once per
+  session and returns its reference (`<registry>/djed/app:<version>`); `demo_app_digest(version)` its
+  digest ref. `options` (sandbox.images.DemoOptions) builds one that misbehaves as a test asks.
 - `base_image`, `norm_image`: the Debian base (debootstrap, cached in /var/cache/norm) and Norm's
   image built from docker/Dockerfile on it, in `image_engine`.
 """
@@ -117,13 +118,15 @@ def image_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEng
 
 @pytest.fixture(scope="session")
 def demo_app(image_engine: DockerEngine, registry: Registry) -> Callable[..., str]:
-    """`demo_app(version, size_mb=0)`: the demo app's reference in `registry`, built once per session."""
-    built: dict[tuple[str, int], str] = {}
+    """`demo_app(version, size_mb=0, options=None)`: the demo app's reference in `registry`, built once
+    per session (`options`: an images.DemoOptions; give each set of options a version of its own)."""
+    built: dict[tuple[str, int, images.DemoOptions], str] = {}
 
-    def make(version: str, size_mb: int = 0) -> str:
-        key = (version, size_mb)
+    def make(version: str, size_mb: int = 0, options: images.DemoOptions | None = None) -> str:
+        key = (version, size_mb, options or images.DemoOptions())
         if key not in built:
-            built[key] = images.demo_app_image(image_engine, registry, version, size_mb=size_mb)
+            built[key] = images.demo_app_image(image_engine, registry, version, size_mb=size_mb,
+                                               options=key[2])
         return built[key]
 
     return make
@@ -131,10 +134,11 @@ def demo_app(image_engine: DockerEngine, registry: Registry) -> Callable[..., st
 
 @pytest.fixture(scope="session")
 def demo_app_digest(image_engine: DockerEngine, demo_app: Callable[..., str]) -> Callable[..., str]:
-    """`demo_app_digest(version, size_mb=0)`: `<registry>/djed/app@sha256:...` of that build."""
+    """`demo_app_digest(version, size_mb=0, options=None)`: `<registry>/djed/app@sha256:...` of that
+    build."""
 
-    def digest(version: str, size_mb: int = 0) -> str:
-        return images.repo_digest(image_engine, demo_app(version, size_mb))
+    def digest(version: str, size_mb: int = 0, options: images.DemoOptions | None = None) -> str:
+        return images.repo_digest(image_engine, demo_app(version, size_mb, options))
 
     return digest
 

@@ -908,3 +908,46 @@ def test_draining_haproxy_backends_must_fit_in_an_updates_stop_too() -> None:
 @pytest.mark.parametrize("value", ["http://[", "http://[::1", "https://h]:80/"])
 def test_a_url_that_cannot_be_split_is_a_config_error(key: str, value: str) -> None:
     fails(lambda: from_flags(f"{key}={value}"), key, f"--set {key}", "http:// or https:// URL")
+
+
+# -- the update's health gate ------------------------------------------------------------------------
+
+def test_health_checks_are_unit_url_pairs_and_lb_health_url_serves_its_unit() -> None:
+    c = from_toml('[update]\nhealth_checks = ["djed-api.service=http://127.0.0.1:8001/healthz"]\n'
+                  '[lb]\nhealth_url = "http://127.0.0.1:8000/healthz"\n')
+    assert cfg.health_urls(c) == {"djed-api.service": "http://127.0.0.1:8001/healthz",
+                                  "djed-web.service": "http://127.0.0.1:8000/healthz"}
+    own = from_flags("update.health_checks=djed-web.service=http://127.0.0.1:9000/",
+                     "lb.health_url=http://127.0.0.1:8000/healthz")
+    assert cfg.health_urls(own) == {"djed-web.service": "http://127.0.0.1:9000/"}
+    assert cfg.health_urls(from_flags()) == {}
+
+
+def test_health_containers_override_the_derived_names() -> None:
+    c = from_flags("update.health_containers=djed-web.service=web, djed-worker.service=")
+    assert cfg.health_containers(c) == {"djed-web.service": "web", "djed-worker.service": None}
+    assert cfg.health_containers(from_flags()) == {}
+
+
+@pytest.mark.parametrize(("item", "key", "says"), [
+    ("update.health_checks=djed-web.service", "update.health_checks", "UNIT=URL"),
+    ("update.health_checks=djed web.service=http://h/", "update.health_checks", "systemd unit name"),
+    ("update.health_checks=djed-web.service=ftp://h/", "update.health_checks", "http:// or https://"),
+    ("update.health_checks=djed-web.service=http:///x", "update.health_checks", "with a host"),
+    ("update.health_checks=a.service=http://h/,a.service=http://g/", "update.health_checks",
+     "two different values"),
+    ("update.health_containers=djed-web.service=djed web", "update.health_containers", "container name"),
+    ("update.health_containers=djed-web=x", "update.health_containers", "systemd unit name"),
+    ("update.min_healthy=-1", "update.min_healthy", "from 0 to 3600"),
+    ("update.healthy_deadline=0", "update.healthy_deadline", "more than 0"),
+    ("update.healthy_deadline=301", "update.healthy_deadline", "at most update.start_timeout"),
+    ("update.min_healthy=200", "update.healthy_deadline", "at least update.min_healthy"),
+])
+def test_bad_health_gate_settings(item: str, key: str, says: str) -> None:
+    source = f"--set {item.partition('=')[0]}"
+    fails(lambda: from_flags(item), key, source if item.startswith(key) else "default", says)
+
+
+def test_health_gate_defaults() -> None:
+    u = from_flags().update
+    assert (u.health_checks, u.health_containers, u.min_healthy, u.healthy_deadline) == ((), (), 10.0, 120.0)

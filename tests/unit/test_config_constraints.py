@@ -59,6 +59,12 @@ def companions(dotted: str, value: float) -> dict[str, str]:
         return {"healing.cooldown": repr(float(cfg.WEEK))}
     if dotted == "healing.cooldown" and 0 < value <= cfg.WEEK:
         return {"healing.window": repr(float(value))}
+    if dotted == "update.start_timeout" and value < cfg.Config().update.healthy_deadline:
+        return {"update.healthy_deadline": repr(float(value)), "update.min_healthy": "0"}
+    if dotted == "update.healthy_deadline":
+        return {"update.start_timeout": "86400", "update.min_healthy": "0"}
+    if dotted == "update.min_healthy":
+        return {"update.healthy_deadline": "3600", "update.start_timeout": "3600"}
     return {}
 
 
@@ -204,6 +210,8 @@ ITEMS = {
     "env.units": ("djed-web.service", "djed web.service"),
     "lb.target_groups": (TG, "djed-web"),
     "lb.haproxy_backends": ("web", "web/1"),
+    "update.health_checks": ("djed-web.service=http://127.0.0.1:8000/healthz", "djed-web=http://h/"),
+    "update.health_containers": ("djed-web.service=djed-web", "djed-web.service=djed web"),
 }
 
 
@@ -241,6 +249,7 @@ BREAKS = {
     "cooldown-covers-window": {"healing.cooldown": "599"},
     "give-up-after-a-try": {"lb.health_timeout": "10", "lb.health_give_up": "9"},
     "target-groups-are-elbv2": {"lb.backend": "haproxy", "lb.target_groups": TG},
+    "deadline-covers-min-healthy": {"update.min_healthy": "121"},
     "drain-within-stop": {"lb.target_groups": TG, "update.image": IMAGE, "lb.drain_timeout": "120",
                           "update.stop_timeout": "120"},
 }
