@@ -230,6 +230,7 @@ class Agent:
 
     def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
         from norm.services.executor import Executor, Hooks
+        from norm.services.gate import UpdateGates
         from norm.services.policy import PolicyWatcher
         from norm.services.updater import Updater
 
@@ -237,8 +238,10 @@ class Agent:
         assert c.update.image is not None
         self.policy = PolicyWatcher(self.host.etcd, c.keys.prefix, c.update, self.metrics,
                                     c.agent.resync_interval)
+        gates = UpdateGates(systemd, docker, c, self.metrics)
         self.executor = Executor(self.host, systemd, docker, c.update, self.registration.set_release,
-                                 leading=self.leadership.is_leader, hooks=Hooks(presence=self.presence),
+                                 leading=self.leadership.is_leader,
+                                 hooks=Hooks(presence=self.presence, gate=gates),
                                  secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
                                docker.resolve, self.policy.current)

@@ -446,14 +446,6 @@ class UpdateConfig:
         Each(Judged(_health_container_problem, "each must be UNIT=CONTAINER: a systemd unit name and a "
                     "container name (letters, digits, '_.-'), or nothing")),
         Holds(_one_value_per_unit, "a unit may not be given two different values"), default=())
-    min_healthy: float = _doc(
-        "Seconds every started unit must be active and healthy without a break for the host to count as "
-        "started (a failure, or a restart of the unit, starts its count again).", Between(0, 3600),
-        default=10.0)
-    healthy_deadline: float = _doc(
-        "Seconds after the units were started by which they must have been healthy for min_healthy; "
-        "otherwise the host fails to start the release, naming the unit and its check's last output.",
-        _PHASE, default=120.0)
 
 
 @dataclass(frozen=True)
@@ -830,10 +822,6 @@ RULES: tuple[Rule, ...] = (
     Rule("cooldown-covers-window", "healing.cooldown",
          "must be at least healing.window (a quarantine starts a fresh budget)",
          lambda c: c.healing.cooldown < c.healing.window, after="healing.forget_after"),
-    Rule("deadline-covers-min-healthy", "update.healthy_deadline",
-         "must be at least update.min_healthy and at most update.start_timeout",
-         lambda c: not c.update.min_healthy <= c.update.healthy_deadline <= c.update.start_timeout,
-         after="update.healthy_deadline"),
     Rule("give-up-after-a-try", "lb.health_give_up", "must be from lb.health_timeout to 86400 seconds",
          lambda c: not c.lb.health_timeout <= c.lb.health_give_up <= 86400, after="lb.health_give_up"),
     Rule("target-groups-are-elbv2", "lb.target_groups",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,6 +31,7 @@ from norm.adapters.docker import Docker, DockerError
 from norm.adapters.systemd import Systemd, SystemdError
 from norm.core import gate
 from norm.core.config import Config, health_containers, health_urls
+from norm.core.record import Gate
 from norm.core.units import UnitState
 from norm.services.base import pause
 from norm.services.metrics import Metrics
@@ -60,6 +61,28 @@ class GateResult:
     unit: str | None = None
     reason: str = ""
     output: str = ""
+
+
+class UpdateGates:
+    """The executor's gatekeeper: a HealthGate for each start of an update, with this host's checks
+    and the rollout's timing."""
+
+    def __init__(self, systemd: Systemd, docker: Docker | None, config: Config, metrics: Metrics,
+                 secrets: Callable[[], Iterable[str]] = tuple) -> None:
+        """`secrets`: values no gate output may show (read when a gate begins)."""
+        self._systemd = systemd
+        self._docker = docker
+        self._config = config
+        self._metrics = metrics
+        self._secrets = secrets
+
+    async def passed(self, units: tuple[str, ...], gate: Gate) -> tuple[bool, str | None]:
+        result = await HealthGate.for_update(self._systemd, self._docker, self._config, units, gate,
+                                             metrics=self._metrics, secrets=self._secrets()).run()
+        if result.passed:
+            return True, None
+        said = f"{result.unit}: {result.reason}" if result.unit else result.reason
+        return False, f"{said} ({result.output})" if result.output else said
 
 
 class HealthGate:
@@ -107,14 +130,15 @@ class HealthGate:
         self.rounds = 0  # rounds observed so far (tests read it)
 
     @classmethod
-    def for_update(cls, systemd: Systemd, docker: Docker | None, config: Config, units: Sequence[str], *,
-                   metrics: Metrics | None = None, secrets: Iterable[str] = ()) -> HealthGate:
-        """The gate of an update that started `units`, as the host's configuration sets it:
-        update.health_checks (and lb.health_url for lb.unit), update.health_containers,
-        update.min_healthy and update.healthy_deadline."""
+    def for_update(cls, systemd: Systemd, docker: Docker | None, config: Config, units: Sequence[str],
+                   timing: Gate, *, metrics: Metrics | None = None,
+                   secrets: Iterable[str] = ()) -> HealthGate:
+        """The gate of an update that started `units`: its checks as the host's configuration sets
+        them (update.health_checks, and lb.health_url for lb.unit; update.health_containers), its
+        timing as the fleet's policy does (the rollout's header carries it)."""
         return cls(systemd, docker, units=units, health_urls=health_urls(config),
-                   containers=health_containers(config), min_healthy=config.update.min_healthy,
-                   healthy_deadline=config.update.healthy_deadline, metrics=metrics, secrets=secrets)
+                   containers=health_containers(config), min_healthy=timing.min_healthy,
+                   healthy_deadline=timing.healthy_deadline, metrics=metrics, secrets=secrets)
 
     @property
     def health_urls(self) -> Mapping[str, str]:

@@ -59,12 +59,6 @@ def companions(dotted: str, value: float) -> dict[str, str]:
         return {"healing.cooldown": repr(float(cfg.WEEK))}
     if dotted == "healing.cooldown" and 0 < value <= cfg.WEEK:
         return {"healing.window": repr(float(value))}
-    if dotted == "update.start_timeout" and value < cfg.Config().update.healthy_deadline:
-        return {"update.healthy_deadline": repr(float(value)), "update.min_healthy": "0"}
-    if dotted == "update.healthy_deadline":
-        return {"update.start_timeout": "86400", "update.min_healthy": "0"}
-    if dotted == "update.min_healthy":
-        return {"update.healthy_deadline": "3600", "update.start_timeout": "3600"}
     return {}
 
 
@@ -249,7 +243,6 @@ BREAKS = {
     "cooldown-covers-window": {"healing.cooldown": "599"},
     "give-up-after-a-try": {"lb.health_timeout": "10", "lb.health_give_up": "9"},
     "target-groups-are-elbv2": {"lb.backend": "haproxy", "lb.target_groups": TG},
-    "deadline-covers-min-healthy": {"update.min_healthy": "121"},
     "drain-within-stop": {"lb.target_groups": TG, "update.image": IMAGE, "lb.drain_timeout": "120",
                           "update.stop_timeout": "120"},
 }

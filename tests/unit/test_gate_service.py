@@ -5,6 +5,7 @@ from __future__ import annotations
 from norm.adapters.docker import Docker
 from norm.adapters.systemd import Systemd
 from norm.core import config as cfg
+from norm.core.record import Gate
 from norm.services.gate import HealthGate, container_of
 
 WEB, API, WORKER = "djed-web.service", "djed-api.service", "djed-worker.service"
@@ -21,10 +22,9 @@ def test_the_gate_of_an_update_as_the_host_config_sets_it() -> None:
     config = cfg.build(cfg.raw_from_flags([
         f"update.health_checks={API}=http://127.0.0.1:8001/healthz?token=abcd",
         "lb.health_url=http://127.0.0.1:8000/healthz",
-        f"update.health_containers={API}=api-container,{WORKER}=",
-        "update.min_healthy=4", "update.healthy_deadline=40"]))
+        f"update.health_containers={API}=api-container,{WORKER}="]))
     gate = HealthGate.for_update(Systemd("unix:path=/nonexistent"), Docker("unix:///nonexistent"), config,
-                                 [WEB, API, WORKER])
+                                 [WEB, API, WORKER], Gate(min_healthy=4.0, healthy_deadline=40.0))
     assert gate.health_urls == {WEB: "http://127.0.0.1:8000/healthz",
                                 API: "http://127.0.0.1:8001/healthz?token=abcd"}
     assert gate.containers == {WEB: "djed-web", API: "api-container"}
