@@ -229,7 +229,7 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
     directory for the whole fleet: what they record there shows every run on any host). The agent
     keeps its state (healing) in `state_dir`, the host's own. With `haproxy_socket`, load-balancer
     presence keeps the host's server (named after the host) in `haproxy_backend` while its web unit
-    (on `web_port`) answers /health."""
+    (on `web_port`) answers /healthz."""
     eps = ", ".join(_toml_str(e) for e in endpoints)
     text = (
         f"[etcd]\nendpoints = [{eps}]\n\n"
@@ -251,7 +251,7 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
                  f"haproxy_server = {_toml_str(name)}\nhaproxy_socket = {_toml_str(haproxy_socket)}\n"
                  f"drain_timeout = {HAPROXY_DRAIN_TIMEOUT}\nhealth_timeout = 1\n")
         if web_port is not None:
-            text += f"health_url = {_toml_str(f'http://127.0.0.1:{web_port}/health')}\n"
+            text += f"health_url = {_toml_str(f'http://127.0.0.1:{web_port}/healthz')}\n"
     return text
 
 

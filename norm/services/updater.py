@@ -32,7 +32,7 @@ from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
-from norm.core.policy import FleetPolicy
+from norm.core.policy import FleetPolicy, policy_from_update_config
 from norm.core.record import (
     TERMINAL,
     Deadline,
@@ -92,17 +92,20 @@ class Updater:
 
     def __init__(self, host: HostContext, update: UpdateConfig, environment: str,
                  leadership: LeaderElection, watcher: DesiredStateWatcher,
-                 resolve: Callable[[str], Awaitable[str]], policy: Callable[[], FleetPolicy]) -> None:
+                 resolve: Callable[[str], Awaitable[str]],
+                 policy: Callable[[], FleetPolicy] | None = None) -> None:
         """`update`: the [update] section (image, history); `environment`: this host's, whose hosts
         take part in rollouts; `resolve`: a tag's image reference to it pinned by digest; `policy`:
-        the fleet's policy now (norm.services.policy), which a rollout keeps from its beginning."""
+        the fleet's policy now (norm.services.policy), which a rollout keeps from its beginning;
+        without one, the [update] section's."""
         assert update.image is not None
         self._etcd = host.etcd
         self._prefix = host.prefix
         self._me = host.machine_id
         self._environment = environment
         self._image: str = update.image
-        self._fleet_policy = policy
+        fallback = policy_from_update_config(update)
+        self._fleet_policy = policy if policy is not None else lambda: fallback
         self._leadership = leadership
         self._watcher = watcher
         self._metrics = host.metrics

@@ -87,8 +87,8 @@ def test_apply_writes_the_file_and_show_gives_it_back(run: Run, etcd_conf: EtcdC
     lines = out.splitlines()
     assert lines[0].startswith(f"no fleet policy yet at {KEY}")
     # Against what this configuration's [update] makes: every field that differs, in order.
-    assert lines[1:4] == ['  strategy: "recreate" -> "auto"', '  max_unavailable: "1" -> "25%"',
-                          '  roles: ["django"] -> ["django", "celery"]']
+    assert lines[1:5] == ['  strategy: "recreate" -> "auto"', '  max_unavailable: "1" -> "25%"',
+                          '  min_healthy: 0.0 -> 10.0', '  roles: ["django"] -> ["django", "celery"]']
     assert '  pull_timeout: 600.0 -> 600.0' not in lines and '  pull_timeout: 60.0 -> 600.0' in lines
     kv = stored(etcd_conf)
     assert kv is not None

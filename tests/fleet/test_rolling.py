@@ -1,0 +1,201 @@
+"""Zero-downtime rolling updates on real components: four hosts behind a real HAProxy, each with its own
+systemd manager, Docker engine and agent, on a 3-member etcd cluster, with steady HTTP load through
+HAProxy during every rollout. The fleet's policy (one etcd key) asks for `auto`: a release whose image
+declares its migrations `expand` rolls one host at a time, `migrate` running before the first batch
+and `collectstatic` after the last; a release that does not serve is rolled back.
+
+What is asserted comes from the load generator (every request's outcome), HAProxy's Runtime API (who
+serves, sampled every 50 ms), etcd (header, record, ledger) and the agents' logs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from norm.adapters.haproxy import parse_servers_state
+from norm.core.policy import FleetPolicy, StepPolicy
+from sandbox import app, load, updates
+from sandbox.fleet import Fleet
+from sandbox.haproxy import HaproxyServer
+from sandbox.images import DemoOptions
+from sandbox.procs import wait_for
+from sandbox.registry import Registry
+from tests.fleet.conftest import AGENT_ENV
+
+pytestmark = pytest.mark.slow
+
+HOSTS = 4
+RATE = 40.0  # requests per second through HAProxy, during every rollout
+POLICY = FleetPolicy(
+    strategy="auto", max_unavailable="1", min_healthy=1.0, healthy_deadline=15.0, progress_deadline=60.0,
+    steps=(StepPolicy("migrate", "migrate", "pre"), StepPolicy("collectstatic", "collectstatic", "post")),
+    pull_timeout=60.0, stop_timeout=30.0, start_timeout=60.0, migration_timeout=60.0)
+EXPAND = DemoOptions(migrations="expand")
+
+
+class Rolling:
+    def __init__(self, fleet: Fleet, demo_app: Callable[..., str]) -> None:
+        self.fleet = fleet
+        self.demo_app = demo_app
+        self.versions = 0
+
+    @property
+    def state(self) -> Any:
+        state = self.fleet.load_state()
+        assert state is not None
+        return state
+
+    @property
+    def lb(self) -> Any:
+        return self.state["haproxy"]
+
+    def names(self) -> list[str]:
+        return [h["name"] for h in self.state["hosts"]]
+
+    def new_version(self, options: DemoOptions = EXPAND) -> str:
+        self.versions += 1
+        tag = f"r{self.versions}"
+        self.demo_app(tag, 0, options)
+        return tag
+
+    def admin(self) -> dict[str, str]:
+        runtime = HaproxyServer(Path(self.lb["dir"]), port=self.lb["port"])
+        servers = parse_servers_state(runtime.command(f"show servers state {self.lb['backend']}"),
+                                      self.lb["backend"])
+        return {s.name: s.admin for s in servers}
+
+    def serving_count(self) -> int:
+        return sum(1 for admin in self.admin().values() if admin == "ready")
+
+    @contextlib.contextmanager
+    def load(self) -> Iterator[tuple[load.LoadResult, load.Serving]]:
+        with load.running(self.lb["url"] + "/version", RATE, self.serving_count) as (result, serving):
+            yield result, serving
+
+    def events(self, name: str, skip: int = 0) -> list[dict[str, Any]]:
+        out = []
+        for line in (Path(self.fleet.host(name)["dir"]) / "agent.log").read_text().splitlines()[skip:]:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def log_marks(self) -> dict[str, int]:
+        return {n: len((Path(self.fleet.host(n)["dir"]) / "agent.log").read_text().splitlines())
+                for n in self.names()}
+
+    def all_serve(self, tag: str, timeout: float = 90.0) -> None:
+        ports = app.reserve_ports(self.state["hosts"])
+
+        def serve() -> bool:
+            try:
+                return all(app.fetch(ports[n][0]) == tag and app.fetch(ports[n][1]) == tag
+                           for n in self.names())
+            except OSError:
+                return False
+
+        wait_for(serve, timeout=timeout, what=f"every host serving {tag}", interval=0.1)
+        wait_for(lambda: set(self.admin().values()) == {"ready"}, timeout=timeout,
+                 what="every server in service in HAProxy", interval=0.1)
+
+    def moved_to(self, tag: str, marks: dict[str, int]) -> dict[str, int]:
+        """How many times each host's agent began moving to `tag` since `marks`."""
+        return {n: sum(1 for e in self.events(n, marks[n]) if e.get("event") == "executor.moving"
+                       and str(e.get("release", "")).startswith(f"{tag}@")) for n in self.names()}
+
+    def deploy_cli(self, tag: str) -> subprocess.CompletedProcess[str]:
+        """`norm deploy TAG --wait`, as an operator runs it (with a host's configuration)."""
+        config = self.fleet.host(self.names()[0])["config"]
+        return subprocess.run([sys.executable, "-m", "norm", "deploy", tag, "--wait", "--timeout", "240",
+                               "--config", config], capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
+            demo_app: Callable[..., str]) -> Iterator[Rolling]:
+    run_dir: Path = tmp_path_factory.mktemp("rolling-fleet")
+    (run_dir / "steps.env").write_text("")
+    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
+    fleet = Fleet(run_dir, size=HOSTS, image=f"{registry.address}/djed/app", agent_env=env, haproxy=True)
+    fleet.up()
+    try:
+        state = fleet.load_state()
+        assert state is not None
+        app.install_app(state)
+        fleet.wait_registered(timeout=60)
+        updates.put(fleet, "/norm/policy", POLICY.encode().decode())
+        r = Rolling(fleet, demo_app)
+        first = r.new_version()
+        h = updates.deploy(fleet, first, timeout=240)
+        assert h["phase"] == "done" and h["strategy"] == "recreate", h  # nothing served before it
+        r.all_serve(first)
+        yield r
+    finally:
+        fleet.down()
+
+
+def test_a_rolling_update_under_load_fails_no_request(rolling: Rolling) -> None:
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    with rolling.load() as (result, serving):
+        h = updates.deploy(rolling.fleet, tag, timeout=240)
+        rolling.all_serve(tag)
+    assert h["phase"] == "done", h
+    assert h["strategy"] == "rolling" and "expand" in h["strategy_reason"]
+    assert result.requests >= 100 and result.failed == 0, result.failures[:5]
+    assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
+    # Each host moved once, and in its turn: out of HAProxy and drained before its units stopped, back
+    # in only once its new run passed the gate.
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
+    for name in rolling.names():
+        seen = [e["event"] for e in rolling.events(name, marks[name]) if e.get("event") in (
+            "lb.drained", "executor.units_stopped", "executor.units_started", "gate.passed", "lb.registered",
+            "executor.moved")]
+        first = seen.index("lb.drained")
+        assert seen[first:first + 6] == ["lb.drained", "executor.units_stopped", "executor.units_started",
+                                         "gate.passed", "lb.registered", "executor.moved"], (name, seen)
+    # The expand step ran before the first batch, the contract step once every host had moved.
+    ledger = sorted((e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]),
+                    key=lambda e: e["at"])
+    assert [(e["step"], e["stage"], e["ok"]) for e in ledger] == [("migrate", "pre", True),
+                                                                   ("collectstatic", "post", True)]
+
+
+@pytest.mark.parametrize("broken", [DemoOptions(migrations="expand", healthz_status=500),
+                                    DemoOptions(migrations="expand", exit_after=5)],
+                         ids=["healthz-500", "exits-after-5s"])
+def test_a_release_that_does_not_serve_is_rolled_back(rolling: Rolling, broken: DemoOptions) -> None:
+    h = updates.header(rolling.fleet)
+    assert h is not None
+    old = h["tag"]
+    tag = rolling.new_version(broken)
+    marks = rolling.log_marks()
+    if broken.exit_after is not None:  # the gate must outlast the release's few seconds of life
+        updates.put(rolling.fleet, "/norm/policy", dataclasses.replace(
+            POLICY, min_healthy=broken.exit_after + 2).encode().decode())
+    try:
+        with rolling.load() as (result, serving):
+            deployed = rolling.deploy_cli(tag)
+            rolling.all_serve(old)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+    assert deployed.returncode == 1, (deployed.stdout, deployed.stderr)
+    assert "rolled_back" in deployed.stderr + deployed.stdout
+    h = updates.header(rolling.fleet)
+    assert h is not None and h["tag"] == tag and h["phase"] == "rolled_back", h
+    assert "failed its health gate" in h["reason"]
+    assert ("500" in h["reason"]) if broken.healthz_status == 500 else ("djed-" in h["reason"]), h["reason"]
+    moved = rolling.moved_to(tag, marks)
+    assert sum(moved.values()) == 1, moved  # max_unavailable = 1: one host ever ran it
+    assert result.failed == 0, result.failures[:5]
+    assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
+    # The contract step never ran: the release before stays the floor.
+    assert not [e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]
+                and e["stage"] == "post"]
