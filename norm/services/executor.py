@@ -125,7 +125,8 @@ class Executor:
         self.running: Release | None = None
         self._rev: int | None = None  # the rollout whose participants and reports are loaded
         self._participant = False
-        self._reported: set[str] = set()
+        self._reported: set[str] = set()  # but "started", which is for one release:
+        self._started_for: str | None = None  # the digest this host's start report is for
         self._units: tuple[str, ...] = ()
         self._catching_up = False
         # The units were stopped by an update, and no update has started them since: they stay held
@@ -215,7 +216,7 @@ class Executor:
                 await pause(delay, self._wake, stopping)
 
     def _duties(self) -> tuple[proto.Duty, ...]:
-        duties = proto.host_duties(self.header, self._me, self._participant, frozenset(self._reported),
+        duties = proto.host_duties(self.header, self._me, self._participant, self._reported_now(),
                                    self.running, stopped=self._stopped)
         rev = None if self.header is None else self.header.revision
 
@@ -236,7 +237,7 @@ class Executor:
             if h is not None and h.revision == self._rev:
                 self._participant = self._participant and self._me not in h.excluded
             elif h is not None:  # a rollout not (yet) needing them
-                self._participant, self._reported = False, set()
+                self._participant, self._reported, self._started_for = False, set(), None
             return
         p, rev, me = self._prefix, h.revision, self._me
         kinds = ("pulled", "stopped", "started")
@@ -252,14 +253,24 @@ class Executor:
         hosts = self._participants_in(hosts_kv[0]) if hosts_kv else []
         self._participant = me in hosts and me not in h.excluded
         reported: set[str] = set()
+        self._started_for = None
         for kv in (*mine, *(kv for kvs in legacy for kv in kvs)):
             kind, name = self._own_report(h, kv)
             if kind == "migrated":
                 reported.add(f"migrated:{name}")
-            elif kind in kinds and (kind != "started" or self._started_on_target(h, kv)):
+            elif kind == "started":
+                self._started_for = self._started_digest(h, kv.key, kv.value)
+            elif kind in kinds:
                 reported.add(kind)
         self._reported = reported
         self._rev = rev
+
+    def _reported_now(self) -> frozenset[str]:
+        """The report kinds this host wrote for the rollout, `started` only if it was for the header's
+        target (a rollback's target is another release: the host starts again)."""
+        target = None if self.header is None else self.header.target
+        started = target is not None and self._started_for == target.digest
+        return frozenset(self._reported | {"started"}) if started else frozenset(self._reported)
 
     def _own_report(self, h: proto.Header, kv: KeyValue) -> tuple[str, str]:
         """The kind and name (the step, for migrated) of a report this host wrote, read back by key."""
@@ -279,18 +290,18 @@ class Executor:
             log.error("executor.hosts_refused", key=kv.key, reason="not a list of machine ids")
             return []
 
-    def _started_on_target(self, h: proto.Header, kv: KeyValue) -> bool:
-        """Whether this host's started report (read back after a restart) is for the rollout's target."""
+    def _started_digest(self, h: proto.Header, key: str, value: bytes) -> str | None:
+        """The release digest of this host's start report (read back after a restart, or written)."""
         try:
-            report = proto.parse_report(self._prefix, h.revision, kv.key, kv.value)
+            report = proto.parse_report(self._prefix, h.revision, key, value)
         except InvalidValue:
-            return False
-        target = h.target
-        return report is not None and target is not None and report.value.get("digest") == target.digest
+            return None
+        digest = None if report is None else report.value.get("digest")
+        return digest if isinstance(digest, str) else None
 
     def _apply_holds(self) -> None:
         held = self._catching_up or self._stopped or proto.holds_units(
-            self.header, self._participant, frozenset(self._reported), self._me)
+            self.header, self._participant, self._reported_now(), self._me)
         for unit in self._units:
             if held:
                 self._holds.hold(unit, HOLD_OWNER)
@@ -390,7 +401,9 @@ class Executor:
             if now is None or now.revision != h.revision or now.phase is not h.phase:
                 log.info("executor.report_dropped", kind=kind, name=name, reason="the rollout moved on")
                 return False
-        if final:
+        if final and kind == "started":
+            self._started_for = self._started_digest(h, key, value)
+        elif final:
             self._reported.add(kind if name is None else f"{kind}:{name}")
         log.info("executor.reported", kind=kind, name=name)
         return True

@@ -199,3 +199,124 @@ def test_a_release_that_does_not_serve_is_rolled_back(rolling: Rolling, broken: 
     # The contract step never ran: the release before stays the floor.
     assert not [e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]
                 and e["stage"] == "post"]
+
+
+def leader(rolling: Rolling) -> str:
+    kvs = updates.get_kvs(rolling.fleet, "/norm/leader")
+    assert kvs, "no leader"
+    mid = kvs[0]["value"].decode()
+    return next(h["name"] for h in rolling.state["hosts"] if h["machine_id"] == mid)
+
+
+def wait_header(rolling: Rolling, revision: int, what: str, ok: Callable[[dict[str, Any]], bool],
+                timeout: float = 120.0) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = []
+
+    def reached() -> bool:
+        h = updates.header(rolling.fleet)
+        if h is None or int(h["revision"]) != revision:
+            return False
+        seen.append(h)
+        return ok(h)
+
+    wait_for(reached, timeout=timeout, what=what, interval=0.05)
+    return seen[-1]
+
+
+def test_the_leader_killed_in_a_pre_step_a_batch_and_a_post_step(rolling: Rolling) -> None:
+    """Each time the rollout goes on under the next leader: no host moves twice, each step runs once."""
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    steps_env = rolling.fleet.run_dir / "steps.env"
+    steps_env.write_text("NORM_DEMO_TASK_SECONDS=3\n")  # steps long enough to kill a leader in
+    mid = {h["machine_id"]: h["name"] for h in rolling.state["hosts"]}
+    killed: list[str] = []
+
+    def kill_leader() -> None:
+        name = leader(rolling)
+        rolling.fleet.kill_agent(name)
+        killed.append(name)
+        rolling.fleet.restart_agent(name)
+
+    try:
+        with rolling.load() as (result, _serving):
+            revision = updates.set_version(rolling.fleet, tag)
+            wait_header(rolling, revision, "the pre step running",
+                        lambda h: h["phase"] == "migrate" and h["migrating"] == "migrate")
+            kill_leader()
+            # In a batch, the leader's own host not in it (a host killed while it moves moves again).
+            wait_header(rolling, revision, "a batch moving without the leader's host",
+                        lambda h: h["phase"] == "roll" and h["batch_index"] >= 1
+                        and all(mid[m] != leader(rolling) for m in h["batch"]))
+            kill_leader()
+            wait_header(rolling, revision, "the post step running",
+                        lambda h: h["phase"] == "migrate" and h["migrating"] == "collectstatic")
+            kill_leader()
+            h = updates.wait_phase(rolling.fleet, revision, timeout=240)
+            rolling.fleet.wait_registered(timeout=60)
+            rolling.all_serve(tag)
+    finally:
+        steps_env.write_text("")
+    assert h["phase"] == "done", h
+    assert len(killed) == 3
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
+    ledger = [e for e in updates.ledger(rolling.fleet) if e["revision"] == revision]
+    assert sorted((e["step"], e["ok"]) for e in ledger) == [("collectstatic", True), ("migrate", True)]
+    ran = [ln for ln in (rolling.fleet.data_dir / "record.log").read_text().splitlines()
+           if ln.split()[0] == tag]
+    assert sorted(ln.split()[1] for ln in ran) == ["collectstatic", "migrate"], ran  # each exactly once
+    assert result.failed == 0, result.failures[:5]
+
+
+def test_a_newer_version_supersedes_a_rolling_update_at_a_batch_boundary(rolling: Rolling) -> None:
+    first, second = rolling.new_version(), rolling.new_version()
+    marks = rolling.log_marks()
+    with rolling.load() as (result, serving):
+        revision = updates.set_version(rolling.fleet, first)
+        wait_header(rolling, revision, "the first batch moving", lambda h: h["phase"] == "roll")
+        newer = updates.set_version(rolling.fleet, second)
+        h = updates.wait_phase(rolling.fleet, newer, timeout=240)
+        rolling.all_serve(second)
+    assert h["phase"] == "done", h
+    old = updates.record(rolling.fleet, revision)
+    assert old is not None and old["phase"] == "superseded", old
+    assert "after batch" in old["reason"] and old["batch_index"] < len(old["batches"])
+    assert not [p for p in old["progress"] if p["status"] == "moving"]  # none cut off mid-move
+    moved_first = rolling.moved_to(first, marks)
+    assert 1 <= sum(moved_first.values()) < HOSTS and max(moved_first.values()) == 1, moved_first
+    assert rolling.moved_to(second, marks) == dict.fromkeys(rolling.names(), 1)
+    assert result.failed == 0, result.failures[:5]
+    assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
+
+
+def test_a_breaking_release_recreates_and_says_so(rolling: Rolling) -> None:
+    tag = rolling.new_version(DemoOptions(migrations="breaking"))
+    h = updates.deploy(rolling.fleet, tag, timeout=240)
+    assert h["phase"] == "done" and h["strategy"] == "recreate", h
+    assert "breaking" in h["strategy_reason"]
+    rolling.all_serve(tag)
+
+
+def test_a_set_back_below_the_rollback_floor_is_refused_and_above_it_rolls_without_a_step(
+        rolling: Rolling) -> None:
+    quick = dataclasses.replace(POLICY, max_unavailable="100%", min_healthy=0.0)
+    pre_only = dataclasses.replace(quick, steps=(StepPolicy("migrate", "migrate", "pre"),))
+    try:
+        # Below: `collectstatic` of the newer release ran after every host had moved (contract).
+        updates.put(rolling.fleet, "/norm/policy", quick.encode().decode())
+        older, newer = rolling.new_version(), rolling.new_version()
+        assert updates.deploy(rolling.fleet, older, timeout=240)["phase"] == "done"
+        assert updates.deploy(rolling.fleet, newer, timeout=240)["phase"] == "done"
+        h = updates.deploy(rolling.fleet, older, timeout=60)
+        assert h["phase"] == "failed" and "rollback floor" in h["reason"] and newer in h["reason"], h
+        rolling.all_serve(newer)
+        # Above: only `pre` steps (expand) ran since; the set-back rolls, and runs no step.
+        updates.put(rolling.fleet, "/norm/policy", pre_only.encode().decode())
+        third = rolling.new_version()
+        assert updates.deploy(rolling.fleet, third, timeout=240)["phase"] == "done"
+        h = updates.deploy(rolling.fleet, newer, timeout=240)
+        assert h["phase"] == "done" and h["strategy"] == "rolling", h
+        assert not [e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]]
+        rolling.all_serve(newer)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
