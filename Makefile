@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit chaos fuzz demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env image clean
+.PHONY: bootstrap lint test test-unit chaos fuzz demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env bench-rolling image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -60,6 +60,9 @@ bench-failover: bootstrap
 
 bench-env: bootstrap
 	$(PY) -m bench.env
+
+bench-rolling: bootstrap
+	$(PY) -m bench.rolling
 
 clean: sandbox-down
 	rm -rf .run build

@@ -134,12 +134,14 @@ def engine_get_json(engine: DockerEngine, path: str, timeout: float = 30.0) -> A
 class BenchFleet:
     """A fleet of `size` hosts in update mode, a registry and a builder engine, under `workdir`."""
 
-    def __init__(self, workdir: Path, *, size: int = 3, agent_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, size: int = 3, agent_env: Mapping[str, str] | None = None,
+                 haproxy: bool = False) -> None:
+        """`haproxy`: a real HAProxy in front of the hosts' web units, the agents' presence in it."""
         self.workdir = workdir
         self.registry = Registry(workdir / "registry")
         self.builder = DockerEngine("images", workdir / "images")
         self.fleet = Fleet(workdir / "fleet", size=size, image=f"{self.registry.address}/djed/app",
-                           agent_env=dict(agent_env or {}), say=say)
+                           agent_env=dict(agent_env or {}), say=say, haproxy=haproxy)
         self.ports: dict[str, tuple[int, int]] = {}
         self._versions = 0
         self._stack = contextlib.ExitStack()
@@ -204,13 +206,14 @@ class BenchFleet:
         return self.by_machine_id(kvs[0]["value"].decode())
 
     # -- versions ------------------------------------------------------------------------------------
-    def new_version(self, size_mb: int, prefix: str = "b") -> str:
+    def new_version(self, size_mb: int, prefix: str = "b", options: images.DemoOptions | None = None) -> str:
         """A version never built before, `size_mb` MB of its own random bytes on top of the app,
-        built on the builder engine and pushed; its tag."""
+        built on the builder engine and pushed (`options`: its label, ...); its tag."""
         self._versions += 1
         tag = f"{prefix}{self._versions}"
         t0 = time.monotonic()
-        images.demo_app_image(self.builder, self.registry, tag, size_mb=size_mb)
+        images.demo_app_image(self.builder, self.registry, tag, size_mb=size_mb,
+                              options=options or images.DemoOptions())
         say(f"built and pushed {self.repository}:{tag} ({size_mb} MB of padding) "
             f"in {time.monotonic() - t0:.1f}s")
         return tag

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -137,7 +138,7 @@ def running(url: str, rate: float, serving: Callable[[], int] | None = None,
         nonlocal stop
         stop = asyncio.Event()
         ready.set()
-        tasks = [asyncio.create_task(client.run(stop), name="load-client")]
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(client.run(stop), name="load-client")]
         if sampler is not None:
             tasks.append(asyncio.create_task(_sample(sampler, stop), name="load-sampler"))
         await asyncio.gather(*tasks)
