@@ -5,10 +5,13 @@
                      --haproxy, also HAProxy in front of the hosts' web units, kept by the agents
     down             stop everything the fleet started, by pid (harmless when nothing runs)
     status           what runs, where its logs are; exit 0 healthy, 1 degraded, 3 not running
-    demo             the whole story: up, the demo app's v1 and v2 in the registry, its units on every
-                     host, `norm deploy v1`, the flip to v2 shown live, every host answering v2, the
-                     record the migration and static-files commands left, the fleet table; then an
-                     app container killed on one host and Norm healing it
+    demo             the whole story: up (with HAProxy in front of the web units), the demo app's
+                     versions in the registry, its units on every host, the fleet's policy, `norm
+                     deploy v1`, the flip to v2 shown live (a recreate: v2 does not declare its
+                     migrations), a rolling deploy of v3 under steady load through HAProxy with no
+                     failed request, a broken release (v4, whose /healthz answers 500) rolled back
+                     automatically, the record the migration and static-files commands left, the
+                     fleet table; then an app container killed on one host and Norm healing it
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +31,31 @@ from sandbox.fleet import APP_REPOSITORY, DEFAULT_RUN_DIR, REPO, Fleet, State, o
 from sandbox.procs import SandboxError, venv_python, wait_for
 from sandbox.systemd import SystemdManager
 
-VERSIONS = ("v1", "v2")
-# What the demo fleet's agents get on top of their config file. The demo deploys v1 and then v2 on
-# every run; on a fleet an earlier run left at v2, going back to v1 would need a down-migration, which
-# Norm refuses (the rollout halts) unless the tag is declared compatible, as here.
-AGENT_ENV = {"NORM_UPDATE__COMPATIBLE": "v1"}
+VERSIONS = ("v1", "v2", "v3", "v4")
+BROKEN = "v4"  # its /healthz answers 500: the rolling deploy of it is rolled back
+LOAD_RATE = 50.0  # requests per second through HAProxy while v3 and v4 roll out
+# The fleet's policy the demo applies (`norm policy apply`): rolling where the image allows it, one host
+# at a time, each healthy for 3 s (10 s by default) before the next; `migrate` before the batches
+# (expand), `collectstatic` after (contract). The demo deploys v1 to v4 on every run; on a fleet an
+# earlier run left at v3, going back to v1 or v2 goes below v3's contract step (the rollback floor),
+# which Norm refuses unless the tag is declared compatible, as here.
+POLICY = """strategy = "auto"
+max_unavailable = "1"
+min_healthy = 3
+healthy_deadline = 15
+progress_deadline = 60
+compatible = ["v1", "v2"]
+
+[[steps]]
+name = "migrate"
+command = "migrate"
+when = "pre"
+
+[[steps]]
+name = "collectstatic"
+command = "collectstatic"
+when = "post"
+"""
 
 
 def _say(msg: str) -> None:
@@ -41,8 +65,8 @@ def _say(msg: str) -> None:
 def _fleet(args: argparse.Namespace) -> Fleet:
     docker = not getattr(args, "no_docker", False)
     return Fleet(run_dir=args.run_dir, size=getattr(args, "hosts", 3), docker=docker,
-                 agents=not getattr(args, "no_agents", False), registry=docker, agent_env=dict(AGENT_ENV),
-                 haproxy=getattr(args, "haproxy", False), say=_say)
+                 agents=not getattr(args, "no_agents", False), registry=docker,
+                 haproxy=getattr(args, "haproxy", False) or args.command == "demo", say=_say)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -106,9 +130,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _step_time(t0)
 
     t = time.monotonic()
-    _title("2. the demo application: images v1 and v2 in the registry, its units on every host")
+    _title("2. the demo application: images v1 to v4 in the registry, its units on every host, the "
+           "fleet's policy")
     _demo_images(state)
     ports = _install_units(state)
+    policy = fleet.run_dir / "policy.toml"
+    policy.write_text(POLICY)
+    print(f"\n$ cat {_rel(policy)}\n{POLICY.rstrip()}\n\n$ norm policy apply {_rel(policy)}")
+    print(_norm(config, "policy", "apply", str(policy)))
     _step_time(t)
 
     ok = True
@@ -116,8 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _title("3. deploy v1")
     running = _desired(fleet)
     if running not in (None, "v1"):
-        print(f"(an earlier demo left the fleet at {running}: v1 is declared compatible in this fleet "
-              f"[update.compatible], so going back to it runs no migration)")
+        print(f"(an earlier demo left the fleet at {running}: v1 and v2 are declared compatible in the "
+              f"fleet's policy, so going back to them runs no migration)")
     if not _norm_deploy(config, "v1", args.deploy_timeout):
         _print_footer(fleet)
         return 1
@@ -125,20 +154,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _step_time(t)
 
     t = time.monotonic()
-    _title("4. flip to v2: every host pulls it, then the fleet stops, migrates once and starts v2")
+    _title("4. flip to v2: it does not declare its migrations, so the fleet recreates: every host pulls "
+           "it, then the fleet stops, migrates once and starts v2")
     if not _norm_deploy(config, "v2", args.deploy_timeout):
         _print_footer(fleet)
         return 1
     ok &= _show_versions(state, ports, "v2")
     _step_time(t)
 
-    _title("5. what the migration and static-files commands recorded (one line per run, any host)")
+    t = time.monotonic()
+    _title(f"5. v3 declares expand migrations: a rolling deploy, one host at a time, under "
+           f"{LOAD_RATE:g} requests/s through HAProxy")
+    ok &= _under_load(state, lambda: _norm_deploy(config, "v3", args.deploy_timeout), want_ok=True)
+    ok &= _show_versions(state, ports, "v3")
+    _step_time(t)
+
+    t = time.monotonic()
+    _title(f"6. {BROKEN} is broken (its /healthz answers 500): the first host fails its health gate "
+           "and is put back on v3")
+    ok &= _under_load(state, lambda: _norm_deploy(config, BROKEN, args.deploy_timeout), want_ok=False)
+    ok &= _show_versions(state, ports, "v3")
+    print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
+    _step_time(t)
+
+    _title("7. what the migration and static-files commands recorded (one line per run, any host)")
     record = fleet.data_dir / "record.log"
     print(f"$ cat {_rel(record)}")
     print(record.read_text().rstrip() if record.exists() else "(no record yet)")
     ok &= _check_record(record)
 
-    _title("6. the fleet")
+    _title("8. the fleet")
     _wait_unheld(config)
     print("$ norm status")
     print(_norm(config, "status"))
@@ -146,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_norm(config, "history", "--limit", "4"))
 
     t = time.monotonic()
-    _title("7. healing: the web app's container dies on one host")
+    _title("9. healing: the web app's container dies on one host")
     ok &= _demo_healing(state, ports)
     _step_time(t)
     _print_footer(fleet)
@@ -193,14 +238,46 @@ def _check_record(path: Path) -> bool:
 
     lines = path.read_text().splitlines() if path.exists() else []
     runs = collections.Counter(tuple(line.split()[:2]) for line in lines if len(line.split()) >= 2)
-    wanted = [(v, step) for v in VERSIONS for step in ("migrate", "collectstatic")]
-    wrong = [f"{v} {step} ran {runs[(v, step)]} times" for v, step in wanted if runs[(v, step)] != 1]
+    wanted = {(v, step): 1 for v in VERSIONS for step in ("migrate", "collectstatic")}
+    wanted[BROKEN, "collectstatic"] = 0  # after the batches: never, the release was rolled back
+    wrong = [f"{v} {step} ran {runs[(v, step)]} times" for (v, step), n in wanted.items()
+             if runs[(v, step)] != n]
     if wrong:
         print(f"NOT as it should be: {'; '.join(wrong)}")
         return False
-    print("each version's migrate and collectstatic ran exactly once, on the leader, in the new image, "
-          "between the fleet's stop and its start")
+    print("each version's migrate and collectstatic ran exactly once, in the new image: v1 and v2's "
+          "between the fleet's stop and its start; v3's migrate before its first batch and collectstatic "
+          f"after its last; {BROKEN}'s migrate only (it was rolled back before its contract step)")
     return True
+
+
+def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool) -> bool:
+    """`deploy()` while steady load goes through HAProxy; the requests, the failures and the fewest
+    servers in service shown; whether the deploy ended as wanted and no request failed."""
+    from norm.adapters.haproxy import parse_servers_state
+    from sandbox import load
+    from sandbox.haproxy import HaproxyServer
+
+    lb = state.get("haproxy")
+    assert lb is not None
+    runtime = HaproxyServer(Path(lb["dir"]), port=lb["port"])
+
+    def serving() -> int:
+        text = runtime.command(f"show servers state {lb['backend']}")
+        return sum(1 for s in parse_servers_state(text, lb["backend"]) if s.ready)
+
+    with load.running(f"{lb['url']}/version", LOAD_RATE, serving) as (result, servers):
+        ok = deploy()
+    print(f"\nload through HAProxy ({lb['url']}): {result.requests} requests, {result.failed} failed; "
+          f"servers in service: at least {servers.min_serving} of {len(state['hosts'])} throughout")
+    for _, reason in result.failures[:5]:
+        print(f"  a failed request: {reason}")
+    if ok != want_ok:
+        print(f"NOT as it should be: the deploy {'failed' if want_ok else 'succeeded'}")
+    else:
+        print("norm deploy --wait exited non-zero, as it must for a rolled back release" if not want_ok
+              else "")
+    return ok == want_ok and result.failed == 0
 
 
 def _wait_unheld(config: str, timeout: float = 15.0) -> None:
@@ -238,17 +315,22 @@ def _demo_images(state: State) -> None:
     registry = Registry(Path(reg_state["dir"]), port=int(reg_state["address"].rsplit(":", 1)[1]))
     engine = DockerEngine(engine_state["name"], Path(engine_state["dir"]))
     present = set(registry.tags(APP_REPOSITORY))
+    options = {"v3": images.DemoOptions(migrations="expand"),
+               BROKEN: images.DemoOptions(migrations="expand", healthz_status=500)}
     for version in VERSIONS:
         ref = f"{registry.address}/{APP_REPOSITORY}:{version}"
         if version in present:
             how = "already in the registry"
         else:
             t = time.monotonic()
-            images.demo_app_image(engine, registry, version)
+            images.demo_app_image(engine, registry, version,
+                                  options=options.get(version, images.DemoOptions()))
             how = f"built and pushed in {time.monotonic() - t:.1f}s"
-        print(f"{ref}  {registry.digest(APP_REPOSITORY, version)}  ({how})", flush=True)
+        label = options[version].migrations if version in options else None
+        print(f"{ref}  {registry.digest(APP_REPOSITORY, version)}  ({how}; migrations: "
+              f"{label or 'undeclared'})", flush=True)
     print("one image: `serve` answers its version over HTTP; `migrate` and `collectstatic` append a "
-          "line to /data/record.log")
+          "line to /data/record.log; v3 and v4 carry the label org.norm.migrations=expand")
 
 
 def _install_units(state: State) -> dict[str, tuple[int, int]]:

@@ -44,7 +44,8 @@ from typing import Any, Literal
 from norm.core import values, wire
 from norm.core.desired import is_tag
 from norm.core.errors import InvalidValue
-from norm.core.record import TERMINAL, Gate, HostStatus, Migrations, Phase, Release, Rollout, Strategy
+from norm.core.gate import Migrations
+from norm.core.record import TERMINAL, Gate, HostStatus, Phase, Release, Rollout, Strategy
 from norm.core.rollout import (
     Abort,
     Event,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from norm.core import values, wire
+from norm.core.gate import Migrations  # what an image declares its migrations to be (its label)
 from norm.core.policy import FleetPolicy
 from norm.core.wire import Digest, MachineId, StepName, Text
 
@@ -35,7 +36,6 @@ class Phase(enum.StrEnum):
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED, Phase.ROLLED_BACK})
 
 Strategy = Literal["recreate", "rolling"]
-Migrations = Literal["none", "expand", "breaking"]  # what an image declares its migrations to be
 Stage = Literal["stop", "pre", "post"]  # when a step ran: with the fleet stopped, before or after the batches
 
 

@@ -44,13 +44,14 @@ when the barrier begins, and again in full when a leader resumes the record.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from norm.core import values
 from norm.core.desired import is_tag, parse_version
 from norm.core.errors import InvalidValue, NormError
+from norm.core.gate import MIGRATIONS_LABEL, Migrations
 from norm.core.host import HostRecord
 from norm.core.policy import FleetPolicy, batch_size
 from norm.core.record import (
@@ -61,7 +62,6 @@ from norm.core.record import (
     HostProgress,
     HostStatus,
     LedgerEntry,
-    Migrations,
     Pending,
     Phase,
     Release,
@@ -69,21 +69,6 @@ from norm.core.record import (
     Stage,
     Strategy,
 )
-
-MIGRATIONS_LABEL = "org.norm.migrations"  # the image label declaring what its migrations are
-MIGRATIONS: tuple[Migrations, ...] = ("none", "expand", "breaking")
-
-
-def migrations_of(labels: Mapping[str, str]) -> tuple[Migrations | None, str | None]:
-    """What an image's labels declare of its migrations, and the reason a label present is not
-    understood (it then declares nothing: recreate, the safe default)."""
-    value = labels.get(MIGRATIONS_LABEL)
-    if value is None:
-        return None, None
-    for known in MIGRATIONS:
-        if value.strip().lower() == known:
-            return known, None
-    return None, f"label {MIGRATIONS_LABEL} is not one of {', '.join(MIGRATIONS)}"
 
 BEFORE_CUTOVER = frozenset({Phase.RESOLVE, Phase.PULL})  # nothing stopped yet: may be superseded
 

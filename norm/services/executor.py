@@ -43,8 +43,8 @@ from norm.core.backoff import Backoff
 from norm.core.config import UpdateConfig, step_name
 from norm.core.envfile import secret_values
 from norm.core.errors import InvalidValue, Temporary
-from norm.core.record import Gate, Migrations, Phase, Release, Rollout
-from norm.core.rollout import migrations_of
+from norm.core.gate import Migrations, declared_migrations
+from norm.core.record import Gate, Phase, Release, Rollout
 from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
 from norm.services.context import HostContext
@@ -440,10 +440,10 @@ class Executor:
         except DockerError as e:
             log.warning("executor.labels_unread", image=ref, error=str(e))
             return None
-        declared, problem = migrations_of(labels)
-        if problem is not None:
-            log.warning("executor.migrations_label_refused", image=ref, reason=problem)
-        return declared
+        declared = declared_migrations(labels)
+        if declared.problem is not None:
+            log.warning("executor.migrations_label_refused", image=ref, reason=declared.problem)
+        return declared.kind
 
     async def _stop_units(self) -> None:
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))

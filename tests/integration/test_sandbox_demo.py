@@ -1,6 +1,7 @@
 """`python -m sandbox demo`: the fleet owns its registry and image engine (started, reused, stopped with
-it), and the demo tells the whole story (v1, the flip to v2, the steps' record, the fleet table, a
-heal) twice in a row on the same fleet."""
+it), and the demo tells the whole story (v1, the flip to v2, a rolling deploy of v3 under load through
+HAProxy, a broken v4 rolled back, the steps' record, the fleet table, a heal) twice in a row on the
+same fleet."""
 
 from __future__ import annotations
 
@@ -85,15 +86,20 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
         out = first.stdout
         assert "3 hosts registered" in out
-        assert out.count("(built and pushed in") == 2
+        assert out.count("(built and pushed in") == 4
         assert len(re.findall(ANSWER.format("v1"), out)) == 6
         assert len(re.findall(ANSWER.format("v2"), out)) == 6
+        assert len(re.findall(ANSWER.format("v3"), out)) == 12  # after its deploy, and after v4's
         assert re.search(r"rollout \d+ v2@sha256:[0-9a-f]{12}: done", out)
+        assert re.search(r"rollout \d+ v3@sha256:[0-9a-f]{12}: done", out)
+        assert re.search(r"rollout \d+ v4@sha256:[0-9a-f]{12}: rolled_back", out)
+        assert len(re.findall(r"\d+ requests, 0 failed; servers in service: at least 2 of 3", out)) == 2
         record = (run_dir / "data" / "record.log").read_text().split("\n")
         steps = [line.split()[:2] for line in record if line]
-        assert steps == [["v1", "migrate"], ["v1", "collectstatic"],
-                         ["v2", "migrate"], ["v2", "collectstatic"]]
-        assert len(re.findall(r"\nhost\d +sandbox +web +v2@sha256:[0-9a-f]{12} +2 ok", out)) == 3
+        assert steps == [["v1", "migrate"], ["v1", "collectstatic"], ["v2", "migrate"],
+                         ["v2", "collectstatic"], ["v3", "migrate"], ["v3", "collectstatic"],
+                         ["v4", "migrate"]]
+        assert len(re.findall(r"\nhost\d +sandbox +web +v3@sha256:[0-9a-f]{12} +2 ok", out)) == 3
         assert "Norm healed it" in out
         assert "djed-web.service  active/running" in out
 
@@ -104,8 +110,8 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
         out = second.stdout
         assert "reusing it" in out
-        assert out.count("(already in the registry)") == 2
-        assert "an earlier demo left the fleet at v2" in out
+        assert out.count("(already in the registry)") == 4
+        assert "an earlier demo left the fleet at v4" in out
         assert "step migrate: done before (skipped)" in out
         assert "Norm healed it" in out
         # The same fleet, and no step ran again.
