@@ -174,7 +174,7 @@ def test_a_rolling_update_under_load_fails_no_request(rolling: Rolling) -> None:
 def test_a_release_that_does_not_serve_is_rolled_back(rolling: Rolling, broken: DemoOptions) -> None:
     h = updates.header(rolling.fleet)
     assert h is not None
-    old = h["tag"]
+    old = h["tag"] if h["phase"] == "done" else h["previous"]["tag"]  # what the fleet runs
     tag = rolling.new_version(broken)
     marks = rolling.log_marks()
     if broken.exit_after is not None:  # the gate must outlast the release's few seconds of life
