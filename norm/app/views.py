@@ -483,8 +483,11 @@ def rollout_line(h: Header | None) -> str:
     if h is None:
         return "no rollout yet"
     phase = f"{h.phase.value}, rolling back" if h.rollback and not h.terminal else h.phase.value
+    if h.phase is Phase.ROLL:
+        phase += f" batch {h.batch_index + 1}/{h.batches}"
+    strategy = f" [{h.strategy}]" if h.strategy else ""
     reason = f" ({clean(h.reason, 200)})" if h.reason else ""
-    return f"rollout {h.revision} {clean(h.tag, 80) or '(refused)'}: {phase}{reason}"
+    return f"rollout {h.revision} {clean(h.tag, 80) or '(refused)'}{strategy}: {phase}{reason}"
 
 
 def status_rows(rows: Sequence[HostRow], running: bool) -> list[tuple[str, ...]]:
@@ -522,11 +525,13 @@ def status_json(rows: Sequence[HostRow], header: Header | None) -> dict[str, Any
 
 def history_rows(records: Sequence[Rollout]) -> list[tuple[str, ...]]:
     """Finished rollouts, newest first."""
-    out: list[tuple[str, ...]] = [("REVISION", "TAG", "OUTCOME", "STARTED", "DURATION", "HOSTS", "REASON")]
+    out: list[tuple[str, ...]] = [("REVISION", "TAG", "STRATEGY", "OUTCOME", "STARTED", "DURATION", "HOSTS",
+                                   "REASON")]
     for r in sorted(records, key=lambda r: r.revision, reverse=True):
         outcome = (r.outcome or r.phase).value
         took = None if r.ended_at is None else r.ended_at - r.started_at
         hosts = str(len(r.hosts)) + (f" ({len(r.excluded)} excluded)" if r.excluded else "")
-        out.append((str(r.revision), clean(r.tag, 40) or "(refused)", outcome, utc(r.started_at),
+        out.append((str(r.revision), clean(r.tag, 40) or "(refused)", r.strategy or "-", outcome,
+                    utc(r.started_at),
                     duration(took), hosts, clean(r.reason, REASON_WIDTH) if r.reason else ""))
     return out

@@ -438,9 +438,10 @@ def test_history_lists_finished_rollouts_newest_first(run: Run, etcd_conf: EtcdC
     code, out, err = run("history")
     assert code == cli.EXIT_OK
     lines = out.splitlines()
-    assert lines[0].split() == ["REVISION", "TAG", "OUTCOME", "STARTED", "DURATION", "HOSTS", "REASON"]
+    assert lines[0].split() == ["REVISION", "TAG", "STRATEGY", "OUTCOME", "STARTED", "DURATION", "HOSTS",
+                                "REASON"]
     assert [line.split()[0] for line in lines[1:]] == ["12", "9", "5"]
-    assert lines[3].split() == ["5", "v2", "done", "2023-11-14T22:13:20Z", "1m35s", "2"]
+    assert lines[3].split() == ["5", "v2", "-", "done", "2023-11-14T22:13:20Z", "1m35s", "2"]
     assert "1 (1 excluded)" in lines[2]
     reason = lines[2][lines[0].index("REASON"):]
     assert len(reason) == 60 and reason.endswith("...")

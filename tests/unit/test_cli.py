@@ -429,11 +429,22 @@ def test_history_rows_newest_first_with_reasons_cut() -> None:
     rows = views.history_rows([ended(5, Phase.DONE, None), ended(12, Phase.FAILED, "y" * 100),
                                ended(9, Phase.HALTED, "an operator decides", hosts=(A,),
                                      excluded=(Excluded(B, "lost", Phase.PULL),))])
-    assert rows[0] == ("REVISION", "TAG", "OUTCOME", "STARTED", "DURATION", "HOSTS", "REASON")
+    assert rows[0] == ("REVISION", "TAG", "STRATEGY", "OUTCOME", "STARTED", "DURATION", "HOSTS", "REASON")
     assert [r[0] for r in rows[1:]] == ["12", "9", "5"]
-    assert rows[1][2] == "failed" and len(rows[1][6]) == 60 and rows[1][6].endswith("...")
-    assert rows[2][5] == "1 (1 excluded)"
-    assert rows[3] == ("5", "v2", "done", "2023-11-14T22:13:20Z", "1m35s", "2", "")
+    assert rows[1][3] == "failed" and len(rows[1][7]) == 60 and rows[1][7].endswith("...")
+    assert rows[2][6] == "1 (1 excluded)"
+    assert rows[3] == ("5", "v2", "-", "done", "2023-11-14T22:13:20Z", "1m35s", "2", "")
+
+
+def test_a_rolling_update_in_the_status_line_and_the_history() -> None:
+    h = header(Phase.ROLL, strategy="rolling", batch=(A,), batch_index=1, batches=3)
+    assert views.rollout_line(h) == "rollout 7 v2 [rolling]: roll batch 2/3"
+    back = header(Phase.ROLLED_BACK, strategy="rolling", rollback=True, reason="b failed its health gate")
+    assert views.rollout_line(back) == "rollout 7 v2 [rolling]: rolled_back (b failed its health gate)"
+    assert views.exit_code(views.verdict(back)) == views.EXIT_FAILED
+    rows = views.history_rows([rollout(Phase.ROLLED_BACK, outcome=Phase.ROLLED_BACK, strategy="rolling",
+                                       ended_at=T0 + 5, progress=())])
+    assert rows[1][2:4] == ("rolling", "rolled_back")
 
 
 def test_deploy_refuses_a_bad_version_before_reading_any_config(capsys: pytest.CaptureFixture[str]) -> None:
