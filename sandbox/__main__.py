@@ -33,6 +33,7 @@ from sandbox.systemd import SystemdManager
 
 VERSIONS = ("v1", "v2", "v3", "v4")
 BROKEN = "v4"  # its /healthz answers 500: the rolling deploy of it is rolled back
+FLEET_RELEASE = "v3"  # what the fleet runs at the end of the demo
 LOAD_RATE = 50.0  # requests per second through HAProxy while v3 and v4 roll out
 # The fleet's policy the demo applies (`norm policy apply`): rolling where the image allows it, one host
 # at a time, each healthy for 3 s (10 s by default) before the next; `migrate` before the batches
@@ -427,7 +428,7 @@ def _demo_healing(state: State, ports: dict[str, tuple[int, int]]) -> bool:
         main = int(mgr.unit_property(unit, "MainPID"))
         if main in (0, old_main) or mgr.unit_property(unit, "ActiveState") != "active":
             return False
-        return _get(web) == "v2"
+        return _get(web) == FLEET_RELEASE
 
     try:
         wait_for(healed, timeout=60, what=f"{unit} healed", interval=0.1)
