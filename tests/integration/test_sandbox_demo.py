@@ -110,7 +110,7 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
         out = second.stdout
         assert "reusing it" in out
-        assert out.count("(already in the registry)") == 4
+        assert out.count("(already in the registry;") == 4
         assert "an earlier demo left the fleet at v4" in out
         assert "step migrate: done before (skipped)" in out
         assert "Norm healed it" in out

@@ -241,7 +241,7 @@ def test_a_fleet_with_haproxy_in_front_of_the_web_units(run_dir: Path) -> None:
             assert config["lb"] == {
                 "backend": "haproxy", "haproxy_backends": ["web"], "haproxy_server": h["name"],
                 "haproxy_socket": lb["socket"], "drain_timeout": 10, "health_timeout": 1,
-                "health_url": f"http://127.0.0.1:{ports[h['name']][0]}/health"}
+                "health_url": f"http://127.0.0.1:{ports[h['name']][0]}/healthz"}
         # The frontend answers; with every server out, HAProxy itself answers 503.
         with pytest.raises(urllib.error.HTTPError) as answer:
             urllib.request.urlopen(lb["url"], timeout=10)
