@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -176,17 +177,28 @@ def exit_code(v: Verdict) -> int:
     return EXIT_RUNNING
 
 
-def outcome_text(header: Header) -> str:
-    """'failed: the image cannot be pulled', 'halted', ...: what ended a rollout, for the operator."""
+def outcome_text(header: Header, names: Mapping[str, str] | None = None) -> str:
+    """'failed: the image cannot be pulled', 'halted', ...: what ended a rollout, for the operator;
+    the machine ids the reason names shown as the hosts' names (`names`)."""
     text = header.phase.value
-    return f"{text}: {clean(header.reason, 300)}" if header.reason else text
+    return f"{text}: {clean(named(header.reason, names), 300)}" if header.reason else text
+
+
+def named(text: str, names: Mapping[str, str] | None) -> str:
+    """`text` with each machine id in it (as a rollout's reasons name hosts) replaced by its host's name."""
+    if not names:
+        return text
+    return _MACHINE_ID.sub(lambda m: names.get(m.group(0), m.group(0)), text)
+
+
+_MACHINE_ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 
 def ended_text(t: Tracker) -> str:
     """'rollout 7 v2@sha256:...: failed: ...': what ended the followed rollout, when it did not succeed."""
     h, note = t.header, verdict_note(t)
     what = title(h) if h is not None else f"rollout {t.want}"
-    why = note if note else (outcome_text(h) if h is not None else t.verdict.value)
+    why = note if note else (outcome_text(h, t.names) if h is not None else t.verdict.value)
     return f"{what}: {why}"
 
 
@@ -299,7 +311,8 @@ def _count(states: Sequence[HostState], step: int) -> int:
     return sum(1 for s in states if s.state != "excluded" and s.done >= step)
 
 
-def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None) -> str:
+def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None,
+                names: Mapping[str, str]) -> str:
     # Until the participant list is read, the header's count stands in.
     active = sum(1 for s in states if s.state != "excluded") if states else h.hosts_count
     match h.phase:
@@ -316,19 +329,19 @@ def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None) 
         case Phase.START if h.rollback:
             back = release_text(h.previous) or "the previous release"
             return (f"start: rolling back to {clean(back, 80)}, {_count(states, 3)}/{active} started"
-                    + (f" ({clean(h.reason, REASON_WIDTH)})" if h.reason else ""))
+                    + (f" ({clean(named(h.reason, names), REASON_WIDTH)})" if h.reason else ""))
         case Phase.START:
             return f"start: {_count(states, 3)}/{active} started"
         case Phase.ROLL if h.rollback:
             back = release_text(h.previous) or "the previous release"
             return (f"roll: rolling back to {clean(back, 80)}, batch {h.batch_index + 1}/{h.batches}"
-                    + (f" ({clean(h.reason, REASON_WIDTH)})" if h.reason else ""))
+                    + (f" ({clean(named(h.reason, names), REASON_WIDTH)})" if h.reason else ""))
         case Phase.ROLL:
             return f"roll: batch {h.batch_index + 1}/{h.batches}, {_count(states, 3)}/{active} on the release"
         case Phase.DONE:
             ended = h.ended_at if h.ended_at is not None else h.updated_at
             return f"done in {duration(ended - h.started_at)}" if h.started_at else "done"
-    return outcome_text(h)
+    return outcome_text(h, names)
 
 
 def _step_lines(h: Header, p: Progress) -> Frame:
@@ -376,7 +389,7 @@ def rollout_frame(p: Progress) -> Frame:
         return [("title", f"rollout {p.want}: waiting for the leader to begin it{behind}")]
     mids = participants(h, p.listed, p.record)
     states = [host_state(h, mid, p.reports, p.record) for mid in mids]
-    text = f"{title(h)}: {_phase_text(h, states, p.record)}"
+    text = f"{title(h)}: {_phase_text(h, states, p.record, p.names)}"
     if p.verdict_note:
         text += f" ({p.verdict_note})"
     frame: Frame = [("title", text)]
@@ -478,7 +491,7 @@ def short_etag(etag: str | None) -> str:
     return clean(etag.strip('"')[:12]) if etag else "-"
 
 
-def rollout_line(h: Header | None) -> str:
+def rollout_line(h: Header | None, names: Mapping[str, str] | None = None) -> str:
     """'rollout 57 v2: pull' or 'rollout 56 v1: failed (the image cannot be pulled)' or 'no rollout yet'."""
     if h is None:
         return "no rollout yet"
@@ -486,7 +499,7 @@ def rollout_line(h: Header | None) -> str:
     if h.phase is Phase.ROLL:
         phase += f" batch {h.batch_index + 1}/{h.batches}"
     strategy = f" [{h.strategy}]" if h.strategy else ""
-    reason = f" ({clean(h.reason, 200)})" if h.reason else ""
+    reason = f" ({clean(named(h.reason, names), 200)})" if h.reason else ""
     return f"rollout {h.revision} {clean(h.tag, 80) or '(refused)'}{strategy}: {phase}{reason}"
 
 
@@ -506,7 +519,8 @@ def status_rows(rows: Sequence[HostRow], running: bool) -> list[tuple[str, ...]]
 def status_lines(rows: Sequence[HostRow], header: Header | None) -> list[str]:
     running = header is not None and not header.terminal
     lines = table(status_rows(rows, running))
-    lines.append(f"{len(rows)} host{'s' if len(rows) != 1 else ''}; {rollout_line(header)}")
+    names = {r.machine_id: r.name for r in rows}
+    lines.append(f"{len(rows)} host{'s' if len(rows) != 1 else ''}; {rollout_line(header, names)}")
     return lines
 
 

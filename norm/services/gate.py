@@ -81,7 +81,7 @@ class UpdateGates:
                                              metrics=self._metrics, secrets=self._secrets()).run()
         if result.passed:
             return True, None
-        said = f"{result.unit}: {result.reason}" if result.unit else result.reason
+        said = result.reason or f"{result.unit}: not healthy"  # the reason names the unit
         return False, f"{said} ({result.output})" if result.output else said
 
 

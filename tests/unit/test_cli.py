@@ -442,6 +442,9 @@ def test_a_rolling_update_in_the_status_line_and_the_history() -> None:
     back = header(Phase.ROLLED_BACK, strategy="rolling", rollback=True, reason="b failed its health gate")
     assert views.rollout_line(back) == "rollout 7 v2 [rolling]: rolled_back (b failed its health gate)"
     assert views.exit_code(views.verdict(back)) == views.EXIT_FAILED
+    reason = f"{B} failed its health gate on v2: djed-web.service: HTTP 500"
+    assert views.rollout_line(dataclasses.replace(back, reason=reason), {B: "web-2"}) == \
+        "rollout 7 v2 [rolling]: rolled_back (web-2 failed its health gate on v2: djed-web.service: HTTP 500)"
     rows = views.history_rows([rollout(Phase.ROLLED_BACK, outcome=Phase.ROLLED_BACK, strategy="rolling",
                                        ended_at=T0 + 5, progress=())])
     assert rows[1][2:4] == ("rolling", "rolled_back")
