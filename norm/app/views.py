@@ -327,21 +327,23 @@ def _phase_text(h: Header, states: Sequence[HostState], record: Rollout | None,
             at = f" ({steps.index(h.migrating) + 1}/{len(steps)})" if h.migrating in steps else ""
             return f"migrate: step {clean(h.migrating, 64)}{at}"
         case Phase.START if h.rollback:
-            back = release_text(h.previous) or "the previous release"
-            return (f"start: rolling back to {clean(back, 80)}, {_count(states, 3)}/{active} started"
-                    + (f" ({clean(named(h.reason, names), REASON_WIDTH)})" if h.reason else ""))
+            return _rolling_back(h, f"{_count(states, 3)}/{active} started", names)
         case Phase.START:
             return f"start: {_count(states, 3)}/{active} started"
         case Phase.ROLL if h.rollback:
-            back = release_text(h.previous) or "the previous release"
-            return (f"roll: rolling back to {clean(back, 80)}, batch {h.batch_index + 1}/{h.batches}"
-                    + (f" ({clean(named(h.reason, names), REASON_WIDTH)})" if h.reason else ""))
+            return _rolling_back(h, f"batch {h.batch_index + 1}/{h.batches}", names)
         case Phase.ROLL:
             return f"roll: batch {h.batch_index + 1}/{h.batches}, {_count(states, 3)}/{active} on the release"
         case Phase.DONE:
             ended = h.ended_at if h.ended_at is not None else h.updated_at
             return f"done in {duration(ended - h.started_at)}" if h.started_at else "done"
     return outcome_text(h, names)
+
+
+def _rolling_back(h: Header, progress: str, names: Mapping[str, str]) -> str:
+    back = release_text(h.previous) or "the previous release"
+    return (f"{h.phase.value}: rolling back to {clean(back, 80)}, {progress}"
+            + (f" ({clean(named(h.reason, names), REASON_WIDTH)})" if h.reason else ""))
 
 
 def _step_lines(h: Header, p: Progress) -> Frame:

@@ -198,26 +198,36 @@ class UpdateFleet:
         self.steps_env.write_text("")
 
 
-@pytest.fixture(scope="session")
-def update_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
-                 demo_app: Callable[..., str]) -> Iterator[UpdateFleet]:
-    run_dir: Path = tmp_path_factory.mktemp("fleet")
+@contextlib.contextmanager
+def running_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry, name: str, size: int,
+                  haproxy: bool = False) -> Iterator[tuple[Fleet, dict[str, tuple[int, int]]]]:
+    """A fleet of `size` hosts in update mode on `registry`'s demo app (with HAProxy in front of the
+    web units when asked), its units installed, every agent registered; and the units' ports. Stopped
+    when the block ends."""
+    run_dir: Path = tmp_path_factory.mktemp(name)
     (run_dir / "steps.env").write_text("")
     env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
-    fleet = Fleet(run_dir, size=3, image=f"{registry.address}/djed/app", agent_env=env)
+    fleet = Fleet(run_dir, size=size, image=f"{registry.address}/djed/app", agent_env=env, haproxy=haproxy)
     fleet.up()
     try:
         state = fleet.load_state()
         assert state is not None
         ports = app.install_app(state)
         fleet.wait_registered(timeout=60)
+        yield fleet, ports
+    finally:
+        fleet.down()
+
+
+@pytest.fixture(scope="session")
+def update_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
+                 demo_app: Callable[..., str]) -> Iterator[UpdateFleet]:
+    with running_fleet(tmp_path_factory, registry, "fleet", 3) as (fleet, ports):
         uf = UpdateFleet(fleet, registry, demo_app, ports)
         first = uf.new_version()
         h = updates.deploy(fleet, first)
         assert h["phase"] == "done", h
         yield uf
-    finally:
-        fleet.down()
 
 
 @pytest.fixture

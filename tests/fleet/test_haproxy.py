@@ -16,31 +16,20 @@ from typing import Any
 import pytest
 
 from norm.adapters.haproxy import parse_servers_state
-from sandbox import app, updates
+from sandbox import updates
 from sandbox.fleet import Fleet, HaproxyState
 from sandbox.haproxy import HaproxyServer
 from sandbox.procs import wait_for
 from sandbox.registry import Registry
-from tests.fleet.conftest import AGENT_ENV
+from tests.fleet.conftest import running_fleet
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def haproxy_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Fleet]:
-    run_dir: Path = tmp_path_factory.mktemp("haproxy-fleet")
-    (run_dir / "steps.env").write_text("")
-    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
-    fleet = Fleet(run_dir, size=2, image=f"{registry.address}/djed/app", agent_env=env, haproxy=True)
-    fleet.up()
-    try:
-        state = fleet.load_state()
-        assert state is not None
-        app.install_app(state)
-        fleet.wait_registered(timeout=60)
+    with running_fleet(tmp_path_factory, registry, "haproxy-fleet", 2, haproxy=True) as (fleet, _):
         yield fleet
-    finally:
-        fleet.down()
 
 
 def admin_states(lb: HaproxyState) -> dict[str, str]:

@@ -28,7 +28,7 @@ from sandbox.haproxy import HaproxyServer
 from sandbox.images import DemoOptions
 from sandbox.procs import wait_for
 from sandbox.registry import Registry
-from tests.fleet.conftest import AGENT_ENV
+from tests.fleet.conftest import running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -120,16 +120,7 @@ class Rolling:
 @pytest.fixture(scope="module")
 def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
             demo_app: Callable[..., str]) -> Iterator[Rolling]:
-    run_dir: Path = tmp_path_factory.mktemp("rolling-fleet")
-    (run_dir / "steps.env").write_text("")
-    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
-    fleet = Fleet(run_dir, size=HOSTS, image=f"{registry.address}/djed/app", agent_env=env, haproxy=True)
-    fleet.up()
-    try:
-        state = fleet.load_state()
-        assert state is not None
-        app.install_app(state)
-        fleet.wait_registered(timeout=60)
+    with running_fleet(tmp_path_factory, registry, "rolling-fleet", HOSTS, haproxy=True) as (fleet, _):
         updates.put(fleet, "/norm/policy", POLICY.encode().decode())
         r = Rolling(fleet, demo_app)
         first = r.new_version()
@@ -137,8 +128,6 @@ def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
         assert h["phase"] == "done" and h["strategy"] == "recreate", h  # nothing served before it
         r.all_serve(first)
         yield r
-    finally:
-        fleet.down()
 
 
 def test_a_rolling_update_under_load_fails_no_request(rolling: Rolling) -> None:
