@@ -373,8 +373,12 @@ class Executor:
                 await self._wake.wait()
                 self._wake.clear()
                 now = self.header
-                if (now is None or now.revision != h.revision or now.phase is not h.phase
-                        or now.target != h.target or self._me not in now.batch):
+                if now is None or now.revision != h.revision:
+                    self._wake.set()
+                    return
+                if now.terminal:
+                    continue  # halted mid-batch: the move finishes, its units not left stopped
+                if now.phase is not h.phase or now.target != h.target or self._me not in now.batch:
                     self._wake.set()
                     return
 
