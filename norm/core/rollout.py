@@ -647,10 +647,10 @@ def _failures(failed: Iterable[HostProgress]) -> str:
     return "; ".join(f"{p.host} ({p.reason or 'failed'})" for p in failed)
 
 
-def _superseded(record: Rollout, when: str) -> str:
+def _superseded(record: Rollout, when: str = "") -> str:
     assert record.newer is not None
     newer = record.newer.tag or "a refused version"
-    return f"superseded by {newer} at revision {record.newer.revision} {when}"
+    return f"superseded by {newer} at revision {record.newer.revision}" + (f" {when}" if when else "")
 
 
 # A rolling update: batches of hosts move one after the other; each host leaves the load balancer,
@@ -981,8 +981,7 @@ def _on_newer(record: Rollout, event: NewerVersion, now: float, policy: RolloutP
     # A tag outside the grammar is refused when its rollout begins; it is not stored meanwhile.
     record = _r(record, now, newer=Pending(event.tag if is_tag(event.tag) else "", event.revision))
     if record.phase in BEFORE_CUTOVER:
-        newer = record.newer.tag if record.newer and record.newer.tag else "a refused version"
-        return _finish(record, Phase.SUPERSEDED, f"superseded by {newer} at revision {event.revision}", now)
+        return _finish(record, Phase.SUPERSEDED, _superseded(record), now)
     return record, ()  # cut over: finish first, then the newer one starts
 
 
