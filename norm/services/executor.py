@@ -347,42 +347,33 @@ class Executor:
                     ok, reason = await self._start_gated(release, h.revision, gate)
                     await self._report(h, "started", proto.started(release.digest, ok, reason))
                 case proto.Move(release=release, gate=gate):
-                    await self._until_retargeted(h, self._move(h, release, gate))
+                    await self._until_moved(h, self._move(h, release, gate), move=True)
                 case proto.CatchUp(release=release):
                     await self._catch_up(h, release)
 
-    async def _until_moved(self, h: proto.Header, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` until done, or until the header leaves `h`'s rollout and phase."""
+    async def _until_moved(self, h: proto.Header, work: Coroutine[Any, Any, None], *,
+                           move: bool = False) -> None:
+        """Run `work` until done, or until the header leaves `h`'s rollout and phase; with `move`
+        (this host's turn in a batch), also once it no longer asks this host to move to the same
+        release (a rollback began). The work loop then reads what the header asks now."""
         async def moved() -> None:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                now = self.header
-                if now is None or now.revision != h.revision or now.phase is not h.phase:
+                if self._moved_on(h, self.header, move):
                     self._wake.set()  # the work loop must look again
                     return
 
         await first_of(work=work, moved=moved())
 
-    async def _until_retargeted(self, h: proto.Header, work: Coroutine[Any, Any, None]) -> None:
-        """Run this host's move in a batch until done, or until the header no longer asks it of this
-        host for the same release (a rollback began, the rollout ended): the work loop then reads
-        what the header asks now."""
-        async def retargeted() -> None:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                now = self.header
-                if now is None or now.revision != h.revision:
-                    self._wake.set()
-                    return
-                if now.terminal:
-                    continue  # halted mid-batch: the move finishes, its units not left stopped
-                if now.phase is not h.phase or now.target != h.target or self._me not in now.batch:
-                    self._wake.set()
-                    return
-
-        await first_of(work=work, retargeted=retargeted())
+    def _moved_on(self, h: proto.Header, now: proto.Header | None, move: bool) -> bool:
+        if now is None or now.revision != h.revision:
+            return True
+        if move and now.terminal:
+            return False  # halted mid-batch: the move finishes, its units not left stopped
+        if now.phase is not h.phase:
+            return True
+        return move and (now.target != h.target or self._me not in now.batch)
 
     async def _report(self, h: proto.Header, kind: str, value: bytes, name: str | None = None,
                       final: bool = True) -> bool:
