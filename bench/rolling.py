@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.fleet import BenchFleet, bench_dir, say
-from norm.adapters.haproxy import parse_servers_state, parse_stat
+from norm.adapters.haproxy import parse_stat
 from norm.core.policy import FleetPolicy, StepPolicy
 from sandbox import app, load, updates
 from sandbox.haproxy import HaproxyServer
@@ -59,8 +59,7 @@ def runtime(bf: BenchFleet) -> HaproxyServer:
 
 
 def serving_count(bf: BenchFleet) -> int:
-    rt = runtime(bf)
-    return sum(1 for s in parse_servers_state(rt.command("show servers state web"), "web") if s.ready)
+    return sum(1 for admin in runtime(bf).admin_states().values() if admin == "ready")
 
 
 def healthy(url: str) -> bool:
@@ -134,8 +133,8 @@ def settle(bf: BenchFleet) -> None:
     """Every agent registered and every server in service (after the agents were frozen)."""
     bf.fleet.wait_registered(timeout=120)
     rt = runtime(bf)
-    wait_for(lambda: all(s.ready for s in parse_servers_state(rt.command("show servers state web"), "web")),
-             timeout=120, what="every server in service", interval=0.1)
+    wait_for(lambda: set(rt.admin_states().values()) == {"ready"}, timeout=120,
+             what="every server in service", interval=0.1)
 
 
 def main() -> None:

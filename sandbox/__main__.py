@@ -255,7 +255,6 @@ def _check_record(path: Path) -> bool:
 def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool) -> bool:
     """`deploy()` while steady load goes through HAProxy; the requests, the failures and the fewest
     servers in service shown; whether the deploy ended as wanted and no request failed."""
-    from norm.adapters.haproxy import parse_servers_state
     from sandbox import load
     from sandbox.haproxy import HaproxyServer
 
@@ -264,8 +263,7 @@ def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool) -> bool
     runtime = HaproxyServer(Path(lb["dir"]), port=lb["port"])
 
     def serving() -> int:
-        text = runtime.command(f"show servers state {lb['backend']}")
-        return sum(1 for s in parse_servers_state(text, lb["backend"]) if s.ready)
+        return sum(1 for admin in runtime.admin_states(lb["backend"]).values() if admin == "ready")
 
     with load.running(f"{lb['url']}/version", LOAD_RATE, serving) as (result, servers):
         ok = deploy()

@@ -91,6 +91,13 @@ class HaproxyServer(LocalServer):
     def answers(self) -> bool:
         return port_open(self.port) and self.command("show info").startswith("Name: HAProxy")
 
+    def admin_states(self, backend: str = BACKEND) -> dict[str, str]:
+        """Each server of `backend` and its administrative state: ready, drain or maint."""
+        from norm.adapters.haproxy import parse_servers_state
+
+        servers = parse_servers_state(self.command(f"show servers state {backend}"), backend)
+        return {s.name: s.admin for s in servers}
+
     def command(self, command: str, timeout: float = 5.0) -> str:
         """One Runtime API command, answered synchronously (for the sandbox's own checks)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from norm.adapters.haproxy import parse_servers_state
 from sandbox import updates
 from sandbox.fleet import Fleet, HaproxyState
 from sandbox.haproxy import HaproxyServer
@@ -33,9 +32,7 @@ def haproxy_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry) 
 
 
 def admin_states(lb: HaproxyState) -> dict[str, str]:
-    runtime = HaproxyServer(Path(lb["dir"]), port=lb["port"])
-    servers = parse_servers_state(runtime.command(f"show servers state {lb['backend']}"), lb["backend"])
-    return {s.name: s.admin for s in servers}
+    return HaproxyServer(Path(lb["dir"]), port=lb["port"]).admin_states(lb["backend"])
 
 
 def transitions(lb: HaproxyState, server: str, skip: int = 0) -> list[str]:

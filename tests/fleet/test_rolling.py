@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from norm.adapters.haproxy import parse_servers_state
 from norm.core.policy import FleetPolicy, StepPolicy
 from sandbox import app, load, updates
 from sandbox.fleet import Fleet
@@ -67,10 +66,7 @@ class Rolling:
         return tag
 
     def admin(self) -> dict[str, str]:
-        runtime = HaproxyServer(Path(self.lb["dir"]), port=self.lb["port"])
-        servers = parse_servers_state(runtime.command(f"show servers state {self.lb['backend']}"),
-                                      self.lb["backend"])
-        return {s.name: s.admin for s in servers}
+        return HaproxyServer(Path(self.lb["dir"]), port=self.lb["port"]).admin_states(self.lb["backend"])
 
     def serving_count(self) -> int:
         return sum(1 for admin in self.admin().values() if admin == "ready")

@@ -9,7 +9,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from norm.adapters.haproxy import parse_servers_state
 from sandbox.etcd import EtcdMember
 from sandbox.haproxy import HaproxyServer
 from sandbox.imds import MetadataServer
@@ -83,8 +82,7 @@ def test_the_agent_puts_its_server_in_haproxy_without_any_instance_id(
     agent.wait_notify("READY=1")
     wait_for(lambda: metric(agent, "norm_lb_registered", target_group="web") == 1, timeout=20,
              what="in service")
-    states = {s.name: s.admin for s in parse_servers_state(lb.command("show servers state web"), "web")}
-    assert states == {"host1": "ready", "host2": "maint"}
+    assert lb.admin_states("web") == {"host1": "ready", "host2": "maint"}
     logs = agent.logs()
     assert '"lb.presence_off"' not in logs and '"load_balancer": "haproxy"' in logs
     assert '"member": "host1"' in logs
