@@ -208,7 +208,7 @@ class Agent:
         self.host = HostContext(etcd, c.keys.prefix, self.identity.machine_id, self.metrics, self.holds,
                                 units=c.units.patterns)
         self.registration = Registration(self.host, record)
-        self.leadership = LeaderElection(self.host, self.registration, eligible=c.agent.leader_eligible)
+        self.leadership = LeaderElection(self.host, self.registration, ineligible=self._not_leading())
         self.watcher = DesiredStateWatcher(etcd, c.keys.version, c.keys.environment, self.metrics,
                                            c.agent.resync_interval)
         self.http = HttpEndpoint(c.http.listen, self.metrics, self._readiness)
@@ -227,6 +227,15 @@ class Agent:
         if self._systemd is not None and c.healing.enabled:
             services += self._healing_services(self._systemd)
         return services
+
+    def _not_leading(self) -> str | None:
+        """Why this host never campaigns for leadership, or None: the leader runs the rollouts, so
+        a host that cannot (no update.image, or not let lead) must never win the election."""
+        if not self.config.agent.leader_eligible:
+            return "agent.leader_eligible is false"
+        if self.config.update.image is None:
+            return "update.image is not set: this host runs no updates"
+        return None
 
     def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
         from norm.services.executor import Executor, Hooks

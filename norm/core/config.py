@@ -568,7 +568,8 @@ class AgentConfig:
                                   _INTERVAL, default=300.0)
     leader_eligible: bool = _doc(
         "Campaign for fleet leadership. Set it false on hosts whose etcd user has no norm-leader role "
-        "(see `norm access`): they follow rollouts but never lead.", default=True)
+        "(see `norm access`): they follow rollouts but never lead. A host without update.image never "
+        "campaigns, whatever this says: the leader runs the rollouts.", default=True)
     state_dir: str = _doc(
         "Directory of what the agent keeps across its restarts and the host's (healing.json: each "
         "unit's healing attempts, backoff and quarantine). The unit's StateDirectory=.",

@@ -25,9 +25,10 @@ log = structlog.get_logger("norm.leadership")
 class LeaderElection:
     name = "leadership"
 
-    def __init__(self, host: HostContext, registration: Registration, *, eligible: bool = True) -> None:
+    def __init__(self, host: HostContext, registration: Registration, *,
+                 ineligible: str | None = None) -> None:
         self._etcd = host.etcd
-        self.eligible = eligible  # False: this host's etcd user may not hold the leader key
+        self.ineligible = ineligible  # why this host never campaigns, or None: it does
         self._election = host.etcd.election(leader_key(host.prefix), host.machine_id.encode())
         self._registration = registration
         self._metrics = host.metrics
@@ -47,8 +48,8 @@ class LeaderElection:
         return await self._election.fenced(leadership, success, compare, failure)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        if not self.eligible:
-            log.info("leader.not_eligible")
+        if self.ineligible is not None:
+            log.info("leader.not_eligible", reason=self.ineligible)
             await stopping.wait()
             return
         retry = Retry(Backoff(first=0.2, cap=5.0))

@@ -22,6 +22,7 @@ from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord
 from sandbox.etcd import EtcdCluster, EtcdMember
 from sandbox.procs import free_port, wait_for
+from sandbox.systemd import SystemdManager
 from tests.plugins.agent import AgentProc
 from tests.plugins.etcd import Pki
 
@@ -162,8 +163,10 @@ def test_a_tls_handshake_that_fails_at_start_is_retried_until_etcd_answers(
 
 async def test_killing_the_leader_agent_moves_leadership_within_ttl_plus_one_second(
         etcd_cluster: EtcdCluster, agents: Callable[..., AgentProc],
+        systemd_managers: Callable[[int], list[SystemdManager]],
         etcd_config: Callable[..., EtcdConfig]) -> None:
-    fleet = [agents(etcd_cluster.endpoints) for _ in range(3)]
+    fleet = [agents(etcd_cluster.endpoints, systemd_bus=m.bus_address, updates=True)
+             for m in systemd_managers(3)]
     for a in fleet:
         await asyncio.to_thread(a.wait_notify, "READY=1")
     by_id = {a.machine_id: a for a in fleet}
@@ -198,19 +201,27 @@ async def test_killing_the_leader_agent_moves_leadership_within_ttl_plus_one_sec
 
 
 def test_norm_hosts_lists_the_registered_fleet_and_marks_the_leader(
-        etcd: EtcdMember, agents: Callable[..., AgentProc]) -> None:
-    fleet = [agents([etcd.endpoint]) for _ in range(2)]
+        etcd: EtcdMember, agents: Callable[..., AgentProc],
+        systemd_managers: Callable[[int], list[SystemdManager]]) -> None:
+    # Two hosts run updates; the third does not, and so never campaigns for leadership.
+    fleet = [agents([etcd.endpoint], systemd_bus=m.bus_address, updates=True) for m in systemd_managers(2)]
+    fleet.append(agents([etcd.endpoint]))
     for a in fleet:
         a.wait_notify("READY=1")
+    wait_for(lambda: etcd.ctl("get", "/norm/leader", "--print-value-only").strip(), timeout=20,
+             what="a leader elected")
     leader = etcd.ctl("get", "/norm/leader", "--print-value-only").strip()
+    assert leader in {a.machine_id for a in fleet[:2]}
+    wait_for(lambda: '"reason": "update.image is not set: this host runs no updates"' in fleet[2].logs(),
+             timeout=20, what="host3 saying why it does not campaign")
     cmd = [sys.executable, "-m", "norm", "hosts", "--config", str(fleet[0].config_path)]
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
     lines = table.splitlines()
     assert lines[0].split() == ["HOST", "MACHINE", "ID", "ENVIRONMENT", "ROLE", "AGENT", "RELEASE", "LEADER"]
     rows = {line.split()[0]: line.split() for line in lines[1:-1]}
-    assert set(rows) == {"host1", "host2"}
+    assert set(rows) == {"host1", "host2", "host3"}
     assert [name for name, row in rows.items() if row[-1] == "*"] == [
         a.name for a in fleet if a.machine_id == leader]
-    assert lines[-1] == "2 hosts registered"
+    assert lines[-1] == "3 hosts registered"
     out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=30, check=True).stdout
     assert {json.loads(line)["machine_id"] for line in out.splitlines()} == {a.machine_id for a in fleet}

@@ -427,7 +427,7 @@ def test_agents_register_lead_and_heal_with_only_their_grants(
         m.systemctl("start", "djed-web.service")
     endpoint = [secured.etcd.endpoint]
     a = agents(endpoint, machine_id=A, systemd_bus=managers[0].bus_address, extra_toml=FAST_HEALING,
-               env=agent_env(HOST_A))
+               env=agent_env(HOST_A), updates=True)
     b = agents(endpoint, machine_id=B, systemd_bus=managers[1].bus_address, extra_toml=FAST_HEALING,
                env=agent_env(HOST_B, leader=False))
     a.wait_notify("READY=1")

@@ -29,6 +29,9 @@ class AgentProc:
     machine_id: str = field(default_factory=lambda: secrets.token_hex(16))
     systemd_bus: str | None = None  # a manager's bus: healing on; None: healing off
     host_labels: bool = True  # write host.environment and host.role ("test", "web") into the config
+    # Update mode on (needs systemd_bus), with an engine that is not there: only such a host campaigns
+    # for leadership. Nothing is pulled unless a test sets a version.
+    updates: bool = False
     lease_ttl: int = 3  # seconds: short, so that a killed agent's keys go quickly
     http_port: int = field(default_factory=free_port)
     wrapper: list[str] = field(default_factory=list)  # argv the agent runs under (setpriv ..., say)
@@ -56,6 +59,9 @@ class AgentProc:
             '[log]\nformat = "json"\nlevel = "debug"\n'
             + (f'[systemd]\nbus_address = "{self.systemd_bus}"\n' if self.systemd_bus
                else "[healing]\nenabled = false\n")
+            + (f'[docker]\nhost = "unix://{self.workdir / "no-engine.sock"}"\n'
+               f'[update]\nimage = "127.0.0.1:5000/norm-test/app"\n'
+               f'release_file = "{self.workdir / "release.env"}"\n' if self.updates else "")
             + self.extra_toml)
 
     def start(self) -> None:
