@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -234,3 +234,33 @@ def update_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
 def fleet(update_fleet: UpdateFleet) -> Iterator[UpdateFleet]:
     update_fleet.ensure_healthy()
     yield update_fleet
+
+
+def _what_the_agents_said(fleet: Fleet, lines: int = 25) -> str:
+    """The rollout header's phase and reason, and each host's last warnings and errors: what a failed
+    fleet test needs to be understood from CI's output alone."""
+    out = []
+    with contextlib.suppress(Exception):
+        h = updates.header(fleet)
+        if h is not None:
+            out.append(f"header: revision {h.get('revision')} {h.get('phase')}: {h.get('reason')}")
+    state = fleet.load_state()
+    for host in state["hosts"] if state is not None else ():
+        log = Path(host["dir"]) / "agent.log"
+        kept = [line for line in log.read_text(errors="replace").splitlines()
+                if '"level": "warning"' in line or '"level": "error"' in line] if log.exists() else []
+        out.append(f"--- {host['name']}: last {min(lines, len(kept))} of {len(kept)} warnings and errors")
+        out.extend(kept[-lines:])
+    return "\n".join(out)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+        None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and call.when == "call":
+        fleets = [v.fleet if isinstance(v, UpdateFleet) else v
+                  for v in getattr(item, "funcargs", {}).values() if isinstance(v, UpdateFleet | Fleet)]
+        for fleet in fleets[:1]:
+            report.sections.append(("the fleet's agents", _what_the_agents_said(fleet)))
+    return report
