@@ -582,7 +582,7 @@ class Docker:
         if data is None:
             raise ContainerGone("no container of that name to adopt: it may have run, and its result is "
                                 "lost", ref=name, action="running", status=404)
-        return await self._adopt(name, key, data, timeout)
+        return await self._adopt(name, key, data, timeout, prepared=adopt_only)
 
     async def create_named(
         self,
@@ -682,12 +682,16 @@ class Docker:
             raise
         return dict(data)
 
-    async def _adopt(self, name: str, key: str, data: Mapping[str, Any], limit: float) -> RunResult:
+    async def _adopt(self, name: str, key: str, data: Mapping[str, Any], limit: float, *,
+                     prepared: bool = False) -> RunResult:
+        """Take up a container of the run's name. `prepared`: the caller made it (create_named) and
+        one found never started is the usual case, not something left behind."""
         state = data.get("State") or {}
         status = str(state.get("Status", ""))
         command = tuple((data.get("Config") or {}).get("Cmd") or ())
-        log.warning("docker.adopted", container=name, status=status,
-                    image_matches=await self._image_matches(key, data))
+        level = log.info if prepared and status == "created" else log.warning
+        level("docker.adopted", container=name, status=status,
+              image_matches=await self._image_matches(key, data))
         if status == "created":
             return await self._start_and_wait(name, command, limit)
         container = self._docker.containers.container(name)
