@@ -1,7 +1,8 @@
 """Operator requests for this host, written to etcd by the `norm` CLI and carried out by the agent:
 
 - `<prefix>/control/<machine-id>/hold/<unit>`: while the key exists the unit is held (stopped on
-  purpose, never healed); putting it stops the unit, deleting it starts the unit again.
+  purpose, never healed); putting it stops the unit, deleting it starts the unit again (the hold
+  ends once the unit is started, so that healing never races the start).
 - `<prefix>/control/<machine-id>/start/<unit>`: start the unit again (the CLI writes it as it deletes
   the hold, in one transaction); the agent deletes the key once the unit is started.
 - `<prefix>/control/<machine-id>/release/<unit>`: lift a unit's quarantine (`norm heal lift`); the
@@ -60,6 +61,9 @@ class _Action:
     next_at: float = 0.0  # no try before this time (the loop's clock)
     error: str | None = None  # the last failure
     lifted: bool = False  # lift: the healer has lifted the quarantine
+    # START: the operator's hold ends once the unit is started, not before: until then the healer
+    # leaves the unit (failed, as a stopped `docker run` is) alone, instead of racing to start it.
+    unhold: bool = False
 
     @property
     def attempts(self) -> int:
@@ -159,25 +163,28 @@ class Control:
         self._want(_Action("stop", unit))
 
     def _unhold(self, unit: str) -> None:
-        self._holds.unhold(unit, OPERATOR)
-        log.info("unit.unheld", unit=unit, by=OPERATOR)
+        """The operator's hold is gone: the unit starts, and the hold ends once it has."""
         pending = self._pending.get(("unit", unit))
-        if self._holds.owners(unit):
+        if self._holds.owners(unit) - {OPERATOR}:
             # Still held by someone else (an update): they start it. A stop of ours not done yet
             # is moot.
+            self._let_go(unit)
             if pending is not None and pending.action == "stop":
                 self._done(pending)
             return
         if pending is not None and pending.action == START:
-            return  # a start request (start/<unit>) is on its way already
-        self._want(_Action(START, unit))
+            pending.unhold = True  # a start request (start/<unit>) is on its way already
+            return
+        self._want(_Action(START, unit, unhold=True))
 
     def _start(self, unit: str, key: str) -> None:
-        """A start request: the operator's hold ends and the unit starts; the key goes once it has."""
+        """A start request: the unit starts, then the operator's hold ends; the key goes once it has."""
+        self._want(_Action(START, unit, key=key, unhold=True))
+
+    def _let_go(self, unit: str) -> None:
         if OPERATOR in self._holds.owners(unit):
             self._holds.unhold(unit, OPERATOR)
             log.info("unit.unheld", unit=unit, by=OPERATOR)
-        self._want(_Action(START, unit, key=key))
 
     def _lift(self, unit: str, key: str) -> None:
         """A request to lift the unit's quarantine: the key goes once the lift is saved."""
@@ -222,11 +229,14 @@ class Control:
         if action.action == "stop":
             await self._systemd.stop(unit)
         elif action.action == START:
-            if self._holds.owners(unit):
+            others = self._holds.owners(unit) - ({OPERATOR} if action.unhold else set())
+            if others:
                 log.info("control.start_skipped", unit=unit, reason="held by an update",
-                         owners=sorted(self._holds.owners(unit)))
+                         owners=sorted(others))
             else:
                 await self._start_unit(action)
+            if action.unhold and self._current(action):  # not if held again meanwhile
+                self._let_go(unit)
         else:
             if not action.lifted:
                 was = self._healer.lift(unit)

@@ -20,6 +20,8 @@ from sandbox.systemd import SystemdManager
 from tests.plugins.agent import AgentProc
 
 SLEEPER = "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n"
+FAILS_WHEN_STOPPED = ("[Unit]\nStartLimitIntervalSec=0\n[Service]\n"
+                      "ExecStart=/bin/sh -c 'trap \"exit 3\" TERM; while :; do sleep 0.1; done'\n")
 CRASHER = "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/false\n"
 FAST_HEALING = ("[healing]\nbudget = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1\nwindow = 60\n"
                 "cooldown = 3600\n")
@@ -86,6 +88,23 @@ def test_an_operator_hold_stops_the_unit_and_keeps_it_from_healing(
     assert r.returncode == 0, r.stderr
     assert systemd_manager.unit_property("djed-api.service", "ActiveState") == "active"
     assert metric(agent, "norm_heal_attempts_total", unit="djed-api.service", result="started") == 0
+
+
+def test_a_unit_the_operator_starts_again_is_started_by_the_request_never_by_healing(
+        healing_agent: AgentProc, systemd_manager: SystemdManager) -> None:
+    # Like `docker run` in a unit, it exits non-zero when stopped: held, the unit is failed. The hold
+    # ends only once the unit is started: until then the healer, which sees a failed unit, leaves it
+    # alone (or the two would race to start it). Several rounds, as the race is a close one.
+    agent, unit = healing_agent, "djed-worker.service"
+    systemd_manager.write_unit(unit, FAILS_WHEN_STOPPED)
+    systemd_manager.systemctl("start", unit)
+    for _ in range(6):
+        assert norm(agent, "units", "stop", unit).returncode == 0
+        assert systemd_manager.unit_property(unit, "ActiveState") == "failed"
+        assert norm(agent, "units", "start", unit).returncode == 0
+        assert systemd_manager.unit_property(unit, "ActiveState") == "active"
+    assert metric(agent, "norm_heal_attempts_total", unit=unit, result="started") == 0
+    assert '"event": "heal.start"' not in agent.logs()
 
 
 def test_a_crash_loop_is_quarantined_and_lifted_by_the_operator(
