@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ class Agent:
                 loop.remove_signal_handler(sig)
 
     async def _run(self) -> int:
-        log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id)
+        log.info("agent.starting", version=__version__, machine_id=self.identity.machine_id, pid=os.getpid())
         problem = await self._env_owner_problem()
         if problem is not None:
             log.error("agent.env_owner_refused", reason=problem)

@@ -126,9 +126,9 @@ class Campaign:
                    NORM_UPDATE__COMPATIBLE=COMPATIBLE_TAG)
         self.fleet = Fleet(self.run_dir / "fleet", size=size, image=f"{registry.address}/djed/app",
                            agent_env=env, isolatable_etcd=True)
-        # Each start of an agent under a skewed clock: host -> [(its log's size just before, by how
-        # many seconds)].
-        self.skews: dict[str, list[tuple[int, float]]] = {}
+        # Each start of an agent under a skewed clock: host -> [(its log's size just before, its pid,
+        # by how many seconds)].
+        self.skews: dict[str, list[tuple[int, int, float]]] = {}
         self.ports: dict[str, tuple[int, int]] = {}
         self.version_writes: set[int] = set()  # every revision the version key was written at
         self.built: dict[str, str] = {}  # tag -> image id
@@ -706,10 +706,11 @@ class Run:
         skew = int(step.arg)
         was_leader = host == self.leader()
         self.fleet.kill_agent(host, signal.SIGTERM)
-        log = Path(self.hosts[host]["dir"]) / "agent.log"
-        self.c.skews.setdefault(host, []).append((log_size(log), float(skew)))
+        size = log_size(Path(self.hosts[host]["dir"]) / "agent.log")
         self.fleet.restart_agent(host, env=skewed_env(skew))
         pid = self.fleet.agent_pid(host)
+        if pid is not None:
+            self.c.skews.setdefault(host, []).append((size, pid, float(skew)))
         note = self.note("clock_skew", False, f"agent of {host}{' (leader)' if was_leader else ''} started "
                          f"again with its clock {skew:+d}s off for {step.hold:.1f}s "
                          f"in {(self.header() or {}).get('phase')}", host)

@@ -220,13 +220,15 @@ def entry_time(entry: dict[str, Any]) -> float:
 
 
 def read_log_events(path: Path, offset: int,
-                    skews: Sequence[tuple[int, float]] = ()) -> list[dict[str, Any]]:
+                    skews: Sequence[tuple[int, int, float]] = ()) -> list[dict[str, Any]]:
     """The JSON log entries of an agent's log from byte `offset` on (lines that are not JSON skipped).
 
-    `skews` are the starts of the agent under a skewed clock: (the log's size just before it was
-    started, by how many seconds its clock was off). The entries of such an incarnation (from its
-    `agent.starting`, the first after that size, to the next) get their timestamps put back on this
-    machine's clock, so that they compare with everything else the campaign records."""
+    `skews` are the agents started under a skewed clock: (the log's size just before it was started,
+    its pid, by how many seconds its clock was off). The entries of such an incarnation (from its
+    `agent.starting`, the first after that size with that pid, to the next) get their timestamps put
+    back on this machine's clock, so that they compare with everything else the campaign records. By
+    the pid as well as the size: a skewed start that never logged (killed at once, or refused) must not
+    make the next incarnation's clock skewed."""
     out: list[dict[str, Any]] = []
     try:
         with open(path, "rb") as f:
@@ -242,8 +244,9 @@ def read_log_events(path: Path, offset: int,
             entry = json.loads(line)
             if isinstance(entry, dict):
                 lines.append((at, entry))
-    starts = [at for at, entry in lines if entry.get("event") == "agent.starting"]
-    skewed_from = {next((at for at in starts if at >= size), -1): by for size, by in skews}
+    starts = [(at, entry.get("pid")) for at, entry in lines if entry.get("event") == "agent.starting"]
+    skewed_from = {next((at for at, p in starts if at >= size and p == pid), -1): by
+                   for size, pid, by in skews}
     skew = 0.0
     for at, entry in lines:
         if entry.get("event") == "agent.starting":

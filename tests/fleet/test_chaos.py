@@ -134,20 +134,25 @@ def test_the_log_of_an_agent_started_with_a_skewed_clock_is_put_back_on_the_mach
         tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
 
-    def entry(event: str, at: str) -> str:
-        return json.dumps({"event": event, "timestamp": f"2026-01-01T{at}Z"}) + "\n"
+    def entry(event: str, at: str, pid: int | None = None) -> str:
+        return json.dumps({"event": event, "timestamp": f"2026-01-01T{at}Z",
+                           **({"pid": pid} if pid is not None else {})}) + "\n"
 
-    log.write_text(entry("agent.starting", "10:00:00") + entry("leader.elected", "10:00:01"))
+    log.write_text(entry("agent.starting", "10:00:00", 100) + entry("leader.elected", "10:00:01"))
     size = log_size(log)  # then started again, 600 s behind; then again on the machine's clock,
     # at a time that looks like the skewed start's once 600 s are added: only the size tells them apart
-    log.write_text(log.read_text() + entry("agent.starting", "09:50:05") + entry("leader.elected", "09:50:06")
-                   + entry("agent.starting", "10:00:10") + entry("leader.elected", "10:00:11"))
-    events = read_log_events(log, 0, [(size, -600.0)])
+    log.write_text(log.read_text()
+                   + entry("agent.starting", "09:50:05", 101) + entry("leader.elected", "09:50:06")
+                   + entry("agent.starting", "10:00:10", 102) + entry("leader.elected", "10:00:11"))
+    events = read_log_events(log, 0, [(size, 101, -600.0)])
     assert [e["timestamp"] for e in events] == [
         "2026-01-01T10:00:00Z", "2026-01-01T10:00:01Z", "2026-01-01T10:00:05Z", "2026-01-01T10:00:06Z",
         "2026-01-01T10:00:10Z", "2026-01-01T10:00:11Z"]
-    later = read_log_events(log, size, [(size, -600.0)])  # from the skewed start on, as a run reads it
+    later = read_log_events(log, size, [(size, 101, -600.0)])  # from the skewed start on, as a run reads it
     assert [e["timestamp"] for e in later][:1] == ["2026-01-01T10:00:05Z"]
+    # A skewed start that never logged (killed at once): the next incarnation's clock is not skewed.
+    assert [e["timestamp"] for e in read_log_events(log, size, [(size, 99, -600.0)])] == [
+        "2026-01-01T09:50:05Z", "2026-01-01T09:50:06Z", "2026-01-01T10:00:10Z", "2026-01-01T10:00:11Z"]
 
 
 def test_the_checker_sees_an_unfenced_leader_write_and_two_leaders() -> None:
