@@ -761,10 +761,18 @@ class Run:
         self.ended_faults = time.time()
 
     def _last_version_write(self) -> tuple[int, str] | None:
+        """The version key's last write, as etcd has it: after a quorum loss or a compaction the
+        recorder's watch may not have caught up with it yet, and waiting on an older one would end
+        the run while the last rollout is still under way."""
         assert self.recorder is not None
+        try:
+            kvs = updates.get_kvs(self.fleet, updates.VERSION_KEY)
+        except SandboxError:
+            kvs = []
         writes = [(e.revision, e.value.decode(errors="replace")) for e in self.recorder.events
                   if e.key == "/djed-version" and e.kind == "put"]
-        return writes[-1] if writes else None
+        writes += [(kv["mod_revision"], kv["value"].decode(errors="replace")) for kv in kvs]
+        return max(writes) if writes else None
 
     def _converge(self) -> None:
         assert self.recorder is not None
