@@ -216,7 +216,10 @@ class Executor:
                 await pause(delay, self._wake, stopping)
 
     def _duties(self) -> tuple[proto.Duty, ...]:
-        duties = proto.host_duties(self.header, self._me, self._participant, self._reported_now(),
+        # Against the header as it is now: it may have changed while the rollout was loaded (an agent
+        # thawed reads several in a row), and a host excluded meanwhile has no duty in it.
+        participant = self._participant and (self.header is None or self._me not in self.header.excluded)
+        duties = proto.host_duties(self.header, self._me, participant, self._reported_now(),
                                    self.running, stopped=self._stopped)
         rev = None if self.header is None else self.header.revision
 
@@ -344,6 +347,12 @@ class Executor:
                 case proto.Migrate(step=step, digest=digest):
                     await self._until_moved(h, self._migrate(h, step, digest))
                 case proto.Start(release=release, gate=gate):
+                    if not self._stopped and self.running != release:
+                        # Units this agent did not stop (it restarted since, or never got to its
+                        # stop) run another release: a start alone would leave them on it.
+                        log.warning("executor.stopping_before_start", release=proto.release_text(release),
+                                    running=proto.release_text(self.running))
+                        await self._stop_units()
                     ok, reason = await self._start_gated(release, h.revision, gate)
                     await self._report(h, "started", proto.started(release.digest, ok, reason))
                 case proto.Move(release=release, gate=gate):

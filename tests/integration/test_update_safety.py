@@ -259,3 +259,21 @@ async def test_units_an_update_stopped_stay_held_until_an_update_starts_them_aga
         await rig.etcd.put(proto.header_key(P), ended.encode())
         await rig.until("the units started again", lambda: rig.active_state() == "active")
         await rig.until("the update's holds ended", lambda: not rig.holds.owners(WEB))
+
+
+async def test_a_start_on_units_this_agent_did_not_stop_restarts_them_on_the_new_release(
+        etcd: EtcdMember, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    # The rollout reached its start with this host a participant that never stopped its units here
+    # (its agent restarted after the stop, or a header it read late): they run the old release, and
+    # a start alone would leave them on it, the release file saying otherwise.
+    async with host_rig(etcd, systemd_manager, tmp_path) as rig:
+        rig.release_file.write_bytes(proto.render_release(OLD, IMAGE, 2999))
+        await rig.systemd.start(WEB)
+        before = rig.invocation()
+        await rig.begin(header(3000, Phase.START))
+        report = await rig.started(3000)
+        assert report["ok"] is True and report["digest"] == D2
+        assert rig.invocation() != before, "the units were started again, not left running"
+        assert rig.active_state() == "active"
+        assert proto.parse_release(rig.release_file.read_bytes()) == NEW
+        assert "executor.stopping_before_start" in rig.events()
