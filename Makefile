@@ -15,7 +15,7 @@ lint: bootstrap
 	$(PY) -m norm config reference --check docs/configuration.md
 
 test: lint
-	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@PYTEST_ARGS='$(PYTEST_ARGS)' bash scripts/test.sh
 
 # Hostile values in every etcd key Norm reads, against a real agent (tests/integration/test_fuzz_etcd.py);
 # `make test` runs a fixed slice of it. The last line printed is the campaign's figures, as JSON.
