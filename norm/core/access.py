@@ -35,7 +35,14 @@ from typing import Literal
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, parse_machine_id, units_key
 from norm.core.policy import policy_key
-from norm.core.protocol import aborts_prefix, claims_prefix, header_key, host_reports_prefix, reports_prefix
+from norm.core.protocol import (
+    aborts_prefix,
+    claims_prefix,
+    header_key,
+    host_reports_prefix,
+    reports_prefix,
+    requests_prefix,
+)
 
 Kind = Literal["read", "write", "readwrite"]
 
@@ -137,8 +144,9 @@ def operator_role(keys: Keys) -> Role:
         Permission.under(f"{p}/", "read"),
         Permission.under(f"{p}/control/", "readwrite"),
         Permission.under(aborts_prefix(p), "readwrite"),
+        Permission.under(requests_prefix(p), "readwrite"),
     }), "operators: read everything; write the desired version and environment, the update policy, control "
-        "and abort requests")
+        "and abort requests, and pause, resume and promote requests")
 
 
 def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
@@ -174,9 +182,10 @@ def leader_role(keys: Keys) -> Role:
         Permission.under(f"{p}/history/", "readwrite"),
         Permission.under(hosts_key(p), "read"),
         Permission.under(reports_prefix(p), "read"),
-        # Trimmed when a rollout ends: the claims and aborts of the others.
+        # Trimmed when a rollout ends: the claims, aborts and requests of the others.
         Permission.under(claims_prefix(p), "readwrite"),
         Permission.under(aborts_prefix(p), "readwrite"),
+        Permission.under(requests_prefix(p), "readwrite"),
     }), "leader-eligible hosts: the leader key, the rollout header, records, ledger and history")
 
 

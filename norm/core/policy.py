@@ -59,6 +59,13 @@ def _wait(v: float, name: str) -> float:
     return v
 
 
+def _canary(v: str, name: str) -> str:
+    if values.string(v, name) and not MAX_UNAVAILABLE.fullmatch(v):
+        raise ValueError(f"{name}: must be empty (no canary), a count of hosts (1 or more) or a percentage "
+                         "from 1% to 100%")
+    return v
+
+
 def _max_unavailable(v: str, name: str) -> str:
     if not MAX_UNAVAILABLE.fullmatch(values.string(v, name)):
         raise ValueError(f"{name}: must be a count of hosts (1 or more) or a percentage from 1% to 100%")
@@ -190,6 +197,10 @@ class FleetPolicy:
     start_timeout: Duration = 300.0
     migration_timeout: Duration = 1800.0
     on_trouble: OnTrouble = "exclude"
+    # A rolling update's first batch, moved alone and watched before the rest: a count, a percentage
+    # (rounded down, at least 1), or empty for none; how long it is watched (its analysis).
+    canary: Annotated[str, wire.Check(_canary)] = ""
+    canary_wait: Annotated[float, wire.Check(_wait)] = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -213,7 +224,7 @@ class FleetPolicy:
 def _check_types(p: FleetPolicy) -> None:
     """What the annotations' grammar checks take for granted, for a policy made in code."""
     for name in ("min_healthy", "healthy_deadline", "progress_deadline", "pull_timeout",
-                 "stop_timeout", "start_timeout", "migration_timeout"):
+                 "stop_timeout", "start_timeout", "migration_timeout", "canary_wait"):
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise ValueError(f"{name}: expected a finite number")
@@ -289,8 +300,7 @@ def parse_policy_toml(text: str, source: str) -> FleetPolicy:
     for key in data:
         if key not in FIELDS:
             raise ConfigError(key, source, f"unknown key (known: {', '.join(FIELDS)})")
-    if isinstance(data.get("max_unavailable"), int) and not isinstance(data["max_unavailable"], bool):
-        data["max_unavailable"] = str(data["max_unavailable"])  # a count may be written as a number
+    _counts_as_text(data)
     if "steps" in data:
         data["steps"] = _steps(data["steps"], source)
     try:
@@ -303,6 +313,13 @@ def parse_policy_toml(text: str, source: str) -> FleetPolicy:
         if allowed is not None and reason == "not one of the values allowed":
             reason = f"must be one of {', '.join(allowed)}"
         raise ConfigError(key, source, reason) from None
+
+
+def _counts_as_text(data: dict[str, Any]) -> None:
+    """A count of hosts may be written as a number; the policy keeps it as text."""
+    for key in ("max_unavailable", "canary"):
+        if isinstance(data.get(key), int) and not isinstance(data[key], bool):
+            data[key] = str(data[key])
 
 
 _ALLOWED = {"strategy": typing.get_args(Strategy), "on_trouble": typing.get_args(OnTrouble),

@@ -22,6 +22,9 @@ ones:
                                                     per step, made once, fenced on the header that
                                                     asks it to run the step
     <prefix>/aborts/<rev12>                         {"by": ...}: an operator's request
+    <prefix>/requests/<rev12>/<kind>                {"by": ...}: an operator's pause, resume or promote
+                                                    (the latest of each kind; taken in the order of
+                                                    their revisions, each once)
     <prefix>/ledger/<rev12>-<step>                  a ledger entry (record.LedgerEntry), once per step
                                                     run; never trimmed: the ledger's source of truth
     <prefix>/history/<rev12>                        the record of a finished rollout (the last N kept)
@@ -57,6 +60,9 @@ from norm.core.rollout import (
     MigrationFailed,
     MigrationSucceeded,
     MigrationUnknown,
+    PauseAsked,
+    PromoteAsked,
+    ResumeAsked,
 )
 from norm.core.wire import Digest, MachineId, Reason, StepName, Text
 
@@ -65,6 +71,7 @@ _MID = values.MACHINE_ID
 _STEP = values.STEP
 _REV12 = re.compile(r"[0-9]{12}")
 REPORT_KINDS = ("pulled", "stopped", "started", "migrated", "claim", "abort")
+REQUEST_KINDS = ("pause", "resume", "promote")  # an operator's requests on a rollout under way
 MAX_REASON = values.MAX_REASON  # a report's reason is cut to this many characters
 
 
@@ -162,6 +169,19 @@ def abort_key(prefix: str, revision: int) -> str:
     return f"{prefix}/aborts/{rev12(revision)}"
 
 
+def requests_prefix(prefix: str) -> str:
+    return f"{prefix}/requests/"
+
+
+def request_key(prefix: str, revision: int, kind: str) -> str:
+    """An operator's request of `kind` (REQUEST_KINDS) on rollout `revision`."""
+    return f"{prefix}/requests/{rev12(revision)}/{kind}"
+
+
+def rollout_requests_prefix(prefix: str, revision: int) -> str:
+    return f"{prefix}/requests/{rev12(revision)}/"
+
+
 def _under(prefix: str) -> tuple[str, str]:
     """The range of every key under `prefix`, which ends with "/" (the next byte is "0")."""
     assert prefix.endswith("/")
@@ -169,13 +189,16 @@ def _under(prefix: str) -> tuple[str, str]:
 
 
 def stale_ranges(prefix: str, current: int) -> tuple[tuple[str, str], ...]:
-    """The ranges [start, end) holding the claims and aborts of every rollout but `current`: what the
-    leader deletes when a rollout ends."""
+    """The ranges [start, end) holding the claims, aborts and requests of every rollout but `current`:
+    what the leader deletes when a rollout ends."""
     claims, claims_end = _under(claims_prefix(prefix))
     mine, mine_end = _under(f"{claims}{rev12(current)}/")
     aborts, aborts_end = _under(aborts_prefix(prefix))
     abort = abort_key(prefix, current)
-    return (claims, mine), (mine_end, claims_end), (aborts, abort), (abort + "\0", aborts_end)
+    requests, requests_end = _under(requests_prefix(prefix))
+    asked, asked_end = _under(rollout_requests_prefix(prefix, current))
+    return ((claims, mine), (mine_end, claims_end), (aborts, abort), (abort + "\0", aborts_end),
+            (requests, asked), (asked_end, requests_end))
 
 
 # The previous layout: every report under the rollout's prefix. Read (never written) while agents of
@@ -345,14 +368,20 @@ def abort_request(by: str) -> bytes:
     return wire.encode({"by": values.clean(by)})
 
 
+def operator_request(by: str) -> bytes:
+    """The value of an operator's pause, resume or promote request."""
+    return wire.encode({"by": values.clean(by)})
+
+
 @dataclass(frozen=True)
 class Report:
-    kind: Literal["pulled", "stopped", "started", "migrated", "claim", "abort"]
-    name: str  # machine id, or the step for migrated/claim, or "" for abort
+    kind: Literal["pulled", "stopped", "started", "migrated", "claim", "abort", "pause", "resume", "promote"]
+    name: str  # machine id, or the step for migrated/claim, or "" for abort and the operator's requests
     value: dict[str, Any]
+    revision: int = 0  # the key's mod revision: an operator's request is taken once by it
 
 
-def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | None:
+def parse_report(prefix: str, revision: int, key: str, raw: bytes, mod_revision: int = 0) -> Report | None:
     """A report of rollout `revision`, validated: a host's (`reports/<mid>/<rev12>/...`), the
     migrator's claim (`claims/<rev12>/<step>`), an operator's abort (`aborts/<rev12>`), or one of the
     previous layout (`rollouts/<rev>/...`). None for a key of another rollout, and for the leader's
@@ -368,7 +397,7 @@ def parse_report(prefix: str, revision: int, key: str, raw: bytes) -> Report | N
     except (ValueError, TypeError) as e:
         raise InvalidValue(key, f"not a valid {kind} report ({e})") from None
     assert isinstance(value, dict)
-    return Report(kind, name, value)  # type: ignore[arg-type]
+    return Report(kind, name, value, mod_revision)  # type: ignore[arg-type]
 
 
 def report_of_key(prefix: str, revision: int, key: str) -> tuple[str, str] | None:
@@ -387,6 +416,11 @@ def report_of_key(prefix: str, revision: int, key: str) -> tuple[str, str] | Non
         if not _REV12.fullmatch(rev):
             raise InvalidValue(key, "not an abort key")
         return ("abort", "") if int(rev) == revision else None
+    if key.startswith(requests_prefix(prefix)):
+        rev, _, kind = key.removeprefix(requests_prefix(prefix)).partition("/")
+        if not _REV12.fullmatch(rev) or kind not in REQUEST_KINDS:
+            raise InvalidValue(key, "not a request key")
+        return (kind, "") if int(rev) == revision else None
     if key.startswith(f"{prefix}/rollouts/"):
         return _legacy_report(prefix, revision, key)
     raise InvalidValue(key, "not a rollout report key")
@@ -483,7 +517,8 @@ class _Abort:
 
 
 _REPORTS: dict[str, type[Any]] = {"pulled": _PullFailed, "stopped": _Stopped, "started": _Started,
-                                  "migrated": _Migrated, "claim": _Claim, "abort": _Abort}
+                                  "migrated": _Migrated, "claim": _Claim, "abort": _Abort,
+                                  "pause": _Abort, "resume": _Abort, "promote": _Abort}
 
 
 def _check_report(kind: str, v: object) -> None:
@@ -515,6 +550,12 @@ def report_event(record: Rollout, report: Report) -> Event | None:
             return _migrated_event(report.name, v)
         case "abort":
             return Abort(v["by"])
+        case "pause":
+            return PauseAsked(v["by"], report.revision)
+        case "resume":
+            return ResumeAsked(v["by"], report.revision)
+        case "promote":
+            return PromoteAsked(v["by"], report.revision)
     return None
 
 

@@ -36,6 +36,10 @@ class Phase(enum.StrEnum):
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.SUPERSEDED, Phase.HALTED, Phase.ROLLED_BACK})
 
 Strategy = Literal["recreate", "rolling"]
+# Where a rollout waits, paused (an operator's pause, or an inconclusive analysis) or for its canary's
+# analysis: with every host pulled, before its next batch, or with its canary batch moved.
+Wait = Literal["pull", "batch", "canary"]
+ActionKind = Literal["pause", "resume", "promote"]
 Stage = Literal["stop", "pre", "post"]  # when a step ran: with the fleet stopped, before or after the batches
 
 
@@ -151,6 +155,18 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class Action:
+    """An operator's request on a rollout, as the leader took it: what, by whom, and when (the
+    leader's wall clock, for display). `request` is the request key's revision: the same request read
+    again (a new leader re-reads them all) is taken once."""
+
+    kind: ActionKind
+    by: Text
+    at: float
+    request: int
+
+
+@dataclass(frozen=True)
 class Rollout:
     revision: int  # mod revision of the desired version key: the rollout's identity
     tag: str  # "" for a refused desired value (see _check)
@@ -184,6 +200,12 @@ class Rollout:
     batches: tuple[tuple[MachineId, ...], ...] = ()
     batch_index: int = 0
     policy: FleetPolicy | None = None  # the fleet's policy when it began (None: written before policies)
+    # Why it holds at its next boundary (who paused it, or what paused it), until resumed; and the
+    # boundary where it waits now (paused there, or for its canary's analysis).
+    pause: Text | None = None
+    waiting: Wait | None = None
+    canary: int = 0  # hosts in the first batch of a rolling update that is its canary (0: none)
+    actions: tuple[Action, ...] = ()  # operators' requests taken on it, in order
 
     @property
     def release(self) -> Release | None:
@@ -246,6 +268,16 @@ def _check_consistent(r: Rollout) -> None:
         raise ValueError("batch_index: out of the batches")
     if not set(r.post_steps) <= set(r.steps):
         raise ValueError("post_steps: must be among the steps")
+    _check_waiting(r)
+
+
+def _check_waiting(r: Rollout) -> None:
+    if r.waiting == "pull" and r.phase is not Phase.PULL:
+        raise ValueError("waiting: at the pull's end only in the pull phase")
+    if r.waiting in ("batch", "canary") and r.phase is not Phase.ROLL:
+        raise ValueError("waiting: before a batch only in the roll phase")
+    if r.canary < 0:
+        raise ValueError("canary: must not be negative")
 
 
 def _check_values(r: Rollout) -> None:

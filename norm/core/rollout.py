@@ -56,6 +56,8 @@ from norm.core.host import HostRecord
 from norm.core.policy import FleetPolicy, batch_size
 from norm.core.record import (
     TERMINAL,
+    Action,
+    ActionKind,
     Deadline,
     Excluded,
     Gate,
@@ -103,6 +105,7 @@ class RolloutPolicy:
     gate: Gate = Gate()
     progress_deadline: float = 600.0  # seconds a batch may take
     auto_rollback: bool = True  # a batch failing its gate puts the hosts moved back
+    canary: str = ""  # a rolling update's first batch, watched alone first: a count, "N%", or "" for none
 
     def __post_init__(self) -> None:
         if not (self.pull_timeout > 0 and self.stop_timeout > 0 and self.start_timeout > 0
@@ -115,6 +118,8 @@ class RolloutPolicy:
         if not self.post_steps <= set(self.steps):
             raise ValueError("post steps must be among the steps")
         batch_size(self.max_unavailable, 1)  # its grammar (ValueError naming max_unavailable)
+        if self.canary:
+            batch_size(self.canary, 1)
 
 
 def policy_of(fleet: FleetPolicy) -> RolloutPolicy:
@@ -128,7 +133,7 @@ def policy_of(fleet: FleetPolicy) -> RolloutPolicy:
         post_steps=frozenset(s.name for s in fleet.steps if s.when == "post"),
         compatible=frozenset(fleet.compatible), strategy=fleet.strategy,
         max_unavailable=fleet.max_unavailable, gate=Gate(fleet.min_healthy, fleet.healthy_deadline),
-        progress_deadline=fleet.progress_deadline, auto_rollback=fleet.auto_rollback)
+        progress_deadline=fleet.progress_deadline, auto_rollback=fleet.auto_rollback, canary=fleet.canary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,13 +230,48 @@ class Resumed:
     """A (new) leader picked the record up from etcd: re-issue what is outstanding."""
 
 
+@dataclass(frozen=True)
+class PauseAsked:
+    """An operator asks the rollout to hold at its next boundary (`norm pause`). `request`: the
+    request key's revision (a request read again is taken once)."""
+
+    by: str
+    request: int
+
+
+@dataclass(frozen=True)
+class ResumeAsked:
+    """An operator asks a paused rollout to go on (`norm resume`)."""
+
+    by: str
+    request: int
+
+
+@dataclass(frozen=True)
+class PromoteAsked:
+    """An operator ends the canary's wait early (`norm promote`): the rest of the batches go."""
+
+    by: str
+    request: int
+
+
+@dataclass(frozen=True)
+class AnalysisEnded:
+    """The canary's analysis (RunAnalysis) came to its verdict. Inconclusive: it could not tell
+    (a query without data): the rollout pauses, for an operator."""
+
+    revision: int
+    verdict: Literal["passed", "failed", "inconclusive"]
+    reason: str | None = None
+
+
 Event = (Resolved | ResolveFailed | HostPulled | HostPullFailed | HostLost | BarrierDeadline | HostStopped
          | MigrationSucceeded | MigrationFailed | MigrationUnknown | HostActive | HostFailed | NewerVersion
-         | Abort | Resumed)
+         | Abort | Resumed | PauseAsked | ResumeAsked | PromoteAsked | AnalysisEnded)
 EVENT_TYPES: tuple[type[Event], ...] = (
     Resolved, ResolveFailed, HostPulled, HostPullFailed, HostLost, BarrierDeadline, HostStopped,
     MigrationSucceeded, MigrationFailed, MigrationUnknown, HostActive, HostFailed, NewerVersion, Abort,
-    Resumed)
+    Resumed, PauseAsked, ResumeAsked, PromoteAsked, AnalysisEnded)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,6 +343,16 @@ class RecordOutcome:
 
 
 @dataclass(frozen=True)
+class RunAnalysis:
+    """Analyse the canary of rollout `revision` (its hosts moved and gated): the fleet policy's
+    queries, or a plain wait of its canary_wait; deliver AnalysisEnded. A run under way for the same
+    rollout is replaced; the shell drops one whose rollout no longer waits for it."""
+
+    revision: int
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class BeginRollout:
     """Start the rollout of a newer desired version (call start_rollout)."""
 
@@ -311,7 +361,7 @@ class BeginRollout:
 
 
 Command = (ResolveTag | PullOnHosts | StopOnHosts | RunMigration | StartOnHosts | RestartOldRelease
-           | MoveHosts | ArmDeadline | HostsExcluded | RecordOutcome | BeginRollout)
+           | MoveHosts | ArmDeadline | HostsExcluded | RecordOutcome | BeginRollout | RunAnalysis)
 
 Result = tuple[Rollout, tuple[Command, ...]]
 
@@ -513,7 +563,7 @@ def _set_host(record: Rollout, host: str, now: float, **changes: Any) -> Rollout
 
 def _finish(record: Rollout, phase: Phase, reason: str | None, now: float) -> Result:
     record = _r(record, now, phase=phase, outcome=phase, reason=reason, deadline=None, migrating=None,
-                ended_at=now)
+                ended_at=now, waiting=None)
     commands: tuple[Command, ...] = (RecordOutcome(record.revision, phase, reason),)
     if record.newer is not None:
         commands += (BeginRollout(record.newer.tag, record.newer.revision),)
@@ -554,6 +604,14 @@ def _check_pulled(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     _, pending, _ = barrier_state(record)
     if pending:
         return record, ()
+    if record.pause is not None:  # a boundary: paused, it waits here, nothing stopped or moved
+        return _r(record, now, waiting="pull", deadline=None), ()
+    return _after_pull(record, now, policy)
+
+
+def _after_pull(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    """Every host pulled: the strategy is chosen, and the cut-over or the `pre` steps begin."""
+    record = _r(record, now, waiting=None)
     strategy, why = choose_strategy(policy, record.migrations, record.previous)
     record = _r(record, now, strategy=strategy, strategy_reason=why, deadline=None)
     if strategy == "rolling":
@@ -663,9 +721,11 @@ def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result
         return _finish(record, Phase.FAILED, "no participating host left", now)
     size = batch_size(policy.max_unavailable, len(record.hosts))
     hosts = record.hosts
-    batches = tuple(hosts[i:i + size] for i in range(0, len(hosts), size))
-    return _move_batch(_r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0),
-                       now, policy)
+    canary = batch_size(policy.canary, len(hosts)) if policy.canary else 0
+    first = (hosts[:canary],) if canary else ()
+    batches = first + tuple(hosts[i:i + size] for i in range(canary, len(hosts), size))
+    return _move_batch(_r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0,
+                          canary=canary), now, policy)
 
 
 def _move_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
@@ -685,6 +745,8 @@ def _move_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
 
 
 def _check_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    if record.waiting is not None:
+        return record, ()  # between two batches: none moving
     batch = frozenset(record.batch)
     if any(p.status is HostStatus.MOVING for p in record.progress if p.host in batch):
         return record, ()
@@ -708,9 +770,27 @@ def _batch_passed(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
         return _finish(record, Phase.SUPERSEDED,
                        _superseded(record, f"after batch {record.batch_index} of {len(record.batches)}"),
                        now)
-    if more:
+    if record.canary and record.batch_index == 1:  # the canary moved and passed its gate: watched
+        record = _r(record, now, waiting="canary")
+        return record, (RunAnalysis(record.revision, canary_hosts(record)),)
+    if more and record.pause is not None:  # a boundary: paused, it waits before the next batch
+        return _r(record, now, waiting="batch"), ()
+    return _continue_batches(record, now, policy)
+
+
+def _continue_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
+    """From a boundary between batches: the next batch, or, after the last, the `post` steps."""
+    record = _r(record, now, waiting=None)
+    if record.batch_index < len(record.batches):
         return _move_batch(record, now, policy)
     return _next_step(record, now, policy)  # the `post` steps, then done
+
+
+def canary_hosts(record: Rollout) -> tuple[str, ...]:
+    """The hosts of a rolling update's canary batch still taking part (none without a canary)."""
+    if not record.canary or not record.batches:
+        return ()
+    return tuple(h for h in record.batches[0] if record.host(h) is not None)
 
 
 def _gate_failed(record: Rollout, host: str, reason: str, now: float, policy: RolloutPolicy) -> Result:
@@ -724,12 +804,14 @@ def _roll_back_batches(record: Rollout, reason: str, now: float, policy: Rollout
     """Every host moved so far (the current batch's too) back on the previous release: the latest
     moved first, in batches of the same size; the rollout ends rolled back."""
     assert record.previous is not None  # a rolling update has a release to keep serving
-    moved = [h for b in record.batches[:record.batch_index + 1] for h in b if record.host(h) is not None]
+    # Between two batches (waiting), the batch at the index has not moved.
+    upto = record.batch_index + (0 if record.waiting is not None else 1)
+    moved = [h for b in record.batches[:upto] for h in b if record.host(h) is not None]
     moved.reverse()
     size = batch_size(policy.max_unavailable, len(record.hosts))
     batches = tuple(tuple(moved[i:i + size]) for i in range(0, len(moved), size))
     record = _r(record, now, rollback=True, outcome=Phase.ROLLED_BACK, reason=reason, batches=batches,
-                batch_index=0, deadline=None)
+                batch_index=0, deadline=None, waiting=None)
     if not batches:
         return _finish(record, Phase.ROLLED_BACK, reason, now)
     return _move_batch(record, now, policy)
@@ -982,6 +1064,10 @@ def _on_newer(record: Rollout, event: NewerVersion, now: float, policy: RolloutP
     record = _r(record, now, newer=Pending(event.tag if is_tag(event.tag) else "", event.revision))
     if record.phase in BEFORE_CUTOVER:
         return _finish(record, Phase.SUPERSEDED, _superseded(record), now)
+    if record.waiting is not None and not record.rollback:  # at a boundary between batches: now
+        return _finish(record, Phase.SUPERSEDED,
+                       _superseded(record, f"after batch {record.batch_index} of {len(record.batches)}"),
+                       now)
     return record, ()  # cut over: finish first, then the newer one starts
 
 
@@ -1012,6 +1098,9 @@ def _on_resumed(record: Rollout, event: Resumed, now: float, policy: RolloutPoli
     # The barrier's whole duration again, timed by this leader: how much of it an earlier leader's
     # clock saw pass is not known here.
     arm: tuple[Command, ...] = () if record.deadline is None else (ArmDeadline(record.deadline),)
+    if record.waiting is not None:  # at a boundary: nothing moving; a canary's analysis starts over
+        analyse = record.waiting == "canary" and record.pause is None
+        return record, ((RunAnalysis(record.revision, canary_hosts(record)),) if analyse else ())
     if record.phase is Phase.PULL:
         assert record.digest is not None
         _, pending, _ = barrier_state(record)
@@ -1037,6 +1126,60 @@ def _on_resumed(record: Rollout, event: Resumed, now: float, policy: RolloutPoli
         return record, (RestartOldRelease(left, record.previous), *arm)
     assert record.release is not None
     return record, (StartOnHosts(left, record.release), *arm)
+
+
+def _taken(record: Rollout, request: int) -> bool:
+    return any(a.request == request for a in record.actions)
+
+
+def _act(record: Rollout, kind: ActionKind, by: str, request: int, now: float, **changes: Any) -> Rollout:
+    return _r(record, now, actions=(*record.actions, Action(kind, by, now, request)), **changes)
+
+
+def _on_pause(record: Rollout, event: PauseAsked, now: float, policy: RolloutPolicy) -> Result:
+    """Held at the next boundary: once every host pulled, or before the next batch (never in the middle
+    of a host's move or of a step). A recreate past its pull has no boundary left: it finishes."""
+    if _taken(record, event.request):
+        return record, ()
+    return _act(record, "pause", event.by, event.request, now,
+                pause=record.pause or f"paused by {event.by}"), ()
+
+
+def _on_resume(record: Rollout, event: ResumeAsked, now: float, policy: RolloutPolicy) -> Result:
+    if _taken(record, event.request):
+        return record, ()
+    paused = record.pause is not None
+    record = _act(record, "resume", event.by, event.request, now, pause=None)
+    if record.waiting == "pull":
+        return _after_pull(record, now, policy)
+    if record.waiting == "batch":
+        return _continue_batches(record, now, policy)
+    if record.waiting == "canary" and paused:  # its analysis was inconclusive, or paused: again
+        return record, (RunAnalysis(record.revision, canary_hosts(record)),)
+    return record, ()
+
+
+def _on_promote(record: Rollout, event: PromoteAsked, now: float, policy: RolloutPolicy) -> Result:
+    """The canary's wait ends: the rest of the batches go (a pause asked meanwhile ends with it)."""
+    if _taken(record, event.request):
+        return record, ()
+    if record.waiting != "canary":
+        return _act(record, "promote", event.by, event.request, now), ()
+    return _continue_batches(_act(record, "promote", event.by, event.request, now, pause=None), now, policy)
+
+
+def _on_analysis(record: Rollout, event: AnalysisEnded, now: float, policy: RolloutPolicy) -> Result:
+    if event.revision != record.revision or record.waiting != "canary" or record.pause is not None:
+        return record, ()  # late: promoted, paused or moved on meanwhile
+    if event.verdict == "passed":
+        return _continue_batches(record, now, policy)
+    reason = event.reason or "no reason given"
+    if event.verdict == "inconclusive":
+        return _r(record, now, pause=f"the canary's analysis was inconclusive: {reason}"), ()
+    why = f"the canary ({', '.join(canary_hosts(record)) or 'gone'}) failed its analysis: {reason}"
+    if not policy.auto_rollback:
+        return _finish(record, Phase.HALTED, f"{why}; automatic rollback is off: an operator decides", now)
+    return _roll_back_batches(record, why, now, policy)
 
 
 @dataclass(frozen=True)
@@ -1128,10 +1271,21 @@ TRANSITIONS: dict[tuple[Phase, type[Event]], Rule] = {
     (Phase.ROLL, HostFailed): _rule(_on_moved, *_AFTER_BATCH),
     (Phase.ROLL, HostLost): _rule(_on_lost, *_AFTER_BATCH),
     (Phase.ROLL, BarrierDeadline): _rule(_on_deadline, *_AFTER_BATCH),
-    (Phase.ROLL, NewerVersion): _rule(_on_newer, Phase.ROLL),
+    (Phase.ROLL, NewerVersion): _rule(_on_newer, Phase.ROLL, Phase.SUPERSEDED),  # at once between batches
     (Phase.ROLL, Abort): _rule(_on_abort, Phase.ROLL, Phase.ROLLED_BACK),
     (Phase.ROLL, Resumed): _rule(_on_resumed, Phase.ROLL),
+    (Phase.ROLL, AnalysisEnded): _rule(_on_analysis, *_AFTER_BATCH),
 }
+# An operator's pause, resume and promote, in every phase a rollout is under way: a resume at the pull's
+# end goes on where the pull barrier would have; between batches, where the batch's end would have.
+for _phase in (Phase.RESOLVE, Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START, Phase.ROLL):
+    _on = {Phase.PULL: _AFTER_PULL, Phase.ROLL: _AFTER_BATCH}.get(_phase, (_phase,))
+    TRANSITIONS[_phase, PauseAsked] = _rule(_on_pause, _phase)
+    TRANSITIONS[_phase, ResumeAsked] = _rule(_on_resume, *_on)
+    TRANSITIONS[_phase, PromoteAsked] = _rule(_on_promote, *_on)
+    if _phase is not Phase.ROLL:
+        TRANSITIONS[_phase, AnalysisEnded] = _rule(_late, _phase)
+del _on
 # Terminal phases never change: every event is late there. NewerVersion still starts the next rollout.
 for _phase in TERMINAL:
     for _event in EVENT_TYPES:

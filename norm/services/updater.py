@@ -264,15 +264,17 @@ class Updater:
         p = self._prefix
         async with self._etcd.watch(proto.reports_prefix(p), prefix=True) as reports, \
                 self._etcd.watch(proto.abort_key(p, revision)) as aborts, \
+                self._etcd.watch(proto.rollout_requests_prefix(p, revision), prefix=True) as requests, \
                 self._etcd.watch(proto.rollout_prefix(p, revision), prefix=True) as legacy:
             listed: list[KeyValue] = []
-            for w in (reports, aborts, legacy):
+            for w in (reports, aborts, requests, legacy):
                 first = await anext(w)
                 assert isinstance(first, Resync)  # a watch lists before it follows
                 listed += first.snapshot.kvs
             self._take_reports(revision, sorted(listed, key=lambda kv: kv.mod_revision))
             await first_of(**{f"updater-reports-{name}-{revision}": self._pump_reports(revision, w)
-                              for name, w in (("hosts", reports), ("abort", aborts), ("legacy", legacy))})
+                              for name, w in (("hosts", reports), ("abort", aborts), ("requests", requests),
+                                              ("legacy", legacy))})
 
     async def _pump_reports(self, revision: int, w: Watch) -> None:
         async for item in w:
@@ -283,7 +285,7 @@ class Updater:
     def _take_reports(self, revision: int, kvs: Iterable[KeyValue]) -> None:
         for kv in kvs:
             try:
-                report = proto.parse_report(self._prefix, revision, kv.key, kv.value)
+                report = proto.parse_report(self._prefix, revision, kv.key, kv.value, kv.mod_revision)
             except InvalidValue as e:
                 self._metrics.rejected_values.labels("rollout report").inc()
                 log.warning("updater.report_refused", key=e.where, reason=e.reason)

@@ -97,6 +97,8 @@ def test_each_writer_has_a_range_of_its_own() -> None:
     assert start == proto.host_reports_prefix(P, B) and end == proto.rollout_reports_prefix(P, 9, B)
     ops = [access.operator_role(KEYS)]
     assert allowed(ops, proto.abort_key(P, 9), "write")
+    assert allowed(ops, proto.request_key(P, 9, "pause"), "write")
+    assert not allowed(host, proto.request_key(P, 9, "pause"), "write")
     for key in (proto.record_key(P, 9), proto.hosts_list_key(P, 9), proto.report_key(P, 9, "pulled", A),
                 proto.claim_key(P, 9, "migrate")):
         assert not allowed(ops, key, "write"), key
@@ -109,7 +111,7 @@ def test_the_grants_per_role() -> None:
 
     assert grants(access.operator_role(KEYS)) == {
         "readwrite /djed-version", "readwrite /djed-environment", "readwrite /norm/policy", "read /norm/*",
-        "readwrite /norm/control/*", "readwrite /norm/aborts/*"}
+        "readwrite /norm/control/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*"}
     assert grants(access.make_host_role(KEYS, B)) == {
         "read /djed-version", "read /djed-environment", "read /norm/policy", "read /norm/rollout",
         "read /norm/rollouts/*",
@@ -118,7 +120,7 @@ def test_the_grants_per_role() -> None:
     assert grants(access.leader_role(KEYS)) == {
         "readwrite /norm/leader", "readwrite /norm/rollout", "readwrite /norm/rollouts/*",
         "readwrite /norm/ledger/*", "readwrite /norm/history/*", "read /norm/hosts/*", "read /norm/reports/*",
-        "readwrite /norm/claims/*", "readwrite /norm/aborts/*"}
+        "readwrite /norm/claims/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*"}
 
 
 def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> None:

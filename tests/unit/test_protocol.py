@@ -408,6 +408,11 @@ def test_reports_of_the_previous_layout_are_still_read() -> None:
         new_key = proto.claim_key(P, 7, name) if kind == "claim" else proto.migrated_key(P, 7, A, name) \
             if kind == "migrated" else proto.report_key(P, 7, kind, name)
         assert proto.parse_report(P, 7, new_key, raw) == old
+    pause = proto.parse_report(P, 7, proto.request_key(P, 7, "pause"), proto.operator_request("alice"), 77)
+    assert pause == proto.Report("pause", "", {"by": "alice"}, 77)
+    assert proto.parse_report(P, 8, proto.request_key(P, 7, "resume"), proto.operator_request("bob")) is None
+    with pytest.raises(InvalidValue):
+        proto.parse_report(P, 7, f"{P}/requests/{proto.rev12(7)}/reboot", proto.operator_request("alice"))
     abort = proto.parse_report(P, 7, proto.legacy_abort_key(P, 7), proto.abort_request("alice"))
     assert abort == proto.parse_report(P, 7, proto.abort_key(P, 7), proto.abort_request("alice"))
     assert proto.parse_report(P, 7, proto.hosts_list_key(P, 7), b"[]") is None
@@ -423,7 +428,9 @@ def test_the_leaders_trim_spares_the_current_rollouts_claims_and_abort() -> None
 
     for rev in (1, 6, 8, 10**11):
         assert trimmed(proto.claim_key(P, rev, "migrate")) and trimmed(proto.abort_key(P, rev))
+        assert all(trimmed(proto.request_key(P, rev, kind)) for kind in proto.REQUEST_KINDS)
     assert not trimmed(proto.claim_key(P, 7, "migrate")) and not trimmed(proto.abort_key(P, 7))
+    assert not any(trimmed(proto.request_key(P, 7, kind)) for kind in proto.REQUEST_KINDS)
     assert not trimmed(proto.claim_key(P, 7, "collectstatic"))
     for key in (proto.report_key(P, 6, "pulled", A), proto.record_key(P, 6), proto.header_key(P),
                 proto.ledger_key(P, 6, "migrate"), proto.history_key(P, 6)):

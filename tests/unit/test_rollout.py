@@ -23,6 +23,7 @@ from norm.core.rollout import (
     EVENT_TYPES,
     TRANSITIONS,
     Abort,
+    AnalysisEnded,
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
@@ -41,6 +42,8 @@ from norm.core.rollout import (
     MigrationUnknown,
     MoveHosts,
     NewerVersion,
+    PauseAsked,
+    PromoteAsked,
     PullOnHosts,
     RecordOutcome,
     Resolved,
@@ -48,7 +51,9 @@ from norm.core.rollout import (
     ResolveTag,
     RestartOldRelease,
     Resumed,
+    ResumeAsked,
     RolloutPolicy,
+    RunAnalysis,
     RunMigration,
     StartOnHosts,
     StopOnHosts,
@@ -77,6 +82,7 @@ NO_STEPS = dataclasses.replace(POLICY, steps=())
 # Rolling when the image declares expand migrations: `migrate` before the batches, `collectstatic` after.
 ROLLING = dataclasses.replace(POLICY, strategy="auto", post_steps=frozenset({"collectstatic"}),
                               progress_deadline=90.0)
+CANARY = dataclasses.replace(ROLLING, canary="1")
 REV = 10
 
 
@@ -123,10 +129,29 @@ def rolling_at(phase: str) -> Rollout:
     raise AssertionError(phase)
 
 
+def paused_at(where: str) -> Rollout:
+    """A record paused at a boundary: "pull" (every host pulled), "batch" (before the second batch of a
+    rolling update), or waiting for its canary's analysis ("canary")."""
+    if where == "pull":
+        r, _ = run(new(), Resolved(D2), PauseAsked("ops", 900))
+        return run(r, *pulled(r))[0]
+    if where == "canary":
+        r, _ = run(new(), Resolved(D2), policy=CANARY)
+        r, _ = run(r, *(HostPulled(h, D2, "expand") for h in r.hosts), MigrationSucceeded("migrate"),
+                   policy=CANARY)
+        return run(r, HostActive(A), policy=CANARY)[0]
+    r = run(rolling_at("roll"), PauseAsked("ops", 900), policy=ROLLING)[0]
+    return run(r, HostActive(A), policy=ROLLING)[0]
+
+
 def at(phase: str) -> Rollout:
     """A record in the named phase, reached the way the leader reaches it."""
     if phase in ("roll", "roll-back", "post"):
         return rolling_at(phase)
+    if phase.startswith("paused-"):
+        return paused_at(phase.removeprefix("paused-"))
+    if phase == "canary":
+        return paused_at("canary")
     r = new()
     if phase == "resolve":
         return r
@@ -163,7 +188,7 @@ def terminal(phase: Phase) -> Rollout:
 
 RECORDS: dict[str, Rollout] = {
     **{name: at(name) for name in ("resolve", "pull", "stop", "migrate", "start", "rollback", "roll",
-                                   "roll-back", "post")},
+                                   "roll-back", "post", "paused-pull", "paused-batch", "canary")},
     **{p.value: terminal(p) for p in sorted(TERMINAL)},
 }
 
@@ -194,6 +219,10 @@ def sample(record: Rollout, etype: type[Event]) -> Event | None:
         NewerVersion: NewerVersion("v3", REV + 1),
         Abort: Abort("ops"),
         Resumed: Resumed(),
+        PauseAsked: PauseAsked("ops", 1900),
+        ResumeAsked: ResumeAsked("ops", 1901),
+        PromoteAsked: PromoteAsked("ops", 1902),
+        AnalysisEnded: AnalysisEnded(record.revision, "passed"),
     }
     return events[etype]
 
@@ -207,7 +236,9 @@ def test_the_records_are_in_their_phases() -> None:
         "resolve": "resolve", "pull": "pull", "stop": "stop", "migrate": "migrate", "start": "start",
         "rollback": "start", "done": "done", "failed": "failed", "superseded": "superseded",
         "halted": "halted", "roll": "roll", "roll-back": "roll", "post": "migrate",
-        "rolled_back": "rolled_back"}
+        "rolled_back": "rolled_back", "paused-pull": "pull", "paused-batch": "roll", "canary": "roll"}
+    assert {name: r.waiting for name, r in RECORDS.items() if r.waiting} == {
+        "paused-pull": "pull", "paused-batch": "batch", "canary": "canary"}
     assert RECORDS["rollback"].rollback and RECORDS["rollback"].outcome is Phase.FAILED
     assert RECORDS["roll-back"].rollback and RECORDS["roll-back"].outcome is Phase.ROLLED_BACK
 
@@ -1274,3 +1305,83 @@ def test_setting_back_above_the_floor_rolls_without_any_step() -> None:
     assert r.phase is Phase.PULL
     r, cmds = run(r, *(HostPulled(h, D1, "expand") for h in HOSTS), policy=ROLLING)
     assert r.phase is Phase.ROLL and not any(isinstance(c, RunMigration) for c in cmds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pause, resume, promote; a canary and its analysis
+
+
+def test_a_pause_during_the_pull_holds_once_every_host_pulled_and_a_resume_goes_on() -> None:
+    r, _ = run(new(), Resolved(D2), PauseAsked("alice", 900))
+    assert r.phase is Phase.PULL and r.pause == "paused by alice" and r.waiting is None
+    r, commands = run(r, *pulled(r))
+    assert r.phase is Phase.PULL and r.waiting == "pull" and r.deadline is None and commands == []
+    assert run(r, Resumed())[1] == []  # a new leader: nothing to re-issue while it waits
+    r, commands = run(r, ResumeAsked("bob", 901))
+    assert r.phase is Phase.STOP and r.pause is None and r.waiting is None
+    assert StopOnHosts(HOSTS) in commands
+    assert [(a.kind, a.by, a.request) for a in r.actions] == [("pause", "alice", 900), ("resume", "bob", 901)]
+    # The same requests read again (a new leader re-reads them) change nothing.
+    assert run(r, PauseAsked("alice", 900), ResumeAsked("bob", 901))[0] == r
+
+
+def test_a_pause_during_a_batch_lets_the_batch_finish_and_holds_before_the_next() -> None:
+    r = run(rolling_at("roll"), PauseAsked("alice", 900), policy=ROLLING)[0]
+    assert r.batch == (A,)
+    r, commands = run(r, HostActive(A), policy=ROLLING)
+    assert r.phase is Phase.ROLL and r.waiting == "batch" and r.batch_index == 1 and commands == []
+    assert run(r, HostLost(C), policy=ROLLING)[0].waiting == "batch"  # nothing moves meanwhile
+    r, commands = run(r, ResumeAsked("alice", 901), policy=ROLLING)
+    assert r.waiting is None and MoveHosts((B,), Release("v2", D2)) in commands
+
+
+def test_a_newer_version_or_an_abort_while_waiting_between_batches() -> None:
+    r = run(rolling_at("roll"), PauseAsked("alice", 900), HostActive(A), policy=ROLLING)[0]
+    superseded = run(r, NewerVersion("v3", REV + 5), policy=ROLLING)[0]
+    assert superseded.phase is Phase.SUPERSEDED and superseded.waiting is None
+    aborted, commands = run(r, Abort("ops"), policy=ROLLING)
+    assert aborted.rollback and aborted.batches == ((A,),)  # only the host that moved goes back
+    assert MoveHosts((A,), OLD) in commands
+
+
+def test_a_canary_moves_alone_and_waits_for_its_analysis() -> None:
+    r, _ = run(new(), Resolved(D2), policy=CANARY)
+    r, _ = run(r, *(HostPulled(h, D2, "expand") for h in r.hosts), MigrationSucceeded("migrate"),
+               policy=CANARY)
+    assert r.batches == ((A,), (B,), (C,)) and r.canary == 1 and r.batch == (A,)
+    r, commands = run(r, HostActive(A), policy=CANARY)
+    assert r.waiting == "canary" and commands == [RunAnalysis(REV, (A,))]
+    assert run(r, Resumed(), policy=CANARY)[1] == [RunAnalysis(REV, (A,))]  # a new leader analyses again
+    passed, commands = run(r, AnalysisEnded(REV, "passed"), policy=CANARY)
+    assert passed.waiting is None and MoveHosts((B,), Release("v2", D2)) in commands
+    promoted, commands = run(r, PromoteAsked("alice", 900), policy=CANARY)
+    assert promoted.waiting is None and MoveHosts((B,), Release("v2", D2)) in commands
+    assert run(promoted, AnalysisEnded(REV, "failed", "late"), policy=CANARY)[0] == promoted  # late
+
+
+def test_a_failed_analysis_puts_the_canary_back_and_no_other_host_moves() -> None:
+    r = at("canary")
+    r, commands = run(r, AnalysisEnded(REV, "failed", "error rate 0.05 >= 0.01"), policy=CANARY)
+    assert r.rollback and r.outcome is Phase.ROLLED_BACK and r.batches == ((A,),)
+    assert [c for c in commands if isinstance(c, MoveHosts)] == [MoveHosts((A,), OLD)]
+    assert "failed its analysis: error rate 0.05 >= 0.01" in (r.reason or "")
+    r, _ = run(r, HostActive(A), policy=CANARY)
+    assert r.phase is Phase.ROLLED_BACK
+    halted = run(at("canary"), AnalysisEnded(REV, "failed", "x"),
+                 policy=dataclasses.replace(CANARY, auto_rollback=False))[0]
+    assert halted.phase is Phase.HALTED
+
+
+def test_an_inconclusive_analysis_pauses_and_a_resume_analyses_again() -> None:
+    r, commands = run(at("canary"), AnalysisEnded(REV, "inconclusive", "no data"), policy=CANARY)
+    assert r.waiting == "canary" and r.pause == "the canary's analysis was inconclusive: no data"
+    assert commands == [] and run(r, Resumed(), policy=CANARY)[1] == []
+    r, commands = run(r, ResumeAsked("alice", 900), policy=CANARY)
+    assert r.pause is None and r.waiting == "canary" and commands == [RunAnalysis(REV, (A,))]
+    assert run(r, AnalysisEnded(REV, "passed"), policy=CANARY)[0].batch == (B,)
+
+
+def test_every_record_with_a_pause_or_a_canary_reads_back_as_itself() -> None:
+    for name in ("paused-pull", "paused-batch", "canary"):
+        r = RECORDS[name]
+        assert Rollout.decode(r.encode(), "test") == r
