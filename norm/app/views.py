@@ -397,6 +397,8 @@ def rollout_frame(p: Progress) -> Frame:
     frame: Frame = [("title", text)]
     if h.strategy_reason and not h.terminal and h.phase not in (Phase.RESOLVE, Phase.PULL):
         frame.append(("strategy", f"  {h.strategy}: {clean(h.strategy_reason, REASON_WIDTH)}"))
+    if p.record is not None and p.record.revision == h.revision and not h.terminal:
+        frame += _held_lines(p.record, p.names)
     width = max((len(host_name(m, p.names)) for m in mids), default=0)
     for mid, s in zip(mids, states, strict=True):
         line = f"  {host_name(mid, p.names).ljust(width)}  {progress_bar(s.done, len(HOST_STEPS))}  {s.state}"
@@ -404,6 +406,24 @@ def rollout_frame(p: Progress) -> Frame:
     if h.phase is Phase.RESOLVE and not mids:
         frame.append(("hosts", f"  {h.hosts_count} host{'s' if h.hosts_count != 1 else ''} taking part"))
     return frame + _step_lines(h, p)
+
+
+_WAITS = {"pull": "every host pulled, nothing stopped", "batch": "before its next batch",
+          "canary": "with its canary on the new release"}
+
+
+def _held_lines(r: Rollout, names: Mapping[str, str]) -> Frame:
+    """Whether the rollout is paused, or waits for its canary's analysis, and what goes on from there."""
+    lines: Frame = []
+    canary = ", ".join(host_name(m, names) for m in (r.batches[0] if r.canary and r.batches else ()))
+    if r.waiting == "canary" and r.pause is None:
+        lines.append(("held", f"  canary {clean(canary, 200)}: being analysed "
+                              "(`norm promote` ends it early)"))
+    if r.pause is not None:
+        where = f"waits {_WAITS[r.waiting]}" if r.waiting is not None else "holds at its next boundary"
+        lines.append(("held", f"  paused ({clean(named(r.pause, names), REASON_WIDTH)}): {where}; "
+                              "`norm resume` goes on"))
+    return lines
 
 
 def progress_json(p: Progress, v: Verdict) -> dict[str, Any]:
@@ -417,8 +437,13 @@ def progress_json(p: Progress, v: Verdict) -> dict[str, Any]:
         hosts.append({"machine_id": mid, "name": p.names.get(mid), "state": s.state, "done": s.done,
                       "note": s.note})
     steps = {name: dict(value) for (kind, name), value in p.reports.items() if kind == "migrated"}
+    r = p.record if p.record is not None and p.record.revision == h.revision else None
+    held = None if r is None else {
+        "pause": r.pause, "waiting": r.waiting,
+        "canary": list(r.batches[0]) if r.canary and r.batches else [],
+        "actions": [asdict(a) for a in r.actions]}
     return {"revision": h.revision, "verdict": v.value, "note": p.verdict_note, "rollout": asdict(h),
-            "hosts": hosts, "steps": steps}
+            "hosts": hosts, "steps": steps, "control": held}
 
 
 def changed_lines(old: Frame, new: Frame) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal
 
 import structlog
 
@@ -44,6 +45,7 @@ from norm.core.record import (
     decode_ledger_entry,
 )
 from norm.core.rollout import (
+    AnalysisEnded,
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
@@ -57,6 +59,7 @@ from norm.core.rollout import (
     ResolveTag,
     Resumed,
     RolloutPolicy,
+    RunAnalysis,
     RunMigration,
     barrier_state,
     ledger_order,
@@ -76,6 +79,17 @@ from norm.services.watcher import DesiredStateWatcher
 
 log = structlog.get_logger("norm.updater")
 
+Verdict = tuple[Literal["passed", "failed", "inconclusive"], str | None]
+# Analyses a canary (its hosts, under the rollout's policy) to its verdict and why.
+Analyse = Callable[[FleetPolicy, tuple[str, ...]], Awaitable[Verdict]]
+
+
+async def watch_only(policy: FleetPolicy, hosts: tuple[str, ...]) -> Verdict:
+    """A canary's analysis without queries: it passes once watched for the policy's canary_wait (its
+    hosts passed their health gates as they moved)."""
+    await pause(policy.canary_wait)
+    return "passed", None
+
 PHASE_CODES = {None: 0, Phase.RESOLVE: 1, Phase.PULL: 2, Phase.STOP: 3, Phase.MIGRATE: 4, Phase.START: 5,
                Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9, Phase.ROLL: 10,
                Phase.ROLLED_BACK: 11}
@@ -93,7 +107,7 @@ class Updater:
     def __init__(self, host: HostContext, update: UpdateConfig, environment: str,
                  leadership: LeaderElection, watcher: DesiredStateWatcher,
                  resolve: Callable[[str], Awaitable[str]],
-                 policy: Callable[[], FleetPolicy] | None = None) -> None:
+                 policy: Callable[[], FleetPolicy] | None = None, analyse: Analyse = watch_only) -> None:
         """`update`: the [update] section (image, history); `environment`: this host's, whose hosts
         take part in rollouts; `resolve`: a tag's image reference to it pinned by digest; `policy`:
         the fleet's policy now (norm.services.policy), which a rollout keeps from its beginning;
@@ -110,6 +124,7 @@ class Updater:
         self._watcher = watcher
         self._metrics = host.metrics
         self._resolve = resolve
+        self._analyse = analyse
         self._history = update.history
         self._clock = host.clock
         self.record: Rollout | None = None
@@ -389,6 +404,8 @@ class Updater:
             new = dataclasses.replace(new, migrator=migrator_for(new, self._me))
         await self._adopt(record, new)
         await self._carry_out(new, commands)
+        if new.waiting != "canary" and self._helpers.running("analysis"):
+            await self._helpers.stop("analysis")  # promoted, or the rollout moved on: no verdict needed
 
     async def _adopt(self, old: Rollout | None, new: Rollout) -> None:
         """Write `new` (fenced) if it differs from `old` in more than progress, then make it current."""
@@ -462,11 +479,21 @@ class Updater:
                 case HostsExcluded(hosts=hosts, reason=reason):
                     log.warning("rollout.hosts_excluded", rollout=record.revision, hosts=list(hosts),
                                 reason=reason)
+                case RunAnalysis(revision=revision, hosts=hosts):
+                    self._helpers.start("analysis", self._analysing(record, hosts),
+                                        f"updater-analysis-{revision}")
                 case RecordOutcome(phase=phase, reason=reason):
                     log.info("rollout.outcome", rollout=record.revision, tag=record.tag, outcome=phase.value,
                              reason=reason)
                 case _:
                     pass  # the hosts' duties: they follow the header just written
+
+    async def _analysing(self, record: Rollout, hosts: tuple[str, ...]) -> None:
+        policy = record.policy if record.policy is not None else self._fleet_policy()
+        log.info("rollout.analysing", rollout=record.revision, canary=list(hosts))
+        verdict, reason = await self._analyse(policy, hosts)
+        log.info("rollout.analysed", rollout=record.revision, verdict=verdict, reason=reason)
+        self._queue.put_nowait(AnalysisEnded(record.revision, verdict, reason))
 
     def _arm(self, revision: int, deadline: Deadline) -> None:
         """Time the barrier on the loop's clock (monotonic): the wall clock may be another host's

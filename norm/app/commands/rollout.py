@@ -1,4 +1,5 @@
-"""`norm deploy`, `status`, `rollout`, `history`, `abort`: the fleet's updates, asked for and followed.
+"""`norm deploy`, `status`, `rollout`, `history`, `abort`, `pause`, `resume`, `promote`: the fleet's
+updates, asked for, followed and steered.
 
 Following a rollout is a loop over one etcd watch: each change goes into the tracker's model
 (`norm.core.tracker`), what else the model asks for is read, and the screen draws the result.
@@ -82,6 +83,20 @@ def register(sub: cli.Subparsers) -> None:
     abort.add_argument("--by", default=None, metavar="NAME",
                        help="who asks (default $USER@hostname); recorded as the reason")
     abort.set_defaults(run=abort_rollout)
+
+    for kind, text in REQUESTS.items():
+        verb = sub.add_parser(kind, help=text)
+        cli.config_args(verb)
+        verb.add_argument("--by", default=None, metavar="NAME",
+                          help="who asks (default $USER@hostname); recorded with the rollout")
+        verb.set_defaults(run=request_rollout, kind=kind)
+
+
+REQUESTS = {
+    "pause": "hold the running rollout at its next boundary (every host pulled, or before its next batch)",
+    "resume": "let a paused rollout go on",
+    "promote": "end a canary's analysis early: the other batches go",
+}
 
 
 def _seconds(text: str) -> float:
@@ -303,15 +318,35 @@ async def list_history(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
     return EXIT_OK
 
 
-def abort_rollout(args: argparse.Namespace) -> int:
-    by = args.by if args.by is not None else _default_requester()
+def _requester(args: argparse.Namespace) -> str:
+    by: str = args.by if args.by is not None else _default_requester()
     if not by or len(by) > 200 or views.clean(by) != by:
         raise InvalidValue("--by", "1 to 200 printable characters")
+    return by
+
+
+def abort_rollout(args: argparse.Namespace) -> int:
+    by = _requester(args)
     config = cli.load(args)
     return cli.with_etcd(config, lambda etcd: abort(etcd, config.keys.prefix, by))
 
 
+def request_rollout(args: argparse.Namespace) -> int:
+    by, kind = _requester(args), args.kind
+    config = cli.load(args)
+    return cli.with_etcd(config, lambda etcd: ask(etcd, config.keys.prefix, kind, by))
+
+
 async def abort(etcd: Etcd, prefix: str, by: str) -> int:
+    return await _write_request(etcd, prefix, "abort", by)
+
+
+async def ask(etcd: Etcd, prefix: str, kind: str, by: str) -> int:
+    """An operator's pause, resume or promote request on the running rollout."""
+    return await _write_request(etcd, prefix, kind, by)
+
+
+async def _write_request(etcd: Etcd, prefix: str, kind: str, by: str) -> int:
     from norm.adapters.etcd import Compare, Put
 
     for _ in range(10):
@@ -324,13 +359,21 @@ async def abort(etcd: Etcd, prefix: str, by: str) -> int:
             print(f"norm: no rollout is running{last}", file=sys.stderr)
             return EXIT_FAILED
         # Written only while the header is the one read: never for a rollout that has ended since.
-        result = await etcd.txn([Compare(proto.header_key(prefix), "mod", "==", kv.mod_revision)],
-                                [Put(proto.abort_key(prefix, header.revision), proto.abort_request(by))])
+        put = Put(proto.abort_key(prefix, header.revision), proto.abort_request(by)) if kind == "abort" \
+            else Put(proto.request_key(prefix, header.revision, kind), proto.operator_request(by))
+        result = await etcd.txn([Compare(proto.header_key(prefix), "mod", "==", kv.mod_revision)], [put])
         if result.succeeded:
-            print(f"abort requested for rollout {header.revision}")
+            print(f"{kind} requested for rollout {header.revision}{_REQUESTED.get(kind, '')}")
             return EXIT_OK
-    print("norm: the rollout kept changing while the abort was being written; try again", file=sys.stderr)
+    print(f"norm: the rollout kept changing while the {kind} was being written; try again", file=sys.stderr)
     return EXIT_FAILED
+
+
+_REQUESTED = {
+    "pause": ": it holds at its next boundary (every host pulled, or before its next batch); a recreate "
+             "past its pull has none left and finishes",
+    "promote": ": a canary waiting for its analysis is promoted; otherwise nothing changes",
+}
 
 
 def _default_requester() -> str:
