@@ -724,8 +724,10 @@ def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result
     canary = batch_size(policy.canary, len(hosts)) if policy.canary else 0
     first = (hosts[:canary],) if canary else ()
     batches = first + tuple(hosts[i:i + size] for i in range(canary, len(hosts), size))
-    return _move_batch(_r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0,
-                          canary=canary), now, policy)
+    record = _r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0, canary=canary)
+    if record.pause is not None:  # a boundary: paused, it waits before its first batch
+        return _r(record, now, waiting="batch"), ()
+    return _move_batch(record, now, policy)
 
 
 def _move_batch(record: Rollout, now: float, policy: RolloutPolicy) -> Result:

@@ -305,3 +305,119 @@ def test_a_set_back_below_the_rollback_floor_is_refused_and_above_it_rolls_witho
         rolling.all_serve(newer)
     finally:
         updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+
+
+def norm_cli(rolling: Rolling, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `norm` verb as an operator runs it, with a host's configuration."""
+    config = rolling.fleet.host(rolling.names()[0])["config"]
+    return subprocess.run([sys.executable, "-m", "norm", *args, "--config", config], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def wait_record(rolling: Rolling, revision: int, what: str, ok: Callable[[dict[str, Any]], bool],
+                timeout: float = 120.0) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = []
+
+    def reached() -> bool:
+        r = updates.record(rolling.fleet, revision)
+        if r is None:
+            return False
+        seen.append(r)
+        return ok(r)
+
+    wait_for(reached, timeout=timeout, what=what, interval=0.05)
+    return seen[-1]
+
+
+def new_leader_took_over(rolling: Rolling) -> str:
+    """Kill the leader's agent (and start it again, as systemd would); the name of the agent leading
+    once another has picked the rollout up."""
+    old = leader(rolling)
+    mark = rolling.log_marks()
+    rolling.fleet.kill_agent(old)
+    rolling.fleet.restart_agent(old)
+
+    def resumed() -> str | None:
+        for name in rolling.names():
+            if any(e.get("event") == "updater.leading" for e in rolling.events(name, mark[name])):
+                return name
+        return None
+
+    wait_for(lambda: resumed() is not None, timeout=60, what="a leader leading again", interval=0.1)
+    name = resumed()
+    assert name is not None
+    return name
+
+
+def test_a_paused_rollout_waits_through_a_leader_change_until_resumed(rolling: Rolling) -> None:
+    """Paused in the pull, and again in a batch, with the leader killed while it waits: nothing moves
+    until `norm resume`; then it finishes, each host moved once."""
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    steps_env = rolling.fleet.run_dir / "steps.env"
+    steps_env.write_text("NORM_DEMO_TASK_SECONDS=2\n")  # the pre step: time to ask for the pause
+    try:
+        with rolling.load() as (result, serving):
+            revision = updates.set_version(rolling.fleet, tag)
+            wait_header(rolling, revision, "the pull", lambda h: h["phase"] in ("pull", "migrate"))
+            r = norm_cli(rolling, "pause", "--by", "alice")
+            assert r.returncode == 0 and f"pause requested for rollout {revision}" in r.stdout, r.stderr
+            first = wait_record(rolling, revision, "paused", lambda rec: rec["pause"] == "paused by alice"
+                                and rec["waiting"] in ("pull", "batch"))
+            new_leader_took_over(rolling)
+            again = wait_record(rolling, revision, "still paused under the new leader",
+                                lambda rec: rec["waiting"] == first["waiting"])
+            assert again["batch_index"] == first["batch_index"]
+            assert sum(rolling.moved_to(tag, marks).values()) == first["batch_index"]  # none since
+            assert norm_cli(rolling, "resume", "--by", "bob").returncode == 0
+            # Paused again in a batch: the batch finishes, the next waits.
+            wait_header(rolling, revision, "a batch moving", lambda h: h["phase"] == "roll")
+            assert norm_cli(rolling, "pause", "--by", "carol").returncode == 0
+            held = wait_record(rolling, revision, "paused before a batch",
+                               lambda rec: rec["waiting"] == "batch" and rec["pause"] == "paused by carol")
+            new_leader_took_over(rolling)
+            wait_record(rolling, revision, "still paused under the new leader",
+                        lambda rec: rec["waiting"] == "batch" and rec["batch_index"] == held["batch_index"])
+            assert sum(rolling.moved_to(tag, marks).values()) == held["batch_index"]
+            status = norm_cli(rolling, "rollout", "--once")
+            assert "paused (paused by carol): waits before its next batch" in status.stdout, status.stdout
+            assert norm_cli(rolling, "resume").returncode == 0
+            h = updates.wait_phase(rolling.fleet, revision, timeout=240)
+            rolling.fleet.wait_registered(timeout=60)
+            rolling.all_serve(tag)
+    finally:
+        steps_env.write_text("")
+    assert h["phase"] == "done", h
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
+    record = updates.record(rolling.fleet, revision)
+    assert record is not None
+    assert [(a["kind"], a["by"]) for a in record["actions"]][:3] == [
+        ("pause", "alice"), ("resume", "bob"), ("pause", "carol")]
+    assert result.failed == 0, result.failures[:5]
+    assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
+
+
+def test_a_canary_moves_alone_and_the_rest_follow_once_it_is_promoted(rolling: Rolling) -> None:
+    canary = dataclasses.replace(POLICY, canary="1", canary_wait=3600.0)
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    updates.put(rolling.fleet, "/norm/policy", canary.encode().decode())
+    try:
+        with rolling.load() as (result, _serving):
+            revision = updates.set_version(rolling.fleet, tag)
+            waiting = wait_record(rolling, revision, "the canary being analysed",
+                                  lambda rec: rec["waiting"] == "canary")
+            assert waiting["canary"] == 1 and len(waiting["batches"][0]) == 1
+            moved = rolling.moved_to(tag, marks)
+            assert sum(moved.values()) == 1, moved  # the canary alone
+            r = norm_cli(rolling, "promote", "--by", "alice")
+            assert r.returncode == 0, r.stderr
+            h = updates.wait_phase(rolling.fleet, revision, timeout=240)
+            rolling.all_serve(tag)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+    assert h["phase"] == "done", h
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
+    record = updates.record(rolling.fleet, revision)
+    assert record is not None and [(a["kind"], a["by"]) for a in record["actions"]] == [("promote", "alice")]
+    assert result.failed == 0, result.failures[:5]

@@ -1385,3 +1385,12 @@ def test_every_record_with_a_pause_or_a_canary_reads_back_as_itself() -> None:
     for name in ("paused-pull", "paused-batch", "canary"):
         r = RECORDS[name]
         assert Rollout.decode(r.encode(), "test") == r
+
+
+def test_a_pause_during_a_pre_step_holds_before_the_first_batch() -> None:
+    r = run(rolling_at("pre"), PauseAsked("alice", 900), policy=ROLLING)[0]
+    r, commands = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
+    assert r.phase is Phase.ROLL and r.waiting == "batch" and r.batch_index == 0
+    assert not [c for c in commands if isinstance(c, MoveHosts)]
+    r, commands = run(r, ResumeAsked("alice", 901), policy=ROLLING)
+    assert MoveHosts((A,), Release("v2", D2)) in commands
