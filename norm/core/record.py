@@ -217,8 +217,8 @@ class Rollout:
 
     @property
     def batch(self) -> tuple[str, ...]:
-        """The hosts of the batch moving now (none outside the roll phase)."""
-        if self.phase is not Phase.ROLL or self.batch_index >= len(self.batches):
+        """The hosts of the batch moving now (none outside the roll phase, nor between two batches)."""
+        if self.phase is not Phase.ROLL or self.waiting is not None or self.batch_index >= len(self.batches):
             return ()
         return self.batches[self.batch_index]
 

@@ -1392,5 +1392,6 @@ def test_a_pause_during_a_pre_step_holds_before_the_first_batch() -> None:
     r, commands = run(r, MigrationSucceeded("migrate"), policy=ROLLING)
     assert r.phase is Phase.ROLL and r.waiting == "batch" and r.batch_index == 0
     assert not [c for c in commands if isinstance(c, MoveHosts)]
+    assert r.batch == () and proto.Header.of(r).batch == ()  # no host moves while it waits
     r, commands = run(r, ResumeAsked("alice", 901), policy=ROLLING)
     assert MoveHosts((A,), Release("v2", D2)) in commands
