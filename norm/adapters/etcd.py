@@ -251,10 +251,22 @@ def _build_op(op: Op) -> Any:
             return transactions.Get(key.encode(), range_end=_range_end(key, prefix, range_end))
 
 
+def _written_at(responses: Sequence[Any]) -> int:
+    """The revision a transaction's puts and deletes wrote at, from their responses' headers."""
+    for r in responses:
+        if isinstance(r, list):
+            continue
+        for kind in ("response_put", "response_delete_range"):
+            if r.WhichOneof("response") == kind:
+                return int(getattr(r, kind).header.revision)
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class TxnResult:
     succeeded: bool
     gets: tuple[tuple[KeyValue, ...], ...]  # one tuple per Get op of the branch taken, in order
+    revision: int = 0  # the store's revision the transaction wrote at (0: it wrote nothing)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -603,7 +615,7 @@ class Etcd:
 
         succeeded, responses = await self._call("transaction", run, retry=False)
         gets = tuple(tuple(KeyValue.of(item[1]) for item in r) for r in responses if isinstance(r, list))
-        return TxnResult(bool(succeeded), gets)
+        return TxnResult(bool(succeeded), gets, _written_at(responses))
 
     async def compact(self, revision: int) -> None:
         await self._call("compacting", lambda c: c.compact(revision, physical=True), retry=False)

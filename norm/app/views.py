@@ -16,7 +16,7 @@ from typing import Any
 
 from norm.core.host import HostRecord
 from norm.core.protocol import Header, Report, release_text
-from norm.core.record import HostStatus, Phase, Rollout
+from norm.core.record import HostStatus, LedgerEntry, Phase, Rollout
 from norm.core.tracker import ENDED, Skipped, Tracker, Verdict, verdict
 
 # A rollout's state is the tracker's (norm.core.tracker): named here too, with what it means.
@@ -562,6 +562,38 @@ def status_json(rows: Sequence[HostRow], header: Header | None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------------------------
 # History
+
+
+def rollout_details(r: Rollout, steps: Sequence[LedgerEntry], names: Mapping[str, str]) -> list[str]:
+    """One rollout in full, as `norm history REVISION` prints it."""
+    outcome = (r.outcome or r.phase).value if r.terminal else f"{r.phase.value} (under way)"
+    took = None if r.ended_at is None else r.ended_at - r.started_at
+    by = clean(r.by, 200) if r.by else "(not known: the version key was written without norm deploy)"
+    lines = [f"rollout {r.revision}: {clean(r.tag, 80) or '(refused)'}",
+             f"  asked by:  {by}",
+             f"  image:     {r.digest or '-'}",
+             f"  previous:  {clean(release_text(r.previous), 120) if r.previous else '-'}",
+             f"  started:   {utc(r.started_at)}" + (f", took {duration(took)}" if took is not None else ""),
+             f"  outcome:   {outcome}" + (f": {clean(named(r.reason, names), 400)}" if r.reason else "")]
+    if r.strategy:
+        why = f" ({clean(r.strategy_reason, 400)})" if r.strategy_reason else ""
+        lines.append(f"  strategy:  {r.strategy}{why}")
+    hosts = ", ".join(host_name(h, names) for h in r.hosts)
+    lines.append(f"  hosts:     {len(r.hosts)}" + (f" ({clean(hosts, 600)})" if hosts else ""))
+    for x in r.excluded:
+        lines.append(f"  excluded:  {host_name(x.host, names)} in {x.phase.value}: {clean(x.reason, 200)}")
+    if r.batches:
+        lines.append("  batches:   " + "; ".join(
+            ("canary " if r.canary and i == 0 and not r.rollback else "")
+            + ", ".join(host_name(h, names) for h in b) for i, b in enumerate(r.batches)))
+    for e in steps:
+        result = "ok" if e.ok else ("outcome unknown" if e.unknown else "failed")
+        lines.append(f"  step:      {clean(e.step, 64)} ({e.stage}) {result} at {utc(e.at)}")
+    for a in r.actions:
+        lines.append(f"  {a.kind + ':':10} by {clean(a.by, 200)} at {utc(a.at)}")
+    if r.pause is not None:
+        lines.append(f"  paused:    {clean(named(r.pause, names), 400)}")
+    return lines
 
 
 def history_rows(records: Sequence[Rollout]) -> list[tuple[str, ...]]:

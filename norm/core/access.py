@@ -38,6 +38,7 @@ from norm.core.policy import policy_key
 from norm.core.protocol import (
     aborts_prefix,
     claims_prefix,
+    deploy_key,
     header_key,
     host_reports_prefix,
     reports_prefix,
@@ -145,6 +146,7 @@ def operator_role(keys: Keys) -> Role:
         Permission.under(f"{p}/control/", "readwrite"),
         Permission.under(aborts_prefix(p), "readwrite"),
         Permission.under(requests_prefix(p), "readwrite"),
+        Permission.one(deploy_key(p), "readwrite"),
     }), "operators: read everything; write the desired version and environment, the update policy, control "
         "and abort requests, and pause, resume and promote requests")
 
@@ -186,6 +188,7 @@ def leader_role(keys: Keys) -> Role:
         Permission.under(claims_prefix(p), "readwrite"),
         Permission.under(aborts_prefix(p), "readwrite"),
         Permission.under(requests_prefix(p), "readwrite"),
+        Permission.one(deploy_key(p), "read"),
     }), "leader-eligible hosts: the leader key, the rollout header, records, ledger and history")
 
 

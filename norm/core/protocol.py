@@ -22,6 +22,8 @@ ones:
                                                     per step, made once, fenced on the header that
                                                     asks it to run the step
     <prefix>/aborts/<rev12>                         {"by": ...}: an operator's request
+    <prefix>/deploy                                 {"by": ...}: who asked for the version written in the
+                                                    same transaction (its mod revision is the rollout's)
     <prefix>/requests/<rev12>/<kind>                {"by": ...}: an operator's pause, resume or promote
                                                     (the latest of each kind; taken in the order of
                                                     their revisions, each once)
@@ -167,6 +169,25 @@ def aborts_prefix(prefix: str) -> str:
 
 def abort_key(prefix: str, revision: int) -> str:
     return f"{prefix}/aborts/{rev12(revision)}"
+
+
+def deploy_key(prefix: str) -> str:
+    """Who asked for the desired version: written by `norm deploy` with the version, in one transaction."""
+    return f"{prefix}/deploy"
+
+
+@dataclass(frozen=True)
+class Asked:
+    by: Reason
+
+
+def deploy_request(by: str) -> bytes:
+    return wire.encode({"by": values.clean(by)})
+
+
+def asked_by(raw: bytes, key: str) -> str:
+    """Who a deploy key names (InvalidValue naming the key, never quoting the value)."""
+    return wire.read(Asked, raw, key, "deploy request").by
 
 
 def requests_prefix(prefix: str) -> str:

@@ -206,6 +206,7 @@ class Rollout:
     waiting: Wait | None = None
     canary: int = 0  # hosts in the first batch of a rolling update that is its canary (0: none)
     actions: tuple[Action, ...] = ()  # operators' requests taken on it, in order
+    by: Text | None = None  # who asked for it (`norm deploy --by`); None: the version key written otherwise
 
     @property
     def release(self) -> Release | None:

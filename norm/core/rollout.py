@@ -510,12 +510,13 @@ def duty(record: Rollout, machine_id: str) -> PullOnHosts | StopOnHosts | StartO
 
 def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
                   previous: Release | None = None, ledger: tuple[LedgerEntry, ...] = (),
-                  policy: FleetPolicy | None = None) -> Result:
+                  policy: FleetPolicy | None = None, by: str | None = None) -> Result:
     """A new rollout for the desired `tag` written at `revision`. `ledger`: every step ever run, from
     the ledger's own keys (`ledger_summary` of them will do); `policy`: the fleet's policy now, kept
-    in the record so that the whole rollout follows it, whoever leads and whatever changes."""
+    in the record so that the whole rollout follows it, whoever leads and whatever changes; `by`: who
+    asked for it, when known."""
     record = Rollout(revision=revision, tag=tag, hosts=tuple(sorted(set(hosts))), phase=Phase.RESOLVE,
-                     started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy)
+                     started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy, by=by)
     try:
         parse_version(tag.encode("utf-8", "replace"), "desired version")
     except InvalidValue as e:  # the refused value is not stored (see refused_rollout)

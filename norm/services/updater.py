@@ -341,13 +341,26 @@ class Updater:
         policy = self._fleet_policy()
         chosen = participants(hosts, self._environment, frozenset(policy.roles) or None)
         record = self.record
+        by = await self._asked_by(revision)
         new, commands = start_rollout(revision, tag, chosen, self._clock(), self._previous(record),
-                                      await self._ledger(record), policy)
-        log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen))
+                                      await self._ledger(record), policy, by)
+        log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen), by=by)
         await self._adopt(record, new)
         if not new.terminal:
             self._follow_reports(revision)
         await self._carry_out(new, commands)
+
+    async def _asked_by(self, revision: int) -> str | None:
+        """Who asked for the version written at `revision`: the deploy key written with it, if any."""
+        kv = await self._etcd.get(proto.deploy_key(self._prefix))
+        if kv is None or kv.mod_revision != revision:
+            return None
+        try:
+            return proto.asked_by(kv.value, kv.key)
+        except InvalidValue as e:
+            self._metrics.rejected_values.labels(e.where).inc()
+            log.warning("updater.deploy_request_refused", key=e.where, reason=e.reason)
+            return None
 
     def _policy(self, record: Rollout) -> RolloutPolicy:
         """The policy the rollout began with; the fleet's now for a record written before rollouts

@@ -239,6 +239,22 @@ def test_deploy_writes_the_version_key(run: Run, etcd_conf: EtcdConfig, etcd: Et
     assert etcd.ctl("get", VERSION_KEY, "--print-value-only").strip() == "v2.1_rc-3"
 
 
+def test_deploy_says_who_asks_in_the_same_transaction(run: Run, etcd_conf: EtcdConfig,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, _ = run("deploy", "v4", "--by", "alice@ops")
+    assert code == cli.EXIT_OK
+    version = in_etcd(etcd_conf, lambda e: e.get(VERSION_KEY))
+    asked = in_etcd(etcd_conf, lambda e: e.get(proto.deploy_key(P)))
+    assert version is not None and asked is not None and asked.mod_revision == version.mod_revision
+    assert proto.asked_by(asked.value, asked.key) == "alice@ops"
+    monkeypatch.setenv("USER", "bob")
+    assert run("deploy", "v5")[0] == cli.EXIT_OK
+    asked = in_etcd(etcd_conf, lambda e: e.get(proto.deploy_key(P)))
+    assert asked is not None and proto.asked_by(asked.value, asked.key).startswith("bob@")
+    code, _, err = run("deploy", "v6", "--by", "eve\x1b[2J")
+    assert code == cli.EXIT_USAGE and "--by" in err and "\x1b" not in err
+
+
 def test_deploy_honours_the_configured_keys(run: Run, etcd_conf: EtcdConfig) -> None:
     code, out, _ = run("deploy", "v3", "--set", "keys.version=/other-version")
     assert code == cli.EXIT_OK, out
@@ -453,6 +469,26 @@ def test_history_lists_finished_rollouts_newest_first(run: Run, etcd_conf: EtcdC
     assert [Rollout.decode(line.encode(), "out").revision for line in out.splitlines()] == [12]
 
 
+def test_history_revision_shows_one_rollout_in_full(run: Run, etcd_conf: EtcdConfig) -> None:
+    from norm.core.record import Action, LedgerEntry
+
+    r = finished(21, Phase.DONE, by="alice@ops", actions=(Action("pause", "bob", T0 + 10, 40),
+                                                          Action("resume", "carol", T0 + 20, 41)))
+    entry = LedgerEntry(D2, "v2", "migrate", True, 21, T0 + 5, stage="pre")
+    write(etcd_conf, {**rollout_keys(r), proto.ledger_key(P, 21, "migrate"): entry.encode()})
+    code, out, _ = run("history", "21")
+    assert code == cli.EXIT_OK, out
+    assert out.splitlines()[0] == "rollout 21: v2"
+    assert "  asked by:  alice@ops" in out and "  outcome:   done" in out
+    assert "  step:      migrate (pre) ok at" in out
+    assert "  pause:     by bob at" in out and "  resume:    by carol at" in out
+    code, out, _ = run("history", "21", "--json")
+    data = json.loads(out)
+    assert data["record"]["by"] == "alice@ops" and [e["step"] for e in data["steps"]] == ["migrate"]
+    code, _, err = run("history", "22")
+    assert code == cli.EXIT_FAILED and "no rollout 22 is kept" in err
+
+
 def test_history_limit_must_be_positive(conf: Path) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(["history", "--limit", "0", "--config", str(conf)])
@@ -485,6 +521,24 @@ def test_abort_names_the_operator_by_default(run: Run, etcd_conf: EtcdConfig,
     assert run("abort")[0] == cli.EXIT_OK
     raw = read(etcd_conf, proto.abort_key(P, 33))
     assert raw is not None and json.loads(raw)["by"].startswith("bob@")
+
+
+@pytest.mark.parametrize("kind", ["pause", "resume", "promote"])
+def test_pause_resume_and_promote_write_their_request_for_the_running_rollout(
+        run: Run, etcd_conf: EtcdConfig, kind: str) -> None:
+    write(etcd_conf, rollout_keys(record(35, Phase.PULL)))
+    code, out, _ = run(kind, "--by", "alice@ops")
+    assert code == cli.EXIT_OK and out.startswith(f"{kind} requested for rollout 35"), out
+    key = proto.request_key(P, 35, kind)
+    raw = read(etcd_conf, key)
+    assert raw is not None
+    revision = in_etcd(etcd_conf, lambda e: e.get(key))
+    assert revision is not None
+    parsed = proto.parse_report(P, 35, key, raw, revision.mod_revision)
+    assert parsed is not None and parsed.kind == kind and parsed.value == {"by": "alice@ops"}
+    write(etcd_conf, rollout_keys(finished(36, Phase.DONE)))
+    code, _, err = run(kind, "--by", "alice")
+    assert code == cli.EXIT_FAILED and "no rollout is running" in err
 
 
 def test_abort_refuses_when_nothing_runs(run: Run, etcd_conf: EtcdConfig) -> None:

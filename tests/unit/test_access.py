@@ -111,7 +111,8 @@ def test_the_grants_per_role() -> None:
 
     assert grants(access.operator_role(KEYS)) == {
         "readwrite /djed-version", "readwrite /djed-environment", "readwrite /norm/policy", "read /norm/*",
-        "readwrite /norm/control/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*"}
+        "readwrite /norm/control/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*",
+        "readwrite /norm/deploy"}
     assert grants(access.make_host_role(KEYS, B)) == {
         "read /djed-version", "read /djed-environment", "read /norm/policy", "read /norm/rollout",
         "read /norm/rollouts/*",
@@ -120,7 +121,8 @@ def test_the_grants_per_role() -> None:
     assert grants(access.leader_role(KEYS)) == {
         "readwrite /norm/leader", "readwrite /norm/rollout", "readwrite /norm/rollouts/*",
         "readwrite /norm/ledger/*", "readwrite /norm/history/*", "read /norm/hosts/*", "read /norm/reports/*",
-        "readwrite /norm/claims/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*"}
+        "readwrite /norm/claims/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*",
+        "read /norm/deploy"}
 
 
 def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> None:

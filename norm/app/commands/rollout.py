@@ -56,6 +56,8 @@ def register(sub: cli.Subparsers) -> None:
     cli.config_args(deploy)
     deploy.add_argument("version", metavar="VERSION", help="the image tag to run")
     deploy.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
+    deploy.add_argument("--by", default=None, metavar="NAME",
+                        help="who asks (default $USER@hostname); recorded with the rollout")
     deploy.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="with --wait: give up waiting after this long (default: no limit)")
     deploy.set_defaults(run=deploy_version)
@@ -74,6 +76,8 @@ def register(sub: cli.Subparsers) -> None:
 
     history = sub.add_parser("history", help="finished rollouts, newest first")
     cli.config_args(history)
+    history.add_argument("revision", nargs="?", type=_positive, default=None, metavar="REVISION",
+                         help="show this one rollout in full (its record, steps and operators' actions)")
     history.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N (default 20)")
     history.add_argument("--json", action="store_true", help="one JSON record per line")
     history.set_defaults(run=over_etcd(list_history))
@@ -139,12 +143,18 @@ def deploy_version(args: argparse.Namespace) -> int:
 
     # Total on any str argv can hold (non-UTF-8 bytes arrive as surrogates): refused, never raised.
     version = parse_version(args.version.encode("utf-8", "surrogatepass"), "VERSION")
+    args.by = _requester(args)
     config = cli.load(args)
     return cli.with_etcd(config, lambda etcd: deploy(args, config, etcd, version))
 
 
 async def deploy(args: argparse.Namespace, config: cfg.Config, etcd: Etcd, version: str) -> int:
-    revision = await etcd.put(config.keys.version, version.encode("ascii"))
+    from norm.adapters.etcd import Put
+
+    # Who asks, in the same transaction: the deploy key's revision is the version's, the rollout's.
+    result = await etcd.txn([], [Put(config.keys.version, version.encode("ascii")),
+                                 Put(proto.deploy_key(config.keys.prefix), proto.deploy_request(args.by))])
+    revision = result.revision
     print(f"deploying {version} (rollout {revision})", flush=True)
     if not args.wait:
         return EXIT_OK
@@ -300,6 +310,8 @@ async def fleet_status(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
 async def list_history(args: argparse.Namespace, config: cfg.Config, etcd: Etcd) -> int:
     from norm.core.record import Rollout
 
+    if args.revision is not None:
+        return await show_rollout(args, config, etcd, args.revision)
     records = []
     for kv in (await etcd.get_prefix(f"{config.keys.prefix}/history/")).kvs:
         try:
@@ -315,6 +327,41 @@ async def list_history(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
         print("no finished rollout yet")
     else:
         cli.print_lines(views.table(views.history_rows(records)))
+    return EXIT_OK
+
+
+async def show_rollout(args: argparse.Namespace, config: cfg.Config, etcd: Etcd, revision: int) -> int:
+    """One rollout in full: its record (the full one while its keys are kept, else its history entry)
+    and the steps it ran."""
+    from norm.core.record import Rollout, decode_ledger_entry
+
+    p = config.keys.prefix
+    record = None
+    for key in (proto.record_key(p, revision), proto.history_key(p, revision)):
+        kv = await etcd.get(key)
+        if kv is not None:
+            try:
+                record = Rollout.decode(kv.value, kv.key)
+                break
+            except InvalidValue as e:
+                print(cli.skip(kv.key, e.reason), file=sys.stderr)
+    if record is None:
+        print(f"norm: no rollout {revision} is kept (`norm history` lists those that are)", file=sys.stderr)
+        return EXIT_FAILED
+    steps = []
+    for kv in (await etcd.get_prefix(f"{p}/ledger/{proto.rev12(revision)}-")).kvs:
+        try:
+            steps.append(decode_ledger_entry(kv.value, kv.key))
+        except InvalidValue as e:
+            print(cli.skip(kv.key, e.reason), file=sys.stderr)
+    notes: list[str] = []
+    names = {h.machine_id: h.name for h in await cli.host_records(etcd, p, notes)}
+    cli.tell(notes)
+    if args.json:
+        print(json.dumps({"record": json.loads(record.encode()),
+                          "steps": [json.loads(e.encode()) for e in steps]}))
+    else:
+        cli.print_lines(views.rollout_details(record, steps, names))
     return EXIT_OK
 
 
