@@ -47,12 +47,14 @@ class Unreachable(NormError):
 
 
 def parser() -> argparse.ArgumentParser:
-    from norm.app.commands import access, agent, config, hosts, policy, rollout  # they import this module
+    # They import this module.
+    from norm.app.commands import access, agent, config, hosts, policy, rollout, undo
 
     p = argparse.ArgumentParser(prog="norm", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"norm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (agent, config, hosts, rollout, policy, access):  # in the order `norm --help` lists them
+    # In the order `norm --help` lists them.
+    for group in (agent, config, hosts, rollout, undo, policy, access):
         group.register(sub)
     return p
 

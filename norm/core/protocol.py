@@ -50,7 +50,7 @@ from norm.core import values, wire
 from norm.core.desired import is_tag
 from norm.core.errors import InvalidValue
 from norm.core.gate import Migrations
-from norm.core.record import TERMINAL, Gate, HostStatus, Phase, Release, Rollout, Strategy
+from norm.core.record import TERMINAL, Asked, Gate, HostStatus, Phase, Release, Rollout, Strategy
 from norm.core.rollout import (
     Abort,
     Event,
@@ -176,18 +176,17 @@ def deploy_key(prefix: str) -> str:
     return f"{prefix}/deploy"
 
 
-@dataclass(frozen=True)
-class Asked:
-    by: Reason
+def deploy_request(by: str, digest: str | None = None, undo: int | None = None) -> bytes:
+    return wire.encode(Asked(values.clean(by), digest, undo))
 
 
-def deploy_request(by: str) -> bytes:
-    return wire.encode({"by": values.clean(by)})
+def asked(raw: bytes, key: str) -> Asked:
+    """What a deploy key holds (InvalidValue naming the key, never quoting the value)."""
+    return wire.read(Asked, raw, key, "deploy request")
 
 
 def asked_by(raw: bytes, key: str) -> str:
-    """Who a deploy key names (InvalidValue naming the key, never quoting the value)."""
-    return wire.read(Asked, raw, key, "deploy request").by
+    return asked(raw, key).by
 
 
 def requests_prefix(prefix: str) -> str:

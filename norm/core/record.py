@@ -167,6 +167,17 @@ class Action:
 
 
 @dataclass(frozen=True)
+class Asked:
+    """Who asked for a desired version (`norm deploy`, in the transaction that writes it); for `norm
+    undo`, the release it goes back to: the digest the tag must still resolve to, and the rollout that
+    deployed it."""
+
+    by: Text
+    digest: Digest | None = None
+    undo: int | None = None
+
+
+@dataclass(frozen=True)
 class Rollout:
     revision: int  # mod revision of the desired version key: the rollout's identity
     tag: str  # "" for a refused desired value (see _check)
@@ -207,6 +218,10 @@ class Rollout:
     canary: int = 0  # hosts in the first batch of a rolling update that is its canary (0: none)
     actions: tuple[Action, ...] = ()  # operators' requests taken on it, in order
     by: Text | None = None  # who asked for it (`norm deploy --by`); None: the version key written otherwise
+    # `norm undo`: the digest the tag must resolve to (the release gone back to), and the rollout that
+    # deployed that release
+    pinned: Digest | None = None
+    undo: int | None = None
 
     @property
     def release(self) -> Release | None:

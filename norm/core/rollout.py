@@ -58,6 +58,7 @@ from norm.core.record import (
     TERMINAL,
     Action,
     ActionKind,
+    Asked,
     Deadline,
     Excluded,
     Gate,
@@ -409,11 +410,16 @@ def _ran_since(ledger: Iterable[LedgerEntry], digest: str, stages: tuple[Stage, 
     return None
 
 
+def setback_step(ledger: Iterable[LedgerEntry], digest: str) -> LedgerEntry | None:
+    """The first step of another image that may break `digest` (run with the fleet stopped, or after
+    its batches) since `digest` ran its own steps: going back to it would need a down-migration.
+    Steps that ran while the previous release served (`pre`: expand) do not count."""
+    return _ran_since(ledger, digest, ("stop", "post"))
+
+
 def is_setback(ledger: Iterable[LedgerEntry], digest: str) -> bool:
-    """Whether `digest` ran its steps before some other image successfully ran steps that may break
-    it (with the fleet stopped, or after its batches): going back to it would need a down-migration.
-    Steps that ran while the previous release served (`pre`: expand) do not make it one."""
-    return _ran_since(ledger, digest, ("stop", "post")) is not None
+    """Whether going back to `digest` would need a down-migration (`setback_step`)."""
+    return setback_step(ledger, digest) is not None
 
 
 def rollback_floor(ledger: Iterable[LedgerEntry], digest: str) -> LedgerEntry | None:
@@ -510,13 +516,15 @@ def duty(record: Rollout, machine_id: str) -> PullOnHosts | StopOnHosts | StartO
 
 def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
                   previous: Release | None = None, ledger: tuple[LedgerEntry, ...] = (),
-                  policy: FleetPolicy | None = None, by: str | None = None) -> Result:
+                  policy: FleetPolicy | None = None, asked: Asked | None = None) -> Result:
     """A new rollout for the desired `tag` written at `revision`. `ledger`: every step ever run, from
     the ledger's own keys (`ledger_summary` of them will do); `policy`: the fleet's policy now, kept
     in the record so that the whole rollout follows it, whoever leads and whatever changes; `by`: who
-    asked for it, when known."""
+    asked for it, when known (and, for `norm undo`, the release it goes back to)."""
     record = Rollout(revision=revision, tag=tag, hosts=tuple(sorted(set(hosts))), phase=Phase.RESOLVE,
-                     started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy, by=by)
+                     started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy,
+                     by=None if asked is None else asked.by, pinned=None if asked is None else asked.digest,
+                     undo=None if asked is None else asked.undo)
     try:
         parse_version(tag.encode("utf-8", "replace"), "desired version")
     except InvalidValue as e:  # the refused value is not stored (see refused_rollout)
@@ -833,6 +841,10 @@ def _on_resolved(record: Rollout, event: Resolved, now: float, policy: RolloutPo
     if not values.DIGEST.fullmatch(digest):
         return _finish(record, Phase.FAILED, "the registry answered with a malformed digest", now)
     record = _r(record, now, digest=digest)
+    if record.pinned is not None and digest != record.pinned:
+        return _finish(record, Phase.FAILED,
+                       f"{record.tag} now names another image than the release gone back to "
+                       f"({record.pinned}): the tag was pushed again; nothing was touched", now)
     if record.previous is not None and record.previous.digest == digest:
         return _finish(record, Phase.DONE, f"{record.tag} is the release already running", now)
     steps = policy.steps

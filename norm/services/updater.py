@@ -36,6 +36,7 @@ from norm.core.host import HostRecord, hosts_key
 from norm.core.policy import FleetPolicy, policy_from_update_config
 from norm.core.record import (
     TERMINAL,
+    Asked,
     Deadline,
     HostStatus,
     LedgerEntry,
@@ -341,22 +342,23 @@ class Updater:
         policy = self._fleet_policy()
         chosen = participants(hosts, self._environment, frozenset(policy.roles) or None)
         record = self.record
-        by = await self._asked_by(revision)
+        asked = await self._asked(revision)
         new, commands = start_rollout(revision, tag, chosen, self._clock(), self._previous(record),
-                                      await self._ledger(record), policy, by)
-        log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen), by=by)
+                                      await self._ledger(record), policy, asked)
+        log.info("rollout.begin", rollout=revision, tag=tag, hosts=len(chosen), by=new.by, undo=new.undo)
         await self._adopt(record, new)
         if not new.terminal:
             self._follow_reports(revision)
         await self._carry_out(new, commands)
 
-    async def _asked_by(self, revision: int) -> str | None:
-        """Who asked for the version written at `revision`: the deploy key written with it, if any."""
+    async def _asked(self, revision: int) -> Asked | None:
+        """Who asked for the version written at `revision` (and, for an undo, what it goes back to):
+        the deploy key written with it, if any."""
         kv = await self._etcd.get(proto.deploy_key(self._prefix))
         if kv is None or kv.mod_revision != revision:
             return None
         try:
-            return proto.asked_by(kv.value, kv.key)
+            return proto.asked(kv.value, kv.key)
         except InvalidValue as e:
             self._metrics.rejected_values.labels(e.where).inc()
             log.warning("updater.deploy_request_refused", key=e.where, reason=e.reason)

@@ -421,3 +421,38 @@ def test_a_canary_moves_alone_and_the_rest_follow_once_it_is_promoted(rolling: R
     record = updates.record(rolling.fleet, revision)
     assert record is not None and [(a["kind"], a["by"]) for a in record["actions"]] == [("promote", "alice")]
     assert result.failed == 0, result.failures[:5]
+
+
+def test_norm_undo_goes_back_without_a_step_and_is_refused_across_a_rollback_floor(rolling: Rolling) -> None:
+    quick = dataclasses.replace(POLICY, max_unavailable="100%", min_healthy=0.0)
+    pre_only = dataclasses.replace(quick, steps=(StepPolicy("migrate", "migrate", "pre"),))
+    try:
+        updates.put(rolling.fleet, "/norm/policy", pre_only.encode().decode())
+        before, after = rolling.new_version(), rolling.new_version()
+        first = updates.deploy(rolling.fleet, before, timeout=240)
+        assert first["phase"] == "done"
+        assert updates.deploy(rolling.fleet, after, timeout=240)["phase"] == "done"
+        # Only an expand step ran since: back to `before`, by its digest, running no step.
+        r = norm_cli(rolling, "undo", "--by", "alice", "--wait", "--timeout", "240")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert f"undoing to {before}@" in r.stdout and f"rollout {first['revision']} deployed" in r.stdout
+        h = updates.header(rolling.fleet)
+        assert h is not None and h["tag"] == before and h["phase"] == "done", h
+        assert h["digest"] == first["digest"]
+        record = updates.record(rolling.fleet, int(h["revision"]))
+        assert record is not None and record["undo"] == first["revision"] and record["by"] == "alice"
+        assert record["pinned"] == first["digest"]
+        assert not [e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]]
+        rolling.all_serve(before)
+        # A contract step (`post`) runs with the next release: going back below it is refused, and
+        # nothing is written.
+        updates.put(rolling.fleet, "/norm/policy", quick.encode().decode())
+        floor = rolling.new_version()
+        assert updates.deploy(rolling.fleet, floor, timeout=240)["phase"] == "done"
+        version = updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"]
+        r = norm_cli(rolling, "undo")
+        assert r.returncode == 1 and "rollback floor" in r.stderr and floor in r.stderr, r.stderr
+        assert updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"] == version
+        rolling.all_serve(floor)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())

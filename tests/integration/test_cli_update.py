@@ -1,4 +1,5 @@
-"""The operator's commands for fleet updates (deploy, status, rollout, history, abort) against real etcd.
+"""The operator's commands for fleet updates (deploy, status, rollout, history, abort, pause, resume,
+promote) against real etcd.
 
 The leader is played by hand: headers, records and reports are written with the core's own encoders,
 as the updater writes them, so that what the CLI reads is what an agent leaves in etcd.
