@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from types import TracebackType
 from typing import Self
 
@@ -73,12 +74,12 @@ def redacted(url: str | URL) -> str:
 def _describe(e: BaseException) -> str:
     """What went wrong, in words that never carry the URL (aiohttp's messages may)."""
     if isinstance(e, aiohttp.ClientConnectorError):
-        inner = e.os_error
-        return f"cannot connect ({inner.strerror or type(inner).__name__})"
+        inner = e.os_error  # its strerror may carry the address: the errno's own words do not
+        return f"cannot connect ({os.strerror(inner.errno) if inner.errno else type(inner).__name__})"
     if isinstance(e, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
     return type(e).__name__
 
 
