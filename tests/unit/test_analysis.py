@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import math
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -429,3 +430,12 @@ def test_the_tables_render_back_to_the_same_queries(qs: list[AnalysisQuery]) -> 
     text = analysis_toml(qs)
     parsed = parse_analysis(tomllib.loads(text).get("analysis", []), "x")
     assert parsed == tuple(qs)
+
+
+def test_the_documented_example_parses() -> None:
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "analysis.toml"
+    (query,) = parse_analysis(tomllib.loads(path.read_text())["analysis"], str(path))
+    assert (query.name, query.interval, query.count, query.failure_limit, query.inconclusive_limit) == (
+        "error-rate", 30.0, 10, 1, 2)
+    assert query.condition == Condition("<", 0.01)
+    assert "djed_http_requests_total" in (path.parent.parent / "analysis.md").read_text()
