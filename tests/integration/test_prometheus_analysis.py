@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from norm.adapters.prometheus import Prometheus, PrometheusRejected, PrometheusUnavailable
-from norm.core.analysis import AnalysisQuery, Measurement
+from norm.core.analysis import AnalysisQuery, Measurement, Sample
 from norm.services.analysis import analyse
 from sandbox.docker import DockerEngine
 from sandbox.images import DemoOptions
@@ -274,3 +275,20 @@ def test_targets_are_replaced_while_prometheus_runs(prometheus: PrometheusServer
     assert prometheus.query(f'up{{instance="{idle}"}}')[0]["value"][1] == "0"
     with pytest.raises(ValueError):
         prometheus.set_targets(["no-port"])
+
+
+async def test_the_url_s_credentials_and_query_never_show(prometheus: PrometheusServer) -> None:
+    secret = "s3cret-7f3a"
+    url = f"http://norm:{secret}@{prometheus.address}/?token={secret}"
+    with capture_logs() as logs:
+        async with Prometheus(url, timeout=5.0) as p:
+            assert p.url == prometheus.url
+            assert await p.query("vector(1)") == (Sample({}, 1.0),)  # the basic auth is sent, and ignored
+            with pytest.raises(PrometheusRejected) as refused:
+                await p.query("vector(")
+            await asyncio.to_thread(prometheus.stop)
+            with pytest.raises(PrometheusUnavailable) as unavailable:
+                await p.query("vector(1)")
+    for e in (refused.value, unavailable.value):
+        assert e.url == prometheus.url and secret not in str(e)
+    assert logs and secret not in repr(logs)
