@@ -191,10 +191,11 @@ async def test_an_app_failing_5_percent_fails_the_analysis_within_its_limit(
     assert verdict.state == "failed", verdict
     assert took <= (query.failure_limit + 1) * query.interval + query.interval + SCRAPE_SLACK, took
     assert [m.outcome for m in seen] == ["failure", "failure"]
-    assert all(m.value is not None and 0.03 < m.value < 0.07 for m in seen), (ratio, seen)
+    # Every 20th request fails: over the 10 s of a rate, close to 5% (a window may hold few requests).
+    assert all(m.value is not None and 0.02 < m.value < 0.1 for m in seen), (ratio, seen)
     assert verdict.reason.startswith("error-rate: 2 of 2 measurements failed result < 0.01 (limit 1): ")
-    assert answered[500] > 0 and answered[0] == 0
-    assert 0.04 < answered[500] / (answered[200] + answered[500]) < 0.06
+    assert answered[0] == 0, "the app answered every request"
+    assert abs(answered[500] - (answered[200] + answered[500]) // 20) <= 1, answered  # the last may be cut
 
 
 async def test_a_healthy_app_passes(prometheus: PrometheusServer, run_app: Callable[..., App]) -> None:
