@@ -198,13 +198,14 @@ class Sample:
 @dataclass(frozen=True)
 class Measurement:
     """One run of the query named `query`, at time `at`: its outcome, the value it read (None when it
-    read none) and why it is not a success (None for a success)."""
+    read none, or one that is not a finite number) and why it is not a success (None for a success).
+    It travels as a record (norm.core.wire.encode, decode)."""
 
-    query: str
+    query: QueryName
     at: float
     outcome: Outcome
-    value: float | None
-    reason: str | None
+    value: float | None  # finite, or None
+    reason: wire.Reason | None
 
     @property
     def refused(self) -> bool:
@@ -220,8 +221,9 @@ def measure(query: AnalysisQuery, samples: Sequence[Sample], at: float) -> Measu
         return Measurement(query.name, at, "inconclusive", None,
                            f"{len(samples)} samples: the query must return exactly one (aggregate it)")
     value = samples[0].value
-    if not math.isfinite(value):
-        return Measurement(query.name, at, "inconclusive", value, f"the value is {value}, not a number")
+    if not math.isfinite(value):  # kept as None: a measurement is a record (norm.core.wire) of finite values
+        return Measurement(query.name, at, "inconclusive", None,
+                           f"the value is {value}, not a finite number")
     condition = query.condition
     if condition.holds(value):
         return Measurement(query.name, at, "success", value, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from norm.core import wire
 from norm.core.analysis import (
     AnalysisQuery,
     Condition,
@@ -181,8 +183,29 @@ def test_what_samples_make_of_a_measurement(samples: list[Sample], outcome: str,
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_a_value_that_is_not_a_finite_number_is_inconclusive(value: float) -> None:
     got = measure(ERRORS, [Sample({}, value)], 1.0)
-    assert got.outcome == "inconclusive"
-    assert got.reason is not None and "not a number" in got.reason
+    assert (got.outcome, got.value) == ("inconclusive", None)
+    assert got.reason == f"the value is {value}, not a finite number"
+    assert wire.decode(Measurement, json.loads(wire.encode(got))) == got
+
+
+@pytest.mark.parametrize("m", [
+    Measurement("error-rate", 12.5, "success", 0.001, None),
+    Measurement("error-rate", 14.5, "failure", 0.05, "0.05 does not satisfy result < 0.01"),
+    Measurement("error-rate", 16.5, "inconclusive", None, "no data: the query returned no sample"),
+])
+def test_a_measurement_travels_as_a_record(m: Measurement) -> None:
+    assert wire.decode(Measurement, json.loads(wire.encode(m))) == m
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"query": "a b", "at": 1.0, "outcome": "success", "value": 1.0, "reason": None}, "query"),
+    ({"query": "a", "at": 1.0, "outcome": "great", "value": 1.0, "reason": None}, "outcome"),
+    ({"query": "a", "at": 1.0, "outcome": "success", "value": "1", "reason": None}, "value"),
+    ({"query": "a", "at": 1.0, "outcome": "failure", "value": 1.0, "reason": "x" * 301}, "reason"),
+])
+def test_a_measurement_read_back_is_held_to_its_grammar(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        wire.decode(Measurement, data)
 
 
 def test_unavailable_and_refused_measurements() -> None:
