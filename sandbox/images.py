@@ -87,11 +87,17 @@ echo "$cmd done"
 
 
 # The demo app as a build may ask it to misbehave (see DemoOptions): its own tiny HTTP server, run by
-# `nc -ll -e` for each connection, so that /healthz can answer any status (busybox httpd serves files,
-# and runs CGI only under /cgi-bin/).
+# `nc -ll -e` for each connection, so that /healthz can answer any status, / can answer 500 now and
+# then, and /metrics can count what it answered (busybox httpd serves files, and runs CGI only under
+# /cgi-bin/).
 _HTTP = """#!/bin/sh
-# One HTTP request on stdin, its answer on stdout: /healthz answers $NORM_DEMO_HEALTHZ_STATUS, any
-# other path the file of that name under /app/www (/ is index.html).
+# One HTTP request on stdin, its answer on stdout: /healthz answers $NORM_DEMO_HEALTHZ_STATUS, /metrics
+# the requests answered so far in Prometheus's text format, any other path the file of that name under
+# /app/www (/ is index.html). $NORM_DEMO_ERROR_PPM of every million requests to / answer 500 instead,
+# spread evenly: the n-th fails when n * ppm / 1000000 (rounded down) is more than for the one before.
+# Each request answered (but those to /metrics) appends one byte to the file of its status in
+# $NORM_DEMO_COUNTS: appends are atomic, so that requests handled side by side are all counted.
+counts="${NORM_DEMO_COUNTS:-/tmp/demo-counts}"
 read -r method path proto
 while IFS= read -r line; do
   line=$(printf %s "$line" | tr -d '\\r')
@@ -99,17 +105,36 @@ while IFS= read -r line; do
 done
 path=${path%%\\?*}
 answer() {
+  [ "$path" = /metrics ] || printf x >> "$counts/${1%% *}"
   printf 'HTTP/1.0 %s\\r\\nContent-Type: text/plain\\r\\nContent-Length: %s\\r\\n' \\
     "$1" "$(printf %s "$2" | wc -c)"
   printf 'Connection: close\\r\\n\\r\\n'
   printf %s "$2"
 }
+metrics() {
+  echo "# HELP djed_http_requests_total Requests the demo app answered (but scrapes), by status code."
+  echo "# TYPE djed_http_requests_total counter"
+  for f in "$counts"/[0-9][0-9][0-9]; do
+    [ -f "$f" ] && echo "djed_http_requests_total{code=\\"${f##*/}\\"} $(stat -c %s "$f")"
+  done
+}
+failing() {
+  ppm=${NORM_DEMO_ERROR_PPM:-0}
+  [ "$ppm" -gt 0 ] || return 1
+  printf x >> "$counts/requests"
+  n=$(stat -c %s "$counts/requests")
+  [ $((n * ppm / 1000000)) -gt $(((n - 1) * ppm / 1000000)) ]
+}
 case "$path" in
   /healthz) answer "${NORM_DEMO_HEALTHZ_STATUS:-200} As built" "healthz: ${NORM_DEMO_HEALTHZ_STATUS:-200}
+" ;;
+  /metrics) answer "200 OK" "$(metrics)
 " ;;
   *..*) answer "404 Not Found" "not found
 " ;;
   *)
+    if [ "$path" = / ] && failing; then answer "500 Internal Server Error" "failing as built
+"; exit 0; fi
     file="/app/www$path"
     [ "$path" = / ] && file=/app/www/index.html
     if [ -f "$file" ]; then answer "200 OK" "$(cat "$file")
@@ -130,12 +155,22 @@ class DemoOptions:
     - `healthz_status`: the HTTP status its /healthz answers (a plain build answers 200).
     - `exit_after`: `serve` exits, status 1, this many seconds after it started.
     - `healthcheck`: a Docker HEALTHCHECK that GETs /healthz every second (unhealthy after two
-      failures in a row)."""
+      failures in a row).
+    - `metrics`: serve /metrics: `djed_http_requests_total{code="200"}` and so on, in Prometheus's
+      text format, counting the requests answered (but scrapes) by status code since it started;
+      the 200 and 500 series are there from the start, at 0.
+    - `error_rate`: that fraction (0 to 1) of the requests to / answer 500, spread evenly (at 0.05,
+      the 20th, 40th, ... request); /healthz, /version and /metrics never do. Implies `metrics`.
+
+    A build with any of healthz_status, metrics or error_rate runs the demo app's own small server
+    (one shell per request) instead of busybox httpd; each of those serves /metrics."""
 
     migrations: str | None = None
     healthz_status: int = 200
     exit_after: float | None = None
     healthcheck: bool = False
+    metrics: bool = False
+    error_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.migrations is not None and not _LABEL_VALUE.fullmatch(self.migrations):
@@ -144,10 +179,22 @@ class DemoOptions:
             raise ValueError("healthz_status must be an HTTP status")
         if self.exit_after is not None and not 0 <= self.exit_after <= 86400:
             raise ValueError("exit_after must be from 0 to 86400 seconds")
+        if not isinstance(self.error_rate, int | float) or not 0 <= self.error_rate <= 1:
+            raise ValueError("error_rate must be from 0 to 1")
+
+    @property
+    def own_server(self) -> bool:
+        """Whether the build runs the demo app's own server (_HTTP) rather than busybox httpd."""
+        return self.healthz_status != 200 or self.metrics or self.error_rate > 0
+
+    @property
+    def error_ppm(self) -> int:
+        """The requests to / that answer 500, per million."""
+        return round(self.error_rate * 1_000_000)
 
     @property
     def plain_server(self) -> bool:
-        return self.healthz_status == 200 and self.exit_after is None
+        return not self.own_server and self.exit_after is None
 
 
 def _serve_script(options: DemoOptions) -> str:
@@ -156,11 +203,17 @@ def _serve_script(options: DemoOptions) -> str:
     if options.plain_server:
         return _SERVE
     status = options.healthz_status
-    server = (f'NORM_DEMO_HEALTHZ_STATUS={status} nc -ll -p "${{PORT:-8080}}" -e /bin/demo-http'
-              if status != 200 else 'httpd -f -p "${PORT:-8080}" -h /app/www')
+    server = (f'NORM_DEMO_HEALTHZ_STATUS={status} NORM_DEMO_ERROR_PPM={options.error_ppm} '
+              'nc -ll -p "${PORT:-8080}" -e /bin/demo-http'
+              if options.own_server else 'httpd -f -p "${PORT:-8080}" -h /app/www')
     lines = [
         "#!/bin/sh",
         "# The demo app, built to misbehave (sandbox.images.DemoOptions): as _SERVE otherwise.",
+    ]
+    if options.own_server:  # the counters /metrics shows: 200 and 500 from the start
+        lines += ['counts="${NORM_DEMO_COUNTS:-/tmp/demo-counts}"',
+                  'mkdir -p "$counts" && : > "$counts/200" && : > "$counts/500" && : > "$counts/requests"']
+    lines += [
         f"{server} &",
         "child=$!",
         """trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT""",
@@ -239,7 +292,7 @@ def _demo_context(version: str, size_mb: int, options: DemoOptions = DemoOptions
         for applet in _busybox_applets():
             _add_symlink(tar, f"rootfs/bin/{applet}", "busybox")
         _add_file(tar, "rootfs/bin/serve", _serve_script(options).encode(), 0o755)
-        if options.healthz_status != 200:
+        if options.own_server:
             _add_file(tar, "rootfs/bin/demo-http", _HTTP.encode(), 0o755)
         _add_file(tar, "rootfs/bin/demo-task", _TASK.encode(), 0o755)
         _add_symlink(tar, "rootfs/bin/migrate", "demo-task")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what Norm's tests, sandbox and demo need, and nothing twice:
-# Debian packages (etcd, Docker engine, registry, busybox, debootstrap) and the virtualenv in .venv.
+# Debian packages (etcd, Docker engine, registry, busybox, debootstrap, HAProxy, Prometheus) and the
+# virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client docker.io docker-registry busybox-static debootstrap
-              systemd dbus iproute2 iptables openssl python3 util-linux faketime haproxy)
+              systemd dbus iproute2 iptables openssl python3 util-linux faketime haproxy prometheus)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
