@@ -20,7 +20,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,17 +85,20 @@ class PrometheusServer(LocalServer):
     def storage(self) -> Path:
         return self.workdir / "data"
 
-    def set_targets(self, targets: Sequence[str]) -> None:
+    def set_targets(self, targets: Sequence[str],
+                    labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
         """Scrape `targets` ("host:port" each) from now on, instead of those before: the file_sd file,
-        replaced atomically."""
+        replaced atomically. `labels`: labels some targets' series get (a sandbox host's name as `host`)."""
         for t in targets:
             host, sep, port = t.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"a target is host:port, not {t!r}")
         self.targets = list(targets)
+        labels = labels or {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
-        tmp.write_text(json.dumps([{"targets": self.targets, "labels": {}}]) + "\n")
+        groups = [{"targets": [t], "labels": dict(labels.get(t, {}))} for t in self.targets]
+        tmp.write_text(json.dumps(groups) + "\n")
         os.replace(tmp, self.targets_file)
 
     def prepare(self) -> None:

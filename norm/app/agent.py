@@ -239,6 +239,7 @@ class Agent:
         return None
 
     def _update_services(self, systemd: Systemd, docker: Docker) -> list[Service]:
+        from norm.services.analysis import canary_analyser
         from norm.services.executor import Executor, Hooks
         from norm.services.gate import UpdateGates
         from norm.services.policy import PolicyWatcher
@@ -254,7 +255,8 @@ class Agent:
                                  hooks=Hooks(presence=self.presence, gate=gates),
                                  secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
-                               docker.resolve, self.policy.current)
+                               docker.resolve, self.policy.current,
+                               analyse=canary_analyser(c.update.prometheus_url))
         return [self.policy, self.executor, self.updater]
 
     def _healing_services(self, systemd: Systemd) -> list[Service]:

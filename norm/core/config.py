@@ -431,6 +431,10 @@ class UpdateConfig:
         "What happens to a rollout when a host dies, fails to pull or is too slow before the cut-over: "
         "exclude the host (it gets the release later), or abort the rollout.", default="exclude")
     history: int = _doc("Finished rollouts kept in etcd.", Between(1, 1000, unit="rollouts"), default=20)
+    prometheus_url: str | None = _doc(
+        "Prometheus server the leader asks a canary's analysis queries (the fleet policy's [[analysis]]); "
+        "set it on every leader-eligible host. Credentials in it never reach a log or an error.",
+        _HTTP_URL, default=None)
     health_checks: tuple[str, ...] = _doc(
         "Health URLs of this host's units, as UNIT=URL, asked by the health gate once an update started "
         "the units (ports differ per host). lb.health_url serves for lb.unit when it has none here. A unit "

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeAlias
 
 from norm.core import values, wire
+from norm.core.analysis import AnalysisQuery, analysis_toml, parse_analysis
 from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag
 from norm.core.errors import ConfigError, InvalidValue
@@ -201,6 +202,9 @@ class FleetPolicy:
     # (rounded down, at least 1), or empty for none; how long it is watched (its analysis).
     canary: Annotated[str, wire.Check(_canary)] = ""
     canary_wait: Annotated[float, wire.Check(_wait)] = 0.0
+    # What decides the canary besides its health gates: Prometheus queries (norm.core.analysis), run by
+    # the leader against its update.prometheus_url while the canary is watched.
+    analysis: tuple[AnalysisQuery, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -303,6 +307,8 @@ def parse_policy_toml(text: str, source: str) -> FleetPolicy:
     _counts_as_text(data)
     if "steps" in data:
         data["steps"] = _steps(data["steps"], source)
+    if "analysis" in data:
+        parse_analysis(data["analysis"], source)  # refused with its own words first
     try:
         return wire.decode(FleetPolicy, data)
     except (ValueError, TypeError) as e:
@@ -390,12 +396,15 @@ def step_text(s: StepPolicy) -> str:
 
 def policy_toml(policy: FleetPolicy) -> str:
     """The policy as a file `parse_policy_toml` reads back as the same policy."""
-    lines = [f"{name} = {toml_value(getattr(policy, name))}" for name in FIELDS if name != "steps"]
+    lines = [f"{name} = {toml_value(getattr(policy, name))}" for name in FIELDS
+             if name not in ("steps", "analysis")]
     if not policy.steps:
         lines.append("steps = []")
     for s in policy.steps:
         lines += ["", "[[steps]]", f"name = {_toml_string(s.name)}", f"command = {_toml_string(s.command)}",
                   f'when = "{s.when}"']
+    if policy.analysis:
+        lines += ["", analysis_toml(policy.analysis).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -419,6 +428,9 @@ def changes(before: FleetPolicy, after: FleetPolicy) -> tuple[Change, ...]:
         if name == "steps":
             out.append(Change(name, "[" + ", ".join(step_text(s) for s in a) + "]",
                               "[" + ", ".join(step_text(s) for s in b) + "]"))
+        elif name == "analysis":
+            out.append(Change(name, "[" + ", ".join(_toml_string(q.name) for q in a) + "]",
+                              "[" + ", ".join(_toml_string(q.name) for q in b) + "]"))
         else:
             out.append(Change(name, toml_value(a), toml_value(b)))
     return tuple(out)

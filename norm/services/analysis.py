@@ -15,15 +15,18 @@ next one is due; `clock` says what time it is (the loop's by default: tests may 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Protocol
+import re
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from norm.core import analysis
 from norm.core.analysis import AnalysisQuery, Measurement, Sample, Verdict
 from norm.core.errors import Permanent, Temporary
+from norm.core.policy import FleetPolicy
 from norm.services.base import pause
 
 log = structlog.get_logger("norm.analysis")
@@ -36,6 +39,7 @@ class QueryApi(Protocol):
 
 
 OnMeasurement = Callable[[Measurement], object]
+CanaryVerdict = tuple[Literal["passed", "failed", "inconclusive"], str | None]
 
 
 async def measure_once(source: QueryApi, query: AnalysisQuery, at: float) -> Measurement:
@@ -86,3 +90,42 @@ async def analyse(prometheus: QueryApi, queries: Sequence[AnalysisQuery], *,
                 break
     log.info("analysis.decided", state=verdict.state, reason=verdict.reason)
     return verdict
+
+
+# ---------------------------------------------------------------------------------------------------
+# A rollout's canary
+
+
+CANARY = "$CANARY"  # in a query: a regular expression matching the canary hosts' names
+
+
+def for_canary(queries: Sequence[AnalysisQuery], names: Sequence[str]) -> tuple[AnalysisQuery, ...]:
+    """The queries with `$CANARY` replaced by a regular expression matching exactly the canary hosts'
+    names (each escaped, as PromQL's `=~` reads it): `rate(x{host=~"$CANARY"}[1m])`."""
+    pattern = "|".join(re.escape(n).replace("\\", "\\\\") for n in names) or "(?!)"
+    return tuple(dataclasses.replace(q, query=q.query.replace(CANARY, pattern)) for q in queries)
+
+
+def canary_analyser(prometheus_url: str | None) -> Callable[[FleetPolicy, tuple[str, ...]],
+                                                            Coroutine[Any, Any, CanaryVerdict]]:
+    """What the leader's updater runs for a canary (its hosts' names, under the rollout's policy): the
+    policy's queries against `prometheus_url` until they decide, and the canary watched for
+    `canary_wait` in all; the verdict and why."""
+
+    async def run(policy: FleetPolicy, names: tuple[str, ...]) -> CanaryVerdict:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + policy.canary_wait
+        if policy.analysis:
+            if prometheus_url is None:
+                return "inconclusive", ("the fleet policy has analysis queries, and update.prometheus_url "
+                                        "is not set on the leader")
+            from norm.adapters.prometheus import Prometheus
+
+            async with Prometheus(prometheus_url) as source:
+                verdict = await analyse(source, for_canary(policy.analysis, names))
+            if verdict.state != "passed":
+                return verdict.state, verdict.reason  # type: ignore[return-value]
+        await pause(max(0.0, until - loop.time()))
+        return "passed", None
+
+    return run

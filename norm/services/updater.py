@@ -81,7 +81,8 @@ from norm.services.watcher import DesiredStateWatcher
 log = structlog.get_logger("norm.updater")
 
 Verdict = tuple[Literal["passed", "failed", "inconclusive"], str | None]
-# Analyses a canary (its hosts, under the rollout's policy) to its verdict and why.
+# Analyses a canary (its hosts' names, under the rollout's policy) to its verdict and why
+# (norm.services.analysis.canary_analyser).
 Analyse = Callable[[FleetPolicy, tuple[str, ...]], Awaitable[Verdict]]
 
 
@@ -505,10 +506,22 @@ class Updater:
 
     async def _analysing(self, record: Rollout, hosts: tuple[str, ...]) -> None:
         policy = record.policy if record.policy is not None else self._fleet_policy()
-        log.info("rollout.analysing", rollout=record.revision, canary=list(hosts))
-        verdict, reason = await self._analyse(policy, hosts)
+        names = await self._names(hosts)
+        log.info("rollout.analysing", rollout=record.revision, canary=list(names))
+        verdict, reason = await self._analyse(policy, names)
         log.info("rollout.analysed", rollout=record.revision, verdict=verdict, reason=reason)
         self._queue.put_nowait(AnalysisEnded(record.revision, verdict, reason))
+
+    async def _names(self, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        """The hosts' names as they registered them (a host not registered: its machine id)."""
+        names: dict[str, str] = {}
+        for kv in (await self._etcd.get_prefix(hosts_key(self._prefix))).kvs:
+            try:
+                host = HostRecord.decode(kv.value, kv.key)
+            except InvalidValue:
+                continue  # counted when a rollout begins
+            names[host.machine_id] = host.name
+        return tuple(names.get(h, h) for h in hosts)
 
     def _arm(self, revision: int, deadline: Deadline) -> None:
         """Time the barrier on the loop's clock (monotonic): the wall clock may be another host's

@@ -200,13 +200,14 @@ class UpdateFleet:
 
 @contextlib.contextmanager
 def running_fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry, name: str, size: int,
-                  haproxy: bool = False) -> Iterator[tuple[Fleet, dict[str, tuple[int, int]]]]:
+                  haproxy: bool = False, agent_env: dict[str, str] | None = None,
+                  ) -> Iterator[tuple[Fleet, dict[str, tuple[int, int]]]]:
     """A fleet of `size` hosts in update mode on `registry`'s demo app (with HAProxy in front of the
     web units when asked), its units installed, every agent registered; and the units' ports. Stopped
-    when the block ends."""
+    when the block ends. `agent_env`: more of the agents' settings."""
     run_dir: Path = tmp_path_factory.mktemp(name)
     (run_dir / "steps.env").write_text("")
-    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"))
+    env = dict(AGENT_ENV, NORM_UPDATE__STEPS_ENV_FILE=str(run_dir / "steps.env"), **(agent_env or {}))
     fleet = Fleet(run_dir, size=size, image=f"{registry.address}/djed/app", agent_env=env, haproxy=haproxy)
     fleet.up()
     try:

@@ -1,8 +1,9 @@
 """Zero-downtime rolling updates on real components: four hosts behind a real HAProxy, each with its own
 systemd manager, Docker engine and agent, on a 3-member etcd cluster, with steady HTTP load through
-HAProxy during every rollout. The fleet's policy (one etcd key) asks for `auto`: a release whose image
-declares its migrations `expand` rolls one host at a time, `migrate` running before the first batch
-and `collectstatic` after the last; a release that does not serve is rolled back.
+HAProxy during every rollout, and a real Prometheus scraping the hosts' web units for canary analyses.
+The fleet's policy (one etcd key) asks for `auto`: a release whose image declares its migrations
+`expand` rolls one host at a time, `migrate` running before the first batch and `collectstatic` after
+the last; a release that does not serve is rolled back.
 
 What is asserted comes from the load generator (every request's outcome), HAProxy's Runtime API (who
 serves, sampled every 50 ms), etcd (header, record, ledger) and the agents' logs."""
@@ -20,12 +21,14 @@ from typing import Any
 
 import pytest
 
+from norm.core.analysis import AnalysisQuery
 from norm.core.policy import FleetPolicy, StepPolicy
 from sandbox import app, load, updates
 from sandbox.fleet import Fleet
 from sandbox.haproxy import HaproxyServer
 from sandbox.images import DemoOptions
 from sandbox.procs import wait_for
+from sandbox.prometheus import PrometheusServer
 from sandbox.registry import Registry
 from tests.fleet.conftest import running_fleet
 
@@ -41,9 +44,10 @@ EXPAND = DemoOptions(migrations="expand")
 
 
 class Rolling:
-    def __init__(self, fleet: Fleet, demo_app: Callable[..., str]) -> None:
+    def __init__(self, fleet: Fleet, demo_app: Callable[..., str], prometheus: PrometheusServer) -> None:
         self.fleet = fleet
         self.demo_app = demo_app
+        self.prometheus = prometheus
         self.versions = 0
 
     @property
@@ -72,8 +76,8 @@ class Rolling:
         return sum(1 for admin in self.admin().values() if admin == "ready")
 
     @contextlib.contextmanager
-    def load(self) -> Iterator[tuple[load.LoadResult, load.Serving]]:
-        with load.running(self.lb["url"] + "/version", RATE, self.serving_count) as (result, serving):
+    def load(self, path: str = "/version") -> Iterator[tuple[load.LoadResult, load.Serving]]:
+        with load.running(self.lb["url"] + path, RATE, self.serving_count) as (result, serving):
             yield result, serving
 
     def events(self, name: str, skip: int = 0) -> list[dict[str, Any]]:
@@ -116,14 +120,27 @@ class Rolling:
 @pytest.fixture(scope="module")
 def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
             demo_app: Callable[..., str]) -> Iterator[Rolling]:
-    with running_fleet(tmp_path_factory, registry, "rolling-fleet", HOSTS, haproxy=True) as (fleet, _):
-        updates.put(fleet, "/norm/policy", POLICY.encode().decode())
-        r = Rolling(fleet, demo_app)
-        first = r.new_version()
-        h = updates.deploy(fleet, first, timeout=240)
-        assert h["phase"] == "done" and h["strategy"] == "recreate", h  # nothing served before it
-        r.all_serve(first)
-        yield r
+    # A real Prometheus scraping every host's web unit (its series labelled with the host's name): the
+    # leader asks it a canary's analysis queries.
+    prometheus = PrometheusServer(tmp_path_factory.mktemp("rolling-prometheus"), scrape_interval=1.0)
+    prometheus.start()
+    env = {"NORM_UPDATE__PROMETHEUS_URL": prometheus.url}
+    try:
+        with running_fleet(tmp_path_factory, registry, "rolling-fleet", HOSTS, haproxy=True,
+                           agent_env=env) as (fleet, ports):
+            targets = {f"127.0.0.1:{web}": {"host": name} for name, (web, _) in ports.items()}
+            prometheus.set_targets(list(targets), targets)
+            updates.put(fleet, "/norm/policy", POLICY.encode().decode())
+            r = Rolling(fleet, demo_app, prometheus)
+            first = r.new_version()
+            h = updates.deploy(fleet, first, timeout=240)
+            assert h["phase"] == "done" and h["strategy"] == "recreate", h  # nothing served before it
+            r.all_serve(first)
+            yield r
+    finally:
+        prometheus.stop()
+
+
 
 
 def test_a_rolling_update_under_load_fails_no_request(rolling: Rolling) -> None:
@@ -456,3 +473,51 @@ def test_norm_undo_goes_back_without_a_step_and_is_refused_across_a_rollback_flo
         rolling.all_serve(floor)
     finally:
         updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+
+
+ERROR_RATE = AnalysisQuery(
+    name="error-rate", interval=2.0, count=8, success="result < 0.01", failure_limit=1, inconclusive_limit=4,
+    query='sum(rate(djed_http_requests_total{code="500",host=~"$CANARY"}[10s]))'
+          ' / sum(rate(djed_http_requests_total{host=~"$CANARY"}[10s]))')
+
+
+def test_a_canary_serving_errors_fails_its_analysis_and_is_put_back(rolling: Rolling) -> None:
+    """The canary's release answers 500 to one request in twenty: its error-rate query fails twice, one
+    more than tolerated, and the canary goes back; no other host ever runs the release."""
+    policy = dataclasses.replace(POLICY, canary="1", analysis=(ERROR_RATE,))
+    h = updates.header(rolling.fleet)
+    assert h is not None
+    old = h["tag"] if h["phase"] == "done" else h["previous"]["tag"]
+    tag = rolling.new_version(DemoOptions(migrations="expand", error_rate=0.05))
+    marks = rolling.log_marks()
+    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    try:
+        with rolling.load("/"):
+            revision = updates.set_version(rolling.fleet, tag)
+            waiting = wait_record(rolling, revision, "the canary being analysed",
+                                  lambda rec: rec["waiting"] == "canary")
+            analysed: dict[str, dict[str, Any]] = {}
+            ended = updates.wait_phase(rolling.fleet, revision, timeout=240)
+            for name in rolling.names():
+                for e in rolling.events(name, marks[name]):
+                    if e.get("event") in ("rollout.analysing", "rollout.analysed"):
+                        analysed[e["event"]] = e
+            rolling.all_serve(old)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+    assert ended["phase"] == "rolled_back", ended
+    assert "failed its analysis" in ended["reason"] and "error-rate" in ended["reason"], ended["reason"]
+    canary = waiting["batches"][0]
+    assert len(canary) == 1
+    moved = rolling.moved_to(tag, marks)
+    assert sum(moved.values()) == 1, moved  # the canary alone ever ran the release
+    started, decided = (log_time(analysed[k]) for k in ("rollout.analysing", "rollout.analysed"))
+    # Two failures at most 2 s apart decide it; the first data may take a few intervals to come (the
+    # canary's counters start at its start, and a 10 s rate needs two scrapes): well within a minute.
+    assert decided - started < 60, decided - started
+
+
+def log_time(entry: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00")).timestamp()
