@@ -260,8 +260,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and call.when == "call":
-        fleets = [v.fleet if isinstance(v, UpdateFleet) else v
-                  for v in getattr(item, "funcargs", {}).values() if isinstance(v, UpdateFleet | Fleet)]
+        fleets = [v if isinstance(v, Fleet) else v.fleet for v in getattr(item, "funcargs", {}).values()
+                  if isinstance(v, Fleet) or isinstance(getattr(v, "fleet", None), Fleet)]
         for fleet in fleets[:1]:
             report.sections.append(("the fleet's agents", _what_the_agents_said(fleet)))
     return report

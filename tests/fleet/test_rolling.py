@@ -63,6 +63,11 @@ class Rolling:
     def names(self) -> list[str]:
         return [h["name"] for h in self.state["hosts"]]
 
+    def prometheus_targets(self) -> dict[str, dict[str, str]]:
+        """What Prometheus scrapes: each host's web unit, and its labels."""
+        ports = app.reserve_ports(self.state["hosts"])
+        return {f"127.0.0.1:{ports[n][0]}": {"host": n} for n in self.names()}
+
     def new_version(self, options: DemoOptions = EXPAND) -> str:
         self.versions += 1
         tag = f"r{self.versions}"
@@ -521,3 +526,31 @@ def log_time(entry: dict[str, Any]) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def test_an_analysis_without_data_pauses_and_goes_on_once_resumed_with_data(rolling: Rolling) -> None:
+    ready = AnalysisQuery(name="ready", query='count(up{host=~"$CANARY",ready="yes"})', interval=1.0, count=2,
+                          success="result == 1")
+    policy = dataclasses.replace(POLICY, canary="1", analysis=(ready,))
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    plain = {t: {"host": labels["host"]} for t, labels in rolling.prometheus_targets().items()}
+    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    try:
+        revision = updates.set_version(rolling.fleet, tag)
+        paused = wait_record(rolling, revision, "paused: no data", lambda rec: rec["pause"] is not None)
+        assert paused["waiting"] == "canary" and "inconclusive" in paused["pause"], paused["pause"]
+        assert sum(rolling.moved_to(tag, marks).values()) == 1
+        # The data appears; the operator resumes: the analysis runs again, passes, the rest follow.
+        rolling.prometheus.set_targets(list(plain),
+                                       {t: {**labels, "ready": "yes"} for t, labels in plain.items()})
+        wait_for(lambda: bool(rolling.prometheus.query('up{ready="yes"}')), timeout=60,
+                 what="the ready series in Prometheus", interval=0.2)
+        assert norm_cli(rolling, "resume", "--by", "alice").returncode == 0
+        h = updates.wait_phase(rolling.fleet, revision, timeout=240)
+        rolling.all_serve(tag)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.prometheus.set_targets(list(plain), plain)
+    assert h["phase"] == "done", h
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
