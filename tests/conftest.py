@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.plugins.imds",
     "tests.plugins.docker",
     "tests.plugins.haproxy",
+    "tests.plugins.webhooks",
 ]
