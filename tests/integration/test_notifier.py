@@ -327,3 +327,21 @@ async def test_each_notice_once_with_the_leadership_moved_back_and_forth(
     assert len(ids) == 24 * 7 and Counter(leaders) == {"a": 12, "b": 12}
     # In the order they were put.
     assert webhook_receiver.keys() == ids
+
+
+async def test_the_webhooks_are_read_at_run_time_and_notices_no_one_wants_go(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig], webhook_receiver: WebhookReceiver,
+        tmp_path: Path) -> None:
+    hooks: list[Webhook] = []
+    async with agents(etcd_config(etcd.endpoint), "a", lambda: hooks) as (agent,):
+        await leader_of([agent])
+        # No webhook: nothing to deliver, the notice goes.
+        await add(agent.etcd, [notice(0)])
+        await until_async(lambda: _empty(agent.etcd), "the unwanted notice goes")
+        # A webhook for the grave ones only: an info notice goes undelivered, a critical one reaches it.
+        hooks.append(Webhook("pager", str(url_file(tmp_path, "pager", webhook_receiver.url)),
+                             min_severity="critical"))
+        await add(agent.etcd, [notice(1), notice(2, "halted")])
+        await until(lambda: webhook_receiver.keys() == [notice(2).id], "the critical one delivered")
+        await until_async(lambda: _empty(agent.etcd), "the outbox empties")
+    assert webhook_receiver.keys() == [notice(2).id]
