@@ -110,9 +110,10 @@ class Notifier:
     name = "notifier"
 
     def __init__(self, etcd: Etcd, prefix: str, leadership: Leading,
-                 webhooks: Callable[[], Sequence[Webhook]], metrics: Metrics, *, timeout: float = 10.0,
+                 webhooks: Callable[[], Sequence[Webhook] | None], metrics: Metrics, *, timeout: float = 10.0,
                  backoff: Backoff = DEFAULT_BACKOFF, recheck: float = 5.0) -> None:
-        """`webhooks`: the fleet's webhooks now (the policy changes at run time); `timeout`: of each
+        """`webhooks`: the fleet's webhooks now (the policy changes at run time), or None while they
+        are not known yet (the policy not read yet): every notice is then kept; `timeout`: of each
         POST, and what a graceful stop waits for the deliveries in flight; `recheck`: how often the
         webhooks are read again while nothing happens in the outbox."""
         self._etcd = etcd
@@ -247,7 +248,11 @@ class Notifier:
         """One worker per webhook of the policy; entries that no webhook needs any more deleted."""
         while not self._quit.is_set():
             self._changed.clear()
-            hooks = {h.name: h for h in self._webhooks()}
+            now = self._webhooks()
+            if now is None:  # not known yet: nothing is delivered, nothing dropped
+                await pause(self._recheck, self._changed, self._quit)
+                continue
+            hooks = {h.name: h for h in now}
             for name in set(self._hooks) - set(hooks):
                 await workers.stop(name)
                 del self._hooks[name], self._wake[name]
@@ -363,9 +368,10 @@ class Notifier:
         except InvalidValue:
             return True
         took = set(entry.delivered) | self._done.get(key, set())
-        wanted = {h.name for h in self._webhooks() if notify.matches(h, entry.notice)}
+        hooks = self._webhooks()
+        wanted = None if hooks is None else {h.name for h in hooks if notify.matches(h, entry.notice)}
         ops: list[Op]
-        if wanted <= took:
+        if wanted is not None and wanted <= took:
             ops = [Delete(key)]
             self._deleting.add(key)
         elif took <= set(entry.delivered):
@@ -376,5 +382,5 @@ class Notifier:
         if not result.succeeded:
             self._deleting.discard(key)
             return False
-        log.debug("notifier.recorded", key=key, deleted=wanted <= took, delivered=sorted(took))
+        log.debug("notifier.recorded", key=key, deleted=isinstance(ops[0], Delete), delivered=sorted(took))
         return True

@@ -42,7 +42,7 @@ class Agent:
 
     name: str
     etcd: Etcd
-    webhooks: Callable[[], Sequence[Webhook]]
+    webhooks: Callable[[], Sequence[Webhook] | None]
     metrics: Metrics = field(default_factory=Metrics)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     lead_stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -95,7 +95,7 @@ class Agent:
 
 @asynccontextmanager
 async def agents(config: EtcdConfig, names: str,
-                 webhooks: Callable[[], Sequence[Webhook]]) -> AsyncIterator[list[Agent]]:
+                 webhooks: Callable[[], Sequence[Webhook] | None]) -> AsyncIterator[list[Agent]]:
     clients = [Etcd(config) for _ in names]
     made: list[Agent] = []
     try:
@@ -332,16 +332,21 @@ async def test_each_notice_once_with_the_leadership_moved_back_and_forth(
 async def test_the_webhooks_are_read_at_run_time_and_notices_no_one_wants_go(
         etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig], webhook_receiver: WebhookReceiver,
         tmp_path: Path) -> None:
-    hooks: list[Webhook] = []
+    hooks: list[Webhook] | None = None
     async with agents(etcd_config(etcd.endpoint), "a", lambda: hooks) as (agent,):
         await leader_of([agent])
-        # No webhook: nothing to deliver, the notice goes.
+        # The webhooks not known yet (the policy not read): the notices are kept.
         await add(agent.etcd, [notice(0)])
-        await until_async(lambda: _empty(agent.etcd), "the unwanted notice goes")
+        await until(lambda: agent.metrics.registry.get_sample_value("norm_outbox_pending") == 1, "seen")
+        await add(agent.etcd, [notice(1)])
+        await until(lambda: agent.metrics.registry.get_sample_value("norm_outbox_pending") == 2, "kept")
+        # No webhook: nothing to deliver, the notices go.
+        hooks = []
+        await until_async(lambda: _empty(agent.etcd), "the unwanted notices go")
         # A webhook for the grave ones only: an info notice goes undelivered, a critical one reaches it.
         hooks.append(Webhook("pager", str(url_file(tmp_path, "pager", webhook_receiver.url)),
                              min_severity="critical"))
-        await add(agent.etcd, [notice(1), notice(2, "halted")])
+        await add(agent.etcd, [notice(3), notice(2, "halted")])
         await until(lambda: webhook_receiver.keys() == [notice(2).id], "the critical one delivered")
         await until_async(lambda: _empty(agent.etcd), "the outbox empties")
     assert webhook_receiver.keys() == [notice(2).id]
