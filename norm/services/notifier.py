@@ -262,7 +262,7 @@ class Notifier:
                 if not workers.running(name) and not self._quit.is_set():
                     self._wake[name] = asyncio.Event()
                     workers.start(name, self._worker(name), name=f"notifier-{name}")
-            for key in [k for k in self._entries if self._settled(k)]:
+            for key in [k for k in self._entries if self._settled(k) or self._unrecorded(k)]:
                 await self._commit(key)
             await pause(self._recheck, self._changed, self._quit)
 
@@ -271,6 +271,10 @@ class Notifier:
         held = self._entries[key]
         took = set(held.entry.delivered) | self._done.get(key, set())
         return all(h.name in took for h in self._hooks.values() if notify.matches(h, held.entry.notice))
+
+    def _unrecorded(self, key: str) -> bool:
+        """Whether a webhook took the entry here and the entry does not say so yet (its rewrite failed)."""
+        return bool(self._done.get(key, set()) - set(self._entries[key].entry.delivered))
 
     def _next_for(self, hook: Webhook) -> str | None:
         """The oldest entry `hook` wants and has not taken."""
@@ -294,6 +298,11 @@ class Notifier:
             key = self._next_for(hook)
             if key is None:
                 await pause(None, wake, self._quit)
+                continue
+            if not self._leadership.is_leader():
+                # The lease cannot be proven alive: no acting on a leadership that may be gone. The
+                # session ends once the agent steps down; a late renewal lets it go on.
+                await pause(self._recheck, self._leadership.deposed, self._quit)
                 continue
             result = await self._deliver(hook, self._entries[key].entry.notice)
             self._metrics.webhook_deliveries.labels(name, result).inc()
@@ -362,6 +371,7 @@ class Notifier:
     async def _commit_once(self, key: str) -> bool:
         kv = await self._etcd.get(key)
         if kv is None:
+            self._done.pop(key, None)
             return True
         try:
             entry = OutboxEntry.decode(kv.value, key)
