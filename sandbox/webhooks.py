@@ -4,8 +4,9 @@ delivered to in the tests and the sandbox.
 Every POST to /hook is appended to `received.jsonl` in its directory as one JSON line: `at` (the
 receiver's wall clock when it took it), `idempotency_key` (the Idempotency-Key header, or null),
 `content_type` and `body` (the body as JSON, or null with `raw` holding it as text when it is not
-JSON). It answers with the status it was started with (200 unless told otherwise), after writing the
-line: a line in the file is a POST that was answered (or that the receiver tried to answer).
+JSON), and `status`, what it answered: the status it was started with (200 unless told otherwise).
+The line is written before the answer: a line in the file is a POST the receiver took, whether or
+not its answer reached the sender.
 
 `python -m sandbox.webhooks -p PORT --log FILE [--status N]` is the receiver's entry point.
 """
@@ -69,9 +70,11 @@ class WebhookReceiver(LocalServer):
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def keys(self) -> list[str]:
-        """The Idempotency-Key of each POST taken so far, in order."""
-        return [r["idempotency_key"] for r in self.received()]
+    def keys(self, *, answered_ok: bool = False) -> list[str]:
+        """The Idempotency-Key of each POST taken so far, in order (of those answered with a 2xx only,
+        with `answered_ok`)."""
+        return [r["idempotency_key"] for r in self.received()
+                if not answered_ok or 200 <= r["status"] < 300]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,7 +98,8 @@ def serve(argv: list[str]) -> None:
     async def hook(request: web.Request) -> web.Response:
         raw = await request.read()
         line: dict[str, Any] = {"at": time.time(), "idempotency_key": request.headers.get("Idempotency-Key"),
-                                "content_type": request.headers.get("Content-Type"), "path": request.path}
+                                "content_type": request.headers.get("Content-Type"), "path": request.path,
+                                "status": args.status}
         try:
             line["body"] = json.loads(raw)
         except ValueError:

@@ -199,6 +199,12 @@ def matches(webhook: Webhook, notice: Notice) -> bool:
     return _RANK[notice.severity] >= _RANK[webhook.min_severity]
 
 
+def webhook_text(hook: Webhook) -> str:
+    """One line for a webhook, as `norm policy` shows it: `name (format, severity+, events): url_file`."""
+    events = ", ".join(hook.events) if hook.events else "every event"
+    return f"{hook.name} ({hook.format}, {hook.min_severity}+, {events}): {hook.url_file}"
+
+
 def parse_webhooks(tables: object, source: str) -> tuple[Webhook, ...]:
     """The webhooks of a TOML `[[webhooks]]` array (as tomllib reads it). Raises ConfigError naming
     `webhooks[i].key` and `source`, never quoting a value."""

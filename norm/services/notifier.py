@@ -96,6 +96,17 @@ async def post_notices(etcd: Etcd, prefix: str, source: str, notices: Sequence[N
         await etcd.txn([], puts)
 
 
+MAX_URL_FILE = 8192
+
+
+def _read_url_file(path: str) -> str:
+    with Path(path).open("rb") as f:
+        raw = f.read(MAX_URL_FILE + 1)
+    if len(raw) > MAX_URL_FILE:
+        raise ValueError(f"longer than {MAX_URL_FILE} bytes")
+    return raw.decode("utf-8")
+
+
 @dataclass(frozen=True)
 class _Held:
     kv: KeyValue
@@ -317,10 +328,16 @@ class Notifier:
     async def _deliver(self, hook: Webhook, notice: Notice) -> Result:
         bound = log.bind(webhook=hook.name, notice=notice.id, event=notice.event)
         try:
-            raw = await asyncio.to_thread(Path(hook.url_file).read_text, encoding="utf-8")
-        except (OSError, ValueError) as e:  # the path is the policy's; the file's content is the secret
+            raw = await asyncio.to_thread(_read_url_file, hook.url_file)
+        except OSError as e:  # the path is the policy's; the file's content is the secret
             bound.warning("webhook.url_unreadable", url_file=hook.url_file,
-                          error=getattr(e, "strerror", None) or type(e).__name__)
+                          error=e.strerror or type(e).__name__)
+            return "retry"
+        except UnicodeError:
+            bound.warning("webhook.url_unreadable", url_file=hook.url_file, error="not UTF-8 text")
+            return "retry"
+        except ValueError as e:  # too long: its own message, without the content
+            bound.warning("webhook.url_unreadable", url_file=hook.url_file, error=str(e))
             return "retry"
         try:
             url = notify.check_url(raw, f"webhook {hook.name}: {hook.url_file}")

@@ -232,6 +232,25 @@ async def test_a_receiver_that_is_down_gets_every_notice_once_it_is_back(
         assert webhook_receiver.keys() == [n.id for n in notices]
 
 
+async def test_a_receiver_answering_500_is_tried_again_until_it_takes_the_notice(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig], webhook_receiver: WebhookReceiver,
+        tmp_path: Path) -> None:
+    hooks = (Webhook("ops", str(url_file(tmp_path, "ops", webhook_receiver.url))),)
+    await asyncio.to_thread(webhook_receiver.start, status=500)
+    async with agents(etcd_config(etcd.endpoint), "a", lambda: hooks) as (agent,):
+        await leader_of([agent])
+        notices = [notice(0), notice(1)]
+        await add(agent.etcd, notices)
+        await until(lambda: webhook_receiver.keys().count(notices[0].id) >= 3, "tried again")
+        # Oldest first: the second waits for the first.
+        assert set(webhook_receiver.keys()) == {notices[0].id}
+        assert len(await outbox(agent.etcd)) == 2
+        await asyncio.to_thread(webhook_receiver.start, status=200)
+        await until(lambda: webhook_receiver.keys(answered_ok=True) == [n.id for n in notices], "taken")
+        await until_async(lambda: _empty(agent.etcd), "the outbox empties")
+        assert agent.count("ops", "retry") >= 3 and agent.count("ops", "ok") == 2
+
+
 async def test_an_unreadable_url_file_is_retried_and_a_refusal_is_not(
         etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig], webhook_receiver: WebhookReceiver,
         tmp_path: Path) -> None:

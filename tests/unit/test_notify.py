@@ -281,5 +281,12 @@ def test_check_url_never_quotes_it() -> None:
         assert "secret" not in str(info.value)
 
 
+def test_webhook_text() -> None:
+    assert notify.webhook_text(Webhook("ops", "/etc/norm/ops.url")) == \
+        "ops (json, info+, every event): /etc/norm/ops.url"
+    assert notify.webhook_text(Webhook("p", "/x", "slack", ("halted", "done"), "critical")) == \
+        "p (slack, critical+, halted, done): /x"
+
+
 def test_every_event_has_a_severity() -> None:
     assert set(SEVERITY) == set(EVENTS) and set(SEVERITY.values()) == {"info", "warning", "critical"}
