@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -290,3 +291,28 @@ def test_webhook_text() -> None:
 
 def test_every_event_has_a_severity() -> None:
     assert set(SEVERITY) == set(EVENTS) and set(SEVERITY.values()) == {"info", "warning", "critical"}
+
+
+def test_an_outbox_entry_must_be_where_its_writer_puts_it() -> None:
+    started = notices_between(None, record(Phase.RESOLVE), 1.0)[0]
+    quarantined = quarantine_notice(A, "djed-web.service", None, 1.0)
+    notify.check_entry_key("/norm", outbox_key("/norm", "rollouts", started.id), started)
+    notify.check_entry_key("/norm", outbox_key("/norm", A, quarantined.id), quarantined)
+    for key, n in ((outbox_key("/norm", A, started.id), started),  # a host's notice of a rollout
+                   (outbox_key("/norm", "rollouts", quarantined.id), quarantined),
+                   (outbox_key("/norm", B, quarantined.id), quarantined),  # another host's quarantine
+                   (outbox_key("/norm", "rollouts", "7-1-0"), started),  # not its id
+                   ("/other/outbox/rollouts/" + started.id, started),
+                   (f"/norm/outbox/rollouts/x/{started.id}", started)):
+        with pytest.raises(ValueError):
+            notify.check_entry_key("/norm", key, n)
+
+
+def test_the_documented_webhooks_parse() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "notifications.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    hooks = notify.parse_webhooks_toml(block, "docs/notifications.md")
+    assert [h.name for h in hooks] == ["ops", "pager"] and hooks[1].events == ("halted", "unit_quarantined")
+    examples = [b.split("```", 1)[0] for b in doc.split("```json\n")[1:]]
+    assert [json.loads(e)["event"] for e in examples[:2]] == ["halted", "unit_quarantined"]
+    assert set(json.loads(examples[0])) == {f.name for f in dataclasses.fields(Notice)} | {"text"}
