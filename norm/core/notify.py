@@ -6,8 +6,8 @@ A notice is made where the event happens and in the same etcd transaction: the l
 (`notices_between`) go with the record write that makes the transition, a host's (a unit quarantined,
 `quarantine_notice`) with its own put. A new leader therefore never makes a notice again: it finds the
 ones not yet delivered in the outbox. Each notice has an id that is the same whenever the same event
-is written again (`<revision>-<micros>-<i>` for a rollout's, `<machine id>-<micros>-<i>` for a host's),
-which every delivery carries as its Idempotency-Key (docs/notifications.md).
+is written again (`<revision>-<micros>-<i>-<event>-<phase>` for a rollout's, `<machine id>-<micros>-<unit
+hash>` for a host's), which every delivery carries as its Idempotency-Key (docs/notifications.md).
 
 A webhook's URL often carries a secret (Slack's do), so the fleet's policy in etcd never holds it:
 a webhook names the file, on every leader-eligible host, that holds the URL (`url_file`). Logs,
@@ -17,6 +17,7 @@ errors and metrics name a webhook by its `name`, and show at most `redact_url(ur
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import tomllib
 import types
@@ -376,9 +377,8 @@ def _micros(t: float) -> int:
     return max(0, round(t * 1_000_000))
 
 
-def _notice(id_base: str, i: int, event: str, at: float, **fields: Any) -> Notice:
-    return Notice(id=f"{id_base}-{i}", event=event, severity=SEVERITY[event],  # type: ignore[arg-type]
-                  at=at, **fields)
+def _notice(nid: str, event: str, at: float, **fields: Any) -> Notice:
+    return Notice(id=nid, event=event, severity=SEVERITY[event], at=at, **fields)  # type: ignore[arg-type]
 
 
 def _reason(reason: str | None) -> str | None:
@@ -389,9 +389,10 @@ def notices_between(old: Rollout | None, new: Rollout, now: float) -> tuple[Noti
     """The notices a record transition from `old` (None, or a record of another rollout: none of this
     one yet) to `new` makes, in the order they happened. `old` is the record as etcd holds it.
 
-    Ids are `<revision>-<micros of new.updated_at>-<i>`: the same transition written again makes the
-    same keys (the notices go in the transaction that writes `new`). `now` (the writer's wall clock) is
-    each notice's `at`."""
+    Ids are `<revision>-<micros of new.updated_at>-<i>-<event>-<phase>`: the same transition written
+    again makes the same keys (the notices go in the transaction that writes `new`), and each
+    transition its own as long as the record's `updated_at` moves (the event and the phase keep them
+    apart if it does not). `now` (the writer's wall clock) is each notice's `at`."""
     base = f"{new.revision}-{_micros(new.updated_at)}"
     common: dict[str, Any] = {"rollout": new.revision, "tag": new.tag or None}
     events: list[tuple[str, dict[str, Any]]] = []
@@ -409,18 +410,20 @@ def notices_between(old: Rollout | None, new: Rollout, now: float) -> tuple[Noti
     paused = bool(getattr(new, "paused", False))
     if paused != was_paused:
         events.append(("paused" if paused else "resumed", now_at))
-    return tuple(_notice(base, i, event, now, **{**common, **extra})
+    return tuple(_notice(f"{base}-{i}-{event}-{new.phase.value}", event, now, **{**common, **extra})
                  for i, (event, extra) in enumerate(events))
 
 
 def quarantine_notice(machine_id: str, unit: str, reason: str | None, at: float,
                       host: str | None = None) -> Notice:
     """The notice of a unit the healer stopped trying to heal on host `machine_id` (shown as `host`,
-    its name, when given). Its id is `<machine id>-<micros of at>-0`: the same quarantine written again
-    makes the same key."""
+    its name, when given). Its id is `<machine id>-<micros of at>-<first 8 hex digits of the unit's
+    sha256>`: the same quarantine written again makes the same key."""
     values.machine_id(machine_id, "machine_id")
-    return _notice(f"{machine_id}-{_micros(at)}", 0, "unit_quarantined", at, host=host or machine_id,
-                   unit=values.clean(unit, 255), reason=_reason(reason))
+    unit_hash = hashlib.sha256(unit.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return _notice(f"{machine_id}-{_micros(at)}-{unit_hash}", "unit_quarantined", at,
+                   host=values.clean(host or machine_id, 255), unit=values.clean(unit, 255),
+                   reason=_reason(reason))
 
 
 def check_entry_key(prefix: str, key: str, notice: Notice) -> None:

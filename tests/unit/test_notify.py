@@ -111,7 +111,12 @@ def test_ids_are_deterministic_distinct_and_ordered_within_a_transition() -> Non
     stop, done = record(Phase.STOP, at=2.0), record(Phase.DONE, at=3.25)
     first = notices_between(stop, done, 10.0)
     again = notices_between(stop, done, 99.0)  # written again, later: the same keys
-    assert [n.id for n in first] == [n.id for n in again] == ["7-3250000-0", "7-3250000-1"]
+    assert [n.id for n in first] == [n.id for n in again] == ["7-3250000-0-phase_changed-done",
+                                                                   "7-3250000-1-done-done"]
+    # A clock that does not move keeps apart the transitions of other phases.
+    same = [notices_between(record(Phase.PULL, at=2.0), record(p, at=2.0), 1.0)[0].id
+            for p in (Phase.STOP, Phase.MIGRATE, Phase.START)]
+    assert len(set(same)) == 3
     later = notices_between(done, record(Phase.DONE, at=3.5), 1.0)
     assert later == ()
     other = notices_between(record(Phase.PULL, at=1.0), stop, 1.0)
@@ -136,7 +141,10 @@ def test_quarantine_notice() -> None:
     n = quarantine_notice(A, "djed-web.service", "failed 5 times in 60s", 50.5, host="web-1")
     assert (n.event, n.severity, n.host, n.unit, n.rollout) == ("unit_quarantined", "critical", "web-1",
                                                                 "djed-web.service", None)
-    assert n.id == f"{A}-50500000-0" == quarantine_notice(A, "djed-web.service", None, 50.5).id
+    assert n.id == f"{A}-50500000-4cfae33e" == quarantine_notice(A, "djed-web.service", None, 50.5).id
+    assert quarantine_notice(A, "djed-api.service", None, 50.5).id != n.id
+    # A host name is shown cleaned, never refused.
+    assert quarantine_notice(A, "u", None, 1.0, host="web\x1b-1").host == "web?-1"
     with pytest.raises(ValueError, match="machine_id"):
         quarantine_notice("nope", "u", None, 1.0)
 
