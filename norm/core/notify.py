@@ -385,6 +385,17 @@ def _reason(reason: str | None) -> str | None:
     return None if reason is None else values.clean(reason, MAX_NOTICE_REASON)
 
 
+def _paused(r: Rollout) -> bool:
+    """Whether an operator (or an analysis) holds the rollout: the record's `paused` flag, or a
+    `pause` reason (the two shapes the record is given); a record with neither is never paused."""
+    return bool(getattr(r, "paused", False)) or getattr(r, "pause", None) is not None
+
+
+def _pause_reason(r: Rollout) -> str | None:
+    why = getattr(r, "pause", None)
+    return _reason(why) if isinstance(why, str) else _reason(r.reason)
+
+
 def notices_between(old: Rollout | None, new: Rollout, now: float) -> tuple[Notice, ...]:
     """The notices a record transition from `old` (None, or a record of another rollout: none of this
     one yet) to `new` makes, in the order they happened. `old` is the record as etcd holds it.
@@ -403,13 +414,13 @@ def notices_between(old: Rollout | None, new: Rollout, now: float) -> tuple[Noti
     else:
         if old.phase is not new.phase:
             events.append(("phase_changed", now_at))
-        was_terminal, was_paused = old.terminal, bool(getattr(old, "paused", False))
+        was_terminal, was_paused = old.terminal, _paused(old)
     if new.terminal and not was_terminal:
         events.append((_TERMINAL_EVENTS[new.phase.value], now_at))
-    # `paused` is a field the record will have; until it does, no record is ever paused.
-    paused = bool(getattr(new, "paused", False))
+    paused = _paused(new)
     if paused != was_paused:
-        events.append(("paused" if paused else "resumed", now_at))
+        events.append(("paused" if paused else "resumed", {"phase": new.phase.value,
+                                                           "reason": _pause_reason(new)}))
     return tuple(_notice(f"{base}-{i}-{event}-{new.phase.value}", event, now, **{**common, **extra})
                  for i, (event, extra) in enumerate(events))
 

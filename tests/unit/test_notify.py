@@ -58,6 +58,17 @@ class Pausable:
         return self.phase in (Phase.DONE, Phase.FAILED, Phase.HALTED, Phase.SUPERSEDED, Phase.ROLLED_BACK)
 
 
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A stand-in for a record that says why it is paused (`pause`) rather than whether."""
+
+    base: Pausable
+    pause: str | None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.base, name)
+
+
 def events(notices: tuple[Notice, ...]) -> list[str]:
     return [n.event for n in notices]
 
@@ -103,7 +114,13 @@ def test_paused_and_resumed_come_from_the_records_paused_field() -> None:
     assert events(notices_between(paused, resumed, 3.5)) == ["resumed"]  # type: ignore[arg-type]
     # Started paused.
     assert events(notices_between(None, paused, 2.5)) == ["rollout_started", "paused"]  # type: ignore[arg-type]
-    # Records without the field are never paused.
+    # The other shape: a `pause` reason, None while not paused.
+    held = dataclasses.replace(running, paused=False)
+    by_reason = [Held(held, None), Held(held, "paused by alice: watching the error rate"), Held(held, None)]
+    got = notices_between(by_reason[0], by_reason[1], 1.0)  # type: ignore[arg-type]
+    assert events(got) == ["paused"] and got[0].reason == "paused by alice: watching the error rate"
+    assert events(notices_between(by_reason[1], by_reason[2], 1.0)) == ["resumed"]  # type: ignore[arg-type]
+    # Records without either field are never paused.
     assert events(notices_between(record(Phase.PULL), record(Phase.ROLL), 1.0)) == ["phase_changed"]
 
 
