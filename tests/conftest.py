@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.plugins.docker",
     "tests.plugins.haproxy",
     "tests.plugins.prometheus",
+    "tests.plugins.webhooks",
 ]

@@ -10,11 +10,14 @@ Three kinds of role, by who writes what:
   fleet's update policy, the rollout header and the rollouts' records and participant lists
   (`<prefix>/rollouts/`); writes its
   own registration, unit summary and control keys, and its own reports (`<prefix>/reports/<mid>/`);
-  and the migration claims (`<prefix>/claims/`).
+  and the migration claims (`<prefix>/claims/`); it puts its own notices (a unit quarantined) in the
+  outbox, `<prefix>/outbox/<mid>/`, which it cannot read back.
 - `norm-leader` (shared, granted in addition to the hosts that may lead): the leader key, the rollout
   header, the rollouts' records and participant lists, the ledger and the history; it reads the host
   registrations to choose a rollout's participants and the hosts' reports to follow a rollout, and
-  deletes finished rollouts' claims and aborts.
+  deletes finished rollouts' claims and aborts; it writes its notices in the outbox
+  (`<prefix>/outbox/rollouts/`) and reads, rewrites and deletes every notice there as it delivers
+  them (`<prefix>/outbox/`).
 
 etcd grants a role a single key or a key range [key, range_end); it has no patterns and no denials.
 The key layout (norm.core.protocol) gives each writer a range of its own, so every grant is exactly
@@ -34,6 +37,7 @@ from typing import Literal
 
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, parse_machine_id, units_key
+from norm.core.notify import outbox_prefix, source_prefix
 from norm.core.policy import policy_key
 from norm.core.protocol import (
     aborts_prefix,
@@ -165,13 +169,15 @@ def host_permissions(keys: Keys, machine_id: str) -> frozenset[Permission]:
         Permission.one(hosts_key(p, machine_id), "readwrite"),
         Permission.one(units_key(p, machine_id), "readwrite"),
         Permission.under(control_prefix(p, machine_id), "readwrite"),
+        # Its own notices, put once; the leader reads and deletes them as it delivers them.
+        Permission.under(source_prefix(p, machine_id), "write"),
     })
 
 
 def make_host_role(keys: Keys, machine_id: str) -> Role:
     return Role(host_role(machine_id), host_permissions(keys, machine_id),
-                f"host {machine_id}: its registration, unit summary, control requests, rollout reports "
-                "and migration claims")
+                f"host {machine_id}: its registration, unit summary, control requests, rollout reports, "
+                "migration claims and notices")
 
 
 def leader_role(keys: Keys) -> Role:
@@ -189,7 +195,10 @@ def leader_role(keys: Keys) -> Role:
         Permission.under(aborts_prefix(p), "readwrite"),
         Permission.under(requests_prefix(p), "readwrite"),
         Permission.one(deploy_key(p), "read"),
-    }), "leader-eligible hosts: the leader key, the rollout header, records, ledger and history")
+        # The notices of every writer: delivered, rewritten with the webhooks that took them, deleted.
+        Permission.under(outbox_prefix(p), "readwrite"),
+    }), "leader-eligible hosts: the leader key, the rollout header, records, ledger, history and the "
+        "notifications' outbox")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -96,3 +96,12 @@ class Metrics:
             "norm_env_restarts_total", "Units restarted for a changed environment file, by result: ok, "
             "failed, held (left alone: held by an update or an operator), inactive (not running: it reads "
             "the new file when it starts).", ["unit", "result"], registry=r)
+        # Webhook notifications (norm.services.notifier): labelled by the webhook's name, never its URL.
+        self.webhook_deliveries = Counter(
+            "norm_webhook_deliveries_total", "Deliveries of notices to webhooks by the leader, by result: ok "
+            "(a 2xx answer), retry (no answer, a 5xx, 408 or 429, the URL file unreadable: tried again "
+            "with backoff), refused (another 4xx: not tried again for that notice).", ["webhook", "result"],
+            registry=r)
+        self.outbox_pending = Gauge(
+            "norm_outbox_pending", "Notices in the outbox not yet delivered to every webhook that wants "
+            "them (leader only).", registry=r)

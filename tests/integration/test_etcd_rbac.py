@@ -22,14 +22,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from norm.adapters.etcd import Compare, Delete, Etcd, EtcdRejected, Get, Put
+from norm.adapters.etcd import Compare, Delete, Etcd, EtcdRejected, Get, Put, Resync
 from norm.app import cli
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, control_prefix, hosts_key, leader_key, units_key
+from norm.core.notify import Notice, OutboxEntry, outbox_key, outbox_prefix, quarantine_notice
 from norm.core.policy import FleetPolicy, policy_key
 from norm.core.record import Phase
 from norm.core.secret import Secret
+from norm.services.notifier import post_notices
 from sandbox import app, updates
 from sandbox.etcd import EtcdMember
 from sandbox.fleet import Fleet
@@ -578,3 +580,36 @@ def test_a_whole_update_and_a_leader_failover_with_only_these_grants(
         assert "canary-pw" not in log
     host3 = Path(hosts[2]["dir"], "agent.log").read_text()
     assert "leader.not_eligible" in host3 and "leader.elected" not in host3
+
+
+def test_notices_a_host_puts_and_the_leader_delivers(secured: Secured) -> None:
+    """A host puts its own notices in the outbox, and reads none back nor writes another's; the leader's
+    role reads every one, rewrites and deletes them (fenced, as the notifier does)."""
+    b = secured.config(HOST_B)
+    mine = quarantine_notice(B, "djed-web.service", "failed 5 times", 1.0)
+    as_user(b, lambda etcd: post_notices(etcd, P, B, [mine]))
+    theirs = quarantine_notice(A, "djed-web.service", None, 1.0)
+    refused(b, lambda etcd: post_notices(etcd, P, A, [theirs]))
+    refused(b, lambda etcd: etcd.put(outbox_key(P, "rollouts", "7-1-0"), b"{}"))
+    refused(b, lambda etcd: etcd.get(outbox_key(P, B, mine.id)))
+    refused(b, lambda etcd: etcd.get_prefix(outbox_prefix(P)))
+    started = Notice("7-1-0", "rollout_started", "info", 1.0, rollout=7, tag="v2", phase="resolve")
+
+    async def deliver(etcd: Etcd) -> None:
+        await post_notices(etcd, P, "rollouts", [started])
+        async with etcd.watch(outbox_prefix(P), prefix=True) as w:
+            first = await anext(w)
+        assert isinstance(first, Resync)
+        keys = {kv.key: kv for kv in first.snapshot.kvs}
+        assert set(keys) == {outbox_key(P, B, mine.id), outbox_key(P, "rollouts", started.id)}
+        kv = keys[outbox_key(P, B, mine.id)]
+        fence = Compare(leader_key(P), "create", "==", 0)  # no leader in this test: the fence's read
+        result = await etcd.txn([fence, Compare(kv.key, "mod", "==", kv.mod_revision)],
+                                [Put(kv.key, OutboxEntry(mine, ("ops",)).encode())], [Get(leader_key(P))])
+        assert result.succeeded
+        result = await etcd.txn([fence], [Delete(kv.key), Delete(outbox_key(P, "rollouts", started.id))])
+        assert result.succeeded
+
+    as_user(secured.config(HOST_A), deliver)
+    assert as_user(secured.config(OPS), lambda etcd: etcd.get_prefix(outbox_prefix(P))).kvs == ()
+    refused(secured.config(OPS), lambda etcd: etcd.put(outbox_key(P, "rollouts", "7-2-0"), b"{}"))

@@ -30,6 +30,7 @@ from norm.core.access import (
 )
 from norm.core.errors import InvalidValue
 from norm.core.host import control_prefix, hosts_key, leader_key, units_key
+from norm.core.notify import outbox_key, outbox_prefix
 from norm.core.policy import policy_key
 
 KEYS = Keys("/djed-version", "/djed-environment", "/norm")
@@ -117,12 +118,12 @@ def test_the_grants_per_role() -> None:
         "read /djed-version", "read /djed-environment", "read /norm/policy", "read /norm/rollout",
         "read /norm/rollouts/*",
         f"readwrite /norm/reports/{B}/*", "readwrite /norm/claims/*", f"readwrite /norm/hosts/{B}",
-        f"readwrite /norm/units/{B}", f"readwrite /norm/control/{B}/*"}
+        f"readwrite /norm/units/{B}", f"readwrite /norm/control/{B}/*", f"write /norm/outbox/{B}/*"}
     assert grants(access.leader_role(KEYS)) == {
         "readwrite /norm/leader", "readwrite /norm/rollout", "readwrite /norm/rollouts/*",
         "readwrite /norm/ledger/*", "readwrite /norm/history/*", "read /norm/hosts/*", "read /norm/reports/*",
         "readwrite /norm/claims/*", "readwrite /norm/aborts/*", "readwrite /norm/requests/*",
-        "read /norm/deploy"}
+        "read /norm/deploy", "readwrite /norm/outbox/*"}
 
 
 def test_no_agent_writes_the_operators_keys_and_operators_read_everything() -> None:
@@ -276,3 +277,21 @@ def test_operators_write_the_update_policy_and_hosts_only_read_it() -> None:
     # A single key: no longer name beside it is granted.
     assert not allowed([access.operator_role(KEYS)], key + "x", "write")
     assert not allowed(roles_of(B), key + "/x", "read")
+
+
+def test_hosts_put_their_own_notices_and_the_leader_delivers_every_one() -> None:
+    """A host writes (puts) its own notices in the outbox and reads none back; the leader writes its
+    own, and reads, rewrites and deletes every writer's as it delivers them."""
+    mine, theirs = outbox_key(P, B, f"{B}-1-0"), outbox_key(P, A, f"{A}-1-0")
+    leaders = outbox_key(P, "rollouts", "9-1-0")
+    host = roles_of(B)
+    assert allowed(host, mine, "write")
+    for key in (mine, theirs, leaders):
+        assert not allowed(host, key, "read"), key
+    for key in (theirs, leaders, outbox_prefix(P) + "x"):
+        assert not allowed(host, key, "write"), key
+    leader = roles_of(A, leader=True)
+    for key in (mine, theirs, leaders):
+        assert allowed(leader, key, "read") and allowed(leader, key, "write"), key
+    ops = [access.operator_role(KEYS)]
+    assert allowed(ops, leaders, "read") and not allowed(ops, leaders, "write")
