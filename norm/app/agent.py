@@ -38,6 +38,7 @@ from norm.services.watcher import DesiredStateWatcher
 if TYPE_CHECKING:
     from norm.adapters.docker import Docker
     from norm.adapters.systemd import Systemd
+    from norm.core.notify import Webhook
     from norm.services.balancers import ElbTargets, HaproxyBackends, LoadBalancer
     from norm.services.envfiles import EnvFiles
     from norm.services.executor import Executor
@@ -257,7 +258,17 @@ class Agent:
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
                                docker.resolve, self.policy.current,
                                analyse=canary_analyser(c.update.prometheus_url))
-        return [self.policy, self.executor, self.updater]
+        services: list[Service] = [self.policy, self.executor, self.updater]
+        if self._not_leading() is None:  # the leader delivers the outbox to the fleet's webhooks
+            from norm.services.notifier import Notifier
+
+            policy = self.policy
+
+            def webhooks() -> tuple[Webhook, ...] | None:
+                return policy.current().webhooks if policy.synced.is_set() else None
+
+            services.append(Notifier(self.host.etcd, c.keys.prefix, self.leadership, webhooks, self.metrics))
+        return services
 
     def _healing_services(self, systemd: Systemd) -> list[Service]:
         from norm.core.backoff import Backoff as BackoffPolicy
@@ -276,11 +287,21 @@ class Agent:
             lease = await self.registration.current_lease()
             await self.host.etcd.put(key, body, lease=lease.id)
 
+        from norm.core.notify import quarantine_notice
+        from norm.services.notifier import NoticePoster
+
+        notices = NoticePoster(self.host.etcd, self.config.keys.prefix, self.identity.machine_id)
+
+        def quarantined(unit: str, attempts: int) -> None:
+            notices.post(quarantine_notice(self.identity.machine_id, unit, f"{attempts} attempts failed",
+                                           time.time(), host=self.identity.name))
+
         self.healer = Healer(self.host, systemd, policy, resync_interval=h.resync_interval, publish=publish,
                              gate=None if self.executor is None else self.executor.primed,
-                             state_file=Path(self.config.agent.state_dir) / HEALING_STATE)
+                             state_file=Path(self.config.agent.state_dir) / HEALING_STATE,
+                             quarantined=quarantined)
         control = Control(self.host, systemd, self.healer)
-        return [self.healer, control]
+        return [self.healer, control, notices]
 
     def _presence_service(self, systemd: Systemd) -> Presence | None:
         """Load-balancer presence; None (with the reason logged) when it cannot work here."""

@@ -26,6 +26,7 @@ from norm.core.analysis import AnalysisQuery, analysis_toml, parse_analysis
 from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag
 from norm.core.errors import ConfigError, InvalidValue
+from norm.core.notify import Webhook, parse_webhooks, webhook_text, webhooks_toml
 from norm.core.wire import StepName
 
 Strategy = Literal["auto", "rolling", "recreate"]
@@ -205,6 +206,9 @@ class FleetPolicy:
     # What decides the canary besides its health gates: Prometheus queries (norm.core.analysis), run by
     # the leader against its update.prometheus_url while the canary is watched.
     analysis: tuple[AnalysisQuery, ...] = ()
+    # Where the leader posts the rollouts' events and the hosts' quarantines (norm.core.notify); each
+    # URL is read from a file on the leader-eligible hosts, never kept in etcd.
+    webhooks: tuple[Webhook, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -253,6 +257,8 @@ def _check_across(p: FleetPolicy) -> None:
         raise ValueError("steps: each step's name must be distinct")
     if len(set(p.roles)) != len(p.roles):
         raise ValueError("roles: a role is named twice")
+    if len({h.name for h in p.webhooks}) != len(p.webhooks):
+        raise ValueError("webhooks: each webhook's name must be distinct")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,10 +311,7 @@ def parse_policy_toml(text: str, source: str) -> FleetPolicy:
         if key not in FIELDS:
             raise ConfigError(key, source, f"unknown key (known: {', '.join(FIELDS)})")
     _counts_as_text(data)
-    if "steps" in data:
-        data["steps"] = _steps(data["steps"], source)
-    if "analysis" in data:
-        parse_analysis(data["analysis"], source)  # refused with its own words first
+    _tables(data, source)
     try:
         return wire.decode(FleetPolicy, data)
     except (ValueError, TypeError) as e:
@@ -319,6 +322,16 @@ def parse_policy_toml(text: str, source: str) -> FleetPolicy:
         if allowed is not None and reason == "not one of the values allowed":
             reason = f"must be one of {', '.join(allowed)}"
         raise ConfigError(key, source, reason) from None
+
+
+def _tables(data: dict[str, Any], source: str) -> None:
+    """The arrays of tables, each read (and refused, in its own words) by its own parser first."""
+    if "steps" in data:
+        data["steps"] = _steps(data["steps"], source)
+    if "analysis" in data:
+        parse_analysis(data["analysis"], source)
+    if "webhooks" in data:
+        parse_webhooks(data["webhooks"], source)
 
 
 def _counts_as_text(data: dict[str, Any]) -> None:
@@ -397,7 +410,7 @@ def step_text(s: StepPolicy) -> str:
 def policy_toml(policy: FleetPolicy) -> str:
     """The policy as a file `parse_policy_toml` reads back as the same policy."""
     lines = [f"{name} = {toml_value(getattr(policy, name))}" for name in FIELDS
-             if name not in ("steps", "analysis")]
+             if name not in ("steps", "analysis", "webhooks")]
     if not policy.steps:
         lines.append("steps = []")
     for s in policy.steps:
@@ -405,6 +418,8 @@ def policy_toml(policy: FleetPolicy) -> str:
                   f'when = "{s.when}"']
     if policy.analysis:
         lines += ["", analysis_toml(policy.analysis).rstrip("\n")]
+    if policy.webhooks:
+        lines += ["", webhooks_toml(policy.webhooks).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -428,6 +443,9 @@ def changes(before: FleetPolicy, after: FleetPolicy) -> tuple[Change, ...]:
         if name == "steps":
             out.append(Change(name, "[" + ", ".join(step_text(s) for s in a) + "]",
                               "[" + ", ".join(step_text(s) for s in b) + "]"))
+        elif name == "webhooks":
+            out.append(Change(name, "[" + ", ".join(webhook_text(h) for h in a) + "]",
+                              "[" + ", ".join(webhook_text(h) for h in b) + "]"))
         elif name == "analysis":
             out.append(Change(name, "[" + ", ".join(_toml_string(q.name) for q in a) + "]",
                               "[" + ", ".join(_toml_string(q.name) for q in b) + "]"))

@@ -73,8 +73,11 @@ class Healer:
 
     def __init__(self, host: HostContext, systemd: Systemd, policy: HealPolicy, *,
                  resync_interval: float = 60.0, publish: Callable[[bytes], Awaitable[None]] | None = None,
-                 gate: asyncio.Event | None = None, state_file: str | Path | None = None) -> None:
+                 gate: asyncio.Event | None = None, state_file: str | Path | None = None,
+                 quarantined: Callable[[str, int], None] | None = None) -> None:
+        """`quarantined(unit, attempts)`: told of each unit quarantined (the webhooks' notice)."""
         self._gate = gate  # set once units an update holds are known to be held
+        self._quarantined = quarantined
         self._systemd = systemd
         self.patterns = host.units
         self.policy = policy
@@ -296,6 +299,8 @@ class Healer:
             case Quarantine(unit, until, attempts):
                 log.error("heal.quarantined", unit=unit, attempts=attempts,
                           cooldown_s=round(until - now, 1))
+                if self._quarantined is not None:
+                    self._quarantined(unit, attempts)
             case QuarantineLifted(unit, reason):
                 log.info("heal.quarantine_lifted", unit=unit, reason=reason)
             case Recovered(unit, seconds):

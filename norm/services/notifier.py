@@ -411,3 +411,41 @@ class Notifier:
             return False
         log.debug("notifier.recorded", key=key, deleted=isinstance(ops[0], Delete), delivered=sorted(took))
         return True
+
+
+class NoticePoster:
+    """A host's own notices (a unit quarantined) put in the outbox, each retried with back-off until
+    etcd takes it; the leader's notifier delivers them."""
+
+    name = "notices"
+
+    def __init__(self, etcd: Etcd, prefix: str, machine_id: str) -> None:
+        self._etcd = etcd
+        self._prefix = prefix
+        self._me = machine_id
+        self._queue: asyncio.Queue[Notice] = asyncio.Queue()
+
+    def post(self, notice: Notice) -> None:
+        self._queue.put_nowait(notice)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        retry = Retry(DEFAULT_BACKOFF)
+        got: list[Notice] = []
+
+        async def take() -> None:
+            got.append(await self._queue.get())
+
+        while not stopping.is_set():
+            got.clear()
+            if await first_of(stopping=stopping.wait(), take=take()) == "stopping":
+                return
+            while True:
+                try:
+                    await post_notices(self._etcd, self._prefix, self._me, got)
+                    retry.reset()
+                    break
+                except EtcdError as e:
+                    delay = retry.next_delay()
+                    log.warning("notices.post_failed", error=str(e), retry_in=round(delay, 2))
+                    if await pause(delay, stopping):
+                        return

@@ -33,6 +33,7 @@ from norm.core.config import UpdateConfig
 from norm.core.desired import Desired
 from norm.core.errors import InvalidValue, Temporary
 from norm.core.host import HostRecord, hosts_key
+from norm.core.notify import ROLLOUTS_SOURCE, notices_between
 from norm.core.policy import FleetPolicy, policy_from_update_config
 from norm.core.record import (
     TERMINAL,
@@ -76,6 +77,7 @@ from norm.core.rollout import Event as RolloutEvent
 from norm.services.base import OwnedTasks, Retry, first_of, pause
 from norm.services.context import HostContext
 from norm.services.leadership import LeaderElection
+from norm.services.notifier import outbox_puts
 from norm.services.watcher import DesiredStateWatcher
 
 log = structlog.get_logger("norm.updater")
@@ -453,6 +455,8 @@ class Updater:
         for entry in new.ledger:
             if entry not in known and entry.revision == rev:
                 ops.append(Put(proto.ledger_key(p, rev, entry.step), entry.encode()))
+        # The events the change makes, for the webhooks: in the same transaction, so made once.
+        ops += outbox_puts(p, ROLLOUTS_SOURCE, notices_between(old, new, self._clock()))
         if new.terminal:
             # Kept small: without the per-host progress (hundreds of kB with a thousand hosts) and the
             # ledger (which has keys of its own); the full record stays with the rollout's keys.

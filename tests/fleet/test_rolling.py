@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from norm.core.analysis import AnalysisQuery
+from norm.core.notify import Webhook
 from norm.core.policy import FleetPolicy, StepPolicy
 from sandbox import app, load, updates
 from sandbox.fleet import Fleet
@@ -30,6 +31,7 @@ from sandbox.images import DemoOptions
 from sandbox.procs import wait_for
 from sandbox.prometheus import PrometheusServer
 from sandbox.registry import Registry
+from sandbox.webhooks import WebhookReceiver
 from tests.fleet.conftest import running_fleet
 
 pytestmark = pytest.mark.slow
@@ -554,3 +556,38 @@ def test_an_analysis_without_data_pauses_and_goes_on_once_resumed_with_data(roll
         rolling.prometheus.set_targets(list(plain), plain)
     assert h["phase"] == "done", h
     assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
+
+
+def test_a_rollouts_events_reach_the_webhook_once_each_even_from_a_receiver_that_was_down(
+        rolling: Rolling, webhook_receiver: WebhookReceiver) -> None:
+    """The leader posts each event of a real rollout to the fleet's webhook, from the outbox; a leader
+    killed on the way and a receiver down meanwhile lose none, and none comes twice."""
+    url_file = rolling.fleet.run_dir / "webhook.url"
+    url_file.write_text(webhook_receiver.url)
+    policy = dataclasses.replace(POLICY, webhooks=(Webhook("ops", str(url_file)),))
+    tag = rolling.new_version()
+    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    try:
+        webhook_receiver.stop()
+        revision = updates.set_version(rolling.fleet, tag)
+        wait_header(rolling, revision, "a batch moving", lambda h: h["phase"] == "roll")
+        new_leader_took_over(rolling)
+        webhook_receiver.start()
+        h = updates.wait_phase(rolling.fleet, revision, timeout=240)
+        assert h["phase"] == "done", h
+
+        def events() -> list[tuple[str, str | None]]:
+            return [(r["body"]["event"], r["body"].get("phase")) for r in webhook_receiver.received()
+                    if r["body"].get("rollout") == revision]
+
+        wait_for(lambda: ("done", "done") in events(), timeout=60, what="the done event delivered",
+                 interval=0.1)
+        rolling.all_serve(tag)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+    keys = [r["idempotency_key"] for r in webhook_receiver.received()]
+    assert len(keys) == len(set(keys)), "an event came twice"
+    got = events()
+    assert got[0] == ("rollout_started", "resolve"), got
+    assert ("phase_changed", "pull") in got and ("phase_changed", "roll") in got, got
+    assert got[-1] == ("done", "done"), got
