@@ -423,6 +423,10 @@ def _held_lines(r: Rollout, names: Mapping[str, str]) -> Frame:
         where = f"waits {_WAITS[r.waiting]}" if r.waiting is not None else "holds at its next boundary"
         lines.append(("held", f"  paused ({clean(named(r.pause, names), REASON_WIDTH)}): {where}; "
                               "`norm resume` goes on"))
+    if r.blocked is not None and not r.override:
+        where = f"waits {_WAITS[r.waiting]}" if r.waiting is not None else "holds at its next boundary"
+        lines.append(("blocked", f"  held ({clean(r.blocked, REASON_WIDTH)}): {where}; it goes on by itself "
+                                 "when it may"))
     return lines
 
 
@@ -593,6 +597,10 @@ def rollout_details(r: Rollout, steps: Sequence[LedgerEntry], names: Mapping[str
         lines.append(f"  {a.kind + ':':10} by {clean(a.by, 200)} at {utc(a.at)}")
     if r.pause is not None:
         lines.append(f"  paused:    {clean(named(r.pause, names), 400)}")
+    if r.override:
+        lines.append("  --now:     asked to go on outside the maintenance windows and while alerts fire")
+    if r.blocked is not None:
+        lines.append(f"  held:      {clean(r.blocked, 400)}")
     return lines
 
 

@@ -27,6 +27,7 @@ from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag
 from norm.core.errors import ConfigError, InvalidValue
 from norm.core.notify import Webhook, parse_webhooks, webhook_text, webhooks_toml
+from norm.core.windows import MAX_WINDOWS, check_window
 from norm.core.wire import StepName
 
 Strategy = Literal["auto", "rolling", "recreate"]
@@ -65,6 +66,16 @@ def _canary(v: str, name: str) -> str:
     if values.string(v, name) and not MAX_UNAVAILABLE.fullmatch(v):
         raise ValueError(f"{name}: must be empty (no canary), a count of hosts (1 or more) or a percentage "
                          "from 1% to 100%")
+    return v
+
+
+_MATCHERS = re.compile(r'[A-Za-z0-9_:.,=~!"\' \-|*+?()\[\]{}^$\\/]{0,1024}')
+
+
+def _block_alerts(v: str, name: str) -> str:
+    if not _MATCHERS.fullmatch(values.string(v, name)):
+        raise ValueError(f"{name}: must be PromQL label matchers (such as severity=\"critical\"), at most "
+                         "1024 characters, no control characters")
     return v
 
 
@@ -209,6 +220,11 @@ class FleetPolicy:
     # Where the leader posts the rollouts' events and the hosts' quarantines (norm.core.notify); each
     # URL is read from a file on the leader-eligible hosts, never kept in etcd.
     webhooks: tuple[Webhook, ...] = ()
+    # When rollouts may advance: maintenance windows in UTC (norm.core.windows: 'mon-fri 02:00-05:00');
+    # none: always. And alerts that hold them while firing: label matchers of Prometheus's ALERTS,
+    # asked of the leader's update.prometheus_url ("" for none). `norm deploy --now` overrides both.
+    windows: tuple[Annotated[str, wire.Check(check_window)], ...] = ()
+    block_alerts: Annotated[str, wire.Check(_block_alerts)] = ""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -259,6 +275,8 @@ def _check_across(p: FleetPolicy) -> None:
         raise ValueError("roles: a role is named twice")
     if len({h.name for h in p.webhooks}) != len(p.webhooks):
         raise ValueError("webhooks: each webhook's name must be distinct")
+    if len(p.windows) > MAX_WINDOWS:
+        raise ValueError(f"windows: at most {MAX_WINDOWS}")
 
 
 # ---------------------------------------------------------------------------------------------------

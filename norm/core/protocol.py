@@ -176,8 +176,8 @@ def deploy_key(prefix: str) -> str:
     return f"{prefix}/deploy"
 
 
-def deploy_request(by: str, digest: str | None = None, undo: int | None = None) -> bytes:
-    return wire.encode(Asked(values.clean(by), digest, undo))
+def deploy_request(by: str, digest: str | None = None, undo: int | None = None, now: bool = False) -> bytes:
+    return wire.encode(Asked(values.clean(by), digest, undo, now))
 
 
 def asked(raw: bytes, key: str) -> Asked:

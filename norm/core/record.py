@@ -175,6 +175,7 @@ class Asked:
     by: Text
     digest: Digest | None = None
     undo: int | None = None
+    now: bool = False  # `norm deploy --now`: the maintenance windows and blocking alerts do not hold it
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,11 @@ class Rollout:
     # deployed that release
     pinned: Digest | None = None
     undo: int | None = None
+    # Why it may not advance now (outside the maintenance windows, alerts firing), and whether it was
+    # asked to go on regardless (`norm deploy --now`). Held at a boundary like a pause, it goes on by
+    # itself once no longer blocked.
+    blocked: Text | None = None
+    override: bool = False
 
     @property
     def release(self) -> Release | None:

@@ -257,6 +257,19 @@ class PromoteAsked:
 
 
 @dataclass(frozen=True)
+class Blocked:
+    """The rollout may not advance now (outside the maintenance windows, alerts firing): it holds at
+    its next boundary, as paused, until Unblocked (unless deployed with --now)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unblocked:
+    """The rollout may advance again: held at a boundary and not paused, it goes on."""
+
+
+@dataclass(frozen=True)
 class AnalysisEnded:
     """The canary's analysis (RunAnalysis) came to its verdict. Inconclusive: it could not tell
     (a query without data): the rollout pauses, for an operator."""
@@ -268,11 +281,11 @@ class AnalysisEnded:
 
 Event = (Resolved | ResolveFailed | HostPulled | HostPullFailed | HostLost | BarrierDeadline | HostStopped
          | MigrationSucceeded | MigrationFailed | MigrationUnknown | HostActive | HostFailed | NewerVersion
-         | Abort | Resumed | PauseAsked | ResumeAsked | PromoteAsked | AnalysisEnded)
+         | Abort | Resumed | PauseAsked | ResumeAsked | PromoteAsked | AnalysisEnded | Blocked | Unblocked)
 EVENT_TYPES: tuple[type[Event], ...] = (
     Resolved, ResolveFailed, HostPulled, HostPullFailed, HostLost, BarrierDeadline, HostStopped,
     MigrationSucceeded, MigrationFailed, MigrationUnknown, HostActive, HostFailed, NewerVersion, Abort,
-    Resumed, PauseAsked, ResumeAsked, PromoteAsked, AnalysisEnded)
+    Resumed, PauseAsked, ResumeAsked, PromoteAsked, AnalysisEnded, Blocked, Unblocked)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -524,7 +537,7 @@ def start_rollout(revision: int, tag: str, hosts: Iterable[str], now: float,
     record = Rollout(revision=revision, tag=tag, hosts=tuple(sorted(set(hosts))), phase=Phase.RESOLVE,
                      started_at=now, updated_at=now, previous=previous, ledger=ledger, policy=policy,
                      by=None if asked is None else asked.by, pinned=None if asked is None else asked.digest,
-                     undo=None if asked is None else asked.undo)
+                     undo=None if asked is None else asked.undo, override=asked is not None and asked.now)
     try:
         parse_version(tag.encode("utf-8", "replace"), "desired version")
     except InvalidValue as e:  # the refused value is not stored (see refused_rollout)
@@ -613,9 +626,14 @@ def _check_pulled(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     _, pending, _ = barrier_state(record)
     if pending:
         return record, ()
-    if record.pause is not None:  # a boundary: paused, it waits here, nothing stopped or moved
+    if held(record):  # a boundary: paused or blocked, it waits here, nothing stopped or moved
         return _r(record, now, waiting="pull", deadline=None), ()
     return _after_pull(record, now, policy)
+
+
+def held(record: Rollout) -> bool:
+    """Whether the rollout holds at its next boundary: paused, or blocked (and not deployed --now)."""
+    return record.pause is not None or (record.blocked is not None and not record.override)
 
 
 def _after_pull(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
@@ -734,7 +752,7 @@ def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result
     first = (hosts[:canary],) if canary else ()
     batches = first + tuple(hosts[i:i + size] for i in range(canary, len(hosts), size))
     record = _r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0, canary=canary)
-    if record.pause is not None:  # a boundary: paused, it waits before its first batch
+    if held(record):  # a boundary: paused or blocked, it waits before its first batch
         return _r(record, now, waiting="batch"), ()
     return _move_batch(record, now, policy)
 
@@ -784,15 +802,17 @@ def _batch_passed(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     if record.canary and record.batch_index == 1:  # the canary moved and passed its gate: watched
         record = _r(record, now, waiting="canary")
         return record, (RunAnalysis(record.revision, canary_hosts(record)),)
-    if more and record.pause is not None:  # a boundary: paused, it waits before the next batch
-        return _r(record, now, waiting="batch"), ()
     return _continue_batches(record, now, policy)
 
 
 def _continue_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
-    """From a boundary between batches: the next batch, or, after the last, the `post` steps."""
+    """From a boundary between batches: the next batch (unless paused or blocked: it waits before it),
+    or, after the last, the `post` steps."""
+    more = record.batch_index < len(record.batches)
+    if more and held(record):
+        return _r(record, now, waiting="batch"), ()
     record = _r(record, now, waiting=None)
-    if record.batch_index < len(record.batches):
+    if more:
         return _move_batch(record, now, policy)
     return _next_step(record, now, policy)  # the `post` steps, then done
 
@@ -1165,13 +1185,28 @@ def _on_resume(record: Rollout, event: ResumeAsked, now: float, policy: RolloutP
         return record, ()
     paused = record.pause is not None
     record = _act(record, "resume", event.by, event.request, now, pause=None)
+    return _go_on(record, now, policy, analyse_again=paused)
+
+
+def _go_on(record: Rollout, now: float, policy: RolloutPolicy, *, analyse_again: bool = False) -> Result:
+    """A pause or a block ended: from the boundary it waits at, on (unless still held)."""
     if record.waiting == "pull":
-        return _after_pull(record, now, policy)
+        return _after_pull(record, now, policy) if not held(record) else (record, ())
     if record.waiting == "batch":
         return _continue_batches(record, now, policy)
-    if record.waiting == "canary" and paused:  # its analysis was inconclusive, or paused: again
+    if record.waiting == "canary" and analyse_again:  # its analysis was inconclusive, or paused: again
         return record, (RunAnalysis(record.revision, canary_hosts(record)),)
     return record, ()
+
+
+def _on_blocked(record: Rollout, event: Blocked, now: float, policy: RolloutPolicy) -> Result:
+    return (record, ()) if record.blocked == event.reason else (_r(record, now, blocked=event.reason), ())
+
+
+def _on_unblocked(record: Rollout, event: Unblocked, now: float, policy: RolloutPolicy) -> Result:
+    if record.blocked is None:
+        return record, ()
+    return _go_on(_r(record, now, blocked=None), now, policy)
 
 
 def _on_promote(record: Rollout, event: PromoteAsked, now: float, policy: RolloutPolicy) -> Result:
@@ -1298,6 +1333,8 @@ for _phase in (Phase.RESOLVE, Phase.PULL, Phase.STOP, Phase.MIGRATE, Phase.START
     TRANSITIONS[_phase, PauseAsked] = _rule(_on_pause, _phase)
     TRANSITIONS[_phase, ResumeAsked] = _rule(_on_resume, *_on)
     TRANSITIONS[_phase, PromoteAsked] = _rule(_on_promote, *_on)
+    TRANSITIONS[_phase, Blocked] = _rule(_on_blocked, _phase)
+    TRANSITIONS[_phase, Unblocked] = _rule(_on_unblocked, *_on)
     if _phase is not Phase.ROLL:
         TRANSITIONS[_phase, AnalysisEnded] = _rule(_late, _phase)
 del _on

@@ -51,6 +51,7 @@ from norm.core.rollout import (
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
+    Blocked,
     HostLost,
     HostsExcluded,
     IllegalTransition,
@@ -63,6 +64,7 @@ from norm.core.rollout import (
     RolloutPolicy,
     RunAnalysis,
     RunMigration,
+    Unblocked,
     barrier_state,
     ledger_order,
     ledger_summary,
@@ -74,6 +76,7 @@ from norm.core.rollout import (
     step,
 )
 from norm.core.rollout import Event as RolloutEvent
+from norm.core.windows import closed_reason
 from norm.services.base import OwnedTasks, Retry, first_of, pause
 from norm.services.context import HostContext
 from norm.services.leadership import LeaderElection
@@ -129,6 +132,7 @@ class Updater:
         self._metrics = host.metrics
         self._resolve = resolve
         self._analyse = analyse
+        self._prometheus_url = update.prometheus_url  # the blocking alerts' source
         self._history = update.history
         self._clock = host.clock
         self.record: Rollout | None = None
@@ -176,7 +180,7 @@ class Updater:
         # Not a TaskGroup: it would wrap a NotLeader or EtcdError in an ExceptionGroup that `run` does
         # not handle; the first error of any of the three is raised as it is.
         await first_of(**{"updater-desired": self._follow_desired(), "updater-hosts": self._follow_hosts(),
-                          "updater-queue": self._consume()})
+                          "updater-queue": self._consume(), "updater-windows": self._keep_windows()})
 
     async def _consume(self) -> None:
         while True:
@@ -507,6 +511,39 @@ class Updater:
                              reason=reason)
                 case _:
                     pass  # the hosts' duties: they follow the header just written
+
+    async def _keep_windows(self) -> None:
+        """While a rollout is under way: whether the maintenance windows and the blocking alerts let it
+        advance now, told to the state machine when that changes (Blocked, Unblocked). Looked at every
+        second (a window's bounds are seconds)."""
+        while True:
+            record = self.record
+            policy = None if record is None or record.terminal else record.policy
+            if record is not None and policy is not None and (policy.windows or policy.block_alerts):
+                reason = closed_reason(policy.windows, self._clock()) or await self._alerts(policy)
+                if reason != record.blocked:
+                    log.info("rollout.blocked" if reason else "rollout.unblocked", rollout=record.revision,
+                             reason=reason)
+                    self._queue.put_nowait(Blocked(reason) if reason else Unblocked())
+            await pause(1.0)
+
+    async def _alerts(self, policy: FleetPolicy) -> str | None:
+        """Why the firing alerts the policy names hold the rollout (None: none fires). Not knowing holds
+        it too: a rollout goes on blind only when asked (`norm deploy --now`)."""
+        if not policy.block_alerts:
+            return None
+        if self._prometheus_url is None:
+            return "blocking alerts are set, and update.prometheus_url is not: they cannot be checked"
+        from norm.adapters.prometheus import Prometheus, PrometheusError
+
+        query = f'ALERTS{{alertstate="firing",{policy.block_alerts}}}'
+        try:
+            async with Prometheus(self._prometheus_url) as source:
+                firing = await source.query(query)
+        except PrometheusError as e:
+            return f"the blocking alerts cannot be checked: {e}"
+        names = sorted({s.labels.get("alertname", "?") for s in firing})
+        return f"alerts firing: {', '.join(names)}" if names else None
 
     async def _analysing(self, record: Rollout, hosts: tuple[str, ...]) -> None:
         policy = record.policy if record.policy is not None else self._fleet_policy()

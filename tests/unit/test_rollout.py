@@ -27,6 +27,7 @@ from norm.core.rollout import (
     ArmDeadline,
     BarrierDeadline,
     BeginRollout,
+    Blocked,
     Command,
     Event,
     HostActive,
@@ -57,6 +58,7 @@ from norm.core.rollout import (
     RunMigration,
     StartOnHosts,
     StopOnHosts,
+    Unblocked,
     barrier_state,
     batch_size,
     duty,
@@ -223,6 +225,8 @@ def sample(record: Rollout, etype: type[Event]) -> Event | None:
         ResumeAsked: ResumeAsked("ops", 1901),
         PromoteAsked: PromoteAsked("ops", 1902),
         AnalysisEnded: AnalysisEnded(record.revision, "passed"),
+        Blocked: Blocked("outside the maintenance windows"),
+        Unblocked: Unblocked(),
     }
     return events[etype]
 
@@ -1395,3 +1399,32 @@ def test_a_pause_during_a_pre_step_holds_before_the_first_batch() -> None:
     assert r.batch == () and proto.Header.of(r).batch == ()  # no host moves while it waits
     r, commands = run(r, ResumeAsked("alice", 901), policy=ROLLING)
     assert MoveHosts((A,), Release("v2", D2)) in commands
+
+
+
+def test_a_block_holds_at_the_next_boundary_and_its_end_goes_on_by_itself() -> None:
+    closed = Blocked("outside the maintenance windows")
+    r, _ = run(new(), Resolved(D2), closed)
+    r, commands = run(r, *pulled(r))
+    assert r.waiting == "pull" and commands == [] and r.blocked == "outside the maintenance windows"
+    r, commands = run(r, Unblocked())
+    assert r.phase is Phase.STOP and r.blocked is None and StopOnHosts(HOSTS) in commands
+    # Between batches: the batch moving finishes, the next waits for the window.
+    r = run(rolling_at("roll"), closed, HostActive(A), policy=ROLLING)[0]
+    assert r.waiting == "batch" and r.batch == ()
+    # A pause and a block: both must end.
+    r = run(r, PauseAsked("alice", 900), policy=ROLLING)[0]
+    assert run(r, Unblocked(), policy=ROLLING)[0].waiting == "batch"
+    r, commands = run(r, ResumeAsked("alice", 901), Unblocked(), policy=ROLLING)
+    assert r.waiting is None and MoveHosts((B,), Release("v2", D2)) in commands
+
+
+def test_a_rollout_deployed_now_is_not_held_by_a_block() -> None:
+    from norm.core.record import Asked
+
+    record, _ = start_rollout(REV, "v2", HOSTS, 0.0, previous=OLD, asked=Asked("alice", now=True))
+    assert record.override
+    r, _ = run(record, Resolved(D2), Blocked("alerts firing: DiskFull"))
+    r, commands = run(r, *pulled(r))
+    assert r.phase is Phase.STOP and r.blocked == "alerts firing: DiskFull"
+    assert StopOnHosts(HOSTS) in commands

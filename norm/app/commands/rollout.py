@@ -58,6 +58,9 @@ def register(sub: cli.Subparsers) -> None:
     deploy.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
     deploy.add_argument("--by", default=None, metavar="NAME",
                         help="who asks (default $USER@hostname); recorded with the rollout")
+    deploy.add_argument("--now", action="store_true",
+                        help="go on outside the maintenance windows and while blocking alerts fire "
+                             "(recorded with the rollout)")
     deploy.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="with --wait: give up waiting after this long (default: no limit)")
     deploy.set_defaults(run=deploy_version)
@@ -153,7 +156,8 @@ async def deploy(args: argparse.Namespace, config: cfg.Config, etcd: Etcd, versi
 
     # Who asks, in the same transaction: the deploy key's revision is the version's, the rollout's.
     result = await etcd.txn([], [Put(config.keys.version, version.encode("ascii")),
-                                 Put(proto.deploy_key(config.keys.prefix), proto.deploy_request(args.by))])
+                                 Put(proto.deploy_key(config.keys.prefix),
+                                     proto.deploy_request(args.by, now=args.now))])
     revision = result.revision
     print(f"deploying {version} (rollout {revision})", flush=True)
     if not args.wait:
