@@ -591,3 +591,44 @@ def test_a_rollouts_events_reach_the_webhook_once_each_even_from_a_receiver_that
     assert got[0] == ("rollout_started", "resolve"), got
     assert ("phase_changed", "pull") in got and ("phase_changed", "roll") in got, got
     assert got[-1] == ("done", "done"), got
+
+
+def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_opens(rolling: Rolling) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    def clock(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S")
+
+    def day_seconds() -> int:
+        now = datetime.now(UTC)
+        return now.hour * 3600 + now.minute * 60 + now.second
+
+    # Windows are times of day: not across midnight.
+    wait_for(lambda: day_seconds() < 86400 - 900, timeout=1000, what="a time of day not near midnight")
+    start = time.time()
+    first = (start - 5, start + 12)  # open now, closing a few seconds into the batches
+    second = (start + 40, start + 700)  # the next, opening half a minute later
+    windows = tuple(f"* {clock(a)}-{clock(b)}" for a, b in (first, second))
+    policy = dataclasses.replace(POLICY, windows=windows)
+    tag = rolling.new_version()
+    marks = rolling.log_marks()
+    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    try:
+        with rolling.load() as (result, serving):
+            revision = updates.set_version(rolling.fleet, tag)
+            held = wait_record(rolling, revision, "held outside the windows",
+                               lambda rec: rec["blocked"] is not None and rec["waiting"] is not None)
+            assert held["blocked"].startswith("outside the maintenance windows; the next opens at "), held
+            assert time.time() < second[0], "held only once the first window had closed, before the next"
+            moved = sum(rolling.moved_to(tag, marks).values())
+            h = updates.wait_phase(rolling.fleet, revision, timeout=300)
+            assert time.time() >= second[0]
+            rolling.all_serve(tag)
+    finally:
+        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+    assert h["phase"] == "done", h
+    assert moved < HOSTS, "it held before every host had moved"
+    assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)  # none twice
+    assert result.failed == 0, result.failures[:5]
+    assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
