@@ -2,7 +2,8 @@
 
 - `<prefix>/control/<machine-id>/hold/<unit>`: while the key exists the unit is held (stopped on
   purpose, never healed); putting it stops the unit, deleting it starts the unit again (the hold
-  ends once the unit is started, so that healing never races the start).
+  ends once the unit is started, so that healing never races the start; a unit an update holds too
+  is started once the update lets go of it).
 - `<prefix>/control/<machine-id>/start/<unit>`: start the unit again (the CLI writes it as it deletes
   the hold, in one transaction); the agent deletes the key once the unit is started.
 - `<prefix>/control/<machine-id>/release/<unit>`: lift a unit's quarantine (`norm heal lift`); the
@@ -48,6 +49,11 @@ __all__ = ["OPERATOR", "Control", "control_prefix"]
 HOLD, START, LIFT = "hold", "start", "release"
 KINDS = (HOLD, START, LIFT)
 RETRY = Backoff(first=0.5, factor=2.0, cap=30.0, jitter=0.2)
+DEFERRED_RECHECK = 60.0  # seconds: a deferred start looks again at the latest this late
+
+
+class _Deferred(Exception):
+    """A start that must wait for another owner's hold to end (not a failure)."""
 
 
 @dataclass(eq=False)
@@ -64,6 +70,7 @@ class _Action:
     # START: the operator's hold ends once the unit is started, not before: until then the healer
     # leaves the unit (failed, as a stopped `docker run` is) alone, instead of racing to start it.
     unhold: bool = False
+    deferred: bool = False  # START: an update holds the unit too; tried again once the holds change
 
     @property
     def attempts(self) -> int:
@@ -88,6 +95,7 @@ class Control:
         # At most one pending action per unit for stop/start ("unit") and one lift ("lift").
         self._pending: dict[tuple[str, str], _Action] = {}
         self._kick = asyncio.Event()
+        self._holds.subscribe(self._holds_changed)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await first_of(stopping=stopping.wait(), follow=self._follow(), act=self._act_loop())
@@ -149,6 +157,13 @@ class Control:
             return None
         return kind, unit
 
+    def _holds_changed(self) -> None:
+        """A start waiting for an update's hold to end is tried again."""
+        for action in self._pending.values():
+            if action.deferred:
+                action.next_at = 0.0
+                self._kick.set()
+
     def _want(self, action: _Action) -> None:
         old = self._pending.get(action.slot)
         if old is not None and old.action == action.action and old.key == action.key:
@@ -165,13 +180,6 @@ class Control:
     def _unhold(self, unit: str) -> None:
         """The operator's hold is gone: the unit starts, and the hold ends once it has."""
         pending = self._pending.get(("unit", unit))
-        if self._holds.owners(unit) - {OPERATOR}:
-            # Still held by someone else (an update): they start it. A stop of ours not done yet
-            # is moot.
-            self._let_go(unit)
-            if pending is not None and pending.action == "stop":
-                self._done(pending)
-            return
         if pending is not None and pending.action == START:
             pending.unhold = True  # a start request (start/<unit>) is on its way already
             return
@@ -212,6 +220,8 @@ class Control:
             await self._carry_out(action)
             if action.key is not None and self._current(action):
                 await self._etcd.delete(action.key)
+        except _Deferred:
+            return
         except asyncio.CancelledError:
             raise
         except (SystemdError, EtcdError, OSError) as e:
@@ -231,10 +241,16 @@ class Control:
         elif action.action == START:
             others = self._holds.owners(unit) - ({OPERATOR} if action.unhold else set())
             if others:
-                log.info("control.start_skipped", unit=unit, reason="held by an update",
-                         owners=sorted(others))
-            else:
-                await self._start_unit(action)
+                # An update holds it too: started once the update lets go (the update may have started
+                # the fleet's units while this one was still the operator's, and left it stopped).
+                if not action.deferred:
+                    log.info("control.start_deferred", unit=unit, reason="held by an update",
+                             owners=sorted(others))
+                action.deferred = True
+                action.next_at = asyncio.get_running_loop().time() + DEFERRED_RECHECK
+                raise _Deferred
+            action.deferred = False
+            await self._start_unit(action)
             if action.unhold and self._current(action):  # not if held again meanwhile
                 self._let_go(unit)
         else:

@@ -18,7 +18,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from norm.adapters.docker import Docker
-from norm.adapters.etcd import Etcd, Event, Resync
+from norm.adapters.etcd import Delete, Etcd, Event, Put, Resync
 from norm.adapters.systemd import Systemd
 from norm.core import protocol as proto
 from norm.core.config import EtcdConfig, UpdateConfig
@@ -277,3 +277,38 @@ async def test_a_start_on_units_this_agent_did_not_stop_restarts_them_on_the_new
         assert rig.active_state() == "active"
         assert proto.parse_release(rig.release_file.read_bytes()) == NEW
         assert "executor.stopping_before_start" in rig.events()
+
+
+async def test_a_unit_the_operator_starts_while_an_update_holds_it_starts_once_the_update_lets_go(
+        etcd: EtcdMember, systemd_manager: SystemdManager, tmp_path: Path) -> None:
+    """Held by the operator and stopped by an update: the operator's start comes while the update holds
+    the unit, which the update then starts with the others, leaving it stopped as the operator's. The
+    start waits for the update to let go, and then starts it: never left stopped by both."""
+    holds = Holds(operator_holds=True)
+    async with host_rig(etcd, systemd_manager, tmp_path, holds=holds) as rig:
+        host = HostContext(rig.etcd, P, rig.me, rig.metrics, holds, units=PATTERNS)
+        control = Control(host, rig.systemd, Healer(host, rig.systemd, HealPolicy()))
+        stopping = asyncio.Event()
+        task = asyncio.create_task(control.run(stopping), name="control-under-test")
+        try:
+            rig.release_file.write_bytes(proto.render_release(OLD, IMAGE, 3999))
+            await rig.systemd.start(WEB)
+            hold, start = f"{P}/control/{rig.me}/hold/{WEB}", f"{P}/control/{rig.me}/start/{WEB}"
+            await rig.etcd.put(hold, b"{}")  # `norm units stop`
+            await rig.until("held and stopped", lambda: rig.active_state() == "inactive")
+            await rig.begin(header(4000, Phase.STOP))
+            await wait_put(rig.etcd, proto.report_key(P, 4000, "stopped", rig.me))
+            # `norm units start`: the hold deleted and the start asked, in one transaction.
+            await rig.etcd.txn([], [Delete(hold), Put(start, b"{}")])
+            await rig.until("the start waiting for the update",
+                            lambda: "control.start_deferred" in rig.events())
+            assert rig.active_state() == "inactive"
+            await rig.etcd.put(proto.header_key(P), header(4000, Phase.START).encode())
+            await rig.started(4000)
+            await rig.until("started once the update let go", lambda: rig.active_state() == "active")
+            await rig.until("the start request done", lambda: not holds.owners(WEB))
+            assert await rig.etcd.get(start) is None
+        finally:
+            stopping.set()
+            async with asyncio.timeout(15):
+                await task
