@@ -31,8 +31,10 @@ class Service(Protocol):
 
 async def pause(seconds: float | None, *until: asyncio.Event) -> bool:
     """The one way services pause: wait `seconds` on the loop's clock (no bound when None), or less if
-    one of the events `until` is set first; True if one was (at once if one already is)."""
+    one of the events `until` is set first; True if one was (at once if one already is: still giving
+    the loop its turn, so that a loop pausing on an event left set never starves the others)."""
     if any(e.is_set() for e in until):
+        await asyncio.sleep(0)
         return True
     if not until:
         if seconds is None:

@@ -312,8 +312,10 @@ class Notifier:
                 continue
             if not self._leadership.is_leader():
                 # The lease cannot be proven alive: no acting on a leadership that may be gone. The
-                # session ends once the agent steps down; a late renewal lets it go on.
-                await pause(self._recheck, self._leadership.deposed, self._quit)
+                # session ends once the agent steps down; a late renewal lets it go on. Stepped down
+                # already (deposed set), it waits for that end, never spinning on the event.
+                deposed = self._leadership.deposed
+                await pause(self._recheck, *((self._quit,) if deposed.is_set() else (deposed, self._quit)))
                 continue
             result = await self._deliver(hook, self._entries[key].entry.notice)
             self._metrics.webhook_deliveries.labels(name, result).inc()

@@ -100,3 +100,25 @@ async def test_stop_cancels_one_task_and_waits_for_it() -> None:
     await tasks.stop("a")
     assert ended.is_set() and not tasks.running("a")
     await tasks.stop("a")  # no task under the key: nothing to do
+
+
+async def test_a_pause_on_an_event_already_set_still_lets_the_others_run() -> None:
+    """A loop pausing on an event left set (a stepped-down leader's `deposed`, say) must not starve the
+    loop: every pause gives the others their turn."""
+    left_set = asyncio.Event()
+    left_set.set()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker(), name="ticker")
+    try:
+        for _ in range(100):
+            assert await pause(5.0, left_set) is True
+    finally:
+        task.cancel()
+    assert ticks >= 50
