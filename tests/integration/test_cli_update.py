@@ -252,6 +252,10 @@ def test_deploy_says_who_asks_in_the_same_transaction(run: Run, etcd_conf: EtcdC
     assert run("deploy", "v5")[0] == cli.EXIT_OK
     asked = in_etcd(etcd_conf, lambda e: e.get(proto.deploy_key(P)))
     assert asked is not None and proto.asked_by(asked.value, asked.key).startswith("bob@")
+    code, out, _ = run("deploy", "v7", "--by", "carol", "--json")
+    assert code == cli.EXIT_OK
+    said = json.loads(out)
+    assert said == {"version": "v7", "rollout": said["rollout"], "by": "carol", "now": False}
     code, _, err = run("deploy", "v6", "--by", "eve\x1b[2J")
     assert code == cli.EXIT_USAGE and "--by" in err and "\x1b" not in err
 
@@ -537,6 +541,8 @@ def test_pause_resume_and_promote_write_their_request_for_the_running_rollout(
     assert revision is not None
     parsed = proto.parse_report(P, 35, key, raw, revision.mod_revision)
     assert parsed is not None and parsed.kind == kind and parsed.value == {"by": "alice@ops"}
+    code, out, _ = run(kind, "--by", "bob", "--json")
+    assert code == cli.EXIT_OK and json.loads(out) == {"request": kind, "rollout": 35, "by": "bob"}
     write(etcd_conf, rollout_keys(finished(36, Phase.DONE)))
     code, _, err = run(kind, "--by", "alice")
     assert code == cli.EXIT_FAILED and "no rollout is running" in err

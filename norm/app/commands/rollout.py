@@ -58,6 +58,8 @@ def register(sub: cli.Subparsers) -> None:
     deploy.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
     deploy.add_argument("--by", default=None, metavar="NAME",
                         help="who asks (default $USER@hostname); recorded with the rollout")
+    deploy.add_argument("--json", action="store_true",
+                        help="one JSON object (with --wait, JSON objects, one per change, as `norm rollout`)")
     deploy.add_argument("--now", action="store_true",
                         help="go on outside the maintenance windows and while blocking alerts fire "
                              "(recorded with the rollout)")
@@ -89,6 +91,7 @@ def register(sub: cli.Subparsers) -> None:
     cli.config_args(abort)
     abort.add_argument("--by", default=None, metavar="NAME",
                        help="who asks (default $USER@hostname); recorded as the reason")
+    abort.add_argument("--json", action="store_true", help="one JSON object")
     abort.set_defaults(run=abort_rollout)
 
     for kind, text in REQUESTS.items():
@@ -96,6 +99,7 @@ def register(sub: cli.Subparsers) -> None:
         cli.config_args(verb)
         verb.add_argument("--by", default=None, metavar="NAME",
                           help="who asks (default $USER@hostname); recorded with the rollout")
+        verb.add_argument("--json", action="store_true", help="one JSON object")
         verb.set_defaults(run=request_rollout, kind=kind)
 
 
@@ -159,10 +163,15 @@ async def deploy(args: argparse.Namespace, config: cfg.Config, etcd: Etcd, versi
                                  Put(proto.deploy_key(config.keys.prefix),
                                      proto.deploy_request(args.by, now=args.now))])
     revision = result.revision
-    print(f"deploying {version} (rollout {revision})", flush=True)
+    if args.json:
+        print(json.dumps({"version": version, "rollout": revision, "by": args.by, "now": args.now}),
+              flush=True)
+    else:
+        print(f"deploying {version} (rollout {revision})", flush=True)
     if not args.wait:
         return EXIT_OK
-    return await follow(etcd, Tracker(config.keys.prefix, revision), Screen(), args.timeout)
+    screen = Screen(json_lines=args.json)
+    return await follow(etcd, Tracker(config.keys.prefix, revision), screen, args.timeout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,25 +388,25 @@ def _requester(args: argparse.Namespace) -> str:
 def abort_rollout(args: argparse.Namespace) -> int:
     by = _requester(args)
     config = cli.load(args)
-    return cli.with_etcd(config, lambda etcd: abort(etcd, config.keys.prefix, by))
+    return cli.with_etcd(config, lambda etcd: abort(etcd, config.keys.prefix, by, as_json=args.json))
 
 
 def request_rollout(args: argparse.Namespace) -> int:
     by, kind = _requester(args), args.kind
     config = cli.load(args)
-    return cli.with_etcd(config, lambda etcd: ask(etcd, config.keys.prefix, kind, by))
+    return cli.with_etcd(config, lambda etcd: ask(etcd, config.keys.prefix, kind, by, as_json=args.json))
 
 
-async def abort(etcd: Etcd, prefix: str, by: str) -> int:
-    return await _write_request(etcd, prefix, "abort", by)
+async def abort(etcd: Etcd, prefix: str, by: str, *, as_json: bool = False) -> int:
+    return await _write_request(etcd, prefix, "abort", by, as_json)
 
 
-async def ask(etcd: Etcd, prefix: str, kind: str, by: str) -> int:
+async def ask(etcd: Etcd, prefix: str, kind: str, by: str, *, as_json: bool = False) -> int:
     """An operator's pause, resume or promote request on the running rollout."""
-    return await _write_request(etcd, prefix, kind, by)
+    return await _write_request(etcd, prefix, kind, by, as_json)
 
 
-async def _write_request(etcd: Etcd, prefix: str, kind: str, by: str) -> int:
+async def _write_request(etcd: Etcd, prefix: str, kind: str, by: str, as_json: bool) -> int:
     from norm.adapters.etcd import Compare, Put
 
     for _ in range(10):
@@ -414,7 +423,10 @@ async def _write_request(etcd: Etcd, prefix: str, kind: str, by: str) -> int:
             else Put(proto.request_key(prefix, header.revision, kind), proto.operator_request(by))
         result = await etcd.txn([Compare(proto.header_key(prefix), "mod", "==", kv.mod_revision)], [put])
         if result.succeeded:
-            print(f"{kind} requested for rollout {header.revision}{_REQUESTED.get(kind, '')}")
+            if as_json:
+                print(json.dumps({"request": kind, "rollout": header.revision, "by": by}))
+            else:
+                print(f"{kind} requested for rollout {header.revision}{_REQUESTED.get(kind, '')}")
             return EXIT_OK
     print(f"norm: the rollout kept changing while the {kind} was being written; try again", file=sys.stderr)
     return EXIT_FAILED

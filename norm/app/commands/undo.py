@@ -11,6 +11,7 @@ touching nothing, if the tag was pushed again since and names another image.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,8 @@ def register(sub: cli.Subparsers) -> None:
     undo.add_argument("--by", default=None, metavar="NAME",
                       help="who asks (default $USER@hostname); recorded with the rollout")
     undo.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
+    undo.add_argument("--json", action="store_true",
+                      help="one JSON object (with --wait, JSON objects, one per change, as `norm rollout`)")
     undo.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                       help="with --wait: give up following after this long")
     undo.set_defaults(run=undo_release)
@@ -101,15 +104,19 @@ async def undo(args: argparse.Namespace, config: cfg.Config, etcd: Etcd) -> int:
         Put(proto.deploy_key(p), proto.deploy_request(args.by, release.digest, target.revision))])
     if not result.succeeded:
         return _refuse("a rollout began meanwhile: look again (`norm status`)")
-    print(f"undoing to {release_text(release)}, the release rollout {target.revision} deployed "
-          f"(rollout {result.revision})", flush=True)
+    if args.json:
+        print(json.dumps({"tag": release.tag, "digest": release.digest, "undo": target.revision,
+                          "rollout": result.revision, "by": args.by}), flush=True)
+    else:
+        print(f"undoing to {release_text(release)}, the release rollout {target.revision} deployed "
+              f"(rollout {result.revision})", flush=True)
     if not args.wait:
         return EXIT_OK
     from norm.app.commands.rollout import follow
     from norm.app.screen import Screen
     from norm.core.tracker import Tracker
 
-    return await follow(etcd, Tracker(p, result.revision), Screen(), args.timeout)
+    return await follow(etcd, Tracker(p, result.revision), Screen(json_lines=args.json), args.timeout)
 
 
 def _refuse(reason: str) -> int:
