@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from norm.core import values, wire
 from norm.core.errors import ConfigError
+from norm.core.tomltext import toml_string
 
 Outcome = Literal["success", "failure", "inconclusive"]
 State = Literal["running", "passed", "failed", "inconclusive"]
@@ -374,33 +375,17 @@ def parse_analysis(tables: object, source: str) -> tuple[AnalysisQuery, ...]:
     return tuple(out)
 
 
-def _toml_string(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
 def analysis_toml(queries: Sequence[AnalysisQuery]) -> str:
     """The queries as `[[analysis]]` tables that `parse_analysis` reads back as the same queries."""
     blocks = []
     for q in queries:
         blocks.append("\n".join([
             "[[analysis]]",
-            f"name = {_toml_string(q.name)}",
-            f"query = {_toml_string(q.query)}",
+            f"name = {toml_string(q.name)}",
+            f"query = {toml_string(q.query)}",
             f"interval = {float(q.interval)!r}",
             f"count = {q.count}",
-            f"success = {_toml_string(q.success)}",
+            f"success = {toml_string(q.success)}",
             f"failure_limit = {q.failure_limit}",
             f"inconclusive_limit = {q.inconclusive_limit}",
         ]))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from norm.core import values, wire
 from norm.core.errors import ConfigError
+from norm.core.tomltext import toml_value
 
 if TYPE_CHECKING:
     from norm.core.record import Rollout
@@ -252,28 +253,8 @@ def webhooks_toml(hooks: tuple[Webhook, ...]) -> str:
     lines: list[str] = []
     for h in hooks:
         lines += ["", "[[webhooks]]"] if lines else ["[[webhooks]]"]
-        lines += [f"{name} = {_toml_value(getattr(h, name))}" for name in WEBHOOK_FIELDS]
+        lines += [f"{name} = {toml_value(getattr(h, name))}" for name in WEBHOOK_FIELDS]
     return "\n".join(lines) + "\n" if lines else ""
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_value(v: object) -> str:
-    if isinstance(v, str):
-        return _toml_string(v)
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
 
 
 def redact_url(url: str) -> str:

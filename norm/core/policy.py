@@ -27,6 +27,7 @@ from norm.core.config import UpdateConfig, step_name
 from norm.core.desired import is_tag
 from norm.core.errors import ConfigError, InvalidValue
 from norm.core.notify import Webhook, parse_webhooks, webhook_text, webhooks_toml
+from norm.core.tomltext import toml_string, toml_value
 from norm.core.windows import MAX_WINDOWS, check_window
 from norm.core.wire import StepName
 
@@ -392,37 +393,8 @@ def _steps(steps: object, source: str) -> object:
 # Showing a policy, and what changes from one to another
 
 
-def _toml_string(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(v: object) -> str:
-    """A field's value as the policy file writes it."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return _toml_string(v)
-    if isinstance(v, int | float):
-        return repr(float(v))
-    if isinstance(v, tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
-
-
 def step_text(s: StepPolicy) -> str:
-    return f"{s.name} ({s.when}): {_toml_string(s.command)}"
+    return f"{s.name} ({s.when}): {toml_string(s.command)}"
 
 
 def policy_toml(policy: FleetPolicy) -> str:
@@ -432,7 +404,7 @@ def policy_toml(policy: FleetPolicy) -> str:
     if not policy.steps:
         lines.append("steps = []")
     for s in policy.steps:
-        lines += ["", "[[steps]]", f"name = {_toml_string(s.name)}", f"command = {_toml_string(s.command)}",
+        lines += ["", "[[steps]]", f"name = {toml_string(s.name)}", f"command = {toml_string(s.command)}",
                   f'when = "{s.when}"']
     if policy.analysis:
         lines += ["", analysis_toml(policy.analysis).rstrip("\n")]
@@ -465,8 +437,8 @@ def changes(before: FleetPolicy, after: FleetPolicy) -> tuple[Change, ...]:
             out.append(Change(name, "[" + ", ".join(webhook_text(h) for h in a) + "]",
                               "[" + ", ".join(webhook_text(h) for h in b) + "]"))
         elif name == "analysis":
-            out.append(Change(name, "[" + ", ".join(_toml_string(q.name) for q in a) + "]",
-                              "[" + ", ".join(_toml_string(q.name) for q in b) + "]"))
+            out.append(Change(name, "[" + ", ".join(toml_string(q.name) for q in a) + "]",
+                              "[" + ", ".join(toml_string(q.name) for q in b) + "]"))
         else:
             out.append(Change(name, toml_value(a), toml_value(b)))
     return tuple(out)
