@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import sys
 import time
 import urllib.error
@@ -30,10 +29,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from sandbox.procs import LocalServer, venv_python
+from sandbox.procs import LocalServer, serve_app, venv_python
 
 MAX_TTL = 21600
 
@@ -95,7 +93,6 @@ class MetadataServer(LocalServer):
 
 
 def serve(argv: list[str]) -> None:
-    import asyncio
     from collections import Counter
 
     from aiohttp import web
@@ -195,23 +192,7 @@ def serve(argv: list[str]) -> None:
     app.router.add_get(f"{md}/iam/security-credentials/{{role}}", credentials)
     app.router.add_get("/_sandbox/requests", requests_seen)
 
-    def exit_on(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, exit_on)
-
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, args.host, args.port).start()
-        print(f"instance metadata on http://{args.host}:{args.port}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
-
+    serve_app(app, args.host, args.port, f"instance metadata on http://{args.host}:{args.port}")
 
 if __name__ == "__main__":
     serve(sys.argv[1:])

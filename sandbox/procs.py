@@ -13,6 +13,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -228,3 +233,31 @@ class LocalServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+
+def serve_app(app: web.Application, host: str, port: int, banner: str,
+              on_exit: Callable[[], None] | None = None) -> None:
+    """Run an aiohttp application on host:port in this process until SIGTERM (a sandbox server's
+    child process), saying `banner` once it listens; `on_exit` runs as it ends."""
+    import asyncio
+
+    from aiohttp import web
+
+    def exit_on(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_on)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        print(banner, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            if on_exit is not None:
+                on_exit()
+
+    asyncio.run(main())

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from sandbox.procs import LocalServer, venv_python
+from sandbox.procs import LocalServer, serve_app, venv_python
 
 
 @dataclass
@@ -82,7 +80,6 @@ class WebhookReceiver(LocalServer):
 
 
 def serve(argv: list[str]) -> None:
-    import asyncio
 
     from aiohttp import web
 
@@ -116,23 +113,8 @@ def serve(argv: list[str]) -> None:
     app.router.add_post("/hook/{rest:.*}", hook)
     app.router.add_get("/_sandbox/ping", ping)
 
-    def exit_on(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, exit_on)
-
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, args.host, args.port).start()
-        print(f"webhook receiver on http://{args.host}:{args.port}/hook, answering {args.status}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-            out.close()
-
-    asyncio.run(main())
+    serve_app(app, args.host, args.port,
+              f"webhook receiver on http://{args.host}:{args.port}/hook, answering {args.status}", out.close)
 
 
 if __name__ == "__main__":

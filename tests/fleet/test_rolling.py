@@ -219,14 +219,25 @@ def leader(rolling: Rolling) -> str:
 
 def wait_header(rolling: Rolling, revision: int, what: str, ok: Callable[[dict[str, Any]], bool],
                 timeout: float = 120.0) -> dict[str, Any]:
+    """The rollout header of `revision` once `ok` says so of it."""
+    def read() -> dict[str, Any] | None:
+        h = updates.header(rolling.fleet)
+        return h if h is not None and int(h["revision"]) == revision else None
+
+    return wait_on(read, what, ok, timeout)
+
+
+def wait_on(read: Callable[[], dict[str, Any] | None], what: str, ok: Callable[[dict[str, Any]], bool],
+            timeout: float) -> dict[str, Any]:
+    """What `read` gives once `ok` says so of it (None: not there yet)."""
     seen: list[dict[str, Any]] = []
 
     def reached() -> bool:
-        h = updates.header(rolling.fleet)
-        if h is None or int(h["revision"]) != revision:
+        value = read()
+        if value is None:
             return False
-        seen.append(h)
-        return ok(h)
+        seen.append(value)
+        return ok(value)
 
     wait_for(reached, timeout=timeout, what=what, interval=0.05)
     return seen[-1]
@@ -340,17 +351,8 @@ def norm_cli(rolling: Rolling, *args: str) -> subprocess.CompletedProcess[str]:
 
 def wait_record(rolling: Rolling, revision: int, what: str, ok: Callable[[dict[str, Any]], bool],
                 timeout: float = 120.0) -> dict[str, Any]:
-    seen: list[dict[str, Any]] = []
-
-    def reached() -> bool:
-        r = updates.record(rolling.fleet, revision)
-        if r is None:
-            return False
-        seen.append(r)
-        return ok(r)
-
-    wait_for(reached, timeout=timeout, what=what, interval=0.05)
-    return seen[-1]
+    """The record of rollout `revision` once `ok` says so of it."""
+    return wait_on(lambda: updates.record(rolling.fleet, revision), what, ok, timeout)
 
 
 def new_leader_took_over(rolling: Rolling) -> str:
