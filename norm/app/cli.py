@@ -48,13 +48,13 @@ class Unreachable(NormError):
 
 def parser() -> argparse.ArgumentParser:
     # They import this module.
-    from norm.app.commands import access, agent, config, hosts, policy, rollout, undo
+    from norm.app.commands import access, agent, config, hosts, plan, policy, rollout, undo
 
     p = argparse.ArgumentParser(prog="norm", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"norm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # In the order `norm --help` lists them.
-    for group in (agent, config, hosts, rollout, undo, policy, access):
+    for group in (agent, config, hosts, rollout, undo, plan, policy, access):
         group.register(sub)
     return p
 

@@ -743,14 +743,19 @@ def _superseded(record: Rollout, when: str = "") -> str:
 # rolls back: the hosts moved so far go back to the previous release, in batches of the same size.
 
 
+def plan_batches(hosts: tuple[str, ...], policy: RolloutPolicy) -> tuple[tuple[tuple[str, ...], ...], int]:
+    """A rolling update's batches of `hosts` (in their order), and how many hosts the first holds as its
+    canary (0: none): the canary alone first, then batches of `max_unavailable`."""
+    size = batch_size(policy.max_unavailable, len(hosts))
+    canary = batch_size(policy.canary, len(hosts)) if policy.canary else 0
+    first = (hosts[:canary],) if canary else ()
+    return first + tuple(hosts[i:i + size] for i in range(canary, len(hosts), size)), canary
+
+
 def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     if not record.hosts:
         return _finish(record, Phase.FAILED, "no participating host left", now)
-    size = batch_size(policy.max_unavailable, len(record.hosts))
-    hosts = record.hosts
-    canary = batch_size(policy.canary, len(hosts)) if policy.canary else 0
-    first = (hosts[:canary],) if canary else ()
-    batches = first + tuple(hosts[i:i + size] for i in range(canary, len(hosts), size))
+    batches, canary = plan_batches(record.hosts, policy)
     record = _r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0, canary=canary)
     if held(record):  # a boundary: paused or blocked, it waits before its first batch
         return _r(record, now, waiting="batch"), ()

@@ -634,3 +634,25 @@ def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_open
     assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)  # none twice
     assert result.failed == 0, result.failures[:5]
     assert serving.min_serving is not None and serving.min_serving >= HOSTS - 1, serving.history
+
+
+def test_norm_plan_says_what_a_rollout_would_do_and_changes_nothing(rolling: Rolling) -> None:
+    tag = rolling.new_version()
+    version = updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"]
+    r = norm_cli(rolling, "plan", tag)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.splitlines()[0] == f"plan for {tag} (nothing changed)"
+    assert "  image:     sha256:" in r.stdout
+    assert "  step:      migrate (pre): would run once" in r.stdout
+    assert f"  hosts:     {HOSTS} (" in r.stdout
+    same = norm_cli(rolling, "deploy", tag, "--dry-run", "--json")
+    assert same.returncode == 0 and json.loads(same.stdout)["tag"] == tag
+    assert json.loads(same.stdout)["steps"][0] == {"name": "migrate", "when": "pre", "command": "migrate",
+                                                   "state": "would run once"}
+    assert updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"] == version  # nothing written
+    # What the fleet runs already: the rollout would end at once.
+    h = updates.header(rolling.fleet)
+    assert h is not None and h["phase"] == "done"
+    r = norm_cli(rolling, "plan", h["tag"])
+    assert r.returncode == 1 and "the release already running" in r.stdout, r.stdout
+    assert "in the ledger already: not run again" in r.stdout

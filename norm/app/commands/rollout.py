@@ -60,6 +60,8 @@ def register(sub: cli.Subparsers) -> None:
                         help="who asks (default $USER@hostname); recorded with the rollout")
     deploy.add_argument("--json", action="store_true",
                         help="one JSON object (with --wait, JSON objects, one per change, as `norm rollout`)")
+    deploy.add_argument("--dry-run", action="store_true",
+                        help="write nothing: print what the rollout would do (as `norm plan VERSION`)")
     deploy.add_argument("--now", action="store_true",
                         help="go on outside the maintenance windows and while blocking alerts fire "
                              "(recorded with the rollout)")
@@ -152,6 +154,10 @@ def deploy_version(args: argparse.Namespace) -> int:
     version = parse_version(args.version.encode("utf-8", "surrogatepass"), "VERSION")
     args.by = _requester(args)
     config = cli.load(args)
+    if args.dry_run:
+        from norm.app.commands.plan import show_plan
+
+        return cli.with_etcd(config, lambda etcd: show_plan(etcd, config, version, as_json=args.json))
     return cli.with_etcd(config, lambda etcd: deploy(args, config, etcd, version))
 
 
