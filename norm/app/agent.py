@@ -256,7 +256,7 @@ class Agent:
                                  hooks=Hooks(presence=self.presence, gate=gates),
                                  secret_files=(c.env.path,) if c.env.bucket else ())
         self.updater = Updater(self.host, c.update, self.environment, self.leadership, self.watcher,
-                               docker.resolve, self.policy.current,
+                               docker.resolve, self.policy,
                                analyse=canary_analyser(c.update.prometheus_url))
         services: list[Service] = [self.policy, self.executor, self.updater]
         if self._not_leading() is None:  # the leader delivers the outbox to the fleet's webhooks

@@ -53,6 +53,19 @@ class PolicyWatcher:
         """The policy in effect."""
         return self._policy
 
+    async def latest(self) -> FleetPolicy:
+        """The policy in etcd now (read, not waited for: a policy written just before a version must
+        be the one its rollout follows); the one in effect when etcd cannot say."""
+        try:
+            snap = await self._etcd.get_one(self.key)
+        except EtcdError as e:
+            log.info("policy.read_failed", key=self.key, error=str(e))
+            return self._policy
+        kv = snap.kvs[0] if snap.kvs else None
+        if kv is None or kv.mod_revision > self.revision:
+            await self._apply(kv.value if kv else None, kv.mod_revision if kv else snap.revision)
+        return self._policy
+
     async def wait_change(self, revision: int) -> tuple[FleetPolicy, int]:
         """Wait until the policy in effect is another than the one of `revision` (at once if it
         already is); the policy then in effect and its revision."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import structlog
 
@@ -91,6 +92,28 @@ Verdict = tuple[Literal["passed", "failed", "inconclusive"], str | None]
 Analyse = Callable[[FleetPolicy, tuple[str, ...]], Awaitable[Verdict]]
 
 
+class PolicySource(Protocol):
+    """The fleet's policy (norm.services.policy.PolicyWatcher): the one in effect, and the one in
+    etcd now."""
+
+    def current(self) -> FleetPolicy: ...
+
+    async def latest(self) -> FleetPolicy: ...
+
+
+@dataclass(frozen=True)
+class _Configured:
+    """A fleet without a policy key: the [update] section's."""
+
+    policy: FleetPolicy
+
+    def current(self) -> FleetPolicy:
+        return self.policy
+
+    async def latest(self) -> FleetPolicy:
+        return self.policy
+
+
 async def watch_only(policy: FleetPolicy, hosts: tuple[str, ...]) -> Verdict:
     """A canary's analysis without queries: it passes once watched for the policy's canary_wait (its
     hosts passed their health gates as they moved)."""
@@ -114,7 +137,7 @@ class Updater:
     def __init__(self, host: HostContext, update: UpdateConfig, environment: str,
                  leadership: LeaderElection, watcher: DesiredStateWatcher,
                  resolve: Callable[[str], Awaitable[str]],
-                 policy: Callable[[], FleetPolicy] | None = None, analyse: Analyse = watch_only) -> None:
+                 policy: PolicySource | None = None, analyse: Analyse = watch_only) -> None:
         """`update`: the [update] section (image, history); `environment`: this host's, whose hosts
         take part in rollouts; `resolve`: a tag's image reference to it pinned by digest; `policy`:
         the fleet's policy now (norm.services.policy), which a rollout keeps from its beginning;
@@ -125,8 +148,8 @@ class Updater:
         self._me = host.machine_id
         self._environment = environment
         self._image: str = update.image
-        fallback = policy_from_update_config(update)
-        self._fleet_policy = policy if policy is not None else lambda: fallback
+        self._policies = policy if policy is not None else _Configured(policy_from_update_config(update))
+        self._fleet_policy = self._policies.current
         self._leadership = leadership
         self._watcher = watcher
         self._metrics = host.metrics
@@ -346,7 +369,7 @@ class Updater:
             except InvalidValue as e:
                 self._metrics.rejected_values.labels("host record").inc()
                 log.warning("updater.host_refused", key=e.where, reason=e.reason)
-        policy = self._fleet_policy()
+        policy = await self._policies.latest()  # written just before the version, it counts
         chosen = participants(hosts, self._environment, frozenset(policy.roles) or None)
         record = self.record
         asked = await self._asked(revision)

@@ -145,3 +145,18 @@ async def test_a_change_made_while_cut_off_and_compacted_away_is_found_by_the_re
             async with asyncio.timeout(60):
                 await relisted.wait()
                 assert await watcher.wait_change(0) == (ROLLING, written)
+
+
+async def test_the_latest_policy_is_read_not_waited_for(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    """A policy written just before a version must be the one its rollout follows: the leader reads it
+    as the rollout begins, whether or not its watch has delivered it yet."""
+    async with Etcd(etcd_config(etcd.endpoint)) as client:
+        watcher = PolicyWatcher(client, "/norm", UPDATE, Metrics(), 300.0)  # its watch not running
+        assert await watcher.latest() == FROM_CONFIG
+        written = await client.put(KEY, ROLLING.encode())
+        assert await watcher.latest() == ROLLING and watcher.revision == written
+        await client.put(KEY, b"{not json")
+        assert await watcher.latest() == ROLLING and watcher.refused is not None  # the refused one is not
+        await client.delete(KEY)
+        assert await watcher.latest() == FROM_CONFIG
