@@ -612,7 +612,8 @@ def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_open
     first = (start - 5, start + 12)  # open now, closing a few seconds into the batches
     second = (start + 40, start + 700)  # the next, opening half a minute later
     windows = tuple(f"* {clock(a)}-{clock(b)}" for a, b in (first, second))
-    policy = dataclasses.replace(POLICY, windows=windows)
+    # Each host healthy for 5 s before the next moves: the four batches outlast the first window.
+    policy = dataclasses.replace(POLICY, windows=windows, min_healthy=5.0)
     tag = rolling.new_version()
     marks = rolling.log_marks()
     updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
