@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -217,10 +218,20 @@ class Campaign:
         except (SandboxError, OSError, subprocess.SubprocessError) as e:
             self.say(f"chaos: the fleet did not come back ({e}); starting a new one")
             self.fleet.down()
+            self._keep_logs()
             self.skews.clear()
             self.version_writes.clear()
             self.migrated = [MIGRATED_TAG]
             self.setup()
+
+    def _keep_logs(self) -> None:
+        """The agents' logs of a fleet about to be replaced, kept for reading the runs they saw (a new
+        fleet starts them afresh): `<run dir>/replaced-<n>/<host>.log`."""
+        kept = self.run_dir / f"replaced-{sum(1 for _ in self.run_dir.glob('replaced-*')) + 1}"
+        kept.mkdir()
+        for log in self.fleet.hosts_dir.glob("*/agent.log"):
+            shutil.copyfile(log, kept / f"{log.parent.name}.log")
+        self.say(f"chaos: the replaced fleet's agent logs are in {kept}")
 
     def _bring_back(self) -> None:
         """Start whatever a run left stopped: etcd members (joined to their peers), agents (thawed),
