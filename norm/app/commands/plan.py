@@ -106,7 +106,7 @@ async def make_plan(etcd: Etcd, config: cfg.Config, tag: str) -> Plan:
         plan.digest, labels, plan.digest_note = await _resolve(config, f"{config.update.image}:{tag}")
     ledger = await read_ledger(etcd, p)
     if plan.digest is not None:
-        plan.refused = _crossing(ledger, policy, Release(tag, plan.digest))
+        plan.refused = crossing(ledger, policy, Release(tag, plan.digest))
         if previous is not None and previous.digest == plan.digest:
             plan.refused = f"{tag} is the release already running: the rollout would end at once, done"
     if labels is None:
@@ -173,7 +173,7 @@ async def read_ledger(etcd: Etcd, prefix: str) -> tuple[LedgerEntry, ...]:
     return ledger_order(entries)
 
 
-def _crossing(ledger: tuple[LedgerEntry, ...], policy: FleetPolicy, release: Release) -> str | None:
+def crossing(ledger: tuple[LedgerEntry, ...], policy: FleetPolicy, release: Release) -> str | None:
     """Why the leader would refuse `release` at once (below a rollback floor, or a down-migration);
     None when it would not. A release listed `compatible` goes."""
     if release.tag in policy.compatible or release.digest in policy.compatible:

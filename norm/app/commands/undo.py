@@ -21,8 +21,7 @@ from norm.core import config as cfg
 from norm.core import protocol as proto
 from norm.core.errors import InvalidValue
 from norm.core.protocol import release_text
-from norm.core.record import Phase, Release, Rollout, decode_ledger_entry
-from norm.core.rollout import ledger_order, rollback_floor, setback_step
+from norm.core.record import Phase, Release, Rollout
 
 if TYPE_CHECKING:
     from norm.adapters.etcd import Etcd
@@ -94,7 +93,9 @@ async def undo(args: argparse.Namespace, config: cfg.Config, etcd: Etcd) -> int:
         return _refuse(target)
     release = target.release
     assert release is not None
-    problem = await _crossing(etcd, config, release)
+    from norm.app.commands.plan import crossing, fleet_policy, read_ledger
+
+    problem = crossing(await read_ledger(etcd, p), await fleet_policy(etcd, config), release)
     if problem is not None:
         return _refuse(problem)
     compare = [Compare(proto.header_key(p), "mod", "==", header_kv.mod_revision)] if header_kv is not None \
@@ -152,42 +153,3 @@ def _target(finished: list[Rollout], current: Release | None, to: int | None) ->
     if before is None:
         return "no earlier release in the history kept to go back to"
     return before
-
-
-async def _crossing(etcd: Etcd, config: cfg.Config, release: Release) -> str | None:
-    """Why going back to `release` would cross a rollback floor or need a down-migration, as the
-    leader would find it; None when it would not."""
-    p = config.keys.prefix
-    entries = []
-    for kv in (await etcd.get_prefix(f"{p}/ledger/")).kvs:
-        try:
-            entries.append(decode_ledger_entry(kv.value, kv.key))
-        except InvalidValue as e:
-            print(cli.skip(kv.key, e.reason), file=sys.stderr)
-    ledger = ledger_order(entries)
-    compatible = await _compatible(etcd, config)
-    if release.tag in compatible or release.digest in compatible:
-        return None
-    name = release_text(release)
-    floor = rollback_floor(ledger, release.digest)
-    if floor is not None:
-        return (f"{name} is below the rollback floor: step {floor.step} of {floor.tag} ran after every host "
-                "had moved to it (contract), and the release before cannot run on what it left")
-    since = setback_step(ledger, release.digest)
-    if since is not None:
-        return (f"going back to {name} would need a down-migration: step {since.step} of {since.tag} ran "
-                "with the fleet stopped since; list the release in the policy's `compatible` if it is safe")
-    return None
-
-
-async def _compatible(etcd: Etcd, config: cfg.Config) -> frozenset[str]:
-    from norm.core.policy import FleetPolicy, policy_from_update_config, policy_key
-
-    kv = await etcd.get(policy_key(config.keys.prefix))
-    try:
-        policy = FleetPolicy.decode(kv.value, kv.key) if kv is not None \
-            else policy_from_update_config(config.update)
-    except InvalidValue as e:
-        print(f"norm: {e}: taking no release as compatible", file=sys.stderr)
-        return frozenset()
-    return frozenset(policy.compatible)
