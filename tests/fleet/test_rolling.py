@@ -76,6 +76,10 @@ class Rolling:
         self.demo_app(tag, 0, options)
         return tag
 
+    def set_policy(self, policy: FleetPolicy) -> None:
+        """`norm policy apply`, as etcd gets it: the fleet's policy key."""
+        updates.put(self.fleet, "/norm/policy", policy.encode().decode())
+
     def admin(self) -> dict[str, str]:
         return HaproxyServer(Path(self.lb["dir"]), port=self.lb["port"]).admin_states(self.lb["backend"])
 
@@ -137,8 +141,8 @@ def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
                            agent_env=env) as (fleet, ports):
             targets = {f"127.0.0.1:{web}": {"host": name} for name, (web, _) in ports.items()}
             prometheus.set_targets(list(targets), targets)
-            updates.put(fleet, "/norm/policy", POLICY.encode().decode())
             r = Rolling(fleet, demo_app, prometheus)
+            r.set_policy(POLICY)
             first = r.new_version()
             h = updates.deploy(fleet, first, timeout=240)
             assert h["phase"] == "done" and h["strategy"] == "recreate", h  # nothing served before it
@@ -187,14 +191,13 @@ def test_a_release_that_does_not_serve_is_rolled_back(rolling: Rolling, broken: 
     tag = rolling.new_version(broken)
     marks = rolling.log_marks()
     if broken.exit_after is not None:  # the gate must outlast the release's few seconds of life
-        updates.put(rolling.fleet, "/norm/policy", dataclasses.replace(
-            POLICY, min_healthy=broken.exit_after + 2).encode().decode())
+        rolling.set_policy(dataclasses.replace(POLICY, min_healthy=broken.exit_after + 2))
     try:
         with rolling.load() as (result, serving):
             deployed = rolling.deploy_cli(tag)
             rolling.all_serve(old)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
     assert deployed.returncode == 1, (deployed.stdout, deployed.stderr)
     assert "rolled_back" in deployed.stderr + deployed.stdout
     h = updates.header(rolling.fleet)
@@ -323,7 +326,7 @@ def test_a_set_back_below_the_rollback_floor_is_refused_and_above_it_rolls_witho
     pre_only = dataclasses.replace(quick, steps=(StepPolicy("migrate", "migrate", "pre"),))
     try:
         # Below: `collectstatic` of the newer release ran after every host had moved (contract).
-        updates.put(rolling.fleet, "/norm/policy", quick.encode().decode())
+        rolling.set_policy(quick)
         older, newer = rolling.new_version(), rolling.new_version()
         assert updates.deploy(rolling.fleet, older, timeout=240)["phase"] == "done"
         assert updates.deploy(rolling.fleet, newer, timeout=240)["phase"] == "done"
@@ -331,7 +334,7 @@ def test_a_set_back_below_the_rollback_floor_is_refused_and_above_it_rolls_witho
         assert h["phase"] == "failed" and "rollback floor" in h["reason"] and newer in h["reason"], h
         rolling.all_serve(newer)
         # Above: only `pre` steps (expand) ran since; the set-back rolls, and runs no step.
-        updates.put(rolling.fleet, "/norm/policy", pre_only.encode().decode())
+        rolling.set_policy(pre_only)
         third = rolling.new_version()
         assert updates.deploy(rolling.fleet, third, timeout=240)["phase"] == "done"
         h = updates.deploy(rolling.fleet, newer, timeout=240)
@@ -339,7 +342,7 @@ def test_a_set_back_below_the_rollback_floor_is_refused_and_above_it_rolls_witho
         assert not [e for e in updates.ledger(rolling.fleet) if e["revision"] == h["revision"]]
         rolling.all_serve(newer)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
 
 
 def norm_cli(rolling: Rolling, *args: str) -> subprocess.CompletedProcess[str]:
@@ -427,7 +430,7 @@ def test_a_canary_moves_alone_and_the_rest_follow_once_it_is_promoted(rolling: R
     canary = dataclasses.replace(POLICY, canary="1", canary_wait=3600.0)
     tag = rolling.new_version()
     marks = rolling.log_marks()
-    updates.put(rolling.fleet, "/norm/policy", canary.encode().decode())
+    rolling.set_policy(canary)
     try:
         with rolling.load() as (result, _serving):
             revision = updates.set_version(rolling.fleet, tag)
@@ -441,7 +444,7 @@ def test_a_canary_moves_alone_and_the_rest_follow_once_it_is_promoted(rolling: R
             h = updates.wait_phase(rolling.fleet, revision, timeout=240)
             rolling.all_serve(tag)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
     assert h["phase"] == "done", h
     assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
     record = updates.record(rolling.fleet, revision)
@@ -453,7 +456,7 @@ def test_norm_undo_goes_back_without_a_step_and_is_refused_across_a_rollback_flo
     quick = dataclasses.replace(POLICY, max_unavailable="100%", min_healthy=0.0)
     pre_only = dataclasses.replace(quick, steps=(StepPolicy("migrate", "migrate", "pre"),))
     try:
-        updates.put(rolling.fleet, "/norm/policy", pre_only.encode().decode())
+        rolling.set_policy(pre_only)
         before, after = rolling.new_version(), rolling.new_version()
         first = updates.deploy(rolling.fleet, before, timeout=240)
         assert first["phase"] == "done"
@@ -472,7 +475,7 @@ def test_norm_undo_goes_back_without_a_step_and_is_refused_across_a_rollback_flo
         rolling.all_serve(before)
         # A contract step (`post`) runs with the next release: going back below it is refused, and
         # nothing is written.
-        updates.put(rolling.fleet, "/norm/policy", quick.encode().decode())
+        rolling.set_policy(quick)
         floor = rolling.new_version()
         assert updates.deploy(rolling.fleet, floor, timeout=240)["phase"] == "done"
         version = updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"]
@@ -481,7 +484,7 @@ def test_norm_undo_goes_back_without_a_step_and_is_refused_across_a_rollback_flo
         assert updates.get_kvs(rolling.fleet, "/djed-version")[0]["mod_revision"] == version
         rolling.all_serve(floor)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
 
 
 ERROR_RATE = AnalysisQuery(
@@ -499,7 +502,7 @@ def test_a_canary_serving_errors_fails_its_analysis_and_is_put_back(rolling: Rol
     old = h["tag"] if h["phase"] == "done" else h["previous"]["tag"]
     tag = rolling.new_version(DemoOptions(migrations="expand", error_rate=0.05))
     marks = rolling.log_marks()
-    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    rolling.set_policy(policy)
     try:
         with rolling.load("/"):
             revision = updates.set_version(rolling.fleet, tag)
@@ -513,7 +516,7 @@ def test_a_canary_serving_errors_fails_its_analysis_and_is_put_back(rolling: Rol
                         analysed[e["event"]] = e
             rolling.all_serve(old)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
     assert ended["phase"] == "rolled_back", ended
     assert "failed its analysis" in ended["reason"] and "error-rate" in ended["reason"], ended["reason"]
     canary = waiting["batches"][0]
@@ -539,7 +542,7 @@ def test_an_analysis_without_data_pauses_and_goes_on_once_resumed_with_data(roll
     tag = rolling.new_version()
     marks = rolling.log_marks()
     plain = {t: {"host": labels["host"]} for t, labels in rolling.prometheus_targets().items()}
-    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    rolling.set_policy(policy)
     try:
         revision = updates.set_version(rolling.fleet, tag)
         paused = wait_record(rolling, revision, "paused: no data", lambda rec: rec["pause"] is not None)
@@ -554,7 +557,7 @@ def test_an_analysis_without_data_pauses_and_goes_on_once_resumed_with_data(roll
         h = updates.wait_phase(rolling.fleet, revision, timeout=240)
         rolling.all_serve(tag)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
         rolling.prometheus.set_targets(list(plain), plain)
     assert h["phase"] == "done", h
     assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)
@@ -568,7 +571,7 @@ def test_a_rollouts_events_reach_the_webhook_once_each_even_from_a_receiver_that
     url_file.write_text(webhook_receiver.url)
     policy = dataclasses.replace(POLICY, webhooks=(Webhook("ops", str(url_file)),))
     tag = rolling.new_version()
-    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    rolling.set_policy(policy)
     try:
         webhook_receiver.stop()
         revision = updates.set_version(rolling.fleet, tag)
@@ -586,7 +589,7 @@ def test_a_rollouts_events_reach_the_webhook_once_each_even_from_a_receiver_that
                  interval=0.1)
         rolling.all_serve(tag)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
     keys = [r["idempotency_key"] for r in webhook_receiver.received()]
     assert len(keys) == len(set(keys)), "an event came twice"
     got = events()
@@ -616,7 +619,7 @@ def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_open
     policy = dataclasses.replace(POLICY, windows=windows, min_healthy=5.0)
     tag = rolling.new_version()
     marks = rolling.log_marks()
-    updates.put(rolling.fleet, "/norm/policy", policy.encode().decode())
+    rolling.set_policy(policy)
     try:
         with rolling.load() as (result, serving):
             revision = updates.set_version(rolling.fleet, tag)
@@ -629,7 +632,7 @@ def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_open
             assert time.time() >= second[0]
             rolling.all_serve(tag)
     finally:
-        updates.put(rolling.fleet, "/norm/policy", POLICY.encode().decode())
+        rolling.set_policy(POLICY)
     assert h["phase"] == "done", h
     assert moved < HOSTS, "it held before every host had moved"
     assert rolling.moved_to(tag, marks) == dict.fromkeys(rolling.names(), 1)  # none twice
