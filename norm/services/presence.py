@@ -79,7 +79,8 @@ class Presence:
         self._http: aiohttp.ClientSession | None = None
         self.ready = asyncio.Event()  # the clients are open
         self._closed = False
-        self.progress = asyncio.Event()  # set after every pass of the work loop (tests wait on it)
+        self.progress = asyncio.Event()  # set after every pass of the work loop and every first verdict of
+        # the health probe (tests wait on it)
         self._registrations = asyncio.Event()  # set on every change of `registered`
         for group in lb.groups:
             metrics.lb_registered.labels(group).set(0)
@@ -255,6 +256,7 @@ class Presence:
             if not told:  # once per run: the URL itself is never logged (it may carry a token)
                 log.info("lb.not_healthy_yet", status=status, error=error)
                 told = True
+                self.progress.set()
             left = deadline - loop.time()
             if left <= 0:
                 self._gave_up = invocation

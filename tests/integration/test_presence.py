@@ -113,12 +113,16 @@ async def rig_for(moto: MotoServer, manager: SystemdManager, tmp_path: Path, *, 
 
 async def test_registered_once_the_web_unit_is_active_and_healthy(
         moto_server: MotoServer, systemd_manager: SystemdManager, tmp_path: Path) -> None:
-    async with rig_for(moto_server, systemd_manager, tmp_path) as rig:
+    async with rig_for(moto_server, systemd_manager, tmp_path, health_path="/ready") as rig:
+        # The unit is active but its health URL does not answer 2xx until the test makes it.
+        await rig.until("not healthy yet", lambda: "lb.not_healthy_yet" in rig.events())
+        assert not any(rig.presence.registered.values())
+        (tmp_path / "www" / "ready").write_text("ok\n")
         await rig.until("registered", rig.registered(True))
         assert await rig.site.states() == ["healthy", "healthy"]
         assert [rig.gauge(g) for g in rig.site.groups] == [1, 1]
-        # Active first, not answering yet (the unit serves 0.3 s after it starts), then healthy, then
-        # in every group; nothing was registered before the health check passed.
+        # Active first, not answering yet, then healthy, then in every group; nothing was registered
+        # before the health check passed.
         assert rig.events("lb.unit_active", "lb.not_healthy_yet", "lb.healthy", "lb.registered") == [
             "lb.unit_active", "lb.not_healthy_yet", "lb.healthy", "lb.registered", "lb.registered"]
         assert "lb.deregistered" not in rig.events()
