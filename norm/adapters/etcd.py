@@ -1104,6 +1104,16 @@ class Election:
                     return "the leader key was replaced"
         raise EtcdUnavailable(f"watching {self.key} ended")  # pragma: no cover (a Watch does not end)
 
+    async def confirm(self, leadership: Leadership) -> str | None:
+        """One read of the leader key: None while it still proves this leadership, else the reason.
+        A watch can stall on a member cut off from its peers without an error; this cannot."""
+        kv = await self._etcd.get(self.key)
+        if kv is None:
+            return "the leader key is gone"
+        if kv.create_revision != leadership.token or kv.lease != leadership.lease.id:
+            return "the leader key was replaced"
+        return None
+
     async def resign(self, leadership: Leadership) -> None:
         with contextlib.suppress(EtcdError):
             await self._etcd.txn([Compare(self.key, "create", "==", leadership.token)],

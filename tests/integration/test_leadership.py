@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from structlog.testing import capture_logs
+
 from norm.adapters.etcd import Etcd
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, leader_key
@@ -108,3 +110,38 @@ async def test_a_leader_whose_key_is_deleted_steps_down_and_campaigns_again(
         await leader.stop()
         assert (await elected([rest])) is rest
         assert rest.gauge == 1 and leader.gauge == 0
+
+
+async def test_a_leader_whose_watch_stalls_still_steps_down_when_its_key_goes(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    """A watch on a member cut off from its peers can stay silent without an error: the leader reads
+    its key as well, and steps down on the read's word within a few of those reads."""
+    async with fleet(etcd_config(etcd.endpoint, lease_ttl=10), "ab") as agents:
+        old = await elected(agents)
+
+        async def silent(_: object) -> str:
+            await asyncio.Event().wait()  # the watch that never says anything
+            raise AssertionError("unreachable")
+
+        # The term running now watches with the real watch; the stalled one is for the next term,
+        # so the leader is made to step down once (the key deleted) and win again first.
+        old.leadership._election.deposed = silent  # type: ignore[method-assign]
+        others = [a for a in agents if a is not old]
+        for a in others:
+            await a.stop()
+        stepped_down = asyncio.create_task(old.leadership.deposed.wait(), name="old-deposed")
+        await asyncio.to_thread(etcd.ctl, "del", leader_key(PREFIX))
+        async with asyncio.timeout(20):
+            await stepped_down
+        assert (await elected([old])) is old
+        with capture_logs() as logs:
+            stepped_down = asyncio.create_task(old.leadership.deposed.wait(), name="old-deposed-again")
+            deleted = asyncio.get_running_loop().time()
+            await asyncio.to_thread(etcd.ctl, "del", leader_key(PREFIX))
+            async with asyncio.timeout(20):
+                await stepped_down
+            took = asyncio.get_running_loop().time() - deleted
+        reasons = [e.get("reason") for e in logs if e["event"] == "leader.deposed"]
+        assert reasons == ["the leader key is gone"], logs
+        # One read a second at this TTL: well within the lease, whatever the machine's load.
+        assert took < 10, took
