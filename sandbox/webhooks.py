@@ -4,9 +4,11 @@ delivered to in the tests and the sandbox.
 Every POST to /hook is appended to `received.jsonl` in its directory as one JSON line: `at` (the
 receiver's wall clock when it took it), `idempotency_key` (the Idempotency-Key header, or null),
 `content_type` and `body` (the body as JSON, or null with `raw` holding it as text when it is not
-JSON), and `status`, what it answered: the status it was started with (200 unless told otherwise).
-The line is written before the answer: a line in the file is a POST the receiver took, whether or
-not its answer reached the sender.
+JSON), `status`, what it answered: the status it was started with (200 unless told otherwise), and
+`repeat`: whether a POST with the same Idempotency-Key was taken before (across restarts too: the
+receiver reads its file as it starts). A receiver that honours the key, as a real one should, acts on
+the lines that are not repeats: each event once. The line is written before the answer: a line in the
+file is a POST the receiver took, whether or not its answer reached the sender.
 
 `python -m sandbox.webhooks -p PORT --log FILE [--status N]` is the receiver's entry point.
 """
@@ -68,6 +70,11 @@ class WebhookReceiver(LocalServer):
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def taken(self) -> list[dict[str, Any]]:
+        """The POSTs acted on, as a receiver honouring the Idempotency-Key acts: every one but the
+        repeats, in order."""
+        return [r for r in self.received() if not r.get("repeat")]
+
     def keys(self, *, answered_ok: bool = False) -> list[str]:
         """The Idempotency-Key of each POST taken so far, in order (of those answered with a 2xx only,
         with `answered_ok`)."""
@@ -90,6 +97,13 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--status", type=int, default=200)
     args = parser.parse_args(argv)
     args.log.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    if args.log.exists():
+        for text in args.log.read_text(encoding="utf-8").splitlines():
+            try:
+                seen.add(json.loads(text)["idempotency_key"])
+            except (ValueError, KeyError, TypeError):
+                continue
     out = open(args.log, "a", encoding="utf-8")  # noqa: SIM115 (open for the process's life)
 
     async def hook(request: web.Request) -> web.Response:
@@ -97,6 +111,10 @@ def serve(argv: list[str]) -> None:
         line: dict[str, Any] = {"at": time.time(), "idempotency_key": request.headers.get("Idempotency-Key"),
                                 "content_type": request.headers.get("Content-Type"), "path": request.path,
                                 "status": args.status}
+        key = line["idempotency_key"]
+        line["repeat"] = key is not None and key in seen
+        if key is not None and 200 <= args.status < 300:
+            seen.add(key)
         try:
             line["body"] = json.loads(raw)
         except ValueError:

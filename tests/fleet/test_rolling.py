@@ -598,6 +598,109 @@ def test_a_rollouts_events_reach_the_webhook_once_each_even_from_a_receiver_that
     assert got[-1] == ("done", "done"), got
 
 
+FAILOVERS = 50
+KILL_EVERY = 10  # of the forced failovers, every tenth kills the leader's agent; the rest delete its key
+
+
+class Failovers:
+    """A thread forcing leader failovers, one after another, until `count` are done: the leader key
+    deleted (as an operator would), or the leading agent killed (-9) and started again; each waits for
+    another leadership (a new leader key) and gives the new leader `spell` seconds before the next."""
+
+    def __init__(self, rolling: Rolling, count: int, spell: float = 0.7) -> None:
+        import threading
+
+        self.rolling, self.count, self.spell = rolling, count, spell
+        self.done = 0
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="failovers", daemon=True)
+
+    def __enter__(self) -> Failovers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _key(self) -> int | None:
+        kvs = updates.get_kvs(self.rolling.fleet, "/norm/leader")
+        return kvs[0]["create_revision"] if kvs else None
+
+    def _run(self) -> None:
+        try:
+            while self.done < self.count and not self._stop.is_set():
+                wait_for(lambda: self._key() is not None, timeout=60, what="a leader", interval=0.05)
+                before = self._key()
+                if (self.done + 1) % KILL_EVERY == 0:
+                    name = leader(self.rolling)
+                    self.rolling.fleet.kill_agent(name)
+                    self.rolling.fleet.restart_agent(name)
+                else:
+                    self.rolling.fleet.etcdctl("del", "/norm/leader")
+                wait_for(lambda before=before: self._key() not in (None, before), timeout=60,
+                         what="another leadership", interval=0.05)
+                self.done += 1
+                self._stop.wait(self.spell)  # the pace of the faults, not a wait on anything
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.finished.set()
+
+
+def test_fifty_forced_leader_failovers_lose_no_webhook_event_and_make_none_twice(
+        rolling: Rolling, webhook_receiver: WebhookReceiver) -> None:
+    """Rollouts one after another while the leadership is forced to move 50 times: every notice the
+    leaders made reaches the receiver, each with one Idempotency-Key however often it was sent, and no
+    event is made twice (a new leader finds the notices in the outbox, it does not make them again)."""
+    from sandbox.chaos.observe import Recorder
+
+    url_file = rolling.fleet.run_dir / "webhook.url"
+    url_file.write_text(webhook_receiver.url)
+    start = updates.put(rolling.fleet, "/norm/policy", dataclasses.replace(
+        POLICY, webhooks=(Webhook("ops", str(url_file)),)).encode().decode())
+    recorder = Recorder(rolling.state["endpoints"], start + 1, rolling.fleet.run_dir / "failovers.log")
+    recorder.start()
+    revisions: list[int] = []
+    try:
+        with Failovers(rolling, FAILOVERS) as failovers:
+            while not failovers.finished.is_set():
+                revisions.append(updates.set_version(rolling.fleet, tag := rolling.new_version()))
+                h = updates.wait_phase(rolling.fleet, revisions[-1], timeout=300)
+                assert h["phase"] == "done", h
+            assert failovers.error is None, failovers.error
+            assert failovers.done == FAILOVERS
+        rolling.all_serve(tag)
+        wait_for(lambda: not updates.get_kvs(rolling.fleet, "/norm/outbox/", prefix=True), timeout=120,
+                 what="every outbox entry delivered and gone", interval=0.2)
+        made: dict[str, dict[str, Any]] = {}
+        for e in list(recorder.events):
+            if e.key.startswith("/norm/outbox/") and e.kind == "put" and e.create_revision == e.revision:
+                notice = json.loads(e.value)["notice"]
+                made[notice["id"]] = notice
+    finally:
+        recorder.stop()
+        rolling.set_policy(POLICY)
+    received = [r for r in webhook_receiver.received() if r["body"].get("rollout") in revisions]
+    taken = [r for r in received if not r["repeat"]]
+    mine = {k: n for k, n in made.items() if n.get("rollout") in revisions}
+    # Every notice made was taken, once; nothing was taken that was not made.
+    assert sorted(r["idempotency_key"] for r in taken) == sorted(mine), (len(taken), len(mine))
+    # No event made twice, none missing: each rollout's events are those of a rolling update, in order.
+    rolling_update = [("rollout_started", "resolve"), ("phase_changed", "pull"), ("phase_changed", "migrate"),
+                      ("phase_changed", "roll"), ("phase_changed", "migrate"), ("phase_changed", "done"),
+                      ("done", "done")]
+    for revision in revisions:
+        got = [(r["body"]["event"], r["body"].get("phase")) for r in taken
+               if r["body"]["rollout"] == revision]
+        assert got == rolling_update, (revision, got)
+    repeats = len(received) - len(taken)
+    print(f"{FAILOVERS} failovers over {len(revisions)} rollouts: {len(taken)} events taken, "
+          f"{repeats} repeated POSTs (same Idempotency-Key)")
+
+
 def test_a_window_closing_mid_rollout_holds_it_at_a_boundary_until_the_next_opens(rolling: Rolling) -> None:
     import time
     from datetime import UTC, datetime
