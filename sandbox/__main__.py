@@ -2,7 +2,8 @@
 
     up [--hosts N]   start a 3-member etcd cluster, a local image registry with the Docker engine that
                      builds its images, and N simulated hosts (or reuse a healthy fleet); with
-                     --haproxy, also HAProxy in front of the hosts' web units, kept by the agents
+                     --haproxy, also HAProxy in front of the hosts' web units, kept by the agents;
+                     with --prometheus, a Prometheus scraping them, which the agents ask
     down             stop everything the fleet started, by pid (harmless when nothing runs)
     status           what runs, where its logs are; exit 0 healthy, 1 degraded, 3 not running
     demo             the whole story: up (with HAProxy in front of the web units), the demo app's
@@ -10,8 +11,11 @@
                      deploy v1`, the flip to v2 shown live (a recreate: v2 does not declare its
                      migrations), a rolling deploy of v3 under steady load through HAProxy with no
                      failed request, a broken release (v4, whose /healthz answers 500) rolled back
-                     automatically, the record the migration and static-files commands left, the
-                     fleet table; then an app container killed on one host and Norm healing it
+                     automatically; then, with Prometheus scraping the hosts and the policy asking
+                     for a canary, a release serving 5 % errors (v5) failing its canary's analysis
+                     and put back, a good one (v6) passing it and rolling on, and `norm undo` taking
+                     the fleet back to v3; the record the migration and static-files commands left,
+                     the fleet table; then an app container killed on one host and Norm healing it
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from sandbox.fleet import APP_REPOSITORY, DEFAULT_RUN_DIR, REPO, Fleet, State, o
 from sandbox.procs import SandboxError, venv_python, wait_for
 from sandbox.systemd import SystemdManager
 
-VERSIONS = ("v1", "v2", "v3", "v4")
+VERSIONS = ("v1", "v2", "v3", "v4", "v5", "v6")
 BROKEN = "v4"  # its /healthz answers 500: the rolling deploy of it is rolled back
+ERRORS = "v5"  # one request to / in twenty answers 500: its canary fails the error-rate analysis
+GOOD = "v6"  # serves its metrics, no errors: its canary passes, then `norm undo` goes back to v3
 FLEET_RELEASE = "v3"  # what the fleet runs at the end of the demo
 LOAD_RATE = 50.0  # requests per second through HAProxy while v3 and v4 roll out
 # The fleet's policy the demo applies (`norm policy apply`): rolling where the image allows it, one host
@@ -57,6 +63,39 @@ name = "collectstatic"
 command = "collectstatic"
 when = "post"
 """
+# The policy from v5 on: one host first (the canary), watched for its error rate in Prometheus (two
+# measurements over 1 % fail it), the rest only once it passes. Both steps run before the batches
+# (expand only): no contract step makes v6 a rollback floor, so `norm undo` may take the fleet back.
+CANARY_POLICY = """strategy = "auto"
+max_unavailable = "1"
+min_healthy = 3
+healthy_deadline = 15
+progress_deadline = 60
+compatible = ["v1", "v2"]
+canary = "1"
+
+[[steps]]
+name = "migrate"
+command = "migrate"
+when = "pre"
+
+[[steps]]
+name = "collectstatic"
+command = "collectstatic"
+when = "pre"
+
+[[analysis]]
+name = "error-rate"
+query = '''
+sum(rate(djed_http_requests_total{code="500",host=~"$CANARY"}[10s]))
+  / sum(rate(djed_http_requests_total{host=~"$CANARY"}[10s]))
+'''
+interval = 2
+count = 5
+success = "result < 0.01"
+failure_limit = 1
+inconclusive_limit = 4
+"""
 
 
 def _say(msg: str) -> None:
@@ -67,7 +106,8 @@ def _fleet(args: argparse.Namespace) -> Fleet:
     docker = not getattr(args, "no_docker", False)
     return Fleet(run_dir=args.run_dir, size=getattr(args, "hosts", 3), docker=docker,
                  agents=not getattr(args, "no_agents", False), registry=docker,
-                 haproxy=getattr(args, "haproxy", False) or args.command == "demo", say=_say)
+                 haproxy=getattr(args, "haproxy", False) or args.command == "demo",
+                 prometheus=getattr(args, "prometheus", False) or args.command == "demo", say=_say)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -135,10 +175,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
            "fleet's policy")
     _demo_images(state)
     ports = _install_units(state)
-    policy = fleet.run_dir / "policy.toml"
-    policy.write_text(POLICY)
-    print(f"\n$ cat {_rel(policy)}\n{POLICY.rstrip()}\n\n$ norm policy apply {_rel(policy)}")
-    print(_norm(config, "policy", "apply", str(policy)))
+    print()
+    _apply_policy(fleet.run_dir / "policy.toml", POLICY, config)
     _step_time(t)
 
     ok = True
@@ -178,21 +216,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
     _step_time(t)
 
-    _title("7. what the migration and static-files commands recorded (one line per run, any host)")
+    t = time.monotonic()
+    _title(f"7. a canary: the policy now sends a release to one host first and asks Prometheus its "
+           f"error rate; {ERRORS} answers 500 to one request in twenty")
+    _apply_policy(fleet.run_dir / "policy-canary.toml", CANARY_POLICY, config)
+    ok &= _under_load(state, lambda: _norm_deploy(config, ERRORS, args.deploy_timeout), want_ok=False,
+                      path="/", errors_expected=True)
+    ok &= _show_versions(state, ports, "v3")
+    print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
+    _step_time(t)
+
+    t = time.monotonic()
+    _title(f"8. {GOOD} passes its canary's analysis and rolls on; then `norm undo` takes the fleet back "
+           f"to the release before it, by digest, running no step")
+    ok &= _under_load(state, lambda: _norm_deploy(config, GOOD, args.deploy_timeout), want_ok=True, path="/")
+    ok &= _show_versions(state, ports, GOOD)
+    ok &= _norm_undo(config, args.deploy_timeout)
+    ok &= _show_versions(state, ports, "v3")
+    _step_time(t)
+
+    _title("9. what the migration and static-files commands recorded (one line per run, any host)")
     record = fleet.data_dir / "record.log"
     print(f"$ cat {_rel(record)}")
     print(record.read_text().rstrip() if record.exists() else "(no record yet)")
     ok &= _check_record(record)
 
-    _title("8. the fleet")
+    _title("10. the fleet")
     _wait_unheld(config)
     print("$ norm status")
     print(_norm(config, "status"))
-    print("\n$ norm history --limit 4")
-    print(_norm(config, "history", "--limit", "4"))
+    print("\n$ norm history --limit 6")
+    print(_norm(config, "history", "--limit", "6"))
 
     t = time.monotonic()
-    _title("9. healing: the web app's container dies on one host")
+    _title("11. healing: the web app's container dies on one host")
     ok &= _demo_healing(state, ports)
     _step_time(t)
     _print_footer(fleet)
@@ -233,6 +290,23 @@ def _norm_deploy(config: str, version: str, timeout: float) -> bool:
     return r.returncode == 0
 
 
+def _apply_policy(path: Path, text: str, config: str) -> None:
+    """Write a policy file and `norm policy apply` it, showing both."""
+    path.write_text(text)
+    print(f"$ cat {_rel(path)}\n{text.rstrip()}\n\n$ norm policy apply {_rel(path)}")
+    print(_norm(config, "policy", "apply", str(path)))
+
+
+def _norm_undo(config: str, timeout: float) -> bool:
+    """`norm undo --wait`, as an operator runs it."""
+    print("\n$ norm undo --wait", flush=True)
+    argv = [venv_python(), "-m", "norm", "undo", "--wait", "--timeout", f"{timeout:g}", "--config", config]
+    r = subprocess.run(argv, cwd=REPO, timeout=timeout + 60, check=False)
+    if r.returncode != 0:
+        print(f"norm undo exited with status {r.returncode}; the agents' logs say more", file=sys.stderr)
+    return r.returncode == 0
+
+
 def _check_record(path: Path) -> bool:
     """Say whether every version's steps ran exactly once, as the record shows."""
     import collections
@@ -248,13 +322,16 @@ def _check_record(path: Path) -> bool:
         return False
     print("each version's migrate and collectstatic ran exactly once, in the new image: v1 and v2's "
           "between the fleet's stop and its start; v3's migrate before its first batch and collectstatic "
-          f"after its last; {BROKEN}'s migrate only (it was rolled back before its contract step)")
+          f"after its last; {BROKEN}'s migrate only (it was rolled back before its contract step); "
+          f"{ERRORS}'s and {GOOD}'s both before their canary (the canary policy runs no contract step)")
     return True
 
 
-def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool) -> bool:
-    """`deploy()` while steady load goes through HAProxy; the requests, the failures and the fewest
-    servers in service shown; whether the deploy ended as wanted and no request failed."""
+def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool, path: str = "/version",
+                errors_expected: bool = False) -> bool:
+    """`deploy()` while steady load goes to `path` through HAProxy; the requests, the failures and the
+    fewest servers in service shown; whether the deploy ended as wanted and no request failed (or, with
+    `errors_expected`, some did: the release's own errors)."""
     from sandbox import load
     from sandbox.haproxy import HaproxyServer
 
@@ -265,18 +342,18 @@ def _under_load(state: State, deploy: Callable[[], bool], want_ok: bool) -> bool
     def serving() -> int:
         return sum(1 for admin in runtime.admin_states(lb["backend"]).values() if admin == "ready")
 
-    with load.running(f"{lb['url']}/version", LOAD_RATE, serving) as (result, servers):
+    with load.running(f"{lb['url']}{path}", LOAD_RATE, serving) as (result, servers):
         ok = deploy()
     print(f"\nload through HAProxy ({lb['url']}): {result.requests} requests, {result.failed} failed; "
           f"servers in service: at least {servers.min_serving} of {len(state['hosts'])} throughout")
-    for _, reason in result.failures[:5]:
-        print(f"  a failed request: {reason}")
+    for _, reason in result.failures[:1 if errors_expected else 5]:
+        print(f"  a failed request: {reason}" + (" (the canary's own errors)" if errors_expected else ""))
     if ok != want_ok:
         print(f"NOT as it should be: the deploy {'failed' if want_ok else 'succeeded'}")
     else:
         print("norm deploy --wait exited non-zero, as it must for a rolled back release" if not want_ok
               else "")
-    return ok == want_ok and result.failed == 0
+    return ok == want_ok and (result.failed > 0 if errors_expected else result.failed == 0)
 
 
 def _wait_unheld(config: str, timeout: float = 15.0) -> None:
@@ -315,7 +392,9 @@ def _demo_images(state: State) -> None:
     engine = DockerEngine(engine_state["name"], Path(engine_state["dir"]))
     present = set(registry.tags(APP_REPOSITORY))
     options = {"v3": images.DemoOptions(migrations="expand"),
-               BROKEN: images.DemoOptions(migrations="expand", healthz_status=500)}
+               BROKEN: images.DemoOptions(migrations="expand", healthz_status=500),
+               ERRORS: images.DemoOptions(migrations="expand", error_rate=0.05),
+               GOOD: images.DemoOptions(migrations="expand", metrics=True)}
     for version in VERSIONS:
         ref = f"{registry.address}/{APP_REPOSITORY}:{version}"
         if version in present:
@@ -329,7 +408,8 @@ def _demo_images(state: State) -> None:
         print(f"{ref}  {registry.digest(APP_REPOSITORY, version)}  ({how}; migrations: "
               f"{label or 'undeclared'})", flush=True)
     print("one image: `serve` answers its version over HTTP; `migrate` and `collectstatic` append a "
-          "line to /data/record.log; v3 and v4 carry the label org.norm.migrations=expand")
+          "line to /data/record.log; v3 to v6 carry the label org.norm.migrations=expand; v5 and v6 "
+          "serve /metrics (requests by status), v5 answering 500 to one request to / in twenty")
 
 
 def _install_units(state: State) -> dict[str, tuple[int, int]]:
@@ -495,6 +575,10 @@ def _print_state(state: State) -> None:
     if lb is not None:
         print(f"  haproxy: {lb['url']} (backend {lb['backend']}, Runtime API {lb['socket']})")
         print(f"    haproxy  {_status_word(lb['proc']):<22} log {lb['proc']['log']}")
+    prom = state.get("prometheus")
+    if prom is not None:
+        print(f"  prometheus: {prom['url']} (scraping the hosts' web units)")
+        print(f"    prometheus  {_status_word(prom['proc']):<19} log {prom['proc']['log']}")
     for h in state["hosts"]:
         print(f"  {h['name']}  machine-id {h['machine_id']}")
         print(f"    systemd  {_status_word(h['systemd']):<22} bus {h['bus_address']}")
@@ -530,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=60.0, help="seconds each component may take to start")
         p.add_argument("--haproxy", action="store_true",
                        help="HAProxy in front of the web units; the agents keep their servers in it")
+        p.add_argument("--prometheus", action="store_true",
+                       help="Prometheus scraping the web units; the agents ask it canaries' analyses")
         if name == "up":
             p.add_argument("--no-agents", action="store_true", help="do not start the norm agents")
         else:

@@ -92,6 +92,13 @@ class HaproxyState(TypedDict):
     proc: ProcState
 
 
+class PrometheusState(TypedDict):
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    dir: str  # its config, targets file, TSDB and log
+    proc: ProcState
+
+
 class ImageEngineState(TypedDict):
     name: str
     dir: str  # its data root is kept across restarts of the fleet: builds hit the layer cache
@@ -118,6 +125,8 @@ class State(TypedDict):
     netns: NotRequired[dict[str, str] | None]
     # With `haproxy`: the load balancer in front of the hosts' web units.
     haproxy: NotRequired[HaproxyState | None]
+    # With `prometheus`: the server scraping the hosts' web units, which the leader asks (canaries).
+    prometheus: NotRequired[PrometheusState | None]
 
 
 # -- processes by pid ---------------------------------------------------------------------------
@@ -223,13 +232,13 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
                  image: str | None = None, release_file: str | None = None,
                  data_dir: str | None = None, state_dir: str | None = None,
                  haproxy_socket: str | None = None, haproxy_backend: str = "web",
-                 web_port: int | None = None) -> str:
+                 web_port: int | None = None, prometheus_url: str | None = None) -> str:
     """The `norm agent` config file of one simulated host. With `image` (a repository), update mode is
     on: the release file is `release_file`, the one-off steps get `data_dir` mounted on /data (one
     directory for the whole fleet: what they record there shows every run on any host). The agent
     keeps its state (healing) in `state_dir`, the host's own. With `haproxy_socket`, load-balancer
     presence keeps the host's server (named after the host) in `haproxy_backend` while its web unit
-    (on `web_port`) answers /healthz."""
+    (on `web_port`) answers /healthz. With `prometheus_url`, a canary's analysis queries go there."""
     eps = ", ".join(_toml_str(e) for e in endpoints)
     text = (
         f"[etcd]\nendpoints = [{eps}]\n\n"
@@ -246,6 +255,8 @@ def agent_config(*, endpoints: list[str], machine_id: str, name: str, http_liste
                  f"[update]\nimage = {_toml_str(image)}\nrelease_file = {_toml_str(release_file or '')}\n")
         if data_dir is not None:
             text += f"steps_mounts = [{_toml_str(data_dir + ':/data')}]\n"
+        if prometheus_url is not None:
+            text += f"prometheus_url = {_toml_str(prometheus_url)}\n"
     if haproxy_socket is not None:
         text += (f"\n[lb]\nbackend = \"haproxy\"\nhaproxy_backends = [{_toml_str(haproxy_backend)}]\n"
                  f"haproxy_server = {_toml_str(name)}\nhaproxy_socket = {_toml_str(haproxy_socket)}\n"
@@ -278,6 +289,9 @@ class Fleet:
     registry: bool = False
     # A real HAProxy in front of the hosts' web units; the agents keep their servers in its backend.
     haproxy: bool = False
+    # A real Prometheus scraping the hosts' web units (each series labelled with its host's name); the
+    # agents ask it a canary's analysis queries.
+    prometheus: bool = False
     agent_env: dict[str, str] = field(default_factory=dict)  # NORM_* settings for every agent
     say: Callable[[str], None] = _quiet
     # Objects for what this process started itself: used to stop (and reap) its own children.
@@ -313,6 +327,10 @@ class Fleet:
     @property
     def haproxy_dir(self) -> Path:
         return self.run_dir / "haproxy"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        return self.run_dir / "prometheus"
 
     @property
     def data_dir(self) -> Path:
@@ -386,6 +404,7 @@ class Fleet:
                     out.append(f"etcd {m['name']} does not answer: {e}")
         out += self._registry_problems(state)
         out += self._haproxy_problems(state)
+        out += self._prometheus_problems(state)
         for h in state["hosts"]:
             parts = [("systemd", h["systemd"], True), ("docker", h["docker"], state["docker"]),
                      ("agent", h["agent"], state["agents"])]
@@ -456,6 +475,19 @@ class Fleet:
             return [f"haproxy's Runtime API on {lb['socket']} does not answer: {e}"]
         return []
 
+    @staticmethod
+    def _prometheus_problems(state: State) -> list[str]:
+        prom = state.get("prometheus")
+        if prom is None:
+            return []
+        rec = prom["proc"]
+        if not owned(rec):
+            return [f"prometheus (pid {rec['pid']}) is not running; see {rec['log']}"]
+        try:
+            return [] if _http_ok(f"{prom['url']}/-/ready") else ["prometheus is not ready"]
+        except OSError as e:
+            return [f"prometheus does not answer: {e}"]
+
     def _mismatch(self, state: State) -> str | None:
         """Why a healthy recorded fleet is not the one asked for (None: it is), for what reuse cannot
         fix in place: a registry the agents' config would have to name."""
@@ -465,6 +497,9 @@ class Fleet:
         if self.haproxy != (state.get("haproxy") is not None):
             return ("it has no HAProxy (its agents keep no load-balancer presence)" if self.haproxy
                     else "it has an HAProxy (its agents keep their servers in it)")
+        if self.prometheus != (state.get("prometheus") is not None):
+            return ("it has no Prometheus (its agents have none to ask)" if self.prometheus
+                    else "it has a Prometheus (its agents ask it)")
         return None
 
     def healthy(self) -> bool:
@@ -563,6 +598,7 @@ class Fleet:
         haproxy_ports: dict[str, int] = {}
         if self.haproxy:
             haproxy, haproxy_ports = self._start_haproxy(state, ready_timeout)
+        prometheus = self._start_prometheus(state, ready_timeout) if self.prometheus else None
         for host in state["hosts"]:
             hdir = Path(host["dir"])
             Path(host["config"]).write_text(agent_config(
@@ -572,7 +608,8 @@ class Fleet:
                 release_file=str(hdir / "release.env"), data_dir=str(self.data_dir),
                 state_dir=str(hdir / "state"),
                 haproxy_socket=None if haproxy is None else haproxy["socket"],
-                web_port=haproxy_ports.get(host["name"])))
+                web_port=haproxy_ports.get(host["name"]),
+                prometheus_url=None if prometheus is None else prometheus["url"]))
 
         # Docker engines take seconds each: start them side by side. (After the systemd managers, whose
         # start forks with a pre-exec hook, which must not happen while other threads run.)
@@ -634,6 +671,25 @@ class Fleet:
         self._save(state)
         self.say(f"haproxy: {lb.url} in front of the web units, Runtime API on {lb.socket_path}")
         return rec, web
+
+    def _start_prometheus(self, state: State, ready_timeout: float) -> PrometheusState:
+        """Start Prometheus scraping every host's web unit (ports reserved now, as for HAProxy), its
+        series labelled `host` with the host's name, and record it."""
+        from sandbox.app import reserve_ports
+        from sandbox.prometheus import PrometheusServer
+
+        web = {name: pair[0] for name, pair in reserve_ports(state["hosts"]).items()}
+        targets = {f"127.0.0.1:{port}": {"host": name} for name, port in web.items()}
+        server = PrometheusServer(self.prometheus_dir, targets=list(targets), labels=targets)
+        server.start(timeout=ready_timeout)
+        assert server.proc is not None
+        self._own(server.proc)
+        rec = PrometheusState(url=server.url, port=server.port, dir=str(self.prometheus_dir),
+                              proc=_record(server.proc, server.stop))
+        state["prometheus"] = rec
+        self._save(state)
+        self.say(f"prometheus: {server.url}, scraping the hosts' web units every {server.scrape_interval:g}s")
+        return rec
 
     def _start_registry(self, state: State, ready_timeout: float) -> str:
         """Start the fleet's registry (its storage kept from an earlier fleet) and record it; the
@@ -906,6 +962,9 @@ class Fleet:
         lb = state.get("haproxy")
         if lb is not None:
             self._stop(lb["proc"], note, timeout=15)
+        prom = state.get("prometheus")
+        if prom is not None:
+            self._stop(prom["proc"], note, timeout=15)
         if errors:
             self._save(state)
             raise SandboxError("could not stop everything:\n" + "\n".join(errors))

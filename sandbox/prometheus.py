@@ -60,6 +60,7 @@ class PrometheusServer(LocalServer):
     runs."""
 
     targets: Sequence[str] = field(default_factory=list)
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # per target, as set_targets
     scrape_interval: float = 1.0
     job: str = JOB
 
@@ -94,7 +95,7 @@ class PrometheusServer(LocalServer):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"a target is host:port, not {t!r}")
         self.targets = list(targets)
-        labels = labels or {}
+        self.labels = labels = dict(labels or {})
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
         groups = [{"targets": [t], "labels": dict(labels.get(t, {}))} for t in self.targets]
@@ -103,7 +104,7 @@ class PrometheusServer(LocalServer):
 
     def prepare(self) -> None:
         self.storage.mkdir(exist_ok=True)
-        self.set_targets(self.targets)
+        self.set_targets(self.targets, self.labels)
         self.config.write_text(config_text(targets_file=str(self.targets_file),
                                            scrape_interval=self.scrape_interval, job=self.job))
 

@@ -755,7 +755,9 @@ def plan_batches(hosts: tuple[str, ...], policy: RolloutPolicy) -> tuple[tuple[t
 def _begin_batches(record: Rollout, now: float, policy: RolloutPolicy) -> Result:
     if not record.hosts:
         return _finish(record, Phase.FAILED, "no participating host left", now)
-    batches, canary = plan_batches(record.hosts, policy)
+    # `norm undo` goes back to a release the fleet ran: like an automatic rollback, it has no canary.
+    batches, canary = plan_batches(record.hosts, policy if record.undo is None
+                                   else dataclasses.replace(policy, canary=""))
     record = _r(record, now, phase=Phase.ROLL, migrating=None, batches=batches, batch_index=0, canary=canary)
     if held(record):  # a boundary: paused or blocked, it waits before its first batch
         return _r(record, now, waiting="batch"), ()

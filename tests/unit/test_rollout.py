@@ -1363,6 +1363,18 @@ def test_a_canary_moves_alone_and_waits_for_its_analysis() -> None:
     assert run(promoted, AnalysisEnded(REV, "failed", "late"), policy=CANARY)[0] == promoted  # late
 
 
+def test_an_undo_goes_back_without_a_canary() -> None:
+    """`norm undo` returns to a release the fleet ran: no canary, no analysis, as a rollback."""
+    r = dataclasses.replace(new(), undo=7)
+    r, _ = run(r, Resolved(D2), policy=CANARY)
+    r, _ = run(r, *(HostPulled(h, D2, "expand") for h in r.hosts), MigrationSucceeded("migrate"),
+               policy=CANARY)
+    assert r.batches == ((A,), (B,), (C,)) and r.canary == 0
+    r, commands = run(r, HostActive(A), policy=CANARY)
+    assert r.waiting is None and not [c for c in commands if isinstance(c, RunAnalysis)]
+    assert MoveHosts((B,), Release("v2", D2)) in commands
+
+
 def test_a_failed_analysis_puts_the_canary_back_and_no_other_host_moves() -> None:
     r = at("canary")
     r, commands = run(r, AnalysisEnded(REV, "failed", "error rate 0.05 >= 0.01"), policy=CANARY)
