@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap lint test test-unit chaos fuzz demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env bench-rolling image clean
+.PHONY: bootstrap lint test test-unit chaos fuzz demo sandbox-down bench-agent bench-heal bench-barrier bench-update bench-failover bench-env bench-rolling bench-control image clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -63,6 +63,9 @@ bench-env: bootstrap
 
 bench-rolling: bootstrap
 	$(PY) -m bench.rolling
+
+bench-control: bootstrap
+	$(PY) -m bench.control
 
 clean: sandbox-down
 	rm -rf .run build

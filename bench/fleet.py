@@ -135,13 +135,15 @@ class BenchFleet:
     """A fleet of `size` hosts in update mode, a registry and a builder engine, under `workdir`."""
 
     def __init__(self, workdir: Path, *, size: int = 3, agent_env: Mapping[str, str] | None = None,
-                 haproxy: bool = False) -> None:
-        """`haproxy`: a real HAProxy in front of the hosts' web units, the agents' presence in it."""
+                 haproxy: bool = False, prometheus: bool = False) -> None:
+        """`haproxy`: a real HAProxy in front of the hosts' web units, the agents' presence in it;
+        `prometheus`: a real Prometheus scraping the web units, which the agents ask (canaries)."""
         self.workdir = workdir
         self.registry = Registry(workdir / "registry")
         self.builder = DockerEngine("images", workdir / "images")
         self.fleet = Fleet(workdir / "fleet", size=size, image=f"{self.registry.address}/djed/app",
-                           agent_env=dict(agent_env or {}), say=say, haproxy=haproxy)
+                           agent_env=dict(agent_env or {}), say=say, haproxy=haproxy,
+                           prometheus=prometheus)
         self.ports: dict[str, tuple[int, int]] = {}
         self._versions = 0
         self._stack = contextlib.ExitStack()

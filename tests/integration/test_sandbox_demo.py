@@ -86,19 +86,30 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
         out = first.stdout
         assert "3 hosts registered" in out
-        assert out.count("(built and pushed in") == 4
+        assert out.count("(built and pushed in") == 6
         assert len(re.findall(ANSWER.format("v1"), out)) == 6
         assert len(re.findall(ANSWER.format("v2"), out)) == 6
-        assert len(re.findall(ANSWER.format("v3"), out)) == 12  # after its deploy, and after v4's
+        # After its deploy, after v4's and v5's rollbacks, and after `norm undo` from v6.
+        assert len(re.findall(ANSWER.format("v3"), out)) == 24
+        assert len(re.findall(ANSWER.format("v6"), out)) == 6
         assert re.search(r"rollout \d+ v2@sha256:[0-9a-f]{12}: done", out)
         assert re.search(r"rollout \d+ v3@sha256:[0-9a-f]{12}: done", out)
         assert re.search(r"rollout \d+ v4@sha256:[0-9a-f]{12}: rolled_back", out)
-        assert len(re.findall(r"\d+ requests, 0 failed; servers in service: at least 2 of 3", out)) == 2
+        # The canary of v5 fails its error-rate analysis and is put back; v6's passes; undo goes to v3.
+        assert re.search(r"rollout \d+ v5@sha256:[0-9a-f]{12}: rolled_back: the canary \(host\d\) failed "
+                         r"its analysis: error-rate: ", out)
+        assert re.search(r"rollout \d+ v6@sha256:[0-9a-f]{12}: done", out)
+        assert re.search(r"undoing to v3@sha256:[0-9a-f]{12}, the release rollout \d+ deployed", out)
+        assert re.search(r"rollout \d+ v3@sha256:[0-9a-f]{12}: done", out.split("$ norm undo --wait")[1])
+        assert len(re.findall(r"\d+ requests, 0 failed; servers in service: at least 2 of 3", out)) == 3
+        failed = r"\d+ requests, [1-9]\d* failed; servers in service: at least 2 of 3"
+        assert len(re.findall(failed, out)) == 1  # v5's canary's own errors
         record = (run_dir / "data" / "record.log").read_text().split("\n")
         steps = [line.split()[:2] for line in record if line]
         assert steps == [["v1", "migrate"], ["v1", "collectstatic"], ["v2", "migrate"],
                          ["v2", "collectstatic"], ["v3", "migrate"], ["v3", "collectstatic"],
-                         ["v4", "migrate"]]
+                         ["v4", "migrate"], ["v5", "migrate"], ["v5", "collectstatic"], ["v6", "migrate"],
+                         ["v6", "collectstatic"]]
         assert len(re.findall(r"\nhost\d +sandbox +web +v3@sha256:[0-9a-f]{12} +2 ok", out)) == 3
         assert "Norm healed it" in out
         assert "djed-web.service  active/running" in out
@@ -110,8 +121,8 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
         out = second.stdout
         assert "reusing it" in out
-        assert out.count("(already in the registry;") == 4
-        assert "an earlier demo left the fleet at v4" in out
+        assert out.count("(already in the registry;") == 6
+        assert "an earlier demo left the fleet at v3" in out
         assert "step migrate: done before (skipped)" in out
         assert "Norm healed it" in out
         # The same fleet, and no step ran again.
