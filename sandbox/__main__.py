@@ -43,47 +43,29 @@ FLEET_RELEASE = "v3"  # what the fleet runs at the end of the demo
 LOAD_RATE = 50.0  # requests per second through HAProxy while v3 and v4 roll out
 # The fleet's policy the demo applies (`norm policy apply`): rolling where the image allows it, one host
 # at a time, each healthy for 3 s (10 s by default) before the next; `migrate` before the batches
-# (expand), `collectstatic` after (contract). The demo deploys v1 to v4 on every run; on a fleet an
+# (expand), `collectstatic` after (contract). The demo deploys v1 to v6 on every run; on a fleet an
 # earlier run left at v3, going back to v1 or v2 goes below v3's contract step (the rollback floor),
 # which Norm refuses unless the tag is declared compatible, as here.
-POLICY = """strategy = "auto"
+_ROLLING = """strategy = "auto"
 max_unavailable = "1"
 min_healthy = 3
 healthy_deadline = 15
 progress_deadline = 60
 compatible = ["v1", "v2"]
-
-[[steps]]
-name = "migrate"
-command = "migrate"
-when = "pre"
-
-[[steps]]
-name = "collectstatic"
-command = "collectstatic"
-when = "post"
 """
+
+
+def _steps(collectstatic: str) -> str:
+    """`migrate` before the batches, `collectstatic` when told (the policy's [[steps]] tables)."""
+    return "".join(f'\n[[steps]]\nname = "{name}"\ncommand = "{name}"\nwhen = "{when}"\n'
+                   for name, when in (("migrate", "pre"), ("collectstatic", collectstatic)))
+
+
+POLICY = _ROLLING + _steps("post")
 # The policy from v5 on: one host first (the canary), watched for its error rate in Prometheus (two
 # measurements over 1 % fail it), the rest only once it passes. Both steps run before the batches
 # (expand only): no contract step makes v6 a rollback floor, so `norm undo` may take the fleet back.
-CANARY_POLICY = """strategy = "auto"
-max_unavailable = "1"
-min_healthy = 3
-healthy_deadline = 15
-progress_deadline = 60
-compatible = ["v1", "v2"]
-canary = "1"
-
-[[steps]]
-name = "migrate"
-command = "migrate"
-when = "pre"
-
-[[steps]]
-name = "collectstatic"
-command = "collectstatic"
-when = "pre"
-
+CANARY_POLICY = _ROLLING + 'canary = "1"\n' + _steps("pre") + """
 [[analysis]]
 name = "error-rate"
 query = '''
