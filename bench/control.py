@@ -19,18 +19,21 @@ failure tolerated (failure_limit 1).
 
 - Canary aborts (`--aborts` rounds): a release whose `/` answers 500 to one request in twenty.
   verdict_s: from the analysis's start to its verdict (the leader's log), which the analysis settles
-  at the second failed measurement: at most (failure_limit + 1) x interval after it began, plus the
-  queries' time; abort_bound_s is that bound. canary_abort_s: from the analysis's start until the
-  canary's web unit answers the previous release again (polled every 20 ms): the verdict, the
-  canary's move back, its start. Every abort must end `rolled_back` with no other host moved.
+  at the second failed measurement: (failure_limit + 1) x interval after it began, plus the queries'
+  time, when every measurement fails; abort_bound_s is that bound. The canary is back in HAProxy
+  only as its analysis begins, so the first measurement's 10 s window may hold too few of its
+  requests to show an error yet: it passes, and the verdict comes one interval later.
+  canary_abort_s: from the analysis's start until the canary's web unit answers the previous
+  release again (polled every 20 ms): the verdict, the canary's move back, its start. Every abort
+  must end `rolled_back` with no other host moved.
 - Webhooks: every event of those rollouts and of `--good` good rollouts (whose canary passes and the
   rest follow), as the receiver took them: latency = the receiver's clock when it took the POST minus
   the notice's `at` (the leader's clock when the change was written; one machine, one clock).
   webhook_p50_ms / webhook_p99_ms over webhook_events.
 
 The last line printed is one JSON object: hosts, aborts, analysis_interval_s (overridden),
-failure_limit, abort_bound_s, verdict_s_max, canary_abort_s_p50, canary_abort_s_max, webhook_events,
-webhook_p50_ms, webhook_p99_ms. Progress goes to stderr.
+failure_limit, abort_bound_s, verdict_s_p50, verdict_s_max, canary_abort_s_p50, canary_abort_s_max,
+webhook_events, webhook_p50_ms, webhook_p99_ms. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=5)
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second through HAProxy")
     ap.add_argument("--interval", type=float, default=2.0, help="the analysis query's interval, seconds")
-    ap.add_argument("--aborts", type=int, default=3)
+    ap.add_argument("--aborts", type=int, default=5)
     ap.add_argument("--good", type=int, default=2)
     ap.add_argument("--workdir", type=Path, help="run under this new directory and keep it (logs)")
     args = ap.parse_args()
@@ -186,7 +189,8 @@ def main() -> None:
     bound = (FAILURE_LIMIT + 1) * args.interval
     print(json.dumps({
         "hosts": args.hosts, "aborts": args.aborts, "analysis_interval_s": args.interval,
-        "failure_limit": FAILURE_LIMIT, "abort_bound_s": bound, "verdict_s_max": round(max(verdicts), 3),
+        "failure_limit": FAILURE_LIMIT, "abort_bound_s": bound,
+        "verdict_s_p50": round(median(verdicts), 3), "verdict_s_max": round(max(verdicts), 3),
         "canary_abort_s_p50": round(median(aborts), 3), "canary_abort_s_max": round(max(aborts), 3),
         "webhook_events": len(latencies), "webhook_p50_ms": round(percentile(latencies, 50), 1),
         "webhook_p99_ms": round(percentile(latencies, 99), 1)}), flush=True)
