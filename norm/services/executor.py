@@ -49,7 +49,6 @@ from norm.core.secret import redact
 from norm.services.base import Retry, first_of, pause
 from norm.services.context import HostContext
 from norm.services.holds import OPERATOR
-from norm.services.updater import PHASE_CODES
 
 log = structlog.get_logger("norm.executor")
 
@@ -146,6 +145,7 @@ class Executor:
         raw = await read_file(self._update.release_file)
         self.running = None if raw is None else proto.parse_release(raw)
         await self._set_release(proto.release_text(self.running))
+        self._metrics.show_release(self.running)
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         kv = await self._etcd.get(proto.header_key(self._prefix))
         self._take_header(kv)
@@ -193,7 +193,7 @@ class Executor:
             return
         self.header = header
         if not self._leading():
-            self._metrics.rollout_phase.set(PHASE_CODES[header.phase])
+            self._metrics.show_phase(header.phase)
 
     async def _work(self, stopping: asyncio.Event) -> None:
         retry = Retry(Backoff(first=0.5, cap=15.0))
@@ -499,6 +499,7 @@ class Executor:
             await self._holds.operator_known.wait()
         await write_atomic(self._update.release_file, proto.render_release(release, self._image, revision))
         self.running = release
+        self._metrics.show_release(release)
         await self._set_release(proto.release_text(release))
         self._units = tuple(u.name for u in await self._systemd.units(self._patterns))
         held = [u for u in self._units if OPERATOR in self._holds.owners(u)]

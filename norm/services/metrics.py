@@ -5,6 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from norm import __version__
+from norm.core.record import Phase, Release
+
+# The values of norm_rollout_phase's `phase` label: every phase, and "none" before any rollout.
+PHASES = ("none", *(p.value for p in Phase))
 
 
 class Metrics:
@@ -39,10 +43,14 @@ class Metrics:
             "norm_control_pending", "Operator requests (units stop/start, heal lift) this agent has "
             "not carried out yet; above 0 for long, see `norm units` and control.action_failed.", registry=r)
         self.rollout_phase = Gauge(
-            "norm_rollout_phase", "Phase of the current rollout as this agent last saw it: 0 none, "
-            "1 resolve, 2 pull, 3 stop, 4 migrate, 5 start, 6 done, 7 failed, 8 superseded, 9 halted, "
-            "10 roll, 11 rolled back.",
-            registry=r)
+            "norm_rollout_phase", "1 for the phase of the current rollout as this agent last saw it, 0 for "
+            "every other phase (none, resolve, pull, stop, migrate, start, roll, done, failed, superseded, "
+            "halted, rolled_back).", ["phase"], registry=r)
+        self.show_phase(None)
+        self.release_info = Gauge(
+            "norm_release_info", "1, labelled with the release this host's units run (its release file); "
+            "no series before the host has run one.", ["tag", "digest"], registry=r)
+        self._release: Release | None = None
         self.rollout_phase_seconds = Histogram(
             "norm_rollout_phase_seconds", "How long each phase of a rollout took (observed by the leader).",
             ["phase"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
@@ -105,3 +113,19 @@ class Metrics:
         self.outbox_pending = Gauge(
             "norm_outbox_pending", "Notices in the outbox not yet delivered to every webhook that wants "
             "them (leader only).", registry=r)
+
+    def show_phase(self, phase: Phase | None) -> None:
+        """norm_rollout_phase: 1 for `phase` (None: "none"), 0 for every other."""
+        current = "none" if phase is None else phase.value
+        for name in PHASES:
+            self.rollout_phase.labels(name).set(1 if name == current else 0)
+
+    def show_release(self, release: Release | None) -> None:
+        """norm_release_info: one series, for `release` (none for None)."""
+        if release == self._release:
+            return
+        if self._release is not None:
+            self.release_info.remove(self._release.tag, self._release.digest)
+        if release is not None:
+            self.release_info.labels(release.tag, release.digest).set(1)
+        self._release = release

@@ -120,11 +120,6 @@ async def watch_only(policy: FleetPolicy, hosts: tuple[str, ...]) -> Verdict:
     await pause(policy.canary_wait)
     return "passed", None
 
-PHASE_CODES = {None: 0, Phase.RESOLVE: 1, Phase.PULL: 2, Phase.STOP: 3, Phase.MIGRATE: 4, Phase.START: 5,
-               Phase.DONE: 6, Phase.FAILED: 7, Phase.SUPERSEDED: 8, Phase.HALTED: 9, Phase.ROLL: 10,
-               Phase.ROLLED_BACK: 11}
-
-
 def _persisted(r: Rollout) -> Rollout:
     """What of a record must reach etcd before acting: all but per-host progress, which the hosts'
     reports already hold."""
@@ -632,7 +627,7 @@ class Updater:
             return
 
     def _show(self, record: Rollout) -> None:
-        self._metrics.rollout_phase.set(PHASE_CODES[record.phase])
+        self._metrics.show_phase(record.phase)
         if record.phase is Phase.PULL:
             pulled, pending, lost = barrier_state(record)
             for state, hosts in (("pulled", pulled), ("pending", pending), ("excluded", lost)):

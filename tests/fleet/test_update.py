@@ -24,6 +24,13 @@ def test_a_whole_update_of_three_hosts(fleet: UpdateFleet) -> None:
     # The hosts show the release they run.
     hosts = {kv["key"]: json.loads(kv["value"]) for kv in updates.get_kvs(fleet.fleet, "/norm/hosts/", True)}
     assert all(v["release"].startswith(f"{tag}@sha256:") for v in hosts.values())
+    # And on /metrics: norm_release_info names it, by digest, and no other; the phase is a label.
+    for name in fleet.names():
+        info = [ln for ln in fleet.metrics(name).splitlines() if ln.startswith("norm_release_info{")]
+        assert info == [f'norm_release_info{{digest="{record["digest"]}",tag="{tag}"}} 1.0'], info
+    leader = fleet.leader()
+    assert leader is not None
+    assert fleet.metric(leader, 'norm_rollout_phase{phase="done"}') == 1
     # History keeps the finished record.
     kept = [r for r in updates.history(fleet.fleet) if r["revision"] == revision]
     assert [(r["phase"], r["tag"], r["digest"]) for r in kept] == [("done", tag, record["digest"])]

@@ -426,7 +426,7 @@ def test_hostile_values_in_every_key_norm_reads_change_nothing_and_are_counted(
                         'pull_timeout = 86400\nroles = ["worker"]\n'))
         agent.wait_notify("READY=1", timeout=60)
         wait_for(lambda: metrics(agent).get(("norm_leader", ())) == 1
-                 and metrics(agent).get(("norm_rollout_phase", ())) == 2, timeout=60,
+                 and metrics(agent).get(("norm_rollout_phase", (("phase", "pull"),))) == 1, timeout=60,
                  what="the agent leading the rollout in its pull barrier")
 
         # The leader key is written last (see below): a value written over it takes the leadership
