@@ -574,6 +574,11 @@ def _print_footer(fleet: Fleet) -> None:
     print(f"\nlogs: {fleet.run_dir}/etcd/*.log, {fleet.run_dir}/hosts/<host>/"
           f"{{agent.log,djed-web.log,djed-api.log,systemd/systemd.log,docker/}}, {fleet.run_dir}/registry/")
     print(f"etcdctl: ETCDCTL_API=3 etcdctl --endpoints {','.join(_endpoints(fleet))} get --prefix /norm/")
+    state = fleet.load_state()
+    prom = state.get("prometheus") if state is not None else None
+    if prom is not None:
+        print(f"prometheus: {prom['url']} (the agents' and the web units' metrics, Norm's rules: "
+              f"deploy/prometheus/norm-rules.yml); its alerts: {prom['url']}/alerts")
     print("stop it: make sandbox-down  (or: .venv/bin/python -m sandbox down)")
 
 

@@ -673,14 +673,18 @@ class Fleet:
         return rec, web
 
     def _start_prometheus(self, state: State, ready_timeout: float) -> PrometheusState:
-        """Start Prometheus scraping every host's web unit (ports reserved now, as for HAProxy), its
-        series labelled `host` with the host's name, and record it."""
+        """Start Prometheus scraping every host's web unit (ports reserved now, as for HAProxy) and
+        every agent's /metrics (job "norm"), each series labelled `host` with the host's name, with
+        Norm's rules (deploy/prometheus/norm-rules.yml) loaded, and record it."""
         from sandbox.app import reserve_ports
-        from sandbox.prometheus import PrometheusServer
+        from sandbox.prometheus import AGENTS_JOB, PrometheusServer
 
         web = {name: pair[0] for name, pair in reserve_ports(state["hosts"]).items()}
         targets = {f"127.0.0.1:{port}": {"host": name} for name, port in web.items()}
-        server = PrometheusServer(self.prometheus_dir, targets=list(targets), labels=targets)
+        agents = {h["http_listen"]: {"host": h["name"]} for h in state["hosts"]}
+        server = PrometheusServer(self.prometheus_dir, targets=list(targets), labels=targets,
+                                  rule_files=[str(REPO / "deploy" / "prometheus" / "norm-rules.yml")])
+        server.set_targets(list(agents), agents, job=AGENTS_JOB)
         server.start(timeout=ready_timeout)
         assert server.proc is not None
         self._own(server.proc)
@@ -688,7 +692,8 @@ class Fleet:
                               proc=_record(server.proc, server.stop))
         state["prometheus"] = rec
         self._save(state)
-        self.say(f"prometheus: {server.url}, scraping the hosts' web units every {server.scrape_interval:g}s")
+        self.say(f"prometheus: {server.url}, scraping the hosts' web units and agents every "
+                 f"{server.scrape_interval:g}s")
         return rec
 
     def _start_registry(self, state: State, ready_timeout: float) -> str:

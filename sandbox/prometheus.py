@@ -1,10 +1,12 @@
 """A real Prometheus for the sandbox: Debian's `prometheus` (2.42) in the foreground on a free loopback
 port, with its own configuration and its TSDB in its work dir (the package's own service is not used).
 
-It scrapes one job (`demo` by default) every `scrape_interval` seconds (1 by default). Its targets
-("host:port") come from a file_sd file in its work dir, written atomically, so that `set_targets`
-replaces them while it runs (Prometheus watches the file, and rereads it every second too). The
-lifecycle API is on (`POST /-/reload`, `/-/quit`).
+It scrapes two jobs every `scrape_interval` seconds (1 by default): `demo` (the app's units, or the job
+named by `job`) and `norm` (the agents' /metrics, as deploy/prometheus/scrape.yml names them). Each
+job's targets ("host:port") come from a file_sd file in its work dir, written atomically, so that
+`set_targets` replaces them while it runs (Prometheus watches the file, and rereads it every second
+too). `rule_files` are loaded (deploy/prometheus/norm-rules.yml, say). The lifecycle API is on
+(`POST /-/reload`, `/-/quit`).
 
 - `address`: "127.0.0.1:PORT"; `url`: "http://127.0.0.1:PORT".
 - `wait_ready()`: until `/-/ready` answers 200.
@@ -29,6 +31,7 @@ from sandbox.procs import LocalServer, SandboxError, wait_for
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 JOB = "demo"
+AGENTS_JOB = "norm"
 
 
 def _duration(seconds: float) -> str:
@@ -39,17 +42,20 @@ def _duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
-def config_text(*, targets_file: str, scrape_interval: float = 1.0, job: str = JOB) -> str:
-    """Prometheus's configuration: one job scraping the targets `targets_file` (file_sd) lists, every
-    `scrape_interval` seconds. JSON is YAML: no YAML library needed to write it."""
+def config_text(*, targets_files: Mapping[str, str], scrape_interval: float = 1.0,
+                rule_files: Sequence[str] = ()) -> str:
+    """Prometheus's configuration: a job per entry of `targets_files` (job name: file_sd file), each
+    scraping what its file lists every `scrape_interval` seconds, the rules of `rule_files` evaluated as
+    often. JSON is YAML: no YAML library needed to write it."""
     interval = _duration(scrape_interval)
     config = {
         "global": {"scrape_interval": interval, "scrape_timeout": interval,
                    "evaluation_interval": interval},
+        "rule_files": list(rule_files),
         "scrape_configs": [{
             "job_name": job,
-            "file_sd_configs": [{"files": [targets_file], "refresh_interval": "1s"}],
-        }],
+            "file_sd_configs": [{"files": [path], "refresh_interval": "1s"}],
+        } for job, path in targets_files.items()],
     }
     return json.dumps(config, indent=2) + "\n"
 
@@ -63,6 +69,7 @@ class PrometheusServer(LocalServer):
     labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # per target, as set_targets
     scrape_interval: float = 1.0
     job: str = JOB
+    rule_files: Sequence[str] = ()
 
     name = "prometheus"
 
@@ -82,31 +89,40 @@ class PrometheusServer(LocalServer):
     def targets_file(self) -> Path:
         return self.workdir / "targets.json"
 
+    def targets_file_of(self, job: str) -> Path:
+        return self.targets_file if job == self.job else self.workdir / f"targets-{job}.json"
+
     @property
     def storage(self) -> Path:
         return self.workdir / "data"
 
-    def set_targets(self, targets: Sequence[str],
-                    labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        """Scrape `targets` ("host:port" each) from now on, instead of those before: the file_sd file,
-        replaced atomically. `labels`: labels some targets' series get (a sandbox host's name as `host`)."""
+    def set_targets(self, targets: Sequence[str], labels: Mapping[str, Mapping[str, str]] | None = None,
+                    *, job: str | None = None) -> None:
+        """Scrape `targets` ("host:port" each) in `job` (the app's by default) from now on, instead of
+        those before: the job's file_sd file, replaced atomically. `labels`: labels some targets' series
+        get (a sandbox host's name as `host`)."""
         for t in targets:
             host, sep, port = t.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"a target is host:port, not {t!r}")
-        self.targets = list(targets)
-        self.labels = labels = dict(labels or {})
+        labels = dict(labels or {})
+        if job is None or job == self.job:
+            self.targets, self.labels = list(targets), labels
         self.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
-        groups = [{"targets": [t], "labels": dict(labels.get(t, {}))} for t in self.targets]
+        path = self.targets_file_of(job or self.job)
+        tmp = path.with_name(f".{path.name}.tmp")
+        groups = [{"targets": [t], "labels": dict(labels.get(t, {}))} for t in targets]
         tmp.write_text(json.dumps(groups) + "\n")
-        os.replace(tmp, self.targets_file)
+        os.replace(tmp, path)
 
     def prepare(self) -> None:
         self.storage.mkdir(exist_ok=True)
         self.set_targets(self.targets, self.labels)
-        self.config.write_text(config_text(targets_file=str(self.targets_file),
-                                           scrape_interval=self.scrape_interval, job=self.job))
+        if not self.targets_file_of(AGENTS_JOB).exists():
+            self.set_targets([], job=AGENTS_JOB)
+        files = {job: str(self.targets_file_of(job)) for job in (self.job, AGENTS_JOB)}
+        self.config.write_text(config_text(targets_files=files, scrape_interval=self.scrape_interval,
+                                           rule_files=[str(Path(f).resolve()) for f in self.rule_files]))
 
     def argv(self) -> list[str]:
         return [
@@ -150,6 +166,12 @@ class PrometheusServer(LocalServer):
         promql = f'up{{instance="{target}"}} == 1'
         wait_for(lambda: bool(self.query(promql)), timeout=timeout, what=f"prometheus scraping {target}",
                  interval=0.2)
+
+    def rules(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The rule groups Prometheus loaded, with each rule's health (`/api/v1/rules`)."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/rules", timeout=timeout) as r:
+            body = json.loads(r.read())
+        return list(body["data"]["groups"])
 
     def reload(self) -> None:
         """Reread the configuration (the lifecycle API)."""

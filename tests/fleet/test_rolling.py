@@ -28,8 +28,8 @@ from sandbox import app, load, updates
 from sandbox.fleet import Fleet
 from sandbox.haproxy import HaproxyServer
 from sandbox.images import DemoOptions
-from sandbox.procs import wait_for
-from sandbox.prometheus import PrometheusServer
+from sandbox.procs import SandboxError, wait_for
+from sandbox.prometheus import AGENTS_JOB, PrometheusServer
 from sandbox.registry import Registry
 from sandbox.webhooks import WebhookReceiver
 from tests.fleet.conftest import running_fleet
@@ -37,6 +37,8 @@ from tests.fleet.conftest import running_fleet
 pytestmark = pytest.mark.slow
 
 HOSTS = 4
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULES = DEPLOY / "prometheus" / "norm-rules.yml"
 RATE = 40.0  # requests per second through HAProxy, during every rollout
 POLICY = FleetPolicy(
     strategy="auto", max_unavailable="1", min_healthy=1.0, healthy_deadline=15.0, progress_deadline=60.0,
@@ -133,7 +135,8 @@ def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
             demo_app: Callable[..., str]) -> Iterator[Rolling]:
     # A real Prometheus scraping every host's web unit (its series labelled with the host's name): the
     # leader asks it a canary's analysis queries.
-    prometheus = PrometheusServer(tmp_path_factory.mktemp("rolling-prometheus"), scrape_interval=1.0)
+    prometheus = PrometheusServer(tmp_path_factory.mktemp("rolling-prometheus"), scrape_interval=1.0,
+                                  rule_files=[str(RULES)])
     prometheus.start()
     env = {"NORM_UPDATE__PROMETHEUS_URL": prometheus.url}
     try:
@@ -141,6 +144,9 @@ def rolling(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
                            agent_env=env) as (fleet, ports):
             targets = {f"127.0.0.1:{web}": {"host": name} for name, (web, _) in ports.items()}
             prometheus.set_targets(list(targets), targets)
+            # And every agent's /metrics, as deploy/prometheus/scrape.yml has it (the dashboard's test).
+            agents = {h["http_listen"]: {"host": h["name"]} for h in fleet.load_state()["hosts"]}
+            prometheus.set_targets(list(agents), agents, job=AGENTS_JOB)
             r = Rolling(fleet, demo_app, prometheus)
             r.set_policy(POLICY)
             first = r.new_version()
@@ -763,3 +769,32 @@ def test_norm_plan_says_what_a_rollout_would_do_and_changes_nothing(rolling: Rol
     r = norm_cli(rolling, "plan", h["tag"])
     assert r.returncode == 1 and "the release already running" in r.stdout, r.stdout
     assert "in the ledger already: not run again" in r.stdout
+
+
+def test_every_dashboard_query_returns_data_from_a_prometheus_scraping_the_fleet(rolling: Rolling) -> None:
+    """Last in this module: after its rollouts, canaries, rollbacks and leader changes, each query of the
+    shipped Grafana dashboard, asked of the real Prometheus that scraped the fleet's agents (job
+    "norm"), returns data; Grafana's own variables stand for the test's time range. And Prometheus
+    loaded the shipped rules, each evaluated without error on the fleet's series."""
+    dashboard = json.loads((DEPLOY / "grafana" / "norm-dashboard.json").read_text())
+    exprs = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    for h in rolling.state["hosts"]:
+        rolling.prometheus.wait_scraped(h["http_listen"], timeout=60)
+    def empty() -> list[str]:  # (a counter's increase needs two scrapes of it: a second or two)
+        return [f"{title}: {expr}" for title, expr in exprs if not rolling.prometheus.query(
+            expr.replace("$__rate_interval", "10m").replace("$__range", "30m"))]
+
+    missing: list[list[str]] = [[]]
+
+    def answered() -> bool:
+        missing[0] = empty()
+        return not missing[0]
+
+    try:
+        wait_for(answered, timeout=60, what="every panel's query answered with data", interval=1.0)
+    except SandboxError:
+        raise AssertionError("panels without data:\n" + "\n".join(missing[0])) from None
+    groups = rolling.prometheus.rules()
+    assert {g["name"] for g in groups} == {"norm.records", "norm.alerts"}
+    assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
