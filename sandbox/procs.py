@@ -40,10 +40,42 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Ports handed out by free_port(), claimed across processes: a port a sandbox picked is often bound only
+# later (an app unit's port, reserved when its fleet starts, is listened on when the unit first runs),
+# and meanwhile another process's free_port() must not hand it out again. A claim is a file named
+# after the port holding the claimer's pid; it lapses when that process is gone, or after an hour.
+PORT_CLAIMS = Path(os.environ.get("NORM_SANDBOX_PORT_CLAIMS", "/tmp/norm-sandbox-ports"))
+CLAIM_LIFETIME = 3600.0
+
+
+def _claim(port: int) -> bool:
+    """Claim `port` for this process; False if another live process holds a fresh claim on it."""
+    PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
+    path = PORT_CLAIMS / str(port)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or "0")
+            fresh = time.time() - path.stat().st_mtime < CLAIM_LIFETIME
+        except (OSError, ValueError):
+            pid, fresh = 0, False
+        if fresh and pid > 0 and (pid == os.getpid() or pid_alive(pid)):
+            return False
+        tmp = PORT_CLAIMS / f".{port}.{os.getpid()}"
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, path)  # a lapsed claim: taken over
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now. It is taken from below the kernel's
-    ephemeral range, where no outgoing connection of any process lands meanwhile: a sandbox keeps
-    its ports across restarts of what listens on them (an agent started again, a member restarted)."""
+    """A TCP port on loopback that nothing listens on right now, and that no other sandbox process (nor
+    this one) has been handed lately (see PORT_CLAIMS). It is taken from below the kernel's ephemeral
+    range, where no outgoing connection of any process lands meanwhile: a sandbox keeps its ports
+    across restarts of what listens on them (an agent started again, a member restarted)."""
     high = _ephemeral_low()
     low = max(1024, high - 12000)
     rng = random.SystemRandom()
@@ -54,6 +86,7 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if _claim(port):
             return port
     raise SandboxError(f"no free TCP port on loopback in {low}-{high - 1}")
 
