@@ -53,7 +53,8 @@ class LeaderElection:
         try:
             return await self._election.fenced(leadership, success, compare, failure)
         except NotLeader:
-            if self.leadership is leadership:
+            # The lease provably alive, so it was the key (a lease in doubt ends the term its own way).
+            if self.leadership is leadership and leadership.valid():
                 self._fence_failed.set()
             raise
 

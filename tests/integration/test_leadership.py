@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from structlog.testing import capture_logs
 
-from norm.adapters.etcd import Etcd
+from norm.adapters.etcd import Etcd, NotLeader, Put
 from norm.core.config import EtcdConfig
 from norm.core.host import HostRecord, leader_key
 from norm.services.context import HostContext
@@ -145,3 +146,32 @@ async def test_a_leader_whose_watch_stalls_still_steps_down_when_its_key_goes(
         assert reasons == ["the leader key is gone"], logs
         # One read a second at this TTL: well within the lease, whatever the machine's load.
         assert took < 10, took
+
+
+async def test_a_fenced_write_that_finds_the_key_changed_ends_the_term_at_once(
+        etcd: EtcdMember, etcd_config: Callable[..., EtcdConfig]) -> None:
+    """Neither the watch nor the reads have said anything yet (both silent here): the leader's own
+    fenced write, refused because the key is gone, ends its term."""
+    async with fleet(etcd_config(etcd.endpoint, lease_ttl=10), "a") as agents:
+        old = await elected(agents)
+
+        async def silent(*_: object) -> str:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        election = old.leadership._election
+        election.deposed = silent  # type: ignore[method-assign]
+        election.confirm = silent  # type: ignore[method-assign]
+        stepped_down = asyncio.create_task(old.leadership.deposed.wait(), name="old-deposed")
+        await asyncio.to_thread(etcd.ctl, "del", leader_key(PREFIX))  # the first term's watch sees this
+        async with asyncio.timeout(20):
+            await stepped_down
+        assert (await elected([old])) is old  # the second term: its watch and reads silent
+        await asyncio.to_thread(etcd.ctl, "del", leader_key(PREFIX))
+        with capture_logs() as logs:
+            with pytest.raises(NotLeader):
+                await old.leadership.fenced([Put(f"{PREFIX}/x", b"1")])
+            async with asyncio.timeout(20):
+                await old.leadership.deposed.wait()
+        reasons = [e.get("reason") for e in logs if e["event"] == "leader.deposed"]
+        assert reasons == ["a fenced write found the leader key changed"], logs
