@@ -193,19 +193,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = time.monotonic()
     _title(f"6. {BROKEN} is broken (its /healthz answers 500): the first host fails its health gate "
            "and is put back on v3")
-    ok &= _under_load(state, lambda: _norm_deploy(config, BROKEN, args.deploy_timeout), want_ok=False)
-    ok &= _show_versions(state, ports, "v3")
-    print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
+    ok &= _put_back(state, ports, config, BROKEN, args.deploy_timeout)
     _step_time(t)
 
     t = time.monotonic()
     _title(f"7. a canary: the policy now sends a release to one host first and asks Prometheus its "
            f"error rate; {ERRORS} answers 500 to one request in twenty")
     _apply_policy(fleet.run_dir / "policy-canary.toml", CANARY_POLICY, config)
-    ok &= _under_load(state, lambda: _norm_deploy(config, ERRORS, args.deploy_timeout), want_ok=False,
-                      path="/", errors_expected=True)
-    ok &= _show_versions(state, ports, "v3")
-    print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
+    ok &= _put_back(state, ports, config, ERRORS, args.deploy_timeout, path="/", errors_expected=True)
     _step_time(t)
 
     t = time.monotonic()
@@ -270,6 +265,16 @@ def _norm_deploy(config: str, version: str, timeout: float) -> bool:
         print(f"norm deploy {version} exited with status {r.returncode}; the agents' logs say more",
               file=sys.stderr)
     return r.returncode == 0
+
+
+def _put_back(state: State, ports: dict[str, tuple[int, int]], config: str, tag: str, timeout: float,
+              **load: Any) -> bool:
+    """A release that must not stay, deployed under load: rolled back, every host serving v3 again,
+    and the history's word on it."""
+    ok = _under_load(state, lambda: _norm_deploy(config, tag, timeout), want_ok=False, **load)
+    ok &= _show_versions(state, ports, "v3")
+    print(f"\n$ norm history --limit 1\n{_norm(config, 'history', '--limit', '1')}")
+    return ok
 
 
 def _apply_policy(path: Path, text: str, config: str) -> None:
