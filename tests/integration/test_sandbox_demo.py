@@ -79,11 +79,19 @@ def test_the_registry_and_image_engine_belong_to_the_fleet(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def failed_demo(run: subprocess.CompletedProcess[str]) -> str:
+    """What a demo that went wrong said of it, wherever in its output (then the output's end)."""
+    marks = ("NOT as it should be", "a failed request", "<- expected", "exited with status", "Error")
+    lines = run.stdout.splitlines() + run.stderr.splitlines()
+    said = [line for line in lines if any(m in line for m in marks)]
+    return "\n".join(said[:40]) + "\n--- the end:\n" + run.stdout[-3000:] + run.stderr[-2000:]
+
+
 def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> None:
     run_dir = tmp_path / "f"
     try:
         first = sandbox_cli(run_dir, "demo", timeout=280)
-        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+        assert first.returncode == 0, failed_demo(first)
         out = first.stdout
         assert "3 hosts registered" in out
         assert out.count("(built and pushed in") == 6
@@ -118,7 +126,7 @@ def test_the_demo_tells_the_whole_story_twice_on_one_fleet(tmp_path: Path) -> No
         assert state is not None
 
         second = sandbox_cli(run_dir, "demo", timeout=280)
-        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
+        assert second.returncode == 0, failed_demo(second)
         out = second.stdout
         assert "reusing it" in out
         assert out.count("(already in the registry;") == 6
