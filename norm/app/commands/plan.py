@@ -162,10 +162,11 @@ async def fleet_policy(etcd: Etcd, config: cfg.Config) -> FleetPolicy:
     return policy_from_update_config(config.update)
 
 
-async def read_ledger(etcd: Etcd, prefix: str) -> tuple[LedgerEntry, ...]:
-    """Every step ever run, in the order it ran."""
+async def read_ledger(etcd: Etcd, prefix: str, revision: int | None = None) -> tuple[LedgerEntry, ...]:
+    """Every step ever run (or those of rollout `revision`), in the order it ran."""
     entries = []
-    for kv in (await etcd.get_prefix(f"{prefix}/ledger/")).kvs:
+    under = "" if revision is None else f"{proto.rev12(revision)}-"
+    for kv in (await etcd.get_prefix(f"{prefix}/ledger/{under}")).kvs:
         try:
             entries.append(decode_ledger_entry(kv.value, kv.key))
         except InvalidValue as e:

@@ -352,7 +352,8 @@ async def list_history(args: argparse.Namespace, config: cfg.Config, etcd: Etcd)
 async def show_rollout(args: argparse.Namespace, config: cfg.Config, etcd: Etcd, revision: int) -> int:
     """One rollout in full: its record (the full one while its keys are kept, else its history entry)
     and the steps it ran."""
-    from norm.core.record import Rollout, decode_ledger_entry
+    from norm.app.commands.plan import read_ledger
+    from norm.core.record import Rollout
 
     p = config.keys.prefix
     record = None
@@ -367,12 +368,7 @@ async def show_rollout(args: argparse.Namespace, config: cfg.Config, etcd: Etcd,
     if record is None:
         print(f"norm: no rollout {revision} is kept (`norm history` lists those that are)", file=sys.stderr)
         return EXIT_FAILED
-    steps = []
-    for kv in (await etcd.get_prefix(f"{p}/ledger/{proto.rev12(revision)}-")).kvs:
-        try:
-            steps.append(decode_ledger_entry(kv.value, kv.key))
-        except InvalidValue as e:
-            print(cli.skip(kv.key, e.reason), file=sys.stderr)
+    steps = await read_ledger(etcd, p, revision)
     notes: list[str] = []
     names = {h.machine_id: h.name for h in await cli.host_records(etcd, p, notes)}
     cli.tell(notes)
