@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aetcd
 
-from bench.common import start_agent
+from bench.common import percentile, start_agent
 from norm.adapters.etcd import Etcd, Event
 from norm.core.config import EtcdConfig
 from sandbox.etcd import EtcdMember
@@ -85,11 +85,6 @@ async def watch_latencies(member: EtcdMember, rounds: int) -> tuple[list[float],
             finally:
                 await raw_watch.cancel()
     return ours, raw
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

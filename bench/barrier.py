@@ -67,6 +67,7 @@ from typing import Any
 
 import structlog
 
+from bench.common import percentile
 from norm.adapters.docker import RunResult
 from norm.adapters.etcd import Etcd, EtcdError, Op, Put, Resync, TxnResult, Watch
 from norm.app.agent import Agent
@@ -96,11 +97,6 @@ SETTLE = 0.3  # seconds after DONE before the rollout's etcd figures are read
 ROLLOUT_TIMEOUT = 180.0
 READY_TIMEOUT = 300.0
 _REPORT = re.compile(re.escape(PREFIX) + r"/reports/[0-9a-f]{32}/(\d{12})/(pulled|stopped|started)")
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def say(text: str) -> None:

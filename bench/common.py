@@ -7,12 +7,19 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from sandbox.etcd import EtcdMember
 from sandbox.procs import Proc, free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The `p`-th percentile (0-100) of `values`: the nearest rank, no interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def start_agent(workdir: Path, member: EtcdMember, bus: str, healing: str = "") -> tuple[Proc, socket.socket]:

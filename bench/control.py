@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentile
 from bench.fleet import BenchFleet, bench_dir, median, say
 from bench.rolling import settle
 from norm.core.analysis import AnalysisQuery
@@ -135,11 +135,6 @@ def _moves(host: Any, tag: str) -> list[dict[str, Any]]:
         if '"executor.moving"' in line and f'"{tag}@' in line:
             out.append(json.loads(line))
     return out
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ from typing import Any, Self
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from bench.common import start_agent
+from bench.common import percentile, start_agent
 from sandbox.etcd import EtcdMember
 from sandbox.systemd import SystemdManager
 
@@ -63,11 +63,6 @@ DBUS = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 
 CRASH_TIMEOUT = 10.0  # seconds a crash may take to be healed before the benchmark gives up
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def ms(t: float, t0: float) -> float:
