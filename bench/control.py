@@ -73,15 +73,15 @@ def policy(interval: float, url_file: Path) -> FleetPolicy:
                        webhooks=(Webhook("bench", str(url_file)),))
 
 
-def log_events(bf: BenchFleet, event: str, revision: int) -> list[dict[str, Any]]:
+def log_events(bf: BenchFleet, event: str) -> list[dict[str, Any]]:
+    """Every host's agent's log entries of `event`."""
     out = []
     for h in bf.hosts:
         for line in (Path(h["dir"]) / "agent.log").read_text().splitlines():
-            if f'"{event}"' not in line:
-                continue
-            entry = json.loads(line)
-            if entry.get("event") == event and entry.get("rollout") == revision:
-                out.append(entry)
+            if f'"{event}"' in line:
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    out.append(entry)
     return out
 
 
@@ -121,20 +121,12 @@ def canary_abort(bf: BenchFleet, rate: float, old: str) -> tuple[float, float]:
         header = updates.wait_phase(bf.fleet, revision, timeout=300)
     if header["phase"] != "rolled_back" or "failed its analysis" not in str(header.get("reason")):
         raise SandboxError(f"the rollout of {tag} ended {header}")
-    moved = [e for h in bf.hosts for e in _moves(h, tag)]
+    moved = [e for e in log_events(bf, "executor.moving") if str(e.get("release", "")).startswith(f"{tag}@")]
     if len(moved) != 1:
         raise SandboxError(f"{len(moved)} hosts moved to {tag}, not the canary alone")
-    began = wall(log_events(bf, "rollout.analysing", revision)[-1])
-    decided = wall(log_events(bf, "rollout.analysed", revision)[-1])
+    began, decided = (wall([e for e in log_events(bf, event) if e.get("rollout") == revision][-1])
+                      for event in ("rollout.analysing", "rollout.analysed"))
     return decided - began, back - began
-
-
-def _moves(host: Any, tag: str) -> list[dict[str, Any]]:
-    out = []
-    for line in (Path(host["dir"]) / "agent.log").read_text().splitlines():
-        if '"executor.moving"' in line and f'"{tag}@' in line:
-            out.append(json.loads(line))
-    return out
 
 
 def main() -> None:
